@@ -1,0 +1,398 @@
+//! The outbound ACS client: Remove Participant, signed like the official SDK, retried safely.
+//!
+//! Retries are safe because every attempt carries the same `Repeatability-Request-ID` /
+//! `Repeatability-First-Sent` pair, created once per operation by [`Repeatability::new`].
+//! Each attempt is signed afresh (new `x-ms-date`). Transient failures (connection errors,
+//! timeouts, 408, 429, 5xx) are retried with exponential backoff and full jitter, honouring
+//! `Retry-After`, within the attempt and total-time bounds of [`RetryConfig`].
+
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, HeaderValue};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use url::{Position, Url};
+use uuid::Uuid;
+
+use crate::acs::connection_string::ConnectionString;
+use crate::acs::identifier::CommunicationIdentifier;
+use crate::acs::signing;
+use crate::config::{AcsConfig, RetryConfig};
+
+/// The repeatability pair of one operation, resent unchanged on every retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repeatability {
+    pub request_id: Uuid,
+    /// IMF-fixdate, e.g. `Sun, 06 Nov 1994 08:49:37 GMT`.
+    pub first_sent: String,
+}
+
+impl Repeatability {
+    /// A fresh pair: a UUID v4 and the current time.
+    pub fn new() -> Self {
+        Self {
+            request_id: Uuid::new_v4(),
+            first_sent: httpdate::fmt_http_date(std::time::SystemTime::now()),
+        }
+    }
+}
+
+impl Default for Repeatability {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One Remove Participant request.
+#[derive(Debug, Clone)]
+pub struct RemoveParticipant {
+    pub call_connection_id: String,
+    /// Already normalised (see [`CommunicationIdentifier::normalize`]).
+    pub participant: CommunicationIdentifier,
+    pub operation_context: String,
+    pub repeatability: Repeatability,
+}
+
+/// How a Remove Participant request ended, when it did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum AcsError {
+    /// ACS refused the request for good (a 4xx other than 408/429).
+    #[error("ACS rejected the request with {status}: {}", .message.as_deref().unwrap_or("no message"))]
+    Rejected {
+        status: StatusCode,
+        code: Option<String>,
+        message: Option<String>,
+    },
+    /// Every attempt failed transiently, or the retry budget ran out.
+    #[error("ACS did not accept the request after {attempts} attempt(s)")]
+    Unavailable {
+        attempts: u32,
+        #[source]
+        last: TransientError,
+    },
+}
+
+/// A failure worth retrying.
+#[derive(Debug, thiserror::Error)]
+pub enum TransientError {
+    #[error("ACS answered {status}")]
+    Status { status: StatusCode },
+    #[error("the request to ACS failed")]
+    Transport(#[source] reqwest::Error),
+}
+
+/// ACS Call Automation client.
+#[derive(Clone)]
+pub struct AcsClient {
+    http: reqwest::Client,
+    connection: ConnectionString,
+    api_version: String,
+    callback_url: Url,
+    retry: RetryConfig,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RemoveParticipantRequestOut<'a> {
+    participant_to_remove: &'a CommunicationIdentifier,
+    operation_context: &'a str,
+    operation_callback_uri: &'a str,
+}
+
+#[derive(Deserialize)]
+struct ErrorResponseIn {
+    error: Option<ErrorIn>,
+}
+
+#[derive(Deserialize)]
+struct ErrorIn {
+    code: Option<serde_json::Value>,
+    message: Option<String>,
+}
+
+enum AttemptError {
+    Final(AcsError),
+    Transient {
+        error: TransientError,
+        retry_after: Option<Duration>,
+    },
+}
+
+impl AcsClient {
+    /// A client for `connection`, calling back `callback_url`.
+    pub fn new(
+        config: &AcsConfig,
+        connection: ConnectionString,
+        callback_url: Url,
+        http: reqwest::Client,
+    ) -> Self {
+        Self {
+            http,
+            connection,
+            api_version: config.api_version.clone(),
+            callback_url,
+            retry: config.retry.clone(),
+        }
+    }
+
+    /// The endpoint requests go to.
+    pub fn endpoint(&self) -> &Url {
+        &self.connection.endpoint
+    }
+
+    /// Sends Remove Participant until ACS accepts it (202), refuses it for good, or the retry
+    /// budget runs out.
+    #[tracing::instrument(skip_all, fields(call.connection_id = %request.call_connection_id))]
+    pub async fn remove_participant(&self, request: &RemoveParticipant) -> Result<(), AcsError> {
+        let url = self.remove_participant_url(&request.call_connection_id);
+        let body = serde_json::to_vec(&RemoveParticipantRequestOut {
+            participant_to_remove: &request.participant,
+            operation_context: &request.operation_context,
+            operation_callback_uri: self.callback_url.as_str(),
+        })
+        .expect("the request serialises");
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(self.retry.total_timeout_ms);
+        let mut delays = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(self.retry.initial_delay_ms))
+            .with_max_delay(Duration::from_millis(self.retry.max_delay_ms))
+            .with_max_times(self.retry.max_attempts.saturating_sub(1) as usize)
+            .with_jitter()
+            .build();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let (error, retry_after) = match self.attempt(&url, &body, request).await {
+                Ok(()) => {
+                    tracing::info!(attempts, duration_ms = started.elapsed().as_millis() as u64, "ACS accepted remove participant");
+                    return Ok(());
+                }
+                Err(AttemptError::Final(error)) => return Err(error),
+                Err(AttemptError::Transient { error, retry_after }) => (error, retry_after),
+            };
+            let Some(backoff) = delays.next() else {
+                return Err(AcsError::Unavailable { attempts, last: error });
+            };
+            // Retry-After is the server's word; backoff applies when it says nothing.
+            let delay = retry_after.unwrap_or(backoff);
+            if Instant::now() + delay > deadline {
+                return Err(AcsError::Unavailable { attempts, last: error });
+            }
+            tracing::warn!(attempts, delay_ms = delay.as_millis() as u64, error = %error, "retrying ACS request");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    fn remove_participant_url(&self, call_connection_id: &str) -> Url {
+        let mut url = self.connection.endpoint.clone();
+        url.path_segments_mut()
+            .expect("the endpoint is an http(s) URL")
+            .pop_if_empty()
+            .extend(["calling", "callConnections", call_connection_id, "participants:remove"]);
+        url.query_pairs_mut().append_pair("api-version", &self.api_version);
+        url
+    }
+
+    async fn attempt(
+        &self,
+        url: &Url,
+        body: &[u8],
+        request: &RemoveParticipant,
+    ) -> Result<(), AttemptError> {
+        let headers = self.signed_headers(url, body, &request.repeatability);
+        let response = self
+            .http
+            .post(url.clone())
+            .headers(headers)
+            .body(body.to_vec())
+            .send()
+            .await
+            .map_err(|error| AttemptError::Transient {
+                error: TransientError::Transport(error),
+                retry_after: None,
+            })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        if is_transient(status) {
+            let retry_after = retry_after(response.headers());
+            return Err(AttemptError::Transient {
+                error: TransientError::Status { status },
+                retry_after,
+            });
+        }
+        // A final refusal: keep ACS's own code and message.
+        let bytes = response.bytes().await.unwrap_or_default();
+        let error = serde_json::from_slice::<ErrorResponseIn>(&bytes)
+            .ok()
+            .and_then(|body| body.error);
+        let (code, message) = match error {
+            Some(ErrorIn { code, message }) => (
+                code.map(|code| match code {
+                    serde_json::Value::String(text) => text,
+                    other => other.to_string(),
+                }),
+                message,
+            ),
+            None => (None, None),
+        };
+        Err(AttemptError::Final(AcsError::Rejected {
+            status,
+            code,
+            message,
+        }))
+    }
+
+    fn signed_headers(&self, url: &Url, body: &[u8], repeatability: &Repeatability) -> HeaderMap {
+        let host = match url.port() {
+            Some(port) => format!("{}:{port}", url.host_str().unwrap_or_default()),
+            None => url.host_str().unwrap_or_default().to_owned(),
+        };
+        let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+        let signed = signing::sign(
+            self.connection.access_key(),
+            "POST",
+            &url[Position::BeforePath..],
+            &host,
+            &date,
+            body,
+        );
+        let mut headers = HeaderMap::new();
+        let mut put = |name: &'static str, value: &str| {
+            let value = HeaderValue::from_str(value).expect("header values are ASCII");
+            headers.insert(name, value);
+        };
+        put("content-type", "application/json");
+        put("accept", "application/json");
+        put("x-ms-date", &signed.date);
+        put("x-ms-content-sha256", &signed.content_sha256);
+        put("authorization", &signed.authorization);
+        put(
+            "repeatability-request-id",
+            &repeatability.request_id.to_string(),
+        );
+        put("repeatability-first-sent", &repeatability.first_sent);
+        put("x-ms-client-request-id", &Uuid::new_v4().to_string());
+        put("x-ms-return-client-request-id", "true");
+        headers
+    }
+}
+
+fn is_transient(status: StatusCode) -> bool {
+    status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error()
+}
+
+/// `Retry-After` as seconds (fractions allowed) or an HTTP date.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<f64>() {
+        return (seconds.is_finite() && seconds >= 0.0)
+            .then(|| Duration::from_secs_f64(seconds.min(3600.0)));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(endpoint: &str) -> AcsClient {
+        let config = crate::config::Config::embedded();
+        let connection = ConnectionString::new(Url::parse(endpoint).unwrap(), vec![b'0'; 32]);
+        AcsClient::new(
+            &config.acs,
+            connection,
+            Url::parse("https://app.contoso.com/callback").unwrap(),
+            reqwest::Client::new(),
+        )
+    }
+
+    #[test]
+    fn url_matches_the_sdk_path() {
+        let client = client("http://127.0.0.1:18555/");
+        let url = client.remove_participant_url("18dea47f-b081-4107-9a5c-4300819d2c6c");
+        assert_eq!(
+            &url[Position::BeforePath..],
+            "/calling/callConnections/18dea47f-b081-4107-9a5c-4300819d2c6c/participants:remove?api-version=2024-09-15"
+        );
+        let client = client("https://res.communication.azure.com/prefix/");
+        let url = client.remove_participant_url("a/b");
+        assert_eq!(
+            url.as_str(),
+            "https://res.communication.azure.com/prefix/calling/callConnections/a%2Fb/participants:remove?api-version=2024-09-15"
+        );
+    }
+
+    #[test]
+    fn body_matches_the_sdk_body() {
+        let fixture: serde_json::Value = serde_json::from_str(include_str!(
+            "../../../shared/fixtures/sdk-requests/acs_remove_participant.python-sdk-1.6.0.json"
+        ))
+        .unwrap();
+        let want = &fixture["requests"]["communicationUser"]["body"];
+        let participant = CommunicationIdentifier::communication_user("8:acs:abc_def");
+        let body = serde_json::to_value(RemoveParticipantRequestOut {
+            participant_to_remove: &participant,
+            operation_context: "ctx-1",
+            operation_callback_uri: "https://app.contoso.com/callback",
+        })
+        .unwrap();
+        assert_eq!(&body, want);
+    }
+
+    #[test]
+    fn signed_headers_carry_host_with_port_and_repeatability() {
+        let client = client("http://127.0.0.1:18555/");
+        let url = client.remove_participant_url("c1");
+        let repeatability = Repeatability::new();
+        let headers = client.signed_headers(&url, b"{}", &repeatability);
+        let date = headers["x-ms-date"].to_str().unwrap();
+        let want = signing::sign(
+            &[b'0'; 32],
+            "POST",
+            "/calling/callConnections/c1/participants:remove?api-version=2024-09-15",
+            "127.0.0.1:18555",
+            date,
+            b"{}",
+        );
+        assert_eq!(headers["authorization"], want.authorization.as_str());
+        assert_eq!(
+            headers["repeatability-request-id"],
+            repeatability.request_id.to_string().as_str()
+        );
+        assert!(httpdate::parse_http_date(headers["repeatability-first-sent"].to_str().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn retry_after_accepts_seconds_fractions_and_dates() {
+        let check = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("retry-after", HeaderValue::from_str(value).unwrap());
+            retry_after(&headers)
+        };
+        assert_eq!(check("2"), Some(Duration::from_secs(2)));
+        assert_eq!(check("0.5"), Some(Duration::from_millis(500)));
+        assert_eq!(check("Sun, 06 Nov 1994 08:49:37 GMT"), Some(Duration::ZERO));
+        assert_eq!(check("soon"), None);
+        assert_eq!(check("-1"), None);
+    }
+
+    #[test]
+    fn transient_statuses() {
+        for code in [408, 429, 500, 502, 503, 504] {
+            assert!(is_transient(StatusCode::from_u16(code).unwrap()), "{code}");
+        }
+        for code in [400, 401, 403, 404, 409] {
+            assert!(!is_transient(StatusCode::from_u16(code).unwrap()), "{code}");
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! Decoding of ACS callback CloudEvents into [`AcsEvent`], and what each event means.
+//!
+//! Tolerant by design: a delivery is a JSON array of events or a single event object; every
+//! field may be missing or null; unknown fields are ignored; `resultInformation` codes may be
+//! numbers or numeric strings. Only JSON that is not an event at all is refused. The call id
+//! comes from `data.callConnectionId`, falling back to `source` when `data` lacks it.
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer};
+
+use crate::operation::{OperationError, OperationKind, ResultInfo, Transition};
+
+const TYPE_PREFIX: &str = "Microsoft.Communication.";
+
+/// One decoded callback event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcsEvent {
+    /// CloudEvent `id`, the deduplication key.
+    pub id: Option<String>,
+    /// CloudEvent `type`, e.g. `Microsoft.Communication.RemoveParticipantSucceeded`.
+    pub event_type: String,
+    pub call_connection_id: Option<String>,
+    pub operation_context: Option<String>,
+    pub result: Option<ResultInfo>,
+}
+
+/// Why a delivery could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("the body is empty; expected a CloudEvent or a JSON array of CloudEvents")]
+    Empty,
+    #[error("expected a CloudEvent object or a JSON array of CloudEvents")]
+    NotEvents,
+    #[error("invalid CloudEvent JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// What an event means for the operation it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventMeaning {
+    /// The operation kind the event reports on (`removeParticipant`, `play`, ...).
+    pub kind: OperationKind,
+    /// The state change it reports, if any.
+    pub transition: Option<Transition>,
+}
+
+/// Decodes a callback body.
+pub fn decode(body: &[u8]) -> Result<Vec<AcsEvent>, DecodeError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    let events = match first {
+        None => return Err(DecodeError::Empty),
+        Some(b'[') => serde_json::from_slice::<Vec<CloudEventIn>>(body)?,
+        Some(b'{') => vec![serde_json::from_slice::<CloudEventIn>(body)?],
+        Some(_) => return Err(DecodeError::NotEvents),
+    };
+    Ok(events.into_iter().map(CloudEventIn::into_event).collect())
+}
+
+impl AcsEvent {
+    /// The event name without the `Microsoft.Communication.` prefix.
+    pub fn name(&self) -> &str {
+        self.event_type
+            .strip_prefix(TYPE_PREFIX)
+            .unwrap_or(&self.event_type)
+    }
+
+    /// Which operation kind this event reports on, and how it moves it.
+    ///
+    /// `<Stem>Succeeded|Completed|Accepted` settle as succeeded, `<Stem>Failed` as failed,
+    /// `<Stem>Canceled` as canceled, `<Stem>Started` marks it running; the kind is the stem
+    /// in camelCase (`RemoveParticipant` → `removeParticipant`, `Play` → `play`). Other
+    /// events (`CallConnected`, `ParticipantsUpdated`, ...) carry no transition.
+    pub fn meaning(&self) -> EventMeaning {
+        let name = self.name();
+        let result = self.result.clone();
+        const SUFFIXES: [&str; 6] = [
+            "Succeeded",
+            "Completed",
+            "Accepted",
+            "Failed",
+            "Canceled",
+            "Started",
+        ];
+        let split = SUFFIXES.iter().find_map(|suffix| {
+            name.strip_suffix(suffix)
+                .filter(|stem| !stem.is_empty())
+                .map(|stem| (stem, *suffix))
+        });
+        let Some((stem, suffix)) = split else {
+            return EventMeaning {
+                kind: OperationKind::from_name(&lower_camel(name)),
+                transition: None,
+            };
+        };
+        let transition = match suffix {
+            "Succeeded" | "Completed" | "Accepted" => Transition::Succeeded { result },
+            "Canceled" => Transition::Canceled { result },
+            "Started" => Transition::Started,
+            _ => {
+                let message = result
+                    .as_ref()
+                    .and_then(|r| r.message.clone())
+                    .unwrap_or_else(|| format!("ACS reported {name}"));
+                Transition::Failed {
+                    result,
+                    error: OperationError {
+                        code: name.to_owned(),
+                        message,
+                    },
+                }
+            }
+        };
+        EventMeaning {
+            kind: OperationKind::from_name(&lower_camel(stem)),
+            transition: Some(transition),
+        }
+    }
+}
+
+fn lower_camel(name: &str) -> String {
+    let mut chars = name.chars();
+    match chars.next() {
+        Some(first) => first.to_ascii_lowercase().to_string() + chars.as_str(),
+        None => String::new(),
+    }
+}
+
+#[derive(Deserialize)]
+struct CloudEventIn {
+    id: Option<String>,
+    source: Option<String>,
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+    data: Option<EventDataIn>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EventDataIn {
+    call_connection_id: Option<String>,
+    operation_context: Option<String>,
+    result_information: Option<ResultInformationIn>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ResultInformationIn {
+    #[serde(default, deserialize_with = "lenient_int")]
+    code: Option<i64>,
+    #[serde(default, deserialize_with = "lenient_int")]
+    sub_code: Option<i64>,
+    message: Option<String>,
+}
+
+impl CloudEventIn {
+    fn into_event(self) -> AcsEvent {
+        let data = self.data.unwrap_or(EventDataIn {
+            call_connection_id: None,
+            operation_context: None,
+            result_information: None,
+        });
+        let call_connection_id = data
+            .call_connection_id
+            .filter(|id| !id.is_empty())
+            .or_else(|| self.source.as_deref().and_then(call_id_from_source));
+        AcsEvent {
+            id: self.id.filter(|id| !id.is_empty()),
+            event_type: self.event_type.unwrap_or_else(|| "unknown".to_owned()),
+            call_connection_id,
+            operation_context: data.operation_context.filter(|c| !c.is_empty()),
+            result: data.result_information.map(|r| ResultInfo {
+                code: r.code,
+                sub_code: r.sub_code,
+                message: r.message,
+            }),
+        }
+    }
+}
+
+/// `calling/callConnections/{id}[/...]` → `{id}`.
+fn call_id_from_source(source: &str) -> Option<String> {
+    let rest = source.split("callConnections/").nth(1)?;
+    let id = rest.split('/').next()?;
+    (!id.is_empty()).then(|| id.to_owned())
+}
+
+/// An integer given as a JSON number or a numeric string; anything else is `None`.
+fn lenient_int<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Lenient {
+        Int(i64),
+        Float(f64),
+        Text(String),
+        Other(de::IgnoredAny),
+    }
+    Ok(match Option::<Lenient>::deserialize(deserializer)? {
+        Some(Lenient::Int(n)) => Some(n),
+        Some(Lenient::Float(f)) if f.fract() == 0.0 && f.abs() < 9e15 => Some(f as i64),
+        Some(Lenient::Text(text)) => text.trim().parse().ok(),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::operation::OperationKind::*;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = format!("{}/../shared/fixtures/acs/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    #[test]
+    fn every_fixture_decodes() {
+        let dir = format!("{}/../shared/fixtures/acs", env!("CARGO_MANIFEST_DIR"));
+        let mut count = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+            if !name.ends_with(".json") || name.starts_with("spec_") {
+                continue;
+            }
+            let events = decode(&std::fs::read(&path).unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(events.len(), 1, "{name}");
+            assert!(events[0].call_connection_id.is_some(), "{name}");
+            assert!(events[0].id.is_some(), "{name}");
+            count += 1;
+        }
+        assert!(count >= 13, "only {count} fixtures");
+    }
+
+    #[test]
+    fn remove_participant_events_settle() {
+        let events = decode(&fixture("java_RemoveParticipantSucceeded.json")).unwrap();
+        let event = &events[0];
+        assert_eq!(event.call_connection_id.as_deref(), Some("callConnectionId"));
+        assert_eq!(event.operation_context.as_deref(), Some("context"));
+        assert_eq!(
+            event.meaning(),
+            EventMeaning {
+                kind: RemoveParticipant,
+                transition: Some(Transition::Succeeded { result: None })
+            }
+        );
+        let events = decode(&fixture("java_RemoveParticipantFailed.json")).unwrap();
+        let meaning = events[0].meaning();
+        assert_eq!(meaning.kind, RemoveParticipant);
+        let Some(Transition::Failed { error, .. }) = meaning.transition else {
+            panic!("{meaning:?}");
+        };
+        assert_eq!(error.code, "RemoveParticipantFailed");
+    }
+
+    #[test]
+    fn other_events_name_their_kind() {
+        let check = |name: &str, kind: &str, transition: Option<&str>| {
+            let meaning = decode(&fixture(name)).unwrap()[0].meaning();
+            assert_eq!(meaning.kind.as_str(), kind, "{name}");
+            let got = meaning.transition.map(|t| match t {
+                Transition::Succeeded { .. } => "succeeded",
+                Transition::Failed { .. } => "failed",
+                Transition::Canceled { .. } => "canceled",
+                Transition::Started | Transition::Accepted => "running",
+            });
+            assert_eq!(got, transition, "{name}");
+        };
+        check("java_PlayCompleted.json", "play", Some("succeeded"));
+        check("java_PlayFailed.json", "play", Some("failed"));
+        check("java_RecognizeCompleted_dtmf.json", "recognize", Some("succeeded"));
+        check("java_CallTransferAccepted.json", "callTransfer", Some("succeeded"));
+        check("java_CancelAddParticipantSucceeded.json", "cancelAddParticipant", Some("succeeded"));
+        check("python_recorded_CallConnected.json", "callConnected", None);
+        check("java_ParticipantsUpdated.json", "participantsUpdated", None);
+    }
+
+    #[test]
+    fn result_information_is_kept_and_lenient() {
+        let events = decode(&fixture("java_PlayFailed.json")).unwrap();
+        let result = events[0].result.clone().unwrap();
+        assert_eq!((result.code, result.sub_code), (Some(400), Some(8536)));
+        let body = br#"{"type":"Microsoft.Communication.RemoveParticipantFailed","data":{"resultInformation":{"code":"404","subCode":8522.0,"message":null}}}"#;
+        let event = &decode(body).unwrap()[0];
+        let result = event.result.clone().unwrap();
+        assert_eq!((result.code, result.sub_code, result.message), (Some(404), Some(8522), None));
+    }
+
+    #[test]
+    fn missing_fields_are_tolerated_and_source_is_a_fallback() {
+        let event = &decode(br#"[{"source":"calling/callConnections/abc/ParticipantsUpdated","data":null,"extra":1}]"#).unwrap()[0];
+        assert_eq!(event.call_connection_id.as_deref(), Some("abc"));
+        assert_eq!(event.event_type, "unknown");
+        assert_eq!(event.id, None);
+        assert!(decode(b"[]").unwrap().is_empty());
+    }
+
+    #[test]
+    fn non_events_are_refused() {
+        for body in [&b""[..], b"  ", b"42", b"\"x\"", b"[1]", b"{", b"[{\"id\": 5}]", b"{\"data\": []}"] {
+            assert!(decode(body).is_err(), "{}", String::from_utf8_lossy(body));
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! `CommunicationIdentifierModel`: who a participant is.
+//!
+//! Clients may send any valid form (a `rawId` alone, a typed member alone, both, with or
+//! without `kind`); [`CommunicationIdentifier::normalize`] turns it into what the official
+//! SDK sends: `rawId` plus the typed member, no `kind` for the known kinds. Kinds this service
+//! does not know (e.g. `teamsExtensionUser`) pass through unchanged.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The identifier model. Unknown members are kept so that new kinds pass through.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CommunicationIdentifier {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub communication_user: Option<CommunicationUser>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phone_number: Option<PhoneNumber>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub microsoft_teams_user: Option<MicrosoftTeamsUser>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub microsoft_teams_app: Option<MicrosoftTeamsApp>,
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommunicationUser {
+    pub id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhoneNumber {
+    pub value: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MicrosoftTeamsUser {
+    pub user_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub is_anonymous: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cloud: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MicrosoftTeamsApp {
+    pub app_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cloud: Option<String>,
+}
+
+/// Why an identifier cannot be sent.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IdentifierError {
+    #[error("give a rawId or one typed member (communicationUser, phoneNumber, microsoftTeamsUser, microsoftTeamsApp)")]
+    Empty,
+    #[error("give at most one typed member; found {0}")]
+    SeveralMembers(String),
+    #[error("{0} must not be empty")]
+    EmptyValue(&'static str),
+    #[error("{0} is longer than {MAX_ID_LEN} characters")]
+    TooLong(&'static str),
+}
+
+const MAX_ID_LEN: usize = 1024;
+
+const KNOWN_KINDS: [&str; 4] = [
+    "communicationUser",
+    "phoneNumber",
+    "microsoftTeamsUser",
+    "microsoftTeamsApp",
+];
+
+impl CommunicationIdentifier {
+    /// A `communicationUser` identifier for `id` (an `8:acs:...` id).
+    pub fn communication_user(id: &str) -> Self {
+        Self {
+            raw_id: Some(id.to_owned()),
+            communication_user: Some(CommunicationUser { id: id.to_owned() }),
+            ..Self::default()
+        }
+    }
+
+    /// Validates and completes the identifier into the form the official SDK sends.
+    pub fn normalize(mut self) -> Result<Self, IdentifierError> {
+        let typed = [
+            ("communicationUser", self.communication_user.is_some()),
+            ("phoneNumber", self.phone_number.is_some()),
+            ("microsoftTeamsUser", self.microsoft_teams_user.is_some()),
+            ("microsoftTeamsApp", self.microsoft_teams_app.is_some()),
+        ];
+        let present: Vec<&str> = typed.iter().filter(|(_, p)| *p).map(|(n, _)| *n).collect();
+        if present.len() > 1 {
+            return Err(IdentifierError::SeveralMembers(present.join(", ")));
+        }
+        self.check_lengths()?;
+        let unknown_kind = self
+            .kind
+            .as_deref()
+            .is_some_and(|kind| !KNOWN_KINDS.contains(&kind));
+        if unknown_kind {
+            // An open kind: pass it through as given, it must at least say who.
+            if self.raw_id.is_none() && self.other.is_empty() {
+                return Err(IdentifierError::Empty);
+            }
+            return Ok(self);
+        }
+        if present.is_empty() {
+            let raw_id = self.raw_id.clone().ok_or(IdentifierError::Empty)?;
+            self.fill_member_from_raw_id(&raw_id);
+        }
+        if self.raw_id.is_none() {
+            self.raw_id = Some(self.raw_id_from_member());
+        }
+        // The SDK sends no `kind` for the kinds it knows; the typed member says it.
+        self.kind = None;
+        Ok(self)
+    }
+
+    fn check_lengths(&self) -> Result<(), IdentifierError> {
+        let fields = [
+            ("participantToRemove.rawId", self.raw_id.as_deref()),
+            (
+                "participantToRemove.communicationUser.id",
+                self.communication_user.as_ref().map(|u| u.id.as_str()),
+            ),
+            (
+                "participantToRemove.phoneNumber.value",
+                self.phone_number.as_ref().map(|p| p.value.as_str()),
+            ),
+            (
+                "participantToRemove.microsoftTeamsUser.userId",
+                self.microsoft_teams_user.as_ref().map(|u| u.user_id.as_str()),
+            ),
+            (
+                "participantToRemove.microsoftTeamsApp.appId",
+                self.microsoft_teams_app.as_ref().map(|a| a.app_id.as_str()),
+            ),
+        ];
+        for (name, value) in fields {
+            match value {
+                Some(v) if v.trim().is_empty() => return Err(IdentifierError::EmptyValue(name)),
+                Some(v) if v.len() > MAX_ID_LEN => return Err(IdentifierError::TooLong(name)),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Infers the typed member from a raw id, as the SDKs' `identifier_from_raw_id` does.
+    fn fill_member_from_raw_id(&mut self, raw_id: &str) {
+        if let Some(value) = raw_id.strip_prefix("4:") {
+            self.phone_number = Some(PhoneNumber {
+                value: value.to_owned(),
+            });
+            return;
+        }
+        let (prefix, rest) = match raw_id.split_once(':') {
+            Some(("8", rest)) => match rest.split_once(':') {
+                Some((scope, id)) => (format!("8:{scope}:"), id),
+                None => (String::new(), raw_id),
+            },
+            Some(("28", rest)) => match rest.split_once(':') {
+                Some((cloud, id)) if matches!(cloud, "orgid" | "dod" | "gcch") => {
+                    (format!("28:{cloud}:"), id)
+                }
+                _ => ("28:".to_owned(), rest),
+            },
+            _ => (String::new(), raw_id),
+        };
+        let teams_user = |is_anonymous: bool, cloud: &str| MicrosoftTeamsUser {
+            user_id: rest.to_owned(),
+            is_anonymous: Some(is_anonymous),
+            cloud: Some(cloud.to_owned()),
+        };
+        let teams_app = |cloud: &str| MicrosoftTeamsApp {
+            app_id: rest.to_owned(),
+            cloud: Some(cloud.to_owned()),
+        };
+        match prefix.as_str() {
+            "8:teamsvisitor:" => self.microsoft_teams_user = Some(teams_user(true, "public")),
+            "8:orgid:" => self.microsoft_teams_user = Some(teams_user(false, "public")),
+            "8:dod:" => self.microsoft_teams_user = Some(teams_user(false, "dod")),
+            "8:gcch:" => self.microsoft_teams_user = Some(teams_user(false, "gcch")),
+            "28:orgid:" | "28:" => self.microsoft_teams_app = Some(teams_app("public")),
+            "28:dod:" => self.microsoft_teams_app = Some(teams_app("dod")),
+            "28:gcch:" => self.microsoft_teams_app = Some(teams_app("gcch")),
+            // `8:acs:`, `8:spool:`, `8:dod-acs:`, `8:gcch-acs:` and anything unrecognised are
+            // communication users, as in the SDKs.
+            _ => {
+                self.communication_user = Some(CommunicationUser {
+                    id: raw_id.to_owned(),
+                })
+            }
+        }
+    }
+
+    /// Builds the raw id from the typed member, as the SDKs do.
+    fn raw_id_from_member(&self) -> String {
+        if let Some(user) = &self.communication_user {
+            return user.id.clone();
+        }
+        if let Some(phone) = &self.phone_number {
+            return format!("4:{}", phone.value);
+        }
+        if let Some(user) = &self.microsoft_teams_user {
+            if user.is_anonymous == Some(true) {
+                return format!("8:teamsvisitor:{}", user.user_id);
+            }
+            let prefix = match user.cloud.as_deref() {
+                Some("dod") => "8:dod:",
+                Some("gcch") => "8:gcch:",
+                _ => "8:orgid:",
+            };
+            return format!("{prefix}{}", user.user_id);
+        }
+        if let Some(app) = &self.microsoft_teams_app {
+            let prefix = match app.cloud.as_deref() {
+                Some("dod") => "28:dod:",
+                Some("gcch") => "28:gcch:",
+                _ => "28:orgid:",
+            };
+            return format!("{prefix}{}", app.app_id);
+        }
+        String::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURE: &str = include_str!(
+        "../../../shared/fixtures/sdk-requests/acs_remove_participant.python-sdk-1.6.0.json"
+    );
+
+    fn sdk_participant(name: &str) -> Value {
+        let fixture: Value = serde_json::from_str(FIXTURE).unwrap();
+        fixture["requests"][name]["body"]["participantToRemove"].clone()
+    }
+
+    fn normalized(json: Value) -> Value {
+        let id: CommunicationIdentifier = serde_json::from_value(json).unwrap();
+        serde_json::to_value(id.normalize().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn every_input_form_serialises_like_the_sdk() {
+        let user = sdk_participant("communicationUser");
+        let phone = sdk_participant("phoneNumber");
+        let check = |input: Value, want: &Value| assert_eq!(&normalized(input.clone()), want, "{input}");
+        check(serde_json::json!({"rawId": "8:acs:abc_def"}), &user);
+        check(serde_json::json!({"communicationUser": {"id": "8:acs:abc_def"}}), &user);
+        check(
+            serde_json::json!({"kind": "communicationUser", "communicationUser": {"id": "8:acs:abc_def"}}),
+            &user,
+        );
+        check(user.clone(), &user);
+        check(serde_json::json!({"rawId": "4:+14255550123"}), &phone);
+        check(serde_json::json!({"phoneNumber": {"value": "+14255550123"}}), &phone);
+        check(phone.clone(), &phone);
+    }
+
+    #[test]
+    fn teams_identifiers_round_trip() {
+        let got = normalized(serde_json::json!({"rawId": "8:orgid:u1"}));
+        assert_eq!(
+            got,
+            serde_json::json!({"rawId": "8:orgid:u1", "microsoftTeamsUser": {"userId": "u1", "isAnonymous": false, "cloud": "public"}})
+        );
+        let got = normalized(serde_json::json!({"microsoftTeamsApp": {"appId": "a1", "cloud": "gcch"}}));
+        assert_eq!(got["rawId"], "28:gcch:a1");
+    }
+
+    #[test]
+    fn unknown_kinds_pass_through() {
+        let input = serde_json::json!({"kind": "teamsExtensionUser", "rawId": "8:acs:r_x", "teamsExtensionUser": {"userId": "u"}});
+        assert_eq!(normalized(input.clone()), input);
+    }
+
+    #[test]
+    fn invalid_identifiers_are_refused() {
+        let check = |input: Value, want: IdentifierError| {
+            let id: CommunicationIdentifier = serde_json::from_value(input).unwrap();
+            assert_eq!(id.normalize().unwrap_err(), want);
+        };
+        check(serde_json::json!({}), IdentifierError::Empty);
+        check(
+            serde_json::json!({"communicationUser": {"id": "8:acs:x"}, "phoneNumber": {"value": "+1"}}),
+            IdentifierError::SeveralMembers("communicationUser, phoneNumber".into()),
+        );
+        check(
+            serde_json::json!({"rawId": " "}),
+            IdentifierError::EmptyValue("participantToRemove.rawId"),
+        );
+        check(
+            serde_json::json!({"rawId": "x".repeat(2000)}),
+            IdentifierError::TooLong("participantToRemove.rawId"),
+        );
+    }
+}

@@ -1,0 +1,357 @@
+//! Configuration: embedded defaults (`config/default.toml`), an optional file, then
+//! environment variables, layered with figment, validated once at start.
+//!
+//! Nothing else reads the environment. Each component gets its own section
+//! (`AcsConfig`, `OperationsConfig`, ...) at construction; handlers never see `Config`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use url::Url;
+
+use crate::acs::connection_string::{ConnectionString, ConnectionStringError};
+
+/// The compiled-in defaults.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// The documented environment variables and the field each sets. Any other field is set
+/// with `CALLOPS_<SECTION>__<FIELD>`.
+pub const ENV_ALIASES: [(&str, &str); 7] = [
+    ("LISTEN", "http.listen"),
+    ("PUBLIC_URL", "http.public_url"),
+    ("STORE", "store.location"),
+    ("ACS_CONNECTION_STRING", "acs.connection_string"),
+    ("ACS_API_VERSION", "acs.api_version"),
+    ("CALLBACK_AUTH", "callbacks.auth"),
+    ("LOG_FORMAT", "log.format"),
+];
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub log: LogConfig,
+    pub store: StoreConfig,
+    pub operations: OperationsConfig,
+    pub acs: AcsConfig,
+    pub callbacks: CallbacksConfig,
+    pub emulator: EmulatorConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// Base URL the upstreams call back; `/callbacks/acs` is appended.
+    pub public_url: Url,
+    pub body_limit_bytes: usize,
+    pub request_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `memory`.
+    pub location: String,
+}
+
+/// Bounds of the operation tracker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperationsConfig {
+    pub max_wait_secs: u64,
+    pub retry_after_secs: u64,
+    pub park_ttl_ms: u64,
+    pub park_max: usize,
+    pub dedupe_ttl_secs: u64,
+    pub retention_secs: u64,
+    pub call_events_max: usize,
+    pub sweep_interval_ms: u64,
+    pub page_size: usize,
+    pub page_size_max: usize,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcsConfig {
+    /// Empty: use the in-process emulator.
+    pub connection_string: SecretString,
+    pub api_version: String,
+    pub request_timeout_ms: u64,
+    pub retry: RetryConfig,
+}
+
+/// Bounds of the upstream retry loop.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    pub max_attempts: u32,
+    pub initial_delay_ms: u64,
+    pub max_delay_ms: u64,
+    pub total_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallbacksConfig {
+    pub auth: CallbackAuth,
+}
+
+/// How callbacks are authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CallbackAuth {
+    /// Every callback is accepted: for local emulation only.
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmulatorConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    pub access_key: String,
+    pub outcome: EmulatedOutcome,
+    pub callback_delay_ms: u64,
+}
+
+/// The emulator's default outcome for calls without a script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmulatedOutcome {
+    Succeed,
+    Fail,
+}
+
+/// A configuration that cannot be used, with what is expected instead.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("CALLOPS_ACS_CONNECTION_STRING (acs.connection_string) is invalid: {0}")]
+    ConnectionString(#[from] ConnectionStringError),
+    #[error("CALLOPS_STORE (store.location) = {0:?} is not supported; expected \"memory\"")]
+    Store(String),
+    #[error("CALLOPS_PUBLIC_URL (http.public_url) = {0:?} must be an http(s) URL with a host")]
+    PublicUrl(String),
+    #[error("{field} {problem}")]
+    Invalid {
+        field: &'static str,
+        problem: &'static str,
+    },
+    #[error(
+        "acs.connection_string is empty and the emulator is disabled; set CALLOPS_ACS_CONNECTION_STRING=endpoint=https://<resource>.communication.azure.com/;accesskey=<base64 key>"
+    )]
+    NoUpstream,
+}
+
+impl Config {
+    /// Embedded defaults, then `path` (when given), then the environment.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(path) = path {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        Self::from_figment(figment.merge(env_provider()))
+    }
+
+    /// The embedded defaults alone (tests start from these).
+    pub fn embedded() -> Self {
+        Self::from_figment(Figment::from(Toml::string(DEFAULT_TOML)))
+            .expect("the embedded defaults are valid")
+    }
+
+    /// Extracts and validates.
+    pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let config: Self = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.store.location != "memory" {
+            return Err(ConfigError::Store(self.store.location.clone()));
+        }
+        let url = &self.http.public_url;
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            return Err(ConfigError::PublicUrl(url.to_string()));
+        }
+        if self.acs.connection().transpose().is_none() && !self.emulator.enabled {
+            return Err(ConfigError::NoUpstream);
+        }
+        self.acs.connection()?;
+        let invalid = |field, problem| Err(ConfigError::Invalid { field, problem });
+        if self.acs.api_version.trim().is_empty() {
+            return invalid("acs.api_version", "must not be empty (e.g. 2024-09-15)");
+        }
+        if self.acs.retry.max_attempts == 0 {
+            return invalid("acs.retry.max_attempts", "must be at least 1");
+        }
+        if self.http.request_timeout_secs <= self.operations.max_wait_secs {
+            return invalid(
+                "http.request_timeout_secs",
+                "must be larger than operations.max_wait_secs",
+            );
+        }
+        if self.operations.page_size == 0 || self.operations.page_size > self.operations.page_size_max
+        {
+            return invalid(
+                "operations.page_size",
+                "must be between 1 and operations.page_size_max",
+            );
+        }
+        if self.emulator.enabled && crate::emulator::decode_key(&self.emulator.access_key).is_none()
+        {
+            return invalid("emulator.access_key", "must be non-empty base64");
+        }
+        Ok(())
+    }
+
+    /// The callback URL ACS is told to call.
+    pub fn acs_callback_url(&self) -> Url {
+        self.http
+            .public_url
+            .join("callbacks/acs")
+            .expect("a relative path joins any http URL")
+    }
+}
+
+impl AcsConfig {
+    /// The parsed connection string; `None` when empty (the emulator stands in).
+    pub fn connection(&self) -> Result<Option<ConnectionString>, ConnectionStringError> {
+        let text = self.connection_string.expose_secret();
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        ConnectionString::parse(text).map(Some)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+impl std::fmt::Debug for AcsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AcsConfig")
+            .field("connection_string", &"[redacted]")
+            .field("api_version", &self.api_version)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("retry", &self.retry)
+            .finish()
+    }
+}
+
+/// `CALLOPS_*` variables: the documented aliases, and `SECTION__FIELD` for everything else.
+fn env_provider() -> Env {
+    Env::prefixed("CALLOPS_").filter_map(|key| {
+        let key = key.as_str().to_ascii_uppercase();
+        if let Some((_, path)) = ENV_ALIASES.iter().find(|(alias, _)| *alias == key) {
+            return Some((*path).into());
+        }
+        key.contains("__")
+            .then(|| key.to_ascii_lowercase().replace("__", ".").into())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_with_env(vars: &[(&str, &str)]) -> Result<Config, String> {
+        let mut result = None;
+        figment::Jail::expect_with(|jail| {
+            for (name, value) in vars {
+                jail.set_env(name, value);
+            }
+            result = Some(Config::load(None).map_err(|e| e.to_string()));
+            Ok(())
+        });
+        result.unwrap()
+    }
+
+    #[test]
+    fn embedded_defaults_are_valid() {
+        let config = Config::embedded();
+        assert_eq!(config.http.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.acs.api_version, "2024-09-15");
+        assert!(config.acs.connection().unwrap().is_none());
+        assert_eq!(
+            config.acs_callback_url().as_str(),
+            "http://127.0.0.1:8080/callbacks/acs"
+        );
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let config = load_with_env(&[
+            ("CALLOPS_LISTEN", "0.0.0.0:9000"),
+            ("CALLOPS_PUBLIC_URL", "https://callops.example.com/base/"),
+            (
+                "CALLOPS_ACS_CONNECTION_STRING",
+                "endpoint=https://r.communication.azure.com/;accesskey=a2V5",
+            ),
+            ("CALLOPS_ACS_API_VERSION", "2026-03-12"),
+            ("CALLOPS_OPERATIONS__MAX_WAIT_SECS", "30"),
+            ("CALLOPS_CONFIG", "ignored, not a field"),
+        ])
+        .unwrap();
+        assert_eq!(config.http.listen.to_string(), "0.0.0.0:9000");
+        assert_eq!(config.acs.api_version, "2026-03-12");
+        assert_eq!(config.operations.max_wait_secs, 30);
+        assert_eq!(
+            config.acs_callback_url().as_str(),
+            "https://callops.example.com/base/callbacks/acs"
+        );
+        let cs = config.acs.connection().unwrap().unwrap();
+        assert_eq!(cs.endpoint.as_str(), "https://r.communication.azure.com/");
+    }
+
+    #[test]
+    fn errors_say_what_is_expected_without_secrets() {
+        let err = load_with_env(&[("CALLOPS_ACS_CONNECTION_STRING", "accesskey=c3VwZXJzZWNyZXQ=")])
+            .unwrap_err();
+        assert!(err.contains("CALLOPS_ACS_CONNECTION_STRING"), "{err}");
+        assert!(err.contains("endpoint=https://"), "{err}");
+        assert!(!err.contains("c3VwZXJzZWNyZXQ"), "{err}");
+
+        let err = load_with_env(&[("CALLOPS_STORE", "redis://x")]).unwrap_err();
+        assert!(err.contains("memory"), "{err}");
+        let err = load_with_env(&[("CALLOPS_LISTEN", "nowhere")]).unwrap_err();
+        assert!(err.contains("listen"), "{err}");
+        let err = load_with_env(&[("CALLOPS_CALLBACK_AUTH", "maybe")]).unwrap_err();
+        assert!(err.contains("auth"), "{err}");
+        let err = load_with_env(&[("CALLOPS_EMULATOR__ENABLED", "false")]).unwrap_err();
+        assert!(err.contains("CALLOPS_ACS_CONNECTION_STRING"), "{err}");
+    }
+
+    #[test]
+    fn debug_never_shows_the_connection_string() {
+        let config = load_with_env(&[(
+            "CALLOPS_ACS_CONNECTION_STRING",
+            "endpoint=https://r/;accesskey=c3VwZXJzZWNyZXQ=",
+        )])
+        .unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("c3VwZXJzZWNyZXQ"), "{shown}");
+    }
+}

@@ -1,0 +1,194 @@
+//! Correlation: what a callback event does to the operation it names. Pure; the store runs
+//! these decisions under its per-entry locks.
+//!
+//! An event names an operation by (call, context). When that operation is known, the event
+//! is recorded on its timeline and, if it reports on the operation's own kind, moves its
+//! state (forward only). When it is not known, an event about a kind this service issues is
+//! parked until the operation appears (it may overtake our own bookkeeping, or come from
+//! before a restart); any other event becomes an *observed* operation so it can be queried.
+
+use time::OffsetDateTime;
+
+use crate::operation::{
+    CallRef, EventEffect, EventRecord, Operation, OperationKind, Transition,
+};
+
+/// A callback event, platform-independent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncomingEvent {
+    /// Upstream event id, the deduplication key.
+    pub id: Option<String>,
+    pub event_type: String,
+    /// The call the event is about, if it says.
+    pub call: Option<CallRef>,
+    /// The operationContext / clientContext it carries.
+    pub context: Option<String>,
+    /// The kind of operation it reports on.
+    pub kind: OperationKind,
+    /// The state change it reports, if any.
+    pub transition: Option<Transition>,
+    pub received: OffsetDateTime,
+}
+
+/// Where an operation's context is unique: per call.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ContextKey {
+    pub call: CallRef,
+    pub context: Box<str>,
+}
+
+impl IncomingEvent {
+    /// The key naming the operation, or `None` for call-level events (no call or context).
+    pub fn key(&self) -> Option<ContextKey> {
+        Some(ContextKey {
+            call: self.call.clone()?,
+            context: self.context.as_deref()?.into(),
+        })
+    }
+
+    /// The timeline entry for this event, with `effect`.
+    pub fn record(&self, effect: EventEffect) -> EventRecord {
+        EventRecord {
+            event_type: self.event_type.clone(),
+            id: self.id.clone(),
+            received_date_time: self.received,
+            effect,
+        }
+    }
+
+    /// True when an unknown operation should wait for this event rather than be observed.
+    pub fn should_park(&self) -> bool {
+        self.kind.is_issued()
+    }
+
+    /// A new observed operation built from this event.
+    pub fn observed_operation(&self, key: &ContextKey) -> Operation {
+        let mut operation = Operation::new(
+            self.kind.clone(),
+            key.call.clone(),
+            key.context.to_string(),
+            self.received,
+        );
+        // An observed operation is running from its first sign of life.
+        let _ = operation.apply(Transition::Started, self.received);
+        apply(&mut operation, self);
+        operation
+    }
+}
+
+/// Records `event` on `operation` and applies it when it reports on the operation's kind.
+pub fn apply(operation: &mut Operation, event: &IncomingEvent) -> EventEffect {
+    let effect = match &event.transition {
+        Some(transition) if event.kind == operation.kind => {
+            match operation.apply(transition.clone(), event.received) {
+                Ok(_) => EventEffect::Applied,
+                Err(_) => EventEffect::Ignored,
+            }
+        }
+        _ => EventEffect::Recorded,
+    };
+    operation.record(event.record(effect));
+    effect
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::operation::{OperationError, OperationStatus, ResultInfo};
+
+    fn operation() -> Operation {
+        Operation::new(
+            OperationKind::RemoveParticipant,
+            CallRef::CallConnection("call".into()),
+            "ctx".into(),
+            OffsetDateTime::UNIX_EPOCH,
+        )
+    }
+
+    fn event(kind: OperationKind, transition: Option<Transition>) -> IncomingEvent {
+        IncomingEvent {
+            id: Some("e1".into()),
+            event_type: "Microsoft.Communication.X".into(),
+            call: Some(CallRef::CallConnection("call".into())),
+            context: Some("ctx".into()),
+            kind,
+            transition,
+            received: OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(5),
+        }
+    }
+
+    fn failed() -> Transition {
+        Transition::Failed {
+            result: Some(ResultInfo {
+                code: Some(400),
+                sub_code: Some(8523),
+                message: Some("nope".into()),
+            }),
+            error: OperationError {
+                code: "RemoveParticipantFailed".into(),
+                message: "nope".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn own_kind_events_settle_and_are_recorded() {
+        let mut op = operation();
+        let effect = apply(&mut op, &event(OperationKind::RemoveParticipant, Some(failed())));
+        assert_eq!(effect, EventEffect::Applied);
+        assert_eq!(op.status, OperationStatus::Failed);
+        assert_eq!(op.events.len(), 1);
+        assert_eq!(op.events[0].effect, EventEffect::Applied);
+        assert_eq!(op.result.as_ref().unwrap().sub_code, Some(8523));
+    }
+
+    #[test]
+    fn a_second_outcome_is_recorded_but_ignored() {
+        let mut op = operation();
+        apply(&mut op, &event(OperationKind::RemoveParticipant, Some(failed())));
+        let effect = apply(
+            &mut op,
+            &event(OperationKind::RemoveParticipant, Some(Transition::Succeeded { result: None })),
+        );
+        assert_eq!(effect, EventEffect::Ignored);
+        assert_eq!(op.status, OperationStatus::Failed);
+        assert_eq!(op.events.len(), 2);
+    }
+
+    #[test]
+    fn other_kinds_are_only_recorded() {
+        let mut op = operation();
+        let play = OperationKind::Observed("play".into());
+        let effect = apply(&mut op, &event(play, Some(Transition::Succeeded { result: None })));
+        assert_eq!(effect, EventEffect::Recorded);
+        assert_eq!(op.status, OperationStatus::NotStarted);
+        assert_eq!(op.events.len(), 1);
+    }
+
+    #[test]
+    fn unknown_operations_park_or_are_observed() {
+        let remove = event(OperationKind::RemoveParticipant, None);
+        assert!(remove.should_park());
+        let play = event(
+            OperationKind::Observed("play".into()),
+            Some(Transition::Succeeded { result: None }),
+        );
+        assert!(!play.should_park());
+        let key = play.key().unwrap();
+        let observed = play.observed_operation(&key);
+        assert_eq!(observed.status, OperationStatus::Succeeded);
+        assert_eq!(observed.kind.as_str(), "play");
+        assert_eq!(observed.context, "ctx");
+        assert_eq!(observed.events.len(), 1);
+        let started = event(OperationKind::Observed("play".into()), Some(Transition::Started));
+        assert_eq!(started.observed_operation(&key).status, OperationStatus::Running);
+    }
+
+    #[test]
+    fn call_level_events_have_no_key() {
+        let mut e = event(OperationKind::Observed("callConnected".into()), None);
+        e.context = None;
+        assert_eq!(e.key(), None);
+    }
+}

@@ -1,0 +1,22 @@
+//! `GET /healthz`: liveness.
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::get;
+use serde_json::json;
+
+use crate::http::AppState;
+use crate::service::OperationService;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/healthz", get(get_health))
+}
+
+async fn get_health(State(service): State<OperationService>) -> axum::Json<serde_json::Value> {
+    let stats = service.store().stats();
+    axum::Json(json!({
+        "status": "ok",
+        "operations": stats.operations,
+        "parkedCallbacks": stats.parked,
+    }))
+}

@@ -1,0 +1,128 @@
+//! callops: performs call-control operations on Azure Communication Services, receives the
+//! callbacks the platform POSTs back, correlates each with its operation, and lets clients
+//! poll the outcome.
+//!
+//! Modules in reading order: [`config`] → [`operation`] (pure domain) → [`correlation`]
+//! (pure) → [`store`] (the concurrent tracker) → [`acs`] (wire formats, signing, client) →
+//! [`service`] (the only code using both client and store) → [`callback_auth`] and [`http`]
+//! (the edge) → [`emulator`] (a stand-in for ACS). [`run`] wires them together; it never
+//! binds or reads the environment, so tests run it on port 0.
+
+pub mod acs;
+pub mod callback_auth;
+pub mod config;
+pub mod correlation;
+pub mod emulator;
+pub mod error;
+pub mod http;
+pub mod operation;
+pub mod service;
+pub mod store;
+pub mod telemetry;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::acs::client::AcsClient;
+use crate::acs::connection_string::ConnectionString;
+use crate::callback_auth::CallbackAuthenticator;
+use crate::config::{CallbackAuth, Config};
+use crate::emulator::Emulator;
+use crate::http::{ApiLimits, AppState};
+use crate::service::OperationService;
+use crate::store::OperationStore;
+
+/// How long background work (upstream requests in flight) may take to finish at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Serves the API on `listener` until `shutdown` is cancelled, then drains.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let tasks = TaskTracker::new();
+    let connection = match config.acs.connection()? {
+        Some(connection) => connection,
+        None => start_emulator(&config, &tasks, &shutdown).await?,
+    };
+    if config.callbacks.auth == CallbackAuth::None {
+        tracing::warn!(
+            "CALLBACK AUTHENTICATION IS OFF (callbacks.auth = none): anyone who can reach /callbacks/* can settle operations; use this only for local emulation"
+        );
+    }
+    let http_client = reqwest::Client::builder()
+        .user_agent(concat!("callops/", env!("CARGO_PKG_VERSION")))
+        .timeout(config.acs.request_timeout())
+        .build()
+        .context("building the HTTP client")?;
+    let store = OperationStore::new(&config.operations);
+    let acs = AcsClient::new(
+        &config.acs,
+        connection,
+        config.acs_callback_url(),
+        http_client,
+    );
+    tracing::info!(acs.endpoint = %acs.endpoint(), callback.url = %config.acs_callback_url(), "ACS client ready");
+    let service = OperationService::new(store.clone(), acs, tasks.clone(), shutdown.clone());
+    tasks.spawn(service::run_sweeper(
+        store,
+        Duration::from_millis(config.operations.sweep_interval_ms.max(10)),
+        shutdown.clone(),
+    ));
+    let state = AppState {
+        service,
+        callback_auth: CallbackAuthenticator::new(config.callbacks.auth),
+        limits: ApiLimits {
+            max_wait: Duration::from_secs(config.operations.max_wait_secs),
+            retry_after_secs: config.operations.retry_after_secs,
+            page_size: config.operations.page_size,
+            page_size_max: config.operations.page_size_max,
+        },
+    };
+    let app = http::router(
+        state,
+        config.http.body_limit_bytes,
+        Duration::from_secs(config.http.request_timeout_secs),
+    );
+    tracing::info!(listen = %listener.local_addr()?, "callops listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .context("serving HTTP")?;
+    shutdown.cancel();
+    tasks.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
+        tracing::warn!("background work did not finish within the shutdown grace period");
+    }
+    tracing::info!("callops stopped");
+    Ok(())
+}
+
+/// Starts the in-process ACS emulator and returns a connection string pointing at it.
+async fn start_emulator(
+    config: &Config,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<ConnectionString> {
+    let listener = TcpListener::bind(config.emulator.listen)
+        .await
+        .with_context(|| format!("binding the emulator to {}", config.emulator.listen))?;
+    let address = listener.local_addr()?;
+    let endpoint = url::Url::parse(&format!("http://{address}/"))?;
+    let emulator = Emulator::new(&config.emulator);
+    let key = emulator::decode_key(&config.emulator.access_key)
+        .context("emulator.access_key is not base64")?;
+    tracing::info!(emulator.endpoint = %endpoint, "ACS emulator running in-process (no ACS connection string configured)");
+    let shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        if let Err(error) = emulator.serve(listener, shutdown).await {
+            tracing::error!(error = %error, "the in-process emulator stopped");
+        }
+    });
+    Ok(ConnectionString::new(endpoint, key))
+}

@@ -1,0 +1,88 @@
+//! The `callops` binary: `serve` (the default) runs the service, `emulator` runs the ACS
+//! emulator alone. Only wiring: configuration, logging, binding, signals.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use callops::config::Config;
+use callops::emulator::Emulator;
+
+#[derive(Parser)]
+#[command(version, about = "Call-control operations on ACS, correlated with their callbacks")]
+struct Cli {
+    /// A TOML file layered over the embedded defaults (environment variables override both).
+    #[arg(long, global = true, env = "CALLOPS_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service (the default).
+    Serve,
+    /// Run the ACS emulator alone.
+    Emulator {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: SocketAddr,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = Config::load(cli.config.as_deref()).context("invalid configuration")?;
+    callops::telemetry::init(config.log.format);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let listener = TcpListener::bind(config.http.listen)
+                .await
+                .with_context(|| format!("binding {}", config.http.listen))?;
+            callops::run(listener, config, shutdown).await
+        }
+        Command::Emulator { listen } => {
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            let address = listener.local_addr()?;
+            tracing::info!(
+                "ACS emulator listening; point callops at it with CALLOPS_ACS_CONNECTION_STRING='endpoint=http://{address}/;accesskey={}'",
+                config.emulator.access_key
+            );
+            Emulator::new(&config.emulator)
+                .serve(listener, shutdown)
+                .await
+                .context("serving the emulator")
+        }
+    }
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutdown requested");
+    shutdown.cancel();
+}

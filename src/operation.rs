@@ -1,0 +1,436 @@
+//! The operation domain: identifiers, the operation record and its state machine.
+//!
+//! Everything here is pure and synchronous: no I/O, no clocks read except through the
+//! arguments, no knowledge of HTTP or of upstream wire formats. The state machine only moves
+//! forward (`NotStarted → Running → Succeeded | Failed | Canceled`); a transition that would
+//! move a settled operation is refused with [`TransitionError`], and the caller records the
+//! event without changing the state.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// Server-generated operation id. UUID v7, so ids sort in creation order (the list endpoint
+/// relies on it for "newest first" paging).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct OperationId(Uuid);
+
+impl OperationId {
+    /// A new, time-ordered id.
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    /// Parses the textual form; `None` when it is not a UUID.
+    pub fn parse(text: &str) -> Option<Self> {
+        Uuid::try_parse(text).ok().map(Self)
+    }
+}
+
+impl Default for OperationId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for OperationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+/// What an operation does. Observed operations (reported by callbacks but not issued by us)
+/// carry the upstream's own name, e.g. `play` or `recognize`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum OperationKind {
+    RemoveParticipant,
+    CancelMediaProcessing,
+    Observed(String),
+}
+
+impl OperationKind {
+    /// The wire name (`removeParticipant`, ...).
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::RemoveParticipant => "removeParticipant",
+            Self::CancelMediaProcessing => "cancelMediaProcessing",
+            Self::Observed(name) => name,
+        }
+    }
+
+    /// The inverse of [`OperationKind::as_str`].
+    pub fn from_name(name: &str) -> Self {
+        match name {
+            "removeParticipant" => Self::RemoveParticipant,
+            "cancelMediaProcessing" => Self::CancelMediaProcessing,
+            other => Self::Observed(other.to_owned()),
+        }
+    }
+
+    /// True for operations this service issued itself.
+    pub fn is_issued(&self) -> bool {
+        !matches!(self, Self::Observed(_))
+    }
+}
+
+impl Serialize for OperationKind {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for OperationKind {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        Ok(Self::from_name(&name))
+    }
+}
+
+/// Azure status-monitor statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum OperationStatus {
+    NotStarted,
+    Running,
+    Succeeded,
+    Failed,
+    Canceled,
+}
+
+impl OperationStatus {
+    /// Settled statuses never change again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Canceled)
+    }
+
+    /// Parses the wire name case-insensitively.
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            Self::NotStarted,
+            Self::Running,
+            Self::Succeeded,
+            Self::Failed,
+            Self::Canceled,
+        ]
+        .into_iter()
+        .find(|status| status.as_str().eq_ignore_ascii_case(text))
+    }
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotStarted => "NotStarted",
+            Self::Running => "Running",
+            Self::Succeeded => "Succeeded",
+            Self::Failed => "Failed",
+            Self::Canceled => "Canceled",
+        }
+    }
+}
+
+/// The call an operation acts on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CallRef {
+    /// An ACS call connection id.
+    #[serde(rename = "callConnectionId")]
+    CallConnection(String),
+    /// A Microsoft Graph call id.
+    #[serde(rename = "callId")]
+    Call(String),
+}
+
+impl CallRef {
+    /// The id, whichever platform it belongs to.
+    pub fn id(&self) -> &str {
+        match self {
+            Self::CallConnection(id) | Self::Call(id) => id,
+        }
+    }
+}
+
+/// The upstream's own account of how an operation ended (ACS `resultInformation`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResultInfo {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sub_code: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Why an operation failed, with a stable machine-readable `code`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperationError {
+    pub code: String,
+    pub message: String,
+}
+
+/// One callback event as kept on an operation's (or a call's) timeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventRecord {
+    /// Upstream event type, e.g. `Microsoft.Communication.RemoveParticipantSucceeded`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Upstream event id (the CloudEvent `id`), when it had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub received_date_time: OffsetDateTime,
+    /// How the event affected the operation: `applied`, `ignored` (the operation had
+    /// already settled), `recorded` (informational), or `unmatched` (on a call's timeline:
+    /// it named an operation that never appeared).
+    pub effect: EventEffect,
+}
+
+/// What an event did to the operation it was recorded on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum EventEffect {
+    Applied,
+    Ignored,
+    Recorded,
+    Unmatched,
+}
+
+/// An operation: what was asked, of which call, and how far it has got.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Operation {
+    pub id: OperationId,
+    pub kind: OperationKind,
+    pub status: OperationStatus,
+    /// The operationContext / clientContext sent upstream; unique per call among running
+    /// operations.
+    pub context: String,
+    #[serde(flatten)]
+    pub call: CallRef,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_date_time: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_updated_date_time: OffsetDateTime,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<ResultInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<OperationError>,
+    /// Every callback event that arrived for this operation, in arrival order.
+    pub events: Vec<EventRecord>,
+}
+
+impl Operation {
+    /// A new operation in `NotStarted`, created before anything is sent upstream.
+    pub fn new(kind: OperationKind, call: CallRef, context: String, now: OffsetDateTime) -> Self {
+        Self {
+            id: OperationId::new(),
+            kind,
+            status: OperationStatus::NotStarted,
+            context,
+            call,
+            created_date_time: now,
+            last_updated_date_time: now,
+            result: None,
+            error: None,
+            events: Vec::new(),
+        }
+    }
+
+    /// Applies `transition` at `now`: moves the state forward, or leaves the operation
+    /// untouched and says why not.
+    pub fn apply(
+        &mut self,
+        transition: Transition,
+        now: OffsetDateTime,
+    ) -> Result<OperationStatus, TransitionError> {
+        let next = next_status(self.status, &transition)?;
+        self.status = next;
+        self.last_updated_date_time = now;
+        match transition {
+            Transition::Accepted | Transition::Started => {}
+            Transition::Succeeded { result } => self.result = result,
+            Transition::Failed { result, error } => {
+                self.result = result;
+                self.error = Some(error);
+            }
+            Transition::Canceled { result } => self.result = result,
+        }
+        Ok(next)
+    }
+
+    /// Adds `event` to the timeline.
+    pub fn record(&mut self, event: EventRecord) {
+        self.last_updated_date_time = event.received_date_time;
+        self.events.push(event);
+    }
+}
+
+/// Something that happened to an operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transition {
+    /// The upstream accepted the request (ACS 202).
+    Accepted,
+    /// An observed operation reported progress (e.g. `PlayStarted`).
+    Started,
+    /// The upstream reported success.
+    Succeeded { result: Option<ResultInfo> },
+    /// The upstream reported failure, or rejected the request for good.
+    Failed {
+        result: Option<ResultInfo>,
+        error: OperationError,
+    },
+    /// The upstream reported the operation cancelled.
+    Canceled { result: Option<ResultInfo> },
+}
+
+/// Why a transition was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TransitionError {
+    /// The operation has settled; nothing moves it again.
+    #[error("the operation has already settled as {0:?}")]
+    AlreadySettled(OperationStatus),
+}
+
+/// The state machine: where `status` goes on `transition`.
+pub fn next_status(
+    status: OperationStatus,
+    transition: &Transition,
+) -> Result<OperationStatus, TransitionError> {
+    if status.is_terminal() {
+        return Err(TransitionError::AlreadySettled(status));
+    }
+    Ok(match transition {
+        // A callback can overtake the upstream's answer; `Accepted` after a settle is refused
+        // above, and `Accepted` on `Running` (a retried request) keeps it running.
+        Transition::Accepted | Transition::Started => OperationStatus::Running,
+        Transition::Succeeded { .. } => OperationStatus::Succeeded,
+        Transition::Failed { .. } => OperationStatus::Failed,
+        Transition::Canceled { .. } => OperationStatus::Canceled,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use OperationStatus::*;
+
+    fn error() -> OperationError {
+        OperationError {
+            code: "RemoveParticipantFailed".into(),
+            message: "gone".into(),
+        }
+    }
+
+    fn all_transitions() -> Vec<Transition> {
+        vec![
+            Transition::Accepted,
+            Transition::Started,
+            Transition::Succeeded { result: None },
+            Transition::Failed {
+                result: None,
+                error: error(),
+            },
+            Transition::Canceled { result: None },
+        ]
+    }
+
+    #[test]
+    fn forward_moves() {
+        let check = |from, transition: Transition, to| {
+            assert_eq!(next_status(from, &transition), Ok(to), "{from:?} on {transition:?}");
+        };
+        check(NotStarted, Transition::Accepted, Running);
+        check(Running, Transition::Accepted, Running);
+        check(Running, Transition::Started, Running);
+        check(Running, Transition::Succeeded { result: None }, Succeeded);
+        check(
+            Running,
+            Transition::Failed {
+                result: None,
+                error: error(),
+            },
+            Failed,
+        );
+        check(Running, Transition::Canceled { result: None }, Canceled);
+        // A callback that overtakes the upstream's 202 settles a NotStarted operation.
+        check(NotStarted, Transition::Succeeded { result: None }, Succeeded);
+        check(
+            NotStarted,
+            Transition::Failed {
+                result: None,
+                error: error(),
+            },
+            Failed,
+        );
+    }
+
+    #[test]
+    fn settled_operations_never_move() {
+        for from in [Succeeded, Failed, Canceled] {
+            for transition in all_transitions() {
+                assert_eq!(
+                    next_status(from, &transition),
+                    Err(TransitionError::AlreadySettled(from)),
+                    "{from:?} on {transition:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn apply_keeps_result_and_error() {
+        let t0 = OffsetDateTime::UNIX_EPOCH;
+        let t1 = t0 + time::Duration::seconds(1);
+        let mut op = Operation::new(
+            OperationKind::RemoveParticipant,
+            CallRef::CallConnection("c".into()),
+            "ctx".into(),
+            t0,
+        );
+        let result = ResultInfo {
+            code: Some(400),
+            sub_code: Some(8523),
+            message: Some("bad".into()),
+        };
+        let failed = Transition::Failed {
+            result: Some(result.clone()),
+            error: error(),
+        };
+        assert_eq!(op.apply(failed, t1), Ok(Failed));
+        assert_eq!(op.result, Some(result));
+        assert_eq!(op.error, Some(error()));
+        assert_eq!(op.last_updated_date_time, t1);
+        // The late 202 does not resurrect it, and leaves the record untouched.
+        let before = op.clone();
+        assert!(op.apply(Transition::Accepted, t1).is_err());
+        assert_eq!(op, before);
+    }
+
+    #[test]
+    fn status_parses_case_insensitively() {
+        assert_eq!(OperationStatus::parse("succeeded"), Some(Succeeded));
+        assert_eq!(OperationStatus::parse("NotStarted"), Some(NotStarted));
+        assert_eq!(OperationStatus::parse("done"), None);
+    }
+
+    #[test]
+    fn operation_serialises_as_the_status_monitor() {
+        let op = Operation::new(
+            OperationKind::RemoveParticipant,
+            CallRef::CallConnection("call-1".into()),
+            "ctx".into(),
+            OffsetDateTime::UNIX_EPOCH,
+        );
+        let json = serde_json::to_value(&op).unwrap();
+        assert_eq!(json["kind"], "removeParticipant");
+        assert_eq!(json["status"], "NotStarted");
+        assert_eq!(json["callConnectionId"], "call-1");
+        assert_eq!(json["createdDateTime"], "1970-01-01T00:00:00Z");
+        assert!(json.get("error").is_none());
+        let back: Operation = serde_json::from_value(json).unwrap();
+        assert_eq!(back, op);
+    }
+}
