@@ -337,7 +337,7 @@ mod tests {
         let err = load_with_env(&[("CALLOPS_STORE", "redis://x")]).unwrap_err();
         assert!(err.contains("memory"), "{err}");
         let err = load_with_env(&[("CALLOPS_LISTEN", "nowhere")]).unwrap_err();
-        assert!(err.contains("listen"), "{err}");
+        assert!(err.to_lowercase().contains("listen"), "{err}");
         let err = load_with_env(&[("CALLOPS_CALLBACK_AUTH", "maybe")]).unwrap_err();
         assert!(err.contains("auth"), "{err}");
         let err = load_with_env(&[("CALLOPS_EMULATOR__ENABLED", "false")]).unwrap_err();

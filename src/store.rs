@@ -41,6 +41,8 @@ struct Inner {
     calls: DashMap<CallRef, CallTimeline>,
     waiters: DashMap<OperationId, Arc<Notify>>,
     parked: AtomicUsize,
+    /// Long polls currently waiting.
+    waiting: AtomicUsize,
     parked_expired: AtomicU64,
     parked_overflow: AtomicU64,
     limits: Limits,
@@ -118,6 +120,7 @@ pub struct ListFilter {
 pub struct StoreStats {
     pub operations: usize,
     pub parked: usize,
+    pub waiting: usize,
     pub parked_expired: u64,
     pub parked_overflow: u64,
 }
@@ -149,6 +152,7 @@ impl OperationStore {
                 calls: DashMap::new(),
                 waiters: DashMap::new(),
                 parked: AtomicUsize::new(0),
+                waiting: AtomicUsize::new(0),
                 parked_expired: AtomicU64::new(0),
                 parked_overflow: AtomicU64::new(0),
                 limits,
@@ -312,6 +316,9 @@ impl OperationStore {
         if operation.status.is_terminal() || timeout.is_zero() {
             return Some(operation);
         }
+        self.inner.waiting.fetch_add(1, Ordering::Relaxed);
+        // Decrements however the wait ends, including when the caller drops this future.
+        let _waiting = scopeguard(&self.inner.waiting);
         let _ = tokio::time::timeout(timeout, notified).await;
         self.get(id)
     }
@@ -349,6 +356,7 @@ impl OperationStore {
         StoreStats {
             operations: inner.operations.len(),
             parked: inner.parked.load(Ordering::Relaxed),
+            waiting: inner.waiting.load(Ordering::Relaxed),
             parked_expired: inner.parked_expired.load(Ordering::Relaxed),
             parked_overflow: inner.parked_overflow.load(Ordering::Relaxed),
         }
@@ -485,6 +493,19 @@ impl OperationStore {
             notify.notify_waiters();
         }
     }
+}
+
+/// Decrements `counter` when dropped.
+struct CounterGuard<'a>(&'a AtomicUsize);
+
+impl Drop for CounterGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn scopeguard(counter: &AtomicUsize) -> CounterGuard<'_> {
+    CounterGuard(counter)
 }
 
 fn slot_delivery(slot: &Slot) -> Delivery {

@@ -305,7 +305,7 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 mod tests {
     use super::*;
 
-    fn client(endpoint: &str) -> AcsClient {
+    fn make_client(endpoint: &str) -> AcsClient {
         let config = crate::config::Config::embedded();
         let connection = ConnectionString::new(Url::parse(endpoint).unwrap(), vec![b'0'; 32]);
         AcsClient::new(
@@ -318,13 +318,13 @@ mod tests {
 
     #[test]
     fn url_matches_the_sdk_path() {
-        let client = client("http://127.0.0.1:18555/");
+        let client = make_client("http://127.0.0.1:18555/");
         let url = client.remove_participant_url("18dea47f-b081-4107-9a5c-4300819d2c6c");
         assert_eq!(
             &url[Position::BeforePath..],
             "/calling/callConnections/18dea47f-b081-4107-9a5c-4300819d2c6c/participants:remove?api-version=2024-09-15"
         );
-        let client = client("https://res.communication.azure.com/prefix/");
+        let client = make_client("https://res.communication.azure.com/prefix/");
         let url = client.remove_participant_url("a/b");
         assert_eq!(
             url.as_str(),
@@ -335,7 +335,7 @@ mod tests {
     #[test]
     fn body_matches_the_sdk_body() {
         let fixture: serde_json::Value = serde_json::from_str(include_str!(
-            "../../../shared/fixtures/sdk-requests/acs_remove_participant.python-sdk-1.6.0.json"
+            "../../tests/fixtures/sdk-requests/acs_remove_participant.python-sdk-1.6.0.json"
         ))
         .unwrap();
         let want = &fixture["requests"]["communicationUser"]["body"];
@@ -351,7 +351,7 @@ mod tests {
 
     #[test]
     fn signed_headers_carry_host_with_port_and_repeatability() {
-        let client = client("http://127.0.0.1:18555/");
+        let client = make_client("http://127.0.0.1:18555/");
         let url = client.remove_participant_url("c1");
         let repeatability = Repeatability::new();
         let headers = client.signed_headers(&url, b"{}", &repeatability);

@@ -209,13 +209,13 @@ mod tests {
     use crate::operation::OperationKind::*;
 
     fn fixture(name: &str) -> Vec<u8> {
-        let path = format!("{}/../shared/fixtures/acs/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!("{}/tests/fixtures/acs/{name}", env!("CARGO_MANIFEST_DIR"));
         std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
     }
 
     #[test]
     fn every_fixture_decodes() {
-        let dir = format!("{}/../shared/fixtures/acs", env!("CARGO_MANIFEST_DIR"));
+        let dir = format!("{}/tests/fixtures/acs", env!("CARGO_MANIFEST_DIR"));
         let mut count = 0;
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();

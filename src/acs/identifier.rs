@@ -238,7 +238,7 @@ mod tests {
     use super::*;
 
     const FIXTURE: &str = include_str!(
-        "../../../shared/fixtures/sdk-requests/acs_remove_participant.python-sdk-1.6.0.json"
+        "../../tests/fixtures/sdk-requests/acs_remove_participant.python-sdk-1.6.0.json"
     );
 
     fn sdk_participant(name: &str) -> Value {

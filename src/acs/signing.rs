@@ -80,7 +80,7 @@ mod tests {
 
     /// The requests the official Python SDK 1.6.0 sent, with a key of 32 ASCII '0' bytes.
     const FIXTURE: &str =
-        include_str!("../../../shared/fixtures/sdk-requests/acs_remove_participant.python-sdk-1.6.0.json");
+        include_str!("../../tests/fixtures/sdk-requests/acs_remove_participant.python-sdk-1.6.0.json");
 
     #[test]
     fn reproduces_the_sdk_signatures() {

@@ -11,6 +11,7 @@
 mod script;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,6 +60,8 @@ struct Inner {
     /// triggers no second callback, as ACS does.
     accepted: DashMap<Uuid, String>,
     requests: Mutex<Vec<RecordedRequest>>,
+    /// Callback deliveries answered 2xx so far.
+    delivered: AtomicUsize,
     http: reqwest::Client,
 }
 
@@ -103,6 +106,7 @@ impl Emulator {
                 attempts: DashMap::new(),
                 accepted: DashMap::new(),
                 requests: Mutex::new(Vec::new()),
+                delivered: AtomicUsize::new(0),
                 http: reqwest::Client::builder()
                     .timeout(Duration::from_secs(10))
                     .build()
@@ -126,6 +130,11 @@ impl Emulator {
             .lock()
             .expect("the request log is never poisoned")
             .clone()
+    }
+
+    /// How many callback deliveries the receiver acknowledged so far.
+    pub fn callbacks_delivered(&self) -> usize {
+        self.inner.delivered.load(Ordering::Relaxed)
     }
 
     /// The emulator's routes: ACS's `participants:remove` and the scripting API.
@@ -274,15 +283,15 @@ async fn handle_remove(
         _ => None,
     };
     if let Some((uri, event)) = callback {
-        let http = emulator.inner.http.clone();
+        let emulator = emulator.clone();
         let deliveries = 1 + script.duplicates as usize;
         let delay = Duration::from_millis(script.callback_delay_ms);
         if script.callback_before_response {
-            deliver(&http, &uri, &event, deliveries).await;
+            emulator.deliver(&uri, &event, deliveries).await;
         } else {
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
-                deliver(&http, &uri, &event, deliveries).await;
+                emulator.deliver(&uri, &event, deliveries).await;
             });
         }
     }
@@ -293,19 +302,26 @@ fn accepted(context: &str) -> Response {
     (StatusCode::ACCEPTED, axum::Json(json!({ "operationContext": context }))).into_response()
 }
 
-/// POSTs `event` (a one-element array) `times` times, retrying each a few times on failure,
-/// as ACS retries deliveries.
-async fn deliver(http: &reqwest::Client, uri: &str, event: &Value, times: usize) {
-    let body = json!([event]);
-    for _ in 0..times {
-        for attempt in 0..3u64 {
-            let sent = http.post(uri).json(&body).send().await;
-            match sent {
-                Ok(response) if response.status().is_success() => break,
-                Ok(response) => tracing::warn!(status = %response.status(), "emulator callback refused"),
-                Err(error) => tracing::warn!(error = %error, "emulator callback failed"),
+impl Emulator {
+    /// POSTs `event` (a one-element array) `times` times, retrying each a few times on
+    /// failure, as ACS retries deliveries.
+    async fn deliver(&self, uri: &str, event: &Value, times: usize) {
+        let body = json!([event]);
+        for _ in 0..times {
+            for attempt in 0..3u64 {
+                let sent = self.inner.http.post(uri).json(&body).send().await;
+                match sent {
+                    Ok(response) if response.status().is_success() => {
+                        self.inner.delivered.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    Ok(response) => {
+                        tracing::warn!(status = %response.status(), "emulator callback refused")
+                    }
+                    Err(error) => tracing::warn!(error = %error, "emulator callback failed"),
+                }
+                tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
             }
-            tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
         }
     }
 }

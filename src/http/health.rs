@@ -18,5 +18,6 @@ async fn get_health(State(service): State<OperationService>) -> axum::Json<serde
         "status": "ok",
         "operations": stats.operations,
         "parkedCallbacks": stats.parked,
+        "longPolls": stats.waiting,
     }))
 }

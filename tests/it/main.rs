@@ -1,1 +1,8 @@
-fn main(){}
+//! End-to-end tests: the real server (`callops::run`) on port 0, the ACS emulator as the
+//! upstream, everything over HTTP on loopback.
+
+mod callbacks;
+mod operations;
+mod removal;
+mod shutdown;
+mod support;

@@ -1,0 +1,220 @@
+//! Remove Participant end to end, through the emulator.
+
+use callops::emulator::{Outcome, Reject, ResultInformation, Script};
+use serde_json::json;
+
+use crate::support::{TestApp, within};
+
+#[tokio::test]
+async fn a_removal_succeeds_and_the_long_poll_returns_the_outcome() {
+    let app = TestApp::spawn().await;
+    let started = app.remove("call-ok", Script::default(), None).await;
+    assert_eq!(started["kind"], "removeParticipant");
+    assert_eq!(started["status"], "NotStarted");
+    assert_eq!(started["callConnectionId"], "call-ok");
+    let context = started["context"].as_str().unwrap();
+    assert!(!context.is_empty(), "a context is generated");
+
+    let id = started["id"].as_str().unwrap();
+    let settled = app.wait_operation(id, 5).await;
+    assert_eq!(settled["status"], "Succeeded", "{settled}");
+    assert_eq!(settled["result"]["code"], 200);
+    assert_eq!(settled["events"][0]["type"], "Microsoft.Communication.RemoveParticipantSucceeded");
+    assert_eq!(settled["events"][0]["effect"], "applied");
+    assert!(settled.get("error").is_none());
+
+    // The request ACS received is the one the official SDK sends.
+    let requests = app.emulator_requests("call-ok", 1).await;
+    let request = &requests[0];
+    assert_eq!(
+        request.path_and_query,
+        "/calling/callConnections/call-ok/participants:remove?api-version=2024-09-15"
+    );
+    assert_eq!(
+        request.body,
+        json!({
+            "participantToRemove": { "rawId": "8:acs:abc_def", "communicationUser": { "id": "8:acs:abc_def" } },
+            "operationContext": context,
+            "operationCallbackUri": app.url("/callbacks/acs"),
+        })
+    );
+    assert_eq!(request.status, 202);
+    assert!(uuid::Uuid::try_parse(&request.headers["repeatability-request-id"]).is_ok());
+    assert!(httpdate::parse_http_date(&request.headers["repeatability-first-sent"]).is_ok());
+    assert!(request.headers["authorization"].starts_with("HMAC-SHA256 SignedHeaders=x-ms-date;host;x-ms-content-sha256&Signature="));
+}
+
+#[tokio::test]
+async fn a_failed_callback_fails_the_operation_with_its_result() {
+    let app = TestApp::spawn().await;
+    let script = Script {
+        outcome: Outcome::Fail,
+        result_information: Some(ResultInformation {
+            code: 400,
+            sub_code: 8523,
+            message: "Participant not in call.".into(),
+        }),
+        ..Script::default()
+    };
+    let started = app.remove("call-fail", script, Some("ctx-fail")).await;
+    assert_eq!(started["context"], "ctx-fail");
+    let settled = app.wait_operation(started["id"].as_str().unwrap(), 5).await;
+    assert_eq!(settled["status"], "Failed", "{settled}");
+    assert_eq!(settled["error"]["code"], "RemoveParticipantFailed");
+    assert_eq!(settled["error"]["message"], "Participant not in call.");
+    assert_eq!(settled["result"], json!({"code": 400, "subCode": 8523, "message": "Participant not in call."}));
+}
+
+#[tokio::test]
+async fn duplicate_deliveries_change_nothing() {
+    let app = TestApp::spawn().await;
+    let script = Script {
+        duplicates: 2,
+        ..Script::default()
+    };
+    let started = app.remove("call-dup", script, None).await;
+    let id = started["id"].as_str().unwrap();
+    let settled = app.wait_operation(id, 5).await;
+    assert_eq!(settled["status"], "Succeeded");
+    within(async {
+        while app.emulator.callbacks_delivered() < 3 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let after: serde_json::Value = app.get(&format!("/v1/operations/{id}")).await.json().await.unwrap();
+    assert_eq!(after["events"].as_array().unwrap().len(), 1, "{after}");
+    assert_eq!(after["status"], "Succeeded");
+}
+
+#[tokio::test]
+async fn a_callback_that_overtakes_the_202_settles_the_operation() {
+    let app = TestApp::spawn().await;
+    let script = Script {
+        callback_before_response: true,
+        ..Script::default()
+    };
+    let started = app.remove("call-early", script, None).await;
+    let id = started["id"].as_str().unwrap();
+    let settled = app.wait_operation(id, 5).await;
+    assert_eq!(settled["status"], "Succeeded");
+    // The 202 that follows does not move it back to Running.
+    app.emulator_requests("call-early", 1).await;
+    let after: serde_json::Value = app.get(&format!("/v1/operations/{id}")).await.json().await.unwrap();
+    assert_eq!(after["status"], "Succeeded");
+    assert_eq!(after["events"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn throttling_and_5xx_are_retried_with_the_same_repeatability_pair() {
+    let app = TestApp::spawn().await;
+    let script = Script {
+        fail_first: vec![429, 503],
+        retry_after_secs: Some(0.05),
+        ..Script::default()
+    };
+    let started = app.remove("call-retry", script, None).await;
+    let settled = app.wait_operation(started["id"].as_str().unwrap(), 5).await;
+    assert_eq!(settled["status"], "Succeeded", "{settled}");
+
+    let requests = app.emulator_requests("call-retry", 3).await;
+    let statuses: Vec<u16> = requests.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [429, 503, 202]);
+    for header in ["repeatability-request-id", "repeatability-first-sent"] {
+        assert!(
+            requests.iter().all(|r| r.headers[header] == requests[0].headers[header]),
+            "{header} changed between attempts"
+        );
+    }
+    assert!(requests.iter().all(|r| r.body == requests[0].body));
+}
+
+#[tokio::test]
+async fn a_final_upstream_refusal_fails_the_operation_with_acs_error() {
+    let app = TestApp::spawn().await;
+    let script = Script {
+        reject: Some(Reject {
+            status: 404,
+            code: "8522".into(),
+            message: "Call not found.".into(),
+        }),
+        ..Script::default()
+    };
+    let started = app.remove("call-gone", script, None).await;
+    let settled = app.wait_operation(started["id"].as_str().unwrap(), 5).await;
+    assert_eq!(settled["status"], "Failed", "{settled}");
+    assert_eq!(settled["error"]["code"], "UpstreamRejected");
+    let message = settled["error"]["message"].as_str().unwrap();
+    assert!(message.contains("404") && message.contains("8522") && message.contains("Call not found."), "{message}");
+    assert_eq!(settled["result"], json!({"code": 404, "subCode": 8522, "message": "Call not found."}));
+    // A refusal is final: one attempt only.
+    assert_eq!(app.emulator_requests("call-gone", 1).await.len(), 1);
+}
+
+#[tokio::test]
+async fn an_upstream_that_never_accepts_fails_after_bounded_retries() {
+    let app = TestApp::spawn_with(|config| config.acs.retry.max_attempts = 3).await;
+    let script = Script {
+        fail_first: vec![503; 10],
+        ..Script::default()
+    };
+    let started = app.remove("call-down", script, None).await;
+    let settled = app.wait_operation(started["id"].as_str().unwrap(), 5).await;
+    assert_eq!(settled["status"], "Failed", "{settled}");
+    assert_eq!(settled["error"]["code"], "UpstreamUnavailable");
+    assert_eq!(app.emulator.requests().len(), 3);
+}
+
+#[tokio::test]
+async fn the_long_poll_is_woken_by_the_callback() {
+    let app = TestApp::spawn().await;
+    let script = Script {
+        no_callback: true,
+        ..Script::default()
+    };
+    let started = app.remove("call-wake", script, Some("ctx-wake")).await;
+    let id = started["id"].as_str().unwrap().to_owned();
+    app.emulator_requests("call-wake", 1).await;
+
+    let running = app.operation_until(&id, |op| op["status"] == "Running").await;
+    assert_eq!(running["status"], "Running");
+    // A waiter asks for 50 s; the callback below must end its wait, far sooner.
+    let waiter = app.start_long_poll(&id).await;
+    let response = app
+        .post_json("/callbacks/acs", &crate::support::remove_event("ev-wake", "call-wake", "ctx-wake", true))
+        .await;
+    assert_eq!(response.status(), 200);
+    let answered = within(waiter).await.unwrap();
+    assert!(answered.headers().get("retry-after").is_none());
+    let operation: serde_json::Value = answered.json().await.unwrap();
+    assert_eq!(operation["status"], "Succeeded");
+}
+
+#[tokio::test]
+async fn the_in_process_emulator_is_the_default_upstream() {
+    // The embedded defaults alone, as `cargo run` starts them, but on free ports.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let mut config = callops::config::Config::embedded();
+    config.http.public_url = format!("http://{address}").parse().unwrap();
+    assert!(config.acs.connection().unwrap().is_none());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(callops::run(listener, config, shutdown.clone()));
+
+    let http = reqwest::Client::new();
+    let response = http
+        .post(format!("http://{address}/v1/acs/callConnections/quickstart/participants:remove"))
+        .json(&json!({"participantToRemove": {"phoneNumber": {"value": "+14255550123"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let location = response.headers()["operation-location"].to_str().unwrap().to_owned();
+    let operation: serde_json::Value = within(async {
+        http.get(format!("http://{address}{location}?wait=5")).send().await.unwrap().json().await.unwrap()
+    })
+    .await;
+    assert_eq!(operation["status"], "Succeeded", "{operation}");
+    shutdown.cancel();
+    within(server).await.unwrap().unwrap();
+}

@@ -1,0 +1,23 @@
+//! Graceful shutdown: in-flight requests complete and `run` returns.
+
+use serde_json::Value;
+
+use callops::emulator::Script;
+
+use crate::support::{TestApp, within};
+
+#[tokio::test]
+async fn a_long_poll_in_flight_at_shutdown_is_answered_and_run_returns() {
+    let app = TestApp::spawn().await;
+    let script = Script { no_callback: true, ..Script::default() };
+    let started = app.remove("call-stop", script, None).await;
+    let id = started["id"].as_str().unwrap().to_owned();
+    app.operation_until(&id, |op| op["status"] == "Running").await;
+    let waiter = app.start_long_poll(&id).await;
+    app.shutdown.cancel();
+    let response = within(waiter).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let operation: Value = response.json().await.unwrap();
+    assert_eq!(operation["id"], id.as_str());
+    within(app.server).await.unwrap().unwrap();
+}

@@ -1,0 +1,202 @@
+//! `TestApp`: the real server on 127.0.0.1:0 with the ACS emulator (also on port 0) as its
+//! upstream, plus helpers to talk to both.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use callops::config::Config;
+use callops::emulator::{Emulator, Script};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Generous bound for anything that should happen "soon".
+pub const SOON: Duration = Duration::from_secs(10);
+
+pub struct TestApp {
+    pub address: SocketAddr,
+    pub emulator: Emulator,
+    pub http: reqwest::Client,
+    pub shutdown: CancellationToken,
+    pub server: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestApp {
+    /// Starts the emulator and the server with test-friendly defaults.
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// As [`TestApp::spawn`], with `adjust` applied to the configuration last.
+    pub async fn spawn_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        callops::telemetry::init_for_test();
+        let mut config = Config::embedded();
+        let shutdown = CancellationToken::new();
+
+        let emulator = Emulator::new(&config.emulator);
+        let emulator_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let emulator_address = emulator_listener.local_addr().unwrap();
+        tokio::spawn(emulator.clone().serve(emulator_listener, shutdown.clone()));
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        config.http.public_url = format!("http://{address}").parse().unwrap();
+        config.acs.connection_string = format!(
+            "endpoint=http://{emulator_address}/;accesskey={}",
+            config.emulator.access_key
+        )
+        .into();
+        config.acs.retry.initial_delay_ms = 10;
+        config.acs.retry.max_delay_ms = 100;
+        adjust(&mut config);
+        let server = tokio::spawn(callops::run(listener, config, shutdown.clone()));
+        Self {
+            address,
+            emulator,
+            http: reqwest::Client::new(),
+            shutdown,
+            server,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    /// Starts a removal on `call` with `script` and returns the 202's body.
+    pub async fn remove(&self, call: &str, script: Script, context: Option<&str>) -> Value {
+        self.emulator.set_script(call, script);
+        let mut body = json!({ "participantToRemove": { "rawId": "8:acs:abc_def" } });
+        if let Some(context) = context {
+            body["operationContext"] = json!(context);
+        }
+        let response = self.post_json(&format!("/v1/acs/callConnections/{call}/participants:remove"), &body).await;
+        assert_eq!(response.status(), 202, "{:?}", response.text().await);
+        let location = response.headers()["operation-location"].to_str().unwrap().to_owned();
+        let operation: Value = response.json().await.unwrap();
+        assert_eq!(location, format!("/v1/operations/{}", operation["id"].as_str().unwrap()));
+        operation
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.http.post(self.url(path)).json(body).send().await.unwrap()
+    }
+
+    pub async fn post_raw(&self, path: &str, content_type: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).send().await.unwrap()
+    }
+
+    /// `GET /v1/operations/{id}?wait=N`, as JSON.
+    pub async fn wait_operation(&self, id: &str, seconds: u64) -> Value {
+        let response = within(self.get(&format!("/v1/operations/{id}?wait={seconds}"))).await;
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    /// Polls `GET /v1/operations/{id}` until `done` holds (bounded by [`SOON`]).
+    pub async fn operation_until(&self, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+        within(async {
+            loop {
+                let operation: Value = self.get(&format!("/v1/operations/{id}?wait=1")).await.json().await.unwrap();
+                if done(&operation) {
+                    return operation;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+    }
+
+    /// Waits until the emulator has received `count` requests for `call`.
+    pub async fn emulator_requests(&self, call: &str, count: usize) -> Vec<callops::emulator::RecordedRequest> {
+        let path = format!("/calling/callConnections/{call}/participants:remove");
+        within(async {
+            loop {
+                let requests: Vec<_> = self
+                    .emulator
+                    .requests()
+                    .into_iter()
+                    .filter(|r| r.path_and_query.starts_with(&path))
+                    .collect();
+                if requests.len() >= count {
+                    return requests;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+    }
+}
+
+impl TestApp {
+    /// Starts `GET /v1/operations/{id}?wait=50` and returns once the server is waiting on it.
+    pub async fn start_long_poll(&self, id: &str) -> JoinHandle<reqwest::Response> {
+        let before = self.long_polls().await;
+        let url = self.url(&format!("/v1/operations/{id}?wait=50"));
+        let http = self.http.clone();
+        let waiter = tokio::spawn(async move { http.get(url).send().await.unwrap() });
+        within(async {
+            while self.long_polls().await <= before {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        waiter
+    }
+
+    async fn long_polls(&self) -> u64 {
+        let health: Value = self.get("/healthz").await.json().await.unwrap();
+        health["longPolls"].as_u64().unwrap()
+    }
+}
+
+/// Fails the test when `future` takes longer than [`SOON`].
+pub async fn within<T>(future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(SOON, future).await.expect("timed out")
+}
+
+/// A fixture file's bytes.
+pub fn fixture(path: &str) -> Vec<u8> {
+    let path = format!("{}/tests/fixtures/{path}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// A RemoveParticipant CloudEvent delivery, as ACS sends it.
+pub fn remove_event(id: &str, call: &str, context: &str, succeeded: bool) -> Value {
+    let event_type = if succeeded {
+        "Microsoft.Communication.RemoveParticipantSucceeded"
+    } else {
+        "Microsoft.Communication.RemoveParticipantFailed"
+    };
+    json!([{
+        "id": id,
+        "source": format!("calling/callConnections/{call}"),
+        "subject": format!("calling/callConnections/{call}"),
+        "type": event_type,
+        "time": "2026-11-22T07:25:18.1234567+00:00",
+        "specversion": "1.0",
+        "datacontenttype": "application/json",
+        "data": {
+            "version": "2024-09-15",
+            "operationContext": context,
+            "callConnectionId": call,
+            "serverCallId": "c2VydmVy",
+            "correlationId": "b880bd5a-1916-470a-b43d-aabf3caff91c",
+            "resultInformation": { "code": if succeeded { 200 } else { 400 }, "subCode": if succeeded { 0 } else { 8523 }, "message": "m" },
+            "participant": { "rawId": "8:acs:abc_def", "communicationUser": { "id": "8:acs:abc_def" } },
+            "publicEventType": event_type
+        }
+    }])
+}
