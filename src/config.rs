@@ -212,7 +212,8 @@ impl Config {
                 "must be larger than operations.max_wait_secs",
             );
         }
-        if self.operations.page_size == 0 || self.operations.page_size > self.operations.page_size_max
+        if self.operations.page_size == 0
+            || self.operations.page_size > self.operations.page_size_max
         {
             return invalid(
                 "operations.page_size",
@@ -277,6 +278,7 @@ fn env_provider() -> Env {
 mod tests {
     use super::*;
 
+    #[expect(clippy::result_large_err, reason = "figment's Jail API returns figment::Error")]
     fn load_with_env(vars: &[(&str, &str)]) -> Result<Config, String> {
         let mut result = None;
         figment::Jail::expect_with(|jail| {
@@ -328,8 +330,11 @@ mod tests {
 
     #[test]
     fn errors_say_what_is_expected_without_secrets() {
-        let err = load_with_env(&[("CALLOPS_ACS_CONNECTION_STRING", "accesskey=c3VwZXJzZWNyZXQ=")])
-            .unwrap_err();
+        let err = load_with_env(&[(
+            "CALLOPS_ACS_CONNECTION_STRING",
+            "accesskey=c3VwZXJzZWNyZXQ=",
+        )])
+        .unwrap_err();
         assert!(err.contains("CALLOPS_ACS_CONNECTION_STRING"), "{err}");
         assert!(err.contains("endpoint=https://"), "{err}");
         assert!(!err.contains("c3VwZXJzZWNyZXQ"), "{err}");

@@ -9,9 +9,7 @@
 
 use time::OffsetDateTime;
 
-use crate::operation::{
-    CallRef, EventEffect, EventRecord, Operation, OperationKind, Transition,
-};
+use crate::operation::{CallRef, EventEffect, EventRecord, Operation, OperationKind, Transition};
 
 /// A callback event, platform-independent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,7 +133,10 @@ mod tests {
     #[test]
     fn own_kind_events_settle_and_are_recorded() {
         let mut op = operation();
-        let effect = apply(&mut op, &event(OperationKind::RemoveParticipant, Some(failed())));
+        let effect = apply(
+            &mut op,
+            &event(OperationKind::RemoveParticipant, Some(failed())),
+        );
         assert_eq!(effect, EventEffect::Applied);
         assert_eq!(op.status, OperationStatus::Failed);
         assert_eq!(op.events.len(), 1);
@@ -146,10 +147,16 @@ mod tests {
     #[test]
     fn a_second_outcome_is_recorded_but_ignored() {
         let mut op = operation();
-        apply(&mut op, &event(OperationKind::RemoveParticipant, Some(failed())));
+        apply(
+            &mut op,
+            &event(OperationKind::RemoveParticipant, Some(failed())),
+        );
         let effect = apply(
             &mut op,
-            &event(OperationKind::RemoveParticipant, Some(Transition::Succeeded { result: None })),
+            &event(
+                OperationKind::RemoveParticipant,
+                Some(Transition::Succeeded { result: None }),
+            ),
         );
         assert_eq!(effect, EventEffect::Ignored);
         assert_eq!(op.status, OperationStatus::Failed);
@@ -160,7 +167,10 @@ mod tests {
     fn other_kinds_are_only_recorded() {
         let mut op = operation();
         let play = OperationKind::Observed("play".into());
-        let effect = apply(&mut op, &event(play, Some(Transition::Succeeded { result: None })));
+        let effect = apply(
+            &mut op,
+            &event(play, Some(Transition::Succeeded { result: None })),
+        );
         assert_eq!(effect, EventEffect::Recorded);
         assert_eq!(op.status, OperationStatus::NotStarted);
         assert_eq!(op.events.len(), 1);
@@ -181,8 +191,14 @@ mod tests {
         assert_eq!(observed.kind.as_str(), "play");
         assert_eq!(observed.context, "ctx");
         assert_eq!(observed.events.len(), 1);
-        let started = event(OperationKind::Observed("play".into()), Some(Transition::Started));
-        assert_eq!(started.observed_operation(&key).status, OperationStatus::Running);
+        let started = event(
+            OperationKind::Observed("play".into()),
+            Some(Transition::Started),
+        );
+        assert_eq!(
+            started.observed_operation(&key).status,
+            OperationStatus::Running
+        );
     }
 
     #[test]

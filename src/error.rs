@@ -82,9 +82,9 @@ impl From<StartError> for ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         match rejection {
-            JsonRejection::MissingJsonContentType(_) => Self::UnsupportedMediaType(
-                "expected Content-Type: application/json".to_owned(),
-            ),
+            JsonRejection::MissingJsonContentType(_) => {
+                Self::UnsupportedMediaType("expected Content-Type: application/json".to_owned())
+            }
             JsonRejection::BytesRejection(ref inner)
                 if inner.status() == StatusCode::PAYLOAD_TOO_LARGE =>
             {
@@ -131,7 +131,9 @@ mod tests {
     async fn errors_have_the_azure_shape() {
         let response = ApiError::NotFound("operation x does not exist".into()).into_response();
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
-        let body = axum::body::to_bytes(response.into_body(), 1024).await.unwrap();
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["error"]["code"], "NotFound");
         assert_eq!(json["error"]["message"], "operation x does not exist");

@@ -96,7 +96,10 @@ pub async fn run(
         .context("serving HTTP")?;
     shutdown.cancel();
     tasks.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("background work did not finish within the shutdown grace period");
     }
     tracing::info!("callops stopped");

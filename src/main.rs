@@ -13,7 +13,10 @@ use callops::config::Config;
 use callops::emulator::Emulator;
 
 #[derive(Parser)]
-#[command(version, about = "Call-control operations on ACS, correlated with their callbacks")]
+#[command(
+    version,
+    about = "Call-control operations on ACS, correlated with their callbacks"
+)]
 struct Cli {
     /// A TOML file layered over the embedded defaults (environment variables override both).
     #[arg(long, global = true, env = "CALLOPS_CONFIG")]

@@ -340,7 +340,11 @@ mod tests {
     #[test]
     fn forward_moves() {
         let check = |from, transition: Transition, to| {
-            assert_eq!(next_status(from, &transition), Ok(to), "{from:?} on {transition:?}");
+            assert_eq!(
+                next_status(from, &transition),
+                Ok(to),
+                "{from:?} on {transition:?}"
+            );
         };
         check(NotStarted, Transition::Accepted, Running);
         check(Running, Transition::Accepted, Running);
@@ -356,7 +360,11 @@ mod tests {
         );
         check(Running, Transition::Canceled { result: None }, Canceled);
         // A callback that overtakes the upstream's 202 settles a NotStarted operation.
-        check(NotStarted, Transition::Succeeded { result: None }, Succeeded);
+        check(
+            NotStarted,
+            Transition::Succeeded { result: None },
+            Succeeded,
+        );
         check(
             NotStarted,
             Transition::Failed {

@@ -108,15 +108,17 @@ impl OperationService {
             repeatability: Repeatability::new(),
         };
         let service = self.clone();
-        self.tasks.spawn(async move { service.dispatch(id, request).await });
+        self.tasks
+            .spawn(async move { service.dispatch(id, request).await });
         Ok(operation)
     }
 
+    #[tracing::instrument(skip_all, fields(operation.id = %id))]
     async fn dispatch(&self, id: OperationId, request: RemoveParticipant) {
         let transition = match self.acs.remove_participant(&request).await {
             Ok(()) => Transition::Accepted,
             Err(error) => {
-                tracing::warn!(operation.id = %id, error = %error, "remove participant failed upstream");
+                tracing::warn!(error = %error, "remove participant failed upstream");
                 failure_transition(&error)
             }
         };
@@ -201,7 +203,9 @@ fn failure_transition(error: &AcsError) -> Transition {
             result: None,
             error: OperationError {
                 code: "UpstreamUnavailable".to_owned(),
-                message: format!("ACS did not accept the request after {attempts} attempt(s): {last}"),
+                message: format!(
+                    "ACS did not accept the request after {attempts} attempt(s): {last}"
+                ),
             },
         },
     }
@@ -227,7 +231,10 @@ pub async fn run_sweeper(store: OperationStore, interval: Duration, shutdown: Ca
             );
         }
         if report.removed_operations > 0 {
-            tracing::debug!(count = report.removed_operations, "retired settled operations");
+            tracing::debug!(
+                count = report.removed_operations,
+                "retired settled operations"
+            );
         }
     }
 }

@@ -78,7 +78,10 @@ pub enum Delivery {
     /// Its id was seen before; nothing changed.
     Duplicate,
     /// It reached a known operation.
-    Matched { id: OperationId, effect: EventEffect },
+    Matched {
+        id: OperationId,
+        effect: EventEffect,
+    },
     /// Its operation is not known yet; it waits (bounded in time and count).
     Parked,
     /// It created an observed operation.
@@ -259,9 +262,7 @@ impl OperationStore {
                     if inner.operations.contains_key(&id) {
                         drop(occupied);
                         // Created between the read above and this entry: apply it there.
-                        return self
-                            .apply_to(id, &event)
-                            .unwrap_or(Delivery::Unmatched);
+                        return self.apply_to(id, &event).unwrap_or(Delivery::Unmatched);
                     }
                     // The operation was retired; the context is free again.
                     let key = occupied.key().clone();
@@ -384,7 +385,9 @@ impl OperationStore {
         });
         let expired = report.expired.len();
         inner.parked.fetch_sub(expired, Ordering::Relaxed);
-        inner.parked_expired.fetch_add(expired as u64, Ordering::Relaxed);
+        inner
+            .parked_expired
+            .fetch_add(expired as u64, Ordering::Relaxed);
         for event in &report.expired {
             self.push_call_event(event, EventEffect::Unmatched);
         }
@@ -460,7 +463,10 @@ impl OperationStore {
         let (effect, settled) = {
             let mut op = self.inner.operations.get_mut(&id)?;
             let effect = correlation::apply(&mut op, event);
-            (effect, effect == EventEffect::Applied && op.status.is_terminal())
+            (
+                effect,
+                effect == EventEffect::Applied && op.status.is_terminal(),
+            )
         };
         if settled {
             self.wake(id);
@@ -520,10 +526,14 @@ impl ListFilter {
         let call_matches = match &op.call {
             CallRef::CallConnection(id) => {
                 self.call_id.is_none()
-                    && self.call_connection_id.as_ref().is_none_or(|want| want == id)
+                    && self
+                        .call_connection_id
+                        .as_ref()
+                        .is_none_or(|want| want == id)
             }
             CallRef::Call(id) => {
-                self.call_connection_id.is_none() && self.call_id.as_ref().is_none_or(|want| want == id)
+                self.call_connection_id.is_none()
+                    && self.call_id.as_ref().is_none_or(|want| want == id)
             }
         };
         call_matches

@@ -166,19 +166,29 @@ impl AcsClient {
             attempts += 1;
             let (error, retry_after) = match self.attempt(&url, &body, request).await {
                 Ok(()) => {
-                    tracing::info!(attempts, duration_ms = started.elapsed().as_millis() as u64, "ACS accepted remove participant");
+                    tracing::info!(
+                        attempts,
+                        duration_ms = started.elapsed().as_millis() as u64,
+                        "ACS accepted remove participant"
+                    );
                     return Ok(());
                 }
                 Err(AttemptError::Final(error)) => return Err(error),
                 Err(AttemptError::Transient { error, retry_after }) => (error, retry_after),
             };
             let Some(backoff) = delays.next() else {
-                return Err(AcsError::Unavailable { attempts, last: error });
+                return Err(AcsError::Unavailable {
+                    attempts,
+                    last: error,
+                });
             };
             // Retry-After is the server's word; backoff applies when it says nothing.
             let delay = retry_after.unwrap_or(backoff);
             if Instant::now() + delay > deadline {
-                return Err(AcsError::Unavailable { attempts, last: error });
+                return Err(AcsError::Unavailable {
+                    attempts,
+                    last: error,
+                });
             }
             tracing::warn!(attempts, delay_ms = delay.as_millis() as u64, error = %error, "retrying ACS request");
             tokio::time::sleep(delay).await;
@@ -190,8 +200,14 @@ impl AcsClient {
         url.path_segments_mut()
             .expect("the endpoint is an http(s) URL")
             .pop_if_empty()
-            .extend(["calling", "callConnections", call_connection_id, "participants:remove"]);
-        url.query_pairs_mut().append_pair("api-version", &self.api_version);
+            .extend([
+                "calling",
+                "callConnections",
+                call_connection_id,
+                "participants:remove",
+            ]);
+        url.query_pairs_mut()
+            .append_pair("api-version", &self.api_version);
         url
     }
 
@@ -289,7 +305,11 @@ fn is_transient(status: StatusCode) -> bool {
 
 /// `Retry-After` as seconds (fractions allowed) or an HTTP date.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     if let Ok(seconds) = value.parse::<f64>() {
         return (seconds.is_finite() && seconds >= 0.0)
             .then(|| Duration::from_secs_f64(seconds.min(3600.0)));
@@ -369,7 +389,10 @@ mod tests {
             headers["repeatability-request-id"],
             repeatability.request_id.to_string().as_str()
         );
-        assert!(httpdate::parse_http_date(headers["repeatability-first-sent"].to_str().unwrap()).is_ok());
+        assert!(
+            httpdate::parse_http_date(headers["repeatability-first-sent"].to_str().unwrap())
+                .is_ok()
+        );
     }
 
     #[test]

@@ -22,9 +22,13 @@ pub struct ConnectionString {
 /// the key.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ConnectionStringError {
-    #[error("{0} is missing; expected `endpoint=https://<resource>.communication.azure.com/;accesskey=<base64 key>`")]
+    #[error(
+        "{0} is missing; expected `endpoint=https://<resource>.communication.azure.com/;accesskey=<base64 key>`"
+    )]
     Missing(&'static str),
-    #[error("`{0}` is not a `key=value` pair; expected `endpoint=https://<resource>.communication.azure.com/;accesskey=<base64 key>`")]
+    #[error(
+        "`{0}` is not a `key=value` pair; expected `endpoint=https://<resource>.communication.azure.com/;accesskey=<base64 key>`"
+    )]
     NotAPair(String),
     #[error("the endpoint is not an http(s) URL: {0}")]
     BadEndpoint(String),
@@ -153,6 +157,9 @@ mod tests {
     fn debug_hides_the_key() {
         let cs = ConnectionString::parse(&format!("endpoint=https://x/;accesskey={KEY}")).unwrap();
         let shown = format!("{cs:?}");
-        assert!(!shown.contains(KEY) && shown.contains("redacted"), "{shown}");
+        assert!(
+            !shown.contains(KEY) && shown.contains("redacted"),
+            "{shown}"
+        );
     }
 }

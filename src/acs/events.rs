@@ -223,7 +223,8 @@ mod tests {
             if !name.ends_with(".json") || name.starts_with("spec_") {
                 continue;
             }
-            let events = decode(&std::fs::read(&path).unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let events =
+                decode(&std::fs::read(&path).unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(events.len(), 1, "{name}");
             assert!(events[0].call_connection_id.is_some(), "{name}");
             assert!(events[0].id.is_some(), "{name}");
@@ -236,7 +237,10 @@ mod tests {
     fn remove_participant_events_settle() {
         let events = decode(&fixture("java_RemoveParticipantSucceeded.json")).unwrap();
         let event = &events[0];
-        assert_eq!(event.call_connection_id.as_deref(), Some("callConnectionId"));
+        assert_eq!(
+            event.call_connection_id.as_deref(),
+            Some("callConnectionId")
+        );
         assert_eq!(event.operation_context.as_deref(), Some("context"));
         assert_eq!(
             event.meaning(),
@@ -269,9 +273,21 @@ mod tests {
         };
         check("java_PlayCompleted.json", "play", Some("succeeded"));
         check("java_PlayFailed.json", "play", Some("failed"));
-        check("java_RecognizeCompleted_dtmf.json", "recognize", Some("succeeded"));
-        check("java_CallTransferAccepted.json", "callTransfer", Some("succeeded"));
-        check("java_CancelAddParticipantSucceeded.json", "cancelAddParticipant", Some("succeeded"));
+        check(
+            "java_RecognizeCompleted_dtmf.json",
+            "recognize",
+            Some("succeeded"),
+        );
+        check(
+            "java_CallTransferAccepted.json",
+            "callTransfer",
+            Some("succeeded"),
+        );
+        check(
+            "java_CancelAddParticipantSucceeded.json",
+            "cancelAddParticipant",
+            Some("succeeded"),
+        );
         check("python_recorded_CallConnected.json", "callConnected", None);
         check("java_ParticipantsUpdated.json", "participantsUpdated", None);
     }
@@ -284,7 +300,10 @@ mod tests {
         let body = br#"{"type":"Microsoft.Communication.RemoveParticipantFailed","data":{"resultInformation":{"code":"404","subCode":8522.0,"message":null}}}"#;
         let event = &decode(body).unwrap()[0];
         let result = event.result.clone().unwrap();
-        assert_eq!((result.code, result.sub_code, result.message), (Some(404), Some(8522), None));
+        assert_eq!(
+            (result.code, result.sub_code, result.message),
+            (Some(404), Some(8522), None)
+        );
     }
 
     #[test]
@@ -298,7 +317,16 @@ mod tests {
 
     #[test]
     fn non_events_are_refused() {
-        for body in [&b""[..], b"  ", b"42", b"\"x\"", b"[1]", b"{", b"[{\"id\": 5}]", b"{\"data\": []}"] {
+        for body in [
+            &b""[..],
+            b"  ",
+            b"42",
+            b"\"x\"",
+            b"[1]",
+            b"{",
+            b"[{\"id\": 5}]",
+            b"{\"data\": []}",
+        ] {
             assert!(decode(body).is_err(), "{}", String::from_utf8_lossy(body));
         }
     }

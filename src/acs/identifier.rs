@@ -59,7 +59,9 @@ pub struct MicrosoftTeamsApp {
 /// Why an identifier cannot be sent.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum IdentifierError {
-    #[error("give a rawId or one typed member (communicationUser, phoneNumber, microsoftTeamsUser, microsoftTeamsApp)")]
+    #[error(
+        "give a rawId or one typed member (communicationUser, phoneNumber, microsoftTeamsUser, microsoftTeamsApp)"
+    )]
     Empty,
     #[error("give at most one typed member; found {0}")]
     SeveralMembers(String),
@@ -137,7 +139,9 @@ impl CommunicationIdentifier {
             ),
             (
                 "participantToRemove.microsoftTeamsUser.userId",
-                self.microsoft_teams_user.as_ref().map(|u| u.user_id.as_str()),
+                self.microsoft_teams_user
+                    .as_ref()
+                    .map(|u| u.user_id.as_str()),
             ),
             (
                 "participantToRemove.microsoftTeamsApp.appId",
@@ -255,16 +259,23 @@ mod tests {
     fn every_input_form_serialises_like_the_sdk() {
         let user = sdk_participant("communicationUser");
         let phone = sdk_participant("phoneNumber");
-        let check = |input: Value, want: &Value| assert_eq!(&normalized(input.clone()), want, "{input}");
+        let check =
+            |input: Value, want: &Value| assert_eq!(&normalized(input.clone()), want, "{input}");
         check(serde_json::json!({"rawId": "8:acs:abc_def"}), &user);
-        check(serde_json::json!({"communicationUser": {"id": "8:acs:abc_def"}}), &user);
+        check(
+            serde_json::json!({"communicationUser": {"id": "8:acs:abc_def"}}),
+            &user,
+        );
         check(
             serde_json::json!({"kind": "communicationUser", "communicationUser": {"id": "8:acs:abc_def"}}),
             &user,
         );
         check(user.clone(), &user);
         check(serde_json::json!({"rawId": "4:+14255550123"}), &phone);
-        check(serde_json::json!({"phoneNumber": {"value": "+14255550123"}}), &phone);
+        check(
+            serde_json::json!({"phoneNumber": {"value": "+14255550123"}}),
+            &phone,
+        );
         check(phone.clone(), &phone);
     }
 
@@ -275,7 +286,8 @@ mod tests {
             got,
             serde_json::json!({"rawId": "8:orgid:u1", "microsoftTeamsUser": {"userId": "u1", "isAnonymous": false, "cloud": "public"}})
         );
-        let got = normalized(serde_json::json!({"microsoftTeamsApp": {"appId": "a1", "cloud": "gcch"}}));
+        let got =
+            normalized(serde_json::json!({"microsoftTeamsApp": {"appId": "a1", "cloud": "gcch"}}));
         assert_eq!(got["rawId"], "28:gcch:a1");
     }
 

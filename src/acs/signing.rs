@@ -79,8 +79,9 @@ mod tests {
     use super::*;
 
     /// The requests the official Python SDK 1.6.0 sent, with a key of 32 ASCII '0' bytes.
-    const FIXTURE: &str =
-        include_str!("../../tests/fixtures/sdk-requests/acs_remove_participant.python-sdk-1.6.0.json");
+    const FIXTURE: &str = include_str!(
+        "../../tests/fixtures/sdk-requests/acs_remove_participant.python-sdk-1.6.0.json"
+    );
 
     #[test]
     fn reproduces_the_sdk_signatures() {
@@ -97,7 +98,10 @@ mod tests {
                 headers["x-ms-date"].as_str().unwrap(),
                 request["rawBody"].as_str().unwrap().as_bytes(),
             );
-            assert_eq!(signed.content_sha256, headers["x-ms-content-sha256"], "{name}");
+            assert_eq!(
+                signed.content_sha256, headers["x-ms-content-sha256"],
+                "{name}"
+            );
             assert_eq!(signed.authorization, headers["Authorization"], "{name}");
         }
     }

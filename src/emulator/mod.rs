@@ -42,7 +42,10 @@ const MAX_DATE_SKEW: Duration = Duration::from_secs(15 * 60);
 
 /// Decodes the emulator's base64 access key.
 pub fn decode_key(text: &str) -> Option<Vec<u8>> {
-    STANDARD.decode(text.trim()).ok().filter(|key| !key.is_empty())
+    STANDARD
+        .decode(text.trim())
+        .ok()
+        .filter(|key| !key.is_empty())
 }
 
 /// Shared emulator state: key, scripts, the request log.
@@ -150,7 +153,11 @@ impl Emulator {
     }
 
     /// Serves on `listener` until `shutdown`.
-    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
         axum::serve(listener, self.router())
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
@@ -175,7 +182,11 @@ async fn put_script(
             emulator.set_script(&call_connection_id, script);
             StatusCode::NO_CONTENT.into_response()
         }
-        Err(rejection) => acs_error(StatusCode::BAD_REQUEST, "BadRequest", &rejection.body_text()),
+        Err(rejection) => acs_error(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            &rejection.body_text(),
+        ),
     }
 }
 
@@ -195,14 +206,25 @@ async fn remove_participant(
         .path_and_query()
         .map(|pq| pq.as_str().to_owned())
         .unwrap_or_default();
-    let response = handle_remove(&emulator, &call_connection_id, query.as_deref(), &path_and_query, &headers, &body).await;
+    let response = handle_remove(
+        &emulator,
+        &call_connection_id,
+        query.as_deref(),
+        &path_and_query,
+        &headers,
+        &body,
+    )
+    .await;
     emulator.record(RecordedRequest {
         method: "POST".to_owned(),
         path_and_query,
         headers: headers
             .iter()
             .map(|(name, value)| {
-                (name.as_str().to_owned(), value.to_str().unwrap_or("").to_owned())
+                (
+                    name.as_str().to_owned(),
+                    value.to_str().unwrap_or("").to_owned(),
+                )
             })
             .collect(),
         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
@@ -219,26 +241,42 @@ async fn handle_remove(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Response {
-    if let Err(response) = verify_signature(&emulator.inner.access_key, path_and_query, headers, body) {
-        return response;
+    if let Err(response) =
+        verify_signature(&emulator.inner.access_key, path_and_query, headers, body)
+    {
+        return response.into_response();
     }
     let has_api_version = query
         .into_iter()
         .flat_map(|q| url::form_urlencoded::parse(q.as_bytes()))
         .any(|(name, value)| name == "api-version" && !value.is_empty());
     if !has_api_version {
-        return acs_error(StatusCode::BAD_REQUEST, "MissingApiVersionParameter", "The api-version query parameter (?api-version=) is required for all requests.");
+        return acs_error(
+            StatusCode::BAD_REQUEST,
+            "MissingApiVersionParameter",
+            "The api-version query parameter (?api-version=) is required for all requests.",
+        );
     }
     let repeatability = match check_repeatability(headers) {
         Ok(repeatability) => repeatability,
-        Err(response) => return response,
+        Err(response) => return response.into_response(),
     };
     let request: RemoveParticipantIn = match serde_json::from_slice(body) {
         Ok(request) => request,
-        Err(error) => return acs_error(StatusCode::BAD_REQUEST, "8523", &format!("Invalid request body: {error}")),
+        Err(error) => {
+            return acs_error(
+                StatusCode::BAD_REQUEST,
+                "8523",
+                &format!("Invalid request body: {error}"),
+            );
+        }
     };
     let Some(participant) = request.participant_to_remove else {
-        return acs_error(StatusCode::BAD_REQUEST, "8523", "participantToRemove is required.");
+        return acs_error(
+            StatusCode::BAD_REQUEST,
+            "8523",
+            "participantToRemove is required.",
+        );
     };
     let context = request.operation_context.unwrap_or_default();
     if let Some(request_id) = repeatability {
@@ -255,7 +293,11 @@ async fn handle_remove(
         .map(|script| script.clone())
         .unwrap_or_else(|| emulator.inner.default_script.clone());
     let attempt = {
-        let mut attempts = emulator.inner.attempts.entry(call_connection_id.to_owned()).or_insert(0);
+        let mut attempts = emulator
+            .inner
+            .attempts
+            .entry(call_connection_id.to_owned())
+            .or_insert(0);
         *attempts += 1;
         *attempts
     };
@@ -265,7 +307,10 @@ async fn handle_remove(
         if let Some(seconds) = script.retry_after_secs {
             response.headers_mut().insert(
                 "retry-after",
-                seconds.to_string().parse().expect("a number is a header value"),
+                seconds
+                    .to_string()
+                    .parse()
+                    .expect("a number is a header value"),
             );
         }
         return response;
@@ -279,7 +324,10 @@ async fn handle_remove(
     }
 
     let callback = match (&request.operation_callback_uri, script.no_callback) {
-        (Some(uri), false) => Some((uri.clone(), build_event(call_connection_id, &context, participant, &script))),
+        (Some(uri), false) => Some((
+            uri.clone(),
+            build_event(call_connection_id, &context, participant, &script),
+        )),
         _ => None,
     };
     if let Some((uri, event)) = callback {
@@ -299,7 +347,11 @@ async fn handle_remove(
 }
 
 fn accepted(context: &str) -> Response {
-    (StatusCode::ACCEPTED, axum::Json(json!({ "operationContext": context }))).into_response()
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(json!({ "operationContext": context })),
+    )
+        .into_response()
 }
 
 impl Emulator {
@@ -326,15 +378,28 @@ impl Emulator {
     }
 }
 
-fn build_event(call_connection_id: &str, context: &str, participant: Value, script: &Script) -> Value {
+fn build_event(
+    call_connection_id: &str,
+    context: &str,
+    participant: Value,
+    script: &Script,
+) -> Value {
     let (event_type, default_result) = match script.outcome {
         Outcome::Succeed => (
             "Microsoft.Communication.RemoveParticipantSucceeded",
-            ResultInformation { code: 200, sub_code: 0, message: "The participant was removed from the call.".to_owned() },
+            ResultInformation {
+                code: 200,
+                sub_code: 0,
+                message: "The participant was removed from the call.".to_owned(),
+            },
         ),
         Outcome::Fail => (
             "Microsoft.Communication.RemoveParticipantFailed",
-            ResultInformation { code: 400, sub_code: 8523, message: "The participant could not be removed.".to_owned() },
+            ResultInformation {
+                code: 400,
+                sub_code: 8523,
+                message: "The participant could not be removed.".to_owned(),
+            },
         ),
     };
     let result = script.result_information.clone().unwrap_or(default_result);
@@ -364,29 +429,53 @@ fn build_event(call_connection_id: &str, context: &str, participant: Value, scri
 }
 
 /// Checks the HMAC signature the way ACS does; a 401 in ACS's error shape when wrong.
-fn verify_signature(key: &[u8], path_and_query: &str, headers: &HeaderMap, body: &[u8]) -> Result<(), Response> {
-    let unauthorized = |message: &str| acs_error(StatusCode::UNAUTHORIZED, "Unauthorized", message);
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let (Some(date), Some(content_hash), Some(host), Some(authorization)) =
-        (header("x-ms-date"), header("x-ms-content-sha256"), header("host"), header("authorization"))
-    else {
-        return Err(unauthorized("Missing x-ms-date, x-ms-content-sha256, host or Authorization header."));
+fn verify_signature(
+    key: &[u8],
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(), AcsFault> {
+    let unauthorized = |message| AcsFault {
+        status: StatusCode::UNAUTHORIZED,
+        code: "Unauthorized",
+        message,
     };
-    if signing::content_hash(body).as_bytes().ct_eq(content_hash.as_bytes()).unwrap_u8() != 1 {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let (Some(date), Some(content_hash), Some(host), Some(authorization)) = (
+        header("x-ms-date"),
+        header("x-ms-content-sha256"),
+        header("host"),
+        header("authorization"),
+    ) else {
+        return Err(unauthorized(
+            "Missing x-ms-date, x-ms-content-sha256, host or Authorization header.",
+        ));
+    };
+    if signing::content_hash(body)
+        .as_bytes()
+        .ct_eq(content_hash.as_bytes())
+        .unwrap_u8()
+        != 1
+    {
         return Err(unauthorized("x-ms-content-sha256 does not match the body."));
     }
     let Ok(sent) = httpdate::parse_http_date(date) else {
         return Err(unauthorized("x-ms-date is not an RFC 1123 date."));
     };
     let now = std::time::SystemTime::now();
-    let skew = now.duration_since(sent).or_else(|_| sent.duration_since(now)).unwrap_or_default();
+    let skew = now
+        .duration_since(sent)
+        .or_else(|_| sent.duration_since(now))
+        .unwrap_or_default();
     if skew > MAX_DATE_SKEW {
         return Err(unauthorized("x-ms-date is too far from the current time."));
     }
     let Some(signature) = authorization
         .strip_prefix("HMAC-SHA256 SignedHeaders=x-ms-date;host;x-ms-content-sha256&Signature=")
     else {
-        return Err(unauthorized("Authorization must be HMAC-SHA256 SignedHeaders=x-ms-date;host;x-ms-content-sha256&Signature=<signature>."));
+        return Err(unauthorized(
+            "Authorization must be HMAC-SHA256 SignedHeaders=x-ms-date;host;x-ms-content-sha256&Signature=<signature>.",
+        ));
     };
     let expected = signing::signature(key, "POST", path_and_query, date, host, content_hash);
     if expected.as_bytes().ct_eq(signature.as_bytes()).unwrap_u8() != 1 {
@@ -396,24 +485,51 @@ fn verify_signature(key: &[u8], path_and_query: &str, headers: &HeaderMap, body:
 }
 
 /// Both repeatability headers or neither; a UUID and an IMF-fixdate.
-fn check_repeatability(headers: &HeaderMap) -> Result<Option<Uuid>, Response> {
+fn check_repeatability(headers: &HeaderMap) -> Result<Option<Uuid>, AcsFault> {
     let header = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or(""));
-    let bad = |message: &str| acs_error(StatusCode::BAD_REQUEST, "BadRequest", message);
-    match (header("repeatability-request-id"), header("repeatability-first-sent")) {
+    let bad = |message| AcsFault {
+        status: StatusCode::BAD_REQUEST,
+        code: "BadRequest",
+        message,
+    };
+    match (
+        header("repeatability-request-id"),
+        header("repeatability-first-sent"),
+    ) {
         (None, None) => Ok(None),
         (Some(id), Some(first_sent)) => {
-            let id = Uuid::try_parse(id).map_err(|_| bad("Repeatability-Request-ID must be a UUID."))?;
+            let id =
+                Uuid::try_parse(id).map_err(|_| bad("Repeatability-Request-ID must be a UUID."))?;
             httpdate::parse_http_date(first_sent)
                 .map_err(|_| bad("Repeatability-First-Sent must be an IMF-fixdate."))?;
             Ok(Some(id))
         }
-        _ => Err(bad("Repeatability-Request-ID and Repeatability-First-Sent must be sent together.")),
+        _ => Err(bad(
+            "Repeatability-Request-ID and Repeatability-First-Sent must be sent together.",
+        )),
+    }
+}
+
+/// A refusal in ACS's error shape.
+struct AcsFault {
+    status: StatusCode,
+    code: &'static str,
+    message: &'static str,
+}
+
+impl IntoResponse for AcsFault {
+    fn into_response(self) -> Response {
+        acs_error(self.status, self.code, self.message)
     }
 }
 
 /// ACS's error shape.
 fn acs_error(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, axum::Json(json!({ "error": { "code": code, "message": message } }))).into_response()
+    (
+        status,
+        axum::Json(json!({ "error": { "code": code, "message": message } })),
+    )
+        .into_response()
 }
 
 #[cfg(test)]

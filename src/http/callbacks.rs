@@ -34,7 +34,7 @@ async fn receive_acs_callback(
     let verified = auth
         .verify(CallbackSource::Acs, &headers, &body)
         .map_err(|error| ApiError::Unauthorized(error.to_string()))?;
-    let events =
-        events::decode(verified.bytes()).map_err(|error| ApiError::BadRequest(error.to_string()))?;
+    let events = events::decode(verified.bytes())
+        .map_err(|error| ApiError::BadRequest(error.to_string()))?;
     Ok(axum::Json(service.deliver_acs(events)))
 }

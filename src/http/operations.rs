@@ -134,10 +134,9 @@ async fn list_operations(
         None => None,
     };
     let before = match &query.skip_token {
-        Some(token) => Some(
-            OperationId::parse(token)
-                .ok_or_else(|| ApiError::BadRequest("skipToken: not a token from nextLink".to_owned()))?,
-        ),
+        Some(token) => Some(OperationId::parse(token).ok_or_else(|| {
+            ApiError::BadRequest("skipToken: not a token from nextLink".to_owned())
+        })?),
         None => None,
     };
     let page_size = match query.max_page_size {
@@ -201,7 +200,8 @@ async fn list_call_events(
 
 /// Call ids are opaque upstream ids: bounded in length, no separators or control characters.
 fn check_call_id(id: &str, field: &str) -> Result<(), ApiError> {
-    let valid_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~' | ':');
+    let valid_char =
+        |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~' | ':');
     if id.is_empty() || id.len() > MAX_CALL_ID_LEN || !id.chars().all(valid_char) {
         return Err(ApiError::BadRequest(format!(
             "{field}: must be 1 to {MAX_CALL_ID_LEN} characters of A-Z a-z 0-9 - _ . ~ :"

@@ -17,7 +17,13 @@ async fn every_acs_fixture_is_accepted() {
     names.sort();
     assert!(names.len() >= 13);
     for name in names {
-        let response = app.post_raw("/callbacks/acs", "application/json; charset=utf-8", fixture(&format!("acs/{name}"))).await;
+        let response = app
+            .post_raw(
+                "/callbacks/acs",
+                "application/json; charset=utf-8",
+                fixture(&format!("acs/{name}")),
+            )
+            .await;
         assert_eq!(response.status(), 200, "{name}");
         let summary: Value = response.json().await.unwrap();
         assert_eq!(summary["received"], 1, "{name}: {summary}");
@@ -27,7 +33,13 @@ async fn every_acs_fixture_is_accepted() {
 #[tokio::test]
 async fn other_operations_become_observed_and_call_events_are_kept() {
     let app = TestApp::spawn().await;
-    let response = app.post_raw("/callbacks/acs", "application/json", fixture("acs/java_RecognizeCompleted_dtmf.json")).await;
+    let response = app
+        .post_raw(
+            "/callbacks/acs",
+            "application/json",
+            fixture("acs/java_RecognizeCompleted_dtmf.json"),
+        )
+        .await;
     let summary: Value = response.json().await.unwrap();
     assert_eq!(summary["observed"], 1, "{summary}");
 
@@ -41,38 +53,83 @@ async fn other_operations_become_observed_and_call_events_are_kept() {
     assert_eq!(operations.len(), 1, "{page}");
     assert_eq!(operations[0]["kind"], "recognize");
     assert_eq!(operations[0]["status"], "Succeeded");
-    assert_eq!(operations[0]["callConnectionId"], "401f7000-c1c0-41e2-962d-85d0dc1d6f01");
+    assert_eq!(
+        operations[0]["callConnectionId"],
+        "401f7000-c1c0-41e2-962d-85d0dc1d6f01"
+    );
     assert_eq!(operations[0]["result"]["subCode"], 8533);
 
     // No operationContext: kept on the call's timeline.
-    app.post_raw("/callbacks/acs", "application/json", fixture("acs/python_recorded_CallConnected.json")).await;
+    app.post_raw(
+        "/callbacks/acs",
+        "application/json",
+        fixture("acs/python_recorded_CallConnected.json"),
+    )
+    .await;
     let events: Value = app
         .get("/v1/acs/callConnections/411f0b00-360b-49d4-8323-c08b3b9d4043/events")
         .await
         .json()
         .await
         .unwrap();
-    assert_eq!(events["value"][0]["type"], "Microsoft.Communication.CallConnected", "{events}");
-    assert_eq!(events["value"][0]["id"], "73d0f11a-a023-43a5-82aa-4a961b591445");
+    assert_eq!(
+        events["value"][0]["type"], "Microsoft.Communication.CallConnected",
+        "{events}"
+    );
+    assert_eq!(
+        events["value"][0]["id"],
+        "73d0f11a-a023-43a5-82aa-4a961b591445"
+    );
 }
 
 #[tokio::test]
 async fn a_redelivered_event_is_a_duplicate() {
     let app = TestApp::spawn().await;
-    let script = Script { no_callback: true, ..Script::default() };
+    let script = Script {
+        no_callback: true,
+        ..Script::default()
+    };
     let started = app.remove("call-redeliver", script, Some("ctx-r")).await;
     let id = started["id"].as_str().unwrap();
     let event = remove_event("ev-r", "call-redeliver", "ctx-r", true);
-    let first: Value = app.post_json("/callbacks/acs", &event).await.json().await.unwrap();
-    assert_eq!((first["matched"].as_u64(), first["duplicates"].as_u64()), (Some(1), Some(0)), "{first}");
-    let second: Value = app.post_json("/callbacks/acs", &event).await.json().await.unwrap();
-    assert_eq!((second["matched"].as_u64(), second["duplicates"].as_u64()), (Some(0), Some(1)), "{second}");
+    let first: Value = app
+        .post_json("/callbacks/acs", &event)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (first["matched"].as_u64(), first["duplicates"].as_u64()),
+        (Some(1), Some(0)),
+        "{first}"
+    );
+    let second: Value = app
+        .post_json("/callbacks/acs", &event)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (second["matched"].as_u64(), second["duplicates"].as_u64()),
+        (Some(0), Some(1)),
+        "{second}"
+    );
     // A different event id with the opposite outcome is recorded but cannot move it.
     let late = remove_event("ev-r2", "call-redeliver", "ctx-r", false);
     app.post_json("/callbacks/acs", &late).await;
-    let operation: Value = app.get(&format!("/v1/operations/{id}")).await.json().await.unwrap();
+    let operation: Value = app
+        .get(&format!("/v1/operations/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(operation["status"], "Succeeded");
-    let effects: Vec<&str> = operation["events"].as_array().unwrap().iter().map(|e| e["effect"].as_str().unwrap()).collect();
+    let effects: Vec<&str> = operation["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["effect"].as_str().unwrap())
+        .collect();
     assert_eq!(effects, ["applied", "ignored"]);
 }
 
@@ -80,12 +137,23 @@ async fn a_redelivered_event_is_a_duplicate() {
 async fn a_callback_for_an_operation_not_yet_known_is_parked_then_applied() {
     let app = TestApp::spawn().await;
     let event = remove_event("ev-park", "call-park", "ctx-park", false);
-    let summary: Value = app.post_json("/callbacks/acs", &event).await.json().await.unwrap();
+    let summary: Value = app
+        .post_json("/callbacks/acs", &event)
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(summary["parked"], 1, "{summary}");
 
-    let script = Script { no_callback: true, ..Script::default() };
+    let script = Script {
+        no_callback: true,
+        ..Script::default()
+    };
     let started = app.remove("call-park", script, Some("ctx-park")).await;
-    assert_eq!(started["status"], "Failed", "the parked callback settles it at creation: {started}");
+    assert_eq!(
+        started["status"], "Failed",
+        "the parked callback settles it at creation: {started}"
+    );
     assert_eq!(started["error"]["code"], "RemoveParticipantFailed");
 }
 
@@ -97,11 +165,21 @@ async fn parked_callbacks_expire_onto_the_call_timeline() {
     })
     .await;
     let event = remove_event("ev-orphan", "call-orphan", "nobody", true);
-    let summary: Value = app.post_json("/callbacks/acs", &event).await.json().await.unwrap();
+    let summary: Value = app
+        .post_json("/callbacks/acs", &event)
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(summary["parked"], 1);
     let events = crate::support::within(async {
         loop {
-            let events: Value = app.get("/v1/acs/callConnections/call-orphan/events").await.json().await.unwrap();
+            let events: Value = app
+                .get("/v1/acs/callConnections/call-orphan/events")
+                .await
+                .json()
+                .await
+                .unwrap();
             if !events["value"].as_array().unwrap().is_empty() {
                 return events;
             }
@@ -118,14 +196,24 @@ async fn parked_callbacks_expire_onto_the_call_timeline() {
 #[tokio::test]
 async fn malformed_callbacks_are_refused_with_400() {
     let app = TestApp::spawn().await;
-    for body in ["", "not json", "[1, 2]", "{\"id\": 7}", "[{\"data\": \"x\"}]"] {
-        let response = app.post_raw("/callbacks/acs", "application/json", body).await;
+    for body in [
+        "",
+        "not json",
+        "[1, 2]",
+        "{\"id\": 7}",
+        "[{\"data\": \"x\"}]",
+    ] {
+        let response = app
+            .post_raw("/callbacks/acs", "application/json", body)
+            .await;
         assert_eq!(response.status(), 400, "{body:?}");
         let error: Value = response.json().await.unwrap();
         assert_eq!(error["error"]["code"], "InvalidRequest", "{body:?}");
         assert!(!error["error"]["message"].as_str().unwrap().is_empty());
     }
     let huge = vec![b' '; 300 * 1024];
-    let response = app.post_raw("/callbacks/acs", "application/json", huge).await;
+    let response = app
+        .post_raw("/callbacks/acs", "application/json", huge)
+        .await;
     assert_eq!(response.status(), 413);
 }

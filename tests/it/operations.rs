@@ -16,7 +16,12 @@ async fn error_of(response: reqwest::Response, status: u16) -> Value {
 #[tokio::test]
 async fn unknown_operations_are_404() {
     let app = TestApp::spawn().await;
-    let body = error_of(app.get("/v1/operations/0190b3c2-7a53-7c1e-9a0e-5a0f1f1b2c3d").await, 404).await;
+    let body = error_of(
+        app.get("/v1/operations/0190b3c2-7a53-7c1e-9a0e-5a0f1f1b2c3d")
+            .await,
+        404,
+    )
+    .await;
     assert_eq!(body["error"]["code"], "NotFound");
     error_of(app.get("/v1/operations/not-an-id").await, 404).await;
     error_of(app.get("/v1/nothing-here").await, 404).await;
@@ -39,28 +44,77 @@ async fn malformed_requests_are_4xx_with_an_error_body() {
     check("{}", 400, "participantToRemove").await;
     check(r#"{"participantToRemove": {}}"#, 400, "participantToRemove").await;
     check(r#"{"participantToRemove": 5}"#, 400, "participantToRemove").await;
-    check(r#"{"participantToRemove": {"rawId": "8:acs:x"}, "operationContext": ""}"#, 400, "operationContext").await;
-    check(r#"{"participantToRemove": {"rawId": "8:acs:x"}, "surprise": 1}"#, 400, "surprise").await;
+    check(
+        r#"{"participantToRemove": {"rawId": "8:acs:x"}, "operationContext": ""}"#,
+        400,
+        "operationContext",
+    )
+    .await;
+    check(
+        r#"{"participantToRemove": {"rawId": "8:acs:x"}, "surprise": 1}"#,
+        400,
+        "surprise",
+    )
+    .await;
     check(
         r#"{"participantToRemove": {"communicationUser": {"id": "8:acs:x"}, "phoneNumber": {"value": "+1"}}}"#,
         400,
         "at most one",
     )
     .await;
-    let long_context = json!({"participantToRemove": {"rawId": "8:acs:x"}, "operationContext": "c".repeat(600)});
+    let long_context =
+        json!({"participantToRemove": {"rawId": "8:acs:x"}, "operationContext": "c".repeat(600)});
     error_of(app.post_json(path, &long_context).await, 400).await;
 
-    let error = error_of(app.post_raw(path, "text/plain", r#"{"participantToRemove": {"rawId": "8:acs:x"}}"#).await, 415).await;
+    let error = error_of(
+        app.post_raw(
+            path,
+            "text/plain",
+            r#"{"participantToRemove": {"rawId": "8:acs:x"}}"#,
+        )
+        .await,
+        415,
+    )
+    .await;
     assert_eq!(error["error"]["code"], "UnsupportedMediaType");
     let body = json!({"participantToRemove": {"rawId": "8:acs:x"}});
-    error_of(app.post_json("/v1/acs/callConnections/bad%20id/participants:remove", &body).await, 400).await;
+    error_of(
+        app.post_json(
+            "/v1/acs/callConnections/bad%20id/participants:remove",
+            &body,
+        )
+        .await,
+        400,
+    )
+    .await;
     let long_id = "x".repeat(300);
-    error_of(app.post_json(&format!("/v1/acs/callConnections/{long_id}/participants:remove"), &body).await, 400).await;
-    error_of(app.get("/v1/operations/0190b3c2-7a53-7c1e-9a0e-5a0f1f1b2c3d?wait=soon").await, 400).await;
+    error_of(
+        app.post_json(
+            &format!("/v1/acs/callConnections/{long_id}/participants:remove"),
+            &body,
+        )
+        .await,
+        400,
+    )
+    .await;
+    error_of(
+        app.get("/v1/operations/0190b3c2-7a53-7c1e-9a0e-5a0f1f1b2c3d?wait=soon")
+            .await,
+        400,
+    )
+    .await;
     error_of(app.get("/v1/operations?status=Finished").await, 400).await;
     error_of(app.get("/v1/operations?skipToken=garbage").await, 400).await;
     error_of(app.get("/v1/operations?maxpagesize=0").await, 400).await;
-    error_of(app.http.delete(app.url("/v1/operations")).send().await.unwrap(), 405).await;
+    error_of(
+        app.http
+            .delete(app.url("/v1/operations"))
+            .send()
+            .await
+            .unwrap(),
+        405,
+    )
+    .await;
     let big = json!({"participantToRemove": {"rawId": "x".repeat(300 * 1024)}});
     error_of(app.post_json(path, &big).await, 413).await;
 }
@@ -68,10 +122,21 @@ async fn malformed_requests_are_4xx_with_an_error_body() {
 #[tokio::test]
 async fn a_context_in_use_by_a_running_operation_is_409() {
     let app = TestApp::spawn().await;
-    let script = Script { no_callback: true, ..Script::default() };
+    let script = Script {
+        no_callback: true,
+        ..Script::default()
+    };
     app.remove("call-409", script.clone(), Some("same")).await;
     let body = json!({"participantToRemove": {"rawId": "8:acs:x"}, "operationContext": "same"});
-    let error = error_of(app.post_json("/v1/acs/callConnections/call-409/participants:remove", &body).await, 409).await;
+    let error = error_of(
+        app.post_json(
+            "/v1/acs/callConnections/call-409/participants:remove",
+            &body,
+        )
+        .await,
+        409,
+    )
+    .await;
     assert_eq!(error["error"]["code"], "Conflict");
     // The same context on another call is fine.
     app.remove("call-409-other", script, Some("same")).await;
@@ -80,9 +145,17 @@ async fn a_context_in_use_by_a_running_operation_is_409() {
 #[tokio::test]
 async fn a_running_operation_carries_retry_after() {
     let app = TestApp::spawn().await;
-    let script = Script { no_callback: true, ..Script::default() };
+    let script = Script {
+        no_callback: true,
+        ..Script::default()
+    };
     let started = app.remove("call-ra", script, None).await;
-    let response = app.get(&format!("/v1/operations/{}", started["id"].as_str().unwrap())).await;
+    let response = app
+        .get(&format!(
+            "/v1/operations/{}",
+            started["id"].as_str().unwrap()
+        ))
+        .await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["retry-after"], "1");
 }
@@ -90,10 +163,15 @@ async fn a_running_operation_carries_retry_after() {
 #[tokio::test]
 async fn operations_list_newest_first_with_filters_and_paging() {
     let app = TestApp::spawn().await;
-    let script = Script { no_callback: true, ..Script::default() };
+    let script = Script {
+        no_callback: true,
+        ..Script::default()
+    };
     let mut ids = Vec::new();
     for n in 0..5 {
-        let op = app.remove("call-list", script.clone(), Some(&format!("ctx-{n}"))).await;
+        let op = app
+            .remove("call-list", script.clone(), Some(&format!("ctx-{n}")))
+            .await;
         ids.push(op["id"].as_str().unwrap().to_owned());
     }
     app.remove("call-other", script, None).await;
@@ -114,13 +192,28 @@ async fn operations_list_newest_first_with_filters_and_paging() {
     assert_eq!(pages, 3);
     assert_eq!(seen, ids);
 
-    let page: Value = app.get("/v1/operations?context=ctx-3&kind=removeParticipant").await.json().await.unwrap();
+    let page: Value = app
+        .get("/v1/operations?context=ctx-3&kind=removeParticipant")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(page["value"].as_array().unwrap().len(), 1);
     assert_eq!(page["value"][0]["context"], "ctx-3");
-    let page: Value = app.get("/v1/operations?status=Succeeded").await.json().await.unwrap();
+    let page: Value = app
+        .get("/v1/operations?status=Succeeded")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert!(page["value"].as_array().unwrap().is_empty());
     assert!(page.get("nextLink").is_none());
-    let page: Value = app.get("/v1/operations?callId=anything").await.json().await.unwrap();
+    let page: Value = app
+        .get("/v1/operations?callId=anything")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert!(page["value"].as_array().unwrap().is_empty());
 }
 

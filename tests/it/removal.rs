@@ -19,7 +19,10 @@ async fn a_removal_succeeds_and_the_long_poll_returns_the_outcome() {
     let settled = app.wait_operation(id, 5).await;
     assert_eq!(settled["status"], "Succeeded", "{settled}");
     assert_eq!(settled["result"]["code"], 200);
-    assert_eq!(settled["events"][0]["type"], "Microsoft.Communication.RemoveParticipantSucceeded");
+    assert_eq!(
+        settled["events"][0]["type"],
+        "Microsoft.Communication.RemoveParticipantSucceeded"
+    );
     assert_eq!(settled["events"][0]["effect"], "applied");
     assert!(settled.get("error").is_none());
 
@@ -41,7 +44,10 @@ async fn a_removal_succeeds_and_the_long_poll_returns_the_outcome() {
     assert_eq!(request.status, 202);
     assert!(uuid::Uuid::try_parse(&request.headers["repeatability-request-id"]).is_ok());
     assert!(httpdate::parse_http_date(&request.headers["repeatability-first-sent"]).is_ok());
-    assert!(request.headers["authorization"].starts_with("HMAC-SHA256 SignedHeaders=x-ms-date;host;x-ms-content-sha256&Signature="));
+    assert!(
+        request.headers["authorization"]
+            .starts_with("HMAC-SHA256 SignedHeaders=x-ms-date;host;x-ms-content-sha256&Signature=")
+    );
 }
 
 #[tokio::test]
@@ -62,7 +68,10 @@ async fn a_failed_callback_fails_the_operation_with_its_result() {
     assert_eq!(settled["status"], "Failed", "{settled}");
     assert_eq!(settled["error"]["code"], "RemoveParticipantFailed");
     assert_eq!(settled["error"]["message"], "Participant not in call.");
-    assert_eq!(settled["result"], json!({"code": 400, "subCode": 8523, "message": "Participant not in call."}));
+    assert_eq!(
+        settled["result"],
+        json!({"code": 400, "subCode": 8523, "message": "Participant not in call."})
+    );
 }
 
 #[tokio::test]
@@ -82,7 +91,12 @@ async fn duplicate_deliveries_change_nothing() {
         }
     })
     .await;
-    let after: serde_json::Value = app.get(&format!("/v1/operations/{id}")).await.json().await.unwrap();
+    let after: serde_json::Value = app
+        .get(&format!("/v1/operations/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(after["events"].as_array().unwrap().len(), 1, "{after}");
     assert_eq!(after["status"], "Succeeded");
 }
@@ -100,7 +114,12 @@ async fn a_callback_that_overtakes_the_202_settles_the_operation() {
     assert_eq!(settled["status"], "Succeeded");
     // The 202 that follows does not move it back to Running.
     app.emulator_requests("call-early", 1).await;
-    let after: serde_json::Value = app.get(&format!("/v1/operations/{id}")).await.json().await.unwrap();
+    let after: serde_json::Value = app
+        .get(&format!("/v1/operations/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(after["status"], "Succeeded");
     assert_eq!(after["events"].as_array().unwrap().len(), 1);
 }
@@ -122,7 +141,9 @@ async fn throttling_and_5xx_are_retried_with_the_same_repeatability_pair() {
     assert_eq!(statuses, [429, 503, 202]);
     for header in ["repeatability-request-id", "repeatability-first-sent"] {
         assert!(
-            requests.iter().all(|r| r.headers[header] == requests[0].headers[header]),
+            requests
+                .iter()
+                .all(|r| r.headers[header] == requests[0].headers[header]),
             "{header} changed between attempts"
         );
     }
@@ -145,8 +166,14 @@ async fn a_final_upstream_refusal_fails_the_operation_with_acs_error() {
     assert_eq!(settled["status"], "Failed", "{settled}");
     assert_eq!(settled["error"]["code"], "UpstreamRejected");
     let message = settled["error"]["message"].as_str().unwrap();
-    assert!(message.contains("404") && message.contains("8522") && message.contains("Call not found."), "{message}");
-    assert_eq!(settled["result"], json!({"code": 404, "subCode": 8522, "message": "Call not found."}));
+    assert!(
+        message.contains("404") && message.contains("8522") && message.contains("Call not found."),
+        "{message}"
+    );
+    assert_eq!(
+        settled["result"],
+        json!({"code": 404, "subCode": 8522, "message": "Call not found."})
+    );
     // A refusal is final: one attempt only.
     assert_eq!(app.emulator_requests("call-gone", 1).await.len(), 1);
 }
@@ -176,12 +203,17 @@ async fn the_long_poll_is_woken_by_the_callback() {
     let id = started["id"].as_str().unwrap().to_owned();
     app.emulator_requests("call-wake", 1).await;
 
-    let running = app.operation_until(&id, |op| op["status"] == "Running").await;
+    let running = app
+        .operation_until(&id, |op| op["status"] == "Running")
+        .await;
     assert_eq!(running["status"], "Running");
     // A waiter asks for 50 s; the callback below must end its wait, far sooner.
     let waiter = app.start_long_poll(&id).await;
     let response = app
-        .post_json("/callbacks/acs", &crate::support::remove_event("ev-wake", "call-wake", "ctx-wake", true))
+        .post_json(
+            "/callbacks/acs",
+            &crate::support::remove_event("ev-wake", "call-wake", "ctx-wake", true),
+        )
         .await;
     assert_eq!(response.status(), 200);
     let answered = within(waiter).await.unwrap();
@@ -203,15 +235,26 @@ async fn the_in_process_emulator_is_the_default_upstream() {
 
     let http = reqwest::Client::new();
     let response = http
-        .post(format!("http://{address}/v1/acs/callConnections/quickstart/participants:remove"))
+        .post(format!(
+            "http://{address}/v1/acs/callConnections/quickstart/participants:remove"
+        ))
         .json(&json!({"participantToRemove": {"phoneNumber": {"value": "+14255550123"}}}))
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 202);
-    let location = response.headers()["operation-location"].to_str().unwrap().to_owned();
+    let location = response.headers()["operation-location"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     let operation: serde_json::Value = within(async {
-        http.get(format!("http://{address}{location}?wait=5")).send().await.unwrap().json().await.unwrap()
+        http.get(format!("http://{address}{location}?wait=5"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     })
     .await;
     assert_eq!(operation["status"], "Succeeded", "{operation}");

@@ -9,10 +9,14 @@ use crate::support::{TestApp, within};
 #[tokio::test]
 async fn a_long_poll_in_flight_at_shutdown_is_answered_and_run_returns() {
     let app = TestApp::spawn().await;
-    let script = Script { no_callback: true, ..Script::default() };
+    let script = Script {
+        no_callback: true,
+        ..Script::default()
+    };
     let started = app.remove("call-stop", script, None).await;
     let id = started["id"].as_str().unwrap().to_owned();
-    app.operation_until(&id, |op| op["status"] == "Running").await;
+    app.operation_until(&id, |op| op["status"] == "Running")
+        .await;
     let waiter = app.start_long_poll(&id).await;
     app.shutdown.cancel();
     let response = within(waiter).await.unwrap();

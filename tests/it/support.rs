@@ -72,19 +72,40 @@ impl TestApp {
         if let Some(context) = context {
             body["operationContext"] = json!(context);
         }
-        let response = self.post_json(&format!("/v1/acs/callConnections/{call}/participants:remove"), &body).await;
+        let response = self
+            .post_json(
+                &format!("/v1/acs/callConnections/{call}/participants:remove"),
+                &body,
+            )
+            .await;
         assert_eq!(response.status(), 202, "{:?}", response.text().await);
-        let location = response.headers()["operation-location"].to_str().unwrap().to_owned();
+        let location = response.headers()["operation-location"]
+            .to_str()
+            .unwrap()
+            .to_owned();
         let operation: Value = response.json().await.unwrap();
-        assert_eq!(location, format!("/v1/operations/{}", operation["id"].as_str().unwrap()));
+        assert_eq!(
+            location,
+            format!("/v1/operations/{}", operation["id"].as_str().unwrap())
+        );
         operation
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.http.post(self.url(path)).json(body).send().await.unwrap()
+        self.http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
     }
 
-    pub async fn post_raw(&self, path: &str, content_type: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
         self.http
             .post(self.url(path))
             .header("content-type", content_type)
@@ -109,7 +130,12 @@ impl TestApp {
     pub async fn operation_until(&self, id: &str, done: impl Fn(&Value) -> bool) -> Value {
         within(async {
             loop {
-                let operation: Value = self.get(&format!("/v1/operations/{id}?wait=1")).await.json().await.unwrap();
+                let operation: Value = self
+                    .get(&format!("/v1/operations/{id}?wait=1"))
+                    .await
+                    .json()
+                    .await
+                    .unwrap();
                 if done(&operation) {
                     return operation;
                 }
@@ -120,7 +146,11 @@ impl TestApp {
     }
 
     /// Waits until the emulator has received `count` requests for `call`.
-    pub async fn emulator_requests(&self, call: &str, count: usize) -> Vec<callops::emulator::RecordedRequest> {
+    pub async fn emulator_requests(
+        &self,
+        call: &str,
+        count: usize,
+    ) -> Vec<callops::emulator::RecordedRequest> {
         let path = format!("/calling/callConnections/{call}/participants:remove");
         within(async {
             loop {
