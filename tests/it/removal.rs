@@ -261,3 +261,37 @@ async fn the_in_process_emulator_is_the_default_upstream() {
     shutdown.cancel();
     within(server).await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn connection_errors_are_retried_then_reported() {
+    // A port with nothing listening: every attempt is refused.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let app = TestApp::spawn_with(|config| {
+        config.acs.connection_string =
+            format!("endpoint=http://{dead}/;accesskey={}", config.emulator.access_key).into();
+        config.acs.retry.max_attempts = 3;
+    })
+    .await;
+    let started = app.remove("call-refused", Script::default(), None).await;
+    let settled = app.wait_operation(started["id"].as_str().unwrap(), 5).await;
+    assert_eq!(settled["status"], "Failed", "{settled}");
+    assert_eq!(settled["error"]["code"], "UpstreamUnavailable");
+    let message = settled["error"]["message"].as_str().unwrap();
+    assert!(message.contains("3 attempt(s)"), "{message}");
+}
+
+#[tokio::test]
+async fn a_wrong_access_key_is_refused_by_the_emulator_signature_check() {
+    let app = TestApp::spawn_with(|config| {
+        let endpoint = config.acs.connection().unwrap().unwrap().endpoint;
+        // Same endpoint, another key.
+        config.acs.connection_string =
+            format!("endpoint={endpoint};accesskey=d3Jvbmcta2V5").into();
+    })
+    .await;
+    let started = app.remove("call-badkey", Script::default(), None).await;
+    let settled = app.wait_operation(started["id"].as_str().unwrap(), 5).await;
+    assert_eq!(settled["status"], "Failed", "{settled}");
+    assert_eq!(settled["error"]["code"], "UpstreamRejected");
+    assert_eq!(settled["result"]["code"], 401);
+}
