@@ -278,7 +278,10 @@ fn env_provider() -> Env {
 mod tests {
     use super::*;
 
-    #[expect(clippy::result_large_err, reason = "figment's Jail API returns figment::Error")]
+    #[expect(
+        clippy::result_large_err,
+        reason = "figment's Jail API returns figment::Error"
+    )]
     fn load_with_env(vars: &[(&str, &str)]) -> Result<Config, String> {
         let mut result = None;
         figment::Jail::expect_with(|jail| {

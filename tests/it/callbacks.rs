@@ -1,9 +1,8 @@
 //! `POST /callbacks/acs`: fixtures, duplicates, early callbacks, observed operations.
 
-use callops::emulator::Script;
 use serde_json::Value;
 
-use crate::support::{TestApp, fixture, remove_event};
+use crate::support::{TestApp, fixture, remove_event, silent};
 
 #[tokio::test]
 async fn every_acs_fixture_is_accepted() {
@@ -44,11 +43,8 @@ async fn other_operations_become_observed_and_call_events_are_kept() {
     assert_eq!(summary["observed"], 1, "{summary}");
 
     let page: Value = app
-        .get("/v1/operations?context=OperationalContextValue-1118-1049")
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json("/v1/operations?context=OperationalContextValue-1118-1049")
+        .await;
     let operations = page["value"].as_array().unwrap();
     assert_eq!(operations.len(), 1, "{page}");
     assert_eq!(operations[0]["kind"], "recognize");
@@ -67,11 +63,8 @@ async fn other_operations_become_observed_and_call_events_are_kept() {
     )
     .await;
     let events: Value = app
-        .get("/v1/acs/callConnections/411f0b00-360b-49d4-8323-c08b3b9d4043/events")
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json("/v1/acs/callConnections/411f0b00-360b-49d4-8323-c08b3b9d4043/events")
+        .await;
     assert_eq!(
         events["value"][0]["type"], "Microsoft.Communication.CallConnected",
         "{events}"
@@ -85,30 +78,17 @@ async fn other_operations_become_observed_and_call_events_are_kept() {
 #[tokio::test]
 async fn a_redelivered_event_is_a_duplicate() {
     let app = TestApp::spawn().await;
-    let script = Script {
-        no_callback: true,
-        ..Script::default()
-    };
+    let script = silent();
     let started = app.remove("call-redeliver", script, Some("ctx-r")).await;
     let id = started["id"].as_str().unwrap();
     let event = remove_event("ev-r", "call-redeliver", "ctx-r", true);
-    let first: Value = app
-        .post_json("/callbacks/acs", &event)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let first: Value = app.callback(&event).await;
     assert_eq!(
         (first["matched"].as_u64(), first["duplicates"].as_u64()),
         (Some(1), Some(0)),
         "{first}"
     );
-    let second: Value = app
-        .post_json("/callbacks/acs", &event)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let second: Value = app.callback(&event).await;
     assert_eq!(
         (second["matched"].as_u64(), second["duplicates"].as_u64()),
         (Some(0), Some(1)),
@@ -117,12 +97,7 @@ async fn a_redelivered_event_is_a_duplicate() {
     // A different event id with the opposite outcome is recorded but cannot move it.
     let late = remove_event("ev-r2", "call-redeliver", "ctx-r", false);
     app.post_json("/callbacks/acs", &late).await;
-    let operation: Value = app
-        .get(&format!("/v1/operations/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let operation: Value = app.get_json(&format!("/v1/operations/{id}")).await;
     assert_eq!(operation["status"], "Succeeded");
     let effects: Vec<&str> = operation["events"]
         .as_array()
@@ -137,18 +112,10 @@ async fn a_redelivered_event_is_a_duplicate() {
 async fn a_callback_for_an_operation_not_yet_known_is_parked_then_applied() {
     let app = TestApp::spawn().await;
     let event = remove_event("ev-park", "call-park", "ctx-park", false);
-    let summary: Value = app
-        .post_json("/callbacks/acs", &event)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let summary: Value = app.callback(&event).await;
     assert_eq!(summary["parked"], 1, "{summary}");
 
-    let script = Script {
-        no_callback: true,
-        ..Script::default()
-    };
+    let script = silent();
     let started = app.remove("call-park", script, Some("ctx-park")).await;
     assert_eq!(
         started["status"], "Failed",
@@ -165,21 +132,13 @@ async fn parked_callbacks_expire_onto_the_call_timeline() {
     })
     .await;
     let event = remove_event("ev-orphan", "call-orphan", "nobody", true);
-    let summary: Value = app
-        .post_json("/callbacks/acs", &event)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let summary: Value = app.callback(&event).await;
     assert_eq!(summary["parked"], 1);
     let events = crate::support::within(async {
         loop {
             let events: Value = app
-                .get("/v1/acs/callConnections/call-orphan/events")
-                .await
-                .json()
-                .await
-                .unwrap();
+                .get_json("/v1/acs/callConnections/call-orphan/events")
+                .await;
             if !events["value"].as_array().unwrap().is_empty() {
                 return events;
             }
@@ -189,7 +148,7 @@ async fn parked_callbacks_expire_onto_the_call_timeline() {
     .await;
     assert_eq!(events["value"][0]["effect"], "unmatched");
     assert_eq!(events["value"][0]["id"], "ev-orphan");
-    let health: Value = app.get("/healthz").await.json().await.unwrap();
+    let health: Value = app.get_json("/healthz").await;
     assert_eq!(health["parkedCallbacks"], 0);
 }
 

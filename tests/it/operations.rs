@@ -1,9 +1,8 @@
 //! The client API's reads, listing and its errors.
 
-use callops::emulator::Script;
 use serde_json::{Value, json};
 
-use crate::support::TestApp;
+use crate::support::{TestApp, silent};
 
 async fn error_of(response: reqwest::Response, status: u16) -> Value {
     assert_eq!(response.status(), status);
@@ -122,10 +121,7 @@ async fn malformed_requests_are_4xx_with_an_error_body() {
 #[tokio::test]
 async fn a_context_in_use_by_a_running_operation_is_409() {
     let app = TestApp::spawn().await;
-    let script = Script {
-        no_callback: true,
-        ..Script::default()
-    };
+    let script = silent();
     app.remove("call-409", script.clone(), Some("same")).await;
     let body = json!({"participantToRemove": {"rawId": "8:acs:x"}, "operationContext": "same"});
     let error = error_of(
@@ -145,10 +141,7 @@ async fn a_context_in_use_by_a_running_operation_is_409() {
 #[tokio::test]
 async fn a_running_operation_carries_retry_after() {
     let app = TestApp::spawn().await;
-    let script = Script {
-        no_callback: true,
-        ..Script::default()
-    };
+    let script = silent();
     let started = app.remove("call-ra", script, None).await;
     let response = app
         .get(&format!(
@@ -163,10 +156,7 @@ async fn a_running_operation_carries_retry_after() {
 #[tokio::test]
 async fn operations_list_newest_first_with_filters_and_paging() {
     let app = TestApp::spawn().await;
-    let script = Script {
-        no_callback: true,
-        ..Script::default()
-    };
+    let script = silent();
     let mut ids = Vec::new();
     for n in 0..5 {
         let op = app
@@ -181,7 +171,7 @@ async fn operations_list_newest_first_with_filters_and_paging() {
     let mut next = Some("/v1/operations?callConnectionId=call-list&maxpagesize=2".to_owned());
     let mut pages = 0;
     while let Some(link) = next {
-        let page: Value = app.get(&link).await.json().await.unwrap();
+        let page: Value = app.get_json(&link).await;
         pages += 1;
         for op in page["value"].as_array().unwrap() {
             assert_eq!(op["callConnectionId"], "call-list");
@@ -193,27 +183,14 @@ async fn operations_list_newest_first_with_filters_and_paging() {
     assert_eq!(seen, ids);
 
     let page: Value = app
-        .get("/v1/operations?context=ctx-3&kind=removeParticipant")
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json("/v1/operations?context=ctx-3&kind=removeParticipant")
+        .await;
     assert_eq!(page["value"].as_array().unwrap().len(), 1);
     assert_eq!(page["value"][0]["context"], "ctx-3");
-    let page: Value = app
-        .get("/v1/operations?status=Succeeded")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let page: Value = app.get_json("/v1/operations?status=Succeeded").await;
     assert!(page["value"].as_array().unwrap().is_empty());
     assert!(page.get("nextLink").is_none());
-    let page: Value = app
-        .get("/v1/operations?callId=anything")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let page: Value = app.get_json("/v1/operations?callId=anything").await;
     assert!(page["value"].as_array().unwrap().is_empty());
 }
 

@@ -3,7 +3,7 @@
 use callops::emulator::{Outcome, Reject, ResultInformation, Script};
 use serde_json::json;
 
-use crate::support::{TestApp, within};
+use crate::support::{TestApp, silent, within};
 
 #[tokio::test]
 async fn a_removal_succeeds_and_the_long_poll_returns_the_outcome() {
@@ -91,12 +91,7 @@ async fn duplicate_deliveries_change_nothing() {
         }
     })
     .await;
-    let after: serde_json::Value = app
-        .get(&format!("/v1/operations/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let after: serde_json::Value = app.get_json(&format!("/v1/operations/{id}")).await;
     assert_eq!(after["events"].as_array().unwrap().len(), 1, "{after}");
     assert_eq!(after["status"], "Succeeded");
 }
@@ -114,12 +109,7 @@ async fn a_callback_that_overtakes_the_202_settles_the_operation() {
     assert_eq!(settled["status"], "Succeeded");
     // The 202 that follows does not move it back to Running.
     app.emulator_requests("call-early", 1).await;
-    let after: serde_json::Value = app
-        .get(&format!("/v1/operations/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let after: serde_json::Value = app.get_json(&format!("/v1/operations/{id}")).await;
     assert_eq!(after["status"], "Succeeded");
     assert_eq!(after["events"].as_array().unwrap().len(), 1);
 }
@@ -195,10 +185,7 @@ async fn an_upstream_that_never_accepts_fails_after_bounded_retries() {
 #[tokio::test]
 async fn the_long_poll_is_woken_by_the_callback() {
     let app = TestApp::spawn().await;
-    let script = Script {
-        no_callback: true,
-        ..Script::default()
-    };
+    let script = silent();
     let started = app.remove("call-wake", script, Some("ctx-wake")).await;
     let id = started["id"].as_str().unwrap().to_owned();
     app.emulator_requests("call-wake", 1).await;
@@ -265,10 +252,16 @@ async fn the_in_process_emulator_is_the_default_upstream() {
 #[tokio::test]
 async fn connection_errors_are_retried_then_reported() {
     // A port with nothing listening: every attempt is refused.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let app = TestApp::spawn_with(|config| {
-        config.acs.connection_string =
-            format!("endpoint=http://{dead}/;accesskey={}", config.emulator.access_key).into();
+        config.acs.connection_string = format!(
+            "endpoint=http://{dead}/;accesskey={}",
+            config.emulator.access_key
+        )
+        .into();
         config.acs.retry.max_attempts = 3;
     })
     .await;
@@ -285,8 +278,7 @@ async fn a_wrong_access_key_is_refused_by_the_emulator_signature_check() {
     let app = TestApp::spawn_with(|config| {
         let endpoint = config.acs.connection().unwrap().unwrap().endpoint;
         // Same endpoint, another key.
-        config.acs.connection_string =
-            format!("endpoint={endpoint};accesskey=d3Jvbmcta2V5").into();
+        config.acs.connection_string = format!("endpoint={endpoint};accesskey=d3Jvbmcta2V5").into();
     })
     .await;
     let started = app.remove("call-badkey", Script::default(), None).await;

@@ -2,17 +2,12 @@
 
 use serde_json::Value;
 
-use callops::emulator::Script;
-
-use crate::support::{TestApp, within};
+use crate::support::{TestApp, silent, within};
 
 #[tokio::test]
 async fn a_long_poll_in_flight_at_shutdown_is_answered_and_run_returns() {
     let app = TestApp::spawn().await;
-    let script = Script {
-        no_callback: true,
-        ..Script::default()
-    };
+    let script = silent();
     let started = app.remove("call-stop", script, None).await;
     let id = started["id"].as_str().unwrap().to_owned();
     app.operation_until(&id, |op| op["status"] == "Running")

@@ -115,6 +115,20 @@ impl TestApp {
             .unwrap()
     }
 
+    /// `GET path` answered 200, as JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        let response = self.get(path).await;
+        assert_eq!(response.status(), 200, "GET {path}");
+        response.json().await.unwrap()
+    }
+
+    /// Delivers `events` to `/callbacks/acs`; returns the delivery summary.
+    pub async fn callback(&self, events: &Value) -> Value {
+        let response = self.post_json("/callbacks/acs", events).await;
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.http.get(self.url(path)).send().await.unwrap()
     }
@@ -189,6 +203,14 @@ impl TestApp {
     async fn long_polls(&self) -> u64 {
         let health: Value = self.get("/healthz").await.json().await.unwrap();
         health["longPolls"].as_u64().unwrap()
+    }
+}
+
+/// A script whose removal is accepted but never called back: the test delivers callbacks.
+pub fn silent() -> Script {
+    Script {
+        no_callback: true,
+        ..Script::default()
     }
 }
 
