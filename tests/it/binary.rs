@@ -1,0 +1,170 @@
+//! The `callops` binary itself: `serve` configured from the environment alone, `emulator` as
+//! a separate process, and a clean exit on SIGTERM.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::within;
+
+/// A free loopback port (bound, then released for the child to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn callops(args: &[&str], env: &[(&str, String)]) -> Process {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_callops"));
+    command
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    Process(command.spawn().unwrap())
+}
+
+async fn until_up(http: &reqwest::Client, url: &str) {
+    within(async {
+        while http.get(url).send().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn serve_and_emulator_run_as_separate_processes_and_stop_on_sigterm() {
+    let http = reqwest::Client::new();
+    let emulator_port = free_port();
+    let _emulator = callops(
+        &[
+            "emulator",
+            "--listen",
+            &format!("127.0.0.1:{emulator_port}"),
+        ],
+        &[],
+    );
+    let emulator = format!("http://127.0.0.1:{emulator_port}");
+    until_up(&http, &format!("{emulator}/emulator/requests")).await;
+
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let config = callops::config::Config::embedded();
+    let mut server = callops(
+        &[],
+        &[
+            ("CALLOPS_LISTEN", format!("127.0.0.1:{port}")),
+            ("CALLOPS_PUBLIC_URL", base.clone()),
+            (
+                "CALLOPS_ACS_CONNECTION_STRING",
+                format!(
+                    "endpoint={emulator}/;accesskey={}",
+                    config.emulator.access_key
+                ),
+            ),
+            ("CALLOPS_EMULATOR__ENABLED", "false".to_owned()),
+            ("CALLOPS_LOG_FORMAT", "json".to_owned()),
+        ],
+    );
+    until_up(&http, &format!("{base}/healthz")).await;
+
+    // Script the standalone emulator over HTTP: this call's removal fails.
+    let scripted = http
+        .put(format!("{emulator}/emulator/scripts/call-bin"))
+        .json(&json!({"outcome": "fail", "callbackDelayMs": 50}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scripted.status(), 204);
+
+    let response = http
+        .post(format!(
+            "{base}/v1/acs/callConnections/call-bin/participants:remove"
+        ))
+        .json(&json!({"participantToRemove": {"rawId": "4:+14255550123"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let location = response.headers()["operation-location"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let operation: Value = within(async {
+        http.get(format!("{base}{location}?wait=5"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    })
+    .await;
+    assert_eq!(operation["status"], "Failed", "{operation}");
+    assert_eq!(operation["error"]["code"], "RemoveParticipantFailed");
+
+    let requests: Vec<Value> = http
+        .get(format!("{emulator}/emulator/requests"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(
+        requests[0]["body"]["participantToRemove"],
+        json!({"rawId": "4:+14255550123", "phoneNumber": {"value": "+14255550123"}})
+    );
+
+    let pid = server.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = within(async {
+        loop {
+            if let Some(status) = server.0.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn an_invalid_configuration_stops_the_start_with_a_clear_message() {
+    let output = Command::new(env!("CARGO_BIN_EXE_callops"))
+        .env(
+            "CALLOPS_ACS_CONNECTION_STRING",
+            "accesskey=c2VjcmV0LWtleQ==",
+        )
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("CALLOPS_ACS_CONNECTION_STRING"), "{stderr}");
+    assert!(stderr.contains("endpoint="), "{stderr}");
+    assert!(!stderr.contains("c2VjcmV0LWtleQ"), "{stderr}");
+}
