@@ -142,15 +142,29 @@ impl OperationService {
                 transition: meaning.transition,
                 received,
             };
-            let delivery = self.store.deliver(incoming, now);
             summary.received += 1;
+            if incoming.call.is_none() {
+                summary.unmatched += 1;
+                tracing::warn!(
+                    event.id = incoming.id.as_deref().unwrap_or(""),
+                    event.r#type = %incoming.event_type,
+                    "callback names no call connection (no data.callConnectionId, no source); not kept"
+                );
+                continue;
+            }
+            let delivery = self.store.deliver(incoming, now);
             match delivery {
                 Delivery::Duplicate => summary.duplicates += 1,
                 Delivery::Matched { .. } => summary.matched += 1,
                 Delivery::Parked => summary.parked += 1,
                 Delivery::Observed { .. } => summary.observed += 1,
                 Delivery::CallEvent => {}
-                Delivery::Unmatched => summary.unmatched += 1,
+                Delivery::Unmatched => {
+                    summary.unmatched += 1;
+                    tracing::warn!(
+                        "park full: a callback for an unknown operation was kept on its call's events only"
+                    );
+                }
             }
             if let Delivery::Matched { id, effect } = delivery {
                 tracing::debug!(operation.id = %id, ?effect, "callback matched");

@@ -88,7 +88,8 @@ pub enum Delivery {
     Observed { id: OperationId },
     /// It names no operation; it was kept on its call's timeline.
     CallEvent,
-    /// The park was full; it was kept on its call's timeline only.
+    /// The park was full (it was kept on its call's timeline), or the event names no call
+    /// at all (the caller logs it).
     Unmatched,
 }
 
@@ -245,6 +246,10 @@ impl OperationStore {
             }
         }
         let Some(key) = event.key() else {
+            if event.call.is_none() {
+                // Neither call nor context: nothing to keep it on; the caller logs it.
+                return Delivery::Unmatched;
+            }
             self.push_call_event(&event, EventEffect::Recorded);
             return Delivery::CallEvent;
         };
