@@ -44,6 +44,7 @@ struct RemoveParticipantIn {
 
 async fn create_removal(
     State(service): State<OperationService>,
+    State(limits): State<ApiLimits>,
     ApiPath(call_connection_id): ApiPath<String>,
     ApiJson(body): ApiJson<RemoveParticipantIn>,
 ) -> Result<Response, ApiError> {
@@ -54,7 +55,8 @@ async fn create_removal(
         body.operation_context,
     )?;
     let location = format!("/v1/operations/{}", operation.id);
-    let mut response = (StatusCode::ACCEPTED, axum::Json(operation)).into_response();
+    let mut response = operation_response(operation, limits.retry_after_secs);
+    *response.status_mut() = StatusCode::ACCEPTED;
     response.headers_mut().insert(
         "operation-location",
         HeaderValue::from_str(&location).expect("ids are ASCII"),

@@ -83,6 +83,7 @@ impl TestApp {
             .to_str()
             .unwrap()
             .to_owned();
+        assert_eq!(response.headers()["retry-after"], "1");
         let operation: Value = response.json().await.unwrap();
         assert_eq!(
             location,
