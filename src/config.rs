@@ -145,8 +145,12 @@ pub enum EmulatedOutcome {
 /// A configuration that cannot be used, with what is expected instead.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{0}")]
-    Load(#[from] Box<figment::Error>),
+    /// Unreadable or ill-typed; `hint` names the environment variable of the field.
+    #[error("{error}{hint}")]
+    Load {
+        error: Box<figment::Error>,
+        hint: String,
+    },
     #[error("CALLOPS_ACS_CONNECTION_STRING (acs.connection_string) is invalid: {0}")]
     ConnectionString(#[from] ConnectionStringError),
     #[error("CALLOPS_STORE (store.location) = {0:?} is not supported; expected \"memory\"")]
@@ -182,7 +186,21 @@ impl Config {
 
     /// Extracts and validates.
     pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
-        let config: Self = figment.extract().map_err(Box::new)?;
+        let config: Self = figment.extract().map_err(|error| {
+            let field = error.path.join(".").to_ascii_lowercase();
+            let hint = match ENV_ALIASES.iter().find(|(_, path)| *path == field) {
+                Some((alias, _)) => format!(" (environment variable CALLOPS_{alias})"),
+                None if !field.is_empty() => format!(
+                    " (environment variable CALLOPS_{})",
+                    field.replace('.', "__").to_ascii_uppercase()
+                ),
+                None => String::new(),
+            };
+            ConfigError::Load {
+                error: Box::new(error),
+                hint,
+            }
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -345,11 +363,34 @@ mod tests {
         let err = load_with_env(&[("CALLOPS_STORE", "redis://x")]).unwrap_err();
         assert!(err.contains("memory"), "{err}");
         let err = load_with_env(&[("CALLOPS_LISTEN", "nowhere")]).unwrap_err();
-        assert!(err.to_lowercase().contains("listen"), "{err}");
+        assert!(err.contains("CALLOPS_LISTEN"), "{err}");
         let err = load_with_env(&[("CALLOPS_CALLBACK_AUTH", "maybe")]).unwrap_err();
-        assert!(err.contains("auth"), "{err}");
+        assert!(err.contains("CALLOPS_CALLBACK_AUTH"), "{err}");
+        let err = load_with_env(&[("CALLOPS_OPERATIONS__MAX_WAIT_SECS", "soon")]).unwrap_err();
+        assert!(err.contains("CALLOPS_OPERATIONS__MAX_WAIT_SECS"), "{err}");
         let err = load_with_env(&[("CALLOPS_EMULATOR__ENABLED", "false")]).unwrap_err();
         assert!(err.contains("CALLOPS_ACS_CONNECTION_STRING"), "{err}");
+    }
+
+    #[test]
+    fn a_config_file_sits_between_defaults_and_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "callops.toml",
+                "[http]\nlisten = \"127.0.0.1:9100\"\n[operations]\nmax_wait_secs = 20\n",
+            )?;
+            jail.set_env("CALLOPS_OPERATIONS__MAX_WAIT_SECS", "10");
+            let config = Config::load(Some(Path::new("callops.toml"))).unwrap();
+            assert_eq!(config.http.listen.to_string(), "127.0.0.1:9100");
+            assert_eq!(config.operations.max_wait_secs, 10);
+            assert_eq!(config.acs.api_version, "2024-09-15");
+            let err = Config::load(Some(Path::new("missing.toml"))).unwrap_err();
+            assert!(err.to_string().contains("missing.toml"), "{err}");
+            jail.create_file("typo.toml", "[http]\nlisen = \"x\"\n")?;
+            let err = Config::load(Some(Path::new("typo.toml"))).unwrap_err();
+            assert!(err.to_string().contains("lisen"), "{err}");
+            Ok(())
+        });
     }
 
     #[test]

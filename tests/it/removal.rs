@@ -287,3 +287,28 @@ async fn a_wrong_access_key_is_refused_by_the_emulator_signature_check() {
     assert_eq!(settled["error"]["code"], "UpstreamRejected");
     assert_eq!(settled["result"]["code"], 401);
 }
+
+#[tokio::test]
+async fn a_retry_after_beyond_the_time_budget_ends_the_retries() {
+    let app = TestApp::spawn_with(|config| config.acs.retry.total_timeout_ms = 1000).await;
+    let script = Script {
+        fail_first: vec![429; 10],
+        retry_after_secs: Some(30.0),
+        ..Script::default()
+    };
+    let started = app.remove("call-throttled", script, None).await;
+    let settled = app.wait_operation(started["id"].as_str().unwrap(), 5).await;
+    assert_eq!(settled["status"], "Failed", "{settled}");
+    assert_eq!(settled["error"]["code"], "UpstreamUnavailable");
+    assert!(
+        settled["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("429")
+    );
+    assert_eq!(
+        app.emulator.requests().len(),
+        1,
+        "no attempt after a Retry-After past the budget"
+    );
+}
