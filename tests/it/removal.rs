@@ -42,6 +42,22 @@ async fn a_removal_succeeds_and_the_long_poll_returns_the_outcome() {
         })
     );
     assert_eq!(request.status, 202);
+    // Every header the official SDK sends is there (transport details aside).
+    let sdk: serde_json::Value = serde_json::from_slice(&crate::support::fixture(
+        "sdk-requests/acs_remove_participant.python-sdk-1.6.0.json",
+    ))
+    .unwrap();
+    let sdk_headers = sdk["requests"]["communicationUser"]["headers"]
+        .as_object()
+        .unwrap();
+    for name in sdk_headers.keys().map(|name| name.to_ascii_lowercase()) {
+        if ["user-agent", "accept-encoding", "connection"].contains(&name.as_str()) {
+            continue;
+        }
+        assert!(request.headers.contains_key(&name), "missing header {name}");
+    }
+    assert_eq!(request.headers["content-type"], "application/json");
+    assert_eq!(request.headers["x-ms-return-client-request-id"], "true");
     assert!(uuid::Uuid::try_parse(&request.headers["repeatability-request-id"]).is_ok());
     assert!(httpdate::parse_http_date(&request.headers["repeatability-first-sent"]).is_ok());
     assert!(
