@@ -552,4 +552,384 @@ impl ListFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::operation::{OperationError, ResultInfo};
+
+    fn config() -> OperationsConfig {
+        crate::config::Config::embedded().operations
+    }
+
+    fn store() -> OperationStore {
+        OperationStore::new(&config())
+    }
+
+    fn call(id: &str) -> CallRef {
+        CallRef::CallConnection(id.into())
+    }
+
+    fn removal(call_id: &str, context: &str) -> Operation {
+        Operation::new(
+            OperationKind::RemoveParticipant,
+            call(call_id),
+            context.into(),
+            OffsetDateTime::now_utc(),
+        )
+    }
+
+    fn succeeded() -> Option<Transition> {
+        Some(Transition::Succeeded {
+            result: Some(ResultInfo {
+                code: Some(200),
+                sub_code: Some(0),
+                message: None,
+            }),
+        })
+    }
+
+    fn failed() -> Option<Transition> {
+        Some(Transition::Failed {
+            result: None,
+            error: OperationError {
+                code: "RemoveParticipantFailed".into(),
+                message: "no".into(),
+            },
+        })
+    }
+
+    fn event(
+        id: &str,
+        call_id: &str,
+        context: Option<&str>,
+        transition: Option<Transition>,
+    ) -> IncomingEvent {
+        IncomingEvent {
+            id: Some(id.into()),
+            event_type: "Microsoft.Communication.RemoveParticipantSucceeded".into(),
+            call: Some(call(call_id)),
+            context: context.map(Into::into),
+            kind: OperationKind::RemoveParticipant,
+            transition,
+            received: OffsetDateTime::now_utc(),
+        }
+    }
+
+    #[test]
+    fn a_running_context_is_claimed_once_per_call() {
+        let store = store();
+        let first = store.create(removal("c1", "ctx")).unwrap();
+        let clash = removal("c1", "ctx");
+        let clash_id = clash.id;
+        assert_eq!(store.create(clash), Err(ContextInUse(first.id)));
+        assert_eq!(
+            store.get(clash_id),
+            None,
+            "the refused operation is not kept"
+        );
+        store.create(removal("c2", "ctx")).unwrap();
+        // Once the first settles, its context is free again.
+        store.deliver(event("e1", "c1", Some("ctx"), succeeded()), Instant::now());
+        let second = store.create(removal("c1", "ctx")).unwrap();
+        let matched = store.deliver(event("e2", "c1", Some("ctx"), failed()), Instant::now());
+        assert_eq!(
+            matched,
+            Delivery::Matched {
+                id: second.id,
+                effect: EventEffect::Applied
+            }
+        );
+        assert_eq!(
+            store.get(first.id).unwrap().status,
+            OperationStatus::Succeeded
+        );
+    }
+
+    #[test]
+    fn a_matching_event_settles_and_a_duplicate_changes_nothing() {
+        let store = store();
+        let op = store.create(removal("c1", "ctx")).unwrap();
+        let now = Instant::now();
+        let delivery = store.deliver(event("e1", "c1", Some("ctx"), succeeded()), now);
+        assert_eq!(
+            delivery,
+            Delivery::Matched {
+                id: op.id,
+                effect: EventEffect::Applied
+            }
+        );
+        let settled = store.get(op.id).unwrap();
+        assert_eq!(settled.status, OperationStatus::Succeeded);
+        assert_eq!(settled.result.as_ref().unwrap().code, Some(200));
+        assert_eq!(
+            store.deliver(event("e1", "c1", Some("ctx"), failed()), now),
+            Delivery::Duplicate
+        );
+        assert_eq!(store.get(op.id).unwrap(), settled);
+    }
+
+    #[test]
+    fn the_upstream_answer_never_regresses_a_settled_operation() {
+        let store = store();
+        let op = store.create(removal("c1", "ctx")).unwrap();
+        let now = OffsetDateTime::now_utc();
+        let running = store.transition(op.id, Transition::Accepted, now).unwrap();
+        assert_eq!(running.status, OperationStatus::Running);
+        store.deliver(event("e1", "c1", Some("ctx"), succeeded()), Instant::now());
+        let after = store.transition(op.id, Transition::Accepted, now).unwrap();
+        assert_eq!(after.status, OperationStatus::Succeeded);
+        assert_eq!(
+            store.transition(OperationId::new(), Transition::Accepted, now),
+            None
+        );
+    }
+
+    #[test]
+    fn an_early_event_is_parked_and_applied_at_creation() {
+        let store = store();
+        let now = Instant::now();
+        assert_eq!(
+            store.deliver(event("e1", "c1", Some("ctx"), failed()), now),
+            Delivery::Parked
+        );
+        assert_eq!(store.stats().parked, 1);
+        let created = store.create(removal("c1", "ctx")).unwrap();
+        assert_eq!(created.status, OperationStatus::Failed);
+        assert_eq!(created.events.len(), 1);
+        assert_eq!(store.stats().parked, 0);
+    }
+
+    #[test]
+    fn parked_events_expire_onto_the_call_timeline() {
+        let store = store();
+        let t0 = Instant::now();
+        store.deliver(event("e1", "c1", Some("ctx"), succeeded()), t0);
+        let report = store.sweep(t0 + Duration::from_millis(100), OffsetDateTime::now_utc());
+        assert!(report.expired.is_empty(), "not yet");
+        let report = store.sweep(t0 + Duration::from_secs(10), OffsetDateTime::now_utc());
+        assert_eq!(report.expired.len(), 1);
+        let stats = store.stats();
+        assert_eq!((stats.parked, stats.parked_expired), (0, 1));
+        let events = store.call_events(&call("c1")).unwrap();
+        assert_eq!(events[0].effect, EventEffect::Unmatched);
+        // The operation that comes later starts clean.
+        let created = store.create(removal("c1", "ctx")).unwrap();
+        assert_eq!(created.status, OperationStatus::NotStarted);
+    }
+
+    #[test]
+    fn the_park_is_bounded() {
+        let mut config = config();
+        config.park_max = 2;
+        let store = OperationStore::new(&config);
+        let now = Instant::now();
+        for n in 0..2 {
+            let delivery = store.deliver(
+                event(&format!("e{n}"), "c1", Some(&format!("x{n}")), succeeded()),
+                now,
+            );
+            assert_eq!(delivery, Delivery::Parked);
+        }
+        assert_eq!(
+            store.deliver(event("e9", "c1", Some("x9"), succeeded()), now),
+            Delivery::Unmatched
+        );
+        let stats = store.stats();
+        assert_eq!((stats.parked, stats.parked_overflow), (2, 1));
+        assert_eq!(store.call_events(&call("c1")).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn other_kinds_become_observed_operations() {
+        let store = store();
+        let mut play = event("e1", "c1", Some("p"), Some(Transition::Started));
+        play.kind = OperationKind::Observed("play".into());
+        let Delivery::Observed { id } = store.deliver(play.clone(), Instant::now()) else {
+            panic!("not observed");
+        };
+        assert_eq!(store.get(id).unwrap().status, OperationStatus::Running);
+        play.id = Some("e2".into());
+        play.transition = succeeded();
+        assert_eq!(
+            store.deliver(play, Instant::now()),
+            Delivery::Matched {
+                id,
+                effect: EventEffect::Applied
+            }
+        );
+        let observed = store.get(id).unwrap();
+        assert_eq!(observed.status, OperationStatus::Succeeded);
+        assert_eq!(observed.kind.as_str(), "play");
+        assert_eq!(observed.events.len(), 2);
+    }
+
+    #[test]
+    fn call_events_are_kept_newest_last_and_capped() {
+        let mut config = config();
+        config.call_events_max = 3;
+        let store = OperationStore::new(&config);
+        for n in 0..5 {
+            let delivery = store.deliver(event(&format!("e{n}"), "c1", None, None), Instant::now());
+            assert_eq!(delivery, Delivery::CallEvent);
+        }
+        let ids: Vec<_> = store
+            .call_events(&call("c1"))
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id.unwrap())
+            .collect();
+        assert_eq!(ids, ["e2", "e3", "e4"]);
+        let mut nowhere = event("e9", "c1", Some("x"), None);
+        nowhere.call = None;
+        assert_eq!(store.deliver(nowhere, Instant::now()), Delivery::Unmatched);
+    }
+
+    #[test]
+    fn retention_retires_settled_operations_and_frees_their_context() {
+        let store = store();
+        let op = store.create(removal("c1", "old")).unwrap();
+        let running = store.create(removal("c1", "running")).unwrap();
+        let long_ago = OffsetDateTime::now_utc() - time::Duration::days(2);
+        store.transition(op.id, Transition::Succeeded { result: None }, long_ago);
+        let report = store.sweep(Instant::now(), OffsetDateTime::now_utc());
+        assert_eq!(report.removed_operations, 1);
+        assert_eq!(store.get(op.id), None);
+        assert!(store.get(running.id).is_some(), "running operations stay");
+        store.create(removal("c1", "old")).unwrap();
+    }
+
+    #[test]
+    fn list_filters_and_pages_newest_first() {
+        let store = store();
+        let ids: Vec<OperationId> = (0..4)
+            .map(|n| store.create(removal("c1", &format!("ctx{n}"))).unwrap().id)
+            .collect();
+        store.create(removal("c2", "ctx0")).unwrap();
+        let by_call = ListFilter {
+            call_connection_id: Some("c1".into()),
+            ..ListFilter::default()
+        };
+        let (page, more) = store.list(&by_call, 3);
+        let got: Vec<_> = page.iter().map(|op| op.id).collect();
+        assert_eq!(got, [ids[3], ids[2], ids[1]]);
+        assert!(more);
+        let rest = ListFilter {
+            before: Some(ids[1]),
+            ..by_call.clone()
+        };
+        let (page, more) = store.list(&rest, 3);
+        assert_eq!(page.iter().map(|op| op.id).collect::<Vec<_>>(), [ids[0]]);
+        assert!(!more);
+        let by_context = ListFilter {
+            context: Some("ctx0".into()),
+            ..ListFilter::default()
+        };
+        assert_eq!(store.list(&by_context, 10).0.len(), 2);
+        let running = ListFilter {
+            status: Some(OperationStatus::Running),
+            ..ListFilter::default()
+        };
+        assert!(store.list(&running, 10).0.is_empty());
+        let graph = ListFilter {
+            call_id: Some("c1".into()),
+            ..ListFilter::default()
+        };
+        assert!(store.list(&graph, 10).0.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_times_out_or_is_woken_by_the_settling_event() {
+        let store = store();
+        let op = store.create(removal("c1", "ctx")).unwrap();
+        let still = store
+            .wait_settled(op.id, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(still.status, OperationStatus::NotStarted);
+        assert_eq!(
+            store
+                .wait_settled(OperationId::new(), Duration::from_secs(5))
+                .await,
+            None
+        );
+
+        let waiter = {
+            let store = store.clone();
+            tokio::spawn(async move { store.wait_settled(op.id, Duration::from_secs(3600)).await })
+        };
+        while store.stats().waiting == 0 {
+            tokio::task::yield_now().await;
+        }
+        let started = tokio::time::Instant::now();
+        store.deliver(event("e1", "c1", Some("ctx"), succeeded()), Instant::now());
+        let woken = waiter.await.unwrap().unwrap();
+        assert_eq!(woken.status, OperationStatus::Succeeded);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "woken, not timed out"
+        );
+        assert_eq!(store.stats().waiting, 0);
+        // A settled operation answers at once.
+        let again = store
+            .wait_settled(op.id, Duration::from_secs(3600))
+            .await
+            .unwrap();
+        assert_eq!(again.status, OperationStatus::Succeeded);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_duplicate_deliveries_apply_each_event_once() {
+        let store = store();
+        let ops: Vec<Operation> = (0..200)
+            .map(|n| {
+                store
+                    .create(removal(&format!("c{}", n % 7), &format!("ctx{n}")))
+                    .unwrap()
+            })
+            .collect();
+        let events: Vec<IncomingEvent> = (0..200)
+            .map(|n| {
+                let outcome = if n % 3 == 0 { failed() } else { succeeded() };
+                event(
+                    &format!("e{n}"),
+                    &format!("c{}", n % 7),
+                    Some(&format!("ctx{n}")),
+                    outcome,
+                )
+            })
+            .collect();
+        let tasks: Vec<_> = (0..8)
+            .map(|task| {
+                let store = store.clone();
+                let mut events = events.clone();
+                // Each task delivers in its own order.
+                events.rotate_left(task * 25);
+                if task % 2 == 1 {
+                    events.reverse();
+                }
+                tokio::spawn(async move {
+                    for event in events {
+                        store.deliver(event, Instant::now());
+                        tokio::task::yield_now().await;
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        for (n, op) in ops.iter().enumerate() {
+            let op = store.get(op.id).unwrap();
+            let want = if n % 3 == 0 {
+                OperationStatus::Failed
+            } else {
+                OperationStatus::Succeeded
+            };
+            assert_eq!(op.status, want, "operation {n}");
+            assert_eq!(
+                op.events.len(),
+                1,
+                "operation {n}: duplicates must be dropped"
+            );
+            assert_eq!(op.events[0].effect, EventEffect::Applied);
+        }
+    }
 }
