@@ -373,6 +373,10 @@ mod tests {
     }
 
     #[test]
+    #[expect(
+        clippy::result_large_err,
+        reason = "figment's Jail API returns figment::Error"
+    )]
     fn a_config_file_sits_between_defaults_and_environment() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
