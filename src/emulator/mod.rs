@@ -37,6 +37,9 @@ use crate::config::{EmulatedOutcome, EmulatorConfig};
 
 pub use script::{Outcome, Reject, ResultInformation, Script};
 
+/// Requests (and accepted repeatability ids) remembered, at most.
+const MAX_RECORDED: usize = 10_000;
+
 /// Largest clock skew accepted in `x-ms-date`, as ACS allows.
 const MAX_DATE_SKEW: Duration = Duration::from_secs(15 * 60);
 
@@ -164,11 +167,16 @@ impl Emulator {
     }
 
     fn record(&self, request: RecordedRequest) {
-        self.inner
+        let mut requests = self
+            .inner
             .requests
             .lock()
-            .expect("the request log is never poisoned")
-            .push(request);
+            .expect("the request log is never poisoned");
+        // A long-running in-process emulator keeps only the recent past.
+        if requests.len() >= MAX_RECORDED {
+            requests.drain(..MAX_RECORDED / 2);
+        }
+        requests.push(request);
     }
 }
 
@@ -320,6 +328,9 @@ async fn handle_remove(
         return acs_error(status, &reject.code, &reject.message);
     }
     if let Some(request_id) = repeatability {
+        if emulator.inner.accepted.len() >= MAX_RECORDED {
+            emulator.inner.accepted.clear();
+        }
         emulator.inner.accepted.insert(request_id, context.clone());
     }
 
