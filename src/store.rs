@@ -283,6 +283,8 @@ impl OperationStore {
                         }
                     }
                 }
+                // While callbacks wait under this key, every event for it waits with them,
+                // so that they are applied in arrival order when the operation appears.
                 Slot::Parked(events) => {
                     if !self.reserve_park(&event) {
                         return Delivery::Unmatched;
