@@ -43,6 +43,17 @@ fn signed(path: &str, body: &Value, tamper: impl FnOnce(&mut HeaderMap)) -> Requ
     request
 }
 
+fn call_not_found() -> Script {
+    Script {
+        reject: Some(Reject {
+            status: 404,
+            code: "8522".into(),
+            message: "Call not found".into(),
+        }),
+        ..Script::default()
+    }
+}
+
 fn body() -> Value {
     json!({"participantToRemove": {"rawId": "8:acs:x", "communicationUser": {"id": "8:acs:x"}}, "operationContext": "ctx"})
 }
@@ -164,17 +175,7 @@ async fn scripts_throttle_then_accept_and_retries_of_accepted_requests_are_202()
     let (status, _, _) = send(&emulator, signed(PATH, &body(), |_| {})).await;
     assert_eq!(status, StatusCode::ACCEPTED);
     // Same repeatability id again: accepted again, whatever the script says now.
-    emulator.set_script(
-        "c1",
-        Script {
-            reject: Some(Reject {
-                status: 404,
-                code: "8522".into(),
-                message: "Call not found".into(),
-            }),
-            ..Script::default()
-        },
-    );
+    emulator.set_script("c1", call_not_found());
     let (status, _, _) = send(&emulator, signed(PATH, &body(), |_| {})).await;
     assert_eq!(status, StatusCode::ACCEPTED);
     let statuses: Vec<u16> = emulator.requests().iter().map(|r| r.status).collect();
@@ -184,17 +185,7 @@ async fn scripts_throttle_then_accept_and_retries_of_accepted_requests_are_202()
 #[tokio::test]
 async fn a_rejecting_script_answers_the_acs_error() {
     let emulator = emulator();
-    emulator.set_script(
-        "c1",
-        Script {
-            reject: Some(Reject {
-                status: 404,
-                code: "8522".into(),
-                message: "Call not found".into(),
-            }),
-            ..Script::default()
-        },
-    );
+    emulator.set_script("c1", call_not_found());
     let (status, _, body) = send(&emulator, signed(PATH, &body(), |_| {})).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::within;
+use crate::support::{follow, within};
 
 /// A free loopback port (bound, then released for the child to take).
 fn free_port() -> u16 {
@@ -101,21 +101,7 @@ async fn serve_and_emulator_run_as_separate_processes_and_stop_on_sigterm() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 202);
-    let location = response.headers()["operation-location"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let operation: Value = within(async {
-        http.get(format!("{base}{location}?wait=5"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    })
-    .await;
+    let operation = follow(&http, &base, response).await;
     assert_eq!(operation["status"], "Failed", "{operation}");
     assert_eq!(operation["error"]["code"], "RemoveParticipantFailed");
 

@@ -3,7 +3,7 @@
 use callops::emulator::{Outcome, Reject, ResultInformation, Script};
 use serde_json::json;
 
-use crate::support::{TestApp, silent, within};
+use crate::support::{TestApp, follow, silent, within};
 
 #[tokio::test]
 async fn a_removal_succeeds_and_the_long_poll_returns_the_outcome() {
@@ -245,21 +245,7 @@ async fn the_in_process_emulator_is_the_default_upstream() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 202);
-    let location = response.headers()["operation-location"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let operation: serde_json::Value = within(async {
-        http.get(format!("http://{address}{location}?wait=5"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    })
-    .await;
+    let operation = follow(&http, &format!("http://{address}"), response).await;
     assert_eq!(operation["status"], "Succeeded", "{operation}");
     shutdown.cancel();
     within(server).await.unwrap().unwrap();

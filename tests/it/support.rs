@@ -227,6 +227,14 @@ pub async fn within<T>(future: impl Future<Output = T>) -> T {
     tokio::time::timeout(SOON, future).await.expect("timed out")
 }
 
+/// Answers a `participants:remove` 202 by long-polling its `Operation-Location` on `base`.
+pub async fn follow(http: &reqwest::Client, base: &str, accepted: reqwest::Response) -> Value {
+    assert_eq!(accepted.status(), 202);
+    let location = accepted.headers()["operation-location"].to_str().unwrap();
+    let url = format!("{base}{location}?wait=5");
+    within(async { http.get(url).send().await.unwrap().json().await.unwrap() }).await
+}
+
 /// A fixture file's bytes.
 pub fn fixture(path: &str) -> Vec<u8> {
     let path = format!("{}/tests/fixtures/{path}", env!("CARGO_MANIFEST_DIR"));
