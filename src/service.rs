@@ -15,7 +15,6 @@ use uuid::Uuid;
 use crate::acs::client::{AcsClient, AcsError, RemoveParticipant, Repeatability};
 use crate::acs::events::AcsEvent;
 use crate::acs::identifier::{CommunicationIdentifier, IdentifierError};
-use crate::correlation::IncomingEvent;
 use crate::operation::{
     CallRef, Operation, OperationError, OperationId, OperationKind, ResultInfo, Transition,
 };
@@ -132,16 +131,7 @@ impl OperationService {
         let received = OffsetDateTime::now_utc();
         let mut summary = DeliverySummary::default();
         for event in events {
-            let meaning = event.meaning();
-            let incoming = IncomingEvent {
-                id: event.id,
-                event_type: event.event_type,
-                call: event.call_connection_id.map(CallRef::CallConnection),
-                context: event.operation_context,
-                kind: meaning.kind,
-                transition: meaning.transition,
-                received,
-            };
+            let incoming = event.into_incoming(received);
             summary.received += 1;
             if incoming.call.is_none() {
                 summary.unmatched += 1;

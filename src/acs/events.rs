@@ -8,7 +8,10 @@
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
 
-use crate::operation::{OperationError, OperationKind, ResultInfo, Transition};
+use time::OffsetDateTime;
+
+use crate::correlation::IncomingEvent;
+use crate::operation::{CallRef, OperationError, OperationKind, ResultInfo, Transition};
 
 const TYPE_PREFIX: &str = "Microsoft.Communication.";
 
@@ -71,49 +74,66 @@ impl AcsEvent {
     /// in camelCase (`RemoveParticipant` → `removeParticipant`, `Play` → `play`). Other
     /// events (`CallConnected`, `ParticipantsUpdated`, ...) carry no transition.
     pub fn meaning(&self) -> EventMeaning {
-        let name = self.name();
-        let result = self.result.clone();
-        const SUFFIXES: [&str; 6] = [
-            "Succeeded",
-            "Completed",
-            "Accepted",
-            "Failed",
-            "Canceled",
-            "Started",
-        ];
-        let split = SUFFIXES.iter().find_map(|suffix| {
-            name.strip_suffix(suffix)
-                .filter(|stem| !stem.is_empty())
-                .map(|stem| (stem, *suffix))
-        });
-        let Some((stem, suffix)) = split else {
-            return EventMeaning {
-                kind: OperationKind::from_name(&lower_camel(name)),
-                transition: None,
-            };
-        };
-        let transition = match suffix {
-            "Succeeded" | "Completed" | "Accepted" => Transition::Succeeded { result },
-            "Canceled" => Transition::Canceled { result },
-            "Started" => Transition::Started,
-            _ => {
-                let message = result
-                    .as_ref()
-                    .and_then(|r| r.message.clone())
-                    .unwrap_or_else(|| format!("ACS reported {name}"));
-                Transition::Failed {
-                    result,
-                    error: OperationError {
-                        code: name.to_owned(),
-                        message,
-                    },
-                }
-            }
-        };
-        EventMeaning {
-            kind: OperationKind::from_name(&lower_camel(stem)),
-            transition: Some(transition),
+        meaning_of(self.name(), self.result.clone())
+    }
+
+    /// The platform-neutral event the store correlates, received at `received`.
+    pub fn into_incoming(mut self, received: OffsetDateTime) -> IncomingEvent {
+        let result = self.result.take();
+        let meaning = meaning_of(self.name(), result);
+        IncomingEvent {
+            id: self.id,
+            event_type: self.event_type,
+            call: self.call_connection_id.map(CallRef::CallConnection),
+            context: self.operation_context,
+            kind: meaning.kind,
+            transition: meaning.transition,
+            received,
         }
+    }
+}
+
+fn meaning_of(name: &str, result: Option<ResultInfo>) -> EventMeaning {
+    const SUFFIXES: [&str; 6] = [
+        "Succeeded",
+        "Completed",
+        "Accepted",
+        "Failed",
+        "Canceled",
+        "Started",
+    ];
+    let split = SUFFIXES.iter().find_map(|suffix| {
+        name.strip_suffix(suffix)
+            .filter(|stem| !stem.is_empty())
+            .map(|stem| (stem, *suffix))
+    });
+    let Some((stem, suffix)) = split else {
+        return EventMeaning {
+            kind: OperationKind::from_name(&lower_camel(name)),
+            transition: None,
+        };
+    };
+    let transition = match suffix {
+        "Succeeded" | "Completed" | "Accepted" => Transition::Succeeded { result },
+        "Canceled" => Transition::Canceled { result },
+        "Started" => Transition::Started,
+        _ => {
+            let message = result
+                .as_ref()
+                .and_then(|r| r.message.clone())
+                .unwrap_or_else(|| format!("ACS reported {name}"));
+            Transition::Failed {
+                result,
+                error: OperationError {
+                    code: name.to_owned(),
+                    message,
+                },
+            }
+        }
+    };
+    EventMeaning {
+        kind: OperationKind::from_name(&lower_camel(stem)),
+        transition: Some(transition),
     }
 }
 
