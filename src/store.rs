@@ -166,53 +166,42 @@ impl OperationStore {
 
     /// Adds a new operation, claims its (call, context) and applies the callbacks parked
     /// for it. Fails when the context names a running operation on the same call.
-    pub fn create(&self, operation: Operation) -> Result<Operation, ContextInUse> {
+    pub fn create(&self, mut operation: Operation) -> Result<Operation, ContextInUse> {
         let inner = &self.inner;
         let id = operation.id;
         let key = ContextKey {
             call: operation.call.clone(),
             context: operation.context.as_str().into(),
         };
-        // Inserted before the index points at it, so whoever finds the id finds the record.
-        inner.operations.insert(id, operation);
-        let parked = match inner.index.entry(key) {
+        // Everything happens under the key's index entry: a callback for this key waits for
+        // it, so parked callbacks are applied first and in arrival order, and a refused
+        // operation is never visible. (Lock order: index, then operations.)
+        match inner.index.entry(key) {
             Entry::Vacant(vacant) => {
+                inner.operations.insert(id, operation.clone());
                 vacant.insert(Slot::Operation(id));
-                Vec::new()
             }
-            Entry::Occupied(mut occupied) => match occupied.get() {
-                Slot::Operation(existing) => {
+            Entry::Occupied(mut occupied) => {
+                if let Slot::Operation(existing) = occupied.get() {
                     let running = inner
                         .operations
                         .get(existing)
                         .is_some_and(|op| !op.status.is_terminal());
                     if running {
-                        let existing = *existing;
-                        drop(occupied);
-                        inner.operations.remove(&id);
-                        return Err(ContextInUse(existing));
+                        return Err(ContextInUse(*existing));
                     }
-                    occupied.insert(Slot::Operation(id));
-                    Vec::new()
                 }
-                Slot::Parked(_) => match occupied.insert(Slot::Operation(id)) {
-                    Slot::Parked(events) => events,
-                    Slot::Operation(_) => unreachable!("the slot was parked"),
-                },
-            },
-        };
-        inner.parked.fetch_sub(parked.len(), Ordering::Relaxed);
-        let snapshot = {
-            let mut op = inner.operations.get_mut(&id).expect("inserted above");
-            for parked in &parked {
-                correlation::apply(&mut op, &parked.event);
+                if let Slot::Parked(parked) = occupied.insert(Slot::Operation(id)) {
+                    inner.parked.fetch_sub(parked.len(), Ordering::Relaxed);
+                    for parked in &parked {
+                        correlation::apply(&mut operation, &parked.event);
+                    }
+                }
+                inner.operations.insert(id, operation.clone());
             }
-            op.clone()
-        };
-        if snapshot.status.is_terminal() {
-            self.wake(id);
         }
-        Ok(snapshot)
+        // Nobody can wait on an id that was unknown until now: no one to wake.
+        Ok(operation)
     }
 
     /// Applies an upstream answer (accepted, rejected) to an operation.
@@ -565,6 +554,13 @@ mod tests {
         OperationStore::new(&config())
     }
 
+    /// A store with the embedded defaults changed by `change`.
+    fn store_with(change: impl FnOnce(&mut OperationsConfig)) -> OperationStore {
+        let mut config = config();
+        change(&mut config);
+        OperationStore::new(&config)
+    }
+
     fn call(id: &str) -> CallRef {
         CallRef::CallConnection(id.into())
     }
@@ -578,6 +574,10 @@ mod tests {
         )
     }
 
+    fn play() -> OperationKind {
+        OperationKind::Observed("play".into())
+    }
+
     fn succeeded() -> Option<Transition> {
         Some(Transition::Succeeded {
             result: Some(ResultInfo {
@@ -588,16 +588,21 @@ mod tests {
         })
     }
 
-    fn failed() -> Option<Transition> {
-        Some(Transition::Failed {
+    fn failure() -> Transition {
+        Transition::Failed {
             result: None,
             error: OperationError {
                 code: "RemoveParticipantFailed".into(),
                 message: "no".into(),
             },
-        })
+        }
     }
 
+    fn failed() -> Option<Transition> {
+        Some(failure())
+    }
+
+    /// A removeParticipant callback with id `id` about (`call_id`, `context`).
     fn event(
         id: &str,
         call_id: &str,
@@ -615,10 +620,62 @@ mod tests {
         }
     }
 
+    /// The same, reporting on an operation of `kind`.
+    fn event_of(
+        kind: OperationKind,
+        id: &str,
+        context: &str,
+        t: Option<Transition>,
+    ) -> IncomingEvent {
+        IncomingEvent {
+            kind,
+            event_type: "Microsoft.Communication.PlayCompleted".into(),
+            ..event(id, "c1", Some(context), t)
+        }
+    }
+
+    fn matched(id: OperationId, effect: EventEffect) -> Delivery {
+        Delivery::Matched { id, effect }
+    }
+
+    /// (event id, effect) of each timeline entry, in order.
+    fn timeline(events: &[EventRecord]) -> Vec<(String, EventEffect)> {
+        events
+            .iter()
+            .map(|e| (e.id.clone().unwrap_or_default(), e.effect))
+            .collect()
+    }
+
+    fn ids(operations: &[Operation]) -> Vec<OperationId> {
+        operations.iter().map(|op| op.id).collect()
+    }
+
+    fn days_ago(days: i64) -> OffsetDateTime {
+        OffsetDateTime::now_utc() - time::Duration::days(days)
+    }
+
+    #[test]
+    fn a_created_operation_reads_back_as_created() {
+        let store = store();
+        let op = removal("c1", "ctx");
+        let created = store.create(op.clone()).unwrap();
+        assert_eq!(created, op);
+        assert_eq!(created.status, OperationStatus::NotStarted);
+        assert!(created.events.is_empty());
+        assert_eq!(store.get(op.id), Some(op));
+        assert_eq!(store.get(OperationId::new()), None);
+        assert_eq!(store.stats().operations, 1);
+    }
+
     #[test]
     fn a_running_context_is_claimed_once_per_call() {
         let store = store();
         let first = store.create(removal("c1", "ctx")).unwrap();
+        let running = store
+            .transition(first.id, Transition::Accepted, OffsetDateTime::now_utc())
+            .unwrap();
+        assert_eq!(running.status, OperationStatus::Running);
+
         let clash = removal("c1", "ctx");
         let clash_id = clash.id;
         assert_eq!(store.create(clash), Err(ContextInUse(first.id)));
@@ -627,21 +684,36 @@ mod tests {
             None,
             "the refused operation is not kept"
         );
+        assert_eq!(store.stats().operations, 1);
+        assert_eq!(store.get(first.id), Some(running), "the first is untouched");
+
+        // The same context on another call is another operation.
         store.create(removal("c2", "ctx")).unwrap();
         // Once the first settles, its context is free again.
         store.deliver(event("e1", "c1", Some("ctx"), succeeded()), Instant::now());
         let second = store.create(removal("c1", "ctx")).unwrap();
-        let matched = store.deliver(event("e2", "c1", Some("ctx"), failed()), Instant::now());
         assert_eq!(
-            matched,
-            Delivery::Matched {
-                id: second.id,
-                effect: EventEffect::Applied
-            }
+            store.deliver(event("e2", "c1", Some("ctx"), failed()), Instant::now()),
+            matched(second.id, EventEffect::Applied)
         );
         assert_eq!(
             store.get(first.id).unwrap().status,
             OperationStatus::Succeeded
+        );
+        assert_eq!(
+            store.get(second.id).unwrap().status,
+            OperationStatus::Failed
+        );
+        assert_eq!(store.stats().operations, 3);
+    }
+
+    #[test]
+    fn a_not_yet_accepted_operation_also_holds_its_context() {
+        let store = store();
+        let first = store.create(removal("c1", "ctx")).unwrap();
+        assert_eq!(
+            store.create(removal("c1", "ctx")),
+            Err(ContextInUse(first.id))
         );
     }
 
@@ -650,22 +722,62 @@ mod tests {
         let store = store();
         let op = store.create(removal("c1", "ctx")).unwrap();
         let now = Instant::now();
-        let delivery = store.deliver(event("e1", "c1", Some("ctx"), succeeded()), now);
         assert_eq!(
-            delivery,
-            Delivery::Matched {
-                id: op.id,
-                effect: EventEffect::Applied
-            }
+            store.deliver(event("e1", "c1", Some("ctx"), succeeded()), now),
+            matched(op.id, EventEffect::Applied)
         );
         let settled = store.get(op.id).unwrap();
         assert_eq!(settled.status, OperationStatus::Succeeded);
         assert_eq!(settled.result.as_ref().unwrap().code, Some(200));
         assert_eq!(
+            timeline(&settled.events),
+            [("e1".into(), EventEffect::Applied)]
+        );
+
+        // Same id, whatever it says: dropped before it reaches the operation.
+        assert_eq!(
             store.deliver(event("e1", "c1", Some("ctx"), failed()), now),
             Delivery::Duplicate
         );
-        assert_eq!(store.get(op.id).unwrap(), settled);
+        let after = store.get(op.id).unwrap();
+        assert_eq!(
+            after.events.len(),
+            1,
+            "the duplicate is not on the timeline"
+        );
+        assert_eq!(after, settled);
+    }
+
+    #[test]
+    fn later_outcomes_and_other_kinds_are_recorded_but_change_nothing() {
+        let store = store();
+        let op = store.create(removal("c1", "ctx")).unwrap();
+        let now = Instant::now();
+        // A play event with the same context reports on another operation.
+        assert_eq!(
+            store.deliver(event_of(play(), "p1", "ctx", succeeded()), now),
+            matched(op.id, EventEffect::Recorded)
+        );
+        assert_eq!(
+            store.get(op.id).unwrap().status,
+            OperationStatus::NotStarted
+        );
+        store.deliver(event("e1", "c1", Some("ctx"), failed()), now);
+        // A second outcome with another id is kept, but the first one stands.
+        assert_eq!(
+            store.deliver(event("e2", "c1", Some("ctx"), succeeded()), now),
+            matched(op.id, EventEffect::Ignored)
+        );
+        let op = store.get(op.id).unwrap();
+        assert_eq!(op.status, OperationStatus::Failed);
+        assert_eq!(
+            timeline(&op.events),
+            [
+                ("p1".into(), EventEffect::Recorded),
+                ("e1".into(), EventEffect::Applied),
+                ("e2".into(), EventEffect::Ignored),
+            ]
+        );
     }
 
     #[test]
@@ -675,13 +787,29 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let running = store.transition(op.id, Transition::Accepted, now).unwrap();
         assert_eq!(running.status, OperationStatus::Running);
+        // A retried request accepted again keeps it running.
+        let again = store.transition(op.id, Transition::Accepted, now).unwrap();
+        assert_eq!(again.status, OperationStatus::Running);
         store.deliver(event("e1", "c1", Some("ctx"), succeeded()), Instant::now());
+        // The 202 arrives after the callback: the operation stays settled.
         let after = store.transition(op.id, Transition::Accepted, now).unwrap();
         assert_eq!(after.status, OperationStatus::Succeeded);
+        assert_eq!(store.get(op.id), Some(after));
         assert_eq!(
             store.transition(OperationId::new(), Transition::Accepted, now),
             None
         );
+    }
+
+    #[test]
+    fn a_callback_overtaking_the_accept_settles_a_not_started_operation() {
+        let store = store();
+        let op = store.create(removal("c1", "ctx")).unwrap();
+        store.deliver(event("e1", "c1", Some("ctx"), succeeded()), Instant::now());
+        let late = store
+            .transition(op.id, Transition::Accepted, OffsetDateTime::now_utc())
+            .unwrap();
+        assert_eq!(late.status, OperationStatus::Succeeded);
     }
 
     #[test]
@@ -693,9 +821,58 @@ mod tests {
             Delivery::Parked
         );
         assert_eq!(store.stats().parked, 1);
+        assert_eq!(store.stats().operations, 0, "parking creates nothing");
+        // A duplicate of a parked event is still a duplicate.
+        assert_eq!(
+            store.deliver(event("e1", "c1", Some("ctx"), failed()), now),
+            Delivery::Duplicate
+        );
+        assert_eq!(store.stats().parked, 1);
+
+        let created = store.create(removal("c1", "ctx")).unwrap();
+        assert_eq!(
+            created.status,
+            OperationStatus::Failed,
+            "settled on creation"
+        );
+        assert_eq!(
+            timeline(&created.events),
+            [("e1".into(), EventEffect::Applied)]
+        );
+        assert_eq!(store.get(created.id), Some(created.clone()));
+        assert_eq!(store.stats().parked, 0);
+        // The 202 that follows does not move it.
+        let after = store
+            .transition(created.id, Transition::Accepted, OffsetDateTime::now_utc())
+            .unwrap();
+        assert_eq!(after.status, OperationStatus::Failed);
+    }
+
+    #[test]
+    fn parked_events_are_applied_in_arrival_order() {
+        let store = store();
+        let now = Instant::now();
+        // Once a key is parked, even a play event under it waits with the others.
+        let parked = [
+            store.deliver(event("e1", "c1", Some("ctx"), failed()), now),
+            store.deliver(
+                event_of(play(), "p1", "ctx", Some(Transition::Started)),
+                now,
+            ),
+            store.deliver(event("e2", "c1", Some("ctx"), succeeded()), now),
+        ];
+        assert_eq!(parked, [Delivery::Parked; 3]);
+        assert_eq!(store.stats().parked, 3);
         let created = store.create(removal("c1", "ctx")).unwrap();
         assert_eq!(created.status, OperationStatus::Failed);
-        assert_eq!(created.events.len(), 1);
+        assert_eq!(
+            timeline(&created.events),
+            [
+                ("e1".into(), EventEffect::Applied),
+                ("p1".into(), EventEffect::Recorded),
+                ("e2".into(), EventEffect::Ignored),
+            ]
+        );
         assert_eq!(store.stats().parked, 0);
     }
 
@@ -706,22 +883,37 @@ mod tests {
         store.deliver(event("e1", "c1", Some("ctx"), succeeded()), t0);
         let report = store.sweep(t0 + Duration::from_millis(100), OffsetDateTime::now_utc());
         assert!(report.expired.is_empty(), "not yet");
+        assert_eq!(store.stats().parked, 1);
+        assert_eq!(store.call_events(&call("c1")), None);
+
         let report = store.sweep(t0 + Duration::from_secs(10), OffsetDateTime::now_utc());
         assert_eq!(report.expired.len(), 1);
+        assert_eq!(report.expired[0].id.as_deref(), Some("e1"));
         let stats = store.stats();
         assert_eq!((stats.parked, stats.parked_expired), (0, 1));
         let events = store.call_events(&call("c1")).unwrap();
-        assert_eq!(events[0].effect, EventEffect::Unmatched);
+        assert_eq!(timeline(&events), [("e1".into(), EventEffect::Unmatched)]);
+        // A redelivery of the expired event is still recognised.
+        assert_eq!(
+            store.deliver(
+                event("e1", "c1", Some("ctx"), succeeded()),
+                t0 + Duration::from_secs(11)
+            ),
+            Delivery::Duplicate
+        );
         // The operation that comes later starts clean.
         let created = store.create(removal("c1", "ctx")).unwrap();
         assert_eq!(created.status, OperationStatus::NotStarted);
+        assert!(created.events.is_empty());
+        // Sweeping again expires nothing more.
+        let report = store.sweep(t0 + Duration::from_secs(20), OffsetDateTime::now_utc());
+        assert!(report.expired.is_empty());
+        assert_eq!(store.stats().parked_expired, 1);
     }
 
     #[test]
     fn the_park_is_bounded() {
-        let mut config = config();
-        config.park_max = 2;
-        let store = OperationStore::new(&config);
+        let store = store_with(|c| c.park_max = 2);
         let now = Instant::now();
         for n in 0..2 {
             let delivery = store.deliver(
@@ -730,106 +922,324 @@ mod tests {
             );
             assert_eq!(delivery, Delivery::Parked);
         }
+        // Full: neither a new key nor one already parked takes more.
         assert_eq!(
-            store.deliver(event("e9", "c1", Some("x9"), succeeded()), now),
+            store.deliver(event("e8", "c1", Some("x8"), succeeded()), now),
+            Delivery::Unmatched
+        );
+        assert_eq!(
+            store.deliver(event("e9", "c1", Some("x0"), failed()), now),
             Delivery::Unmatched
         );
         let stats = store.stats();
-        assert_eq!((stats.parked, stats.parked_overflow), (2, 1));
-        assert_eq!(store.call_events(&call("c1")).unwrap().len(), 1);
+        assert_eq!((stats.parked, stats.parked_overflow), (2, 2));
+        // The overflow is kept on the call, not lost.
+        let events = store.call_events(&call("c1")).unwrap();
+        assert_eq!(
+            timeline(&events),
+            [
+                ("e8".into(), EventEffect::Unmatched),
+                ("e9".into(), EventEffect::Unmatched),
+            ]
+        );
+        // The refused event did not join the parked ones.
+        let created = store.create(removal("c1", "x0")).unwrap();
+        assert_eq!(created.status, OperationStatus::Succeeded);
+        assert_eq!(created.events.len(), 1);
+        // Creation freed a place.
+        assert_eq!(
+            store.deliver(event("e10", "c1", Some("x10"), succeeded()), now),
+            Delivery::Parked
+        );
     }
 
     #[test]
     fn other_kinds_become_observed_operations() {
         let store = store();
-        let mut play = event("e1", "c1", Some("p"), Some(Transition::Started));
-        play.kind = OperationKind::Observed("play".into());
-        let Delivery::Observed { id } = store.deliver(play.clone(), Instant::now()) else {
+        let started = event_of(play(), "e1", "p", Some(Transition::Started));
+        let Delivery::Observed { id } = store.deliver(started.clone(), Instant::now()) else {
             panic!("not observed");
         };
-        assert_eq!(store.get(id).unwrap().status, OperationStatus::Running);
-        play.id = Some("e2".into());
-        play.transition = succeeded();
+        let observed = store.get(id).unwrap();
+        assert_eq!(observed.status, OperationStatus::Running);
+        assert_eq!(observed.kind, play());
+        assert_eq!(observed.context, "p");
+        assert_eq!(observed.call, call("c1"));
+        assert_eq!(store.stats().parked, 0);
+
+        let completed = IncomingEvent {
+            id: Some("e2".into()),
+            transition: succeeded(),
+            ..started
+        };
         assert_eq!(
-            store.deliver(play, Instant::now()),
-            Delivery::Matched {
-                id,
-                effect: EventEffect::Applied
-            }
+            store.deliver(completed, Instant::now()),
+            matched(id, EventEffect::Applied)
         );
         let observed = store.get(id).unwrap();
         assert_eq!(observed.status, OperationStatus::Succeeded);
         assert_eq!(observed.kind.as_str(), "play");
-        assert_eq!(observed.events.len(), 2);
+        assert_eq!(
+            timeline(&observed.events),
+            [
+                ("e1".into(), EventEffect::Applied),
+                ("e2".into(), EventEffect::Applied),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_observed_operation_takes_the_status_its_first_event_reports() {
+        let store = store();
+        let cases = [
+            ("a", None, OperationStatus::Running),
+            ("b", Some(Transition::Started), OperationStatus::Running),
+            ("c", succeeded(), OperationStatus::Succeeded),
+            ("d", failed(), OperationStatus::Failed),
+            (
+                "e",
+                Some(Transition::Canceled { result: None }),
+                OperationStatus::Canceled,
+            ),
+        ];
+        for (context, transition, want) in cases {
+            let delivery = store.deliver(
+                event_of(play(), context, context, transition),
+                Instant::now(),
+            );
+            let Delivery::Observed { id } = delivery else {
+                panic!("{context}: {delivery:?}");
+            };
+            assert_eq!(store.get(id).unwrap().status, want, "{context}");
+        }
     }
 
     #[test]
     fn call_events_are_kept_newest_last_and_capped() {
-        let mut config = config();
-        config.call_events_max = 3;
-        let store = OperationStore::new(&config);
+        let store = store_with(|c| c.call_events_max = 3);
+        assert_eq!(store.call_events(&call("c1")), None);
         for n in 0..5 {
             let delivery = store.deliver(event(&format!("e{n}"), "c1", None, None), Instant::now());
             assert_eq!(delivery, Delivery::CallEvent);
         }
-        let ids: Vec<_> = store
-            .call_events(&call("c1"))
-            .unwrap()
-            .into_iter()
-            .map(|e| e.id.unwrap())
-            .collect();
-        assert_eq!(ids, ["e2", "e3", "e4"]);
+        store.deliver(event("other", "c2", None, None), Instant::now());
+        let events = store.call_events(&call("c1")).unwrap();
+        assert_eq!(
+            timeline(&events),
+            [
+                ("e2".into(), EventEffect::Recorded),
+                ("e3".into(), EventEffect::Recorded),
+                ("e4".into(), EventEffect::Recorded),
+            ]
+        );
+        assert_eq!(store.call_events(&call("c2")).unwrap().len(), 1);
+        assert_eq!(store.stats().operations, 0);
+        // Neither call nor context: nowhere to keep it.
         let mut nowhere = event("e9", "c1", Some("x"), None);
         nowhere.call = None;
         assert_eq!(store.deliver(nowhere, Instant::now()), Delivery::Unmatched);
+        assert_eq!(store.call_events(&call("c1")).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn event_ids_are_forgotten_after_the_dedupe_ttl() {
+        let store = store_with(|c| c.dedupe_ttl_secs = 1);
+        let t0 = Instant::now();
+        let wall = OffsetDateTime::now_utc();
+        assert_eq!(
+            store.deliver(event("e1", "c1", None, None), t0),
+            Delivery::CallEvent
+        );
+        store.sweep(t0 + Duration::from_millis(500), wall);
+        assert_eq!(
+            store.deliver(event("e1", "c1", None, None), t0),
+            Delivery::Duplicate
+        );
+        store.sweep(t0 + Duration::from_secs(2), wall);
+        assert_eq!(
+            store.deliver(event("e1", "c1", None, None), t0),
+            Delivery::CallEvent
+        );
+        // Events without an id are never taken for duplicates.
+        let mut anonymous = event("x", "c1", None, None);
+        anonymous.id = None;
+        assert_eq!(store.deliver(anonymous.clone(), t0), Delivery::CallEvent);
+        assert_eq!(store.deliver(anonymous, t0), Delivery::CallEvent);
     }
 
     #[test]
     fn retention_retires_settled_operations_and_frees_their_context() {
         let store = store();
-        let op = store.create(removal("c1", "old")).unwrap();
-        let running = store.create(removal("c1", "running")).unwrap();
-        let long_ago = OffsetDateTime::now_utc() - time::Duration::days(2);
-        store.transition(op.id, Transition::Succeeded { result: None }, long_ago);
+        let long_ago = days_ago(2);
+        // Settled two days ago (past the one-day retention).
+        let mut old = removal("c1", "old");
+        old.apply(Transition::Succeeded { result: None }, long_ago)
+            .unwrap();
+        let old = store.create(old).unwrap();
+        // Created two days ago, still running: never retired.
+        let mut stuck = Operation::new(
+            OperationKind::RemoveParticipant,
+            call("c1"),
+            "stuck".into(),
+            long_ago,
+        );
+        stuck.apply(Transition::Accepted, long_ago).unwrap();
+        let stuck = store.create(stuck).unwrap();
+        // Settled just now.
+        let recent = store.create(removal("c1", "recent")).unwrap();
+        store.deliver(event("e1", "c1", Some("recent"), failed()), Instant::now());
+
         let report = store.sweep(Instant::now(), OffsetDateTime::now_utc());
         assert_eq!(report.removed_operations, 1);
-        assert_eq!(store.get(op.id), None);
-        assert!(store.get(running.id).is_some(), "running operations stay");
-        store.create(removal("c1", "old")).unwrap();
+        assert!(report.expired.is_empty());
+        assert_eq!(store.get(old.id), None);
+        assert!(store.get(stuck.id).is_some(), "running operations stay");
+        assert!(store.get(recent.id).is_some(), "recent ones stay");
+        assert_eq!(store.stats().operations, 2);
+
+        // Its context is free: a new operation takes it, and its callback finds it.
+        let new = store.create(removal("c1", "old")).unwrap();
+        assert_eq!(
+            store.deliver(event("e2", "c1", Some("old"), succeeded()), Instant::now()),
+            matched(new.id, EventEffect::Applied)
+        );
+        // Nothing left to retire.
+        assert_eq!(
+            store
+                .sweep(Instant::now(), OffsetDateTime::now_utc())
+                .removed_operations,
+            0
+        );
+    }
+
+    #[test]
+    fn a_callback_for_a_retired_operation_parks_like_any_unknown_one() {
+        let store = store();
+        let mut old = removal("c1", "old");
+        old.apply(Transition::Succeeded { result: None }, days_ago(2))
+            .unwrap();
+        store.create(old).unwrap();
+        store.sweep(Instant::now(), OffsetDateTime::now_utc());
+        assert_eq!(
+            store.deliver(
+                event("late", "c1", Some("old"), succeeded()),
+                Instant::now()
+            ),
+            Delivery::Parked
+        );
+    }
+
+    #[test]
+    fn idle_call_timelines_are_retired_with_the_operations() {
+        let store = store();
+        let mut stale = event("e1", "c1", None, None);
+        stale.received = days_ago(2);
+        store.deliver(stale, Instant::now());
+        store.deliver(event("e2", "c2", None, None), Instant::now());
+        store.sweep(Instant::now(), OffsetDateTime::now_utc());
+        assert_eq!(store.call_events(&call("c1")), None);
+        assert_eq!(store.call_events(&call("c2")).unwrap().len(), 1);
     }
 
     #[test]
     fn list_filters_and_pages_newest_first() {
         let store = store();
-        let ids: Vec<OperationId> = (0..4)
+        let removals: Vec<OperationId> = (0..4)
             .map(|n| store.create(removal("c1", &format!("ctx{n}"))).unwrap().id)
             .collect();
-        store.create(removal("c2", "ctx0")).unwrap();
+        let other_call = store.create(removal("c2", "ctx0")).unwrap().id;
+        let Delivery::Observed { id: played } =
+            store.deliver(event_of(play(), "p", "ctx9", succeeded()), Instant::now())
+        else {
+            panic!("not observed");
+        };
+        store.deliver(event("e1", "c1", Some("ctx1"), succeeded()), Instant::now());
+        store.transition(removals[2], Transition::Accepted, OffsetDateTime::now_utc());
+
+        let everything = store.list(&ListFilter::default(), 100);
+        assert_eq!(everything.0.len(), 6);
+        assert!(!everything.1);
+        assert_eq!(everything.0[0].id, played, "newest first");
+
         let by_call = ListFilter {
             call_connection_id: Some("c1".into()),
             ..ListFilter::default()
         };
         let (page, more) = store.list(&by_call, 3);
-        let got: Vec<_> = page.iter().map(|op| op.id).collect();
-        assert_eq!(got, [ids[3], ids[2], ids[1]]);
+        // The observed play is on c1 too, and the newest.
+        assert_eq!(ids(&page), [played, removals[3], removals[2]]);
         assert!(more);
         let rest = ListFilter {
-            before: Some(ids[1]),
+            before: Some(removals[2]),
             ..by_call.clone()
         };
         let (page, more) = store.list(&rest, 3);
-        assert_eq!(page.iter().map(|op| op.id).collect::<Vec<_>>(), [ids[0]]);
+        assert_eq!(ids(&page), [removals[1], removals[0]]);
         assert!(!more);
+        // Exactly `limit` left: no more.
+        let (page, more) = store.list(&rest, 2);
+        assert_eq!(page.len(), 2);
+        assert!(!more);
+
         let by_context = ListFilter {
             context: Some("ctx0".into()),
             ..ListFilter::default()
         };
-        assert_eq!(store.list(&by_context, 10).0.len(), 2);
-        let running = ListFilter {
-            status: Some(OperationStatus::Running),
+        assert_eq!(
+            ids(&store.list(&by_context, 10).0),
+            [other_call, removals[0]]
+        );
+
+        let status = |status| ListFilter {
+            status: Some(status),
             ..ListFilter::default()
         };
-        assert!(store.list(&running, 10).0.is_empty());
+        assert_eq!(
+            ids(&store.list(&status(OperationStatus::Running), 10).0),
+            [removals[2]]
+        );
+        assert_eq!(
+            ids(&store.list(&status(OperationStatus::Succeeded), 10).0),
+            [played, removals[1]]
+        );
+        assert!(
+            store
+                .list(&status(OperationStatus::Canceled), 10)
+                .0
+                .is_empty()
+        );
+
+        let kind = |kind| ListFilter {
+            kind: Some(kind),
+            ..ListFilter::default()
+        };
+        assert_eq!(ids(&store.list(&kind(play()), 10).0), [played]);
+        assert_eq!(
+            store
+                .list(&kind(OperationKind::RemoveParticipant), 10)
+                .0
+                .len(),
+            5
+        );
+        assert!(
+            store
+                .list(&kind(OperationKind::CancelMediaProcessing), 10)
+                .0
+                .is_empty()
+        );
+
+        let combined = ListFilter {
+            call_connection_id: Some("c1".into()),
+            kind: Some(OperationKind::RemoveParticipant),
+            status: Some(OperationStatus::NotStarted),
+            ..ListFilter::default()
+        };
+        assert_eq!(
+            ids(&store.list(&combined, 10).0),
+            [removals[3], removals[0]]
+        );
+
+        // Graph call ids never match ACS call connections.
         let graph = ListFilter {
             call_id: Some("c1".into()),
             ..ListFilter::default()
@@ -838,56 +1248,162 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_waiter_times_out_or_is_woken_by_the_settling_event() {
+    async fn waiting_on_a_settled_operation_returns_at_once() {
         let store = store();
         let op = store.create(removal("c1", "ctx")).unwrap();
-        let still = store
-            .wait_settled(op.id, Duration::from_secs(5))
+        store.deliver(event("e1", "c1", Some("ctx"), succeeded()), Instant::now());
+        let started = Instant::now();
+        let settled = store
+            .wait_settled(op.id, Duration::from_secs(3600))
             .await
             .unwrap();
-        assert_eq!(still.status, OperationStatus::NotStarted);
+        assert_eq!(settled.status, OperationStatus::Succeeded);
+        assert_eq!(started.elapsed(), Duration::ZERO);
         assert_eq!(
             store
                 .wait_settled(OperationId::new(), Duration::from_secs(5))
                 .await,
-            None
+            None,
+            "unknown operations are not waited for"
         );
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
 
-        let waiter = {
-            let store = store.clone();
-            tokio::spawn(async move { store.wait_settled(op.id, Duration::from_secs(3600)).await })
-        };
-        while store.stats().waiting == 0 {
-            tokio::task::yield_now().await;
-        }
-        let started = tokio::time::Instant::now();
-        store.deliver(event("e1", "c1", Some("ctx"), succeeded()), Instant::now());
-        let woken = waiter.await.unwrap().unwrap();
-        assert_eq!(woken.status, OperationStatus::Succeeded);
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "woken, not timed out"
-        );
+    #[tokio::test(start_paused = true)]
+    async fn waiting_on_a_running_operation_times_out() {
+        let store = store();
+        let op = store.create(removal("c1", "ctx")).unwrap();
+        store.transition(op.id, Transition::Accepted, OffsetDateTime::now_utc());
+        let started = Instant::now();
+        let still = store
+            .wait_settled(op.id, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(still.status, OperationStatus::Running);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
         assert_eq!(store.stats().waiting, 0);
-        // A settled operation answers at once.
-        let again = store
+        // A zero timeout is a plain read.
+        let read = store.wait_settled(op.id, Duration::ZERO).await.unwrap();
+        assert_eq!(read.status, OperationStatus::Running);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+    }
+
+    /// Spawns a task that waits for a long poll to start, then delivers `event`.
+    fn deliver_once_waited_on(
+        store: &OperationStore,
+        event: IncomingEvent,
+    ) -> tokio::task::JoinHandle<Delivery> {
+        let store = store.clone();
+        tokio::spawn(async move {
+            while store.stats().waiting == 0 {
+                tokio::task::yield_now().await;
+            }
+            store.deliver(event, Instant::now())
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_is_woken_by_the_settling_callback() {
+        let store = store();
+        let op = store.create(removal("c1", "ctx")).unwrap();
+        let settler = deliver_once_waited_on(&store, event("e1", "c1", Some("ctx"), succeeded()));
+        let started = Instant::now();
+        let woken = tokio::time::timeout(
+            Duration::from_secs(60),
+            store.wait_settled(op.id, Duration::from_secs(3600)),
+        )
+        .await
+        .expect("woken long before its timeout")
+        .unwrap();
+        assert_eq!(woken.status, OperationStatus::Succeeded);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(settler.await.unwrap(), matched(op.id, EventEffect::Applied));
+        assert_eq!(store.stats().waiting, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_is_woken_by_an_upstream_rejection() {
+        let store = store();
+        let op = store.create(removal("c1", "ctx")).unwrap();
+        let rejecter = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                while store.stats().waiting == 0 {
+                    tokio::task::yield_now().await;
+                }
+                store.transition(op.id, failure(), OffsetDateTime::now_utc())
+            })
+        };
+        let started = Instant::now();
+        let woken = store
             .wait_settled(op.id, Duration::from_secs(3600))
             .await
             .unwrap();
-        assert_eq!(again.status, OperationStatus::Succeeded);
+        assert_eq!(woken.status, OperationStatus::Failed);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        rejecter.await.unwrap();
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn concurrent_duplicate_deliveries_apply_each_event_once() {
+    #[tokio::test(start_paused = true)]
+    async fn every_waiter_is_woken_and_the_count_follows_them() {
         let store = store();
-        let ops: Vec<Operation> = (0..200)
-            .map(|n| {
-                store
-                    .create(removal(&format!("c{}", n % 7), &format!("ctx{n}")))
-                    .unwrap()
+        let op = store.create(removal("c1", "ctx")).unwrap();
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(
+                    async move { store.wait_settled(op.id, Duration::from_secs(3600)).await },
+                )
             })
             .collect();
-        let events: Vec<IncomingEvent> = (0..200)
+        while store.stats().waiting < 3 {
+            tokio::task::yield_now().await;
+        }
+        // A long poll whose client went away is no longer counted.
+        let abandoned = tokio::time::timeout(
+            Duration::from_secs(1),
+            store.wait_settled(op.id, Duration::from_secs(3600)),
+        )
+        .await;
+        assert!(abandoned.is_err());
+        assert_eq!(store.stats().waiting, 3);
+
+        let started = Instant::now();
+        store.deliver(event("e1", "c1", Some("ctx"), failed()), Instant::now());
+        for waiter in waiters {
+            let woken = waiter.await.unwrap().unwrap();
+            assert_eq!(woken.status, OperationStatus::Failed);
+        }
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(store.stats().waiting, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_is_woken_when_a_parked_callback_settles_the_new_operation() {
+        let store = store();
+        let op = removal("c1", "ctx");
+        let id = op.id;
+        // The operation does not exist yet: waiting on it answers None...
+        assert_eq!(store.wait_settled(id, Duration::from_secs(5)).await, None);
+        store.deliver(event("e1", "c1", Some("ctx"), succeeded()), Instant::now());
+        // ...and once created from a parked callback it is already settled.
+        let created = store.create(op).unwrap();
+        assert_eq!(created.status, OperationStatus::Succeeded);
+        let started = Instant::now();
+        let settled = store
+            .wait_settled(id, Duration::from_secs(3600))
+            .await
+            .unwrap();
+        assert_eq!(settled.status, OperationStatus::Succeeded);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    /// 200 operations on 7 calls; every third fails. Returns (operations, their events).
+    fn many() -> (Vec<Operation>, Vec<IncomingEvent>) {
+        let ops = (0..200)
+            .map(|n| removal(&format!("c{}", n % 7), &format!("ctx{n}")))
+            .collect();
+        let events = (0..200)
             .map(|n| {
                 let outcome = if n % 3 == 0 { failed() } else { succeeded() };
                 event(
@@ -898,11 +1414,18 @@ mod tests {
                 )
             })
             .collect();
-        let tasks: Vec<_> = (0..8)
+        (ops, events)
+    }
+
+    /// Each of 8 tasks delivers `events` in its own order.
+    fn deliver_from_8_tasks(
+        store: &OperationStore,
+        events: &[IncomingEvent],
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        (0..8)
             .map(|task| {
                 let store = store.clone();
-                let mut events = events.clone();
-                // Each task delivers in its own order.
+                let mut events = events.to_vec();
                 events.rotate_left(task * 25);
                 if task % 2 == 1 {
                     events.reverse();
@@ -914,10 +1437,11 @@ mod tests {
                     }
                 })
             })
-            .collect();
-        for task in tasks {
-            task.await.unwrap();
-        }
+            .collect()
+    }
+
+    /// Every operation settled as its event says, with exactly one event, applied.
+    fn assert_each_settled_once(store: &OperationStore, ops: &[Operation]) {
         for (n, op) in ops.iter().enumerate() {
             let op = store.get(op.id).unwrap();
             let want = if n % 3 == 0 {
@@ -927,11 +1451,84 @@ mod tests {
             };
             assert_eq!(op.status, want, "operation {n}");
             assert_eq!(
-                op.events.len(),
-                1,
+                timeline(&op.events),
+                [(format!("e{n}"), EventEffect::Applied)],
                 "operation {n}: duplicates must be dropped"
             );
-            assert_eq!(op.events[0].effect, EventEffect::Applied);
+        }
+        let stats = store.stats();
+        assert_eq!((stats.operations, stats.parked), (ops.len(), 0));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_duplicate_deliveries_apply_each_event_once() {
+        let store = store();
+        let (ops, events) = many();
+        for op in &ops {
+            store.create(op.clone()).unwrap();
+        }
+        for task in deliver_from_8_tasks(&store, &events) {
+            task.await.unwrap();
+        }
+        assert_each_settled_once(&store, &ops);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn deliveries_racing_creation_are_parked_or_applied_never_lost() {
+        let store = store();
+        let (ops, events) = many();
+        let deliverers = deliver_from_8_tasks(&store, &events);
+        let creator = {
+            let store = store.clone();
+            let ops = ops.clone();
+            tokio::spawn(async move {
+                for op in ops {
+                    let created = store.create(op).unwrap();
+                    assert!(created.events.len() <= 1);
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        for task in deliverers {
+            task.await.unwrap();
+        }
+        creator.await.unwrap();
+        assert_each_settled_once(&store, &ops);
+    }
+
+    /// A callback parked before `create` is applied before any callback that races the
+    /// creation: the older outcome wins, every time.
+    #[test]
+    fn parked_callbacks_apply_before_a_racing_one() {
+        let store = store();
+        let (ids, racing) = std::sync::mpsc::channel::<(OperationId, String)>();
+        let racer = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for (id, context) in racing {
+                    while store.get(id).is_none() {
+                        std::hint::spin_loop();
+                    }
+                    let racing = event(&format!("b-{context}"), "c1", Some(&context), succeeded());
+                    store.deliver(racing, Instant::now());
+                }
+            })
+        };
+        let mut created = Vec::new();
+        for round in 0..20_000 {
+            let context = format!("ctx{round}");
+            let parked = event(&format!("a-{context}"), "c1", Some(&context), failed());
+            store.deliver(parked, Instant::now());
+            let operation = removal("c1", &context);
+            created.push(operation.id);
+            ids.send((operation.id, context)).unwrap();
+            store.create(operation).unwrap();
+        }
+        drop(ids);
+        racer.join().unwrap();
+        for (round, id) in created.into_iter().enumerate() {
+            let settled = store.get(id).unwrap();
+            assert_eq!(settled.status, OperationStatus::Failed, "round {round}");
         }
     }
 }
