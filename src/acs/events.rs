@@ -38,15 +38,6 @@ pub enum DecodeError {
     Json(#[from] serde_json::Error),
 }
 
-/// What an event means for the operation it names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EventMeaning {
-    /// The operation kind the event reports on (`removeParticipant`, `play`, ...).
-    pub kind: OperationKind,
-    /// The state change it reports, if any.
-    pub transition: Option<Transition>,
-}
-
 /// Decodes a callback body.
 pub fn decode(body: &[u8]) -> Result<Vec<AcsEvent>, DecodeError> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
@@ -67,33 +58,30 @@ impl AcsEvent {
             .unwrap_or(&self.event_type)
     }
 
-    /// Which operation kind this event reports on, and how it moves it.
-    ///
-    /// `<Stem>Succeeded|Completed|Accepted` settle as succeeded, `<Stem>Failed` as failed,
-    /// `<Stem>Canceled` as canceled, `<Stem>Started` marks it running; the kind is the stem
-    /// in camelCase (`RemoveParticipant` → `removeParticipant`, `Play` → `play`). Other
-    /// events (`CallConnected`, `ParticipantsUpdated`, ...) carry no transition.
-    pub fn meaning(&self) -> EventMeaning {
-        meaning_of(self.name(), self.result.clone())
-    }
-
-    /// The platform-neutral event the store correlates, received at `received`.
+    /// The platform-neutral event the store correlates, received at `received`, with the
+    /// kind and transition its name reports (see [`meaning_of`]).
     pub fn into_incoming(mut self, received: OffsetDateTime) -> IncomingEvent {
         let result = self.result.take();
-        let meaning = meaning_of(self.name(), result);
+        let (kind, transition) = meaning_of(self.name(), result);
         IncomingEvent {
             id: self.id,
             event_type: self.event_type,
             call: self.call_connection_id.map(CallRef::CallConnection),
             context: self.operation_context,
-            kind: meaning.kind,
-            transition: meaning.transition,
+            kind,
+            transition,
             received,
         }
     }
 }
 
-fn meaning_of(name: &str, result: Option<ResultInfo>) -> EventMeaning {
+/// Which operation kind an event name reports on, and how it moves it.
+///
+/// `<Stem>Succeeded|Completed|Accepted` settle as succeeded, `<Stem>Failed` as failed,
+/// `<Stem>Canceled` as canceled, `<Stem>Started` marks it running; the kind is the stem in
+/// camelCase (`RemoveParticipant` → `removeParticipant`, `Play` → `play`). Other events
+/// (`CallConnected`, `ParticipantsUpdated`, ...) carry no transition.
+fn meaning_of(name: &str, result: Option<ResultInfo>) -> (OperationKind, Option<Transition>) {
     const SUFFIXES: [&str; 6] = [
         "Succeeded",
         "Completed",
@@ -108,10 +96,7 @@ fn meaning_of(name: &str, result: Option<ResultInfo>) -> EventMeaning {
             .map(|stem| (stem, *suffix))
     });
     let Some((stem, suffix)) = split else {
-        return EventMeaning {
-            kind: OperationKind::from_name(&lower_camel(name)),
-            transition: None,
-        };
+        return (OperationKind::from_name(&lower_camel(name)), None);
     };
     let transition = match suffix {
         "Succeeded" | "Completed" | "Accepted" => Transition::Succeeded { result },
@@ -131,10 +116,10 @@ fn meaning_of(name: &str, result: Option<ResultInfo>) -> EventMeaning {
             }
         }
     };
-    EventMeaning {
-        kind: OperationKind::from_name(&lower_camel(stem)),
-        transition: Some(transition),
-    }
+    (
+        OperationKind::from_name(&lower_camel(stem)),
+        Some(transition),
+    )
 }
 
 fn lower_camel(name: &str) -> String {
@@ -228,6 +213,12 @@ mod tests {
 
     use crate::operation::OperationKind::*;
 
+    /// The kind and transition an event reports.
+    fn meaning(event: AcsEvent) -> (OperationKind, Option<Transition>) {
+        let incoming = event.into_incoming(OffsetDateTime::UNIX_EPOCH);
+        (incoming.kind, incoming.transition)
+    }
+
     fn fixture(name: &str) -> Vec<u8> {
         let path = format!("{}/tests/fixtures/acs/{name}", env!("CARGO_MANIFEST_DIR"));
         std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
@@ -263,17 +254,17 @@ mod tests {
         );
         assert_eq!(event.operation_context.as_deref(), Some("context"));
         assert_eq!(
-            event.meaning(),
-            EventMeaning {
-                kind: RemoveParticipant,
-                transition: Some(Transition::Succeeded { result: None })
-            }
+            meaning(event.clone()),
+            (
+                RemoveParticipant,
+                Some(Transition::Succeeded { result: None })
+            )
         );
         let events = decode(&fixture("java_RemoveParticipantFailed.json")).unwrap();
-        let meaning = events[0].meaning();
-        assert_eq!(meaning.kind, RemoveParticipant);
-        let Some(Transition::Failed { error, .. }) = meaning.transition else {
-            panic!("{meaning:?}");
+        let (kind, transition) = meaning(events[0].clone());
+        assert_eq!(kind, RemoveParticipant);
+        let Some(Transition::Failed { error, .. }) = transition else {
+            panic!("{transition:?}");
         };
         assert_eq!(error.code, "RemoveParticipantFailed");
     }
@@ -281,9 +272,9 @@ mod tests {
     #[test]
     fn other_events_name_their_kind() {
         let check = |name: &str, kind: &str, transition: Option<&str>| {
-            let meaning = decode(&fixture(name)).unwrap()[0].meaning();
-            assert_eq!(meaning.kind.as_str(), kind, "{name}");
-            let got = meaning.transition.map(|t| match t {
+            let (got_kind, got_transition) = meaning(decode(&fixture(name)).unwrap().remove(0));
+            assert_eq!(got_kind.as_str(), kind, "{name}");
+            let got = got_transition.map(|t| match t {
                 Transition::Succeeded { .. } => "succeeded",
                 Transition::Failed { .. } => "failed",
                 Transition::Canceled { .. } => "canceled",
