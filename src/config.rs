@@ -21,12 +21,17 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 /// The documented environment variables and the field each sets. Any other field is set
 /// with `CALLOPS_<SECTION>__<FIELD>`.
-pub const ENV_ALIASES: [(&str, &str); 7] = [
+pub const ENV_ALIASES: [(&str, &str); 12] = [
     ("LISTEN", "http.listen"),
     ("PUBLIC_URL", "http.public_url"),
     ("STORE", "store.location"),
     ("ACS_CONNECTION_STRING", "acs.connection_string"),
     ("ACS_API_VERSION", "acs.api_version"),
+    ("GRAPH_BASE_URL", "graph.base_url"),
+    ("GRAPH_AUTHORITY", "graph.authority"),
+    ("GRAPH_TENANT_ID", "graph.tenant_id"),
+    ("GRAPH_CLIENT_ID", "graph.client_id"),
+    ("GRAPH_CLIENT_SECRET", "graph.client_secret"),
     ("CALLBACK_AUTH", "callbacks.auth"),
     ("LOG_FORMAT", "log.format"),
 ];
@@ -40,6 +45,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub operations: OperationsConfig,
     pub acs: AcsConfig,
+    pub graph: GraphConfig,
     pub callbacks: CallbacksConfig,
     pub emulator: EmulatorConfig,
 }
@@ -88,6 +94,30 @@ pub struct OperationsConfig {
     pub sweep_interval_ms: u64,
     pub page_size: usize,
     pub page_size_max: usize,
+    pub callback_timeouts: CallbackTimeouts,
+}
+
+/// How long an operation waits for its final callback before it fails with
+/// `CallbackTimeout` (a later callback still settles it, marked late), per kind.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallbackTimeouts {
+    pub remove_participant_secs: u64,
+    pub cancel_media_processing_secs: u64,
+    /// Operations observed in callbacks but not issued by callops (playPrompt, ...).
+    pub observed_secs: u64,
+}
+
+impl CallbackTimeouts {
+    /// The timeout of operations of `kind`.
+    pub fn for_kind(&self, kind: &crate::operation::OperationKind) -> Duration {
+        use crate::operation::OperationKind;
+        Duration::from_secs(match kind {
+            OperationKind::RemoveParticipant => self.remove_participant_secs,
+            OperationKind::CancelMediaProcessing => self.cancel_media_processing_secs,
+            OperationKind::Observed(_) => self.observed_secs,
+        })
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -98,6 +128,43 @@ pub struct AcsConfig {
     pub api_version: String,
     pub request_timeout_ms: u64,
     pub retry: RetryConfig,
+}
+
+/// Microsoft Graph: where it is, and the app registration callops acts as.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphConfig {
+    /// Graph root, e.g. `https://graph.microsoft.com/v1.0`.
+    pub base_url: Url,
+    /// Token authority host, e.g. `https://login.microsoftonline.com`.
+    pub authority: Url,
+    pub tenant_id: String,
+    /// Empty: use the in-process emulator.
+    pub client_id: String,
+    pub client_secret: SecretString,
+    pub request_timeout_ms: u64,
+    pub retry: RetryConfig,
+}
+
+impl GraphConfig {
+    /// True when app credentials are configured (otherwise the emulator stands in).
+    pub fn is_configured(&self) -> bool {
+        !self.client_id.trim().is_empty()
+    }
+}
+
+impl std::fmt::Debug for GraphConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GraphConfig")
+            .field("base_url", &self.base_url.as_str())
+            .field("authority", &self.authority.as_str())
+            .field("tenant_id", &self.tenant_id)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"[redacted]")
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("retry", &self.retry)
+            .finish()
+    }
 }
 
 /// Bounds of the upstream retry loop.
@@ -132,6 +199,12 @@ pub struct EmulatorConfig {
     pub access_key: String,
     pub outcome: EmulatedOutcome,
     pub callback_delay_ms: u64,
+    /// The app registration the Graph emulator accepts (development values, not secrets).
+    pub graph_tenant_id: String,
+    pub graph_client_id: String,
+    pub graph_client_secret: String,
+    /// Lifetime of the Graph emulator's access tokens.
+    pub graph_token_lifetime_secs: u64,
 }
 
 /// The emulator's default outcome for calls without a script.
@@ -166,6 +239,14 @@ pub enum ConfigError {
         "acs.connection_string is empty and the emulator is disabled; set CALLOPS_ACS_CONNECTION_STRING=endpoint=https://<resource>.communication.azure.com/;accesskey=<base64 key>"
     )]
     NoUpstream,
+    #[error(
+        "Graph has no app credentials and the emulator is disabled; set CALLOPS_GRAPH_TENANT_ID, CALLOPS_GRAPH_CLIENT_ID and CALLOPS_GRAPH_CLIENT_SECRET"
+    )]
+    NoGraph,
+    #[error(
+        "CALLOPS_GRAPH_CLIENT_ID is set, so CALLOPS_GRAPH_TENANT_ID and CALLOPS_GRAPH_CLIENT_SECRET are required too"
+    )]
+    GraphCredentials,
 }
 
 impl Config {
@@ -217,12 +298,32 @@ impl Config {
             return Err(ConfigError::NoUpstream);
         }
         self.acs.connection()?;
+        if !self.graph.is_configured() && !self.emulator.enabled {
+            return Err(ConfigError::NoGraph);
+        }
+        if self.graph.is_configured()
+            && (self.graph.tenant_id.trim().is_empty()
+                || self.graph.client_secret.expose_secret().is_empty())
+        {
+            return Err(ConfigError::GraphCredentials);
+        }
+        for (field, url) in [
+            ("graph.base_url", &self.graph.base_url),
+            ("graph.authority", &self.graph.authority),
+        ] {
+            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+                return Err(ConfigError::Invalid {
+                    field,
+                    problem: "must be an http(s) URL with a host",
+                });
+            }
+        }
         let invalid = |field, problem| Err(ConfigError::Invalid { field, problem });
         if self.acs.api_version.trim().is_empty() {
             return invalid("acs.api_version", "must not be empty (e.g. 2024-09-15)");
         }
-        if self.acs.retry.max_attempts == 0 {
-            return invalid("acs.retry.max_attempts", "must be at least 1");
+        if self.acs.retry.max_attempts == 0 || self.graph.retry.max_attempts == 0 {
+            return invalid("acs/graph.retry.max_attempts", "must be at least 1");
         }
         if self.http.request_timeout_secs <= self.operations.max_wait_secs {
             return invalid(
@@ -250,6 +351,14 @@ impl Config {
         self.http
             .public_url
             .join("callbacks/acs")
+            .expect("a relative path joins any http URL")
+    }
+
+    /// The notification URL the Graph emulator calls (a real bot registration has its own).
+    pub fn graph_callback_url(&self) -> Url {
+        self.http
+            .public_url
+            .join("callbacks/graph")
             .expect("a relative path joins any http URL")
     }
 }

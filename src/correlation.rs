@@ -11,6 +11,10 @@ use time::OffsetDateTime;
 
 use crate::operation::{CallRef, EventEffect, EventRecord, Operation, OperationKind, Transition};
 
+/// The kind of an event that reports on "an operation" without saying which kind (Graph's
+/// generic `commsOperation`): it applies to whatever operation it names.
+pub const GENERIC_KIND: &str = "commsOperation";
+
 /// A callback event, platform-independent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IncomingEvent {
@@ -21,8 +25,13 @@ pub struct IncomingEvent {
     pub call: Option<CallRef>,
     /// The operationContext / clientContext it carries.
     pub context: Option<String>,
-    /// The kind of operation it reports on.
+    /// The kind of operation it reports on ([`GENERIC_KIND`] when the upstream did not say).
     pub kind: OperationKind,
+    /// The upstream's own id of the operation (Graph), in canonical form: a second way to
+    /// find the operation, for notifications that carry no context.
+    pub upstream_id: Option<Box<str>>,
+    /// True when it reports an operation cancelled by a `cancelMediaProcessing`.
+    pub cancelled: bool,
     /// The state change it reports, if any.
     pub transition: Option<Transition>,
     pub received: OffsetDateTime,
@@ -54,6 +63,12 @@ impl IncomingEvent {
         }
     }
 
+    /// True when the event reports on `operation`'s kind, so its transition applies.
+    pub fn reports_on(&self, operation: &Operation) -> bool {
+        self.kind == operation.kind
+            || matches!(&self.kind, OperationKind::Observed(name) if name == GENERIC_KIND)
+    }
+
     /// True when an unknown operation should wait for this event rather than be observed.
     pub fn should_park(&self) -> bool {
         self.kind.is_issued()
@@ -67,6 +82,7 @@ impl IncomingEvent {
             key.context.to_string(),
             self.received,
         );
+        operation.upstream_operation_id = self.upstream_id.as_deref().map(str::to_owned);
         // An observed operation is running from its first sign of life.
         let _ = operation.apply(Transition::Started, self.received);
         apply(&mut operation, self);
@@ -77,7 +93,7 @@ impl IncomingEvent {
 /// Records `event` on `operation` and applies it when it reports on the operation's kind.
 pub fn apply(operation: &mut Operation, event: &IncomingEvent) -> EventEffect {
     let effect = match &event.transition {
-        Some(transition) if event.kind == operation.kind => {
+        Some(transition) if event.reports_on(operation) => {
             match operation.apply(transition.clone(), event.received) {
                 Ok(_) => EventEffect::Applied,
                 Err(_) => EventEffect::Ignored,
@@ -111,6 +127,8 @@ mod tests {
             call: Some(CallRef::CallConnection("call".into())),
             context: Some("ctx".into()),
             kind,
+            upstream_id: None,
+            cancelled: false,
             transition,
             received: OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(5),
         }
@@ -122,6 +140,7 @@ mod tests {
                 code: Some(400),
                 sub_code: Some(8523),
                 message: Some("nope".into()),
+                ..ResultInfo::default()
             }),
             error: OperationError {
                 code: "RemoveParticipantFailed".into(),

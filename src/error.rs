@@ -71,7 +71,9 @@ pub fn error_response(status: StatusCode, code: &str, message: String) -> Respon
 impl From<StartError> for ApiError {
     fn from(error: StartError) -> Self {
         match error {
-            StartError::Participant(_) | StartError::Context => Self::BadRequest(error.to_string()),
+            StartError::Participant(_) | StartError::Context | StartError::ClientContext => {
+                Self::BadRequest(error.to_string())
+            }
             StartError::Conflict(_) => Self::Conflict(format!(
                 "operationContext: {error}; choose another context or wait for it to settle"
             )),

@@ -14,11 +14,13 @@ pub mod config;
 pub mod correlation;
 pub mod emulator;
 pub mod error;
+pub mod graph;
 pub mod http;
 pub mod operation;
 pub mod service;
 pub mod store;
 pub mod telemetry;
+pub mod upstream;
 
 use std::time::Duration;
 

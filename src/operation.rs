@@ -150,8 +150,9 @@ impl CallRef {
     }
 }
 
-/// The upstream's own account of how an operation ended (ACS `resultInformation`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The upstream's own account of how an operation ended (ACS `resultInformation`, Graph
+/// `resultInfo` and `completionReason`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ResultInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -160,6 +161,25 @@ pub struct ResultInfo {
     pub sub_code: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Graph's `completionReason`, e.g. `operationCanceled`, `stopToneDetected`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion_reason: Option<String>,
+}
+
+/// The error code of an operation that heard no final callback in time. Unlike every
+/// other failure it is provisional: a final callback that arrives later still wins.
+pub const CALLBACK_TIMEOUT: &str = "CallbackTimeout";
+
+/// A media operation that a `cancelMediaProcessing` operation cancelled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CancelledOperation {
+    /// Our id of the cancelled operation (usually an observed one).
+    pub id: OperationId,
+    pub kind: OperationKind,
+    pub context: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_operation_id: Option<String>,
 }
 
 /// Why an operation failed, with a stable machine-readable `code`.
@@ -217,6 +237,17 @@ pub struct Operation {
     pub result: Option<ResultInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<OperationError>,
+    /// The upstream's own id of the operation (Graph's operation id), when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_operation_id: Option<String>,
+    /// True when the final callback arrived after the operation had timed out
+    /// ([`CALLBACK_TIMEOUT`]) and replaced that provisional failure.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub late: bool,
+    /// For `cancelMediaProcessing`: the media operations it cancelled, as their
+    /// notifications arrived.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cancelled_operations: Vec<CancelledOperation>,
     /// Every callback event that arrived for this operation, in arrival order.
     pub events: Vec<EventRecord>,
 }
@@ -234,8 +265,20 @@ impl Operation {
             last_updated_date_time: now,
             result: None,
             error: None,
+            upstream_operation_id: None,
+            late: false,
+            cancelled_operations: Vec::new(),
             events: Vec::new(),
         }
+    }
+
+    /// True while the operation has failed only provisionally, for want of a callback.
+    pub fn timed_out(&self) -> bool {
+        self.status == OperationStatus::Failed
+            && self
+                .error
+                .as_ref()
+                .is_some_and(|error| error.code == CALLBACK_TIMEOUT)
     }
 
     /// Applies `transition` at `now`: moves the state forward, or leaves the operation
@@ -245,7 +288,19 @@ impl Operation {
         transition: Transition,
         now: OffsetDateTime,
     ) -> Result<OperationStatus, TransitionError> {
-        let next = next_status(self.status, &transition)?;
+        let next = match next_status(self.status, &transition) {
+            Ok(next) => next,
+            // A final outcome that arrives after the timeout still wins, marked late.
+            Err(refused) if self.timed_out() && transition.is_final() => {
+                self.late = true;
+                self.error = None;
+                match next_status(OperationStatus::Running, &transition) {
+                    Ok(next) => next,
+                    Err(_) => return Err(refused),
+                }
+            }
+            Err(refused) => return Err(refused),
+        };
         self.status = next;
         self.last_updated_date_time = now;
         match transition {
@@ -283,6 +338,13 @@ pub enum Transition {
     },
     /// The upstream reported the operation cancelled.
     Canceled { result: Option<ResultInfo> },
+}
+
+impl Transition {
+    /// True for outcomes (success, failure, cancellation), false for progress.
+    pub fn is_final(&self) -> bool {
+        !matches!(self, Self::Accepted | Self::Started)
+    }
 }
 
 /// Why a transition was refused.
@@ -402,6 +464,7 @@ mod tests {
             code: Some(400),
             sub_code: Some(8523),
             message: Some("bad".into()),
+            ..ResultInfo::default()
         };
         let failed = Transition::Failed {
             result: Some(result.clone()),
@@ -415,6 +478,52 @@ mod tests {
         let before = op.clone();
         assert!(op.apply(Transition::Accepted, t1).is_err());
         assert_eq!(op, before);
+    }
+
+    #[test]
+    fn a_final_outcome_after_a_callback_timeout_wins_and_is_marked_late() {
+        let t0 = OffsetDateTime::UNIX_EPOCH;
+        let mut op = Operation::new(
+            OperationKind::CancelMediaProcessing,
+            CallRef::Call("c".into()),
+            "ctx".into(),
+            t0,
+        );
+        let timeout = Transition::Failed {
+            result: None,
+            error: OperationError {
+                code: CALLBACK_TIMEOUT.into(),
+                message: "no callback".into(),
+            },
+        };
+        assert_eq!(op.apply(timeout, t0), Ok(Failed));
+        assert!(op.timed_out());
+        // Progress does not reopen it; an outcome does, once.
+        assert!(op.apply(Transition::Started, t0).is_err());
+        assert_eq!(op.apply(Transition::Succeeded { result: None }, t0), Ok(Succeeded));
+        assert!(op.late);
+        assert_eq!(op.error, None);
+        assert!(op.apply(Transition::Canceled { result: None }, t0).is_err());
+        let json = serde_json::to_value(&op).unwrap();
+        assert_eq!(json["late"], true);
+        // Any other failure is final.
+        let mut other = Operation::new(
+            OperationKind::RemoveParticipant,
+            CallRef::CallConnection("c".into()),
+            "ctx".into(),
+            t0,
+        );
+        other
+            .apply(
+                Transition::Failed {
+                    result: None,
+                    error: error(),
+                },
+                t0,
+            )
+            .unwrap();
+        assert!(other.apply(Transition::Succeeded { result: None }, t0).is_err());
+        assert!(!other.late);
     }
 
     #[test]
@@ -438,6 +547,8 @@ mod tests {
         assert_eq!(json["callConnectionId"], "call-1");
         assert_eq!(json["createdDateTime"], "1970-01-01T00:00:00Z");
         assert!(json.get("error").is_none());
+        assert!(json.get("late").is_none());
+        assert!(json.get("cancelledOperations").is_none());
         let back: Operation = serde_json::from_value(json).unwrap();
         assert_eq!(back, op);
     }

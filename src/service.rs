@@ -15,6 +15,9 @@ use uuid::Uuid;
 use crate::acs::client::{AcsClient, AcsError, RemoveParticipant, Repeatability};
 use crate::acs::events::AcsEvent;
 use crate::acs::identifier::{CommunicationIdentifier, IdentifierError};
+use crate::graph::client::{CancelAnswer, GraphClient, GraphError};
+use crate::graph::ids;
+use crate::graph::notifications::GraphEvent;
 use crate::operation::{
     CallRef, Operation, OperationError, OperationId, OperationKind, ResultInfo, Transition,
 };
@@ -23,11 +26,15 @@ use crate::store::{ContextInUse, Delivery, ListFilter, OperationStore};
 /// The longest operationContext accepted from a client.
 pub const MAX_CONTEXT_LEN: usize = 512;
 
+/// The longest clientContext Graph accepts.
+pub const MAX_CLIENT_CONTEXT_LEN: usize = 256;
+
 /// Starts operations and applies callbacks.
 #[derive(Clone)]
 pub struct OperationService {
     store: OperationStore,
     acs: AcsClient,
+    graph: GraphClient,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -39,6 +46,8 @@ pub enum StartError {
     Participant(#[from] IdentifierError),
     #[error("operationContext must be 1 to {MAX_CONTEXT_LEN} characters")]
     Context,
+    #[error("clientContext must be 1 to {MAX_CLIENT_CONTEXT_LEN} characters")]
+    ClientContext,
     #[error(transparent)]
     Conflict(#[from] ContextInUse),
 }
@@ -58,12 +67,14 @@ impl OperationService {
     pub fn new(
         store: OperationStore,
         acs: AcsClient,
+        graph: GraphClient,
         tasks: TaskTracker,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             store,
             acs,
+            graph,
             tasks,
             shutdown,
         }
@@ -125,6 +136,102 @@ impl OperationService {
             .transition(id, transition, OffsetDateTime::now_utc());
     }
 
+    /// Creates a cancelMediaProcessing operation and sends it to Graph in the background.
+    /// `call_id` is sent upstream as given and kept in canonical form.
+    #[tracing::instrument(skip_all, fields(call.id = %call_id, operation.id))]
+    pub fn start_cancel_media_processing(
+        &self,
+        call_id: String,
+        client_context: Option<String>,
+    ) -> Result<Operation, StartError> {
+        let context = match client_context {
+            Some(context)
+                if context.is_empty() || context.chars().count() > MAX_CLIENT_CONTEXT_LEN =>
+            {
+                return Err(StartError::ClientContext);
+            }
+            Some(context) => context,
+            None => Uuid::new_v4().to_string(),
+        };
+        let operation = Operation::new(
+            OperationKind::CancelMediaProcessing,
+            CallRef::Call(ids::canonical(&call_id).into_owned()),
+            context.clone(),
+            OffsetDateTime::now_utc(),
+        );
+        let operation = self.store.create(operation)?;
+        let id = operation.id;
+        tracing::Span::current().record("operation.id", tracing::field::display(id));
+        tracing::info!("operation created");
+        let service = self.clone();
+        self.tasks.spawn(async move {
+            service.dispatch_cancel(id, call_id, context).await;
+        });
+        Ok(operation)
+    }
+
+    #[tracing::instrument(skip_all, fields(operation.id = %id))]
+    async fn dispatch_cancel(&self, id: OperationId, call_id: String, context: String) {
+        let transition = match self.graph.cancel_media_processing(&call_id, &context).await {
+            Ok(answer) => {
+                if let Some(upstream_id) = &answer.operation_id {
+                    self.store
+                        .set_upstream_id(id, &ids::canonical(upstream_id));
+                }
+                tracing::info!(
+                    upstream.operation_id = answer.operation_id.as_deref().unwrap_or(""),
+                    upstream.status = answer.status.as_deref().unwrap_or(""),
+                    "Graph took cancelMediaProcessing"
+                );
+                cancel_answer_transition(answer)
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "cancelMediaProcessing failed upstream");
+                graph_failure_transition(&error)
+            }
+        };
+        self.store
+            .transition(id, transition, OffsetDateTime::now_utc());
+    }
+
+    /// Applies one Graph notification delivery.
+    pub fn deliver_graph(&self, events: Vec<GraphEvent>) -> DeliverySummary {
+        let now = tokio::time::Instant::now();
+        let mut summary = DeliverySummary::default();
+        for GraphEvent {
+            incoming,
+            call_ended,
+        } in events
+        {
+            summary.received += 1;
+            let Some(call) = incoming.call.clone() else {
+                summary.unmatched += 1;
+                tracing::warn!(
+                    event.r#type = %incoming.event_type,
+                    "notification names no call (no resourceUrl or resource); not kept"
+                );
+                continue;
+            };
+            let delivery = self.store.deliver(incoming, now);
+            summary.count(delivery);
+            if let (Some(result), false) = (call_ended, delivery == Delivery::Duplicate) {
+                let error = OperationError {
+                    code: "CallTerminated".to_owned(),
+                    message: "the call ended before the operation finished".to_owned(),
+                };
+                let ended =
+                    self.store
+                        .end_call(&call, result, &error, OffsetDateTime::now_utc());
+                tracing::info!(
+                    call.id = call.id(),
+                    operations = ended.len(),
+                    "call terminated; its unsettled operations failed"
+                );
+            }
+        }
+        summary
+    }
+
     /// Applies one ACS callback delivery.
     pub fn deliver_acs(&self, events: Vec<AcsEvent>) -> DeliverySummary {
         let now = tokio::time::Instant::now();
@@ -142,23 +249,7 @@ impl OperationService {
                 );
                 continue;
             }
-            let delivery = self.store.deliver(incoming, now);
-            match delivery {
-                Delivery::Duplicate => summary.duplicates += 1,
-                Delivery::Matched { .. } => summary.matched += 1,
-                Delivery::Parked => summary.parked += 1,
-                Delivery::Observed { .. } => summary.observed += 1,
-                Delivery::CallEvent => {}
-                Delivery::Unmatched => {
-                    summary.unmatched += 1;
-                    tracing::warn!(
-                        "park full: a callback for an unknown operation was kept on its call's events only"
-                    );
-                }
-            }
-            if let Delivery::Matched { id, effect } = delivery {
-                tracing::debug!(operation.id = %id, ?effect, "callback matched");
-            }
+            summary.count(self.store.deliver(incoming, now));
         }
         summary
     }
@@ -181,6 +272,99 @@ impl OperationService {
     }
 }
 
+impl DeliverySummary {
+    fn count(&mut self, delivery: Delivery) {
+        match delivery {
+            Delivery::Duplicate => self.duplicates += 1,
+            Delivery::Matched { id, effect } => {
+                self.matched += 1;
+                tracing::debug!(operation.id = %id, ?effect, "callback matched");
+            }
+            Delivery::Parked => self.parked += 1,
+            Delivery::Observed { .. } => self.observed += 1,
+            Delivery::CallEvent => {}
+            Delivery::Unmatched => {
+                self.unmatched += 1;
+                tracing::warn!(
+                    "park full: a callback for an unknown operation was kept on its call's events only"
+                );
+            }
+        }
+    }
+}
+
+/// How Graph's answer to a cancel moves the operation: `completed` and `failed` settle it
+/// (no notification follows), anything else (`notStarted`, `running`, none, unknown)
+/// leaves it running until the notification.
+fn cancel_answer_transition(answer: CancelAnswer) -> Transition {
+    let status = answer.status.as_deref().map(str::to_ascii_lowercase);
+    match status.as_deref() {
+        Some("completed") => Transition::Succeeded {
+            result: answer.result,
+        },
+        Some("failed") => {
+            let message = answer
+                .result
+                .as_ref()
+                .and_then(|r| r.message.clone())
+                .unwrap_or_else(|| "Graph reported the cancel failed".to_owned());
+            Transition::Failed {
+                result: answer.result,
+                error: OperationError {
+                    code: "CancelMediaProcessingFailed".to_owned(),
+                    message,
+                },
+            }
+        }
+        _ => Transition::Accepted,
+    }
+}
+
+/// How a Graph failure settles the operation.
+fn graph_failure_transition(error: &GraphError) -> Transition {
+    match error {
+        GraphError::Rejected {
+            status,
+            code,
+            message,
+        } => {
+            let detail = message.as_deref().unwrap_or("no message");
+            let code_text = code.as_deref().unwrap_or("no code");
+            Transition::Failed {
+                result: Some(ResultInfo {
+                    code: Some(i64::from(status.as_u16())),
+                    sub_code: code.as_deref().and_then(|code| code.parse().ok()),
+                    message: message.clone(),
+                    ..ResultInfo::default()
+                }),
+                error: OperationError {
+                    code: "UpstreamRejected".to_owned(),
+                    message: format!(
+                        "Graph answered {} ({code_text}): {detail}",
+                        status.as_u16()
+                    ),
+                },
+            }
+        }
+        GraphError::Token(error) => Transition::Failed {
+            result: None,
+            error: OperationError {
+                code: "UpstreamAuthFailed".to_owned(),
+                message: format!("no Graph access token: {error}"),
+            },
+        },
+        GraphError::Unavailable { attempts, last } => Transition::Failed {
+            result: None,
+            error: OperationError {
+                code: "UpstreamUnavailable".to_owned(),
+                message: format!(
+                    "Graph did not accept the request after {attempts} attempt(s): {last}"
+                ),
+            },
+        },
+    }
+}
+
 /// How an upstream failure settles the operation.
 fn failure_transition(error: &AcsError) -> Transition {
     match error {
@@ -196,6 +380,7 @@ fn failure_transition(error: &AcsError) -> Transition {
                     code: Some(i64::from(status.as_u16())),
                     sub_code: code.as_deref().and_then(|code| code.parse().ok()),
                     message: message.clone(),
+                    ..ResultInfo::default()
                 }),
                 error: OperationError {
                     code: "UpstreamRejected".to_owned(),
@@ -233,6 +418,9 @@ pub async fn run_sweeper(store: OperationStore, interval: Duration, shutdown: Ca
                 operation.context = event.context.as_deref().unwrap_or(""),
                 "parked callback expired: no operation with its context appeared; kept on the call's events"
             );
+        }
+        for id in &report.timed_out {
+            tracing::warn!(operation.id = %id, "no final callback in time: operation failed with CallbackTimeout");
         }
         if report.removed_operations > 0 {
             tracing::debug!(

@@ -7,7 +7,8 @@
 //! caller ([`SweepReport`]), which logs and counts it.
 //!
 //! Lock order: an `index` entry may be held while an `operations` entry is taken (create,
-//! observe), never the reverse. Every other access holds a single entry at a time.
+//! observe), and the sweep reads `operations` while it retains `cancels` and `waiters`;
+//! never the reverse. Every other access holds a single entry at a time.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -20,11 +21,11 @@ use time::OffsetDateTime;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::config::OperationsConfig;
+use crate::config::{CallbackTimeouts, OperationsConfig};
 use crate::correlation::{self, ContextKey, IncomingEvent};
 use crate::operation::{
-    CallRef, EventEffect, EventRecord, Operation, OperationId, OperationKind, OperationStatus,
-    Transition,
+    CALLBACK_TIMEOUT, CallRef, CancelledOperation, EventEffect, EventRecord, Operation,
+    OperationError, OperationId, OperationKind, OperationStatus, ResultInfo, Transition,
 };
 
 /// A cheap handle to the shared tracker.
@@ -39,6 +40,12 @@ struct Inner {
     /// Event ids seen, and when.
     seen: DashMap<Box<str>, Instant>,
     calls: DashMap<CallRef, CallTimeline>,
+    /// Upstream operation ids (canonical form) of known operations: Graph notifications
+    /// name an operation by its id when they carry no clientContext.
+    upstream: DashMap<Box<str>, OperationId>,
+    /// `cancelMediaProcessing` operations per call, oldest first, with when they were sent:
+    /// the operations they cancelled are linked to them.
+    cancels: DashMap<CallRef, Vec<(OperationId, OffsetDateTime)>>,
     waiters: DashMap<OperationId, Arc<Notify>>,
     parked: AtomicUsize,
     /// Long polls currently waiting.
@@ -54,6 +61,7 @@ struct Limits {
     dedupe_ttl: Duration,
     retention: Duration,
     call_events_max: usize,
+    timeouts: CallbackTimeouts,
 }
 
 /// What an index key points at: the operation, or the callbacks waiting for it.
@@ -105,6 +113,8 @@ pub struct SweepReport {
     pub expired: Vec<IncomingEvent>,
     /// Settled operations past retention.
     pub removed_operations: usize,
+    /// Operations that heard no final callback in time and failed with `CallbackTimeout`.
+    pub timed_out: Vec<OperationId>,
 }
 
 /// Filters of the list endpoint.
@@ -147,6 +157,7 @@ impl OperationStore {
             dedupe_ttl: Duration::from_secs(config.dedupe_ttl_secs),
             retention: Duration::from_secs(config.retention_secs),
             call_events_max: config.call_events_max.max(1),
+            timeouts: config.callback_timeouts.clone(),
         };
         Self {
             inner: Arc::new(Inner {
@@ -154,6 +165,8 @@ impl OperationStore {
                 index: DashMap::new(),
                 seen: DashMap::new(),
                 calls: DashMap::new(),
+                upstream: DashMap::new(),
+                cancels: DashMap::new(),
                 waiters: DashMap::new(),
                 parked: AtomicUsize::new(0),
                 waiting: AtomicUsize::new(0),
@@ -200,6 +213,13 @@ impl OperationStore {
                 inner.operations.insert(id, operation.clone());
             }
         }
+        if operation.kind == OperationKind::CancelMediaProcessing {
+            inner
+                .cancels
+                .entry(operation.call.clone())
+                .or_default()
+                .push((id, operation.created_date_time));
+        }
         // Nobody can wait on an id that was unknown until now: no one to wake.
         Ok(operation)
     }
@@ -223,6 +243,52 @@ impl OperationStore {
         Some(snapshot)
     }
 
+    /// Records the upstream's own id of an operation (from its answer), so notifications
+    /// naming only that id find it. `upstream_id` is in canonical form.
+    pub fn set_upstream_id(&self, id: OperationId, upstream_id: &str) {
+        let Some(mut op) = self.inner.operations.get_mut(&id) else {
+            return;
+        };
+        op.upstream_operation_id = Some(upstream_id.to_owned());
+        drop(op);
+        self.inner.upstream.insert(upstream_id.into(), id);
+    }
+
+    /// The call ended: every operation on it that has not settled fails with `error`
+    /// (and `result`, the call's own account). Returns their ids.
+    pub fn end_call(
+        &self,
+        call: &CallRef,
+        result: Option<ResultInfo>,
+        error: &OperationError,
+        now: OffsetDateTime,
+    ) -> Vec<OperationId> {
+        let open: Vec<OperationId> = self
+            .inner
+            .operations
+            .iter()
+            .filter(|entry| entry.call == *call && !entry.status.is_terminal())
+            .map(|entry| *entry.key())
+            .collect();
+        let mut ended = Vec::with_capacity(open.len());
+        for id in open {
+            let failed = Transition::Failed {
+                result: result.clone(),
+                error: error.clone(),
+            };
+            let applied = self
+                .inner
+                .operations
+                .get_mut(&id)
+                .is_some_and(|mut op| op.apply(failed, now).is_ok());
+            if applied {
+                self.wake(id);
+                ended.push(id);
+            }
+        }
+        ended
+    }
+
     /// Delivers one callback event: drops duplicates, then applies, parks or observes it.
     pub fn deliver(&self, event: IncomingEvent, now: Instant) -> Delivery {
         let inner = &self.inner;
@@ -234,6 +300,28 @@ impl OperationStore {
                 }
             }
         }
+        let cancelled_at = event
+            .cancelled
+            .then(|| event.call.clone().map(|call| (call, event.received)))
+            .flatten();
+        let known = event
+            .upstream_id
+            .as_ref()
+            .and_then(|upstream_id| inner.upstream.get(upstream_id).map(|id| *id));
+        let delivery = match known.and_then(|id| self.apply_to(id, &event)) {
+            Some(delivery) => delivery,
+            None => self.deliver_by_context(event, now),
+        };
+        if let Some((call, at)) = cancelled_at {
+            if let Delivery::Matched { id, .. } | Delivery::Observed { id } = delivery {
+                self.link_cancelled(id, &call, at);
+            }
+        }
+        delivery
+    }
+
+    fn deliver_by_context(&self, event: IncomingEvent, now: Instant) -> Delivery {
+        let inner = &self.inner;
         let Some(key) = event.key() else {
             if event.call.is_none() {
                 // Neither call nor context: nothing to keep it on; the caller logs it.
@@ -392,6 +480,40 @@ impl OperationStore {
             .seen
             .retain(|_, at| now.duration_since(*at) < limits.dedupe_ttl);
 
+        let overdue = |op: &Operation| {
+            !op.status.is_terminal()
+                && op.created_date_time + limits.timeouts.for_kind(&op.kind) <= wall_now
+        };
+        let late: Vec<OperationId> = inner
+            .operations
+            .iter()
+            .filter(|entry| overdue(entry.value()))
+            .map(|entry| *entry.key())
+            .collect();
+        for id in late {
+            let timed_out = inner.operations.get_mut(&id).is_some_and(|mut op| {
+                if !overdue(&op) {
+                    return false;
+                }
+                let message = format!(
+                    "no final callback arrived within {} s; a later one still settles the operation (marked late)",
+                    limits.timeouts.for_kind(&op.kind).as_secs()
+                );
+                let failed = Transition::Failed {
+                    result: None,
+                    error: OperationError {
+                        code: CALLBACK_TIMEOUT.to_owned(),
+                        message,
+                    },
+                };
+                op.apply(failed, wall_now).is_ok()
+            });
+            if timed_out {
+                self.wake(id);
+                report.timed_out.push(id);
+            }
+        }
+
         let cutoff = wall_now - limits.retention;
         let old = |op: &Operation| op.status.is_terminal() && op.last_updated_date_time < cutoff;
         let retired: Vec<OperationId> = inner
@@ -411,8 +533,17 @@ impl OperationStore {
             inner
                 .index
                 .remove_if(&key, |_, slot| slot.operation_id() == Some(id));
+            if let Some(upstream_id) = op.upstream_operation_id {
+                inner
+                    .upstream
+                    .remove_if(upstream_id.as_str(), |_, known| *known == id);
+            }
             report.removed_operations += 1;
         }
+        inner.cancels.retain(|_, cancels| {
+            cancels.retain(|(id, _)| inner.operations.contains_key(id));
+            !cancels.is_empty()
+        });
         inner.calls.retain(|_, timeline| timeline.updated >= cutoff);
         inner
             .waiters
@@ -440,6 +571,9 @@ impl OperationStore {
         let operation = event.observed_operation(key);
         let id = operation.id;
         self.inner.operations.insert(id, operation);
+        if let Some(upstream_id) = &event.upstream_id {
+            self.inner.upstream.insert(upstream_id.clone(), id);
+        }
         Ok(Slot::Operation(id))
     }
 
@@ -456,18 +590,62 @@ impl OperationStore {
     }
 
     fn apply_to(&self, id: OperationId, event: &IncomingEvent) -> Option<Delivery> {
-        let (effect, settled) = {
+        let (effect, settled, learned_id) = {
             let mut op = self.inner.operations.get_mut(&id)?;
             let effect = correlation::apply(&mut op, event);
+            // Found by context, the event tells the operation's upstream id: keep it, so
+            // later notifications naming only the id find the operation too.
+            let learned_id = match (&op.upstream_operation_id, &event.upstream_id) {
+                (None, Some(upstream_id)) if event.reports_on(&op) => {
+                    op.upstream_operation_id = Some(upstream_id.to_string());
+                    Some(upstream_id.clone())
+                }
+                _ => None,
+            };
             (
                 effect,
                 effect == EventEffect::Applied && op.status.is_terminal(),
+                learned_id,
             )
         };
+        if let Some(upstream_id) = learned_id {
+            self.inner.upstream.insert(upstream_id, id);
+        }
         if settled {
             self.wake(id);
         }
         Some(Delivery::Matched { id, effect })
+    }
+
+    /// Lists operation `cancelled` (reported cancelled at `at`) on the latest
+    /// `cancelMediaProcessing` sent on `call` before `at`, once.
+    fn link_cancelled(&self, cancelled: OperationId, call: &CallRef, at: OffsetDateTime) {
+        let inner = &self.inner;
+        let cancel = inner.cancels.get(call).and_then(|cancels| {
+            cancels
+                .iter()
+                .rev()
+                .find(|(id, sent)| *sent <= at && *id != cancelled)
+                .map(|(id, _)| *id)
+        });
+        let Some(cancel) = cancel else {
+            return;
+        };
+        let Some(link) = inner.operations.get(&cancelled).and_then(|op| {
+            (op.kind != OperationKind::CancelMediaProcessing).then(|| CancelledOperation {
+                id: cancelled,
+                kind: op.kind.clone(),
+                context: op.context.clone(),
+                upstream_operation_id: op.upstream_operation_id.clone(),
+            })
+        }) else {
+            return;
+        };
+        if let Some(mut op) = inner.operations.get_mut(&cancel) {
+            if !op.cancelled_operations.iter().any(|c| c.id == cancelled) {
+                op.cancelled_operations.push(link);
+            }
+        }
     }
 
     fn push_call_event(&self, event: &IncomingEvent, effect: EventEffect) {
@@ -584,6 +762,7 @@ mod tests {
                 code: Some(200),
                 sub_code: Some(0),
                 message: None,
+                ..ResultInfo::default()
             }),
         })
     }
@@ -615,6 +794,8 @@ mod tests {
             call: Some(call(call_id)),
             context: context.map(Into::into),
             kind: OperationKind::RemoveParticipant,
+            upstream_id: None,
+            cancelled: false,
             transition,
             received: OffsetDateTime::now_utc(),
         }

@@ -6,12 +6,10 @@
 //! timeouts, 408, 429, 5xx) are retried with exponential backoff and full jitter, honouring
 //! `Retry-After`, within the attempt and total-time bounds of [`RetryConfig`].
 
-use std::time::Duration;
 
-use backon::BackoffBuilder;
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, HeaderValue};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::time::Instant;
 use url::{Position, Url};
 use uuid::Uuid;
@@ -20,6 +18,7 @@ use crate::acs::connection_string::ConnectionString;
 use crate::acs::identifier::CommunicationIdentifier;
 use crate::acs::signing;
 use crate::config::{AcsConfig, RetryConfig};
+use crate::upstream::{self, AttemptError, Retried, TransientError};
 
 /// The repeatability pair of one operation, resent unchanged on every retry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,15 +73,6 @@ pub enum AcsError {
     },
 }
 
-/// A failure worth retrying.
-#[derive(Debug, thiserror::Error)]
-pub enum TransientError {
-    #[error("ACS answered {status}")]
-    Status { status: StatusCode },
-    #[error("the request to ACS failed")]
-    Transport(#[source] reqwest::Error),
-}
-
 /// ACS Call Automation client.
 #[derive(Clone)]
 pub struct AcsClient {
@@ -99,25 +89,6 @@ struct RemoveParticipantRequestOut<'a> {
     participant_to_remove: &'a CommunicationIdentifier,
     operation_context: &'a str,
     operation_callback_uri: &'a str,
-}
-
-#[derive(Deserialize)]
-struct ErrorResponseIn {
-    error: Option<ErrorIn>,
-}
-
-#[derive(Deserialize)]
-struct ErrorIn {
-    code: Option<serde_json::Value>,
-    message: Option<String>,
-}
-
-enum AttemptError {
-    Final(AcsError),
-    Transient {
-        error: TransientError,
-        retry_after: Option<Duration>,
-    },
 }
 
 impl AcsClient {
@@ -154,44 +125,22 @@ impl AcsClient {
         })
         .expect("the request serialises");
         let started = Instant::now();
-        let deadline = started + Duration::from_millis(self.retry.total_timeout_ms);
-        let mut delays = backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(self.retry.initial_delay_ms))
-            .with_max_delay(Duration::from_millis(self.retry.max_delay_ms))
-            .with_max_times(self.retry.max_attempts.saturating_sub(1) as usize)
-            .with_jitter()
-            .build();
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            let (error, retry_after) = match self.attempt(&url, &body, request).await {
-                Ok(()) => {
-                    tracing::info!(
-                        attempts,
-                        duration_ms = started.elapsed().as_millis() as u64,
-                        "ACS accepted remove participant"
-                    );
-                    return Ok(());
-                }
-                Err(AttemptError::Final(error)) => return Err(error),
-                Err(AttemptError::Transient { error, retry_after }) => (error, retry_after),
-            };
-            let Some(backoff) = delays.next() else {
-                return Err(AcsError::Unavailable {
-                    attempts,
-                    last: error,
-                });
-            };
-            // Retry-After is the server's word; backoff applies when it says nothing.
-            let delay = retry_after.unwrap_or(backoff);
-            if Instant::now() + delay > deadline {
-                return Err(AcsError::Unavailable {
-                    attempts,
-                    last: error,
-                });
+        let result = upstream::with_retries(&self.retry, "acs", || {
+            self.attempt(&url, &body, request)
+        })
+        .await;
+        match result {
+            Ok(()) => {
+                tracing::info!(
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    "ACS accepted remove participant"
+                );
+                Ok(())
             }
-            tracing::warn!(attempts, delay_ms = delay.as_millis() as u64, error = %error, "retrying ACS request");
-            tokio::time::sleep(delay).await;
+            Err(Retried::Final(error)) => Err(error),
+            Err(Retried::Exhausted { attempts, last }) => {
+                Err(AcsError::Unavailable { attempts, last })
+            }
         }
     }
 
@@ -216,7 +165,7 @@ impl AcsClient {
         url: &Url,
         body: &[u8],
         request: &RemoveParticipant,
-    ) -> Result<(), AttemptError> {
+    ) -> Result<(), AttemptError<AcsError>> {
         let headers = self.signed_headers(url, body, &request.repeatability);
         let response = self
             .http
@@ -225,36 +174,17 @@ impl AcsClient {
             .body(body.to_vec())
             .send()
             .await
-            .map_err(|error| AttemptError::Transient {
-                error: TransientError::Transport(error),
-                retry_after: None,
-            })?;
+            .map_err(AttemptError::transport)?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
         }
-        if is_transient(status) {
-            let retry_after = retry_after(response.headers());
-            return Err(AttemptError::Transient {
-                error: TransientError::Status { status },
-                retry_after,
-            });
+        if upstream::is_transient(status) {
+            return Err(AttemptError::status(status, response.headers()));
         }
         // A final refusal: keep ACS's own code and message.
         let bytes = response.bytes().await.unwrap_or_default();
-        let error = serde_json::from_slice::<ErrorResponseIn>(&bytes)
-            .ok()
-            .and_then(|body| body.error);
-        let (code, message) = match error {
-            Some(ErrorIn { code, message }) => (
-                code.map(|code| match code {
-                    serde_json::Value::String(text) => text,
-                    other => other.to_string(),
-                }),
-                message,
-            ),
-            None => (None, None),
-        };
+        let (code, message) = upstream::error_code_and_message(&bytes);
         Err(AttemptError::Final(AcsError::Rejected {
             status,
             code,
@@ -295,30 +225,6 @@ impl AcsClient {
         put("x-ms-return-client-request-id", "true");
         headers
     }
-}
-
-fn is_transient(status: StatusCode) -> bool {
-    status == StatusCode::REQUEST_TIMEOUT
-        || status == StatusCode::TOO_MANY_REQUESTS
-        || status.is_server_error()
-}
-
-/// `Retry-After` as seconds (fractions allowed) or an HTTP date.
-pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers
-        .get(reqwest::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim();
-    if let Ok(seconds) = value.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0)
-            .then(|| Duration::from_secs_f64(seconds.min(3600.0)));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(
-        at.duration_since(std::time::SystemTime::now())
-            .unwrap_or_default(),
-    )
 }
 
 #[cfg(test)]
@@ -393,29 +299,5 @@ mod tests {
             httpdate::parse_http_date(headers["repeatability-first-sent"].to_str().unwrap())
                 .is_ok()
         );
-    }
-
-    #[test]
-    fn retry_after_accepts_seconds_fractions_and_dates() {
-        let check = |value: &str| {
-            let mut headers = HeaderMap::new();
-            headers.insert("retry-after", HeaderValue::from_str(value).unwrap());
-            retry_after(&headers)
-        };
-        assert_eq!(check("2"), Some(Duration::from_secs(2)));
-        assert_eq!(check("0.5"), Some(Duration::from_millis(500)));
-        assert_eq!(check("Sun, 06 Nov 1994 08:49:37 GMT"), Some(Duration::ZERO));
-        assert_eq!(check("soon"), None);
-        assert_eq!(check("-1"), None);
-    }
-
-    #[test]
-    fn transient_statuses() {
-        for code in [408, 429, 500, 502, 503, 504] {
-            assert!(is_transient(StatusCode::from_u16(code).unwrap()), "{code}");
-        }
-        for code in [400, 401, 403, 404, 409] {
-            assert!(!is_transient(StatusCode::from_u16(code).unwrap()), "{code}");
-        }
     }
 }

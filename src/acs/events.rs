@@ -69,6 +69,8 @@ impl AcsEvent {
             call: self.call_connection_id.map(CallRef::CallConnection),
             context: self.operation_context,
             kind,
+            upstream_id: None,
+            cancelled: false,
             transition,
             received,
         }
@@ -177,6 +179,7 @@ impl CloudEventIn {
                 code: r.code,
                 sub_code: r.sub_code,
                 message: r.message,
+                ..ResultInfo::default()
             }),
         }
     }
