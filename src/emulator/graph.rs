@@ -974,3 +974,6 @@ async fn expire_tokens(State(emulator): State<GraphEmulator>) -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
+#[cfg(test)]
+#[path = "graph_tests.rs"]
+mod tests;
