@@ -370,6 +370,40 @@ impl GraphEmulator {
         }
     }
 
+    /// Sends `notifications` as `script` says: to its target, after its delay in a task of
+    /// their own, or awaited before the answer.
+    async fn notify(&self, call_id: &str, script: &GraphScript, notifications: Vec<Value>) {
+        if notifications.is_empty() {
+            return;
+        }
+        let Some(uri) = self.notification_target(script) else {
+            tracing::warn!(
+                call.id = %call_id,
+                "graph emulator has no callback URL; notifications dropped"
+            );
+            return;
+        };
+        // Serialized once, so that duplicates are the same bytes.
+        let bodies = notifications
+            .iter()
+            .map(|notification| serde_json::to_vec(notification).expect("a JSON value serializes"))
+            .collect::<Vec<_>>();
+        let times = 1 + script.duplicates as usize;
+        if script.notifications_before_response {
+            self.deliver(&uri, &bodies, times).await;
+            return;
+        }
+        let delay = script.notification_delay_ms.map_or(
+            self.inner.settings.notification_delay,
+            Duration::from_millis,
+        );
+        let emulator = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            emulator.deliver(&uri, &bodies, times).await;
+        });
+    }
+
     /// POSTs each notification `times` times, in order; failures are logged, not retried.
     async fn deliver(&self, uri: &str, notifications: &[Vec<u8>], times: usize) {
         for body in notifications {
@@ -680,32 +714,7 @@ async fn cancel_media_processing(
                 client_context.as_deref(),
             ));
         }
-        let notifications = notifications
-            .iter()
-            .map(|notification| serde_json::to_vec(notification).expect("a JSON value serializes"))
-            .collect::<Vec<_>>();
-        let times = 1 + script.duplicates as usize;
-        match emulator.notification_target(&script) {
-            _ if notifications.is_empty() => {}
-            None => tracing::warn!(
-                call.id = %call_id,
-                "graph emulator has no callback URL; notifications dropped"
-            ),
-            Some(uri) if script.notifications_before_response => {
-                emulator.deliver(&uri, &notifications, times).await;
-            }
-            Some(uri) => {
-                let delay = script.notification_delay_ms.map_or(
-                    emulator.inner.settings.notification_delay,
-                    Duration::from_millis,
-                );
-                let emulator = emulator.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    emulator.deliver(&uri, &notifications, times).await;
-                });
-            }
-        }
+        emulator.notify(&call_id, &script, notifications).await;
     }
 
     if script.empty_body {

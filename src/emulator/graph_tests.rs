@@ -762,6 +762,46 @@ async fn duplicates_are_identical_bytes() {
 }
 
 #[tokio::test]
+async fn notifications_wait_for_the_delay() {
+    let emulator = GraphEmulator::new(GraphEmulatorSettings {
+        notification_delay: Duration::from_millis(300),
+        ..settings()
+    });
+    let (url, mut received) = receiver().await;
+    emulator.set_callback_url(url);
+    let token = token(&emulator).await;
+    play_prompt(&emulator, &token, "play-ctx").await;
+    let started = Instant::now();
+    assert_eq!(cancel(&emulator, &token, "c").await.0, StatusCode::OK);
+    next_delivery(&mut received).await;
+    assert!(started.elapsed() >= Duration::from_millis(300));
+}
+
+#[tokio::test]
+async fn the_scripted_delay_wins_over_the_default() {
+    // Far longer than `next_delivery` waits.
+    let emulator = GraphEmulator::new(GraphEmulatorSettings {
+        notification_delay: Duration::from_secs(3600),
+        ..settings()
+    });
+    let (url, mut received) = receiver().await;
+    emulator.set_callback_url(url);
+    emulator.set_script(
+        CALL,
+        GraphScript {
+            notification_delay_ms: Some(20),
+            ..GraphScript::default()
+        },
+    );
+    let token = token(&emulator).await;
+    play_prompt(&emulator, &token, "play-ctx").await;
+    let started = Instant::now();
+    assert_eq!(cancel(&emulator, &token, "c").await.0, StatusCode::OK);
+    next_delivery(&mut received).await;
+    assert!(started.elapsed() >= Duration::from_millis(20));
+}
+
+#[tokio::test]
 async fn notifications_before_response_are_delivered_and_counted_first() {
     let (emulator, mut received, token) = notifying().await;
     emulator.set_script(
