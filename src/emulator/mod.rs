@@ -8,6 +8,7 @@
 //! `GET /emulator/requests`. Run it with `callops emulator`, or in-process (the default
 //! configuration does so when no ACS connection string is set).
 
+pub mod graph;
 mod script;
 
 use std::collections::BTreeMap;
