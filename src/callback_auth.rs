@@ -11,6 +11,7 @@ use crate::config::CallbackAuth;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CallbackSource {
     Acs,
+    Graph,
 }
 
 /// A callback body whose request passed authentication.

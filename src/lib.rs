@@ -22,9 +22,11 @@ pub mod store;
 pub mod telemetry;
 pub mod upstream;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -34,6 +36,8 @@ use crate::acs::connection_string::ConnectionString;
 use crate::callback_auth::CallbackAuthenticator;
 use crate::config::{CallbackAuth, Config};
 use crate::emulator::Emulator;
+use crate::graph::client::GraphClient;
+use crate::graph::token::TokenProvider;
 use crate::http::{ApiLimits, AppState};
 use crate::service::OperationService;
 use crate::store::OperationStore;
@@ -48,9 +52,21 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let tasks = TaskTracker::new();
-    let connection = match config.acs.connection()? {
-        Some(connection) => connection,
-        None => start_emulator(&config, &tasks, &shutdown).await?,
+    let acs_connection = config.acs.connection()?;
+    let emulator = if acs_connection.is_none() || !config.graph.is_configured() {
+        Some(start_emulator(&config, &tasks, &shutdown).await?)
+    } else {
+        None
+    };
+    let connection = match (acs_connection, &emulator) {
+        (Some(connection), _) => connection,
+        (None, Some(endpoint)) => {
+            tracing::info!(emulator.endpoint = %endpoint, "no ACS connection string configured: ACS requests go to the in-process emulator");
+            let key = emulator::decode_key(&config.emulator.access_key)
+                .context("emulator.access_key is not base64")?;
+            ConnectionString::new(endpoint.clone(), key)
+        }
+        (None, None) => unreachable!("the emulator starts when ACS is not configured"),
     };
     if config.callbacks.auth == CallbackAuth::None {
         tracing::warn!(
@@ -62,6 +78,7 @@ pub async fn run(
         .timeout(config.acs.request_timeout())
         .build()
         .context("building the HTTP client")?;
+    let graph = graph_client(&config, emulator.as_ref(), http_client.clone())?;
     let store = OperationStore::new(&config.operations);
     let acs = AcsClient::new(
         &config.acs,
@@ -70,7 +87,8 @@ pub async fn run(
         http_client,
     );
     tracing::info!(acs.endpoint = %acs.endpoint(), callback.url = %config.acs_callback_url(), "ACS client ready");
-    let service = OperationService::new(store.clone(), acs, tasks.clone(), shutdown.clone());
+    tracing::info!(graph.base_url = %graph.base_url(), graph.token_url = %graph.tokens().token_url(), "Graph client ready");
+    let service = OperationService::new(store.clone(), acs, graph, tasks.clone(), shutdown.clone());
     tasks.spawn(service::run_sweeper(
         store,
         Duration::from_millis(config.operations.sweep_interval_ms.max(10)),
@@ -108,26 +126,64 @@ pub async fn run(
     Ok(())
 }
 
-/// Starts the in-process ACS emulator and returns a connection string pointing at it.
+/// The Graph client: for the configured app registration, or for the in-process
+/// emulator (at `emulator`) when none is configured.
+fn graph_client(
+    config: &Config,
+    emulator: Option<&url::Url>,
+    http: reqwest::Client,
+) -> anyhow::Result<GraphClient> {
+    let graph = &config.graph;
+    let (base_url, authority, tenant, client_id, secret) = match emulator {
+        Some(endpoint) if !graph.is_configured() => {
+            tracing::info!(emulator.endpoint = %endpoint, "no Graph app credentials configured: Graph requests go to the in-process emulator");
+            let emulator_config = &config.emulator;
+            (
+                endpoint.join("v1.0")?,
+                endpoint.clone(),
+                emulator_config.graph_tenant_id.clone(),
+                emulator_config.graph_client_id.clone(),
+                SecretString::from(emulator_config.graph_client_secret.clone()),
+            )
+        }
+        _ => (
+            graph.base_url.clone(),
+            graph.authority.clone(),
+            graph.tenant_id.clone(),
+            graph.client_id.clone(),
+            graph.client_secret.clone(),
+        ),
+    };
+    let tokens = TokenProvider::new(http.clone(), &authority, &tenant, client_id, secret);
+    Ok(GraphClient::new(
+        http,
+        base_url,
+        Arc::new(tokens),
+        graph.retry.clone(),
+    ))
+}
+
+/// Starts the in-process emulator (ACS and Graph) and returns its endpoint.
 async fn start_emulator(
     config: &Config,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
-) -> anyhow::Result<ConnectionString> {
+) -> anyhow::Result<url::Url> {
     let listener = TcpListener::bind(config.emulator.listen)
         .await
         .with_context(|| format!("binding the emulator to {}", config.emulator.listen))?;
     let address = listener.local_addr()?;
     let endpoint = url::Url::parse(&format!("http://{address}/"))?;
     let emulator = Emulator::new(&config.emulator);
-    let key = emulator::decode_key(&config.emulator.access_key)
-        .context("emulator.access_key is not base64")?;
-    tracing::info!(emulator.endpoint = %endpoint, "ACS emulator running in-process (no ACS connection string configured)");
+    emulator
+        .graph()
+        .set_callback_url(config.graph_callback_url());
+    tracing::info!(emulator.endpoint = %endpoint, "emulator running in-process");
     let shutdown = shutdown.clone();
     tasks.spawn(async move {
         if let Err(error) = emulator.serve(listener, shutdown).await {
             tracing::error!(error = %error, "the in-process emulator stopped");
         }
     });
-    Ok(ConnectionString::new(endpoint, key))
+    Ok(endpoint)
 }

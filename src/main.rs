@@ -29,7 +29,7 @@ struct Cli {
 enum Command {
     /// Run the service (the default).
     Serve,
-    /// Run the ACS emulator alone.
+    /// Run the emulator (ACS and Graph) alone; Graph notifications go to CALLOPS_PUBLIC_URL.
     Emulator {
         /// Where to listen.
         #[arg(long, default_value = "127.0.0.1:8090")]
@@ -60,7 +60,17 @@ async fn main() -> anyhow::Result<()> {
                 "ACS emulator listening; point callops at it with CALLOPS_ACS_CONNECTION_STRING='endpoint=http://{address}/;accesskey={}'",
                 config.emulator.access_key
             );
-            Emulator::new(&config.emulator)
+            tracing::info!(
+                "Graph emulator listening; point callops at it with CALLOPS_GRAPH_BASE_URL=http://{address}/v1.0 CALLOPS_GRAPH_AUTHORITY=http://{address} CALLOPS_GRAPH_TENANT_ID={} CALLOPS_GRAPH_CLIENT_ID={} CALLOPS_GRAPH_CLIENT_SECRET=<emulator.graph_client_secret>; it notifies {}",
+                config.emulator.graph_tenant_id,
+                config.emulator.graph_client_id,
+                config.graph_callback_url()
+            );
+            let emulator = Emulator::new(&config.emulator);
+            emulator
+                .graph()
+                .set_callback_url(config.graph_callback_url());
+            emulator
                 .serve(listener, shutdown)
                 .await
                 .context("serving the emulator")

@@ -500,7 +500,10 @@ mod tests {
         assert!(op.timed_out());
         // Progress does not reopen it; an outcome does, once.
         assert!(op.apply(Transition::Started, t0).is_err());
-        assert_eq!(op.apply(Transition::Succeeded { result: None }, t0), Ok(Succeeded));
+        assert_eq!(
+            op.apply(Transition::Succeeded { result: None }, t0),
+            Ok(Succeeded)
+        );
         assert!(op.late);
         assert_eq!(op.error, None);
         assert!(op.apply(Transition::Canceled { result: None }, t0).is_err());
@@ -522,7 +525,11 @@ mod tests {
                 t0,
             )
             .unwrap();
-        assert!(other.apply(Transition::Succeeded { result: None }, t0).is_err());
+        assert!(
+            other
+                .apply(Transition::Succeeded { result: None }, t0)
+                .is_err()
+        );
         assert!(!other.late);
     }
 

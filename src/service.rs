@@ -175,8 +175,7 @@ impl OperationService {
         let transition = match self.graph.cancel_media_processing(&call_id, &context).await {
             Ok(answer) => {
                 if let Some(upstream_id) = &answer.operation_id {
-                    self.store
-                        .set_upstream_id(id, &ids::canonical(upstream_id));
+                    self.store.set_upstream_id(id, &ids::canonical(upstream_id));
                 }
                 tracing::info!(
                     upstream.operation_id = answer.operation_id.as_deref().unwrap_or(""),
@@ -219,9 +218,9 @@ impl OperationService {
                     code: "CallTerminated".to_owned(),
                     message: "the call ended before the operation finished".to_owned(),
                 };
-                let ended =
-                    self.store
-                        .end_call(&call, result, &error, OffsetDateTime::now_utc());
+                let ended = self
+                    .store
+                    .end_call(&call, result, &error, OffsetDateTime::now_utc());
                 tracing::info!(
                     call.id = call.id(),
                     operations = ended.len(),
@@ -339,10 +338,7 @@ fn graph_failure_transition(error: &GraphError) -> Transition {
                 }),
                 error: OperationError {
                     code: "UpstreamRejected".to_owned(),
-                    message: format!(
-                        "Graph answered {} ({code_text}): {detail}",
-                        status.as_u16()
-                    ),
+                    message: format!("Graph answered {} ({code_text}): {detail}", status.as_u16()),
                 },
             }
         }

@@ -243,14 +243,19 @@ mod tests {
             }
         })
         .await;
-        assert!(matches!(result, Err(Retried::Exhausted { attempts: 3, .. })));
+        assert!(matches!(
+            result,
+            Err(Retried::Exhausted { attempts: 3, .. })
+        ));
         assert_eq!(calls.load(Ordering::Relaxed), 3);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_final_failure_stops_at_once_and_success_returns_the_value() {
-        let result: Result<(), Retried<&str>> =
-            with_retries(&config(5), "test", || async { Err(AttemptError::Final("no")) }).await;
+        let result: Result<(), Retried<&str>> = with_retries(&config(5), "test", || async {
+            Err(AttemptError::Final("no"))
+        })
+        .await;
         assert!(matches!(result, Err(Retried::Final("no"))));
         let calls = AtomicU32::new(0);
         let result: Result<u32, Retried<()>> = with_retries(&config(5), "test", || {
@@ -285,6 +290,9 @@ mod tests {
             })
         })
         .await;
-        assert!(matches!(result, Err(Retried::Exhausted { attempts: 1, .. })));
+        assert!(matches!(
+            result,
+            Err(Retried::Exhausted { attempts: 1, .. })
+        ));
     }
 }

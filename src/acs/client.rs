@@ -6,7 +6,6 @@
 //! timeouts, 408, 429, 5xx) are retried with exponential backoff and full jitter, honouring
 //! `Retry-After`, within the attempt and total-time bounds of [`RetryConfig`].
 
-
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, HeaderValue};
 use serde::Serialize;
@@ -125,10 +124,8 @@ impl AcsClient {
         })
         .expect("the request serialises");
         let started = Instant::now();
-        let result = upstream::with_retries(&self.retry, "acs", || {
-            self.attempt(&url, &body, request)
-        })
-        .await;
+        let result =
+            upstream::with_retries(&self.retry, "acs", || self.attempt(&url, &body, request)).await;
         match result {
             Ok(()) => {
                 tracing::info!(

@@ -985,19 +985,26 @@ async fn the_sdk_request_is_accepted() {
 }
 
 #[tokio::test]
-async fn merges_with_the_acs_emulator() {
-    let acs = crate::emulator::Emulator::new(&crate::config::Config::embedded().emulator);
-    let graph = emulator();
-    let router = acs.router().merge(graph.router());
-    let token_request = token_request(TENANT, credentials_with("", ""));
-    let response = router.clone().oneshot(token_request).await.unwrap();
+async fn the_acs_emulator_serves_the_graph_routes_with_the_configured_app() {
+    let config = crate::config::Config::embedded().emulator;
+    let acs = crate::emulator::Emulator::new(&config);
+    let router = acs.router();
+    let form = format!(
+        "client_id={}&client_secret={}&scope=https%3A%2F%2Fgraph.microsoft.com%2F.default&grant_type=client_credentials",
+        config.graph_client_id, config.graph_client_secret
+    );
+    let response = router
+        .clone()
+        .oneshot(token_request(&config.graph_tenant_id, form))
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let acs_requests = Request::get("/emulator/requests")
         .body(Body::empty())
         .unwrap();
     let response = router.oneshot(acs_requests).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(graph.token_requests(), 1);
+    assert_eq!(acs.graph().token_requests(), 1);
 }
 
 #[test]

@@ -70,6 +70,8 @@ struct Inner {
     /// Callback deliveries answered 2xx so far.
     delivered: AtomicUsize,
     http: reqwest::Client,
+    /// The Graph half, served on the same listener.
+    graph: graph::GraphEmulator,
 }
 
 /// One request the emulator received, as the test API shows it.
@@ -105,8 +107,17 @@ impl Emulator {
             callback_delay_ms: config.callback_delay_ms,
             ..Script::default()
         };
+        let graph = graph::GraphEmulator::new(graph::GraphEmulatorSettings {
+            tenant_id: config.graph_tenant_id.clone(),
+            client_id: config.graph_client_id.clone(),
+            client_secret: config.graph_client_secret.clone(),
+            token_lifetime: Duration::from_secs(config.graph_token_lifetime_secs),
+            callback_url: None,
+            notification_delay: Duration::from_millis(config.callback_delay_ms),
+        });
         Self {
             inner: Arc::new(Inner {
+                graph,
                 access_key,
                 default_script,
                 scripts: DashMap::new(),
@@ -144,7 +155,13 @@ impl Emulator {
         self.inner.delivered.load(Ordering::Relaxed)
     }
 
-    /// The emulator's routes: ACS's `participants:remove` and the scripting API.
+    /// The Graph half: token endpoint, media operations, notifications.
+    pub fn graph(&self) -> &graph::GraphEmulator {
+        &self.inner.graph
+    }
+
+    /// The emulator's routes: ACS's `participants:remove`, Graph's (see [`graph`]) and the
+    /// scripting API.
     pub fn router(&self) -> Router {
         Router::new()
             .route(
@@ -154,6 +171,7 @@ impl Emulator {
             .route("/emulator/scripts/{callConnectionId}", put(put_script))
             .route("/emulator/requests", get(get_requests))
             .with_state(self.clone())
+            .merge(self.inner.graph.router())
     }
 
     /// Serves on `listener` until `shutdown`.

@@ -146,9 +146,8 @@ impl GraphClient {
             }
             Err(error) => return Err(AttemptError::Final(GraphError::Token(error))),
         };
-        let mut authorization =
-            HeaderValue::from_str(&format!("Bearer {}", token.expose_secret()))
-                .map_err(|_| AttemptError::Final(GraphError::Token(TokenError::Malformed)))?;
+        let mut authorization = HeaderValue::from_str(&format!("Bearer {}", token.expose_secret()))
+            .map_err(|_| AttemptError::Final(GraphError::Token(TokenError::Malformed)))?;
         authorization.set_sensitive(true);
         let response = self
             .http
@@ -239,7 +238,7 @@ fn parse_answer(body: &[u8], location: Option<String>) -> CancelAnswer {
 mod tests {
     use super::*;
 
-    fn client(base: &str) -> GraphClient {
+    fn make_client(base: &str) -> GraphClient {
         let http = reqwest::Client::new();
         let tokens = TokenProvider::new(
             http.clone(),
@@ -263,14 +262,16 @@ mod tests {
         ))
         .unwrap();
         let request = &fixture["request"];
-        let client = client("https://127.0.0.1:18556/v1.0");
+        let client = make_client("https://127.0.0.1:18556/v1.0");
         let url = client.cancel_url("57dab8b1-894c-409a-b240-bd8beae78896");
         assert_eq!(url.path(), request["path"].as_str().unwrap());
-        let body =
-            serde_json::to_value(CancelMediaProcessingOut { client_context: "cc-1" }).unwrap();
+        let body = serde_json::to_value(CancelMediaProcessingOut {
+            client_context: "cc-1",
+        })
+        .unwrap();
         assert_eq!(body, request["body"]);
         // A trailing slash on the base changes nothing.
-        let url = client("https://graph.microsoft.com/v1.0/").cancel_url("a/b");
+        let url = make_client("https://graph.microsoft.com/v1.0/").cancel_url("a/b");
         assert_eq!(
             url.as_str(),
             "https://graph.microsoft.com/v1.0/communications/calls/a%2Fb/cancelMediaProcessing"
@@ -279,10 +280,14 @@ mod tests {
 
     #[test]
     fn answers_with_a_body_an_empty_body_or_odd_fields() {
-        let fixture = include_bytes!("../../tests/fixtures/graph/v1_cancelmediaprocessing_response_200.json");
+        let fixture =
+            include_bytes!("../../tests/fixtures/graph/v1_cancelmediaprocessing_response_200.json");
         let answer = parse_answer(fixture, Some("17e3b46c-f61d-4f4d-9635-c626ef18e6ad".into()));
         // The body's id wins over Location's (they differ in Microsoft's own example).
-        assert_eq!(answer.operation_id.as_deref(), Some("0fe0623f-d628-42ed-b4bd-8ac290072cc5"));
+        assert_eq!(
+            answer.operation_id.as_deref(),
+            Some("0fe0623f-d628-42ed-b4bd-8ac290072cc5")
+        );
         assert_eq!(answer.status.as_deref(), Some("completed"));
         let answer = parse_answer(b"", Some("17e3b46c".into()));
         assert_eq!(answer.operation_id.as_deref(), Some("17e3b46c"));
@@ -303,7 +308,9 @@ mod tests {
             location_id(&headers)
         };
         assert_eq!(
-            id("https://graph.microsoft.com/v1.0/communications/calls/57da/operations/17e3b46c-f61d"),
+            id(
+                "https://graph.microsoft.com/v1.0/communications/calls/57da/operations/17e3b46c-f61d"
+            ),
             Some("17e3b46c-f61d".into())
         );
         assert_eq!(id("/operations/abc/?x=1"), Some("abc".into()));

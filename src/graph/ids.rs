@@ -10,7 +10,8 @@ use uuid::Uuid;
 /// A GUID in any of its spellings becomes lower-case hyphenated; anything else is kept
 /// as given.
 pub fn canonical(id: &str) -> Cow<'_, str> {
-    let looks_like_guid = matches!(id.len(), 32 | 36) && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    let looks_like_guid =
+        matches!(id.len(), 32 | 36) && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
     match looks_like_guid.then(|| Uuid::try_parse(id).ok()).flatten() {
         Some(uuid) => {
             let mut buffer = Uuid::encode_buffer();
@@ -44,10 +45,19 @@ mod tests {
 
     #[test]
     fn other_ids_are_kept_as_given() {
-        for id in ["call-1", "Call-1", "", "urn:uuid:57dab8b1-894c-409a-b240-bd8beae78896", "{57dab8b1-894c-409a-b240-bd8beae78896}"] {
+        for id in [
+            "call-1",
+            "Call-1",
+            "",
+            "urn:uuid:57dab8b1-894c-409a-b240-bd8beae78896",
+            "{57dab8b1-894c-409a-b240-bd8beae78896}",
+        ] {
             assert_eq!(canonical(id), id);
         }
         // 32 characters that are not all hex.
-        assert_eq!(canonical("zzDAB8B1894C409AB240BD8BEAE78896"), "zzDAB8B1894C409AB240BD8BEAE78896");
+        assert_eq!(
+            canonical("zzDAB8B1894C409AB240BD8BEAE78896"),
+            "zzDAB8B1894C409AB240BD8BEAE78896"
+        );
     }
 }

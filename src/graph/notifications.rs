@@ -49,8 +49,8 @@ pub fn decode(body: &[u8], received: OffsetDateTime) -> Result<Vec<GraphEvent>, 
     let items = split(body)?;
     let mut events = Vec::with_capacity(items.len());
     for (index, raw) in items.iter().enumerate() {
-        let item: Value =
-            serde_json::from_str(raw.get()).map_err(|error| DecodeError::Json(error.to_string()))?;
+        let item: Value = serde_json::from_str(raw.get())
+            .map_err(|error| DecodeError::Json(error.to_string()))?;
         let Value::Object(_) = item else {
             return Err(DecodeError::Item(index));
         };
@@ -67,7 +67,8 @@ fn split(body: &[u8]) -> Result<Vec<&RawValue>, DecodeError> {
         serde_json::from_str(text).map_err(|error| DecodeError::Json(error.to_string()))?;
     let trimmed = top.get().trim_start();
     if trimmed.starts_with('[') {
-        return serde_json::from_str(top.get()).map_err(|error| DecodeError::Json(error.to_string()));
+        return serde_json::from_str(top.get())
+            .map_err(|error| DecodeError::Json(error.to_string()));
     }
     if !trimmed.starts_with('{') {
         return Err(DecodeError::Shape);
@@ -148,8 +149,20 @@ fn decode_item(item: &Value, digest: &str, received: OffsetDateTime, out: &mut V
                 out.push(decode_data(data, &resource, change, id, received));
             }
         }
-        Some(data) => out.push(decode_data(data, &resource, change, digest.to_owned(), received)),
-        None => out.push(decode_data(&Value::Null, &resource, change, digest.to_owned(), received)),
+        Some(data) => out.push(decode_data(
+            data,
+            &resource,
+            change,
+            digest.to_owned(),
+            received,
+        )),
+        None => out.push(decode_data(
+            &Value::Null,
+            &resource,
+            change,
+            digest.to_owned(),
+            received,
+        )),
     }
 }
 
@@ -160,14 +173,23 @@ fn decode_data(
     id: String,
     received: OffsetDateTime,
 ) -> GraphEvent {
-    let text = |name: &str| data.get(name).and_then(Value::as_str).filter(|s| !s.is_empty());
+    let text = |name: &str| {
+        data.get(name)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    };
     let type_name = text("@odata.type")
-        .map(|t| t.trim_start_matches('#').trim_start_matches("microsoft.graph."))
+        .map(|t| {
+            t.trim_start_matches('#')
+                .trim_start_matches("microsoft.graph.")
+        })
         .or_else(|| {
             // No type: infer from where the resource points.
             match (&resource.operation, resource.child.as_deref()) {
                 (Some(_), _) => Some(GENERIC_KIND),
-                (None, Some(child)) if child.eq_ignore_ascii_case("participants") => Some("participant"),
+                (None, Some(child)) if child.eq_ignore_ascii_case("participants") => {
+                    Some("participant")
+                }
                 (None, None) if resource.call.is_some() => Some("call"),
                 _ => None,
             }
@@ -192,7 +214,10 @@ fn decode_data(
             && (text("state").is_some_and(|s| s.eq_ignore_ascii_case("terminated"))
                 || (change.eq_ignore_ascii_case("deleted") && resource.child.is_none())))
         .then(|| result_info(data));
-        return GraphEvent { incoming, call_ended };
+        return GraphEvent {
+            incoming,
+            call_ended,
+        };
     }
 
     let kind = kind_of(&type_name);
@@ -272,11 +297,12 @@ fn is_cancellation(result: &ResultInfo) -> bool {
 fn result_info(data: &Value) -> Option<ResultInfo> {
     let info = data.get("resultInfo").filter(|v| v.is_object());
     let number = |name: &str| {
-        info.and_then(|info| info.get(name)).and_then(|value| match value {
-            Value::Number(n) => n.as_i64(),
-            Value::String(s) => s.trim().parse().ok(),
-            _ => None,
-        })
+        info.and_then(|info| info.get(name))
+            .and_then(|value| match value {
+                Value::Number(n) => n.as_i64(),
+                Value::String(s) => s.trim().parse().ok(),
+                _ => None,
+            })
     };
     let result = ResultInfo {
         code: number("code"),
@@ -321,8 +347,14 @@ mod tests {
         let event = one("v1_cancelmediaprocessing_notification_record_canceled.json").incoming;
         assert_eq!(event.call, Some(CallRef::Call(CALL.into())));
         assert_eq!(event.kind.as_str(), "recordResponse");
-        assert_eq!(event.context.as_deref(), Some("d45324c1-fcb5-430a-902c-f20af696537c"));
-        assert_eq!(event.upstream_id.as_deref(), Some("0fe0623f-d628-42ed-b4bd-8ac290072cc5"));
+        assert_eq!(
+            event.context.as_deref(),
+            Some("d45324c1-fcb5-430a-902c-f20af696537c")
+        );
+        assert_eq!(
+            event.upstream_id.as_deref(),
+            Some("0fe0623f-d628-42ed-b4bd-8ac290072cc5")
+        );
         assert!(event.cancelled);
         assert_eq!(event.event_type, "recordOperation.deleted");
         let Some(Transition::Failed { result, error }) = event.transition else {
@@ -331,7 +363,10 @@ mod tests {
         assert_eq!(error.code, "OperationCanceled");
         let result = result.unwrap();
         assert_eq!((result.code, result.sub_code), (Some(400), Some(8508)));
-        assert_eq!(result.completion_reason.as_deref(), Some("operationCanceled"));
+        assert_eq!(
+            result.completion_reason.as_deref(),
+            Some("operationCanceled")
+        );
     }
 
     #[test]
@@ -341,13 +376,23 @@ mod tests {
         )
         .incoming;
         assert!(event.cancelled);
-        assert_eq!(event.context.as_deref(), Some("55178b4b-3b9f-4f71-9976-e1e031e386e1"));
-        let event = one("beta_legacy_playprompt_notification_completed_resource_only.json").incoming;
+        assert_eq!(
+            event.context.as_deref(),
+            Some("55178b4b-3b9f-4f71-9976-e1e031e386e1")
+        );
+        let event =
+            one("beta_legacy_playprompt_notification_completed_resource_only.json").incoming;
         assert_eq!(event.call, Some(CallRef::Call(CALL.into())));
         assert_eq!(event.kind.as_str(), "playPrompt");
         // No `id` in the data: the operation id comes from the resource path.
-        assert_eq!(event.upstream_id.as_deref(), Some("0fe0623f-d628-42ed-b4bd-8ac290072cc5"));
-        assert_eq!(event.transition, Some(Transition::Succeeded { result: None }));
+        assert_eq!(
+            event.upstream_id.as_deref(),
+            Some("0fe0623f-d628-42ed-b4bd-8ac290072cc5")
+        );
+        assert_eq!(
+            event.transition,
+            Some(Transition::Succeeded { result: None })
+        );
     }
 
     #[test]
@@ -357,7 +402,10 @@ mod tests {
         )
         .incoming;
         assert_eq!(event.kind.as_str(), GENERIC_KIND);
-        assert_eq!(event.upstream_id.as_deref(), Some("0fe0623f-d628-42ed-b4bd-8ac290072cc5"));
+        assert_eq!(
+            event.upstream_id.as_deref(),
+            Some("0fe0623f-d628-42ed-b4bd-8ac290072cc5")
+        );
         let mut op = crate::operation::Operation::new(
             OperationKind::CancelMediaProcessing,
             CallRef::Call(CALL.into()),
@@ -380,7 +428,10 @@ mod tests {
         let established = one("v1_answer_notification_established.json");
         assert_eq!(established.call_ended, None);
         assert_eq!(established.incoming.call, Some(CallRef::Call(CALL.into())));
-        assert_eq!(one("v1_delete_notification_terminating.json").call_ended, None);
+        assert_eq!(
+            one("v1_delete_notification_terminating.json").call_ended,
+            None
+        );
     }
 
     #[test]
@@ -419,7 +470,11 @@ mod tests {
                 let events = decode(&body, OffsetDateTime::UNIX_EPOCH)
                     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 assert!(!events.is_empty(), "{}", path.display());
-                assert!(events.iter().all(|e| e.incoming.call.is_some()), "{}", path.display());
+                assert!(
+                    events.iter().all(|e| e.incoming.call.is_some()),
+                    "{}",
+                    path.display()
+                );
                 decoded += 1;
             }
         }
@@ -453,27 +508,56 @@ mod tests {
                 .transition
                 .clone()
         };
-        assert_eq!(transition("Completed"), Some(Transition::Succeeded { result: None }));
+        assert_eq!(
+            transition("Completed"),
+            Some(Transition::Succeeded { result: None })
+        );
         assert_eq!(transition("Running"), Some(Transition::Started));
         assert_eq!(transition("paused"), None);
-        assert!(matches!(transition("FAILED"), Some(Transition::Failed { error, .. }) if error.code == "PlayPromptFailed"));
+        assert!(
+            matches!(transition("FAILED"), Some(Transition::Failed { error, .. }) if error.code == "PlayPromptFailed")
+        );
     }
 
     #[test]
     fn malformed_bodies_are_refused() {
-        for body in [&b"not json"[..], b"42", b"\"text\"", b"{}", b"{\"value\": 3}", b"{\"value\": [3]}", b"[1]", &[0xff, 0xfe]] {
-            assert!(decode(body, OffsetDateTime::UNIX_EPOCH).is_err(), "{}", String::from_utf8_lossy(body));
+        for body in [
+            &b"not json"[..],
+            b"42",
+            b"\"text\"",
+            b"{}",
+            b"{\"value\": 3}",
+            b"{\"value\": [3]}",
+            b"[1]",
+            &[0xff, 0xfe],
+        ] {
+            assert!(
+                decode(body, OffsetDateTime::UNIX_EPOCH).is_err(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
         // An empty list is a valid (if pointless) delivery.
-        assert_eq!(decode(b"{\"value\": []}", OffsetDateTime::UNIX_EPOCH).unwrap(), vec![]);
+        assert_eq!(
+            decode(b"{\"value\": []}", OffsetDateTime::UNIX_EPOCH).unwrap(),
+            vec![]
+        );
     }
 
     #[test]
     fn resource_paths() {
-        let r = parse_resource("/app/calls/57DAB8B1894C409AB240BD8BEAE78896/operations/0FE0623FD62842EDB4BD8AC290072CC5");
+        let r = parse_resource(
+            "/app/calls/57DAB8B1894C409AB240BD8BEAE78896/operations/0FE0623FD62842EDB4BD8AC290072CC5",
+        );
         assert_eq!(r.call.as_deref(), Some(CALL));
-        assert_eq!(r.operation.as_deref(), Some("0fe0623f-d628-42ed-b4bd-8ac290072cc5"));
-        assert_eq!(parse_resource("/communications/calls/abc").call.as_deref(), Some("abc"));
+        assert_eq!(
+            r.operation.as_deref(),
+            Some("0fe0623f-d628-42ed-b4bd-8ac290072cc5")
+        );
+        assert_eq!(
+            parse_resource("/communications/calls/abc").call.as_deref(),
+            Some("abc")
+        );
         assert_eq!(parse_resource(""), Resource::default());
     }
 }

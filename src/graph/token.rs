@@ -126,7 +126,10 @@ impl TokenProvider {
         }
         let (token, lifetime) = self.fetch().await?;
         let margin = REFRESH_MARGIN.min(lifetime / 4);
-        *self.cached.write().expect("the token cache is never poisoned") = Some(Cached {
+        *self
+            .cached
+            .write()
+            .expect("the token cache is never poisoned") = Some(Cached {
             token: token.clone(),
             refresh_at: Instant::now() + lifetime.saturating_sub(margin),
         });
@@ -136,7 +139,10 @@ impl TokenProvider {
     /// Forgets `token` (Graph refused it: revoked or expired early), unless a newer one
     /// has replaced it already.
     pub fn invalidate(&self, token: &SecretString) {
-        let mut cached = self.cached.write().expect("the token cache is never poisoned");
+        let mut cached = self
+            .cached
+            .write()
+            .expect("the token cache is never poisoned");
         if cached
             .as_ref()
             .is_some_and(|c| c.token.expose_secret() == token.expose_secret())
@@ -146,7 +152,10 @@ impl TokenProvider {
     }
 
     fn fresh(&self) -> Option<SecretString> {
-        let cached = self.cached.read().expect("the token cache is never poisoned");
+        let cached = self
+            .cached
+            .read()
+            .expect("the token cache is never poisoned");
         cached
             .as_ref()
             .filter(|c| Instant::now() < c.refresh_at)

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::acs::identifier::CommunicationIdentifier;
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
+use crate::graph::ids;
 use crate::http::{ApiLimits, AppState};
 use crate::operation::{CallRef, Operation, OperationId, OperationKind, OperationStatus};
 use crate::service::OperationService;
@@ -29,6 +30,14 @@ pub fn router() -> Router<AppState> {
         .route(
             "/v1/acs/callConnections/{callConnectionId}/events",
             get(list_call_events),
+        )
+        .route(
+            "/v1/graph/calls/{callId}/cancelMediaProcessing",
+            post(create_cancel),
+        )
+        .route(
+            "/v1/graph/calls/{callId}/events",
+            get(list_graph_call_events),
         )
         .route("/v1/operations", get(list_operations))
         .route("/v1/operations/{id}", get(get_operation))
@@ -54,14 +63,37 @@ async fn create_removal(
         body.participant_to_remove,
         body.operation_context,
     )?;
+    Ok(accepted(operation, limits.retry_after_secs))
+}
+
+/// Body of `cancelMediaProcessing`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CancelMediaProcessingIn {
+    client_context: Option<String>,
+}
+
+async fn create_cancel(
+    State(service): State<OperationService>,
+    State(limits): State<ApiLimits>,
+    ApiPath(call_id): ApiPath<String>,
+    ApiJson(body): ApiJson<CancelMediaProcessingIn>,
+) -> Result<Response, ApiError> {
+    check_call_id(&call_id, "callId")?;
+    let operation = service.start_cancel_media_processing(call_id, body.client_context)?;
+    Ok(accepted(operation, limits.retry_after_secs))
+}
+
+/// `202 Accepted` with `Operation-Location` and the operation.
+fn accepted(operation: Operation, retry_after_secs: u64) -> Response {
     let location = format!("/v1/operations/{}", operation.id);
-    let mut response = operation_response(operation, limits.retry_after_secs);
+    let mut response = operation_response(operation, retry_after_secs);
     *response.status_mut() = StatusCode::ACCEPTED;
     response.headers_mut().insert(
         "operation-location",
         HeaderValue::from_str(&location).expect("ids are ASCII"),
     );
-    Ok(response)
+    response
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,7 +185,11 @@ async fn list_operations(
     let filter = ListFilter {
         context: query.context.clone(),
         call_connection_id: query.call_connection_id.clone(),
-        call_id: query.call_id.clone(),
+        // Graph spells call ids two ways; the store keeps the canonical one.
+        call_id: query
+            .call_id
+            .as_deref()
+            .map(|id| ids::canonical(id).into_owned()),
         status,
         kind: query.kind.as_deref().map(OperationKind::from_name),
         before,
@@ -193,6 +229,21 @@ async fn list_call_events(
     let value = service
         .store()
         .call_events(&CallRef::CallConnection(call_connection_id))
+        .unwrap_or_default();
+    Ok(axum::Json(Page {
+        value,
+        next_link: None,
+    }))
+}
+
+async fn list_graph_call_events(
+    State(service): State<OperationService>,
+    ApiPath(call_id): ApiPath<String>,
+) -> Result<axum::Json<Page<crate::operation::EventRecord>>, ApiError> {
+    check_call_id(&call_id, "callId")?;
+    let value = service
+        .store()
+        .call_events(&CallRef::Call(ids::canonical(&call_id).into_owned()))
         .unwrap_or_default();
     Ok(axum::Json(Page {
         value,
