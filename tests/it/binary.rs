@@ -52,19 +52,20 @@ async fn until_up(http: &reqwest::Client, url: &str) {
 async fn serve_and_emulator_run_as_separate_processes_and_stop_on_sigterm() {
     let http = reqwest::Client::new();
     let emulator_port = free_port();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
     let _emulator = callops(
         &[
             "emulator",
             "--listen",
             &format!("127.0.0.1:{emulator_port}"),
         ],
-        &[],
+        // Where the emulator sends Graph notifications.
+        &[("CALLOPS_PUBLIC_URL", base.clone())],
     );
     let emulator = format!("http://127.0.0.1:{emulator_port}");
     until_up(&http, &format!("{emulator}/emulator/requests")).await;
 
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
     let config = callops::config::Config::embedded();
     let mut server = callops(
         &[],
@@ -77,6 +78,20 @@ async fn serve_and_emulator_run_as_separate_processes_and_stop_on_sigterm() {
                     "endpoint={emulator}/;accesskey={}",
                     config.emulator.access_key
                 ),
+            ),
+            ("CALLOPS_GRAPH_BASE_URL", format!("{emulator}/v1.0")),
+            ("CALLOPS_GRAPH_AUTHORITY", emulator.clone()),
+            (
+                "CALLOPS_GRAPH_TENANT_ID",
+                config.emulator.graph_tenant_id.clone(),
+            ),
+            (
+                "CALLOPS_GRAPH_CLIENT_ID",
+                config.emulator.graph_client_id.clone(),
+            ),
+            (
+                "CALLOPS_GRAPH_CLIENT_SECRET",
+                config.emulator.graph_client_secret.clone(),
             ),
             ("CALLOPS_EMULATOR__ENABLED", "false".to_owned()),
             ("CALLOPS_LOG_FORMAT", "json".to_owned()),
@@ -118,6 +133,38 @@ async fn serve_and_emulator_run_as_separate_processes_and_stop_on_sigterm() {
         requests[0]["body"]["participantToRemove"],
         json!({"rawId": "4:+14255550123", "phoneNumber": {"value": "+14255550123"}})
     );
+
+    // Graph through the standalone emulator: the SDK's request, and the notification back.
+    let response = http
+        .post(format!(
+            "{base}/v1/graph/calls/57dab8b1-894c-409a-b240-bd8beae78896/cancelMediaProcessing"
+        ))
+        .json(&json!({"clientContext": "cc-1"}))
+        .send()
+        .await
+        .unwrap();
+    let operation = follow(&http, &base, response).await;
+    assert_eq!(operation["status"], "Succeeded", "{operation}");
+    let requests: Vec<Value> = http
+        .get(format!("{emulator}/emulator/graph/requests"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let paths: Vec<&str> = requests
+        .iter()
+        .map(|r| r["pathAndQuery"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/emulator-tenant/oauth2/v2.0/token",
+            "/v1.0/communications/calls/57dab8b1-894c-409a-b240-bd8beae78896/cancelMediaProcessing"
+        ]
+    );
+    assert_eq!(requests[1]["body"], json!({"clientContext": "cc-1"}));
 
     let pid = server.0.id().to_string();
     assert!(

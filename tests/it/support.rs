@@ -1,5 +1,5 @@
-//! `TestApp`: the real server on 127.0.0.1:0 with the ACS emulator (also on port 0) as its
-//! upstream, plus helpers to talk to both.
+//! `TestApp`: the real server on 127.0.0.1:0 with the emulator (also on port 0) as its ACS
+//! and Graph upstream, configured as real upstreams would be, plus helpers to talk to both.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -50,6 +50,18 @@ impl TestApp {
         .into();
         config.acs.retry.initial_delay_ms = 10;
         config.acs.retry.max_delay_ms = 100;
+        // Graph: the same emulator, as a real app registration would be configured.
+        config.graph.base_url = format!("http://{emulator_address}/v1.0").parse().unwrap();
+        config.graph.authority = format!("http://{emulator_address}").parse().unwrap();
+        config.graph.tenant_id = config.emulator.graph_tenant_id.clone();
+        config.graph.client_id = config.emulator.graph_client_id.clone();
+        config.graph.client_secret = config.emulator.graph_client_secret.clone().into();
+        config.graph.retry.initial_delay_ms = 10;
+        config.graph.retry.max_delay_ms = 100;
+        config.emulator.listen = "127.0.0.1:0".parse().unwrap();
+        emulator
+            .graph()
+            .set_callback_url(config.graph_callback_url());
         adjust(&mut config);
         let server = tokio::spawn(callops::run(listener, config, shutdown.clone()));
         Self {
