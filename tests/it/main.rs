@@ -3,6 +3,7 @@
 
 mod binary;
 mod callbacks;
+mod graph;
 mod operations;
 mod removal;
 mod shutdown;

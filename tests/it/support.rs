@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use callops::config::Config;
+use callops::emulator::graph::GraphScript;
 use callops::emulator::{Emulator, Script};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -18,6 +19,7 @@ pub const SOON: Duration = Duration::from_secs(10);
 pub struct TestApp {
     pub address: SocketAddr,
     pub emulator: Emulator,
+    emulator_address: String,
     pub http: reqwest::Client,
     pub shutdown: CancellationToken,
     pub server: JoinHandle<anyhow::Result<()>>,
@@ -29,17 +31,15 @@ impl TestApp {
         Self::spawn_with(|_| {}).await
     }
 
-    /// As [`TestApp::spawn`], with `adjust` applied to the configuration last.
+    /// As [`TestApp::spawn`], with `adjust` applied to the configuration last (the
+    /// emulator is built from the adjusted `emulator` section too).
     pub async fn spawn_with(adjust: impl FnOnce(&mut Config)) -> Self {
         callops::telemetry::init_for_test();
         let mut config = Config::embedded();
         let shutdown = CancellationToken::new();
 
-        let emulator = Emulator::new(&config.emulator);
         let emulator_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let emulator_address = emulator_listener.local_addr().unwrap();
-        tokio::spawn(emulator.clone().serve(emulator_listener, shutdown.clone()));
-
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         config.http.public_url = format!("http://{address}").parse().unwrap();
@@ -59,14 +59,18 @@ impl TestApp {
         config.graph.retry.initial_delay_ms = 10;
         config.graph.retry.max_delay_ms = 100;
         config.emulator.listen = "127.0.0.1:0".parse().unwrap();
+        adjust(&mut config);
+
+        let emulator = Emulator::new(&config.emulator);
         emulator
             .graph()
             .set_callback_url(config.graph_callback_url());
-        adjust(&mut config);
+        tokio::spawn(emulator.clone().serve(emulator_listener, shutdown.clone()));
         let server = tokio::spawn(callops::run(listener, config, shutdown.clone()));
         Self {
             address,
             emulator,
+            emulator_address: format!("http://{emulator_address}"),
             http: reqwest::Client::new(),
             shutdown,
             server,
@@ -201,6 +205,91 @@ impl TestApp {
             }
         })
         .await
+    }
+}
+
+/// Graph helpers.
+impl TestApp {
+    /// Queues a media operation (`playPrompt` or `recordResponse`) with `context` on the
+    /// emulated Graph call, through the emulator's Graph API, as a bot would.
+    pub async fn queue_media(&self, call: &str, action: &str, context: &str) -> Value {
+        let emulator = self.emulator_url();
+        let config = Config::embedded().emulator;
+        let token: Value = self
+            .http
+            .post(format!(
+                "{emulator}/{}/oauth2/v2.0/token",
+                config.graph_tenant_id
+            ))
+            .form(&[
+                ("client_id", config.graph_client_id.as_str()),
+                ("client_secret", config.graph_client_secret.as_str()),
+                ("scope", "https://graph.microsoft.com/.default"),
+                ("grant_type", "client_credentials"),
+            ])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let token = token["access_token"].as_str().unwrap();
+        let response = self
+            .http
+            .post(format!(
+                "{emulator}/v1.0/communications/calls/{call}/{action}"
+            ))
+            .bearer_auth(token)
+            .json(&json!({ "clientContext": context, "prompts": [] }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    /// The emulator's base URL (from the Graph configuration the server was given).
+    pub fn emulator_url(&self) -> String {
+        self.emulator_address.clone()
+    }
+
+    /// Starts a cancelMediaProcessing on `call` with `script`; returns the 202's body.
+    pub async fn cancel(&self, call: &str, script: GraphScript, context: Option<&str>) -> Value {
+        self.emulator.graph().set_script(call, script);
+        let body = match context {
+            Some(context) => json!({ "clientContext": context }),
+            None => json!({}),
+        };
+        let response = self
+            .post_json(
+                &format!("/v1/graph/calls/{call}/cancelMediaProcessing"),
+                &body,
+            )
+            .await;
+        assert_eq!(response.status(), 202, "{:?}", response.text().await);
+        let location = response.headers()["operation-location"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let operation: Value = response.json().await.unwrap();
+        assert_eq!(
+            location,
+            format!("/v1/operations/{}", operation["id"].as_str().unwrap())
+        );
+        operation
+    }
+
+    /// Delivers a body to `/callbacks/graph`; returns the status and summary.
+    pub async fn notify(&self, content_type: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let response = self.post_raw("/callbacks/graph", content_type, body).await;
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The operations listed for `query` (e.g. `context=x`).
+    pub async fn list(&self, query: &str) -> Vec<Value> {
+        let page = self.get_json(&format!("/v1/operations?{query}")).await;
+        page["value"].as_array().unwrap().clone()
     }
 }
 
