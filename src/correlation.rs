@@ -75,11 +75,11 @@ impl IncomingEvent {
     }
 
     /// A new observed operation built from this event.
-    pub fn observed_operation(&self, key: &ContextKey) -> Operation {
+    pub fn observed_operation(&self, call: &CallRef, context: &str) -> Operation {
         let mut operation = Operation::new(
             self.kind.clone(),
-            key.call.clone(),
-            key.context.to_string(),
+            call.clone(),
+            context.to_owned(),
             self.received,
         );
         operation.upstream_operation_id = self.upstream_id.as_deref().map(str::to_owned);
@@ -205,7 +205,7 @@ mod tests {
         );
         assert!(!play.should_park());
         let key = play.key().unwrap();
-        let observed = play.observed_operation(&key);
+        let observed = play.observed_operation(&key.call, &key.context);
         assert_eq!(observed.status, OperationStatus::Succeeded);
         assert_eq!(observed.kind.as_str(), "play");
         assert_eq!(observed.context, "ctx");
@@ -215,7 +215,7 @@ mod tests {
             Some(Transition::Started),
         );
         assert_eq!(
-            started.observed_operation(&key).status,
+            started.observed_operation(&key.call, &key.context).status,
             OperationStatus::Running
         );
     }

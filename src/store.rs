@@ -6,8 +6,8 @@
 //! lives across an `.await`. It does no I/O and no logging: what expires is returned to the
 //! caller ([`SweepReport`]), which logs and counts it.
 //!
-//! Lock order: an `index` entry may be held while an `operations` entry is taken (create,
-//! observe), and the sweep reads `operations` while it retains `cancels` and `waiters`;
+//! Lock order: an `index` or `upstream` entry may be held while an `operations` entry is
+//! taken (create, observe), and the sweep reads `operations` while it retains `cancels` and `waiters`;
 //! never the reverse. Every other access holds a single entry at a time.
 
 use std::collections::VecDeque;
@@ -323,9 +323,12 @@ impl OperationStore {
     fn deliver_by_context(&self, event: IncomingEvent, now: Instant) -> Delivery {
         let inner = &self.inner;
         let Some(key) = event.key() else {
-            if event.call.is_none() {
+            let Some(call) = &event.call else {
                 // Neither call nor context: nothing to keep it on; the caller logs it.
                 return Delivery::Unmatched;
+            };
+            if let (Some(upstream_id), false) = (&event.upstream_id, event.should_park()) {
+                return self.observe_by_upstream_id(call, upstream_id, &event);
             }
             self.push_call_event(&event, EventEffect::Recorded);
             return Delivery::CallEvent;
@@ -568,13 +571,39 @@ impl OperationStore {
                 at: now,
             }]));
         }
-        let operation = event.observed_operation(key);
+        let operation = event.observed_operation(&key.call, &key.context);
         let id = operation.id;
         self.inner.operations.insert(id, operation);
         if let Some(upstream_id) = &event.upstream_id {
             self.inner.upstream.insert(upstream_id.clone(), id);
         }
         Ok(Slot::Operation(id))
+    }
+
+    /// An operation event with an upstream id but no context: the operation is found, or
+    /// observed, by that id alone (its context stays empty).
+    fn observe_by_upstream_id(
+        &self,
+        call: &CallRef,
+        upstream_id: &str,
+        event: &IncomingEvent,
+    ) -> Delivery {
+        let inner = &self.inner;
+        // Lock order: an `upstream` entry, then an `operations` entry.
+        match inner.upstream.entry(upstream_id.into()) {
+            Entry::Occupied(occupied) => {
+                let id = *occupied.get();
+                drop(occupied);
+                self.apply_to(id, event).unwrap_or(Delivery::Unmatched)
+            }
+            Entry::Vacant(vacant) => {
+                let operation = event.observed_operation(call, "");
+                let id = operation.id;
+                inner.operations.insert(id, operation);
+                vacant.insert(id);
+                Delivery::Observed { id }
+            }
+        }
     }
 
     /// Takes a place in the park, or records the event on its call when the park is full.
@@ -1713,3 +1742,7 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "store_graph_tests.rs"]
+mod graph_tests;

@@ -1,0 +1,338 @@
+//! Store behaviour that Graph needs: operations found by their upstream id, cancelled
+//! operations linked to the cancel, a call's end, and callback timeouts.
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::time::Instant;
+
+use super::*;
+use crate::operation::ResultInfo;
+
+fn store() -> OperationStore {
+    OperationStore::new(&crate::config::Config::embedded().operations)
+}
+
+fn call() -> CallRef {
+    CallRef::Call("c".into())
+}
+
+fn cancel_op(context: &str, at: OffsetDateTime) -> Operation {
+    Operation::new(
+        OperationKind::CancelMediaProcessing,
+        call(),
+        context.into(),
+        at,
+    )
+}
+
+fn play() -> OperationKind {
+    OperationKind::Observed("playPrompt".into())
+}
+
+/// A Graph operation notification.
+fn notification(
+    id: &str,
+    kind: OperationKind,
+    context: Option<&str>,
+    upstream_id: Option<&str>,
+    transition: Option<Transition>,
+    received: OffsetDateTime,
+) -> IncomingEvent {
+    IncomingEvent {
+        id: Some(id.into()),
+        event_type: "playPromptOperation.deleted".into(),
+        call: Some(call()),
+        context: context.map(Into::into),
+        kind,
+        upstream_id: upstream_id.map(Into::into),
+        cancelled: false,
+        transition,
+        received,
+    }
+}
+
+fn cancelled_by_cancel(
+    id: &str,
+    context: &str,
+    upstream_id: &str,
+    received: OffsetDateTime,
+) -> IncomingEvent {
+    IncomingEvent {
+        cancelled: true,
+        ..notification(
+            id,
+            play(),
+            Some(context),
+            Some(upstream_id),
+            Some(Transition::Failed {
+                result: Some(ResultInfo {
+                    code: Some(400),
+                    sub_code: Some(8508),
+                    completion_reason: Some("operationCanceled".into()),
+                    ..ResultInfo::default()
+                }),
+                error: OperationError {
+                    code: "OperationCanceled".into(),
+                    message: "cancelled".into(),
+                },
+            }),
+            received,
+        )
+    }
+}
+
+fn succeeded() -> Option<Transition> {
+    Some(Transition::Succeeded { result: None })
+}
+
+#[test]
+fn a_notification_naming_only_the_upstream_id_finds_the_operation() {
+    let store = store();
+    let now = OffsetDateTime::now_utc();
+    let op = store.create(cancel_op("mine", now)).unwrap();
+    store.set_upstream_id(op.id, "u-1");
+    assert_eq!(
+        store.get(op.id).unwrap().upstream_operation_id.as_deref(),
+        Some("u-1")
+    );
+    // Graph's generic commsOperation, no clientContext.
+    let generic = OperationKind::Observed(crate::correlation::GENERIC_KIND.into());
+    let delivery = store.deliver(
+        notification("e1", generic, None, Some("u-1"), succeeded(), now),
+        Instant::now(),
+    );
+    assert_eq!(
+        delivery,
+        Delivery::Matched {
+            id: op.id,
+            effect: EventEffect::Applied
+        }
+    );
+    assert_eq!(store.get(op.id).unwrap().status, OperationStatus::Succeeded);
+}
+
+#[test]
+fn an_unknown_upstream_id_without_context_is_observed_once() {
+    let store = store();
+    let now = OffsetDateTime::now_utc();
+    let running = Some(Transition::Started);
+    let Delivery::Observed { id } = store.deliver(
+        notification("e1", play(), None, Some("u-2"), running, now),
+        Instant::now(),
+    ) else {
+        panic!("not observed");
+    };
+    let observed = store.get(id).unwrap();
+    assert_eq!(observed.context, "");
+    assert_eq!(observed.upstream_operation_id.as_deref(), Some("u-2"));
+    let delivery = store.deliver(
+        notification("e2", play(), None, Some("u-2"), succeeded(), now),
+        Instant::now(),
+    );
+    assert_eq!(
+        delivery,
+        Delivery::Matched {
+            id,
+            effect: EventEffect::Applied
+        }
+    );
+    assert_eq!(store.stats().operations, 1);
+}
+
+#[test]
+fn an_id_learned_from_a_context_match_finds_the_operation_later() {
+    let store = store();
+    let now = OffsetDateTime::now_utc();
+    let Delivery::Observed { id } = store.deliver(
+        notification(
+            "e1",
+            play(),
+            Some("p"),
+            Some("u-3"),
+            Some(Transition::Started),
+            now,
+        ),
+        Instant::now(),
+    ) else {
+        panic!("not observed");
+    };
+    let delivery = store.deliver(
+        notification("e2", play(), None, Some("u-3"), succeeded(), now),
+        Instant::now(),
+    );
+    assert_eq!(
+        delivery,
+        Delivery::Matched {
+            id,
+            effect: EventEffect::Applied
+        }
+    );
+}
+
+#[test]
+fn cancelled_operations_are_linked_to_the_latest_cancel_sent_before_once() {
+    let store = store();
+    let t0 = OffsetDateTime::now_utc();
+    let second = Duration::from_secs(1);
+    // Cancelled before any cancel was sent: not linked.
+    store.deliver(cancelled_by_cancel("e0", "p0", "u0", t0), Instant::now());
+    let first = store.create(cancel_op("first", t0 + second)).unwrap();
+    let latest = store.create(cancel_op("latest", t0 + 3 * second)).unwrap();
+    // Between the two cancels: the first one's; after both: the latest one's.
+    store.deliver(
+        cancelled_by_cancel("e1", "p1", "u1", t0 + 2 * second),
+        Instant::now(),
+    );
+    store.deliver(
+        cancelled_by_cancel("e2", "p2", "u2", t0 + 4 * second),
+        Instant::now(),
+    );
+    // The same operation reported again (another delivery): still listed once.
+    store.deliver(
+        cancelled_by_cancel("e3", "p2", "u2", t0 + 5 * second),
+        Instant::now(),
+    );
+
+    let contexts = |id| {
+        store
+            .get(id)
+            .unwrap()
+            .cancelled_operations
+            .iter()
+            .map(|c| {
+                (
+                    c.context.clone(),
+                    c.kind.as_str().to_owned(),
+                    c.upstream_operation_id.clone(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        contexts(first.id),
+        [("p1".into(), "playPrompt".into(), Some("u1".into()))]
+    );
+    assert_eq!(
+        contexts(latest.id),
+        [("p2".into(), "playPrompt".into(), Some("u2".into()))]
+    );
+    // The cancelled operation itself settled as failed.
+    let p2 = store
+        .list(
+            &ListFilter {
+                context: Some("p2".into()),
+                ..ListFilter::default()
+            },
+            10,
+        )
+        .0;
+    assert_eq!(p2[0].status, OperationStatus::Failed);
+    assert_eq!(p2[0].events.len(), 2);
+}
+
+#[test]
+fn the_end_of_a_call_fails_only_its_unsettled_operations() {
+    let store = store();
+    let now = OffsetDateTime::now_utc();
+    let running = store.create(cancel_op("running", now)).unwrap();
+    let settled = store.create(cancel_op("settled", now)).unwrap();
+    store.transition(settled.id, Transition::Succeeded { result: None }, now);
+    let elsewhere = store
+        .create(Operation::new(
+            OperationKind::CancelMediaProcessing,
+            CallRef::Call("other".into()),
+            "x".into(),
+            now,
+        ))
+        .unwrap();
+    let error = OperationError {
+        code: "CallTerminated".into(),
+        message: "ended".into(),
+    };
+    let ended = store.end_call(&call(), None, &error, now);
+    assert_eq!(ended, [running.id]);
+    assert_eq!(store.get(running.id).unwrap().error, Some(error));
+    assert_eq!(
+        store.get(settled.id).unwrap().status,
+        OperationStatus::Succeeded
+    );
+    assert_eq!(
+        store.get(elsewhere.id).unwrap().status,
+        OperationStatus::NotStarted
+    );
+}
+
+#[tokio::test]
+async fn a_timeout_fails_and_wakes_and_a_late_outcome_still_wins() {
+    let store = store();
+    let now = OffsetDateTime::now_utc();
+    let op = store.create(cancel_op("slow", now)).unwrap();
+    store.transition(op.id, Transition::Accepted, now);
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move { store.wait_settled(op.id, Duration::from_secs(3600)).await })
+    };
+    // Not yet due.
+    let report = store.sweep(Instant::now(), now + Duration::from_secs(239));
+    assert!(report.timed_out.is_empty());
+    let report = store.sweep(Instant::now(), now + Duration::from_secs(241));
+    assert_eq!(report.timed_out, [op.id]);
+    let woken = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter was woken")
+        .unwrap()
+        .unwrap();
+    assert_eq!(woken.error.unwrap().code, CALLBACK_TIMEOUT);
+    // Swept again: nothing more happens to it.
+    let report = store.sweep(Instant::now(), now + Duration::from_secs(300));
+    assert!(report.timed_out.is_empty());
+
+    let delivery = store.deliver(
+        notification(
+            "late",
+            OperationKind::CancelMediaProcessing,
+            Some("slow"),
+            None,
+            succeeded(),
+            now,
+        ),
+        Instant::now(),
+    );
+    assert_eq!(
+        delivery,
+        Delivery::Matched {
+            id: op.id,
+            effect: EventEffect::Applied
+        }
+    );
+    let done = store.get(op.id).unwrap();
+    assert_eq!(done.status, OperationStatus::Succeeded);
+    assert!(done.late);
+}
+
+#[test]
+fn retired_operations_leave_the_upstream_index() {
+    let store = store();
+    let long_ago = OffsetDateTime::now_utc() - Duration::from_secs(3 * 86_400);
+    let op = store.create(cancel_op("old", long_ago)).unwrap();
+    store.set_upstream_id(op.id, "u-old");
+    store.transition(op.id, Transition::Succeeded { result: None }, long_ago);
+    let report = store.sweep(Instant::now(), OffsetDateTime::now_utc());
+    assert_eq!(report.removed_operations, 1);
+    let delivery = store.deliver(
+        notification(
+            "e",
+            play(),
+            None,
+            Some("u-old"),
+            succeeded(),
+            OffsetDateTime::now_utc(),
+        ),
+        Instant::now(),
+    );
+    assert!(
+        matches!(delivery, Delivery::Observed { id } if id != op.id),
+        "{delivery:?}"
+    );
+}
