@@ -218,7 +218,108 @@ impl std::fmt::Debug for TokenProvider {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+
     use super::*;
+
+    /// A token endpoint on 127.0.0.1:0 that counts requests and answers slowly, so that
+    /// concurrent callers overlap.
+    async fn token_server(answer: &'static str, status: u16) -> (Url, Arc<AtomicUsize>) {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        let app = axum::Router::new().route(
+            "/{tenant}/oauth2/v2.0/token",
+            axum::routing::post(move |body: String| {
+                let counter = counter.clone();
+                async move {
+                    assert!(body.contains("grant_type=client_credentials"), "{body}");
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    (
+                        axum::http::StatusCode::from_u16(status).unwrap(),
+                        [("content-type", "application/json")],
+                        answer,
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (Url::parse(&format!("http://{address}")).unwrap(), hits)
+    }
+
+    fn provider(authority: &Url) -> Arc<TokenProvider> {
+        Arc::new(TokenProvider::new(
+            reqwest::Client::new(),
+            authority,
+            "tenant",
+            "app".into(),
+            SecretString::from("s3cr3t"),
+        ))
+    }
+
+    #[tokio::test]
+    async fn concurrent_callers_share_one_fetch_and_the_cache() {
+        let (authority, hits) = token_server(
+            r#"{"token_type":"Bearer","expires_in":3599,"ext_expires_in":3599,"access_token":"tok-1"}"#,
+            200,
+        )
+        .await;
+        let provider = provider(&authority);
+        let callers: Vec<_> = (0..20)
+            .map(|_| {
+                let provider = provider.clone();
+                tokio::spawn(async move { provider.token().await })
+            })
+            .collect();
+        for caller in callers {
+            assert_eq!(caller.await.unwrap().unwrap().expose_secret(), "tok-1");
+        }
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        assert_eq!(provider.fetches(), 1);
+        // Cached.
+        provider.token().await.unwrap();
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        // Refused by Graph: dropped, fetched again once.
+        let token = provider.token().await.unwrap();
+        provider.invalidate(&token);
+        provider.token().await.unwrap();
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
+        // Invalidating a token that is no longer cached changes nothing.
+        provider.invalidate(&SecretString::from("old"));
+        provider.token().await.unwrap();
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn refusals_and_outages_are_told_apart() {
+        let (authority, _) = token_server(
+            r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided."}"#,
+            401,
+        )
+        .await;
+        let error = provider(&authority).token().await.unwrap_err();
+        assert!(
+            matches!(&error, TokenError::Rejected { code: Some(code), .. } if code == "invalid_client"),
+            "{error:?}"
+        );
+        assert!(!error.is_transient());
+        let (authority, _) = token_server("{}", 503).await;
+        assert!(
+            provider(&authority)
+                .token()
+                .await
+                .unwrap_err()
+                .is_transient()
+        );
+        let (authority, _) = token_server("not json", 200).await;
+        assert!(matches!(
+            provider(&authority).token().await.unwrap_err(),
+            TokenError::Malformed
+        ));
+    }
 
     #[test]
     fn the_token_url_follows_the_authority_and_tenant() {
