@@ -482,6 +482,55 @@ mod tests {
     }
 
     #[test]
+    fn graph_is_configured_from_the_environment_and_checked() {
+        let config = load_with_env(&[
+            ("CALLOPS_GRAPH_BASE_URL", "https://graph.microsoft.us/v1.0"),
+            (
+                "CALLOPS_GRAPH_AUTHORITY",
+                "https://login.microsoftonline.us",
+            ),
+            ("CALLOPS_GRAPH_TENANT_ID", "tenant"),
+            ("CALLOPS_GRAPH_CLIENT_ID", "app"),
+            ("CALLOPS_GRAPH_CLIENT_SECRET", "c2VjcmV0"),
+            ("CALLOPS_GRAPH__RETRY__MAX_ATTEMPTS", "2"),
+        ])
+        .unwrap();
+        assert!(config.graph.is_configured());
+        assert_eq!(
+            config.graph.base_url.as_str(),
+            "https://graph.microsoft.us/v1.0"
+        );
+        assert_eq!(config.graph.retry.max_attempts, 2);
+        assert!(!format!("{config:?}").contains("c2VjcmV0"));
+        assert_eq!(
+            config.graph_callback_url().as_str(),
+            "http://127.0.0.1:8080/callbacks/graph"
+        );
+        // An id without a secret, no credentials without the emulator, odd URLs.
+        let err = load_with_env(&[("CALLOPS_GRAPH_CLIENT_ID", "app")]).unwrap_err();
+        assert!(err.contains("CALLOPS_GRAPH_CLIENT_SECRET"), "{err}");
+        let err = load_with_env(&[
+            (
+                "CALLOPS_ACS_CONNECTION_STRING",
+                "endpoint=https://r.communication.azure.com/;accesskey=a2V5",
+            ),
+            ("CALLOPS_EMULATOR__ENABLED", "false"),
+        ])
+        .unwrap_err();
+        assert!(err.contains("CALLOPS_GRAPH_CLIENT_ID"), "{err}");
+        let err = load_with_env(&[("CALLOPS_GRAPH_BASE_URL", "ftp://graph")]).unwrap_err();
+        assert!(err.contains("graph.base_url"), "{err}");
+        let config = Config::embedded();
+        assert_eq!(
+            config
+                .operations
+                .callback_timeouts
+                .for_kind(&crate::operation::OperationKind::CancelMediaProcessing),
+            Duration::from_secs(240)
+        );
+    }
+
+    #[test]
     #[expect(
         clippy::result_large_err,
         reason = "figment's Jail API returns figment::Error"
