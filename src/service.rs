@@ -22,6 +22,7 @@ use crate::operation::{
     CallRef, Operation, OperationError, OperationId, OperationKind, ResultInfo, Transition,
 };
 use crate::store::{ContextInUse, Delivery, ListFilter, OperationStore};
+use crate::upstream::TransientError;
 
 /// The longest operationContext accepted from a client.
 pub const MAX_CONTEXT_LEN: usize = 512;
@@ -326,22 +327,7 @@ fn graph_failure_transition(error: &GraphError) -> Transition {
             status,
             code,
             message,
-        } => {
-            let detail = message.as_deref().unwrap_or("no message");
-            let code_text = code.as_deref().unwrap_or("no code");
-            Transition::Failed {
-                result: Some(ResultInfo {
-                    code: Some(i64::from(status.as_u16())),
-                    sub_code: code.as_deref().and_then(|code| code.parse().ok()),
-                    message: message.clone(),
-                    ..ResultInfo::default()
-                }),
-                error: OperationError {
-                    code: "UpstreamRejected".to_owned(),
-                    message: format!("Graph answered {} ({code_text}): {detail}", status.as_u16()),
-                },
-            }
-        }
+        } => rejected("Graph", *status, code.as_deref(), message.as_deref()),
         GraphError::Token(error) => Transition::Failed {
             result: None,
             error: OperationError {
@@ -349,49 +335,57 @@ fn graph_failure_transition(error: &GraphError) -> Transition {
                 message: format!("no Graph access token: {error}"),
             },
         },
-        GraphError::Unavailable { attempts, last } => Transition::Failed {
-            result: None,
-            error: OperationError {
-                code: "UpstreamUnavailable".to_owned(),
-                message: format!(
-                    "Graph did not accept the request after {attempts} attempt(s): {last}"
-                ),
-            },
-        },
+        GraphError::Unavailable { attempts, last } => unavailable("Graph", *attempts, last),
     }
 }
 
-/// How an upstream failure settles the operation.
+/// How an ACS failure settles the operation.
 fn failure_transition(error: &AcsError) -> Transition {
     match error {
         AcsError::Rejected {
             status,
             code,
             message,
-        } => {
-            let detail = message.as_deref().unwrap_or("no message");
-            let code_text = code.as_deref().unwrap_or("no code");
-            Transition::Failed {
-                result: Some(ResultInfo {
-                    code: Some(i64::from(status.as_u16())),
-                    sub_code: code.as_deref().and_then(|code| code.parse().ok()),
-                    message: message.clone(),
-                    ..ResultInfo::default()
-                }),
-                error: OperationError {
-                    code: "UpstreamRejected".to_owned(),
-                    message: format!("ACS answered {} ({code_text}): {detail}", status.as_u16()),
-                },
-            }
-        }
-        AcsError::Unavailable { attempts, last } => Transition::Failed {
-            result: None,
-            error: OperationError {
-                code: "UpstreamUnavailable".to_owned(),
-                message: format!(
-                    "ACS did not accept the request after {attempts} attempt(s): {last}"
-                ),
-            },
+        } => rejected("ACS", *status, code.as_deref(), message.as_deref()),
+        AcsError::Unavailable { attempts, last } => unavailable("ACS", *attempts, last),
+    }
+}
+
+/// `UpstreamRejected`, with the upstream's status, code and message in `result`.
+fn rejected(
+    upstream: &str,
+    status: reqwest::StatusCode,
+    code: Option<&str>,
+    message: Option<&str>,
+) -> Transition {
+    let detail = message.unwrap_or("no message");
+    let code_text = code.unwrap_or("no code");
+    Transition::Failed {
+        result: Some(ResultInfo {
+            code: Some(i64::from(status.as_u16())),
+            sub_code: code.and_then(|code| code.parse().ok()),
+            message: message.map(str::to_owned),
+            ..ResultInfo::default()
+        }),
+        error: OperationError {
+            code: "UpstreamRejected".to_owned(),
+            message: format!(
+                "{upstream} answered {} ({code_text}): {detail}",
+                status.as_u16()
+            ),
+        },
+    }
+}
+
+/// `UpstreamUnavailable`: retries ran out.
+fn unavailable(upstream: &str, attempts: u32, last: &TransientError) -> Transition {
+    Transition::Failed {
+        result: None,
+        error: OperationError {
+            code: "UpstreamUnavailable".to_owned(),
+            message: format!(
+                "{upstream} did not accept the request after {attempts} attempt(s): {last}"
+            ),
         },
     }
 }

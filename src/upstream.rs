@@ -117,6 +117,21 @@ where
     }
 }
 
+/// The failure a non-2xx `response` means: transient (with its `Retry-After`), or final —
+/// built by `refused` from the status and the body's error code and message.
+pub async fn failure<E>(
+    response: reqwest::Response,
+    refused: impl FnOnce(StatusCode, Option<String>, Option<String>) -> E,
+) -> AttemptError<E> {
+    let status = response.status();
+    if is_transient(status) {
+        return AttemptError::status(status, response.headers());
+    }
+    let bytes = response.bytes().await.unwrap_or_default();
+    let (code, message) = error_code_and_message(&bytes);
+    AttemptError::Final(refused(status, code, message))
+}
+
 /// Statuses worth retrying.
 pub fn is_transient(status: StatusCode) -> bool {
     status == StatusCode::REQUEST_TIMEOUT

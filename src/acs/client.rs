@@ -176,17 +176,15 @@ impl AcsClient {
         if status.is_success() {
             return Ok(());
         }
-        if upstream::is_transient(status) {
-            return Err(AttemptError::status(status, response.headers()));
-        }
-        // A final refusal: keep ACS's own code and message.
-        let bytes = response.bytes().await.unwrap_or_default();
-        let (code, message) = upstream::error_code_and_message(&bytes);
-        Err(AttemptError::Final(AcsError::Rejected {
-            status,
-            code,
-            message,
-        }))
+        // A final refusal keeps the upstream's own code and message.
+        Err(
+            upstream::failure(response, |status, code, message| AcsError::Rejected {
+                status,
+                code,
+                message,
+            })
+            .await,
+        )
     }
 
     fn signed_headers(&self, url: &Url, body: &[u8], repeatability: &Repeatability) -> HeaderMap {

@@ -17,6 +17,7 @@ use serde_json::Value;
 use url::Url;
 
 use crate::config::RetryConfig;
+use crate::graph::notifications;
 use crate::graph::token::{TokenError, TokenProvider};
 use crate::operation::ResultInfo;
 use crate::upstream::{self, AttemptError, Retried, TransientError};
@@ -174,16 +175,15 @@ impl GraphClient {
                 retry_after: Some(std::time::Duration::ZERO),
             });
         }
-        if upstream::is_transient(status) {
-            return Err(AttemptError::status(status, response.headers()));
-        }
-        let bytes = response.bytes().await.unwrap_or_default();
-        let (code, message) = upstream::error_code_and_message(&bytes);
-        Err(AttemptError::Final(GraphError::Rejected {
-            status,
-            code,
-            message,
-        }))
+        // A final refusal keeps the upstream's own code and message.
+        Err(
+            upstream::failure(response, |status, code, message| GraphError::Rejected {
+                status,
+                code,
+                message,
+            })
+            .await,
+        )
     }
 }
 
@@ -206,27 +206,7 @@ fn parse_answer(body: &[u8], location: Option<String>) -> CancelAnswer {
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
     };
-    let result = value
-        .get("resultInfo")
-        .filter(|v| v.is_object())
-        .map(|info| {
-            let number = |name: &str| {
-                info.get(name).and_then(|v| match v {
-                    Value::Number(n) => n.as_i64(),
-                    Value::String(s) => s.trim().parse().ok(),
-                    _ => None,
-                })
-            };
-            ResultInfo {
-                code: number("code"),
-                sub_code: number("subcode").or_else(|| number("subCode")),
-                message: info
-                    .get("message")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned),
-                completion_reason: None,
-            }
-        });
+    let result = notifications::result_info(&value);
     CancelAnswer {
         operation_id: text("id").or(location),
         status: text("status"),

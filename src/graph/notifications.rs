@@ -294,7 +294,7 @@ fn is_cancellation(result: &ResultInfo) -> bool {
 }
 
 /// `resultInfo` (numbers or numeric strings) and `completionReason`, when either is there.
-fn result_info(data: &Value) -> Option<ResultInfo> {
+pub(crate) fn result_info(data: &Value) -> Option<ResultInfo> {
     let info = data.get("resultInfo").filter(|v| v.is_object());
     let number = |name: &str| {
         info.and_then(|info| info.get(name))

@@ -94,25 +94,7 @@ impl TestApp {
                 &body,
             )
             .await;
-        assert_eq!(response.status(), 202, "{:?}", response.text().await);
-        let location = response.headers()["operation-location"]
-            .to_str()
-            .unwrap()
-            .to_owned();
-        let retry_after = response.headers().get("retry-after").cloned();
-        let operation: Value = response.json().await.unwrap();
-        let settled =
-            ["Succeeded", "Failed", "Canceled"].contains(&operation["status"].as_str().unwrap());
-        assert_eq!(
-            retry_after.is_none(),
-            settled,
-            "Retry-After only while unsettled"
-        );
-        assert_eq!(
-            location,
-            format!("/v1/operations/{}", operation["id"].as_str().unwrap())
-        );
-        operation
+        accepted(response).await
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
@@ -266,17 +248,7 @@ impl TestApp {
                 &body,
             )
             .await;
-        assert_eq!(response.status(), 202, "{:?}", response.text().await);
-        let location = response.headers()["operation-location"]
-            .to_str()
-            .unwrap()
-            .to_owned();
-        let operation: Value = response.json().await.unwrap();
-        assert_eq!(
-            location,
-            format!("/v1/operations/{}", operation["id"].as_str().unwrap())
-        );
-        operation
+        accepted(response).await
     }
 
     /// Delivers a body to `/callbacks/graph`; returns the status and summary.
@@ -321,6 +293,30 @@ pub fn silent() -> Script {
         no_callback: true,
         ..Script::default()
     }
+}
+
+/// Checks a `202 Accepted` for a new operation (`Operation-Location` naming it, `Retry-After`
+/// only while it has not settled) and returns its body.
+pub async fn accepted(response: reqwest::Response) -> Value {
+    assert_eq!(response.status(), 202, "{:?}", response.text().await);
+    let location = response.headers()["operation-location"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let retry_after = response.headers().get("retry-after").cloned();
+    let operation: Value = response.json().await.unwrap();
+    let settled =
+        ["Succeeded", "Failed", "Canceled"].contains(&operation["status"].as_str().unwrap());
+    assert_eq!(
+        retry_after.is_none(),
+        settled,
+        "Retry-After only while unsettled"
+    );
+    assert_eq!(
+        location,
+        format!("/v1/operations/{}", operation["id"].as_str().unwrap())
+    );
+    operation
 }
 
 /// Fails the test when `future` takes longer than [`SOON`].
