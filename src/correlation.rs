@@ -32,6 +32,8 @@ pub struct IncomingEvent {
     pub upstream_id: Option<Box<str>>,
     /// True when it reports an operation cancelled by a `cancelMediaProcessing`.
     pub cancelled: bool,
+    /// The status as the upstream wrote it (Graph), kept even when callops does not know it.
+    pub upstream_status: Option<String>,
     /// The state change it reports, if any.
     pub transition: Option<Transition>,
     pub received: OffsetDateTime,
@@ -101,6 +103,13 @@ pub fn apply(operation: &mut Operation, event: &IncomingEvent) -> EventEffect {
         }
         _ => EventEffect::Recorded,
     };
+    // The upstream's own status word follows the events that move (or only describe) the
+    // operation, never one that came after it settled.
+    let describes = effect == EventEffect::Applied
+        || (event.transition.is_none() && event.reports_on(operation));
+    if let (Some(status), true) = (&event.upstream_status, describes) {
+        operation.upstream_status = Some(status.clone());
+    }
     operation.record(event.record(effect));
     effect
 }
@@ -129,6 +138,7 @@ mod tests {
             kind,
             upstream_id: None,
             cancelled: false,
+            upstream_status: None,
             transition,
             received: OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(5),
         }

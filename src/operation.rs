@@ -240,6 +240,10 @@ pub struct Operation {
     /// The upstream's own id of the operation (Graph's operation id), when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_operation_id: Option<String>,
+    /// The operation's status as the upstream last wrote it (Graph: `running`,
+    /// `completed`, ... in any case, unknown values included), when it reports one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_status: Option<String>,
     /// True when the final callback arrived after the operation had timed out
     /// ([`CALLBACK_TIMEOUT`]) and replaced that provisional failure.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -266,6 +270,7 @@ impl Operation {
             result: None,
             error: None,
             upstream_operation_id: None,
+            upstream_status: None,
             late: false,
             cancelled_operations: Vec::new(),
             events: Vec::new(),

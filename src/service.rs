@@ -175,9 +175,9 @@ impl OperationService {
     async fn dispatch_cancel(&self, id: OperationId, call_id: String, context: String) {
         let transition = match self.graph.cancel_media_processing(&call_id, &context).await {
             Ok(answer) => {
-                if let Some(upstream_id) = &answer.operation_id {
-                    self.store.set_upstream_id(id, &ids::canonical(upstream_id));
-                }
+                let upstream_id = answer.operation_id.as_deref().map(ids::canonical);
+                self.store
+                    .record_upstream(id, upstream_id.as_deref(), answer.status.as_deref());
                 tracing::info!(
                     upstream.operation_id = answer.operation_id.as_deref().unwrap_or(""),
                     upstream.status = answer.status.as_deref().unwrap_or(""),

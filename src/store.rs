@@ -243,15 +243,28 @@ impl OperationStore {
         Some(snapshot)
     }
 
-    /// Records the upstream's own id of an operation (from its answer), so notifications
-    /// naming only that id find it. `upstream_id` is in canonical form.
-    pub fn set_upstream_id(&self, id: OperationId, upstream_id: &str) {
+    /// Records what the upstream's answer said of an operation: its own id (canonical form),
+    /// so notifications naming only that id find it, and its status as written (unless a
+    /// notification has already settled the operation).
+    pub fn record_upstream(
+        &self,
+        id: OperationId,
+        upstream_id: Option<&str>,
+        status: Option<&str>,
+    ) {
         let Some(mut op) = self.inner.operations.get_mut(&id) else {
             return;
         };
-        op.upstream_operation_id = Some(upstream_id.to_owned());
+        if let Some(upstream_id) = upstream_id {
+            op.upstream_operation_id = Some(upstream_id.to_owned());
+        }
+        if let (Some(status), false) = (status, op.status.is_terminal()) {
+            op.upstream_status = Some(status.to_owned());
+        }
         drop(op);
-        self.inner.upstream.insert(upstream_id.into(), id);
+        if let Some(upstream_id) = upstream_id {
+            self.inner.upstream.insert(upstream_id.into(), id);
+        }
     }
 
     /// The call ended: every operation on it that has not settled fails with `error`
@@ -825,6 +838,7 @@ mod tests {
             kind: OperationKind::RemoveParticipant,
             upstream_id: None,
             cancelled: false,
+            upstream_status: None,
             transition,
             received: OffsetDateTime::now_utc(),
         }

@@ -47,6 +47,7 @@ fn notification(
         kind,
         upstream_id: upstream_id.map(Into::into),
         cancelled: false,
+        upstream_status: None,
         transition,
         received,
     }
@@ -91,7 +92,7 @@ fn a_notification_naming_only_the_upstream_id_finds_the_operation() {
     let store = store();
     let now = OffsetDateTime::now_utc();
     let op = store.create(cancel_op("mine", now)).unwrap();
-    store.set_upstream_id(op.id, "u-1");
+    store.record_upstream(op.id, Some("u-1"), Some("Running"));
     assert_eq!(
         store.get(op.id).unwrap().upstream_operation_id.as_deref(),
         Some("u-1")
@@ -316,7 +317,7 @@ fn retired_operations_leave_the_upstream_index() {
     let store = store();
     let long_ago = OffsetDateTime::now_utc() - Duration::from_secs(3 * 86_400);
     let op = store.create(cancel_op("old", long_ago)).unwrap();
-    store.set_upstream_id(op.id, "u-old");
+    store.record_upstream(op.id, Some("u-old"), None);
     store.transition(op.id, Transition::Succeeded { result: None }, long_ago);
     let report = store.sweep(Instant::now(), OffsetDateTime::now_utc());
     assert_eq!(report.removed_operations, 1);

@@ -71,6 +71,7 @@ impl AcsEvent {
             kind,
             upstream_id: None,
             cancelled: false,
+            upstream_status: None,
             transition,
             received,
         }

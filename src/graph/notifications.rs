@@ -205,6 +205,7 @@ fn decode_data(
         kind: OperationKind::Observed(type_name.clone()),
         upstream_id: None,
         cancelled: false,
+        upstream_status: None,
         transition: None,
         received,
     };
@@ -223,6 +224,7 @@ fn decode_data(
     let kind = kind_of(&type_name);
     let result = result_info(data);
     let cancelled = result.as_ref().is_some_and(is_cancellation);
+    incoming.upstream_status = text("status").map(str::to_owned);
     let status = text("status").map(str::to_ascii_lowercase);
     incoming.transition = match status.as_deref() {
         Some("completed") => Some(Transition::Succeeded { result }),
@@ -514,6 +516,9 @@ mod tests {
         );
         assert_eq!(transition("Running"), Some(Transition::Started));
         assert_eq!(transition("paused"), None);
+        let event =
+            &decode(body("paused").as_bytes(), OffsetDateTime::UNIX_EPOCH).unwrap()[0].incoming;
+        assert_eq!(event.upstream_status.as_deref(), Some("paused"));
         assert!(
             matches!(transition("FAILED"), Some(Transition::Failed { error, .. }) if error.code == "PlayPromptFailed")
         );
