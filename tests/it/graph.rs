@@ -107,10 +107,12 @@ async fn a_running_cancel_settles_on_its_notification() {
     })
     .await;
     assert_eq!(status(&running), "Running", "{running}");
+    assert_eq!(running["upstreamStatus"], "running");
 
     let done = app
         .operation_until(id, |op| status(op) == "Succeeded")
         .await;
+    assert_eq!(done["upstreamStatus"], "completed");
     assert_eq!(
         event_types(&done),
         [(
