@@ -75,9 +75,22 @@ struct ParkedEvent {
     at: Instant,
 }
 
+/// What is kept per call: events naming no operation, and the call's operations (so that a
+/// call's end, or a list filtered by call, does not scan every operation).
 struct CallTimeline {
     events: VecDeque<EventRecord>,
+    operations: Vec<OperationId>,
     updated: OffsetDateTime,
+}
+
+impl CallTimeline {
+    fn new(at: OffsetDateTime) -> Self {
+        Self {
+            events: VecDeque::new(),
+            operations: Vec::new(),
+            updated: at,
+        }
+    }
 }
 
 /// What happened to a delivered event.
@@ -213,6 +226,7 @@ impl OperationStore {
                 inner.operations.insert(id, operation.clone());
             }
         }
+        self.add_to_call(&operation.call, id, operation.created_date_time);
         if operation.kind == OperationKind::CancelMediaProcessing {
             inner
                 .cancels
@@ -277,11 +291,14 @@ impl OperationStore {
         now: OffsetDateTime,
     ) -> Vec<OperationId> {
         let open: Vec<OperationId> = self
-            .inner
-            .operations
-            .iter()
-            .filter(|entry| entry.call == *call && !entry.status.is_terminal())
-            .map(|entry| *entry.key())
+            .call_operations(call)
+            .into_iter()
+            .filter(|id| {
+                self.inner
+                    .operations
+                    .get(id)
+                    .is_some_and(|op| !op.status.is_terminal())
+            })
             .collect();
         let mut ended = Vec::with_capacity(open.len());
         for id in open {
@@ -321,10 +338,14 @@ impl OperationStore {
             .upstream_id
             .as_ref()
             .and_then(|upstream_id| inner.upstream.get(upstream_id).map(|id| *id));
+        let call_and_time = event.call.clone().map(|call| (call, event.received));
         let delivery = match known.and_then(|id| self.apply_to(id, &event)) {
             Some(delivery) => delivery,
             None => self.deliver_by_context(event, now),
         };
+        if let (Delivery::Observed { id }, Some((call, at))) = (delivery, &call_and_time) {
+            self.add_to_call(call, id, *at);
+        }
         if let Some((call, at)) = cancelled_at {
             if let Delivery::Matched { id, .. } | Delivery::Observed { id } = delivery {
                 self.link_cancelled(id, &call, at);
@@ -426,13 +447,31 @@ impl OperationStore {
 
     /// Operations matching `filter`, newest first, at most `limit`, and whether more follow.
     pub fn list(&self, filter: &ListFilter, limit: usize) -> (Vec<Operation>, bool) {
-        let mut ids: Vec<OperationId> = self
-            .inner
-            .operations
-            .iter()
-            .filter(|entry| filter.matches(entry.value()))
-            .map(|entry| *entry.key())
-            .collect();
+        let call = match (&filter.call_connection_id, &filter.call_id) {
+            (Some(id), None) => Some(CallRef::CallConnection(id.clone())),
+            (None, Some(id)) => Some(CallRef::Call(id.clone())),
+            _ => None,
+        };
+        let mut ids: Vec<OperationId> = match call {
+            // Filtered by call: only that call's operations are looked at.
+            Some(call) => self
+                .call_operations(&call)
+                .into_iter()
+                .filter(|id| {
+                    self.inner
+                        .operations
+                        .get(id)
+                        .is_some_and(|op| filter.matches(&op))
+                })
+                .collect(),
+            None => self
+                .inner
+                .operations
+                .iter()
+                .filter(|entry| filter.matches(entry.value()))
+                .map(|entry| *entry.key())
+                .collect(),
+        };
         ids.sort_unstable_by(|a, b| b.cmp(a));
         let more = ids.len() > limit;
         let operations = ids
@@ -560,7 +599,12 @@ impl OperationStore {
             cancels.retain(|(id, _)| inner.operations.contains_key(id));
             !cancels.is_empty()
         });
-        inner.calls.retain(|_, timeline| timeline.updated >= cutoff);
+        inner.calls.retain(|_, timeline| {
+            timeline
+                .operations
+                .retain(|id| inner.operations.contains_key(id));
+            timeline.updated >= cutoff || !timeline.operations.is_empty()
+        });
         inner
             .waiters
             .retain(|id, _| inner.operations.contains_key(id));
@@ -699,15 +743,32 @@ impl OperationStore {
             .inner
             .calls
             .entry(call.clone())
-            .or_insert_with(|| CallTimeline {
-                events: VecDeque::new(),
-                updated: event.received,
-            });
+            .or_insert_with(|| CallTimeline::new(event.received));
         if timeline.events.len() >= max {
             timeline.events.pop_front();
         }
         timeline.events.push_back(event.record(effect));
         timeline.updated = event.received;
+    }
+
+    /// Lists operation `id` under its call.
+    fn add_to_call(&self, call: &CallRef, id: OperationId, at: OffsetDateTime) {
+        let mut timeline = self
+            .inner
+            .calls
+            .entry(call.clone())
+            .or_insert_with(|| CallTimeline::new(at));
+        timeline.operations.push(id);
+        timeline.updated = timeline.updated.max(at);
+    }
+
+    /// The ids of the operations on `call`.
+    fn call_operations(&self, call: &CallRef) -> Vec<OperationId> {
+        self.inner
+            .calls
+            .get(call)
+            .map(|timeline| timeline.operations.clone())
+            .unwrap_or_default()
     }
 
     fn wake(&self, id: OperationId) {
