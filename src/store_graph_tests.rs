@@ -337,3 +337,130 @@ fn retired_operations_leave_the_upstream_index() {
         "{delivery:?}"
     );
 }
+
+/// Many calls, each with a cancel and two cancelled prompts whose notifications arrive three
+/// times each (twice as the same delivery, once as a different one), from 8 threads in
+/// interleaved orders: every prompt is observed once, settled once, and linked once to its
+/// call's cancel.
+#[test]
+fn racing_duplicate_notifications_link_each_prompt_once() {
+    let store = store();
+    let sent = OffsetDateTime::now_utc();
+    let calls = 200;
+    let mut cancels = Vec::new();
+    let mut events = Vec::new();
+    for n in 0..calls {
+        let call = CallRef::Call(format!("call-{n}"));
+        let cancel = Operation::new(
+            OperationKind::CancelMediaProcessing,
+            call.clone(),
+            "cancel".into(),
+            sent,
+        );
+        cancels.push(store.create(cancel).unwrap().id);
+        for prompt in 0..2 {
+            for copy in 0..3 {
+                // Two copies are the same delivery (same id); the third is a redelivery
+                // that differs (another id): recorded, but linked only once.
+                let id = if copy == 2 {
+                    format!("e-{n}-{prompt}-again")
+                } else {
+                    format!("e-{n}-{prompt}")
+                };
+                let mut event = cancelled_by_cancel(
+                    &id,
+                    &format!("p{prompt}"),
+                    &format!("u-{n}-{prompt}"),
+                    sent + Duration::from_millis(1),
+                );
+                event.call = Some(call.clone());
+                events.push((copy, event));
+            }
+        }
+    }
+    let events = std::sync::Arc::new(events);
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let store = store.clone();
+            let events = events.clone();
+            std::thread::spawn(move || {
+                // Each thread walks the list from its own offset, some backwards.
+                let len = events.len();
+                for i in 0..len {
+                    let index = if t % 2 == 0 {
+                        (i + t * 97) % len
+                    } else {
+                        len - 1 - (i + t * 89) % len
+                    };
+                    store.deliver(events[index].1.clone(), Instant::now());
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    for (n, cancel) in cancels.iter().enumerate() {
+        let cancel = store.get(*cancel).unwrap();
+        let mut linked: Vec<_> = cancel
+            .cancelled_operations
+            .iter()
+            .map(|c| c.context.clone())
+            .collect();
+        linked.sort_unstable();
+        assert_eq!(linked, ["p0", "p1"], "call-{n}");
+    }
+    // 200 cancels + 400 prompts, each prompt with one event.
+    assert_eq!(store.stats().operations, calls * 3);
+    let (prompts, _) = store.list(
+        &ListFilter {
+            kind: Some(play()),
+            ..ListFilter::default()
+        },
+        10_000,
+    );
+    assert_eq!(prompts.len(), calls * 2);
+    assert!(
+        prompts
+            .iter()
+            .all(|p| p.status == OperationStatus::Failed && p.events.len() == 2)
+    );
+}
+
+/// Context-less notifications naming one new upstream id, from 8 threads at once: one
+/// observed operation, every event on it.
+#[test]
+fn racing_context_less_notifications_observe_one_operation() {
+    for round in 0..200 {
+        let store = store();
+        let now = OffsetDateTime::now_utc();
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let store = store.clone();
+                let barrier = barrier.clone();
+                std::thread::spawn(move || {
+                    let event = notification(
+                        &format!("e{t}"),
+                        play(),
+                        None,
+                        Some("u-race"),
+                        Some(Transition::Started),
+                        now,
+                    );
+                    barrier.wait();
+                    store.deliver(event, Instant::now())
+                })
+            })
+            .collect();
+        let deliveries: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let observed = deliveries
+            .iter()
+            .filter(|d| matches!(d, Delivery::Observed { .. }))
+            .count();
+        assert_eq!(observed, 1, "round {round}: {deliveries:?}");
+        assert_eq!(store.stats().operations, 1, "round {round}");
+        let (ops, _) = store.list(&ListFilter::default(), 10);
+        assert_eq!(ops[0].events.len(), 8, "round {round}");
+    }
+}
