@@ -6,9 +6,10 @@
 //! lives across an `.await`. It does no I/O and no logging: what expires is returned to the
 //! caller ([`SweepReport`]), which logs and counts it.
 //!
-//! Lock order: an `index` or `upstream` entry may be held while an `operations` entry is
-//! taken (create, observe), and the sweep reads `operations` while it retains `cancels` and `waiters`;
-//! never the reverse. Every other access holds a single entry at a time.
+//! Lock order: an `index` or `upstream` entry may be held while an `operations` or `calls`
+//! entry is taken (create, observe), and the sweep reads `operations` while it retains
+//! `calls`, `cancels` and `waiters`; never the reverse. Every other access holds a single
+//! entry at a time.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -75,11 +76,13 @@ struct ParkedEvent {
     at: Instant,
 }
 
-/// What is kept per call: events naming no operation, and the call's operations (so that a
-/// call's end, or a list filtered by call, does not scan every operation).
+/// What is kept per call: events naming no operation, and the call's operations that were
+/// created unsettled (so that a call's end does not scan every operation). The list is
+/// append-only on the request path; the sweep drops settled ones, so settling an operation
+/// never touches it.
 struct CallTimeline {
     events: VecDeque<EventRecord>,
-    operations: Vec<OperationId>,
+    open: Vec<OperationId>,
     updated: OffsetDateTime,
 }
 
@@ -87,7 +90,7 @@ impl CallTimeline {
     fn new(at: OffsetDateTime) -> Self {
         Self {
             events: VecDeque::new(),
-            operations: Vec::new(),
+            open: Vec::new(),
             updated: at,
         }
     }
@@ -174,11 +177,11 @@ impl OperationStore {
         };
         Self {
             inner: Arc::new(Inner {
-                operations: DashMap::new(),
-                index: DashMap::new(),
-                seen: DashMap::new(),
-                calls: DashMap::new(),
-                upstream: DashMap::new(),
+                operations: sharded(),
+                index: sharded(),
+                seen: sharded(),
+                calls: sharded(),
+                upstream: sharded(),
                 cancels: DashMap::new(),
                 waiters: DashMap::new(),
                 parked: AtomicUsize::new(0),
@@ -226,7 +229,7 @@ impl OperationStore {
                 inner.operations.insert(id, operation.clone());
             }
         }
-        self.add_to_call(&operation.call, id, operation.created_date_time);
+        self.add_to_call(&operation);
         if operation.kind == OperationKind::CancelMediaProcessing {
             inner
                 .cancels
@@ -290,8 +293,13 @@ impl OperationStore {
         error: &OperationError,
         now: OffsetDateTime,
     ) -> Vec<OperationId> {
-        let open: Vec<OperationId> = self
-            .call_operations(call)
+        let listed = self
+            .inner
+            .calls
+            .get(call)
+            .map(|timeline| timeline.open.clone())
+            .unwrap_or_default();
+        let open: Vec<OperationId> = listed
             .into_iter()
             .filter(|id| {
                 self.inner
@@ -338,14 +346,10 @@ impl OperationStore {
             .upstream_id
             .as_ref()
             .and_then(|upstream_id| inner.upstream.get(upstream_id).map(|id| *id));
-        let call_and_time = event.call.clone().map(|call| (call, event.received));
         let delivery = match known.and_then(|id| self.apply_to(id, &event)) {
             Some(delivery) => delivery,
             None => self.deliver_by_context(event, now),
         };
-        if let (Delivery::Observed { id }, Some((call, at))) = (delivery, &call_and_time) {
-            self.add_to_call(call, id, *at);
-        }
         if let Some((call, at)) = cancelled_at {
             if let Delivery::Matched { id, .. } | Delivery::Observed { id } = delivery {
                 self.link_cancelled(id, &call, at);
@@ -447,31 +451,13 @@ impl OperationStore {
 
     /// Operations matching `filter`, newest first, at most `limit`, and whether more follow.
     pub fn list(&self, filter: &ListFilter, limit: usize) -> (Vec<Operation>, bool) {
-        let call = match (&filter.call_connection_id, &filter.call_id) {
-            (Some(id), None) => Some(CallRef::CallConnection(id.clone())),
-            (None, Some(id)) => Some(CallRef::Call(id.clone())),
-            _ => None,
-        };
-        let mut ids: Vec<OperationId> = match call {
-            // Filtered by call: only that call's operations are looked at.
-            Some(call) => self
-                .call_operations(&call)
-                .into_iter()
-                .filter(|id| {
-                    self.inner
-                        .operations
-                        .get(id)
-                        .is_some_and(|op| filter.matches(&op))
-                })
-                .collect(),
-            None => self
-                .inner
-                .operations
-                .iter()
-                .filter(|entry| filter.matches(entry.value()))
-                .map(|entry| *entry.key())
-                .collect(),
-        };
+        let mut ids: Vec<OperationId> = self
+            .inner
+            .operations
+            .iter()
+            .filter(|entry| filter.matches(entry.value()))
+            .map(|entry| *entry.key())
+            .collect();
         ids.sort_unstable_by(|a, b| b.cmp(a));
         let more = ids.len() > limit;
         let operations = ids
@@ -600,10 +586,13 @@ impl OperationStore {
             !cancels.is_empty()
         });
         inner.calls.retain(|_, timeline| {
-            timeline
-                .operations
-                .retain(|id| inner.operations.contains_key(id));
-            timeline.updated >= cutoff || !timeline.operations.is_empty()
+            timeline.open.retain(|id| {
+                inner
+                    .operations
+                    .get(id)
+                    .is_some_and(|op| !op.status.is_terminal())
+            });
+            timeline.updated >= cutoff || !timeline.open.is_empty()
         });
         inner
             .waiters
@@ -630,6 +619,7 @@ impl OperationStore {
         }
         let operation = event.observed_operation(&key.call, &key.context);
         let id = operation.id;
+        self.add_to_call(&operation);
         self.inner.operations.insert(id, operation);
         if let Some(upstream_id) = &event.upstream_id {
             self.inner.upstream.insert(upstream_id.clone(), id);
@@ -656,6 +646,7 @@ impl OperationStore {
             Entry::Vacant(vacant) => {
                 let operation = event.observed_operation(call, "");
                 let id = operation.id;
+                self.add_to_call(&operation);
                 inner.operations.insert(id, operation);
                 vacant.insert(id);
                 Delivery::Observed { id }
@@ -751,24 +742,19 @@ impl OperationStore {
         timeline.updated = event.received;
     }
 
-    /// Lists operation `id` under its call.
-    fn add_to_call(&self, call: &CallRef, id: OperationId, at: OffsetDateTime) {
+    /// Lists `operation` under its call when it has not settled.
+    fn add_to_call(&self, operation: &Operation) {
+        if operation.status.is_terminal() {
+            return;
+        }
+        let at = operation.created_date_time;
         let mut timeline = self
             .inner
             .calls
-            .entry(call.clone())
+            .entry(operation.call.clone())
             .or_insert_with(|| CallTimeline::new(at));
-        timeline.operations.push(id);
+        timeline.open.push(operation.id);
         timeline.updated = timeline.updated.max(at);
-    }
-
-    /// The ids of the operations on `call`.
-    fn call_operations(&self, call: &CallRef) -> Vec<OperationId> {
-        self.inner
-            .calls
-            .get(call)
-            .map(|timeline| timeline.operations.clone())
-            .unwrap_or_default()
     }
 
     fn wake(&self, id: OperationId) {
@@ -776,6 +762,16 @@ impl OperationStore {
             notify.notify_waiters();
         }
     }
+}
+
+/// Shards per map. DashMap's default (4 × cores, 8 on a 2-core machine) makes each shard
+/// large, and a shard that grows rehashes all its entries under its write lock: with
+/// hundreds of thousands of operations that stalls every request hashing to it for
+/// milliseconds. More, smaller shards keep those stalls short.
+const SHARDS: usize = 128;
+
+fn sharded<K: Eq + std::hash::Hash, V>() -> DashMap<K, V> {
+    DashMap::with_shard_amount(SHARDS)
 }
 
 /// Decrements `counter` when dropped.
