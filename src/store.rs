@@ -698,12 +698,25 @@ impl OperationStore {
     /// `cancelMediaProcessing` sent on `call` before `at`, once.
     fn link_cancelled(&self, cancelled: OperationId, call: &CallRef, at: OffsetDateTime) {
         let inner = &self.inner;
-        let cancel = inner.cancels.get(call).and_then(|cancels| {
-            cancels
-                .iter()
-                .rev()
-                .find(|(id, sent)| *sent <= at && *id != cancelled)
-                .map(|(id, _)| *id)
+        let candidates: Vec<OperationId> = inner
+            .cancels
+            .get(call)
+            .map(|cancels| {
+                cancels
+                    .iter()
+                    .rev()
+                    .filter(|(id, sent)| *sent <= at && *id != cancelled)
+                    .map(|(id, _)| *id)
+                    .collect()
+            })
+            .unwrap_or_default();
+        // The latest cancel that Graph did not refuse (a refused one cancelled nothing).
+        let cancel = candidates.into_iter().find(|id| {
+            inner.operations.get(id).is_some_and(|op| {
+                !op.error
+                    .as_ref()
+                    .is_some_and(|error| error.code.starts_with(UPSTREAM_FAILURE_PREFIX))
+            })
         });
         let Some(cancel) = cancel else {
             return;
@@ -763,6 +776,9 @@ impl OperationStore {
         }
     }
 }
+
+/// Error codes of requests the upstream never took (`UpstreamRejected`, ...).
+const UPSTREAM_FAILURE_PREFIX: &str = "Upstream";
 
 /// Shards per map. DashMap's default (4 × cores, 8 on a 2-core machine) makes each shard
 /// large, and a shard that grows rehashes all its entries under its write lock: with

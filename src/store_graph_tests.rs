@@ -233,6 +233,38 @@ fn cancelled_operations_are_linked_to_the_latest_cancel_sent_before_once() {
 }
 
 #[test]
+fn a_cancel_graph_refused_gets_no_links() {
+    let store = store();
+    let t0 = OffsetDateTime::now_utc();
+    let second = Duration::from_secs(1);
+    let accepted = store.create(cancel_op("accepted", t0)).unwrap();
+    let refused = store.create(cancel_op("refused", t0 + second)).unwrap();
+    let rejected = Transition::Failed {
+        result: None,
+        error: OperationError {
+            code: "UpstreamRejected".into(),
+            message: "Graph answered 403".into(),
+        },
+    };
+    store.transition(refused.id, rejected, t0 + second);
+    store.deliver(
+        cancelled_by_cancel("e1", "p1", "u1", t0 + 2 * second),
+        Instant::now(),
+    );
+    assert!(
+        store
+            .get(refused.id)
+            .unwrap()
+            .cancelled_operations
+            .is_empty()
+    );
+    assert_eq!(
+        store.get(accepted.id).unwrap().cancelled_operations.len(),
+        1
+    );
+}
+
+#[test]
 fn the_end_of_a_call_fails_only_its_unsettled_operations() {
     let store = store();
     let now = OffsetDateTime::now_utc();
