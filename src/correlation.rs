@@ -39,6 +39,16 @@ pub struct IncomingEvent {
     pub received: OffsetDateTime,
 }
 
+/// The form in which upstream operation ids are compared: lower-case without hyphens, since
+/// Graph writes the same id `0fe0623f-d628-…` in `id` fields and `0FE0623FD628…` in
+/// `resourceUrl`.
+pub fn upstream_key(id: &str) -> Box<str> {
+    id.chars()
+        .filter(|c| *c != '-')
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
+}
+
 /// Where an operation's context is unique: per call.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ContextKey {
@@ -157,6 +167,15 @@ mod tests {
                 message: "nope".into(),
             },
         }
+    }
+
+    #[test]
+    fn upstream_ids_match_ignoring_case_and_hyphens() {
+        assert_eq!(
+            upstream_key("0FE0623FD62842EDB4BD8AC290072CC5"),
+            upstream_key("0fe0623f-d628-42ed-b4bd-8ac290072cc5")
+        );
+        assert_eq!(&*upstream_key("Op-1"), "op1");
     }
 
     #[test]

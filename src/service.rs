@@ -175,9 +175,14 @@ impl OperationService {
     async fn dispatch_cancel(&self, id: OperationId, call_id: String, context: String) {
         let transition = match self.graph.cancel_media_processing(&call_id, &context).await {
             Ok(answer) => {
-                let upstream_id = answer.operation_id.as_deref().map(ids::canonical);
+                let upstream_ids: Vec<_> = [&answer.operation_id, &answer.location_id]
+                    .into_iter()
+                    .flatten()
+                    .map(|upstream_id| ids::canonical(upstream_id))
+                    .collect();
+                let upstream_ids: Vec<&str> = upstream_ids.iter().map(AsRef::as_ref).collect();
                 self.store
-                    .record_upstream(id, upstream_id.as_deref(), answer.status.as_deref());
+                    .record_upstream(id, &upstream_ids, answer.status.as_deref());
                 tracing::info!(
                     upstream.operation_id = answer.operation_id.as_deref().unwrap_or(""),
                     upstream.status = answer.status.as_deref().unwrap_or(""),

@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::{CallbackTimeouts, OperationsConfig};
-use crate::correlation::{self, ContextKey, IncomingEvent};
+use crate::correlation::{self, ContextKey, IncomingEvent, upstream_key};
 use crate::operation::{
     CALLBACK_TIMEOUT, CallRef, CancelledOperation, EventEffect, EventRecord, Operation,
     OperationError, OperationId, OperationKind, OperationStatus, ResultInfo, Transition,
@@ -41,8 +41,8 @@ struct Inner {
     /// Event ids seen, and when.
     seen: DashMap<Box<str>, Instant>,
     calls: DashMap<CallRef, CallTimeline>,
-    /// Upstream operation ids (canonical form) of known operations: Graph notifications
-    /// name an operation by its id when they carry no clientContext.
+    /// Upstream operation ids ([`upstream_key`] form) of known operations: Graph
+    /// notifications name an operation by its id when they carry no clientContext.
     upstream: DashMap<Box<str>, OperationId>,
     /// `cancelMediaProcessing` operations per call, oldest first, with when they were sent:
     /// the operations they cancelled are linked to them.
@@ -260,27 +260,23 @@ impl OperationStore {
         Some(snapshot)
     }
 
-    /// Records what the upstream's answer said of an operation: its own id (canonical form),
-    /// so notifications naming only that id find it, and its status as written (unless a
+    /// Records what the upstream's answer said of an operation: its own id (the first of
+    /// `upstream_ids`, shown; every one of them finds the operation — Graph's answer may name
+    /// it differently in its body and its `Location`), and its status as written (unless a
     /// notification has already settled the operation).
-    pub fn record_upstream(
-        &self,
-        id: OperationId,
-        upstream_id: Option<&str>,
-        status: Option<&str>,
-    ) {
+    pub fn record_upstream(&self, id: OperationId, upstream_ids: &[&str], status: Option<&str>) {
         let Some(mut op) = self.inner.operations.get_mut(&id) else {
             return;
         };
-        if let Some(upstream_id) = upstream_id {
-            op.upstream_operation_id = Some(upstream_id.to_owned());
+        if let Some(shown) = upstream_ids.first() {
+            op.upstream_operation_id = Some((*shown).to_owned());
         }
         if let (Some(status), false) = (status, op.status.is_terminal()) {
             op.upstream_status = Some(status.to_owned());
         }
         drop(op);
-        if let Some(upstream_id) = upstream_id {
-            self.inner.upstream.insert(upstream_id.into(), id);
+        for upstream_id in upstream_ids {
+            self.inner.upstream.insert(upstream_key(upstream_id), id);
         }
     }
 
@@ -345,7 +341,7 @@ impl OperationStore {
         let known = event
             .upstream_id
             .as_ref()
-            .and_then(|upstream_id| inner.upstream.get(upstream_id).map(|id| *id));
+            .and_then(|upstream_id| inner.upstream.get(&upstream_key(upstream_id)).map(|id| *id));
         let delivery = match known.and_then(|id| self.apply_to(id, &event)) {
             Some(delivery) => delivery,
             None => self.deliver_by_context(event, now),
@@ -577,7 +573,7 @@ impl OperationStore {
             if let Some(upstream_id) = op.upstream_operation_id {
                 inner
                     .upstream
-                    .remove_if(upstream_id.as_str(), |_, known| *known == id);
+                    .remove_if(&upstream_key(&upstream_id), |_, known| *known == id);
             }
             report.removed_operations += 1;
         }
@@ -622,7 +618,7 @@ impl OperationStore {
         self.add_to_call(&operation);
         self.inner.operations.insert(id, operation);
         if let Some(upstream_id) = &event.upstream_id {
-            self.inner.upstream.insert(upstream_id.clone(), id);
+            self.inner.upstream.insert(upstream_key(upstream_id), id);
         }
         Ok(Slot::Operation(id))
     }
@@ -637,7 +633,7 @@ impl OperationStore {
     ) -> Delivery {
         let inner = &self.inner;
         // Lock order: an `upstream` entry, then an `operations` entry.
-        match inner.upstream.entry(upstream_id.into()) {
+        match inner.upstream.entry(upstream_key(upstream_id)) {
             Entry::Occupied(occupied) => {
                 let id = *occupied.get();
                 drop(occupied);
@@ -686,7 +682,7 @@ impl OperationStore {
             )
         };
         if let Some(upstream_id) = learned_id {
-            self.inner.upstream.insert(upstream_id, id);
+            self.inner.upstream.insert(upstream_key(&upstream_id), id);
         }
         if settled {
             self.wake(id);

@@ -92,7 +92,7 @@ fn a_notification_naming_only_the_upstream_id_finds_the_operation() {
     let store = store();
     let now = OffsetDateTime::now_utc();
     let op = store.create(cancel_op("mine", now)).unwrap();
-    store.record_upstream(op.id, Some("u-1"), Some("Running"));
+    store.record_upstream(op.id, &["u-1", "Location-Id"], Some("Running"));
     assert_eq!(
         store.get(op.id).unwrap().upstream_operation_id.as_deref(),
         Some("u-1")
@@ -111,6 +111,18 @@ fn a_notification_naming_only_the_upstream_id_finds_the_operation() {
         }
     );
     assert_eq!(store.get(op.id).unwrap().status, OperationStatus::Succeeded);
+    // The other name, in another case and without hyphens, finds it too.
+    let delivery = store.deliver(
+        notification("e2", play(), None, Some("LOCATIONID"), None, now),
+        Instant::now(),
+    );
+    assert_eq!(
+        delivery,
+        Delivery::Matched {
+            id: op.id,
+            effect: EventEffect::Recorded
+        }
+    );
 }
 
 #[test]
@@ -349,7 +361,7 @@ fn retired_operations_leave_the_upstream_index() {
     let store = store();
     let long_ago = OffsetDateTime::now_utc() - Duration::from_secs(3 * 86_400);
     let op = store.create(cancel_op("old", long_ago)).unwrap();
-    store.record_upstream(op.id, Some("u-old"), None);
+    store.record_upstream(op.id, &["u-old"], None);
     store.transition(op.id, Transition::Succeeded { result: None }, long_ago);
     let report = store.sweep(Instant::now(), OffsetDateTime::now_utc());
     assert_eq!(report.removed_operations, 1);

@@ -27,6 +27,9 @@ use crate::upstream::{self, AttemptError, Retried, TransientError};
 pub struct CancelAnswer {
     /// The cancel operation's id: the body's `id`, else the last segment of `Location`.
     pub operation_id: Option<String>,
+    /// The last segment of `Location` when it names the operation differently from the body
+    /// (Microsoft's own v1.0 example does).
+    pub location_id: Option<String>,
     /// `status` as sent (any case), when there was one.
     pub status: Option<String>,
     pub result: Option<ResultInfo>,
@@ -207,8 +210,14 @@ fn parse_answer(body: &[u8], location: Option<String>) -> CancelAnswer {
             .map(str::to_owned)
     };
     let result = notifications::result_info(&value);
+    let body_id = text("id");
+    let location_id = match (&body_id, &location) {
+        (Some(body), Some(location)) if body != location => Some(location.clone()),
+        _ => None,
+    };
     CancelAnswer {
-        operation_id: text("id").or(location),
+        operation_id: body_id.or(location),
+        location_id,
         status: text("status"),
         result,
     }
@@ -269,7 +278,12 @@ mod tests {
             Some("0fe0623f-d628-42ed-b4bd-8ac290072cc5")
         );
         assert_eq!(answer.status.as_deref(), Some("completed"));
+        assert_eq!(
+            answer.location_id.as_deref(),
+            Some("17e3b46c-f61d-4f4d-9635-c626ef18e6ad")
+        );
         let answer = parse_answer(b"", Some("17e3b46c".into()));
+        assert_eq!(answer.location_id, None);
         assert_eq!(answer.operation_id.as_deref(), Some("17e3b46c"));
         assert_eq!(answer.status, None);
         let answer = parse_answer(
