@@ -209,7 +209,7 @@ impl OperationService {
         } in events
         {
             summary.received += 1;
-            let Some(call) = incoming.call.clone() else {
+            let Some(call) = &incoming.call else {
                 summary.unmatched += 1;
                 tracing::warn!(
                     event.r#type = %incoming.event_type,
@@ -217,19 +217,21 @@ impl OperationService {
                 );
                 continue;
             };
+            // Only a call's end needs the call after the event is handed over.
+            let ended = call_ended.map(|result| (call.clone(), result));
             let delivery = self.store.deliver(incoming, now);
             summary.count(delivery);
-            if let (Some(result), false) = (call_ended, delivery == Delivery::Duplicate) {
+            if let (Some((call, result)), false) = (ended, delivery == Delivery::Duplicate) {
                 let error = OperationError {
                     code: "CallTerminated".to_owned(),
                     message: "the call ended before the operation finished".to_owned(),
                 };
-                let ended = self
+                let failed = self
                     .store
                     .end_call(&call, result, &error, OffsetDateTime::now_utc());
                 tracing::info!(
                     call.id = call.id(),
-                    operations = ended.len(),
+                    operations = failed.len(),
                     "call terminated; its unsettled operations failed"
                 );
             }
