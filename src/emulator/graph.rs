@@ -37,6 +37,7 @@ use url::Url;
 use uuid::Uuid;
 
 use crate::emulator::{RecordedRequest, Reject};
+use crate::graph::ids::canonical;
 
 /// Requests remembered, at most (as the ACS emulator).
 const MAX_RECORDED: usize = 10_000;
@@ -250,8 +251,9 @@ impl GraphEmulator {
 
     /// Sets the script for one call and resets its attempt counter.
     pub fn set_script(&self, call_id: &str, script: GraphScript) {
-        self.inner.attempts.remove(call_id);
-        self.inner.scripts.insert(call_id.to_owned(), script);
+        let call_id = canonical(call_id);
+        self.inner.attempts.remove(call_id.as_ref());
+        self.inner.scripts.insert(call_id.into_owned(), script);
     }
 
     /// Token requests answered 200 so far.
@@ -615,6 +617,7 @@ async fn play_prompt(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let call_id = canonical(&call_id);
     start_media_operation(&emulator, &call_id, MediaKind::PlayPrompt, &headers, &body)
 }
 
@@ -624,6 +627,7 @@ async fn record_response(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let call_id = canonical(&call_id);
     start_media_operation(&emulator, &call_id, MediaKind::Record, &headers, &body)
 }
 
@@ -670,6 +674,8 @@ async fn cancel_media_processing(
     if let Err(fault) = emulator.check_bearer(&headers) {
         return fault.into_response();
     }
+    // A call's queue, script and attempts are found whichever way its id is spelled.
+    let call_id = canonical(&call_id).into_owned();
     let client_context = match parse_operation(&body) {
         Ok(client_context) => client_context,
         Err(fault) => return fault.into_response(),

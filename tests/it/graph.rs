@@ -39,7 +39,10 @@ fn event_types(operation: &Value) -> Vec<(String, String)> {
 async fn a_completed_cancel_lists_the_prompts_it_cancelled() {
     let app = TestApp::spawn().await;
     let first = app.queue_media(CALL, "playPrompt", "welcome").await;
-    let second = app.queue_media(CALL, "recordResponse", "voicemail").await;
+    // Queued under the other spelling of the same call id.
+    let second = app
+        .queue_media(CALL_IN_URL, "recordResponse", "voicemail")
+        .await;
     let accepted = app.cancel(CALL, GraphScript::default(), Some("stop")).await;
     assert_eq!(accepted["kind"], "cancelMediaProcessing");
     assert_eq!(accepted["callId"], CALL);
