@@ -91,14 +91,14 @@ async fn a_running_cancel_settles_on_its_notification() {
     app.queue_media(CALL, "playPrompt", "p1").await;
     let script = GraphScript {
         cancel_status: CancelStatus::Running,
-        notification_delay_ms: Some(300),
+        notification_delay_ms: Some(1500),
         ..GraphScript::default()
     };
     let accepted = app.cancel(CALL, script, None).await;
     let id = accepted["id"].as_str().unwrap();
     // A context was generated.
     assert!(!accepted["context"].as_str().unwrap().is_empty());
-    // Graph answered "running": the operation runs until the notification, 300 ms later.
+    // Graph answered "running": the operation runs until the notification, 1.5 s later.
     let running = within(async {
         loop {
             let op = app.get_json(&format!("/v1/operations/{id}")).await;
@@ -217,7 +217,7 @@ async fn the_token_is_reused_and_renewed_when_graph_refuses_it() {
 
 #[tokio::test]
 async fn tokens_are_renewed_before_they_expire() {
-    let app = TestApp::spawn_with(|config| config.emulator.graph_token_lifetime_secs = 1).await;
+    let app = TestApp::spawn_with(|config| config.emulator.graph_token_lifetime_secs = 2).await;
     let graph = app.emulator.graph();
     // Keep cancelling until a second token was fetched: the first one's lifetime ran out.
     within(async {
@@ -341,7 +341,7 @@ async fn a_late_notification_after_the_timeout_is_still_recorded_and_wins() {
     .await;
     let script = GraphScript {
         cancel_status: CancelStatus::Running,
-        notification_delay_ms: Some(2500),
+        notification_delay_ms: Some(3000),
         ..GraphScript::default()
     };
     let accepted = app.cancel(CALL, script, Some("slow")).await;
