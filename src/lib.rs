@@ -109,7 +109,15 @@ pub async fn run(
         config.http.body_limit_bytes,
         Duration::from_secs(config.http.request_timeout_secs),
     );
-    tracing::info!(listen = %listener.local_addr()?, "callops listening");
+    let listen = listener.local_addr()?;
+    if emulator.is_some() && !reaches(&config.http.public_url, listen) {
+        tracing::warn!(
+            public_url = %config.http.public_url,
+            %listen,
+            "the emulator calls back CALLOPS_PUBLIC_URL, which does not look like this listener; set CALLOPS_PUBLIC_URL=http://{listen}"
+        );
+    }
+    tracing::info!(%listen, "callops listening");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await
@@ -124,6 +132,18 @@ pub async fn run(
     }
     tracing::info!("callops stopped");
     Ok(())
+}
+
+/// True unless `public_url` is plainly a loopback URL on another port than `listen` (then
+/// the in-process emulator's callbacks would go nowhere).
+fn reaches(public_url: &url::Url, listen: std::net::SocketAddr) -> bool {
+    let loopback = match public_url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        None => false,
+    };
+    !loopback || public_url.port_or_known_default() == Some(listen.port())
 }
 
 /// The Graph client: for the configured app registration, or for the in-process
@@ -186,4 +206,20 @@ async fn start_emulator(
         }
     });
     Ok(endpoint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loopback_public_url_on_another_port_is_noticed() {
+        let listen = "127.0.0.1:8080".parse().unwrap();
+        let url = |text: &str| url::Url::parse(text).unwrap();
+        assert!(reaches(&url("http://127.0.0.1:8080"), listen));
+        assert!(reaches(&url("http://localhost:8080/base/"), listen));
+        assert!(reaches(&url("https://callops.example.com"), listen));
+        assert!(!reaches(&url("http://127.0.0.1:9000"), listen));
+        assert!(!reaches(&url("http://[::1]"), listen));
+    }
 }
