@@ -46,7 +46,12 @@ pub enum DecodeError {
 
 /// Decodes a delivery received at `received`.
 pub fn decode(body: &[u8], received: OffsetDateTime) -> Result<Vec<GraphEvent>, DecodeError> {
-    let items = split(body)?;
+    // Graph was seen declaring `charset=Windows-1252`: a body that is not UTF-8 is read with
+    // its odd bytes replaced (they can only sit in free text such as display names; ids and
+    // contexts are ASCII), rather than refused and redelivered forever. A BOM is skipped.
+    let text = String::from_utf8_lossy(body);
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let items = split(text)?;
     let mut events = Vec::with_capacity(items.len());
     for (index, raw) in items.iter().enumerate() {
         let item: Value = serde_json::from_str(raw.get())
@@ -61,8 +66,7 @@ pub fn decode(body: &[u8], received: OffsetDateTime) -> Result<Vec<GraphEvent>, 
 }
 
 /// The notification items of a body, as raw JSON.
-fn split(body: &[u8]) -> Result<Vec<&RawValue>, DecodeError> {
-    let text = std::str::from_utf8(body).map_err(|error| DecodeError::Json(error.to_string()))?;
+fn split(text: &str) -> Result<Vec<&RawValue>, DecodeError> {
     let top: &RawValue =
         serde_json::from_str(text).map_err(|error| DecodeError::Json(error.to_string()))?;
     let trimmed = top.get().trim_start();
@@ -547,6 +551,20 @@ mod tests {
             decode(b"{\"value\": []}", OffsetDateTime::UNIX_EPOCH).unwrap(),
             vec![]
         );
+    }
+
+    #[test]
+    fn windows_1252_bytes_and_a_bom_are_tolerated() {
+        // "Müller" as Windows-1252 writes it: not UTF-8.
+        let mut body = b"\xef\xbb\xbf".to_vec();
+        body.extend_from_slice(
+            br##"{"value":[{"changeType":"created","resourceUrl":"/communications/calls/c1","resourceData":{"@odata.type":"#microsoft.graph.call","state":"incoming","source":{"identity":{"user":{"displayName":"M"##,
+        );
+        body.push(0xfc);
+        body.extend_from_slice(br#"ller"}}}}}]}"#);
+        let events = decode(&body, OffsetDateTime::UNIX_EPOCH).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].incoming.call, Some(CallRef::Call("c1".into())));
     }
 
     #[test]
