@@ -29,7 +29,7 @@ pub struct IncomingEvent {
     pub kind: OperationKind,
     /// The upstream's own id of the operation (Graph), in canonical form: a second way to
     /// find the operation, for notifications that carry no context.
-    pub upstream_id: Option<Box<str>>,
+    pub upstream_id: Option<UpstreamId>,
     /// True when it reports an operation cancelled by a `cancelMediaProcessing`.
     pub cancelled: bool,
     /// The status as the upstream wrote it (Graph), kept even when callops does not know it.
@@ -47,6 +47,33 @@ pub fn upstream_key(id: &str) -> Box<str> {
         .filter(|c| *c != '-')
         .map(|c| c.to_ascii_lowercase())
         .collect()
+}
+
+/// An upstream operation id as shown, with its comparison key ([`upstream_key`]) derived
+/// once, where the event is decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamId {
+    shown: Box<str>,
+    key: Box<str>,
+}
+
+impl UpstreamId {
+    pub fn new(shown: &str) -> Self {
+        Self {
+            shown: shown.into(),
+            key: upstream_key(shown),
+        }
+    }
+
+    /// The id as the upstream spelled it (canonical form for GUIDs).
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
+    /// The key it is compared by.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
 }
 
 /// Where an operation's context is unique: per call.
@@ -94,7 +121,7 @@ impl IncomingEvent {
             context.to_owned(),
             self.received,
         );
-        operation.upstream_operation_id = self.upstream_id.as_deref().map(str::to_owned);
+        operation.upstream_operation_id = self.upstream_id.as_ref().map(|id| id.shown().to_owned());
         // An observed operation is running from its first sign of life.
         let _ = operation.apply(Transition::Started, self.received);
         apply(&mut operation, self);

@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::{CallbackTimeouts, OperationsConfig};
-use crate::correlation::{self, ContextKey, IncomingEvent, upstream_key};
+use crate::correlation::{self, ContextKey, IncomingEvent, UpstreamId, upstream_key};
 use crate::operation::{
     CALLBACK_TIMEOUT, CallRef, CancelledOperation, EventEffect, EventRecord, Operation,
     OperationError, OperationId, OperationKind, OperationStatus, ResultInfo, Transition,
@@ -341,7 +341,7 @@ impl OperationStore {
         let known = event
             .upstream_id
             .as_ref()
-            .and_then(|upstream_id| inner.upstream.get(&upstream_key(upstream_id)).map(|id| *id));
+            .and_then(|upstream_id| inner.upstream.get(upstream_id.key()).map(|id| *id));
         let delivery = match known.and_then(|id| self.apply_to(id, &event)) {
             Some(delivery) => delivery,
             None => self.deliver_by_context(event, now),
@@ -618,7 +618,7 @@ impl OperationStore {
         self.add_to_call(&operation);
         self.inner.operations.insert(id, operation);
         if let Some(upstream_id) = &event.upstream_id {
-            self.inner.upstream.insert(upstream_key(upstream_id), id);
+            self.inner.upstream.insert(upstream_id.key().into(), id);
         }
         Ok(Slot::Operation(id))
     }
@@ -628,12 +628,12 @@ impl OperationStore {
     fn observe_by_upstream_id(
         &self,
         call: &CallRef,
-        upstream_id: &str,
+        upstream_id: &UpstreamId,
         event: &IncomingEvent,
     ) -> Delivery {
         let inner = &self.inner;
         // Lock order: an `upstream` entry, then an `operations` entry.
-        match inner.upstream.entry(upstream_key(upstream_id)) {
+        match inner.upstream.entry(upstream_id.key().into()) {
             Entry::Occupied(occupied) => {
                 let id = *occupied.get();
                 drop(occupied);
@@ -670,8 +670,8 @@ impl OperationStore {
             // later notifications naming only the id find the operation too.
             let learned_id = match (&op.upstream_operation_id, &event.upstream_id) {
                 (None, Some(upstream_id)) if event.reports_on(&op) => {
-                    op.upstream_operation_id = Some(upstream_id.to_string());
-                    Some(upstream_id.clone())
+                    op.upstream_operation_id = Some(upstream_id.shown().to_owned());
+                    Some(upstream_id.key())
                 }
                 _ => None,
             };
@@ -681,8 +681,8 @@ impl OperationStore {
                 learned_id,
             )
         };
-        if let Some(upstream_id) = learned_id {
-            self.inner.upstream.insert(upstream_key(&upstream_id), id);
+        if let Some(key) = learned_id {
+            self.inner.upstream.insert(key.into(), id);
         }
         if settled {
             self.wake(id);

@@ -45,7 +45,7 @@ fn notification(
         call: Some(call()),
         context: context.map(Into::into),
         kind,
-        upstream_id: upstream_id.map(Into::into),
+        upstream_id: upstream_id.map(UpstreamId::new),
         cancelled: false,
         upstream_status: None,
         transition,

@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use crate::correlation::{GENERIC_KIND, IncomingEvent};
+use crate::correlation::{GENERIC_KIND, IncomingEvent, UpstreamId};
 use crate::graph::ids::canonical;
 use crate::operation::{CallRef, OperationError, OperationKind, ResultInfo, Transition};
 
@@ -255,8 +255,8 @@ fn decode_data(
     incoming.cancelled = cancelled;
     incoming.context = text("clientContext").map(str::to_owned);
     incoming.upstream_id = text("id")
-        .map(|id| canonical(id).into())
-        .or_else(|| resource.operation.as_deref().map(Into::into));
+        .map(|id| UpstreamId::new(&canonical(id)))
+        .or_else(|| resource.operation.as_deref().map(UpstreamId::new));
     GraphEvent {
         incoming,
         call_ended: None,
@@ -358,7 +358,7 @@ mod tests {
             Some("d45324c1-fcb5-430a-902c-f20af696537c")
         );
         assert_eq!(
-            event.upstream_id.as_deref(),
+            event.upstream_id.as_ref().map(UpstreamId::shown),
             Some("0fe0623f-d628-42ed-b4bd-8ac290072cc5")
         );
         assert!(event.cancelled);
@@ -392,7 +392,7 @@ mod tests {
         assert_eq!(event.kind.as_str(), "playPrompt");
         // No `id` in the data: the operation id comes from the resource path.
         assert_eq!(
-            event.upstream_id.as_deref(),
+            event.upstream_id.as_ref().map(UpstreamId::shown),
             Some("0fe0623f-d628-42ed-b4bd-8ac290072cc5")
         );
         assert_eq!(
@@ -409,7 +409,7 @@ mod tests {
         .incoming;
         assert_eq!(event.kind.as_str(), GENERIC_KIND);
         assert_eq!(
-            event.upstream_id.as_deref(),
+            event.upstream_id.as_ref().map(UpstreamId::shown),
             Some("0fe0623f-d628-42ed-b4bd-8ac290072cc5")
         );
         let mut op = crate::operation::Operation::new(
