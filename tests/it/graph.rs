@@ -5,7 +5,7 @@ use callops::emulator::Reject;
 use callops::emulator::graph::{CancelStatus, GraphScript};
 use serde_json::{Value, json};
 
-use crate::support::{TestApp, fixture, within};
+use crate::support::{TestApp, accepted, fixture, within};
 
 const CALL: &str = "57dab8b1-894c-409a-b240-bd8beae78896";
 /// The same call as Graph writes it in `resourceUrl`.
@@ -556,4 +556,46 @@ async fn the_request_is_the_one_the_official_sdk_sends() {
         token_request.body["scope"],
         "https://graph.microsoft.com/.default"
     );
+}
+
+#[tokio::test]
+async fn concurrent_cancels_share_one_token_and_each_lists_its_own_prompts() {
+    let app = TestApp::spawn().await;
+    let calls: Vec<String> = (0..20).map(|n| format!("call-{n}")).collect();
+    for call in &calls {
+        for prompt in ["a", "b"] {
+            app.queue_media(call, "playPrompt", &format!("{call}-{prompt}"))
+                .await;
+        }
+    }
+    let graph = app.emulator.graph();
+    let seeded = graph.token_requests();
+    // Twenty cancels at once, before callops has any token.
+    let mut tasks = tokio::task::JoinSet::new();
+    for call in &calls {
+        let http = app.http.clone();
+        let url = app.url(&format!("/v1/graph/calls/{call}/cancelMediaProcessing"));
+        let call = call.clone();
+        tasks.spawn(async move {
+            let response = http.post(url).json(&json!({})).send().await.unwrap();
+            (call, accepted(response).await)
+        });
+    }
+    let started = within(tasks.join_all()).await;
+    for (call, operation) in started {
+        let id = operation["id"].as_str().unwrap();
+        let done = app
+            .operation_until(id, |op| status(op) == "Succeeded" && cancelled(op) == 2)
+            .await;
+        let mut contexts: Vec<&str> = done["cancelledOperations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["context"].as_str().unwrap())
+            .collect();
+        contexts.sort_unstable();
+        assert_eq!(contexts, [format!("{call}-a"), format!("{call}-b")]);
+    }
+    // All twenty went out on one token, fetched once.
+    assert_eq!(graph.token_requests(), seeded + 1);
 }
