@@ -73,18 +73,22 @@ pub async fn run(
             "CALLBACK AUTHENTICATION IS OFF (callbacks.auth = none): anyone who can reach /callbacks/* can settle operations; use this only for local emulation"
         );
     }
-    let http_client = reqwest::Client::builder()
-        .user_agent(concat!("callops/", env!("CARGO_PKG_VERSION")))
-        .timeout(config.acs.request_timeout())
-        .build()
-        .context("building the HTTP client")?;
-    let graph = graph_client(&config, emulator.as_ref(), http_client.clone())?;
+    // One client per upstream: each has its own per-attempt deadline (and connection pool).
+    let http_client = |timeout| {
+        reqwest::Client::builder()
+            .user_agent(concat!("callops/", env!("CARGO_PKG_VERSION")))
+            .timeout(timeout)
+            .build()
+            .context("building an HTTP client")
+    };
+    let graph_http = http_client(Duration::from_millis(config.graph.request_timeout_ms))?;
+    let graph = graph_client(&config, emulator.as_ref(), graph_http)?;
     let store = OperationStore::new(&config.operations);
     let acs = AcsClient::new(
         &config.acs,
         connection,
         config.acs_callback_url(),
-        http_client,
+        http_client(config.acs.request_timeout())?,
     );
     tracing::info!(acs.endpoint = %acs.endpoint(), callback.url = %config.acs_callback_url(), "ACS client ready");
     tracing::info!(graph.base_url = %graph.base_url(), graph.token_url = %graph.tokens().token_url(), "Graph client ready");

@@ -599,3 +599,30 @@ async fn concurrent_cancels_share_one_token_and_each_lists_its_own_prompts() {
     // All twenty went out on one token, fetched once.
     assert_eq!(graph.token_requests(), seeded + 1);
 }
+
+#[tokio::test]
+async fn a_graph_that_does_not_answer_in_time_is_retried_then_given_up() {
+    let app = TestApp::spawn_with(|config| {
+        config.graph.request_timeout_ms = 200;
+        config.graph.retry.max_attempts = 2;
+    })
+    .await;
+    // The emulator answers only after delivering its notifications (a running cancel always
+    // has one), to a listener that accepts and never answers: Graph's answer never comes in
+    // time, on any attempt.
+    let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = black_hole.local_addr().unwrap();
+    let script = GraphScript {
+        cancel_status: CancelStatus::Running,
+        notifications_before_response: true,
+        callback_uri: Some(format!("http://{address}/")),
+        ..GraphScript::default()
+    };
+    let accepted = app.cancel(CALL, script, None).await;
+    let id = accepted["id"].as_str().unwrap();
+    let done = app.operation_until(id, |op| status(op) == "Failed").await;
+    assert_eq!(done["error"]["code"], "UpstreamUnavailable", "{done}");
+    let message = done["error"]["message"].as_str().unwrap();
+    assert!(message.contains("2 attempt(s)"), "{message}");
+    drop(black_hole);
+}
