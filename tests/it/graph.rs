@@ -626,3 +626,23 @@ async fn a_graph_that_does_not_answer_in_time_is_retried_then_given_up() {
     assert!(message.contains("2 attempt(s)"), "{message}");
     drop(black_hole);
 }
+
+#[tokio::test]
+async fn connection_errors_are_retried_then_given_up() {
+    // A port nothing listens on (bound, then released).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let app = TestApp::spawn_with(|config| {
+        config.graph.base_url = format!("http://{closed}/v1.0").parse().unwrap();
+        config.graph.retry.max_attempts = 3;
+    })
+    .await;
+    let accepted = app.cancel(CALL, GraphScript::default(), None).await;
+    let id = accepted["id"].as_str().unwrap();
+    let done = app.operation_until(id, |op| status(op) == "Failed").await;
+    assert_eq!(done["error"]["code"], "UpstreamUnavailable", "{done}");
+    let message = done["error"]["message"].as_str().unwrap();
+    assert!(message.contains("3 attempt(s)"), "{message}");
+}
