@@ -275,6 +275,18 @@ impl GraphEmulator {
         self.inner.delivered.load(Ordering::Relaxed)
     }
 
+    /// The tokens issued and still valid (so that tests can look for them where they must
+    /// not be, e.g. in logs).
+    pub fn issued_tokens(&self) -> Vec<String> {
+        let now = Instant::now();
+        self.inner
+            .tokens
+            .iter()
+            .filter(|entry| *entry.value() > now)
+            .map(|entry| entry.key().clone())
+            .collect()
+    }
+
     /// Makes every token issued so far invalid (to test refresh-on-401).
     pub fn expire_tokens(&self) {
         self.inner.tokens.clear();

@@ -646,3 +646,64 @@ async fn connection_errors_are_retried_then_given_up() {
     let message = done["error"]["message"].as_str().unwrap();
     assert!(message.contains("3 attempt(s)"), "{message}");
 }
+
+/// A `MakeWriter` that keeps everything written.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_client_secret_and_tokens_never_reach_the_logs() {
+    // Everything at TRACE, from every crate, on this (the runtime's only) thread.
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let secret = "Zx8Q~app-password-0123456789";
+    let app = TestApp::spawn_with(|config| {
+        config.emulator.graph_client_secret = secret.to_owned();
+        config.graph.client_secret = secret.to_owned().into();
+    })
+    .await;
+    let script = GraphScript {
+        fail_first: vec![429],
+        retry_after_secs: Some(0.01),
+        ..GraphScript::default()
+    };
+    let accepted = app.cancel(CALL, script, None).await;
+    let id = accepted["id"].as_str().unwrap();
+    app.operation_until(id, |op| status(op) == "Succeeded")
+        .await;
+    // And a refused token, then a new one.
+    app.emulator.graph().expire_tokens();
+    let accepted = app.cancel("call-2", GraphScript::default(), None).await;
+    let id = accepted["id"].as_str().unwrap();
+    app.operation_until(id, |op| status(op) == "Succeeded")
+        .await;
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("Graph access token acquired"),
+        "the capture works"
+    );
+    assert!(!logs.contains(secret), "the client secret was logged");
+    let tokens = app.emulator.graph().issued_tokens();
+    assert!(!tokens.is_empty());
+    for token in tokens {
+        assert!(!logs.contains(&token), "a token was logged");
+    }
+}
