@@ -95,23 +95,14 @@ impl OperationService {
         operation_context: Option<String>,
     ) -> Result<Operation, StartError> {
         let participant = participant.normalize()?;
-        let context = match operation_context {
-            Some(context) if context.is_empty() || context.chars().count() > MAX_CONTEXT_LEN => {
-                return Err(StartError::Context);
-            }
-            Some(context) => context,
-            None => Uuid::new_v4().to_string(),
-        };
-        let operation = Operation::new(
+        let context =
+            context_or_generated(operation_context, MAX_CONTEXT_LEN).ok_or(StartError::Context)?;
+        let operation = self.create(
             OperationKind::RemoveParticipant,
             CallRef::CallConnection(call_connection_id.clone()),
-            context.clone(),
-            OffsetDateTime::now_utc(),
-        );
-        let operation = self.store.create(operation)?;
+            &context,
+        )?;
         let id = operation.id;
-        tracing::Span::current().record("operation.id", tracing::field::display(id));
-        tracing::info!("operation created");
         let request = RemoveParticipant {
             call_connection_id,
             participant,
@@ -121,6 +112,20 @@ impl OperationService {
         let service = self.clone();
         self.tasks
             .spawn(async move { service.dispatch(id, request).await });
+        Ok(operation)
+    }
+
+    /// Creates the record (before anything is sent upstream) and names it in the span.
+    fn create(
+        &self,
+        kind: OperationKind,
+        call: CallRef,
+        context: &str,
+    ) -> Result<Operation, StartError> {
+        let operation = Operation::new(kind, call, context.to_owned(), OffsetDateTime::now_utc());
+        let operation = self.store.create(operation)?;
+        tracing::Span::current().record("operation.id", tracing::field::display(operation.id));
+        tracing::info!("operation created");
         Ok(operation)
     }
 
@@ -145,25 +150,14 @@ impl OperationService {
         call_id: String,
         client_context: Option<String>,
     ) -> Result<Operation, StartError> {
-        let context = match client_context {
-            Some(context)
-                if context.is_empty() || context.chars().count() > MAX_CLIENT_CONTEXT_LEN =>
-            {
-                return Err(StartError::ClientContext);
-            }
-            Some(context) => context,
-            None => Uuid::new_v4().to_string(),
-        };
-        let operation = Operation::new(
+        let context = context_or_generated(client_context, MAX_CLIENT_CONTEXT_LEN)
+            .ok_or(StartError::ClientContext)?;
+        let operation = self.create(
             OperationKind::CancelMediaProcessing,
             CallRef::Call(ids::canonical(&call_id).into_owned()),
-            context.clone(),
-            OffsetDateTime::now_utc(),
-        );
-        let operation = self.store.create(operation)?;
+            &context,
+        )?;
         let id = operation.id;
-        tracing::Span::current().record("operation.id", tracing::field::display(id));
-        tracing::info!("operation created");
         let service = self.clone();
         self.tasks.spawn(async move {
             service.dispatch_cancel(id, call_id, context).await;
@@ -276,6 +270,16 @@ impl OperationService {
 
     pub fn list(&self, filter: &ListFilter, limit: usize) -> (Vec<Operation>, bool) {
         self.store.list(filter, limit)
+    }
+}
+
+/// The client's context when it has 1 to `max` characters, a new UUID when it gave none,
+/// `None` otherwise.
+fn context_or_generated(given: Option<String>, max: usize) -> Option<String> {
+    match given {
+        Some(context) if context.is_empty() || context.chars().count() > max => None,
+        Some(context) => Some(context),
+        None => Some(Uuid::new_v4().to_string()),
     }
 }
 
