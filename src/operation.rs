@@ -293,19 +293,18 @@ impl Operation {
         transition: Transition,
         now: OffsetDateTime,
     ) -> Result<OperationStatus, TransitionError> {
-        let next = match next_status(self.status, &transition) {
-            Ok(next) => next,
-            // A final outcome that arrives after the timeout still wins, marked late.
-            Err(refused) if self.timed_out() && transition.is_final() => {
-                self.late = true;
-                self.error = None;
-                match next_status(OperationStatus::Running, &transition) {
-                    Ok(next) => next,
-                    Err(_) => return Err(refused),
-                }
-            }
-            Err(refused) => return Err(refused),
+        // A final outcome that arrives after a callback timeout still wins, marked late.
+        let reopened = self.timed_out() && transition.is_final();
+        let from = if reopened {
+            OperationStatus::Running
+        } else {
+            self.status
         };
+        let next = next_status(from, &transition)?;
+        if reopened {
+            self.late = true;
+            self.error = None;
+        }
         self.status = next;
         self.last_updated_date_time = now;
         match transition {

@@ -10,6 +10,8 @@
 //! Graph notifications carry no id, and a redelivery repeats the same bytes: each
 //! notification's dedupe id is a digest of its own JSON text.
 
+use std::fmt::Write;
+
 use serde_json::Value;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
@@ -67,32 +69,35 @@ pub fn decode(body: &[u8], received: OffsetDateTime) -> Result<Vec<GraphEvent>, 
 
 /// The notification items of a body, as raw JSON.
 fn split(text: &str) -> Result<Vec<&RawValue>, DecodeError> {
-    let top: &RawValue =
-        serde_json::from_str(text).map_err(|error| DecodeError::Json(error.to_string()))?;
-    let trimmed = top.get().trim_start();
-    if trimmed.starts_with('[') {
-        return serde_json::from_str(top.get())
-            .map_err(|error| DecodeError::Json(error.to_string()));
-    }
-    if !trimmed.starts_with('{') {
-        return Err(DecodeError::Shape);
-    }
-    #[derive(serde::Deserialize)]
-    struct Envelope<'a> {
-        #[serde(borrow)]
-        value: Option<&'a RawValue>,
-        #[serde(rename = "changeType")]
-        change_type: Option<&'a RawValue>,
-        #[serde(rename = "resourceData")]
-        resource_data: Option<&'a RawValue>,
-    }
-    let envelope: Envelope<'_> =
-        serde_json::from_str(top.get()).map_err(|error| DecodeError::Json(error.to_string()))?;
-    match envelope.value {
-        Some(value) => serde_json::from_str(value.get()).map_err(|_| DecodeError::Shape),
-        // A single notification, not wrapped.
-        None if envelope.change_type.is_some() || envelope.resource_data.is_some() => Ok(vec![top]),
-        None => Err(DecodeError::Shape),
+    let json = |error: serde_json::Error| DecodeError::Json(error.to_string());
+    // One pass over the body: the first character says which shape to read.
+    match text.trim_start().chars().next() {
+        Some('[') => serde_json::from_str(text).map_err(json),
+        Some('{') => {
+            #[derive(serde::Deserialize)]
+            struct Envelope<'a> {
+                #[serde(borrow)]
+                value: Option<&'a RawValue>,
+                #[serde(rename = "changeType")]
+                change_type: Option<&'a RawValue>,
+                #[serde(rename = "resourceData")]
+                resource_data: Option<&'a RawValue>,
+            }
+            let envelope: Envelope<'_> = serde_json::from_str(text).map_err(json)?;
+            match envelope.value {
+                Some(value) => serde_json::from_str(value.get()).map_err(|_| DecodeError::Shape),
+                // A single notification, not wrapped (rare: read again as a whole).
+                None if envelope.change_type.is_some() || envelope.resource_data.is_some() => {
+                    Ok(vec![serde_json::from_str(text).map_err(json)?])
+                }
+                None => Err(DecodeError::Shape),
+            }
+        }
+        // Not an object or an array: still say whether it is JSON at all.
+        _ => match serde_json::from_str::<&RawValue>(text) {
+            Ok(_) => Err(DecodeError::Shape),
+            Err(error) => Err(json(error)),
+        },
     }
 }
 
@@ -101,7 +106,8 @@ fn digest(bytes: &[u8]) -> String {
     let mut text = String::with_capacity(7 + 32);
     text.push_str("sha256:");
     for byte in &hash[..16] {
-        text.push_str(&format!("{byte:02x}"));
+        // Writing to a String cannot fail.
+        let _ = write!(text, "{byte:02x}");
     }
     text
 }
@@ -565,6 +571,28 @@ mod tests {
         let events = decode(&body, OffsetDateTime::UNIX_EPOCH).unwrap();
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].incoming.call, Some(CallRef::Call("c1".into())));
+    }
+
+    #[test]
+    fn a_bare_notification_or_an_array_of_them_is_read_too() {
+        let body = fixture("v1_playprompt_notification_completed.json");
+        let wrapped: Value = serde_json::from_slice(&body).unwrap();
+        let item = &wrapped["value"][0];
+        let want = decode(&body, OffsetDateTime::UNIX_EPOCH).unwrap();
+        let bare = decode(item.to_string().as_bytes(), OffsetDateTime::UNIX_EPOCH).unwrap();
+        let array = decode(
+            Value::Array(vec![item.clone(), item.clone()])
+                .to_string()
+                .as_bytes(),
+            OffsetDateTime::UNIX_EPOCH,
+        )
+        .unwrap();
+        assert_eq!(bare.len(), 1);
+        assert_eq!(array.len(), 2);
+        for event in bare.iter().chain(&array) {
+            assert_eq!(event.incoming.context, want[0].incoming.context);
+            assert_eq!(event.incoming.transition, want[0].incoming.transition);
+        }
     }
 
     #[test]
