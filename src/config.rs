@@ -21,7 +21,7 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 /// The documented environment variables and the field each sets. Any other field is set
 /// with `CALLOPS_<SECTION>__<FIELD>`.
-pub const ENV_ALIASES: [(&str, &str); 12] = [
+pub const ENV_ALIASES: [(&str, &str); 19] = [
     ("LISTEN", "http.listen"),
     ("PUBLIC_URL", "http.public_url"),
     ("STORE", "store.location"),
@@ -33,6 +33,13 @@ pub const ENV_ALIASES: [(&str, &str); 12] = [
     ("GRAPH_CLIENT_ID", "graph.client_id"),
     ("GRAPH_CLIENT_SECRET", "graph.client_secret"),
     ("CALLBACK_AUTH", "callbacks.auth"),
+    ("CALLBACK_SECRET", "callbacks.secret"),
+    ("ACS_CALLBACK_OPENID_URL", "callbacks.acs.openid_url"),
+    ("ACS_CALLBACK_ISSUER", "callbacks.acs.issuer"),
+    ("ACS_CALLBACK_AUDIENCE", "callbacks.acs.audience"),
+    ("GRAPH_CALLBACK_OPENID_URL", "callbacks.graph.openid_url"),
+    ("GRAPH_CALLBACK_ISSUERS", "callbacks.graph.issuers"),
+    ("GRAPH_CALLBACK_AUDIENCE", "callbacks.graph.audience"),
     ("LOG_FORMAT", "log.format"),
 ];
 
@@ -177,17 +184,85 @@ pub struct RetryConfig {
     pub total_timeout_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// How callbacks are authenticated.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CallbacksConfig {
     pub auth: CallbackAuth,
+    pub leeway_secs: u64,
+    pub key_refresh_min_interval_secs: u64,
+    pub key_max_age_secs: u64,
+    pub key_fetch_timeout_ms: u64,
+    /// Required as `?secret=` on every callback when not empty.
+    pub secret: SecretString,
+    pub acs: CallbackIssuerConfig,
+    pub graph: CallbackIssuerConfig,
+}
+
+impl std::fmt::Debug for CallbacksConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallbacksConfig")
+            .field("auth", &self.auth)
+            .field("leeway_secs", &self.leeway_secs)
+            .field(
+                "key_refresh_min_interval_secs",
+                &self.key_refresh_min_interval_secs,
+            )
+            .field("key_max_age_secs", &self.key_max_age_secs)
+            .field("key_fetch_timeout_ms", &self.key_fetch_timeout_ms)
+            .field("secret", &"[redacted]")
+            .field("acs", &self.acs)
+            .field("graph", &self.graph)
+            .finish()
+    }
+}
+
+/// Who signs one platform's callbacks and for whom: where its keys are published, the
+/// accepted `iss` values and the expected `aud`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallbackIssuerConfig {
+    pub openid_url: Url,
+    /// One issuer or several (`issuers`, a comma-separated string or a list).
+    #[serde(alias = "issuers")]
+    pub issuer: StringList,
+    pub audience: String,
+}
+
+/// A list given either as a TOML/JSON list or as one comma-separated string (the form an
+/// environment variable takes).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StringList(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for StringList {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            One(String),
+            Many(Vec<String>),
+        }
+        let items = match Form::deserialize(deserializer)? {
+            Form::One(text) => text.split(',').map(str::to_owned).collect(),
+            Form::Many(items) => items,
+        };
+        Ok(Self(
+            items
+                .into_iter()
+                .map(|item| item.trim().to_owned())
+                .filter(|item| !item.is_empty())
+                .collect(),
+        ))
+    }
 }
 
 /// How callbacks are authenticated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CallbackAuth {
-    /// Every callback is accepted: for local emulation only.
+    /// Verify the bearer JWT of every callback.
+    Jwt,
+    /// Every callback is accepted: for local experiments only.
     None,
 }
 
@@ -205,6 +280,8 @@ pub struct EmulatorConfig {
     pub graph_client_secret: String,
     /// Lifetime of the Graph emulator's access tokens.
     pub graph_token_lifetime_secs: u64,
+    /// The emulated ACS resource's immutable id (the audience of its callback tokens).
+    pub acs_resource_id: String,
 }
 
 /// The emulator's default outcome for calls without a script.
@@ -247,6 +324,10 @@ pub enum ConfigError {
         "CALLOPS_GRAPH_CLIENT_ID is set, so CALLOPS_GRAPH_TENANT_ID and CALLOPS_GRAPH_CLIENT_SECRET are required too"
     )]
     GraphCredentials,
+    #[error(
+        "callbacks are verified (CALLOPS_CALLBACK_AUTH=jwt) and ACS is configured, so CALLOPS_ACS_CALLBACK_AUDIENCE is required: the ACS resource's immutable resource id (Azure portal, the Communication Services resource, Properties)"
+    )]
+    AcsCallbackAudience,
 }
 
 impl Config {
@@ -339,6 +420,31 @@ impl Config {
                 "must be between 1 and operations.page_size_max",
             );
         }
+        let callbacks = &self.callbacks;
+        for (field, issuer) in [
+            ("callbacks.acs (CALLOPS_ACS_CALLBACK_*)", &callbacks.acs),
+            (
+                "callbacks.graph (CALLOPS_GRAPH_CALLBACK_*)",
+                &callbacks.graph,
+            ),
+        ] {
+            let url = &issuer.openid_url;
+            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+                return invalid(field, "openid_url must be an http(s) URL with a host");
+            }
+            if issuer.issuer.0.is_empty() {
+                return invalid(field, "needs at least one issuer");
+            }
+        }
+        if callbacks.auth == CallbackAuth::Jwt
+            && self.acs.connection().transpose().is_some()
+            && callbacks.acs.audience.trim().is_empty()
+        {
+            return Err(ConfigError::AcsCallbackAudience);
+        }
+        if callbacks.key_fetch_timeout_ms == 0 {
+            return invalid("callbacks.key_fetch_timeout_ms", "must be at least 1");
+        }
         if self.emulator.enabled && crate::emulator::decode_key(&self.emulator.access_key).is_none()
         {
             return invalid("emulator.access_key", "must be non-empty base64");
@@ -346,20 +452,57 @@ impl Config {
         Ok(())
     }
 
-    /// The callback URL ACS is told to call.
-    pub fn acs_callback_url(&self) -> Url {
-        self.http
-            .public_url
-            .join("callbacks/acs")
-            .expect("a relative path joins any http URL")
+    /// The callback URL ACS is told to call, with `?secret=` when one is configured: a
+    /// secret: its `Display` hides the query.
+    pub fn acs_callback_url(&self) -> SecretUrl {
+        self.callback_url("callbacks/acs")
     }
 
-    /// The notification URL the Graph emulator calls (a real bot registration has its own).
-    pub fn graph_callback_url(&self) -> Url {
-        self.http
+    /// The notification URL the Graph emulator calls (a real bot registration has its own),
+    /// with `?secret=` when one is configured.
+    pub fn graph_callback_url(&self) -> SecretUrl {
+        self.callback_url("callbacks/graph")
+    }
+
+    fn callback_url(&self, path: &str) -> SecretUrl {
+        let mut url = self
+            .http
             .public_url
-            .join("callbacks/graph")
-            .expect("a relative path joins any http URL")
+            .join(path)
+            .expect("a relative path joins any http URL");
+        let secret = self.callbacks.secret.expose_secret();
+        if !secret.is_empty() {
+            url.query_pairs_mut()
+                .append_pair(crate::callback_auth::SECRET_PARAMETER, secret);
+        }
+        SecretUrl(url)
+    }
+}
+
+/// A URL that may carry a secret in its query: `Display` and `Debug` show it without the
+/// query; [`SecretUrl::expose`] gives the whole URL to the code that sends it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(Url);
+
+impl SecretUrl {
+    pub fn expose(&self) -> &Url {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut shown = self.0.clone();
+        if shown.query().is_some() {
+            shown.set_query(Some("[redacted]"));
+        }
+        f.write_str(shown.as_str())
+    }
+}
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretUrl({self})")
     }
 }
 
@@ -428,7 +571,7 @@ mod tests {
         assert_eq!(config.acs.api_version, "2024-09-15");
         assert!(config.acs.connection().unwrap().is_none());
         assert_eq!(
-            config.acs_callback_url().as_str(),
+            config.acs_callback_url().expose().as_str(),
             "http://127.0.0.1:8080/callbacks/acs"
         );
     }
@@ -443,6 +586,7 @@ mod tests {
                 "endpoint=https://r.communication.azure.com/;accesskey=a2V5",
             ),
             ("CALLOPS_ACS_API_VERSION", "2026-03-12"),
+            ("CALLOPS_ACS_CALLBACK_AUDIENCE", "resource-id"),
             ("CALLOPS_OPERATIONS__MAX_WAIT_SECS", "30"),
             ("CALLOPS_CONFIG", "ignored, not a field"),
         ])
@@ -451,7 +595,7 @@ mod tests {
         assert_eq!(config.acs.api_version, "2026-03-12");
         assert_eq!(config.operations.max_wait_secs, 30);
         assert_eq!(
-            config.acs_callback_url().as_str(),
+            config.acs_callback_url().expose().as_str(),
             "https://callops.example.com/base/callbacks/acs"
         );
         let cs = config.acs.connection().unwrap().unwrap();
@@ -503,7 +647,7 @@ mod tests {
         assert_eq!(config.graph.retry.max_attempts, 2);
         assert!(!format!("{config:?}").contains("c2VjcmV0"));
         assert_eq!(
-            config.graph_callback_url().as_str(),
+            config.graph_callback_url().expose().as_str(),
             "http://127.0.0.1:8080/callbacks/graph"
         );
         // An id without a secret, no credentials without the emulator, odd URLs.
@@ -556,13 +700,77 @@ mod tests {
     }
 
     #[test]
-    fn debug_never_shows_the_connection_string() {
-        let config = load_with_env(&[(
-            "CALLOPS_ACS_CONNECTION_STRING",
-            "endpoint=https://r/;accesskey=c3VwZXJzZWNyZXQ=",
-        )])
+    fn debug_never_shows_secrets() {
+        let config = load_with_env(&[
+            (
+                "CALLOPS_ACS_CONNECTION_STRING",
+                "endpoint=https://r/;accesskey=c3VwZXJzZWNyZXQ=",
+            ),
+            ("CALLOPS_ACS_CALLBACK_AUDIENCE", "resource-id"),
+            ("CALLOPS_CALLBACK_SECRET", "callback-secret-value"),
+        ])
         .unwrap();
         let shown = format!("{config:?}");
         assert!(!shown.contains("c3VwZXJzZWNyZXQ"), "{shown}");
+        assert!(!shown.contains("callback-secret-value"), "{shown}");
+        let url = config.acs_callback_url();
+        assert!(
+            url.expose()
+                .as_str()
+                .ends_with("/callbacks/acs?secret=callback-secret-value")
+        );
+        for shown in [url.to_string(), format!("{url:?}")] {
+            assert!(!shown.contains("callback-secret-value"), "{shown}");
+            assert!(shown.contains("/callbacks/acs"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn callback_verification_is_configured_from_the_environment() {
+        let config = Config::embedded();
+        assert_eq!(config.callbacks.auth, CallbackAuth::Jwt);
+        assert_eq!(
+            config.callbacks.graph.issuer.0,
+            [
+                "https://graph.microsoft.com",
+                "https://api.botframework.com"
+            ]
+        );
+        let config = load_with_env(&[
+            (
+                "CALLOPS_ACS_CALLBACK_OPENID_URL",
+                "https://acs.example.us/calling/.well-known/acsopenidconfiguration",
+            ),
+            ("CALLOPS_ACS_CALLBACK_ISSUER", "https://acs.example.us"),
+            ("CALLOPS_ACS_CALLBACK_AUDIENCE", "resource-id"),
+            (
+                "CALLOPS_GRAPH_CALLBACK_OPENID_URL",
+                "https://graph.example.us/keys",
+            ),
+            ("CALLOPS_GRAPH_CALLBACK_ISSUERS", " https://a , https://b ,"),
+            ("CALLOPS_GRAPH_CALLBACK_AUDIENCE", "bot-app-id"),
+            ("CALLOPS_CALLBACK_AUTH", "none"),
+        ])
+        .unwrap();
+        assert_eq!(config.callbacks.auth, CallbackAuth::None);
+        assert_eq!(config.callbacks.acs.issuer.0, ["https://acs.example.us"]);
+        assert_eq!(config.callbacks.acs.audience, "resource-id");
+        assert_eq!(config.callbacks.graph.issuer.0, ["https://a", "https://b"]);
+        assert_eq!(config.callbacks.graph.audience, "bot-app-id");
+        assert_eq!(
+            config.callbacks.graph.openid_url.as_str(),
+            "https://graph.example.us/keys"
+        );
+        // A real ACS resource needs its audience; no issuer or a bad URL is refused.
+        let err = load_with_env(&[(
+            "CALLOPS_ACS_CONNECTION_STRING",
+            "endpoint=https://r.communication.azure.com/;accesskey=a2V5",
+        )])
+        .unwrap_err();
+        assert!(err.contains("CALLOPS_ACS_CALLBACK_AUDIENCE"), "{err}");
+        let err = load_with_env(&[("CALLOPS_GRAPH_CALLBACK_ISSUERS", " , ")]).unwrap_err();
+        assert!(err.contains("issuer"), "{err}");
+        let err = load_with_env(&[("CALLOPS_ACS_CALLBACK_OPENID_URL", "ftp://keys")]).unwrap_err();
+        assert!(err.contains("openid_url"), "{err}");
     }
 }

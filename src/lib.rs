@@ -33,9 +33,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::acs::client::AcsClient;
 use crate::acs::connection_string::ConnectionString;
-use crate::callback_auth::CallbackAuthenticator;
-use crate::config::{CallbackAuth, Config};
+use crate::callback_auth::{CallbackAuthenticator, IssuerSettings};
+use crate::config::{CallbackAuth, CallbackIssuerConfig, Config};
 use crate::emulator::Emulator;
+use crate::emulator::callback_signing;
 use crate::graph::client::GraphClient;
 use crate::graph::token::TokenProvider;
 use crate::http::{ApiLimits, AppState};
@@ -53,7 +54,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let tasks = TaskTracker::new();
     let acs_connection = config.acs.connection()?;
-    let emulator = if acs_connection.is_none() || !config.graph.is_configured() {
+    let acs_emulated = acs_connection.is_none();
+    let emulator = if acs_emulated || !config.graph.is_configured() {
         Some(start_emulator(&config, &tasks, &shutdown).await?)
     } else {
         None
@@ -68,10 +70,20 @@ pub async fn run(
         }
         (None, None) => unreachable!("the emulator starts when ACS is not configured"),
     };
+    let callback_auth = callback_authenticator(&config, emulator.as_ref(), acs_emulated)?;
     if config.callbacks.auth == CallbackAuth::None {
         tracing::warn!(
-            "CALLBACK AUTHENTICATION IS OFF (callbacks.auth = none): anyone who can reach /callbacks/* can settle operations; use this only for local emulation"
+            "CALLBACK AUTHENTICATION IS OFF (CALLOPS_CALLBACK_AUTH=none): anyone who can reach /callbacks/* can settle operations; use this only for local experiments"
         );
+    } else {
+        let loading = callback_auth.clone();
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                () = loading.load_keys() => {}
+                () = stop.cancelled() => {}
+            }
+        });
     }
     // One client per upstream: each has its own per-attempt deadline (and connection pool).
     let http_client = |timeout| {
@@ -87,7 +99,7 @@ pub async fn run(
     let acs = AcsClient::new(
         &config.acs,
         connection,
-        config.acs_callback_url(),
+        config.acs_callback_url().expose().clone(),
         http_client(config.acs.request_timeout())?,
     );
     tracing::info!(acs.endpoint = %acs.endpoint(), callback.url = %config.acs_callback_url(), "ACS client ready");
@@ -100,7 +112,7 @@ pub async fn run(
     ));
     let state = AppState {
         service,
-        callback_auth: CallbackAuthenticator::new(config.callbacks.auth),
+        callback_auth,
         limits: ApiLimits {
             max_wait: Duration::from_secs(config.operations.max_wait_secs),
             retry_after_secs: config.operations.retry_after_secs,
@@ -187,6 +199,59 @@ fn graph_client(
     ))
 }
 
+/// The callback authenticator: the configured issuers, or the in-process emulator's for
+/// each platform it stands in for.
+fn callback_authenticator(
+    config: &Config,
+    emulator: Option<&url::Url>,
+    acs_emulated: bool,
+) -> anyhow::Result<CallbackAuthenticator> {
+    let callbacks = &config.callbacks;
+    let configured = |issuer: &CallbackIssuerConfig, audience: &str| IssuerSettings {
+        openid_url: issuer.openid_url.clone(),
+        issuers: issuer.issuer.0.clone(),
+        audience: audience.trim().to_owned(),
+    };
+    let emulated = |endpoint: &url::Url, path: &str, issuer: &str, audience: &str| {
+        anyhow::Ok(IssuerSettings {
+            openid_url: endpoint.join(path.trim_start_matches('/'))?,
+            issuers: vec![issuer.to_owned()],
+            audience: audience.to_owned(),
+        })
+    };
+    let acs = match emulator {
+        Some(endpoint) if acs_emulated => emulated(
+            endpoint,
+            callback_signing::ACS_OPENID_PATH,
+            callback_signing::ACS_ISSUER,
+            &config.emulator.acs_resource_id,
+        )?,
+        _ => configured(&callbacks.acs, &callbacks.acs.audience),
+    };
+    let graph = match emulator {
+        Some(endpoint) if !config.graph.is_configured() => emulated(
+            endpoint,
+            callback_signing::GRAPH_OPENID_PATH,
+            callback_signing::GRAPH_ISSUER,
+            &config.emulator.graph_client_id,
+        )?,
+        // The bot's app id is the audience unless one is configured.
+        _ if callbacks.graph.audience.trim().is_empty() => {
+            configured(&callbacks.graph, &config.graph.client_id)
+        }
+        _ => configured(&callbacks.graph, &callbacks.graph.audience),
+    };
+    if callbacks.auth == CallbackAuth::Jwt {
+        tracing::info!(acs.openid = %acs.openid_url, acs.audience = %acs.audience, graph.openid = %graph.openid_url, graph.audience = %graph.audience, "callbacks are verified (JWT)");
+    }
+    let http = reqwest::Client::builder()
+        .user_agent(concat!("callops/", env!("CARGO_PKG_VERSION")))
+        .timeout(Duration::from_millis(callbacks.key_fetch_timeout_ms))
+        .build()
+        .context("building an HTTP client")?;
+    Ok(CallbackAuthenticator::new(callbacks, acs, graph, http))
+}
+
 /// Starts the in-process emulator (ACS and Graph) and returns its endpoint.
 async fn start_emulator(
     config: &Config,
@@ -201,7 +266,7 @@ async fn start_emulator(
     let emulator = Emulator::new(&config.emulator);
     emulator
         .graph()
-        .set_callback_url(config.graph_callback_url());
+        .set_callback_url(config.graph_callback_url().expose().clone());
     tracing::info!(emulator.endpoint = %endpoint, "emulator running in-process");
     let shutdown = shutdown.clone();
     tasks.spawn(async move {

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use callops::config::Config;
 use callops::emulator::Emulator;
+use callops::emulator::callback_signing;
 
 #[derive(Parser)]
 #[command(
@@ -66,10 +67,17 @@ async fn main() -> anyhow::Result<()> {
                 config.emulator.graph_client_id,
                 config.graph_callback_url()
             );
+            tracing::info!(
+                "The emulator signs its callbacks; verify them with CALLOPS_ACS_CALLBACK_OPENID_URL=http://{address}{} CALLOPS_ACS_CALLBACK_AUDIENCE={} CALLOPS_GRAPH_CALLBACK_OPENID_URL=http://{address}{} CALLOPS_GRAPH_CALLBACK_ISSUERS={}",
+                callback_signing::ACS_OPENID_PATH,
+                config.emulator.acs_resource_id,
+                callback_signing::GRAPH_OPENID_PATH,
+                callback_signing::GRAPH_ISSUER,
+            );
             let emulator = Emulator::new(&config.emulator);
             emulator
                 .graph()
-                .set_callback_url(config.graph_callback_url());
+                .set_callback_url(config.graph_callback_url().expose().clone());
             emulator
                 .serve(listener, shutdown)
                 .await

@@ -346,10 +346,10 @@ impl OperationStore {
             Some(delivery) => delivery,
             None => self.deliver_by_context(event, now),
         };
-        if let Some((call, at)) = cancelled_at {
-            if let Delivery::Matched { id, .. } | Delivery::Observed { id } = delivery {
-                self.link_cancelled(id, &call, at);
-            }
+        if let Some((call, at)) = cancelled_at
+            && let Delivery::Matched { id, .. } | Delivery::Observed { id } = delivery
+        {
+            self.link_cancelled(id, &call, at);
         }
         delivery
     }
@@ -369,10 +369,10 @@ impl OperationStore {
         };
         // Fast path: a shared read of the index, then one operation entry.
         let known = inner.index.get(&key).and_then(|slot| slot.operation_id());
-        if let Some(id) = known {
-            if let Some(delivery) = self.apply_to(id, &event) {
-                return delivery;
-            }
+        if let Some(id) = known
+            && let Some(delivery) = self.apply_to(id, &event)
+        {
+            return delivery;
         }
         match inner.index.entry(key) {
             Entry::Occupied(mut occupied) => match occupied.get_mut() {
@@ -727,10 +727,10 @@ impl OperationStore {
         }) else {
             return;
         };
-        if let Some(mut op) = inner.operations.get_mut(&cancel) {
-            if !op.cancelled_operations.iter().any(|c| c.id == cancelled) {
-                op.cancelled_operations.push(link);
-            }
+        if let Some(mut op) = inner.operations.get_mut(&cancel)
+            && !op.cancelled_operations.iter().any(|c| c.id == cancelled)
+        {
+            op.cancelled_operations.push(link);
         }
     }
 

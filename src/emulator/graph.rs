@@ -36,6 +36,7 @@ use tokio::time::Instant;
 use url::Url;
 use uuid::Uuid;
 
+use crate::emulator::callback_signing::CallbackSigner;
 use crate::emulator::{RecordedRequest, Reject};
 use crate::graph::ids::canonical;
 
@@ -84,6 +85,8 @@ pub struct GraphEmulatorSettings {
     pub callback_url: Option<Url>,
     /// Default delay between the cancel's answer and its notifications.
     pub notification_delay: Duration,
+    /// Signs notifications with a bearer token (none: unsigned).
+    pub signer: Option<CallbackSigner>,
 }
 
 impl fmt::Debug for GraphEmulatorSettings {
@@ -95,6 +98,7 @@ impl fmt::Debug for GraphEmulatorSettings {
             .field("token_lifetime", &self.token_lifetime)
             .field("callback_url", &self.callback_url)
             .field("notification_delay", &self.notification_delay)
+            .field("signed", &self.signer.is_some())
             .finish()
     }
 }
@@ -424,10 +428,11 @@ impl GraphEmulator {
             // A redelivery carries the same message id, as a duplicate from Graph does.
             let message_id = Uuid::new_v4().to_string();
             for _ in 0..times {
-                let sent = self
-                    .inner
-                    .http
-                    .post(uri)
+                let mut request = self.inner.http.post(uri);
+                if let Some(signer) = &self.inner.settings.signer {
+                    request = request.bearer_auth(signer.graph_token());
+                }
+                let sent = request
                     .header(header::CONTENT_TYPE, "application/json; charset=utf-8")
                     .header(header::USER_AGENT, NOTIFICATION_USER_AGENT)
                     .header(header::ACCEPT, "application/json")
@@ -886,10 +891,10 @@ fn transient_error(status: u16, retry_after_secs: Option<f64>) -> Response {
         },
     });
     let mut response = (status, axum::Json(body)).into_response();
-    if let Some(seconds) = retry_after_secs {
-        if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
-            response.headers_mut().insert(header::RETRY_AFTER, value);
-        }
+    if let Some(seconds) = retry_after_secs
+        && let Ok(value) = HeaderValue::from_str(&seconds.to_string())
+    {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
     }
     response
 }

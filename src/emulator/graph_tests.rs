@@ -20,6 +20,7 @@ fn settings() -> GraphEmulatorSettings {
         token_lifetime: Duration::from_secs(3599),
         callback_url: None,
         notification_delay: Duration::ZERO,
+        signer: None,
     }
 }
 
@@ -765,6 +766,7 @@ async fn duplicates_are_identical_bytes() {
 async fn notifications_wait_for_the_delay() {
     let emulator = GraphEmulator::new(GraphEmulatorSettings {
         notification_delay: Duration::from_millis(300),
+        signer: None,
         ..settings()
     });
     let (url, mut received) = receiver().await;
@@ -782,6 +784,7 @@ async fn the_scripted_delay_wins_over_the_default() {
     // Far longer than `next_delivery` waits.
     let emulator = GraphEmulator::new(GraphEmulatorSettings {
         notification_delay: Duration::from_secs(3600),
+        signer: None,
         ..settings()
     });
     let (url, mut received) = receiver().await;

@@ -8,6 +8,7 @@
 //! `GET /emulator/requests`. Run it with `callops emulator`, or in-process (the default
 //! configuration does so when no ACS connection string is set).
 
+pub mod callback_signing;
 pub mod graph;
 mod script;
 
@@ -35,6 +36,7 @@ use uuid::Uuid;
 
 use crate::acs::signing;
 use crate::config::{EmulatedOutcome, EmulatorConfig};
+use crate::emulator::callback_signing::{CallbackSigner, SignerSettings};
 
 pub use script::{Outcome, Reject, ResultInformation, Script};
 
@@ -72,6 +74,8 @@ struct Inner {
     http: reqwest::Client,
     /// The Graph half, served on the same listener.
     graph: graph::GraphEmulator,
+    /// Signs callbacks; serves the OpenID configurations and keys.
+    signer: CallbackSigner,
 }
 
 /// One request the emulator received, as the test API shows it.
@@ -107,7 +111,13 @@ impl Emulator {
             callback_delay_ms: config.callback_delay_ms,
             ..Script::default()
         };
+        let signer = CallbackSigner::new(SignerSettings {
+            acs_audience: config.acs_resource_id.clone(),
+            graph_audience: config.graph_client_id.clone(),
+            tenant_id: config.graph_tenant_id.clone(),
+        });
         let graph = graph::GraphEmulator::new(graph::GraphEmulatorSettings {
+            signer: Some(signer.clone()),
             tenant_id: config.graph_tenant_id.clone(),
             client_id: config.graph_client_id.clone(),
             client_secret: config.graph_client_secret.clone(),
@@ -118,6 +128,7 @@ impl Emulator {
         Self {
             inner: Arc::new(Inner {
                 graph,
+                signer,
                 access_key,
                 default_script,
                 scripts: DashMap::new(),
@@ -156,6 +167,11 @@ impl Emulator {
     }
 
     /// The Graph half: token endpoint, media operations, notifications.
+    pub fn signer(&self) -> &CallbackSigner {
+        &self.inner.signer
+    }
+
+    /// The Graph half.
     pub fn graph(&self) -> &graph::GraphEmulator {
         &self.inner.graph
     }
@@ -172,6 +188,7 @@ impl Emulator {
             .route("/emulator/requests", get(get_requests))
             .with_state(self.clone())
             .merge(self.inner.graph.router())
+            .merge(self.inner.signer.router())
     }
 
     /// Serves on `listener` until `shutdown`.
@@ -306,11 +323,11 @@ async fn handle_remove(
         );
     };
     let context = request.operation_context.unwrap_or_default();
-    if let Some(request_id) = repeatability {
-        if emulator.inner.accepted.contains_key(&request_id) {
-            // A retry of an accepted request: same answer, no second callback.
-            return accepted(&context);
-        }
+    if let Some(request_id) = repeatability
+        && emulator.inner.accepted.contains_key(&request_id)
+    {
+        // A retry of an accepted request: same answer, no second callback.
+        return accepted(&context);
     }
 
     let script = emulator
@@ -391,7 +408,15 @@ impl Emulator {
         let body = json!([event]);
         for _ in 0..times {
             for attempt in 0..3u64 {
-                let sent = self.inner.http.post(uri).json(&body).send().await;
+                // A new token per delivery, as ACS does.
+                let sent = self
+                    .inner
+                    .http
+                    .post(uri)
+                    .bearer_auth(self.inner.signer.acs_token())
+                    .json(&body)
+                    .send()
+                    .await;
                 match sent {
                     Ok(response) if response.status().is_success() => {
                         self.inner.delivered.fetch_add(1, Ordering::Relaxed);

@@ -4,6 +4,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use callops::emulator::callback_signing;
 use serde_json::{Value, json};
 
 use crate::support::{follow, within};
@@ -92,6 +93,20 @@ async fn serve_and_emulator_run_as_separate_processes_and_stop_on_sigterm() {
             (
                 "CALLOPS_GRAPH_CLIENT_SECRET",
                 config.emulator.graph_client_secret.clone(),
+            ),
+            // Callbacks are verified against the emulator's keys, as `callops emulator`
+            // says to configure.
+            (
+                "CALLOPS_ACS_CALLBACK_OPENID_URL",
+                format!("{emulator}{}", callback_signing::ACS_OPENID_PATH),
+            ),
+            (
+                "CALLOPS_ACS_CALLBACK_AUDIENCE",
+                config.emulator.acs_resource_id.clone(),
+            ),
+            (
+                "CALLOPS_GRAPH_CALLBACK_OPENID_URL",
+                format!("{emulator}{}", callback_signing::GRAPH_OPENID_PATH),
             ),
             ("CALLOPS_EMULATOR__ENABLED", "false".to_owned()),
             ("CALLOPS_LOG_FORMAT", "json".to_owned()),

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use callops::config::Config;
+use callops::emulator::callback_signing;
 use callops::emulator::graph::GraphScript;
 use callops::emulator::{Emulator, Script};
 use serde_json::{Value, json};
@@ -59,12 +60,26 @@ impl TestApp {
         config.graph.retry.initial_delay_ms = 10;
         config.graph.retry.max_delay_ms = 100;
         config.emulator.listen = "127.0.0.1:0".parse().unwrap();
+        // Callback tokens: verified against the emulator's keys, as against ACS's and Graph's.
+        config.callbacks.acs.openid_url = format!(
+            "http://{emulator_address}{}",
+            callback_signing::ACS_OPENID_PATH
+        )
+        .parse()
+        .unwrap();
+        config.callbacks.acs.audience = config.emulator.acs_resource_id.clone();
+        config.callbacks.graph.openid_url = format!(
+            "http://{emulator_address}{}",
+            callback_signing::GRAPH_OPENID_PATH
+        )
+        .parse()
+        .unwrap();
         adjust(&mut config);
 
         let emulator = Emulator::new(&config.emulator);
         emulator
             .graph()
-            .set_callback_url(config.graph_callback_url());
+            .set_callback_url(config.graph_callback_url().expose().clone());
         tokio::spawn(emulator.clone().serve(emulator_listener, shutdown.clone()));
         let server = tokio::spawn(callops::run(listener, config, shutdown.clone()));
         Self {
@@ -97,13 +112,24 @@ impl TestApp {
         accepted(response).await
     }
 
+    /// POSTs JSON; a callback carries a genuine token, as from ACS or Graph.
     pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.http
-            .post(self.url(path))
+        self.signed(self.http.post(self.url(path)), path)
             .json(body)
             .send()
             .await
             .unwrap()
+    }
+
+    /// `request` with the emulator's bearer token when `path` is a callback route.
+    pub fn signed(&self, request: reqwest::RequestBuilder, path: &str) -> reqwest::RequestBuilder {
+        if path.starts_with("/callbacks/acs") {
+            request.bearer_auth(self.emulator.signer().acs_token())
+        } else if path.starts_with("/callbacks/graph") {
+            request.bearer_auth(self.emulator.signer().graph_token())
+        } else {
+            request
+        }
     }
 
     pub async fn post_raw(
@@ -112,8 +138,7 @@ impl TestApp {
         content_type: &str,
         body: impl Into<reqwest::Body>,
     ) -> reqwest::Response {
-        self.http
-            .post(self.url(path))
+        self.signed(self.http.post(self.url(path)), path)
             .header("content-type", content_type)
             .body(body)
             .send()

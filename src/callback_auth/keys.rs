@@ -1,0 +1,281 @@
+//! The signing keys of one platform, from its OpenID configuration's `jwks_uri`.
+//!
+//! Reads are lock-free (an `ArcSwap` of the whole set), so verifying a callback touches no
+//! shared lock. Fetches are single-flight: a token naming an unknown key id waits for at most
+//! one fetch, and fetches for unknown ids happen at most once per `min_interval`, so made-up
+//! key ids cannot hammer the key server. A failed fetch keeps the keys already loaded. A
+//! set older than `max_age` is refetched in the background on its next use.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use jsonwebtoken::DecodingKey;
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, KeyAlgorithm, PublicKeyUse};
+use serde::Deserialize;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+use url::Url;
+
+/// While no key set was ever loaded, fetches are retried this often at most.
+const UNLOADED_RETRY: Duration = Duration::from_secs(1);
+
+/// One platform's published keys.
+#[derive(Clone)]
+pub struct KeyCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    openid_url: Url,
+    http: reqwest::Client,
+    min_interval: Duration,
+    max_age: Duration,
+    keys: ArcSwap<KeySet>,
+    /// When the last fetch started; held while fetching (single flight).
+    last_attempt: Mutex<Option<Instant>>,
+    stale_refresh_running: AtomicBool,
+    fetches: AtomicU64,
+}
+
+/// The usable keys by key id, and when they were loaded (`None`: never).
+#[derive(Default)]
+pub struct KeySet {
+    keys: HashMap<String, DecodingKey>,
+    loaded_at: Option<Instant>,
+}
+
+impl KeySet {
+    pub fn get(&self, kid: &str) -> Option<&DecodingKey> {
+        self.keys.get(kid)
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.loaded_at.is_some()
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// Why keys could not be fetched (logged; the keys already loaded stay).
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("requesting {what} failed: {source}")]
+    Http {
+        what: &'static str,
+        source: reqwest::Error,
+    },
+    #[error("{what} answered {status}")]
+    Status {
+        what: &'static str,
+        status: reqwest::StatusCode,
+    },
+    #[error("the OpenID configuration's jwks_uri is not an http(s) URL")]
+    JwksUri,
+    #[error("the key set holds no usable RS256 signing key with a key id")]
+    NoUsableKey,
+}
+
+#[derive(Deserialize)]
+struct OpenIdConfiguration {
+    jwks_uri: Url,
+}
+
+/// Keys are parsed one by one, so a key of a type we do not use cannot spoil the set.
+#[derive(Deserialize)]
+struct RawKeySet {
+    keys: Vec<serde_json::Value>,
+}
+
+impl KeyCache {
+    pub fn new(
+        openid_url: Url,
+        http: reqwest::Client,
+        min_interval: Duration,
+        max_age: Duration,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                openid_url,
+                http,
+                min_interval,
+                max_age,
+                keys: ArcSwap::from_pointee(KeySet::default()),
+                last_attempt: Mutex::new(None),
+                stale_refresh_running: AtomicBool::new(false),
+                fetches: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Where the keys come from.
+    pub fn openid_url(&self) -> &Url {
+        &self.inner.openid_url
+    }
+
+    /// The current set, refetched first when it lacks `kid` (subject to the interval).
+    pub async fn for_key_id(&self, kid: &str) -> Arc<KeySet> {
+        let set = self.inner.keys.load_full();
+        if set.get(kid).is_some() {
+            self.refresh_if_stale(&set);
+            return set;
+        }
+        self.refresh().await;
+        self.inner.keys.load_full()
+    }
+
+    /// The current set, without fetching.
+    pub fn current(&self) -> Arc<KeySet> {
+        self.inner.keys.load_full()
+    }
+
+    /// How many fetches were attempted.
+    pub fn fetches(&self) -> u64 {
+        self.inner.fetches.load(Ordering::Relaxed)
+    }
+
+    /// Fetches the keys unless a fetch started less than the interval ago; waits for a
+    /// fetch in flight instead of starting another.
+    pub async fn refresh(&self) {
+        let mut last_attempt = self.inner.last_attempt.lock().await;
+        let interval = if self.inner.keys.load().is_loaded() {
+            self.inner.min_interval
+        } else {
+            UNLOADED_RETRY
+        };
+        if last_attempt.is_some_and(|at| at.elapsed() < interval) {
+            return;
+        }
+        *last_attempt = Some(Instant::now());
+        self.inner.fetches.fetch_add(1, Ordering::Relaxed);
+        match self.fetch().await {
+            Ok(set) => {
+                tracing::info!(openid.url = %self.inner.openid_url, keys = set.len(), "callback signing keys loaded");
+                self.inner.keys.store(Arc::new(set));
+            }
+            Err(error) => {
+                let kept = self.inner.keys.load().len();
+                tracing::warn!(openid.url = %self.inner.openid_url, %error, kept, "fetching callback signing keys failed; keeping the keys already loaded");
+            }
+        }
+    }
+
+    fn refresh_if_stale(&self, set: &KeySet) {
+        let stale = set
+            .loaded_at
+            .is_some_and(|at| at.elapsed() >= self.inner.max_age);
+        if stale
+            && !self
+                .inner
+                .stale_refresh_running
+                .swap(true, Ordering::AcqRel)
+        {
+            let cache = self.clone();
+            tokio::spawn(async move {
+                cache.refresh().await;
+                cache
+                    .inner
+                    .stale_refresh_running
+                    .store(false, Ordering::Release);
+            });
+        }
+    }
+
+    async fn fetch(&self) -> Result<KeySet, FetchError> {
+        let configuration: OpenIdConfiguration = self
+            .get_json(self.inner.openid_url.clone(), "the OpenID configuration")
+            .await?;
+        let jwks_uri = configuration.jwks_uri;
+        if !matches!(jwks_uri.scheme(), "http" | "https") {
+            return Err(FetchError::JwksUri);
+        }
+        let raw: RawKeySet = self.get_json(jwks_uri, "the key set").await?;
+        let keys: HashMap<String, DecodingKey> =
+            raw.keys.into_iter().filter_map(usable_key).collect();
+        if keys.is_empty() {
+            return Err(FetchError::NoUsableKey);
+        }
+        Ok(KeySet {
+            keys,
+            loaded_at: Some(Instant::now()),
+        })
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        url: Url,
+        what: &'static str,
+    ) -> Result<T, FetchError> {
+        let response = self
+            .inner
+            .http
+            .get(url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(|source| FetchError::Http { what, source })?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(FetchError::Status { what, status });
+        }
+        response
+            .json()
+            .await
+            .map_err(|source| FetchError::Http { what, source })
+    }
+}
+
+/// An RSA signing key with a key id that may be used with RS256, or `None`.
+fn usable_key(value: serde_json::Value) -> Option<(String, DecodingKey)> {
+    let jwk: Jwk = serde_json::from_value(value).ok()?;
+    let kid = jwk.common.key_id.clone()?;
+    let for_signing = matches!(
+        jwk.common.public_key_use,
+        None | Some(PublicKeyUse::Signature)
+    );
+    let rs256 = matches!(jwk.common.key_algorithm, None | Some(KeyAlgorithm::RS256));
+    if !for_signing || !rs256 || !matches!(jwk.algorithm, AlgorithmParameters::RSA(_)) {
+        return None;
+    }
+    let key = DecodingKey::from_jwk(&jwk).ok()?;
+    Some((kid, key))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn only_rsa_signing_keys_with_an_id_are_kept() {
+        let rsa = json!({"kty": "RSA", "kid": "a", "n": "sXch", "e": "AQAB"});
+        assert!(usable_key(rsa.clone()).is_some());
+        // Microsoft's key sets carry extra members (x5c, endorsements, issuer).
+        let mut extra = rsa.clone();
+        extra["endorsements"] = json!(["msteams"]);
+        extra["x5t"] = json!("abc");
+        assert!(usable_key(extra).is_some());
+        let mut no_kid = rsa.clone();
+        no_kid.as_object_mut().unwrap().remove("kid");
+        assert!(usable_key(no_kid).is_none());
+        let mut encryption = rsa.clone();
+        encryption["use"] = json!("enc");
+        assert!(usable_key(encryption).is_none());
+        let mut other_alg = rsa.clone();
+        other_alg["alg"] = json!("RS512");
+        assert!(usable_key(other_alg).is_none());
+        let ec = json!({"kty": "EC", "kid": "b", "crv": "P-256", "x": "AA", "y": "AA"});
+        assert!(usable_key(ec).is_none());
+        assert!(usable_key(json!({"kty": "OKP?", "kid": "c"})).is_none());
+        assert!(usable_key(json!("not a key")).is_none());
+    }
+}
