@@ -1,10 +1,11 @@
 //! The signing keys of one platform, from its OpenID configuration's `jwks_uri`.
 //!
 //! Reads are lock-free (an `ArcSwap` of the whole set), so verifying a callback touches no
-//! shared lock. Fetches are single-flight: a token naming an unknown key id waits for at most
-//! one fetch, and fetches for unknown ids happen at most once per `min_interval`, so made-up
-//! key ids cannot hammer the key server. A failed fetch keeps the keys already loaded. A
-//! set older than `max_age` is refetched in the background on its next use.
+//! shared lock. The set is loaded at start. Fetches are single-flight: a token naming an
+//! unknown key id waits for at most one fetch, and such fetches happen at most once per
+//! `min_interval` (once per second while nothing was ever loaded), so made-up key ids cannot
+//! hammer the key server. A failed fetch keeps the keys already loaded. A set older than
+//! `max_age` is refetched in the background on its next use.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,7 +35,8 @@ struct Inner {
     min_interval: Duration,
     max_age: Duration,
     keys: ArcSwap<KeySet>,
-    /// When the last fetch started; held while fetching (single flight).
+    /// When the last fetch for an unknown key id started; held while any fetch runs
+    /// (single flight).
     last_attempt: Mutex<Option<Instant>>,
     stale_refresh_running: AtomicBool,
     fetches: AtomicU64,
@@ -121,14 +123,27 @@ impl KeyCache {
         &self.inner.openid_url
     }
 
-    /// The current set, refetched first when it lacks `kid` (subject to the interval).
+    /// The current set, refetched first when it lacks `kid`: at most once per interval
+    /// for all unknown key ids together, and never while another fetch is in flight.
     pub async fn for_key_id(&self, kid: &str) -> Arc<KeySet> {
         let set = self.inner.keys.load_full();
         if set.get(kid).is_some() {
             self.refresh_if_stale(&set);
             return set;
         }
-        self.refresh().await;
+        let mut last_attempt = self.inner.last_attempt.lock().await;
+        // A fetch that finished while this one waited may have brought the key.
+        let set = self.inner.keys.load_full();
+        let interval = if set.is_loaded() {
+            self.inner.min_interval
+        } else {
+            UNLOADED_RETRY
+        };
+        if set.get(kid).is_some() || last_attempt.is_some_and(|at| at.elapsed() < interval) {
+            return set;
+        }
+        *last_attempt = Some(Instant::now());
+        self.fetch_and_store().await;
         self.inner.keys.load_full()
     }
 
@@ -142,19 +157,13 @@ impl KeyCache {
         self.inner.fetches.load(Ordering::Relaxed)
     }
 
-    /// Fetches the keys unless a fetch started less than the interval ago; waits for a
-    /// fetch in flight instead of starting another.
+    /// Fetches the keys now (at start, and when they are old), after any fetch in flight.
     pub async fn refresh(&self) {
-        let mut last_attempt = self.inner.last_attempt.lock().await;
-        let interval = if self.inner.keys.load().is_loaded() {
-            self.inner.min_interval
-        } else {
-            UNLOADED_RETRY
-        };
-        if last_attempt.is_some_and(|at| at.elapsed() < interval) {
-            return;
-        }
-        *last_attempt = Some(Instant::now());
+        let _single_flight = self.inner.last_attempt.lock().await;
+        self.fetch_and_store().await;
+    }
+
+    async fn fetch_and_store(&self) {
         self.inner.fetches.fetch_add(1, Ordering::Relaxed);
         match self.fetch().await {
             Ok(set) => {
@@ -251,9 +260,84 @@ fn usable_key(value: serde_json::Value) -> Option<(String, DecodingKey)> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use axum::Router;
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    use axum::routing::get;
     use serde_json::json;
 
     use super::*;
+    use crate::emulator::callback_signing::{CallbackSigner, SignerSettings};
+
+    /// A key server whose key set answers 500 while `failing` is set.
+    async fn key_server(failing: Arc<AtomicBool>) -> Url {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let signer = CallbackSigner::new(SignerSettings {
+            acs_audience: "a".to_owned(),
+            graph_audience: "b".to_owned(),
+            tenant_id: "t".to_owned(),
+        });
+        let app = Router::new()
+            .route(
+                "/openid",
+                get(move || async move {
+                    axum::Json(json!({ "jwks_uri": format!("http://{address}/keys") }))
+                }),
+            )
+            .route(
+                "/keys",
+                get(move || async move {
+                    if failing.load(Ordering::SeqCst) {
+                        StatusCode::INTERNAL_SERVER_ERROR.into_response()
+                    } else {
+                        axum::Json(signer.jwks()).into_response()
+                    }
+                }),
+            );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{address}/openid").parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_failed_fetch_keeps_the_keys_and_unknown_ids_fetch_once_per_interval() {
+        let failing = Arc::new(AtomicBool::new(true));
+        let url = key_server(failing.clone()).await;
+        let cache = KeyCache::new(
+            url,
+            reqwest::Client::new(),
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+        );
+        // Nothing loadable yet: the set stays unloaded.
+        let set = cache.for_key_id("callops-emulator-1").await;
+        assert!(!set.is_loaded());
+        assert_eq!(cache.fetches(), 1);
+
+        failing.store(false, Ordering::SeqCst);
+        cache.refresh().await;
+        assert!(cache.current().get("callops-emulator-1").is_some());
+
+        // The key server fails: the keys already loaded stay.
+        failing.store(true, Ordering::SeqCst);
+        cache.refresh().await;
+        assert_eq!(cache.fetches(), 3);
+        assert!(cache.current().get("callops-emulator-1").is_some());
+
+        // Unknown ids: the first unknown id fetched (above), so within the interval none
+        // fetches again, however many arrive.
+        failing.store(false, Ordering::SeqCst);
+        for n in 0..50 {
+            let set = cache.for_key_id(&format!("made-up-{n}")).await;
+            assert!(set.get(&format!("made-up-{n}")).is_none());
+        }
+        assert_eq!(cache.fetches(), 3);
+        // A known id never fetches.
+        cache.for_key_id("callops-emulator-1").await;
+        assert_eq!(cache.fetches(), 3);
+    }
 
     #[test]
     fn only_rsa_signing_keys_with_an_id_are_kept() {

@@ -2,6 +2,7 @@
 //! upstream, everything over HTTP on loopback.
 
 mod binary;
+mod callback_auth;
 mod callbacks;
 mod graph;
 mod operations;
