@@ -6,8 +6,8 @@
 //! Two keys exist; the key set publishes the first until [`CallbackSigner::rotate`] makes
 //! the second the signing key and publishes both, as a real key rotation does.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::State;
@@ -56,7 +56,12 @@ struct Inner {
     graph_audience: String,
     tenant_id: String,
     key_fetches: AtomicUsize,
+    /// The most recent tokens put on callbacks, for tests that look for leaks.
+    issued: Mutex<Vec<String>>,
 }
+
+/// How many issued tokens are remembered.
+const ISSUED_KEPT: usize = 256;
 
 struct DevKey {
     kid: String,
@@ -97,6 +102,7 @@ impl CallbackSigner {
                 graph_audience: settings.graph_audience,
                 tenant_id: settings.tenant_id,
                 key_fetches: AtomicUsize::new(0),
+                issued: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -128,12 +134,35 @@ impl CallbackSigner {
 
     /// A fresh token for one ACS callback.
     pub fn acs_token(&self) -> String {
-        self.sign(&self.acs_claims())
+        self.issue(self.sign(&self.acs_claims()))
     }
 
     /// A fresh token for one Graph notification.
     pub fn graph_token(&self) -> String {
-        self.sign(&self.graph_claims())
+        self.issue(self.sign(&self.graph_claims()))
+    }
+
+    /// The most recent tokens [`CallbackSigner::acs_token`] and
+    /// [`CallbackSigner::graph_token`] gave out.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.inner
+            .issued
+            .lock()
+            .expect("the token log is never poisoned")
+            .clone()
+    }
+
+    fn issue(&self, token: String) -> String {
+        let mut issued = self
+            .inner
+            .issued
+            .lock()
+            .expect("the token log is never poisoned");
+        if issued.len() >= ISSUED_KEPT {
+            issued.drain(..ISSUED_KEPT / 2);
+        }
+        issued.push(token.clone());
+        token
     }
 
     /// `claims` signed with the current key (tests use it to forge bad claims).

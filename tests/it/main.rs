@@ -7,5 +7,6 @@ mod callbacks;
 mod graph;
 mod operations;
 mod removal;
+mod secrets;
 mod shutdown;
 mod support;
