@@ -21,7 +21,7 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 /// The documented environment variables and the field each sets. Any other field is set
 /// with `CALLOPS_<SECTION>__<FIELD>`.
-pub const ENV_ALIASES: [(&str, &str); 12] = [
+pub const ENV_ALIASES: [(&str, &str); 13] = [
     ("LISTEN", "http.listen"),
     ("PUBLIC_URL", "http.public_url"),
     ("STORE", "store.location"),
@@ -34,7 +34,11 @@ pub const ENV_ALIASES: [(&str, &str); 12] = [
     ("GRAPH_CLIENT_SECRET", "graph.client_secret"),
     ("CALLBACK_AUTH", "callbacks.auth"),
     ("LOG_FORMAT", "log.format"),
+    ("API_KEYS", "http.api_keys"),
 ];
+
+/// The shortest client API key accepted (`CALLOPS_API_KEYS`).
+pub const MIN_API_KEY_LEN: usize = 16;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -50,7 +54,7 @@ pub struct Config {
     pub emulator: EmulatorConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
@@ -58,6 +62,56 @@ pub struct HttpConfig {
     pub public_url: Url,
     pub body_limit_bytes: usize,
     pub request_timeout_secs: u64,
+    /// How long a client may take to send a request's headers.
+    pub header_read_timeout_secs: u64,
+    /// Client API keys, comma-separated (see [`HttpConfig::api_keys`]); empty: open API.
+    pub api_keys: SecretString,
+}
+
+impl HttpConfig {
+    /// The client API keys: the comma-separated list, each entry trimmed, empty entries
+    /// skipped. No keys: the client API is open. A key shorter than [`MIN_API_KEY_LEN`] or
+    /// with characters other than visible ASCII is refused (by its position, never shown).
+    pub fn api_keys(&self) -> Result<Vec<SecretString>, ConfigError> {
+        let mut keys = Vec::new();
+        let entries = self.api_keys.expose_secret().split(',').map(str::trim);
+        for (index, key) in entries.filter(|key| !key.is_empty()).enumerate() {
+            let problem = if !key.bytes().all(|b| b.is_ascii_graphic()) {
+                "has characters other than visible ASCII (no spaces inside a key)"
+            } else if key.len() < MIN_API_KEY_LEN {
+                "is shorter than 16 characters"
+            } else {
+                keys.push(SecretString::from(key));
+                continue;
+            };
+            return Err(ConfigError::ApiKey {
+                position: index + 1,
+                problem,
+            });
+        }
+        Ok(keys)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_read_timeout_secs)
+    }
+}
+
+impl std::fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field("listen", &self.listen)
+            .field("public_url", &self.public_url.as_str())
+            .field("body_limit_bytes", &self.body_limit_bytes)
+            .field("request_timeout_secs", &self.request_timeout_secs)
+            .field("header_read_timeout_secs", &self.header_read_timeout_secs)
+            .field("api_keys", &"[redacted]")
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -230,6 +284,13 @@ pub enum ConfigError {
     Store(String),
     #[error("CALLOPS_PUBLIC_URL (http.public_url) = {0:?} must be an http(s) URL with a host")]
     PublicUrl(String),
+    #[error(
+        "CALLOPS_API_KEYS (http.api_keys): key {position} of the comma-separated list {problem}; each key must be at least 16 visible ASCII characters"
+    )]
+    ApiKey {
+        position: usize,
+        problem: &'static str,
+    },
     #[error("{field} {problem}")]
     Invalid {
         field: &'static str,
@@ -331,6 +392,10 @@ impl Config {
                 "must be larger than operations.max_wait_secs",
             );
         }
+        if self.http.header_read_timeout_secs == 0 {
+            return invalid("http.header_read_timeout_secs", "must be at least 1");
+        }
+        self.http.api_keys()?;
         if self.operations.page_size == 0
             || self.operations.page_size > self.operations.page_size_max
         {
@@ -553,6 +618,51 @@ mod tests {
             assert!(err.to_string().contains("lisen"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn api_keys_are_a_trimmed_comma_separated_list_never_shown() {
+        let config = Config::embedded();
+        assert!(
+            config.http.api_keys().unwrap().is_empty(),
+            "open by default"
+        );
+        assert_eq!(config.http.header_read_timeout(), Duration::from_secs(10));
+
+        let first = "k1-0123456789abcdef";
+        let second = "k2-fedcba9876543210";
+        let list = format!(" {first} ,, {second},");
+        let config = load_with_env(&[("CALLOPS_API_KEYS", &list)]).unwrap();
+        let keys: Vec<String> = config
+            .http
+            .api_keys()
+            .unwrap()
+            .iter()
+            .map(|key| key.expose_secret().to_owned())
+            .collect();
+        assert_eq!(keys, [first, second]);
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("k1-0123") && !shown.contains("k2-fedc"),
+            "{shown}"
+        );
+        // The nested-field spelling works too.
+        let config = load_with_env(&[("CALLOPS_HTTP__API_KEYS", first)]).unwrap();
+        assert_eq!(config.http.api_keys().unwrap().len(), 1);
+
+        // Refused by position, never echoed.
+        let short = "short-key-1234";
+        let err = load_with_env(&[("CALLOPS_API_KEYS", &format!("{first},{short}"))]).unwrap_err();
+        assert!(err.contains("CALLOPS_API_KEYS"), "{err}");
+        assert!(err.contains("key 2"), "{err}");
+        assert!(err.contains("16"), "{err}");
+        assert!(!err.contains(short) && !err.contains(first), "{err}");
+        let spaced = "has a space inside it";
+        let err = load_with_env(&[("CALLOPS_API_KEYS", spaced)]).unwrap_err();
+        assert!(err.contains("key 1"), "{err}");
+        assert!(!err.contains(spaced), "{err}");
+        let err = load_with_env(&[("CALLOPS_HTTP__HEADER_READ_TIMEOUT_SECS", "0")]).unwrap_err();
+        assert!(err.contains("http.header_read_timeout_secs"), "{err}");
     }
 
     #[test]

@@ -21,26 +21,24 @@ use crate::store::ListFilter;
 /// The longest call id accepted in a path.
 const MAX_CALL_ID_LEN: usize = 256;
 
+/// The client API's routes, relative to `/v1` (where `http::router` nests them).
 pub fn router() -> Router<AppState> {
     Router::new()
         .route(
-            "/v1/acs/callConnections/{callConnectionId}/participants:remove",
+            "/acs/callConnections/{callConnectionId}/participants:remove",
             post(create_removal),
         )
         .route(
-            "/v1/acs/callConnections/{callConnectionId}/events",
+            "/acs/callConnections/{callConnectionId}/events",
             get(list_call_events),
         )
         .route(
-            "/v1/graph/calls/{callId}/cancelMediaProcessing",
+            "/graph/calls/{callId}/cancelMediaProcessing",
             post(create_cancel),
         )
-        .route(
-            "/v1/graph/calls/{callId}/events",
-            get(list_graph_call_events),
-        )
-        .route("/v1/operations", get(list_operations))
-        .route("/v1/operations/{id}", get(get_operation))
+        .route("/graph/calls/{callId}/events", get(list_graph_call_events))
+        .route("/operations", get(list_operations))
+        .route("/operations/{id}", get(get_operation))
 }
 
 /// Body of `participants:remove`.
