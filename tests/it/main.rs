@@ -1,6 +1,7 @@
 //! End-to-end tests: the real server (`callops::run`) on port 0, the ACS emulator as the
 //! upstream, everything over HTTP on loopback.
 
+mod api_keys;
 mod binary;
 mod callbacks;
 mod graph;
