@@ -5,6 +5,7 @@ mod api_keys;
 mod binary;
 mod callbacks;
 mod graph;
+mod hostile_input;
 mod operations;
 mod removal;
 mod shutdown;
