@@ -60,14 +60,15 @@ pub fn router(state: AppState, http: &HttpConfig) -> Result<Router, ConfigError>
             "the client API (/v1) requires an API key"
         );
     }
-    // Outermost first: credentials are hidden from anything that logs headers; the request
-    // id exists before the span that logs it; the deadline and panic guard sit inside, so
-    // their answers carry the id too.
+    // Outermost first: credentials are hidden from anything that logs headers; a client's
+    // request id is kept only when it is a sane one, and one exists before the span that
+    // logs it; the deadline and panic guard sit inside, so their answers carry the id too.
     let middleware = ServiceBuilder::new()
         .layer(SetSensitiveRequestHeadersLayer::new([
             header::AUTHORIZATION,
             api_keys::API_KEY,
         ]))
+        .map_request(drop_unusable_request_id)
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
@@ -106,6 +107,32 @@ pub fn router(state: AppState, http: &HttpConfig) -> Result<Router, ConfigError>
         .layer(DefaultBodyLimit::max(http.body_limit_bytes))
         .layer(middleware)
         .with_state(state))
+}
+
+/// The longest request id a client may choose (it is logged and echoed).
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Drops a client's `x-ms-request-id` unless it is one value of at most
+/// [`MAX_REQUEST_ID_LEN`] letters, digits and `-_.:`; a fresh one replaces it.
+fn drop_unusable_request_id<B>(mut request: Request<B>) -> Request<B> {
+    let usable = |value: &axum::http::HeaderValue| {
+        let id = value.as_bytes();
+        !id.is_empty()
+            && id.len() <= MAX_REQUEST_ID_LEN
+            && id
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    };
+    let mut values = request.headers().get_all(REQUEST_ID).iter();
+    let keep = match (values.next(), values.next()) {
+        (None, _) => true,
+        (Some(value), None) => usable(value),
+        (Some(_), Some(_)) => false,
+    };
+    if !keep {
+        request.headers_mut().remove(REQUEST_ID);
+    }
+    request
 }
 
 /// The whole-request deadline (reading the body included): `408` with the error body.

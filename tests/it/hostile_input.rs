@@ -542,6 +542,41 @@ async fn unknown_routes_are_404_and_wrong_methods_405_with_the_error_body() {
     }
 }
 
+#[tokio::test]
+async fn only_sane_client_request_ids_are_kept() {
+    let app = TestApp::spawn().await;
+    let echoed = |id: String| {
+        let app = &app;
+        async move {
+            let response = app
+                .http
+                .get(app.url("/healthz"))
+                .header("x-ms-request-id", id)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            response.headers()["x-ms-request-id"]
+                .to_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    assert_eq!(
+        echoed("client-id_1.2:3".to_owned()).await,
+        "client-id_1.2:3"
+    );
+    for unusable in [
+        "r".repeat(4096),
+        "with space".to_owned(),
+        "quote\"".to_owned(),
+    ] {
+        let id = echoed(unusable.clone()).await;
+        assert_ne!(id, unusable);
+        assert_eq!(id.len(), 36, "a fresh UUID: {id}");
+    }
+}
+
 /// Reads until the server closes the connection (or answers); `None` if it does not within
 /// [`SOON`].
 async fn until_closed(stream: &mut TcpStream) -> Option<Vec<u8>> {
