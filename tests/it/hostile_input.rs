@@ -577,6 +577,55 @@ async fn only_sane_client_request_ids_are_kept() {
     }
 }
 
+#[tokio::test]
+async fn requests_the_http_layer_cannot_parse_are_4xx() {
+    let app = TestApp::spawn().await;
+    let mut too_many = reqwest::header::HeaderMap::new();
+    for n in 0..101 {
+        too_many.insert(
+            reqwest::header::HeaderName::from_bytes(format!("x-h{n}").as_bytes()).unwrap(),
+            "v".parse().unwrap(),
+        );
+    }
+    let response = app
+        .http
+        .get(app.url("/healthz"))
+        .headers(too_many)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 431);
+    let huge_header = "v".repeat(500 * 1024);
+    let response = app
+        .http
+        .get(app.url("/healthz"))
+        .header("x-huge", huge_header)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 431);
+    // Sent raw: clients refuse to send these at all.
+    let long_uri = format!("/v1/operations?context={}", "c".repeat(70 * 1024));
+    let raw = [
+        (
+            format!("GET {long_uri} HTTP/1.1\r\nHost: callops\r\n\r\n"),
+            "414",
+        ),
+        ("GARBAGE\r\n\r\n".to_owned(), "400"),
+    ];
+    for (request, status) in raw {
+        let mut stream = TcpStream::connect(app.address).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let answer = until_closed(&mut stream).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{answer:.200}"
+        );
+    }
+    assert_eq!(app.get("/healthz").await.status(), 200);
+}
+
 /// Reads until the server closes the connection (or answers); `None` if it does not within
 /// [`SOON`].
 async fn until_closed(stream: &mut TcpStream) -> Option<Vec<u8>> {
