@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Env, Format, Serialized, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
@@ -24,6 +24,7 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 pub const ENV_ALIASES: [(&str, &str); 13] = [
     ("LISTEN", "http.listen"),
     ("PUBLIC_URL", "http.public_url"),
+    ("API_KEYS", "http.api_keys"),
     ("STORE", "store.location"),
     ("ACS_CONNECTION_STRING", "acs.connection_string"),
     ("ACS_API_VERSION", "acs.api_version"),
@@ -34,11 +35,7 @@ pub const ENV_ALIASES: [(&str, &str); 13] = [
     ("GRAPH_CLIENT_SECRET", "graph.client_secret"),
     ("CALLBACK_AUTH", "callbacks.auth"),
     ("LOG_FORMAT", "log.format"),
-    ("API_KEYS", "http.api_keys"),
 ];
-
-/// The shortest client API key accepted (`CALLOPS_API_KEYS`).
-pub const MIN_API_KEY_LEN: usize = 16;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -67,6 +64,9 @@ pub struct HttpConfig {
     /// Client API keys, comma-separated (see [`HttpConfig::api_keys`]); empty: open API.
     pub api_keys: SecretString,
 }
+
+/// The shortest client API key accepted (`CALLOPS_API_KEYS`).
+pub const MIN_API_KEY_LEN: usize = 16;
 
 impl HttpConfig {
     /// The client API keys: the comma-separated list, each entry trimmed, empty entries
@@ -317,7 +317,11 @@ impl Config {
         if let Some(path) = path {
             figment = figment.merge(Toml::file_exact(path));
         }
-        Self::from_figment(figment.merge(env_provider()))
+        figment = figment.merge(env_provider());
+        if let Some(keys) = raw_env(&API_KEYS_ENV) {
+            figment = figment.merge(Serialized::default("http.api_keys", keys));
+        }
+        Self::from_figment(figment)
     }
 
     /// The embedded defaults alone (tests start from these).
@@ -454,10 +458,30 @@ impl std::fmt::Debug for AcsConfig {
     }
 }
 
-/// `CALLOPS_*` variables: the documented aliases, and `SECTION__FIELD` for everything else.
+/// The variables setting `http.api_keys`. They are read verbatim, not parsed as TOML values
+/// as the others are (that would turn a key of digits into a number, change it, and quote it
+/// in the error).
+const API_KEYS_ENV: [&str; 2] = ["CALLOPS_API_KEYS", "CALLOPS_HTTP__API_KEYS"];
+
+/// The first of `names` that is set, verbatim (odd bytes replaced: validation refuses them).
+fn raw_env(names: &[&str]) -> Option<String> {
+    names
+        .iter()
+        .find_map(std::env::var_os)
+        .map(|value| value.to_string_lossy().into_owned())
+}
+
+/// `CALLOPS_*` variables: the documented aliases, and `SECTION__FIELD` for everything else
+/// (but [`API_KEYS_ENV`]).
 fn env_provider() -> Env {
     Env::prefixed("CALLOPS_").filter_map(|key| {
         let key = key.as_str().to_ascii_uppercase();
+        if API_KEYS_ENV
+            .iter()
+            .any(|name| name.strip_prefix("CALLOPS_") == Some(key.as_str()))
+        {
+            return None;
+        }
         if let Some((_, path)) = ENV_ALIASES.iter().find(|(alias, _)| *alias == key) {
             return Some((*path).into());
         }
@@ -657,6 +681,18 @@ mod tests {
         assert!(err.contains("key 2"), "{err}");
         assert!(err.contains("16"), "{err}");
         assert!(!err.contains(short) && !err.contains(first), "{err}");
+        // Taken verbatim: digits stay a string, leading zeros and all.
+        for verbatim in [
+            "0123456789012345678",
+            "[abcdefghijklmnopq]",
+            "true-but-longer-than-16",
+        ] {
+            let config = load_with_env(&[("CALLOPS_API_KEYS", verbatim)]).unwrap();
+            let keys = config.http.api_keys().unwrap();
+            assert_eq!(keys[0].expose_secret(), verbatim);
+        }
+        let err = load_with_env(&[("CALLOPS_API_KEYS", "1234567")]).unwrap_err();
+        assert!(!err.contains("1234567"), "{err}");
         let spaced = "has a space inside it";
         let err = load_with_env(&[("CALLOPS_API_KEYS", spaced)]).unwrap_err();
         assert!(err.contains("key 1"), "{err}");
