@@ -5,7 +5,9 @@
 //! idle keep-alive connection waiting for its next request.
 //!
 //! Graceful shutdown is `axum::serve`'s: when `shutdown` is cancelled, stop accepting, tell
-//! every connection to finish its in-flight request and close, and return once all have.
+//! every connection to finish its in-flight request and close, and return once all have. Idle
+//! connections close at once; one still sending its headers holds shutdown until the header
+//! read timeout (with `axum::serve`, forever).
 
 use std::io;
 use std::pin::pin;
