@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Env, Format, Serialized, Toml};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
@@ -21,9 +21,10 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 /// The documented environment variables and the field each sets. Any other field is set
 /// with `CALLOPS_<SECTION>__<FIELD>`.
-pub const ENV_ALIASES: [(&str, &str); 19] = [
+pub const ENV_ALIASES: [(&str, &str); 20] = [
     ("LISTEN", "http.listen"),
     ("PUBLIC_URL", "http.public_url"),
+    ("API_KEYS", "http.api_keys"),
     ("STORE", "store.location"),
     ("ACS_CONNECTION_STRING", "acs.connection_string"),
     ("ACS_API_VERSION", "acs.api_version"),
@@ -57,7 +58,7 @@ pub struct Config {
     pub emulator: EmulatorConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
@@ -65,6 +66,59 @@ pub struct HttpConfig {
     pub public_url: Url,
     pub body_limit_bytes: usize,
     pub request_timeout_secs: u64,
+    /// How long a client may take to send a request's headers.
+    pub header_read_timeout_secs: u64,
+    /// Client API keys, comma-separated (see [`HttpConfig::api_keys`]); empty: open API.
+    pub api_keys: SecretString,
+}
+
+/// The shortest client API key accepted (`CALLOPS_API_KEYS`).
+pub const MIN_API_KEY_LEN: usize = 16;
+
+impl HttpConfig {
+    /// The client API keys: the comma-separated list, each entry trimmed, empty entries
+    /// skipped. No keys: the client API is open. A key shorter than [`MIN_API_KEY_LEN`] or
+    /// with characters other than visible ASCII is refused (by its position, never shown).
+    pub fn api_keys(&self) -> Result<Vec<SecretString>, ConfigError> {
+        let mut keys = Vec::new();
+        let entries = self.api_keys.expose_secret().split(',').map(str::trim);
+        for (index, key) in entries.filter(|key| !key.is_empty()).enumerate() {
+            let problem = if !key.bytes().all(|b| b.is_ascii_graphic()) {
+                "has characters other than visible ASCII (no spaces inside a key)"
+            } else if key.len() < MIN_API_KEY_LEN {
+                "is shorter than 16 characters"
+            } else {
+                keys.push(SecretString::from(key));
+                continue;
+            };
+            return Err(ConfigError::ApiKey {
+                position: index + 1,
+                problem,
+            });
+        }
+        Ok(keys)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_read_timeout_secs)
+    }
+}
+
+impl std::fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field("listen", &self.listen)
+            .field("public_url", &self.public_url.as_str())
+            .field("body_limit_bytes", &self.body_limit_bytes)
+            .field("request_timeout_secs", &self.request_timeout_secs)
+            .field("header_read_timeout_secs", &self.header_read_timeout_secs)
+            .field("api_keys", &"[redacted]")
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -307,6 +361,13 @@ pub enum ConfigError {
     Store(String),
     #[error("CALLOPS_PUBLIC_URL (http.public_url) = {0:?} must be an http(s) URL with a host")]
     PublicUrl(String),
+    #[error(
+        "CALLOPS_API_KEYS (http.api_keys): key {position} of the comma-separated list {problem}; each key must be at least 16 visible ASCII characters"
+    )]
+    ApiKey {
+        position: usize,
+        problem: &'static str,
+    },
     #[error("{field} {problem}")]
     Invalid {
         field: &'static str,
@@ -337,7 +398,11 @@ impl Config {
         if let Some(path) = path {
             figment = figment.merge(Toml::file_exact(path));
         }
-        Self::from_figment(figment.merge(env_provider()))
+        figment = figment.merge(env_provider());
+        if let Some(keys) = raw_env(&API_KEYS_ENV) {
+            figment = figment.merge(Serialized::default("http.api_keys", keys));
+        }
+        Self::from_figment(figment)
     }
 
     /// The embedded defaults alone (tests start from these).
@@ -412,6 +477,10 @@ impl Config {
                 "must be larger than operations.max_wait_secs",
             );
         }
+        if self.http.header_read_timeout_secs == 0 {
+            return invalid("http.header_read_timeout_secs", "must be at least 1");
+        }
+        self.http.api_keys()?;
         if self.operations.page_size == 0
             || self.operations.page_size > self.operations.page_size_max
         {
@@ -532,10 +601,30 @@ impl std::fmt::Debug for AcsConfig {
     }
 }
 
-/// `CALLOPS_*` variables: the documented aliases, and `SECTION__FIELD` for everything else.
+/// The variables setting `http.api_keys`. They are read verbatim, not parsed as TOML values
+/// as the others are (that would turn a key of digits into a number, change it, and quote it
+/// in the error).
+const API_KEYS_ENV: [&str; 2] = ["CALLOPS_API_KEYS", "CALLOPS_HTTP__API_KEYS"];
+
+/// The first of `names` that is set, verbatim (odd bytes replaced: validation refuses them).
+fn raw_env(names: &[&str]) -> Option<String> {
+    names
+        .iter()
+        .find_map(std::env::var_os)
+        .map(|value| value.to_string_lossy().into_owned())
+}
+
+/// `CALLOPS_*` variables: the documented aliases, and `SECTION__FIELD` for everything else
+/// (but [`API_KEYS_ENV`]).
 fn env_provider() -> Env {
     Env::prefixed("CALLOPS_").filter_map(|key| {
         let key = key.as_str().to_ascii_uppercase();
+        if API_KEYS_ENV
+            .iter()
+            .any(|name| name.strip_prefix("CALLOPS_") == Some(key.as_str()))
+        {
+            return None;
+        }
         if let Some((_, path)) = ENV_ALIASES.iter().find(|(alias, _)| *alias == key) {
             return Some((*path).into());
         }
@@ -697,6 +786,63 @@ mod tests {
             assert!(err.to_string().contains("lisen"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn api_keys_are_a_trimmed_comma_separated_list_never_shown() {
+        let config = Config::embedded();
+        assert!(
+            config.http.api_keys().unwrap().is_empty(),
+            "open by default"
+        );
+        assert_eq!(config.http.header_read_timeout(), Duration::from_secs(10));
+
+        let first = "k1-0123456789abcdef";
+        let second = "k2-fedcba9876543210";
+        let list = format!(" {first} ,, {second},");
+        let config = load_with_env(&[("CALLOPS_API_KEYS", &list)]).unwrap();
+        let keys: Vec<String> = config
+            .http
+            .api_keys()
+            .unwrap()
+            .iter()
+            .map(|key| key.expose_secret().to_owned())
+            .collect();
+        assert_eq!(keys, [first, second]);
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("k1-0123") && !shown.contains("k2-fedc"),
+            "{shown}"
+        );
+        // The nested-field spelling works too.
+        let config = load_with_env(&[("CALLOPS_HTTP__API_KEYS", first)]).unwrap();
+        assert_eq!(config.http.api_keys().unwrap().len(), 1);
+
+        // Refused by position, never echoed.
+        let short = "short-key-1234";
+        let err = load_with_env(&[("CALLOPS_API_KEYS", &format!("{first},{short}"))]).unwrap_err();
+        assert!(err.contains("CALLOPS_API_KEYS"), "{err}");
+        assert!(err.contains("key 2"), "{err}");
+        assert!(err.contains("16"), "{err}");
+        assert!(!err.contains(short) && !err.contains(first), "{err}");
+        // Taken verbatim: digits stay a string, leading zeros and all.
+        for verbatim in [
+            "0123456789012345678",
+            "[abcdefghijklmnopq]",
+            "true-but-longer-than-16",
+        ] {
+            let config = load_with_env(&[("CALLOPS_API_KEYS", verbatim)]).unwrap();
+            let keys = config.http.api_keys().unwrap();
+            assert_eq!(keys[0].expose_secret(), verbatim);
+        }
+        let err = load_with_env(&[("CALLOPS_API_KEYS", "1234567")]).unwrap_err();
+        assert!(!err.contains("1234567"), "{err}");
+        let spaced = "has a space inside it";
+        let err = load_with_env(&[("CALLOPS_API_KEYS", spaced)]).unwrap_err();
+        assert!(err.contains("key 1"), "{err}");
+        assert!(!err.contains(spaced), "{err}");
+        let err = load_with_env(&[("CALLOPS_HTTP__HEADER_READ_TIMEOUT_SECS", "0")]).unwrap_err();
+        assert!(err.contains("http.header_read_timeout_secs"), "{err}");
     }
 
     #[test]

@@ -97,21 +97,34 @@ impl From<JsonRejection> for ApiError {
                 Self::PayloadTooLarge
             }
             // `body_text` names the field and position of the problem.
-            other => Self::BadRequest(other.body_text()),
+            other => Self::BadRequest(bounded(other.body_text())),
         }
     }
 }
 
 impl From<QueryRejection> for ApiError {
     fn from(rejection: QueryRejection) -> Self {
-        Self::BadRequest(rejection.body_text())
+        Self::BadRequest(bounded(rejection.body_text()))
     }
 }
 
 impl From<PathRejection> for ApiError {
     fn from(rejection: PathRejection) -> Self {
-        Self::BadRequest(rejection.body_text())
+        Self::BadRequest(bounded(rejection.body_text()))
     }
+}
+
+/// The longest rejection message answered: deserializers quote the input (`invalid type:
+/// string "..."`, `unknown field `...``), which may be as large as the body.
+const MAX_MESSAGE_CHARS: usize = 300;
+
+/// `message` cut to [`MAX_MESSAGE_CHARS`] characters; the field it names comes first.
+fn bounded(mut message: String) -> String {
+    if let Some((cut, _)) = message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        message.truncate(cut);
+        message.push_str("...");
+    }
+    message
 }
 
 /// `axum::Json` whose rejections are [`ApiError`]s.
@@ -143,5 +156,14 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["error"]["code"], "NotFound");
         assert_eq!(json["error"]["message"], "operation x does not exist");
+    }
+
+    #[test]
+    fn rejection_messages_do_not_echo_a_whole_body() {
+        assert_eq!(bounded("short".to_owned()), "short");
+        let long = format!("field: invalid type: string \"{}\"", "é".repeat(10_000));
+        let cut = bounded(long);
+        assert!(cut.starts_with("field: invalid type"));
+        assert_eq!(cut.chars().count(), MAX_MESSAGE_CHARS + 3);
     }
 }

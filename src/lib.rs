@@ -120,11 +120,7 @@ pub async fn run(
             page_size_max: config.operations.page_size_max,
         },
     };
-    let app = http::router(
-        state,
-        config.http.body_limit_bytes,
-        Duration::from_secs(config.http.request_timeout_secs),
-    );
+    let app = http::router(state, &config.http)?;
     let listen = listener.local_addr()?;
     if emulator.is_some() && !reaches(&config.http.public_url, listen) {
         tracing::warn!(
@@ -134,10 +130,14 @@ pub async fn run(
         );
     }
     tracing::info!(%listen, "callops listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await
-        .context("serving HTTP")?;
+    http::serve::serve(
+        listener,
+        app,
+        config.http.header_read_timeout(),
+        shutdown.clone(),
+    )
+    .await
+    .context("serving HTTP")?;
     shutdown.cancel();
     tasks.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())

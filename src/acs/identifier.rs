@@ -69,9 +69,14 @@ pub enum IdentifierError {
     EmptyValue(&'static str),
     #[error("{0} is longer than {MAX_ID_LEN} characters")]
     TooLong(&'static str),
+    #[error("participantToRemove: its other members take more than {MAX_OTHER_LEN} bytes of JSON")]
+    OtherTooLarge,
 }
 
 const MAX_ID_LEN: usize = 1024;
+
+/// The most JSON the members this service does not know may take (they are passed through).
+const MAX_OTHER_LEN: usize = 4096;
 
 const KNOWN_KINDS: [&str; 4] = [
     "communicationUser",
@@ -154,6 +159,32 @@ impl CommunicationIdentifier {
                 Some(v) if v.len() > MAX_ID_LEN => return Err(IdentifierError::TooLong(name)),
                 _ => {}
             }
+        }
+        // Free-form fields are passed upstream and kept: bounded too.
+        let free = [
+            ("participantToRemove.kind", self.kind.as_deref()),
+            (
+                "participantToRemove.microsoftTeamsUser.cloud",
+                self.microsoft_teams_user
+                    .as_ref()
+                    .and_then(|u| u.cloud.as_deref()),
+            ),
+            (
+                "participantToRemove.microsoftTeamsApp.cloud",
+                self.microsoft_teams_app
+                    .as_ref()
+                    .and_then(|a| a.cloud.as_deref()),
+            ),
+        ];
+        for (name, value) in free {
+            if value.is_some_and(|v| v.len() > MAX_ID_LEN) {
+                return Err(IdentifierError::TooLong(name));
+            }
+        }
+        if !self.other.is_empty()
+            && serde_json::to_string(&self.other).map_or(0, |json| json.len()) > MAX_OTHER_LEN
+        {
+            return Err(IdentifierError::OtherTooLarge);
         }
         Ok(())
     }
@@ -315,6 +346,19 @@ mod tests {
         check(
             serde_json::json!({"rawId": "x".repeat(2000)}),
             IdentifierError::TooLong("participantToRemove.rawId"),
+        );
+        // Free-form and passed-through members are bounded too.
+        check(
+            serde_json::json!({"kind": "k".repeat(2000), "rawId": "8:acs:x"}),
+            IdentifierError::TooLong("participantToRemove.kind"),
+        );
+        check(
+            serde_json::json!({"microsoftTeamsApp": {"appId": "a", "cloud": "c".repeat(2000)}}),
+            IdentifierError::TooLong("participantToRemove.microsoftTeamsApp.cloud"),
+        );
+        check(
+            serde_json::json!({"kind": "teamsExtensionUser", "teamsExtensionUser": {"userId": "u".repeat(5000)}}),
+            IdentifierError::OtherTooLarge,
         );
     }
 }

@@ -1,24 +1,29 @@
 //! The HTTP edge: shared state, the router and its middleware. Handlers stay thin: they
 //! extract, call the service once, and map the result. They never touch DashMap or reqwest.
 
+pub mod api_keys;
 pub mod callbacks;
 pub mod health;
 pub mod operations;
+pub mod serve;
 
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, FromRef};
-use axum::http::{HeaderName, Request, StatusCode};
+use axum::extract::{DefaultBodyLimit, FromRef, State};
+use axum::http::{HeaderName, Request, StatusCode, header};
+use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::timeout::TimeoutLayer;
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::callback_auth::CallbackAuthenticator;
+use crate::config::{ConfigError, HttpConfig};
 use crate::error::{ApiError, error_response};
+use crate::http::api_keys::ApiKeys;
 use crate::service::OperationService;
 
 /// The request id header, set when absent and echoed on the response.
@@ -41,11 +46,29 @@ pub struct ApiLimits {
     pub page_size_max: usize,
 }
 
-/// The whole application.
-pub fn router(state: AppState, body_limit: usize, request_timeout: Duration) -> Router {
-    // Outermost first: the request id exists before the span that logs it; the timeout and
-    // panic guard sit inside, so their answers carry the id too.
+/// The whole application. The client API (`/v1`) sits behind the API keys of `http`, when
+/// any are configured; health and callbacks do not.
+pub fn router(state: AppState, http: &HttpConfig) -> Result<Router, ConfigError> {
+    let keys = http.api_keys()?;
+    if keys.is_empty() {
+        tracing::warn!(
+            "CALLOPS_API_KEYS is empty: the client API (/v1) is open to anyone who can reach it"
+        );
+    } else {
+        tracing::info!(
+            api_keys = keys.len(),
+            "the client API (/v1) requires an API key"
+        );
+    }
+    // Outermost first: credentials are hidden from anything that logs headers; a client's
+    // request id is kept only when it is a sane one, and one exists before the span that
+    // logs it; the deadline and panic guard sit inside, so their answers carry the id too.
     let middleware = ServiceBuilder::new()
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+            api_keys::API_KEY,
+        ]))
+        .map_request(drop_unusable_request_id)
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
@@ -58,10 +81,7 @@ pub fn router(state: AppState, body_limit: usize, request_timeout: Duration) -> 
             }),
         )
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            request_timeout,
-        ))
+        .layer(from_fn_with_state(http.request_timeout(), deadline))
         .layer(CatchPanicLayer::custom(|_| {
             error_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -69,15 +89,66 @@ pub fn router(state: AppState, body_limit: usize, request_timeout: Duration) -> 
                 "the server failed to handle the request".to_owned(),
             )
         }));
-    Router::new()
-        .merge(operations::router())
+    // The key check wraps the whole of /v1, its own 404 and 405 included: without a key,
+    // nothing under /v1 is revealed.
+    let client_api = operations::router()
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(from_fn_with_state(
+            ApiKeys::new(&keys),
+            api_keys::require_api_key,
+        ));
+    Ok(Router::new()
+        .nest("/v1", client_api)
         .merge(callbacks::router())
         .merge(health::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(DefaultBodyLimit::max(http.body_limit_bytes))
         .layer(middleware)
-        .with_state(state)
+        .with_state(state))
+}
+
+/// The longest request id a client may choose (it is logged and echoed).
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Drops a client's `x-ms-request-id` unless it is one value of at most
+/// [`MAX_REQUEST_ID_LEN`] letters, digits and `-_.:`; a fresh one replaces it.
+fn drop_unusable_request_id<B>(mut request: Request<B>) -> Request<B> {
+    let usable = |value: &axum::http::HeaderValue| {
+        let id = value.as_bytes();
+        !id.is_empty()
+            && id.len() <= MAX_REQUEST_ID_LEN
+            && id
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    };
+    let mut values = request.headers().get_all(REQUEST_ID).iter();
+    let keep = match (values.next(), values.next()) {
+        (None, _) => true,
+        (Some(value), None) => usable(value),
+        (Some(_), Some(_)) => false,
+    };
+    if !keep {
+        request.headers_mut().remove(REQUEST_ID);
+    }
+    request
+}
+
+/// The whole-request deadline (reading the body included): `408` with the error body.
+async fn deadline(
+    State(limit): State<Duration>,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => error_response(
+            StatusCode::REQUEST_TIMEOUT,
+            "RequestTimeout",
+            format!("the request did not complete within {} s", limit.as_secs()),
+        ),
+    }
 }
 
 async fn not_found() -> ApiError {

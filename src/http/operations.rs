@@ -15,32 +15,33 @@ use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::graph::ids;
 use crate::http::{ApiLimits, AppState};
 use crate::operation::{CallRef, Operation, OperationId, OperationKind, OperationStatus};
-use crate::service::OperationService;
+use crate::service::{MAX_CONTEXT_LEN, OperationService};
 use crate::store::ListFilter;
 
-/// The longest call id accepted in a path.
+/// The longest call id accepted in a path or filter.
 const MAX_CALL_ID_LEN: usize = 256;
 
+/// The longest operation kind accepted in a filter.
+const MAX_KIND_LEN: usize = 64;
+
+/// The client API's routes, relative to `/v1` (where `http::router` nests them).
 pub fn router() -> Router<AppState> {
     Router::new()
         .route(
-            "/v1/acs/callConnections/{callConnectionId}/participants:remove",
+            "/acs/callConnections/{callConnectionId}/participants:remove",
             post(create_removal),
         )
         .route(
-            "/v1/acs/callConnections/{callConnectionId}/events",
+            "/acs/callConnections/{callConnectionId}/events",
             get(list_call_events),
         )
         .route(
-            "/v1/graph/calls/{callId}/cancelMediaProcessing",
+            "/graph/calls/{callId}/cancelMediaProcessing",
             post(create_cancel),
         )
-        .route(
-            "/v1/graph/calls/{callId}/events",
-            get(list_graph_call_events),
-        )
-        .route("/v1/operations", get(list_operations))
-        .route("/v1/operations/{id}", get(get_operation))
+        .route("/graph/calls/{callId}/events", get(list_graph_call_events))
+        .route("/operations", get(list_operations))
+        .route("/operations/{id}", get(get_operation))
 }
 
 /// Body of `participants:remove`.
@@ -109,8 +110,8 @@ async fn get_operation(
     ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<GetQuery>,
 ) -> Result<Response, ApiError> {
-    let unknown = || ApiError::NotFound(format!("operation {id:.64} does not exist"));
-    let operation_id = OperationId::parse(&id).ok_or_else(unknown)?;
+    let operation_id = parse_operation_id(&id, "id")?;
+    let unknown = || ApiError::NotFound(format!("operation {operation_id} does not exist"));
     let operation = match query.wait {
         Some(seconds) if seconds > 0 => {
             let wait = Duration::from_secs(seconds).min(limits.max_wait);
@@ -168,11 +169,12 @@ async fn list_operations(
         None => None,
     };
     let before = match &query.skip_token {
-        Some(token) => Some(OperationId::parse(token).ok_or_else(|| {
+        Some(token) => Some(parse_operation_id(token, "skipToken").map_err(|_| {
             ApiError::BadRequest("skipToken: not a token from nextLink".to_owned())
         })?),
         None => None,
     };
+    check_filters(&query)?;
     let page_size = match query.max_page_size {
         Some(0) => {
             return Err(ApiError::BadRequest(
@@ -249,6 +251,48 @@ async fn list_graph_call_events(
         value,
         next_link: None,
     }))
+}
+
+/// Operation ids are this service's: UUIDs in their hyphenated form (any case).
+fn parse_operation_id(text: &str, field: &str) -> Result<OperationId, ApiError> {
+    const HYPHENATED_LEN: usize = 36;
+    let id = (text.len() == HYPHENATED_LEN)
+        .then(|| OperationId::parse(text))
+        .flatten();
+    id.ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "{field}: not an operation id (a UUID such as 0190b3c2-7a53-7c1e-9a0e-5a0f1f1b2c3d)"
+        ))
+    })
+}
+
+/// The list filters are bounded like the values they match.
+fn check_filters(query: &ListQuery) -> Result<(), ApiError> {
+    if let Some(id) = &query.call_connection_id {
+        check_call_id(id, "callConnectionId")?;
+    }
+    if let Some(id) = &query.call_id {
+        check_call_id(id, "callId")?;
+    }
+    // Empty matches operations reported without a context.
+    if query
+        .context
+        .as_ref()
+        .is_some_and(|context| context.chars().count() > MAX_CONTEXT_LEN)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "context: longer than {MAX_CONTEXT_LEN} characters"
+        )));
+    }
+    let kind_char = |c: char| c.is_ascii_alphanumeric();
+    if let Some(kind) = &query.kind
+        && (kind.is_empty() || kind.len() > MAX_KIND_LEN || !kind.chars().all(kind_char))
+    {
+        return Err(ApiError::BadRequest(format!(
+            "kind: must be 1 to {MAX_KIND_LEN} letters and digits (e.g. removeParticipant)"
+        )));
+    }
+    Ok(())
 }
 
 /// Call ids are opaque upstream ids: bounded in length, no separators or control characters.

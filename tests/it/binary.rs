@@ -216,3 +216,49 @@ fn an_invalid_configuration_stops_the_start_with_a_clear_message() {
     assert!(stderr.contains("endpoint="), "{stderr}");
     assert!(!stderr.contains("c2VjcmV0LWtleQ"), "{stderr}");
 }
+
+#[tokio::test]
+async fn api_keys_from_the_environment_guard_the_client_api() {
+    let http = reqwest::Client::new();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    // A key of digits only, leading zero included, is taken as it is.
+    let digits = "0123456789012345678";
+    let other = "rotated-key-abcdefghij";
+    let _server = callops(
+        &[],
+        &[
+            ("CALLOPS_LISTEN", format!("127.0.0.1:{port}")),
+            ("CALLOPS_PUBLIC_URL", base.clone()),
+            ("CALLOPS_EMULATOR__LISTEN", "127.0.0.1:0".to_owned()),
+            ("CALLOPS_API_KEYS", format!("{digits}, {other}")),
+        ],
+    );
+    until_up(&http, &format!("{base}/healthz")).await;
+    let operations = format!("{base}/v1/operations");
+    let anonymous = http.get(&operations).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    for key in [digits, other] {
+        let keyed = http.get(&operations).bearer_auth(key).send().await.unwrap();
+        assert_eq!(keyed.status(), 200, "{key}");
+    }
+}
+
+#[test]
+fn a_short_api_key_stops_the_start_without_showing_it() {
+    let short = "tooshort-123";
+    let output = Command::new(env!("CARGO_BIN_EXE_callops"))
+        .env(
+            "CALLOPS_API_KEYS",
+            format!("long-enough-key-0123456789,{short}"),
+        )
+        .env("CALLOPS_EMULATOR__LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("CALLOPS_API_KEYS"), "{stderr}");
+    assert!(stderr.contains("key 2"), "{stderr}");
+    assert!(!stderr.contains(short), "{stderr}");
+    assert!(!stderr.contains("long-enough-key"), "{stderr}");
+}

@@ -1,10 +1,12 @@
 //! End-to-end tests: the real server (`callops::run`) on port 0, the ACS emulator as the
 //! upstream, everything over HTTP on loopback.
 
+mod api_keys;
 mod binary;
 mod callback_auth;
 mod callbacks;
 mod graph;
+mod hostile_input;
 mod operations;
 mod removal;
 mod secrets;

@@ -22,7 +22,12 @@ async fn unknown_operations_are_404() {
     )
     .await;
     assert_eq!(body["error"]["code"], "NotFound");
-    error_of(app.get("/v1/operations/not-an-id").await, 404).await;
+    // Not an operation id at all: malformed, not unknown.
+    let body = error_of(app.get("/v1/operations/not-an-id").await, 400).await;
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("id"),
+        "{body}"
+    );
     error_of(app.get("/v1/nothing-here").await, 404).await;
 }
 

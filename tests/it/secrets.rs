@@ -1,5 +1,5 @@
 //! Secrets never reach the logs: a full flow (ACS removal, Graph cancel with a token renewal,
-//! signed callbacks, a refused callback, a callback secret) with everything logged at TRACE
+//! signed callbacks, a refused callback, a callback secret, client API keys) with everything logged at TRACE
 //! from every crate, then a search of the logs for each secret.
 
 use callops::emulator::Script;
@@ -40,14 +40,17 @@ async fn no_secret_reaches_the_logs_in_a_full_flow() {
 
     let client_secret = "Zx8Q~app-password-0123456789";
     let callback_secret = "callback-secret-7d3f9a";
+    let api_key = "client-api-key-5b0c2e9d41";
     let mut access_key = String::new();
     let app = TestApp::spawn_with(|config| {
+        config.http.api_keys = api_key.to_owned().into();
         config.emulator.graph_client_secret = client_secret.to_owned();
         config.graph.client_secret = client_secret.to_owned().into();
         config.callbacks.secret = callback_secret.to_owned().into();
         access_key = config.emulator.access_key.clone();
     })
-    .await;
+    .await
+    .authenticated(api_key);
 
     // ACS: a removal signed with the access key, called back with a token and the secret.
     let started = app.remove("call-secrets", Script::default(), None).await;
@@ -80,6 +83,22 @@ async fn no_secret_reaches_the_logs_in_a_full_flow() {
         .await
         .unwrap();
     assert_eq!(response.status(), 401);
+    // A refused client: a wrong key, and the right key as a bearer token.
+    let wrong_key = "client-api-key-wrong-00000";
+    let response = reqwest::Client::new()
+        .get(app.url("/v1/operations"))
+        .header("api-key", wrong_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let response = reqwest::Client::new()
+        .get(app.url("/v1/operations"))
+        .bearer_auth(api_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
 
     let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     assert!(
@@ -90,6 +109,8 @@ async fn no_secret_reaches_the_logs_in_a_full_flow() {
         ("Graph client secret", client_secret.to_owned()),
         ("callback secret", callback_secret.to_owned()),
         ("ACS access key", access_key),
+        ("client API key", api_key.to_owned()),
+        ("refused API key", wrong_key.to_owned()),
     ];
     let graph_tokens = app.emulator.graph().issued_tokens();
     let callback_tokens = app.emulator.signer().issued_tokens();

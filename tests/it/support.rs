@@ -92,6 +92,18 @@ impl TestApp {
         }
     }
 
+    /// The app with `http` sending `api-key: key` on every request (for a server started
+    /// with `http.api_keys`), so every helper below works against a keyed API.
+    pub fn authenticated(mut self, key: &str) -> Self {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("api-key", key.parse().unwrap());
+        self.http = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .unwrap();
+        self
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.address)
     }
