@@ -1829,3 +1829,7 @@ mod tests {
 #[cfg(test)]
 #[path = "store_graph_tests.rs"]
 mod graph_tests;
+
+#[cfg(test)]
+#[path = "store_prop_tests.rs"]
+mod prop_tests;
