@@ -232,6 +232,7 @@ async fn the_in_process_emulator_is_the_default_upstream() {
     let address = listener.local_addr().unwrap();
     let mut config = callops::config::Config::embedded();
     config.http.public_url = format!("http://{address}").parse().unwrap();
+    config.emulator.listen = "127.0.0.1:0".parse().unwrap();
     assert!(config.acs.connection().unwrap().is_none());
     let shutdown = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(callops::run(listener, config, shutdown.clone()));
