@@ -227,27 +227,111 @@ async fn the_long_poll_is_woken_by_the_callback() {
 
 #[tokio::test]
 async fn the_in_process_emulator_is_the_default_upstream() {
-    // The embedded defaults alone, as `cargo run` starts them, but on free ports.
+    // The embedded defaults alone, as `cargo run` starts them (callbacks verified against the
+    // emulator's keys), but on free ports.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
+    let emulator_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut config = callops::config::Config::embedded();
     config.http.public_url = format!("http://{address}").parse().unwrap();
-    config.emulator.listen = "127.0.0.1:0".parse().unwrap();
+    config.emulator.listen = format!("127.0.0.1:{emulator_port}").parse().unwrap();
     assert!(config.acs.connection().unwrap().is_none());
+    assert!(!config.graph.is_configured());
+    let emulator = config.emulator.clone();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(callops::run(listener, config, shutdown.clone()));
+    let base = format!("http://{address}");
 
     let http = reqwest::Client::new();
+    within(async {
+        while http.get(format!("{base}/healthz")).send().await.is_err() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     let response = http
         .post(format!(
-            "http://{address}/v1/acs/callConnections/quickstart/participants:remove"
+            "{base}/v1/acs/callConnections/quickstart/participants:remove"
         ))
         .json(&json!({"participantToRemove": {"phoneNumber": {"value": "+14255550123"}}}))
         .send()
         .await
         .unwrap();
-    let operation = follow(&http, &format!("http://{address}"), response).await;
+    let operation = follow(&http, &base, response).await;
     assert_eq!(operation["status"], "Succeeded", "{operation}");
+
+    // Graph: a prompt queued on the emulated call is cancelled, and its signed notification
+    // is accepted and listed on the cancel.
+    let graph = format!("http://127.0.0.1:{emulator_port}");
+    let token: serde_json::Value = http
+        .post(format!(
+            "{graph}/{}/oauth2/v2.0/token",
+            emulator.graph_tenant_id
+        ))
+        .form(&[
+            ("client_id", emulator.graph_client_id.as_str()),
+            ("client_secret", emulator.graph_client_secret.as_str()),
+            ("scope", "https://graph.microsoft.com/.default"),
+            ("grant_type", "client_credentials"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let call = "57dab8b1-894c-409a-b240-bd8beae78896";
+    let queued = http
+        .post(format!(
+            "{graph}/v1.0/communications/calls/{call}/playPrompt"
+        ))
+        .bearer_auth(token["access_token"].as_str().unwrap())
+        .json(&json!({"clientContext": "welcome", "prompts": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(queued.status(), 200);
+    let response = http
+        .post(format!(
+            "{base}/v1/graph/calls/{call}/cancelMediaProcessing"
+        ))
+        .json(&json!({"clientContext": "stop"}))
+        .send()
+        .await
+        .unwrap();
+    let cancel = follow(&http, &base, response).await;
+    assert_eq!(cancel["status"], "Succeeded", "{cancel}");
+    let prompt = within(async {
+        loop {
+            let page: serde_json::Value = http
+                .get(format!("{base}/v1/operations?context=welcome"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if let Some(prompt) = page["value"].get(0) {
+                return prompt.clone();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(prompt["error"]["code"], "OperationCanceled", "{prompt}");
+    let health: serde_json::Value = http
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["callbacksRefused"], json!({"acs": 0, "graph": 0}));
     shutdown.cancel();
     within(server).await.unwrap().unwrap();
 }
