@@ -155,6 +155,29 @@ mod tests {
     }
 
     #[test]
+    fn the_claims_graph_documents_pass_with_its_bot_as_audience() {
+        // Microsoft's example of a notification token's claims, with a lifetime around now.
+        let text =
+            include_str!("../../tests/fixtures/graph/notification_auth_token_claims_example.json");
+        let mut claims: Value = serde_json::from_str(text).unwrap();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        claims["iat"] = json!(now);
+        claims["nbf"] = json!(now);
+        claims["exp"] = json!(now + 3900);
+        let signer = signer();
+        let rules = TokenRules::new(
+            &[
+                "https://graph.microsoft.com".to_owned(),
+                "https://api.botframework.com".to_owned(),
+            ],
+            "0efc74f7-41c3-47a4-8775-7259bfef4241",
+            30,
+            true,
+        );
+        assert!(rules.check(&signer.sign(&claims), &key(&signer)).is_ok());
+    }
+
+    #[test]
     fn each_wrong_claim_is_named() {
         let signer = signer();
         let key = key(&signer);
