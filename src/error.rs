@@ -60,7 +60,15 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        error_response(status, code, self.to_string())
+        let mut response = error_response(status, code, self.to_string());
+        if status == StatusCode::UNAUTHORIZED {
+            // RFC 6750: a 401 names the scheme the request should have used.
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
 }
 

@@ -142,6 +142,8 @@ struct Inner {
     /// SHA-256 of the required secret, when one is configured.
     secret: Option<[u8; 32]>,
     rejected: [AtomicU64; 2],
+    /// Bounds the warnings a flood of bad callbacks can write.
+    warnings: LogBudget,
 }
 
 struct Verifier {
@@ -179,6 +181,7 @@ impl CallbackAuthenticator {
                 verifiers: [verifier(acs, false), verifier(graph, true)],
                 secret: (!secret.is_empty()).then(|| Sha256::digest(secret.as_bytes()).into()),
                 rejected: [AtomicU64::new(0), AtomicU64::new(0)],
+                warnings: LogBudget::default(),
             }),
         }
     }
@@ -215,7 +218,11 @@ impl CallbackAuthenticator {
             Ok(()) => Ok(VerifiedBody(body)),
             Err(error) => {
                 self.inner.rejected[source.index()].fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(callback.source = source.as_str(), reason = %error, "callback refused");
+                if self.inner.warnings.allow(unix_second()) {
+                    tracing::warn!(callback.source = source.as_str(), reason = %error, "callback refused");
+                } else {
+                    tracing::debug!(callback.source = source.as_str(), reason = %error, "callback refused");
+                }
                 Err(error)
             }
         }
@@ -255,6 +262,48 @@ impl CallbackAuthenticator {
     }
 }
 
+/// At most [`LogBudget::PER_SECOND`] refusals a second are logged as warnings (the rest at
+/// debug, all of them counted), so a flood of bad callbacks cannot flood the logs.
+#[derive(Default)]
+struct LogBudget {
+    /// The current second in the high bits, warnings written in it in the low 16.
+    state: AtomicU64,
+}
+
+impl LogBudget {
+    const PER_SECOND: u64 = 10;
+
+    fn allow(&self, second: u64) -> bool {
+        let mut state = self.state.load(Ordering::Relaxed);
+        loop {
+            let (at, used) = (state >> 16, state & 0xffff);
+            let next = if at == second {
+                if used >= Self::PER_SECOND {
+                    return false;
+                }
+                state + 1
+            } else {
+                (second << 16) | 1
+            };
+            match self.state.compare_exchange_weak(
+                state,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(current) => state = current,
+            }
+        }
+    }
+}
+
+fn unix_second() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
 /// Compares the `secret` query parameter with the expected digest in constant time.
 fn check_secret(expected: &[u8; 32], query: Option<&str>) -> Result<(), AuthError> {
     let presented = query.and_then(|query| {
@@ -276,6 +325,14 @@ fn check_secret(expected: &[u8; 32], query: Option<&str>) -> Result<(), AuthErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_warned_about_at_most_ten_times_a_second() {
+        let budget = LogBudget::default();
+        let allowed = (0..100).filter(|_| budget.allow(1_000)).count();
+        assert_eq!(allowed, 10);
+        assert!(budget.allow(1_001), "a new second, a new budget");
+    }
 
     #[test]
     fn the_secret_must_match_exactly() {

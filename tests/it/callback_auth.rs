@@ -104,6 +104,7 @@ async fn post_with(
 
 async fn assert_refused(response: reqwest::Response, case: &str) {
     assert_eq!(response.status(), 401, "{case}");
+    assert_eq!(response.headers()["www-authenticate"], "Bearer", "{case}");
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "Unauthorized", "{case}");
     let message = body["error"]["message"].as_str().unwrap();
