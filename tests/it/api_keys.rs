@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use callops::emulator::Script;
 
-use crate::support::{TestApp, remove_event, silent};
+use crate::support::{TestApp, capture_logs, remove_event, silent};
 
 const FIRST: &str = "first-key-0123456789abcdef";
 const SECOND: &str = "second-key-ZYXWVUTSRQPONM";
@@ -206,31 +206,9 @@ async fn health_and_callbacks_take_no_key() {
     assert_eq!(response.status(), 202);
 }
 
-/// A `MakeWriter` that keeps everything written.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn keys_never_reach_the_logs() {
-    // Everything at TRACE, from every crate, on this (the runtime's only) thread.
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = capture_logs();
 
     let app = keyed().await.authenticated(FIRST);
     let started = app.remove("call-logs", silent(), None).await;
@@ -244,7 +222,7 @@ async fn keys_never_reach_the_logs() {
         request.send().await.unwrap();
     }
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     assert!(
         logs.contains("requires an API key"),
         "the capture works: {logs}"

@@ -3,7 +3,7 @@
 use callops::emulator::{Outcome, Reject, ResultInformation, Script};
 use serde_json::json;
 
-use crate::support::{TestApp, follow, silent, within};
+use crate::support::{TestApp, emulator_graph_token, follow, silent, within};
 
 #[tokio::test]
 async fn a_removal_succeeds_and_the_long_poll_returns_the_outcome() {
@@ -241,7 +241,6 @@ async fn the_in_process_emulator_is_the_default_upstream() {
     config.emulator.listen = format!("127.0.0.1:{emulator_port}").parse().unwrap();
     assert!(config.acs.connection().unwrap().is_none());
     assert!(!config.graph.is_configured());
-    let emulator = config.emulator.clone();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(callops::run(listener, config, shutdown.clone()));
     let base = format!("http://{address}");
@@ -267,29 +266,13 @@ async fn the_in_process_emulator_is_the_default_upstream() {
     // Graph: a prompt queued on the emulated call is cancelled, and its signed notification
     // is accepted and listed on the cancel.
     let graph = format!("http://127.0.0.1:{emulator_port}");
-    let token: serde_json::Value = http
-        .post(format!(
-            "{graph}/{}/oauth2/v2.0/token",
-            emulator.graph_tenant_id
-        ))
-        .form(&[
-            ("client_id", emulator.graph_client_id.as_str()),
-            ("client_secret", emulator.graph_client_secret.as_str()),
-            ("scope", "https://graph.microsoft.com/.default"),
-            ("grant_type", "client_credentials"),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let token = emulator_graph_token(&http, &graph).await;
     let call = "57dab8b1-894c-409a-b240-bd8beae78896";
     let queued = http
         .post(format!(
             "{graph}/v1.0/communications/calls/{call}/playPrompt"
         ))
-        .bearer_auth(token["access_token"].as_str().unwrap())
+        .bearer_auth(token)
         .json(&json!({"clientContext": "welcome", "prompts": []}))
         .send()
         .await

@@ -6,21 +6,7 @@ use callops::emulator::Script;
 use callops::emulator::graph::GraphScript;
 use serde_json::Value;
 
-use crate::support::{TestApp, remove_event};
-
-/// A `MakeWriter` that keeps everything written.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use crate::support::{TestApp, capture_logs, remove_event};
 
 fn status(operation: &Value) -> &str {
     operation["status"].as_str().unwrap()
@@ -28,15 +14,7 @@ fn status(operation: &Value) -> &str {
 
 #[tokio::test]
 async fn no_secret_reaches_the_logs_in_a_full_flow() {
-    // Everything at TRACE, from every crate, on this (the runtime's only) thread.
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = capture_logs();
 
     let client_secret = "Zx8Q~app-password-0123456789";
     let callback_secret = "callback-secret-7d3f9a";
@@ -100,7 +78,7 @@ async fn no_secret_reaches_the_logs_in_a_full_flow() {
         .unwrap();
     assert_eq!(response.status(), 200);
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     assert!(
         logs.contains("Graph access token acquired") && logs.contains("callback refused"),
         "the capture works"

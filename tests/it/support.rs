@@ -233,26 +233,7 @@ impl TestApp {
     /// emulated Graph call, through the emulator's Graph API, as a bot would.
     pub async fn queue_media(&self, call: &str, action: &str, context: &str) -> Value {
         let emulator = self.emulator_url();
-        let config = Config::embedded().emulator;
-        let token: Value = self
-            .http
-            .post(format!(
-                "{emulator}/{}/oauth2/v2.0/token",
-                config.graph_tenant_id
-            ))
-            .form(&[
-                ("client_id", config.graph_client_id.as_str()),
-                ("client_secret", config.graph_client_secret.as_str()),
-                ("scope", "https://graph.microsoft.com/.default"),
-                ("grant_type", "client_credentials"),
-            ])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let token = token["access_token"].as_str().unwrap();
+        let token = emulator_graph_token(&self.http, &emulator).await;
         let response = self
             .http
             .post(format!(
@@ -401,4 +382,60 @@ pub fn remove_event(id: &str, call: &str, context: &str, succeeded: bool) -> Val
             "publicEventType": event_type
         }
     }])
+}
+
+/// Everything logged, at TRACE from every crate, on the current thread (the runtime's only
+/// one in a `#[tokio::test]`) while the guard lives.
+pub fn capture_logs() -> (CapturedLogs, tracing::subscriber::DefaultGuard) {
+    let captured = CapturedLogs::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    (captured, tracing::subscriber::set_default(subscriber))
+}
+
+/// A `MakeWriter` that keeps everything written.
+#[derive(Clone, Default)]
+pub struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A Graph access token from the emulator at `emulator`, for its default app.
+pub async fn emulator_graph_token(http: &reqwest::Client, emulator: &str) -> String {
+    let config = Config::embedded().emulator;
+    let token: Value = http
+        .post(format!(
+            "{emulator}/{}/oauth2/v2.0/token",
+            config.graph_tenant_id
+        ))
+        .form(&[
+            ("client_id", config.graph_client_id.as_str()),
+            ("client_secret", config.graph_client_secret.as_str()),
+            ("scope", "https://graph.microsoft.com/.default"),
+            ("grant_type", "client_credentials"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    token["access_token"].as_str().unwrap().to_owned()
 }
