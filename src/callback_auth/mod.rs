@@ -1,7 +1,7 @@
-//! Callback authentication: the one place a callback request is checked before its body is
-//! parsed. Only [`CallbackAuthenticator::verify`] builds a [`VerifiedBody`], and the
-//! callback decoders only take a `VerifiedBody`, so unverified bytes cannot reach the
-//! service.
+//! Callback authentication: the one place a callback request is checked, from its headers
+//! and query, before its body is even read. Only [`CallbackAuthenticator::verify`] builds a
+//! [`Verified`], only a `Verified` makes a [`VerifiedBody`], and the callback decoders only
+//! take a `VerifiedBody`, so unverified bytes cannot reach the service.
 //!
 //! With `callbacks.auth = "jwt"` every callback must carry `Authorization: Bearer <JWT>`:
 //! RS256, signed by a key the platform publishes ([`keys`]), with the configured issuer and
@@ -49,6 +49,17 @@ impl CallbackSource {
             Self::Acs => 0,
             Self::Graph => 1,
         }
+    }
+}
+
+/// Proof that a callback request passed authentication.
+#[derive(Debug)]
+pub struct Verified(());
+
+impl Verified {
+    /// The body of the request that was verified.
+    pub fn body(self, bytes: &[u8]) -> VerifiedBody<'_> {
+        VerifiedBody(bytes)
     }
 }
 
@@ -206,16 +217,15 @@ impl CallbackAuthenticator {
     }
 
     /// Authenticates a callback request from its headers and query, before the body is
-    /// looked at. A refusal is counted and logged here.
-    pub async fn verify<'a>(
+    /// read. A refusal is counted and logged here.
+    pub async fn verify(
         &self,
         source: CallbackSource,
         headers: &HeaderMap,
         query: Option<&str>,
-        body: &'a [u8],
-    ) -> Result<VerifiedBody<'a>, AuthError> {
+    ) -> Result<Verified, AuthError> {
         match self.check(source, headers, query).await {
-            Ok(()) => Ok(VerifiedBody(body)),
+            Ok(()) => Ok(Verified(())),
             Err(error) => {
                 self.inner.rejected[source.index()].fetch_add(1, Ordering::Relaxed);
                 if self.inner.warnings.allow(unix_second()) {

@@ -3,13 +3,13 @@
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{FromRequest, Request, State};
+use axum::http::StatusCode;
 use axum::routing::post;
 use time::OffsetDateTime;
 
 use crate::acs::events;
-use crate::callback_auth::{AuthError, CallbackAuthenticator, CallbackSource};
+use crate::callback_auth::{AuthError, CallbackAuthenticator, CallbackSource, Verified};
 use crate::error::ApiError;
 use crate::graph::notifications;
 use crate::http::AppState;
@@ -27,16 +27,10 @@ pub fn router() -> Router<AppState> {
 async fn receive_acs_callback(
     State(auth): State<CallbackAuthenticator>,
     State(service): State<OperationService>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    request: Request,
 ) -> Result<axum::Json<DeliverySummary>, ApiError> {
-    let body = body.map_err(body_error)?;
-    let verified = auth
-        .verify(CallbackSource::Acs, &headers, query.as_deref(), &body)
-        .await
-        .map_err(refused)?;
-    let events = events::decode(verified.bytes())
+    let (verified, body) = authenticated_body(&auth, CallbackSource::Acs, request).await?;
+    let events = events::decode(verified.body(&body).bytes())
         .map_err(|error| ApiError::BadRequest(error.to_string()))?;
     Ok(axum::Json(service.deliver_acs(events)))
 }
@@ -46,21 +40,33 @@ async fn receive_acs_callback(
 async fn receive_graph_callback(
     State(auth): State<CallbackAuthenticator>,
     State(service): State<OperationService>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    request: Request,
 ) -> Result<(StatusCode, axum::Json<DeliverySummary>), ApiError> {
-    let body = body.map_err(body_error)?;
-    let verified = auth
-        .verify(CallbackSource::Graph, &headers, query.as_deref(), &body)
-        .await
-        .map_err(refused)?;
-    let events = notifications::decode(verified.bytes(), OffsetDateTime::now_utc())
+    let (verified, body) = authenticated_body(&auth, CallbackSource::Graph, request).await?;
+    let events = notifications::decode(verified.body(&body).bytes(), OffsetDateTime::now_utc())
         .map_err(|error| ApiError::BadRequest(error.to_string()))?;
     Ok((
         StatusCode::ACCEPTED,
         axum::Json(service.deliver_graph(events)),
     ))
+}
+
+/// Authenticates `request` from its headers and query, then reads its body (within the body
+/// limit): the body of a request that fails authentication is never read.
+async fn authenticated_body(
+    auth: &CallbackAuthenticator,
+    source: CallbackSource,
+    request: Request,
+) -> Result<(Verified, Bytes), ApiError> {
+    let (parts, body) = request.into_parts();
+    let verified = auth
+        .verify(source, &parts.headers, parts.uri.query())
+        .await
+        .map_err(refused)?;
+    let body = Bytes::from_request(Request::from_parts(parts, body), &())
+        .await
+        .map_err(body_error)?;
+    Ok((verified, body))
 }
 
 fn refused(error: AuthError) -> ApiError {

@@ -302,3 +302,16 @@ async fn while_no_keys_can_be_loaded_callbacks_are_answered_503_so_they_are_retr
         .await;
     assert_eq!(status, 202);
 }
+
+#[tokio::test]
+async fn an_unauthenticated_callback_is_refused_before_its_body_is_read() {
+    let app = TestApp::spawn().await;
+    // Larger than the body limit: refused for its missing token, not for its size.
+    let huge = vec![b'['; 1024 * 1024];
+    let response = post_with(&app, "/callbacks/acs", None, huge.clone()).await;
+    assert_refused(response, "huge body without a token").await;
+    // With a genuine token the same body is too large.
+    let authorization = format!("Bearer {}", app.emulator.signer().acs_token());
+    let response = post_with(&app, "/callbacks/acs", Some(&authorization), huge).await;
+    assert_eq!(response.status(), 413);
+}

@@ -130,8 +130,20 @@ async fn bodies_over_the_limit_are_413_with_or_without_content_length() {
         let body = error_of(response, 413).await;
         assert_eq!(body["error"]["code"], "PayloadTooLarge", "{path}");
 
-        // Chunked, no Content-Length: refused once the limit is passed.
-        let head = post_head(path, "application/json", "Transfer-Encoding: chunked");
+        // Chunked, no Content-Length: refused once the limit is passed (callbacks carry
+        // their token: without one they are refused before the body is read).
+        let framing = match path {
+            "/callbacks/acs" => format!(
+                "Transfer-Encoding: chunked\r\nAuthorization: Bearer {}",
+                app.emulator.signer().acs_token()
+            ),
+            "/callbacks/graph" => format!(
+                "Transfer-Encoding: chunked\r\nAuthorization: Bearer {}",
+                app.emulator.signer().graph_token()
+            ),
+            _ => "Transfer-Encoding: chunked".to_owned(),
+        };
+        let head = post_head(path, "application/json", &framing);
         let (status, body) = raw_exchange(app.address, &head, oversized.clone(), true).await;
         assert_eq!(status, 413, "{path} chunked: {body}");
         check_error_shape(&body, path);
