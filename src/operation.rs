@@ -378,6 +378,63 @@ pub fn next_status(
 }
 
 #[cfg(test)]
+mod serde_tests {
+    use time::macros::datetime;
+
+    use super::*;
+
+    /// The API representation carries the whole state, so it can be stored and read back
+    /// (the durable store relies on it).
+    #[test]
+    fn an_operation_survives_its_json_unchanged() {
+        let at = datetime!(2026-11-23 10:00:00.123456789 UTC);
+        let mut cancel = Operation::new(
+            OperationKind::CancelMediaProcessing,
+            CallRef::Call("57dab8b1-894c-409a-b240-bd8beae78896".to_owned()),
+            "stop".to_owned(),
+            at,
+        );
+        cancel.status = OperationStatus::Failed;
+        cancel.result = Some(ResultInfo {
+            code: Some(400),
+            sub_code: Some(8508),
+            message: Some("canceled".to_owned()),
+            completion_reason: Some("operationCanceled".to_owned()),
+        });
+        cancel.error = Some(OperationError {
+            code: "OperationCanceled".to_owned(),
+            message: "m".to_owned(),
+        });
+        cancel.upstream_operation_id = Some("0FE0623FD62842EDB4BD8AC290072CC5".to_owned());
+        cancel.upstream_status = Some("Running".to_owned());
+        cancel.late = true;
+        cancel.cancelled_operations.push(CancelledOperation {
+            id: OperationId::new(),
+            kind: OperationKind::Observed("playPrompt".to_owned()),
+            context: "welcome".to_owned(),
+            upstream_operation_id: None,
+        });
+        cancel.record(EventRecord {
+            event_type: "cancelMediaProcessingOperation.deleted".to_owned(),
+            id: Some("sha256:abc".to_owned()),
+            received_date_time: at,
+            effect: EventEffect::Applied,
+        });
+        let removal = Operation::new(
+            OperationKind::RemoveParticipant,
+            CallRef::CallConnection("18dea47f".to_owned()),
+            String::new(),
+            at,
+        );
+        for operation in [cancel, removal] {
+            let json = serde_json::to_vec(&operation).unwrap();
+            let back: Operation = serde_json::from_slice(&json).unwrap();
+            assert_eq!(back, operation);
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
