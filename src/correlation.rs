@@ -7,6 +7,7 @@
 //! parked until the operation appears (it may overtake our own bookkeeping, or come from
 //! before a restart); any other event becomes an *observed* operation so it can be queried.
 
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::operation::{CallRef, EventEffect, EventRecord, Operation, OperationKind, Transition};
@@ -15,8 +16,9 @@ use crate::operation::{CallRef, EventEffect, EventRecord, Operation, OperationKi
 /// generic `commsOperation`): it applies to whatever operation it names.
 pub const GENERIC_KIND: &str = "commsOperation";
 
-/// A callback event, platform-independent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A callback event, platform-independent. Its JSON form is how a parked event is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct IncomingEvent {
     /// Upstream event id, the deduplication key.
     pub id: Option<String>,
@@ -36,6 +38,7 @@ pub struct IncomingEvent {
     pub upstream_status: Option<String>,
     /// The state change it reports, if any.
     pub transition: Option<Transition>,
+    #[serde(with = "time::serde::rfc3339")]
     pub received: OffsetDateTime,
 }
 
@@ -51,7 +54,7 @@ pub fn upstream_key(id: &str) -> Box<str> {
 
 /// An upstream operation id as shown, with its comparison key ([`upstream_key`]) derived
 /// once, where the event is decoded.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpstreamId {
     shown: Box<str>,
     key: Box<str>,

@@ -254,6 +254,10 @@ pub struct Operation {
     pub cancelled_operations: Vec<CancelledOperation>,
     /// Every callback event that arrived for this operation, in arrival order.
     pub events: Vec<EventRecord>,
+    /// Bumped by every change: the durable store keeps the snapshot with the highest
+    /// revision, whatever order concurrent writers reach it in. Not part of the API.
+    #[serde(skip)]
+    pub revision: u64,
 }
 
 impl Operation {
@@ -274,6 +278,7 @@ impl Operation {
             late: false,
             cancelled_operations: Vec::new(),
             events: Vec::new(),
+            revision: 0,
         }
     }
 
@@ -307,6 +312,7 @@ impl Operation {
         }
         self.status = next;
         self.last_updated_date_time = now;
+        self.revision += 1;
         match transition {
             Transition::Accepted | Transition::Started => {}
             Transition::Succeeded { result } => self.result = result,
@@ -323,11 +329,13 @@ impl Operation {
     pub fn record(&mut self, event: EventRecord) {
         self.last_updated_date_time = event.received_date_time;
         self.events.push(event);
+        self.revision += 1;
     }
 }
 
 /// Something that happened to an operation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub enum Transition {
     /// The upstream accepted the request (ACS 202).
     Accepted,
@@ -428,7 +436,10 @@ mod serde_tests {
         );
         for operation in [cancel, removal] {
             let json = serde_json::to_vec(&operation).unwrap();
-            let back: Operation = serde_json::from_slice(&json).unwrap();
+            let mut back: Operation = serde_json::from_slice(&json).unwrap();
+            // The revision is stored beside the JSON.
+            assert_eq!(back.revision, 0);
+            back.revision = operation.revision;
             assert_eq!(back, operation);
         }
     }

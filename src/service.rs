@@ -423,9 +423,9 @@ pub async fn run_sweeper(store: OperationStore, interval: Duration, shutdown: Ca
         for id in &report.timed_out {
             tracing::warn!(operation.id = %id, "no final callback in time: operation failed with CallbackTimeout");
         }
-        if report.removed_operations > 0 {
+        if !report.removed_operations.is_empty() {
             tracing::debug!(
-                count = report.removed_operations,
+                count = report.removed_operations.len(),
                 "retired settled operations"
             );
         }

@@ -128,9 +128,20 @@ pub struct SweepReport {
     /// Parked events whose operation never appeared; they were moved to their call's timeline.
     pub expired: Vec<IncomingEvent>,
     /// Settled operations past retention.
-    pub removed_operations: usize,
+    pub removed_operations: Vec<OperationId>,
     /// Operations that heard no final callback in time and failed with `CallbackTimeout`.
     pub timed_out: Vec<OperationId>,
+}
+
+/// What a restarted store starts from: the durable record.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Every operation kept, with its revision.
+    pub operations: Vec<Operation>,
+    /// Event ids seen, and when.
+    pub seen: Vec<(String, OffsetDateTime)>,
+    /// Parked events and when they were parked, in arrival order.
+    pub parked: Vec<(IncomingEvent, OffsetDateTime)>,
 }
 
 /// Filters of the list endpoint.
@@ -241,6 +252,98 @@ impl OperationStore {
         Ok(operation)
     }
 
+    /// Loads the durable record into an empty store at start: operations (with their index
+    /// entries, upstream ids, cancels and open lists), the duplicate filter and the parked
+    /// events that have not expired (`now` / `wall_now` convert their ages).
+    pub fn restore(&self, restored: Restored, now: Instant, wall_now: OffsetDateTime) {
+        let inner = &self.inner;
+        let limits = &inner.limits;
+        let mut operations = restored.operations;
+        // Oldest first (ids are time-ordered): a later operation takes its context's index
+        // entry unless an earlier one is still running there.
+        operations.sort_by_key(|op| op.id);
+        for operation in operations {
+            let id = operation.id;
+            let key = ContextKey {
+                call: operation.call.clone(),
+                context: operation.context.as_str().into(),
+            };
+            match inner.index.entry(key) {
+                Entry::Vacant(vacant) => {
+                    vacant.insert(Slot::Operation(id));
+                }
+                Entry::Occupied(mut occupied) => {
+                    let holder_running = occupied.get().operation_id().is_some_and(|held| {
+                        inner
+                            .operations
+                            .get(&held)
+                            .is_some_and(|op| !op.status.is_terminal())
+                    });
+                    if !holder_running {
+                        occupied.insert(Slot::Operation(id));
+                    }
+                }
+            }
+            if let Some(upstream_id) = &operation.upstream_operation_id {
+                inner.upstream.insert(upstream_key(upstream_id), id);
+            }
+            if operation.kind == OperationKind::CancelMediaProcessing {
+                inner
+                    .cancels
+                    .entry(operation.call.clone())
+                    .or_default()
+                    .push((id, operation.created_date_time));
+            }
+            self.add_to_call(&operation);
+            inner.operations.insert(id, operation);
+        }
+        let age = |at: OffsetDateTime| Duration::try_from(wall_now - at).unwrap_or(Duration::ZERO);
+        let since = |age: Duration| now.checked_sub(age).unwrap_or(now);
+        for (event_id, at) in restored.seen {
+            let age = age(at);
+            if age < limits.dedupe_ttl {
+                inner.seen.insert(event_id.into(), since(age));
+            }
+        }
+        for (event, at) in restored.parked {
+            let age = age(at);
+            let Some(key) = event.key().filter(|_| age < limits.park_ttl) else {
+                continue;
+            };
+            match inner.index.entry(key) {
+                Entry::Occupied(mut occupied) => match occupied.get_mut() {
+                    Slot::Operation(id) => {
+                        // Its operation was recorded before it was: apply it, unless the
+                        // operation already lists it.
+                        let id = *id;
+                        drop(occupied);
+                        let listed = inner.operations.get(&id).is_some_and(|op| {
+                            event.id.is_some()
+                                && op.events.iter().any(|record| record.id == event.id)
+                        });
+                        if !listed {
+                            self.apply_to(id, &event);
+                        }
+                    }
+                    Slot::Parked(events) => {
+                        inner.parked.fetch_add(1, Ordering::Relaxed);
+                        events.push(ParkedEvent {
+                            event,
+                            at: since(age),
+                        });
+                    }
+                },
+                Entry::Vacant(vacant) => {
+                    inner.parked.fetch_add(1, Ordering::Relaxed);
+                    vacant.insert(Slot::Parked(vec![ParkedEvent {
+                        event,
+                        at: since(age),
+                    }]));
+                }
+            }
+        }
+    }
+
     /// Applies an upstream answer (accepted, rejected) to an operation.
     pub fn transition(
         &self,
@@ -274,6 +377,7 @@ impl OperationStore {
         if let (Some(status), false) = (status, op.status.is_terminal()) {
             op.upstream_status = Some(status.to_owned());
         }
+        op.revision += 1;
         drop(op);
         for upstream_id in upstream_ids {
             self.inner.upstream.insert(upstream_key(upstream_id), id);
@@ -575,7 +679,7 @@ impl OperationStore {
                     .upstream
                     .remove_if(&upstream_key(&upstream_id), |_, known| *known == id);
             }
-            report.removed_operations += 1;
+            report.removed_operations.push(id);
         }
         inner.cancels.retain(|_, cancels| {
             cancels.retain(|(id, _)| inner.operations.contains_key(id));
@@ -731,7 +835,18 @@ impl OperationStore {
             && !op.cancelled_operations.iter().any(|c| c.id == cancelled)
         {
             op.cancelled_operations.push(link);
+            op.revision += 1;
         }
+    }
+
+    /// The `cancelMediaProcessing` operations on `call` (a cancelled-operation
+    /// notification may have changed one of them).
+    pub fn cancels_on(&self, call: &CallRef) -> Vec<OperationId> {
+        self.inner
+            .cancels
+            .get(call)
+            .map(|cancels| cancels.iter().map(|(id, _)| *id).collect())
+            .unwrap_or_default()
     }
 
     fn push_call_event(&self, event: &IncomingEvent, effect: EventEffect) {
@@ -1383,7 +1498,7 @@ mod tests {
         store.deliver(event("e1", "c1", Some("recent"), failed()), Instant::now());
 
         let report = store.sweep(Instant::now(), OffsetDateTime::now_utc());
-        assert_eq!(report.removed_operations, 1);
+        assert_eq!(report.removed_operations.len(), 1);
         assert!(report.expired.is_empty());
         assert_eq!(store.get(old.id), None);
         assert!(store.get(stuck.id).is_some(), "running operations stay");
@@ -1400,7 +1515,8 @@ mod tests {
         assert_eq!(
             store
                 .sweep(Instant::now(), OffsetDateTime::now_utc())
-                .removed_operations,
+                .removed_operations
+                .len(),
             0
         );
     }
@@ -1823,6 +1939,75 @@ mod tests {
             let settled = store.get(id).unwrap();
             assert_eq!(settled.status, OperationStatus::Failed, "round {round}");
         }
+    }
+
+    #[test]
+    fn a_restored_store_carries_on_where_the_record_left_off() {
+        let before = store();
+        let now = Instant::now();
+        let wall = OffsetDateTime::now_utc();
+        // A running removal, a settled one, an observed play, a parked early callback.
+        let running = before.create(removal("c1", "ctx-run")).unwrap();
+        let settled = before.create(removal("c1", "ctx-done")).unwrap();
+        before.deliver(event("e-done", "c1", Some("ctx-done"), succeeded()), now);
+        before.deliver(event_of(play(), "e-play", "ctx-play", succeeded()), now);
+        let early = event("e-early", "c2", Some("ctx-early"), succeeded());
+        assert_eq!(before.deliver(early.clone(), now), Delivery::Parked);
+        before.record_upstream(running.id, &["UP-1"], Some("running"));
+
+        let operations: Vec<Operation> = [running.id, settled.id]
+            .into_iter()
+            .chain(
+                before
+                    .list(&ListFilter::default(), 100)
+                    .0
+                    .iter()
+                    .map(|op| op.id),
+            )
+            .filter_map(|id| before.get(id))
+            .collect();
+        let after = store();
+        after.restore(
+            Restored {
+                operations: operations.clone(),
+                seen: vec![
+                    ("e-done".to_owned(), wall),
+                    ("e-play".to_owned(), wall),
+                    ("e-early".to_owned(), wall),
+                    ("e-forgotten".to_owned(), wall - time::Duration::days(30)),
+                ],
+                parked: vec![(early, wall)],
+            },
+            now,
+            wall,
+        );
+        for op in &operations {
+            assert_eq!(after.get(op.id).as_ref(), Some(op), "{op:?}");
+        }
+        // Redeliveries are duplicates; a long-forgotten id is not.
+        let again = event("e-done", "c1", Some("ctx-done"), succeeded());
+        assert_eq!(after.deliver(again, now), Delivery::Duplicate);
+        let old = event("e-forgotten", "c9", None, None);
+        assert_eq!(after.deliver(old, now), Delivery::CallEvent);
+        // The running context is still claimed; the settled one is free again.
+        assert_eq!(
+            after.create(removal("c1", "ctx-run")).unwrap_err(),
+            ContextInUse(running.id)
+        );
+        assert!(after.create(removal("c1", "ctx-done")).is_ok());
+        // The upstream id still finds the running operation.
+        let by_id = IncomingEvent {
+            upstream_id: Some(UpstreamId::new("up-1")),
+            ..event("e-up", "c1", None, succeeded())
+        };
+        assert!(matches!(
+            after.deliver(by_id, now),
+            Delivery::Matched { id, .. } if id == running.id
+        ));
+        // The parked callback settles its operation when it appears.
+        let created = after.create(removal("c2", "ctx-early")).unwrap();
+        assert_eq!(created.status, OperationStatus::Succeeded);
+        assert_eq!(after.stats().parked, 0);
     }
 }
 

@@ -364,7 +364,7 @@ fn retired_operations_leave_the_upstream_index() {
     store.record_upstream(op.id, &["u-old"], None);
     store.transition(op.id, Transition::Succeeded { result: None }, long_ago);
     let report = store.sweep(Instant::now(), OffsetDateTime::now_utc());
-    assert_eq!(report.removed_operations, 1);
+    assert_eq!(report.removed_operations.len(), 1);
     let delivery = store.deliver(
         notification(
             "e",
