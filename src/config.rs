@@ -137,8 +137,37 @@ pub struct LogConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `memory`.
+    /// `memory`, or a SQLite database: a file path or `sqlite://PATH`.
     pub location: String,
+    /// `PRAGMA synchronous = FULL` (durable across power loss) rather than `NORMAL`
+    /// (durable across a process crash).
+    pub synchronous_full: bool,
+    /// Most records one group commit writes.
+    pub max_batch_records: usize,
+}
+
+/// Where state is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// In memory only: nothing survives a restart.
+    Memory,
+    /// A SQLite database file.
+    Sqlite(std::path::PathBuf),
+}
+
+impl StoreConfig {
+    /// The parsed location.
+    pub fn location(&self) -> Result<StoreLocation, ConfigError> {
+        let text = self.location.trim();
+        let path = text.strip_prefix("sqlite://").unwrap_or(text);
+        match text {
+            "memory" => Ok(StoreLocation::Memory),
+            _ if path.is_empty() || text.contains("://") && !text.starts_with("sqlite://") => {
+                Err(ConfigError::Store(self.location.clone()))
+            }
+            _ => Ok(StoreLocation::Sqlite(path.into())),
+        }
+    }
 }
 
 /// Bounds of the operation tracker.
@@ -357,7 +386,9 @@ pub enum ConfigError {
     },
     #[error("CALLOPS_ACS_CONNECTION_STRING (acs.connection_string) is invalid: {0}")]
     ConnectionString(#[from] ConnectionStringError),
-    #[error("CALLOPS_STORE (store.location) = {0:?} is not supported; expected \"memory\"")]
+    #[error(
+        "CALLOPS_STORE (store.location) = {0:?} is not supported; expected \"memory\", a SQLite file path or sqlite://PATH"
+    )]
     Store(String),
     #[error("CALLOPS_PUBLIC_URL (http.public_url) = {0:?} must be an http(s) URL with a host")]
     PublicUrl(String),
@@ -433,8 +464,12 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.store.location != "memory" {
-            return Err(ConfigError::Store(self.store.location.clone()));
+        self.store.location()?;
+        if self.store.max_batch_records == 0 {
+            return Err(ConfigError::Invalid {
+                field: "store.max_batch_records",
+                problem: "must be at least 1",
+            });
         }
         let url = &self.http.public_url;
         if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
@@ -843,6 +878,30 @@ mod tests {
         assert!(!err.contains(spaced), "{err}");
         let err = load_with_env(&[("CALLOPS_HTTP__HEADER_READ_TIMEOUT_SECS", "0")]).unwrap_err();
         assert!(err.contains("http.header_read_timeout_secs"), "{err}");
+    }
+
+    #[test]
+    fn the_store_location_is_memory_or_a_sqlite_file() {
+        let location = |text: &str| {
+            StoreConfig {
+                location: text.to_owned(),
+                synchronous_full: true,
+                max_batch_records: 1,
+            }
+            .location()
+        };
+        assert_eq!(location("memory").unwrap(), StoreLocation::Memory);
+        assert_eq!(
+            location("data/callops.db").unwrap(),
+            StoreLocation::Sqlite("data/callops.db".into())
+        );
+        assert_eq!(
+            location("sqlite:///var/lib/callops/state.db").unwrap(),
+            StoreLocation::Sqlite("/var/lib/callops/state.db".into())
+        );
+        for bad in ["", "sqlite://", "redis://localhost", "postgres://x"] {
+            assert!(location(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
