@@ -419,3 +419,441 @@ fn load(conn: &mut Connection) -> rusqlite::Result<Loaded> {
         parked,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    use super::super::{Backend, Journal};
+    use super::*;
+
+    fn temp_dir() -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix("callops-journal-")
+            .tempdir()
+            .expect("temporary directory")
+    }
+
+    fn open(path: &Path) -> Journal {
+        Journal::open_sqlite(path, SqliteOptions::default()).expect("open the journal")
+    }
+
+    fn op(id: &str, body: &str, ms: i64) -> (String, Vec<u8>, i64) {
+        (id.to_owned(), body.as_bytes().to_vec(), ms)
+    }
+
+    fn ops(batch: Vec<(String, Vec<u8>, i64)>) -> Batch {
+        Batch {
+            operations: batch,
+            ..Batch::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn what_was_written_is_loaded_after_reopening() {
+        let dir = temp_dir();
+        let path = dir.path().join("journal.db");
+        let journal = open(&path);
+        assert_eq!(journal.load().expect("load"), Loaded::default());
+        assert_eq!(
+            format!("{journal:?}"),
+            format!("Journal {{ location: Some({path:?}) }}")
+        );
+        assert_eq!(journal.location(), Some(path.as_path()));
+
+        let batches = [
+            Batch {
+                operations: vec![
+                    op("c", r#"{"v":1}"#, 1),
+                    op("a", r#"{"v":1}"#, 1),
+                    op("b", r#"{"v":1}"#, 1),
+                ],
+                seen: vec![("e1".to_owned(), 100), ("e2".to_owned(), 200)],
+                parked: vec![
+                    (3, b"p3".to_vec(), 10),
+                    (1, b"p1".to_vec(), 10),
+                    (2, b"p2".to_vec(), 10),
+                ],
+                ..Batch::default()
+            },
+            Batch {
+                // A later snapshot replaces the earlier one; an upsert and a removal of the
+                // same id in one batch leave it removed.
+                operations: vec![op("a", r#"{"v":2}"#, 2), op("d", r#"{"v":1}"#, 2)],
+                removed_operations: vec![
+                    "b".to_owned(),
+                    "d".to_owned(),
+                    "never-written".to_owned(),
+                ],
+                // Insert-or-ignore: e1 keeps its first time.
+                seen: vec![("e1".to_owned(), 999), ("e3".to_owned(), 300)],
+                unparked: vec![2],
+                ..Batch::default()
+            },
+            Batch {
+                seen: vec![("e4".to_owned(), 50)],
+                // Forgets e1 (100), e2 (200) and e4 (50, recorded in this very batch).
+                seen_expired_before: Some(250),
+                // Parked and unparked in one batch: unparked.
+                parked: vec![(4, b"p4".to_vec(), 20), (3, b"p3-again".to_vec(), 30)],
+                unparked: vec![4, 99],
+                ..Batch::default()
+            },
+            Batch {
+                seen: vec![("e5".to_owned(), 10)],
+                ..Batch::default()
+            },
+        ];
+        let records: usize = batches.iter().map(Batch::len).sum();
+        for batch in batches {
+            journal.write(batch).await.expect("write");
+        }
+        let stats = journal.stats();
+        assert_eq!(stats.batches, 4);
+        assert_eq!(stats.records, records as u64);
+        assert!(
+            stats.transactions >= 1 && stats.transactions <= 4,
+            "{stats:?}"
+        );
+        assert_eq!(stats.failed_transactions, 0);
+        journal.close().await;
+
+        let expected = Loaded {
+            operations: vec![
+                ("a".to_owned(), br#"{"v":2}"#.to_vec()),
+                ("c".to_owned(), br#"{"v":1}"#.to_vec()),
+            ],
+            seen: vec![("e5".to_owned(), 10), ("e3".to_owned(), 300)],
+            parked: vec![(1, b"p1".to_vec(), 10), (3, b"p3-again".to_vec(), 30)],
+        };
+        let reopened = open(&path);
+        assert_eq!(reopened.load().expect("load after reopening"), expected);
+        // Loading again gives the same.
+        assert_eq!(reopened.load().expect("second load"), expected);
+        reopened.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_share_transactions() {
+        const WRITES: usize = 200;
+        let dir = temp_dir();
+        let path = dir.path().join("journal.db");
+        let journal = open(&path);
+        let tasks: Vec<_> = (0..WRITES)
+            .map(|i| {
+                let journal = journal.clone();
+                tokio::spawn(async move {
+                    let batch = Batch {
+                        operations: vec![op(&format!("op-{i:04}"), "{}", 1)],
+                        seen: vec![(format!("event-{i:04}"), 1)],
+                        ..Batch::default()
+                    };
+                    journal.write(batch).await
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("writer task").expect("write");
+        }
+        let stats = journal.stats();
+        assert_eq!(stats.batches, WRITES as u64);
+        assert_eq!(stats.records, 2 * WRITES as u64);
+        assert!(stats.transactions < WRITES as u64, "no grouping: {stats:?}");
+        assert!(stats.largest_batch > 1, "{stats:?}");
+        journal.close().await;
+
+        let loaded = open(&path).load().expect("load");
+        let expected: Vec<_> = (0..WRITES)
+            .map(|i| (format!("op-{i:04}"), b"{}".to_vec()))
+            .collect();
+        assert_eq!(loaded.operations, expected);
+        assert_eq!(loaded.seen.len(), WRITES);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn groups_stop_at_max_batch_records_but_a_big_batch_stays_whole() {
+        let dir = temp_dir();
+        let path = dir.path().join("journal.db");
+        let options = SqliteOptions {
+            max_batch_records: 3,
+            synchronous_full: false,
+        };
+        let journal = Journal::open_sqlite(&path, options).expect("open");
+        let tasks: Vec<_> = (0..30)
+            .map(|i| {
+                let journal = journal.clone();
+                tokio::spawn(async move {
+                    journal
+                        .write(ops(vec![op(&format!("op-{i:02}"), "{}", 1)]))
+                        .await
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("writer task").expect("write");
+        }
+        assert!(
+            journal.stats().largest_transaction_records <= 3,
+            "{:?}",
+            journal.stats()
+        );
+
+        let big = ops((0..5).map(|i| op(&format!("big-{i}"), "{}", 1)).collect());
+        journal
+            .write(big)
+            .await
+            .expect("a batch larger than the group limit");
+        let stats = journal.stats();
+        assert_eq!(stats.largest_transaction_records, 5);
+        assert_eq!(stats.records, 35);
+        assert_eq!(journal.load().expect("load").operations.len(), 35);
+        journal.close().await;
+    }
+
+    #[tokio::test]
+    async fn an_empty_batch_is_a_barrier_and_writes_nothing() {
+        let dir = temp_dir();
+        let journal = open(&dir.path().join("journal.db"));
+        journal
+            .write(ops(vec![op("a", "{}", 1)]))
+            .await
+            .expect("write");
+        journal.write(Batch::default()).await.expect("empty write");
+        let stats = journal.stats();
+        assert_eq!((stats.transactions, stats.batches), (1, 1));
+        journal.close().await;
+    }
+
+    #[tokio::test]
+    async fn writes_and_loads_after_close_fail_with_closed() {
+        let dir = temp_dir();
+        let journal = open(&dir.path().join("journal.db"));
+        let other_handle = journal.clone();
+        journal
+            .write(ops(vec![op("a", "{}", 1)]))
+            .await
+            .expect("write");
+        journal.close().await;
+        let error = other_handle
+            .write(ops(vec![op("b", "{}", 1)]))
+            .await
+            .expect_err("write after close");
+        assert!(matches!(error, JournalError::Closed), "{error:?}");
+        assert_eq!(error.to_string(), "the journal is closed");
+        assert!(matches!(other_handle.load(), Err(JournalError::Closed)));
+        // Closing again is harmless.
+        other_handle.close().await;
+    }
+
+    #[tokio::test]
+    async fn acknowledged_writes_survive_dropping_the_journal_without_close() {
+        let dir = temp_dir();
+        let path = dir.path().join("journal.db");
+        let journal = open(&path);
+        journal
+            .write(ops(vec![op("a", "{}", 1)]))
+            .await
+            .expect("write");
+        journal
+            .write(Batch {
+                parked: vec![(7, b"p".to_vec(), 3)],
+                ..Batch::default()
+            })
+            .await
+            .expect("write");
+        drop(journal);
+        // The old writer thread may still be winding down: WAL lets both connections coexist.
+        let loaded = open(&path).load().expect("load");
+        assert_eq!(loaded.operations, vec![("a".to_owned(), b"{}".to_vec())]);
+        assert_eq!(loaded.parked, vec![(7, b"p".to_vec(), 3)]);
+    }
+
+    /// Set for the child process of `acknowledged_writes_survive_a_killed_process`.
+    const CRASH_CHILD_PATH: &str = "CALLOPS_JOURNAL_CRASH_CHILD_PATH";
+    const CRASH_WRITES: usize = 50;
+
+    /// Does nothing unless run as the child of the crash test: then it writes, says which
+    /// writes were acknowledged, and waits to be killed.
+    #[test]
+    fn crash_child() {
+        let Some(path) = std::env::var_os(CRASH_CHILD_PATH) else {
+            return;
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let journal = open(Path::new(&path));
+            for i in 0..CRASH_WRITES {
+                journal
+                    .write(ops(vec![op(&format!("op-{i:02}"), "{}", 1)]))
+                    .await
+                    .expect("write");
+            }
+            println!("[crash child: {CRASH_WRITES} writes acknowledged]");
+            // The parent kills this process; never linger if it does not.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        });
+    }
+
+    #[test]
+    fn acknowledged_writes_survive_a_killed_process() {
+        let dir = temp_dir();
+        let path = dir.path().join("journal.db");
+        let mut child = Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "journal::sqlite::tests::crash_child",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CRASH_CHILD_PATH, &path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the child");
+        let stdout = child.stdout.take().expect("child stdout");
+        let acknowledged = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            // libtest may print the test name on the same line first.
+            .any(|line| {
+                line.contains(&format!(
+                    "[crash child: {CRASH_WRITES} writes acknowledged]"
+                ))
+            });
+        child.kill().expect("kill the child");
+        let status = child.wait().expect("child status");
+        assert!(
+            acknowledged,
+            "the child did not acknowledge its writes ({status})"
+        );
+        assert!(!status.success(), "the child was not killed: {status}");
+
+        let loaded = open(&path).load().expect("load after the crash");
+        let expected: Vec<_> = (0..CRASH_WRITES)
+            .map(|i| (format!("op-{i:02}"), b"{}".to_vec()))
+            .collect();
+        assert_eq!(loaded.operations, expected);
+    }
+
+    #[tokio::test]
+    async fn a_failed_transaction_answers_every_waiter_and_the_writer_carries_on() {
+        let dir = temp_dir();
+        let path = dir.path().join("journal.db");
+        let writer = Writer::open_with(&path, SqliteOptions::default(), Duration::from_millis(20))
+            .expect("open");
+        let journal = Journal::with_backend(Backend::Sqlite(writer));
+        // Another connection holds the write lock: the writer's transactions fail as busy.
+        let blocker = Connection::open(&path).expect("second connection");
+        blocker
+            .execute_batch("BEGIN IMMEDIATE")
+            .expect("take the write lock");
+        let tasks: Vec<_> = (0..10)
+            .map(|i| {
+                let journal = journal.clone();
+                tokio::spawn(async move {
+                    journal
+                        .write(ops(vec![op(&format!("lost-{i}"), "{}", 1)]))
+                        .await
+                })
+            })
+            .collect();
+        for task in tasks {
+            let error = task
+                .await
+                .expect("writer task")
+                .expect_err("a write while the database is locked");
+            assert!(matches!(error, JournalError::Write(_)), "{error:?}");
+            assert!(error.to_string().contains("locked"), "{error}");
+        }
+        let stats = journal.stats();
+        assert!(stats.failed_transactions >= 1, "{stats:?}");
+        assert_eq!(stats.transactions, 0);
+
+        blocker.execute_batch("COMMIT").expect("release the lock");
+        journal
+            .write(ops(vec![op("kept", "{}", 1)]))
+            .await
+            .expect("write after the failure");
+        let loaded = journal.load().expect("load");
+        assert_eq!(loaded.operations, vec![("kept".to_owned(), b"{}".to_vec())]);
+        journal.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_newer_schema_is_refused() {
+        let dir = temp_dir();
+        let path = dir.path().join("journal.db");
+        let conn = Connection::open(&path).expect("create");
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .expect("set the version");
+        drop(conn);
+        let error =
+            Journal::open_sqlite(&path, SqliteOptions::default()).expect_err("a newer schema");
+        assert!(
+            matches!(
+                error,
+                JournalError::NewerSchema {
+                    found: 2,
+                    supported: 1,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        let message = error.to_string();
+        assert!(message.contains("schema version 2"), "{message}");
+        assert!(message.contains("refusing to open it"), "{message}");
+        assert!(message.contains(&path.display().to_string()), "{message}");
+    }
+
+    #[tokio::test]
+    async fn missing_directories_are_created() {
+        let dir = temp_dir();
+        let path = dir.path().join("a").join("b").join("journal.db");
+        let journal = open(&path);
+        journal
+            .write(ops(vec![op("a", "{}", 1)]))
+            .await
+            .expect("write");
+        journal.close().await;
+        assert!(path.is_file());
+    }
+
+    #[test]
+    fn unusable_paths_give_clear_errors() {
+        let dir = temp_dir();
+        let error =
+            Journal::open_sqlite(dir.path(), SqliteOptions::default()).expect_err("a directory");
+        assert!(
+            matches!(error, JournalError::IsDirectory { .. }),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("is a directory"), "{error}");
+
+        let file = dir.path().join("plain-file");
+        std::fs::write(&file, b"not a directory").expect("write a file");
+        let error = Journal::open_sqlite(&file.join("journal.db"), SqliteOptions::default())
+            .expect_err("a parent that is a file");
+        assert!(
+            matches!(error, JournalError::CreateDirectory { .. }),
+            "{error:?}"
+        );
+        assert!(
+            error
+                .to_string()
+                .starts_with("cannot create the journal directory"),
+            "{error}"
+        );
+
+        let garbage = dir.path().join("garbage.db");
+        std::fs::write(&garbage, vec![0x5a; 8192]).expect("write garbage");
+        let error =
+            Journal::open_sqlite(&garbage, SqliteOptions::default()).expect_err("not a database");
+        assert!(matches!(error, JournalError::Open { .. }), "{error:?}");
+        assert!(error.to_string().contains("not a database"), "{error}");
+    }
+}
