@@ -16,6 +16,7 @@ pub mod emulator;
 pub mod error;
 pub mod graph;
 pub mod http;
+pub mod journal;
 pub mod operation;
 pub mod service;
 pub mod store;

@@ -1,0 +1,859 @@
+//! The SQLite journal: one database file in WAL mode, written by one dedicated thread.
+//!
+//! The writer thread owns the only `Connection`. Requests arrive over a channel; the writer
+//! blocks for the first, then drains whatever else is queued (up to `max_batch_records`),
+//! writes all of it in one transaction with cached prepared statements, commits, and answers
+//! every waiter (group commit: the batches that queue up while one transaction is being
+//! synced share the next sync). A failed transaction is rolled back and every waiter in it
+//! gets the error; the writer carries on. `load` and `close` go through the same channel, so
+//! they are ordered after every write handed over before them.
+//!
+//! Schema (version [`SCHEMA_VERSION`] in `PRAGMA user_version`):
+//! - `operations(id TEXT PRIMARY KEY, body BLOB, updated_ms INTEGER)`: a rowid table, since
+//!   snapshots are often larger than the twentieth of a page under which `WITHOUT ROWID`
+//!   pays; upserts update the row in place, so the id index is untouched on a replace.
+//! - `seen(event_id TEXT PRIMARY KEY, at_ms INTEGER) WITHOUT ROWID`, indexed on `at_ms` for
+//!   the expiry: small rows, looked up by their key only.
+//! - `parked(seq INTEGER PRIMARY KEY, body BLOB, at_ms INTEGER)`: `seq` is the rowid itself.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use rusqlite::types::Type;
+use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior, params};
+use tokio::sync::oneshot;
+
+use super::{Batch, JournalError, JournalStats, Loaded, SqliteOptions};
+
+/// The schema this build writes; a database with a higher `user_version` is refused.
+pub(super) const SCHEMA_VERSION: i64 = 1;
+
+/// How long a statement waits for a lock held by another connection (another process on
+/// the same file, or a reader checkpointing) before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Cap on the WAL file left behind after a checkpoint.
+const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS operations (
+    id TEXT PRIMARY KEY,
+    body BLOB NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS seen (
+    event_id TEXT PRIMARY KEY,
+    at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_at_ms ON seen (at_ms);
+CREATE TABLE IF NOT EXISTS parked (
+    seq INTEGER PRIMARY KEY,
+    body BLOB NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+";
+
+const UPSERT_OPERATION: &str = "INSERT INTO operations (id, body, updated_ms) VALUES (?1, ?2, ?3) \
+     ON CONFLICT (id) DO UPDATE SET body = excluded.body, updated_ms = excluded.updated_ms";
+const DELETE_OPERATION: &str = "DELETE FROM operations WHERE id = ?1";
+const INSERT_SEEN: &str = "INSERT OR IGNORE INTO seen (event_id, at_ms) VALUES (?1, ?2)";
+const EXPIRE_SEEN: &str = "DELETE FROM seen WHERE at_ms < ?1";
+const UPSERT_PARKED: &str = "INSERT INTO parked (seq, body, at_ms) VALUES (?1, ?2, ?3) \
+     ON CONFLICT (seq) DO UPDATE SET body = excluded.body, at_ms = excluded.at_ms";
+const DELETE_PARKED: &str = "DELETE FROM parked WHERE seq = ?1";
+const SELECT_OPERATIONS: &str = "SELECT id, body FROM operations ORDER BY id";
+const SELECT_SEEN: &str = "SELECT event_id, at_ms FROM seen ORDER BY at_ms, event_id";
+const SELECT_PARKED: &str = "SELECT seq, body, at_ms FROM parked ORDER BY seq";
+
+/// The handle's side of the writer thread.
+pub(super) struct Writer {
+    path: PathBuf,
+    requests: mpsc::Sender<Request>,
+    counters: Arc<Counters>,
+}
+
+enum Request {
+    Write {
+        batch: Batch,
+        reply: oneshot::Sender<Result<(), JournalError>>,
+    },
+    /// A std channel: `load` is a blocking call, possibly made inside a runtime, where a
+    /// oneshot's `blocking_recv` would panic.
+    Load(mpsc::SyncSender<Result<Loaded, JournalError>>),
+    /// Answered once the connection is closed.
+    Close(oneshot::Sender<()>),
+}
+
+#[derive(Default)]
+struct Counters {
+    transactions: AtomicU64,
+    batches: AtomicU64,
+    records: AtomicU64,
+    largest_batch: AtomicU64,
+    largest_transaction_records: AtomicU64,
+    failed_transactions: AtomicU64,
+    commit_nanos: AtomicU64,
+}
+
+impl Writer {
+    pub(super) fn open(path: &Path, options: SqliteOptions) -> Result<Self, JournalError> {
+        Self::open_with(path, options, BUSY_TIMEOUT)
+    }
+
+    fn open_with(
+        path: &Path,
+        options: SqliteOptions,
+        busy_timeout: Duration,
+    ) -> Result<Self, JournalError> {
+        if path.is_dir() {
+            return Err(JournalError::IsDirectory {
+                path: path.to_owned(),
+            });
+        }
+        if let Some(parent) = path
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(parent).map_err(|source| JournalError::CreateDirectory {
+                path: parent.to_owned(),
+                source: Arc::new(source),
+            })?;
+        }
+        let conn = prepare(path, options, busy_timeout)?;
+        let (requests, queue) = mpsc::channel();
+        let counters = Arc::new(Counters::default());
+        let max_records = options.max_batch_records.max(1);
+        let thread_counters = Arc::clone(&counters);
+        std::thread::Builder::new()
+            .name("callops-journal".to_owned())
+            .spawn(move || run(conn, &queue, max_records, &thread_counters))
+            .map_err(|e| JournalError::Spawn(Arc::new(e)))?;
+        Ok(Self {
+            path: path.to_owned(),
+            requests,
+            counters,
+        })
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(super) async fn write(&self, batch: Batch) -> Result<(), JournalError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(Request::Write { batch, reply })
+            .map_err(|_| JournalError::WriterStopped)?;
+        answer.await.map_err(|_| JournalError::WriterStopped)?
+    }
+
+    pub(super) fn load(&self) -> Result<Loaded, JournalError> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.requests
+            .send(Request::Load(reply))
+            .map_err(|_| JournalError::WriterStopped)?;
+        answer.recv().map_err(|_| JournalError::WriterStopped)?
+    }
+
+    pub(super) async fn close(&self) {
+        let (reply, closed) = oneshot::channel();
+        if self.requests.send(Request::Close(reply)).is_ok() {
+            // An error means the writer was already gone (an earlier close): closed too.
+            let _ = closed.await;
+        }
+    }
+
+    pub(super) fn stats(&self) -> JournalStats {
+        let c = &self.counters;
+        JournalStats {
+            transactions: c.transactions.load(Ordering::Relaxed),
+            batches: c.batches.load(Ordering::Relaxed),
+            records: c.records.load(Ordering::Relaxed),
+            largest_batch: c.largest_batch.load(Ordering::Relaxed),
+            largest_transaction_records: c.largest_transaction_records.load(Ordering::Relaxed),
+            failed_transactions: c.failed_transactions.load(Ordering::Relaxed),
+            commit_time: Duration::from_nanos(c.commit_nanos.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// Opens the database, checks its schema version, switches it to WAL and creates the schema.
+fn prepare(
+    path: &Path,
+    options: SqliteOptions,
+    busy_timeout: Duration,
+) -> Result<Connection, JournalError> {
+    let open_error = |source| JournalError::Open {
+        path: path.to_owned(),
+        source: Arc::new(source),
+    };
+    // No SQLITE_OPEN_URI: the path is a file name, whatever it looks like.
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let mut conn = Connection::open_with_flags(path, flags).map_err(open_error)?;
+    conn.busy_timeout(busy_timeout).map_err(open_error)?;
+    check_version(&conn, path)?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(open_error)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(JournalError::NoWal {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let synchronous = if options.synchronous_full {
+        "FULL"
+    } else {
+        "NORMAL"
+    };
+    conn.pragma_update(None, "synchronous", synchronous)
+        .map_err(open_error)?;
+    conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)
+        .map_err(open_error)?;
+    // Another process may have created the schema since the check: check again under the
+    // write lock.
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(open_error)?;
+    if check_version(&tx, path)? < SCHEMA_VERSION {
+        tx.execute_batch(SCHEMA).map_err(open_error)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(open_error)?;
+    }
+    tx.commit().map_err(open_error)?;
+    Ok(conn)
+}
+
+/// The database's schema version, refusing a newer one than this build knows.
+fn check_version(conn: &Connection, path: &Path) -> Result<i64, JournalError> {
+    let found: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(|source| JournalError::Open {
+            path: path.to_owned(),
+            source: Arc::new(source),
+        })?;
+    if found > SCHEMA_VERSION {
+        return Err(JournalError::NewerSchema {
+            path: path.to_owned(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(found)
+}
+
+/// A batch waiting for its transaction.
+struct Pending {
+    batch: Batch,
+    reply: oneshot::Sender<Result<(), JournalError>>,
+}
+
+/// The writer thread: until a close, or until every handle is dropped.
+fn run(
+    mut conn: Connection,
+    queue: &mpsc::Receiver<Request>,
+    max_records: usize,
+    counters: &Counters,
+) {
+    // A request taken from the queue that does not fit in the current group.
+    let mut carried: Option<Request> = None;
+    loop {
+        let request = match carried.take() {
+            Some(request) => request,
+            None => match queue.recv() {
+                Ok(request) => request,
+                // Every handle is gone: whatever was acknowledged is committed.
+                Err(mpsc::RecvError) => break,
+            },
+        };
+        match request {
+            Request::Write { batch, reply } => {
+                let mut records = batch.len();
+                let mut group = vec![Pending { batch, reply }];
+                while records < max_records {
+                    match queue.try_recv() {
+                        Ok(Request::Write { batch, reply })
+                            if records + batch.len() <= max_records =>
+                        {
+                            records += batch.len();
+                            group.push(Pending { batch, reply });
+                        }
+                        Ok(other) => {
+                            carried = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                commit(&mut conn, group, records, counters);
+            }
+            Request::Load(reply) => {
+                // The caller may have given up waiting: nothing to do then.
+                let _ = reply.send(load(&mut conn).map_err(|e| JournalError::Read(Arc::new(e))));
+            }
+            Request::Close(reply) => {
+                // The last connection to close checkpoints the WAL into the database. A
+                // failure there loses nothing: the WAL is replayed at the next open.
+                let _ = conn.close();
+                let _ = reply.send(());
+                return;
+            }
+        }
+    }
+}
+
+/// Writes `group` in one transaction and answers every waiter.
+fn commit(conn: &mut Connection, group: Vec<Pending>, records: usize, counters: &Counters) {
+    let result = if records == 0 {
+        // Only empty batches (barriers): nothing to write, everything before them is committed.
+        Ok(())
+    } else {
+        let started = Instant::now();
+        let result = write_group(conn, &group);
+        let elapsed = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        counters.commit_nanos.fetch_add(elapsed, Ordering::Relaxed);
+        let batches = group.len() as u64;
+        if result.is_ok() {
+            counters.transactions.fetch_add(1, Ordering::Relaxed);
+            counters.batches.fetch_add(batches, Ordering::Relaxed);
+            counters
+                .records
+                .fetch_add(records as u64, Ordering::Relaxed);
+            counters.largest_batch.fetch_max(batches, Ordering::Relaxed);
+            counters
+                .largest_transaction_records
+                .fetch_max(records as u64, Ordering::Relaxed);
+        } else {
+            counters.failed_transactions.fetch_add(1, Ordering::Relaxed);
+        }
+        result.map_err(|e| JournalError::Write(Arc::new(e)))
+    };
+    for pending in group {
+        // A waiter that gave up (its future was dropped) needs no answer.
+        let _ = pending.reply.send(result.clone());
+    }
+}
+
+/// One transaction for the whole group; dropping it on an error rolls it back.
+fn write_group(conn: &mut Connection, group: &[Pending]) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    for pending in group {
+        apply(&tx, &pending.batch)?;
+    }
+    tx.commit()
+}
+
+/// One batch, its parts in the documented order.
+fn apply(tx: &Transaction<'_>, batch: &Batch) -> rusqlite::Result<()> {
+    if !batch.operations.is_empty() {
+        let mut upsert = tx.prepare_cached(UPSERT_OPERATION)?;
+        for (id, body, updated_ms) in &batch.operations {
+            upsert.execute(params![id, body, updated_ms])?;
+        }
+    }
+    if !batch.removed_operations.is_empty() {
+        let mut delete = tx.prepare_cached(DELETE_OPERATION)?;
+        for id in &batch.removed_operations {
+            delete.execute([id])?;
+        }
+    }
+    if !batch.seen.is_empty() {
+        let mut insert = tx.prepare_cached(INSERT_SEEN)?;
+        for (event_id, at_ms) in &batch.seen {
+            insert.execute(params![event_id, at_ms])?;
+        }
+    }
+    if let Some(before) = batch.seen_expired_before {
+        tx.prepare_cached(EXPIRE_SEEN)?.execute([before])?;
+    }
+    if !batch.parked.is_empty() {
+        let mut upsert = tx.prepare_cached(UPSERT_PARKED)?;
+        for (seq, body, at_ms) in &batch.parked {
+            upsert.execute(params![sequence(*seq)?, body, at_ms])?;
+        }
+    }
+    if !batch.unparked.is_empty() {
+        let mut delete = tx.prepare_cached(DELETE_PARKED)?;
+        for seq in &batch.unparked {
+            delete.execute([sequence(*seq)?])?;
+        }
+    }
+    Ok(())
+}
+
+/// A sequence number as SQLite stores it (`Journal::write` refuses larger ones up front).
+fn sequence(seq: u64) -> rusqlite::Result<i64> {
+    i64::try_from(seq).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+/// Everything stored, from one read snapshot.
+fn load(conn: &mut Connection) -> rusqlite::Result<Loaded> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
+    let operations = tx
+        .prepare_cached(SELECT_OPERATIONS)?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let seen = tx
+        .prepare_cached(SELECT_SEEN)?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let parked = tx
+        .prepare_cached(SELECT_PARKED)?
+        .query_map([], |row| {
+            let seq: i64 = row.get(0)?;
+            let seq = u64::try_from(seq).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(0, Type::Integer, Box::new(e))
+            })?;
+            Ok((seq, row.get(1)?, row.get(2)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    tx.commit()?;
+    Ok(Loaded {
+        operations,
+        seen,
+        parked,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    use super::super::{Backend, Journal};
+    use super::*;
+
+    fn temp_dir() -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix("callops-journal-")
+            .tempdir()
+            .expect("temporary directory")
+    }
+
+    fn open(path: &Path) -> Journal {
+        Journal::open_sqlite(path, SqliteOptions::default()).expect("open the journal")
+    }
+
+    fn op(id: &str, body: &str, ms: i64) -> (String, Vec<u8>, i64) {
+        (id.to_owned(), body.as_bytes().to_vec(), ms)
+    }
+
+    fn ops(batch: Vec<(String, Vec<u8>, i64)>) -> Batch {
+        Batch {
+            operations: batch,
+            ..Batch::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn what_was_written_is_loaded_after_reopening() {
+        let dir = temp_dir();
+        let path = dir.path().join("journal.db");
+        let journal = open(&path);
+        assert_eq!(journal.load().expect("load"), Loaded::default());
+        assert_eq!(
+            format!("{journal:?}"),
+            format!("Journal {{ location: Some({path:?}) }}")
+        );
+        assert_eq!(journal.location(), Some(path.as_path()));
+
+        let batches = [
+            Batch {
+                operations: vec![
+                    op("c", r#"{"v":1}"#, 1),
+                    op("a", r#"{"v":1}"#, 1),
+                    op("b", r#"{"v":1}"#, 1),
+                ],
+                seen: vec![("e1".to_owned(), 100), ("e2".to_owned(), 200)],
+                parked: vec![
+                    (3, b"p3".to_vec(), 10),
+                    (1, b"p1".to_vec(), 10),
+                    (2, b"p2".to_vec(), 10),
+                ],
+                ..Batch::default()
+            },
+            Batch {
+                // A later snapshot replaces the earlier one; an upsert and a removal of the
+                // same id in one batch leave it removed.
+                operations: vec![op("a", r#"{"v":2}"#, 2), op("d", r#"{"v":1}"#, 2)],
+                removed_operations: vec![
+                    "b".to_owned(),
+                    "d".to_owned(),
+                    "never-written".to_owned(),
+                ],
+                // Insert-or-ignore: e1 keeps its first time.
+                seen: vec![("e1".to_owned(), 999), ("e3".to_owned(), 300)],
+                unparked: vec![2],
+                ..Batch::default()
+            },
+            Batch {
+                seen: vec![("e4".to_owned(), 50)],
+                // Forgets e1 (100), e2 (200) and e4 (50, recorded in this very batch).
+                seen_expired_before: Some(250),
+                // Parked and unparked in one batch: unparked.
+                parked: vec![(4, b"p4".to_vec(), 20), (3, b"p3-again".to_vec(), 30)],
+                unparked: vec![4, 99],
+                ..Batch::default()
+            },
+            Batch {
+                seen: vec![("e5".to_owned(), 10)],
+                ..Batch::default()
+            },
+        ];
+        let records: usize = batches.iter().map(Batch::len).sum();
+        for batch in batches {
+            journal.write(batch).await.expect("write");
+        }
+        let stats = journal.stats();
+        assert_eq!(stats.batches, 4);
+        assert_eq!(stats.records, records as u64);
+        assert!(
+            stats.transactions >= 1 && stats.transactions <= 4,
+            "{stats:?}"
+        );
+        assert_eq!(stats.failed_transactions, 0);
+        journal.close().await;
+
+        let expected = Loaded {
+            operations: vec![
+                ("a".to_owned(), br#"{"v":2}"#.to_vec()),
+                ("c".to_owned(), br#"{"v":1}"#.to_vec()),
+            ],
+            seen: vec![("e5".to_owned(), 10), ("e3".to_owned(), 300)],
+            parked: vec![(1, b"p1".to_vec(), 10), (3, b"p3-again".to_vec(), 30)],
+        };
+        let reopened = open(&path);
+        assert_eq!(reopened.load().expect("load after reopening"), expected);
+        // Loading again gives the same.
+        assert_eq!(reopened.load().expect("second load"), expected);
+        reopened.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_share_transactions() {
+        const WRITES: usize = 200;
+        let dir = temp_dir();
+        let path = dir.path().join("journal.db");
+        let journal = open(&path);
+        let tasks: Vec<_> = (0..WRITES)
+            .map(|i| {
+                let journal = journal.clone();
+                tokio::spawn(async move {
+                    let batch = Batch {
+                        operations: vec![op(&format!("op-{i:04}"), "{}", 1)],
+                        seen: vec![(format!("event-{i:04}"), 1)],
+                        ..Batch::default()
+                    };
+                    journal.write(batch).await
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("writer task").expect("write");
+        }
+        let stats = journal.stats();
+        assert_eq!(stats.batches, WRITES as u64);
+        assert_eq!(stats.records, 2 * WRITES as u64);
+        assert!(stats.transactions < WRITES as u64, "no grouping: {stats:?}");
+        assert!(stats.largest_batch > 1, "{stats:?}");
+        journal.close().await;
+
+        let loaded = open(&path).load().expect("load");
+        let expected: Vec<_> = (0..WRITES)
+            .map(|i| (format!("op-{i:04}"), b"{}".to_vec()))
+            .collect();
+        assert_eq!(loaded.operations, expected);
+        assert_eq!(loaded.seen.len(), WRITES);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn groups_stop_at_max_batch_records_but_a_big_batch_stays_whole() {
+        let dir = temp_dir();
+        let path = dir.path().join("journal.db");
+        let options = SqliteOptions {
+            max_batch_records: 3,
+            synchronous_full: false,
+        };
+        let journal = Journal::open_sqlite(&path, options).expect("open");
+        let tasks: Vec<_> = (0..30)
+            .map(|i| {
+                let journal = journal.clone();
+                tokio::spawn(async move {
+                    journal
+                        .write(ops(vec![op(&format!("op-{i:02}"), "{}", 1)]))
+                        .await
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("writer task").expect("write");
+        }
+        assert!(
+            journal.stats().largest_transaction_records <= 3,
+            "{:?}",
+            journal.stats()
+        );
+
+        let big = ops((0..5).map(|i| op(&format!("big-{i}"), "{}", 1)).collect());
+        journal
+            .write(big)
+            .await
+            .expect("a batch larger than the group limit");
+        let stats = journal.stats();
+        assert_eq!(stats.largest_transaction_records, 5);
+        assert_eq!(stats.records, 35);
+        assert_eq!(journal.load().expect("load").operations.len(), 35);
+        journal.close().await;
+    }
+
+    #[tokio::test]
+    async fn an_empty_batch_is_a_barrier_and_writes_nothing() {
+        let dir = temp_dir();
+        let journal = open(&dir.path().join("journal.db"));
+        journal
+            .write(ops(vec![op("a", "{}", 1)]))
+            .await
+            .expect("write");
+        journal.write(Batch::default()).await.expect("empty write");
+        let stats = journal.stats();
+        assert_eq!((stats.transactions, stats.batches), (1, 1));
+        journal.close().await;
+    }
+
+    #[tokio::test]
+    async fn writes_and_loads_after_close_fail_with_closed() {
+        let dir = temp_dir();
+        let journal = open(&dir.path().join("journal.db"));
+        let other_handle = journal.clone();
+        journal
+            .write(ops(vec![op("a", "{}", 1)]))
+            .await
+            .expect("write");
+        journal.close().await;
+        let error = other_handle
+            .write(ops(vec![op("b", "{}", 1)]))
+            .await
+            .expect_err("write after close");
+        assert!(matches!(error, JournalError::Closed), "{error:?}");
+        assert_eq!(error.to_string(), "the journal is closed");
+        assert!(matches!(other_handle.load(), Err(JournalError::Closed)));
+        // Closing again is harmless.
+        other_handle.close().await;
+    }
+
+    #[tokio::test]
+    async fn acknowledged_writes_survive_dropping_the_journal_without_close() {
+        let dir = temp_dir();
+        let path = dir.path().join("journal.db");
+        let journal = open(&path);
+        journal
+            .write(ops(vec![op("a", "{}", 1)]))
+            .await
+            .expect("write");
+        journal
+            .write(Batch {
+                parked: vec![(7, b"p".to_vec(), 3)],
+                ..Batch::default()
+            })
+            .await
+            .expect("write");
+        drop(journal);
+        // The old writer thread may still be winding down: WAL lets both connections coexist.
+        let loaded = open(&path).load().expect("load");
+        assert_eq!(loaded.operations, vec![("a".to_owned(), b"{}".to_vec())]);
+        assert_eq!(loaded.parked, vec![(7, b"p".to_vec(), 3)]);
+    }
+
+    /// Set for the child process of `acknowledged_writes_survive_a_killed_process`.
+    const CRASH_CHILD_PATH: &str = "CALLOPS_JOURNAL_CRASH_CHILD_PATH";
+    const CRASH_WRITES: usize = 50;
+
+    /// Does nothing unless run as the child of the crash test: then it writes, says which
+    /// writes were acknowledged, and waits to be killed.
+    #[test]
+    fn crash_child() {
+        let Some(path) = std::env::var_os(CRASH_CHILD_PATH) else {
+            return;
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let journal = open(Path::new(&path));
+            for i in 0..CRASH_WRITES {
+                journal
+                    .write(ops(vec![op(&format!("op-{i:02}"), "{}", 1)]))
+                    .await
+                    .expect("write");
+            }
+            println!("[crash child: {CRASH_WRITES} writes acknowledged]");
+            // The parent kills this process; never linger if it does not.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        });
+    }
+
+    #[test]
+    fn acknowledged_writes_survive_a_killed_process() {
+        let dir = temp_dir();
+        let path = dir.path().join("journal.db");
+        let mut child = Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "journal::sqlite::tests::crash_child",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CRASH_CHILD_PATH, &path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the child");
+        let stdout = child.stdout.take().expect("child stdout");
+        let acknowledged = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            // libtest may print the test name on the same line first.
+            .any(|line| {
+                line.contains(&format!(
+                    "[crash child: {CRASH_WRITES} writes acknowledged]"
+                ))
+            });
+        child.kill().expect("kill the child");
+        let status = child.wait().expect("child status");
+        assert!(
+            acknowledged,
+            "the child did not acknowledge its writes ({status})"
+        );
+        assert!(!status.success(), "the child was not killed: {status}");
+
+        let loaded = open(&path).load().expect("load after the crash");
+        let expected: Vec<_> = (0..CRASH_WRITES)
+            .map(|i| (format!("op-{i:02}"), b"{}".to_vec()))
+            .collect();
+        assert_eq!(loaded.operations, expected);
+    }
+
+    #[tokio::test]
+    async fn a_failed_transaction_answers_every_waiter_and_the_writer_carries_on() {
+        let dir = temp_dir();
+        let path = dir.path().join("journal.db");
+        let writer = Writer::open_with(&path, SqliteOptions::default(), Duration::from_millis(20))
+            .expect("open");
+        let journal = Journal::with_backend(Backend::Sqlite(writer));
+        // Another connection holds the write lock: the writer's transactions fail as busy.
+        let blocker = Connection::open(&path).expect("second connection");
+        blocker
+            .execute_batch("BEGIN IMMEDIATE")
+            .expect("take the write lock");
+        let tasks: Vec<_> = (0..10)
+            .map(|i| {
+                let journal = journal.clone();
+                tokio::spawn(async move {
+                    journal
+                        .write(ops(vec![op(&format!("lost-{i}"), "{}", 1)]))
+                        .await
+                })
+            })
+            .collect();
+        for task in tasks {
+            let error = task
+                .await
+                .expect("writer task")
+                .expect_err("a write while the database is locked");
+            assert!(matches!(error, JournalError::Write(_)), "{error:?}");
+            assert!(error.to_string().contains("locked"), "{error}");
+        }
+        let stats = journal.stats();
+        assert!(stats.failed_transactions >= 1, "{stats:?}");
+        assert_eq!(stats.transactions, 0);
+
+        blocker.execute_batch("COMMIT").expect("release the lock");
+        journal
+            .write(ops(vec![op("kept", "{}", 1)]))
+            .await
+            .expect("write after the failure");
+        let loaded = journal.load().expect("load");
+        assert_eq!(loaded.operations, vec![("kept".to_owned(), b"{}".to_vec())]);
+        journal.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_newer_schema_is_refused() {
+        let dir = temp_dir();
+        let path = dir.path().join("journal.db");
+        let conn = Connection::open(&path).expect("create");
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .expect("set the version");
+        drop(conn);
+        let error =
+            Journal::open_sqlite(&path, SqliteOptions::default()).expect_err("a newer schema");
+        assert!(
+            matches!(
+                error,
+                JournalError::NewerSchema {
+                    found: 2,
+                    supported: 1,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        let message = error.to_string();
+        assert!(message.contains("schema version 2"), "{message}");
+        assert!(message.contains("refusing to open it"), "{message}");
+        assert!(message.contains(&path.display().to_string()), "{message}");
+    }
+
+    #[tokio::test]
+    async fn missing_directories_are_created() {
+        let dir = temp_dir();
+        let path = dir.path().join("a").join("b").join("journal.db");
+        let journal = open(&path);
+        journal
+            .write(ops(vec![op("a", "{}", 1)]))
+            .await
+            .expect("write");
+        journal.close().await;
+        assert!(path.is_file());
+    }
+
+    #[test]
+    fn unusable_paths_give_clear_errors() {
+        let dir = temp_dir();
+        let error =
+            Journal::open_sqlite(dir.path(), SqliteOptions::default()).expect_err("a directory");
+        assert!(
+            matches!(error, JournalError::IsDirectory { .. }),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("is a directory"), "{error}");
+
+        let file = dir.path().join("plain-file");
+        std::fs::write(&file, b"not a directory").expect("write a file");
+        let error = Journal::open_sqlite(&file.join("journal.db"), SqliteOptions::default())
+            .expect_err("a parent that is a file");
+        assert!(
+            matches!(error, JournalError::CreateDirectory { .. }),
+            "{error:?}"
+        );
+        assert!(
+            error
+                .to_string()
+                .starts_with("cannot create the journal directory"),
+            "{error}"
+        );
+
+        let garbage = dir.path().join("garbage.db");
+        std::fs::write(&garbage, vec![0x5a; 8192]).expect("write garbage");
+        let error =
+            Journal::open_sqlite(&garbage, SqliteOptions::default()).expect_err("not a database");
+        assert!(matches!(error, JournalError::Open { .. }), "{error:?}");
+        assert!(error.to_string().contains("not a database"), "{error}");
+    }
+}
