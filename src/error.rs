@@ -89,6 +89,7 @@ impl From<StartError> for ApiError {
             StartError::Conflict(_) => Self::Conflict(format!(
                 "operationContext: {error}; choose another context or wait for it to settle"
             )),
+            StartError::Store(_) => Self::Unavailable(error.to_string()),
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod graph;
 pub mod http;
 pub mod journal;
 pub mod operation;
+pub mod persistence;
 pub mod service;
 pub mod store;
 pub mod telemetry;
@@ -35,12 +36,14 @@ use tokio_util::task::TaskTracker;
 use crate::acs::client::AcsClient;
 use crate::acs::connection_string::ConnectionString;
 use crate::callback_auth::{CallbackAuthenticator, IssuerSettings};
-use crate::config::{CallbackAuth, CallbackIssuerConfig, Config};
+use crate::config::{CallbackAuth, CallbackIssuerConfig, Config, StoreConfig, StoreLocation};
 use crate::emulator::Emulator;
 use crate::emulator::callback_signing;
 use crate::graph::client::GraphClient;
 use crate::graph::token::TokenProvider;
 use crate::http::{ApiLimits, AppState};
+use crate::journal::{Journal, SqliteOptions};
+use crate::persistence::Recorder;
 use crate::service::OperationService;
 use crate::store::OperationStore;
 
@@ -97,6 +100,7 @@ pub async fn run(
     let graph_http = http_client(Duration::from_millis(config.graph.request_timeout_ms))?;
     let graph = graph_client(&config, emulator.as_ref(), graph_http)?;
     let store = OperationStore::new(&config.operations);
+    let recorder = open_store(&config.store, &store).await?;
     let acs = AcsClient::new(
         &config.acs,
         connection,
@@ -105,9 +109,18 @@ pub async fn run(
     );
     tracing::info!(acs.endpoint = %acs.endpoint(), callback.url = %config.acs_callback_url(), "ACS client ready");
     tracing::info!(graph.base_url = %graph.base_url(), graph.token_url = %graph.tokens().token_url(), "Graph client ready");
-    let service = OperationService::new(store.clone(), acs, graph, tasks.clone(), shutdown.clone());
+    let service = OperationService::new(
+        store.clone(),
+        recorder.clone(),
+        acs,
+        graph,
+        tasks.clone(),
+        shutdown.clone(),
+    );
     tasks.spawn(service::run_sweeper(
         store,
+        recorder.clone(),
+        Duration::from_secs(config.operations.dedupe_ttl_secs),
         Duration::from_millis(config.operations.sweep_interval_ms.max(10)),
         shutdown.clone(),
     ));
@@ -147,6 +160,8 @@ pub async fn run(
     {
         tracing::warn!("background work did not finish within the shutdown grace period");
     }
+    // Everything acknowledged is already committed; this waits for the last writes.
+    recorder.journal().close().await;
     tracing::info!("callops stopped");
     Ok(())
 }
@@ -251,6 +266,46 @@ fn callback_authenticator(
         .build()
         .context("building an HTTP client")?;
     Ok(CallbackAuthenticator::new(callbacks, acs, graph, http))
+}
+
+/// Opens the configured store and loads what it holds into `store`.
+async fn open_store(config: &StoreConfig, store: &OperationStore) -> anyhow::Result<Recorder> {
+    let path = match config.location()? {
+        StoreLocation::Memory => {
+            tracing::warn!(
+                "the store is in memory (CALLOPS_STORE=memory): operations and callbacks are lost at every restart"
+            );
+            return Ok(Recorder::memory());
+        }
+        StoreLocation::Sqlite(path) => path,
+    };
+    let options = SqliteOptions {
+        max_batch_records: config.max_batch_records,
+        synchronous_full: config.synchronous_full,
+    };
+    let opened = path.clone();
+    let (journal, loaded) = tokio::task::spawn_blocking(move || {
+        let journal = Journal::open_sqlite(&opened, options)?;
+        let loaded = journal.load()?;
+        anyhow::Ok((journal, loaded))
+    })
+    .await
+    .context("opening the store")?
+    .with_context(|| format!("opening the store at {}", path.display()))?;
+    let restored = persistence::restored(loaded);
+    tracing::info!(
+        store.path = %path.display(),
+        operations = restored.operations.len(),
+        seen = restored.seen.len(),
+        parked = restored.parked.len(),
+        "durable store opened"
+    );
+    store.restore(
+        restored,
+        tokio::time::Instant::now(),
+        time::OffsetDateTime::now_utc(),
+    );
+    Ok(Recorder::durable(journal))
 }
 
 /// Starts the in-process emulator (ACS and Graph) and returns its endpoint.

@@ -4,6 +4,10 @@
 //! the upstream request on a tracked background task, so the client's 202 never waits on
 //! ACS and a client that disconnects cannot cancel a half-sent request. Callbacks are turned
 //! into platform-neutral [`IncomingEvent`]s and handed to the store.
+//!
+//! Durability: every change is also written to the journal through the [`Recorder`]
+//! before the client hears of it (a new operation before its 202, a callback before its
+//! 2xx); upstream answers and sweeps are written as they happen.
 
 use std::time::Duration;
 
@@ -15,13 +19,16 @@ use uuid::Uuid;
 use crate::acs::client::{AcsClient, AcsError, RemoveParticipant, Repeatability};
 use crate::acs::events::AcsEvent;
 use crate::acs::identifier::{CommunicationIdentifier, IdentifierError};
+use crate::correlation::IncomingEvent;
 use crate::graph::client::{CancelAnswer, GraphClient, GraphError};
 use crate::graph::ids;
 use crate::graph::notifications::GraphEvent;
+use crate::journal::JournalError;
 use crate::operation::{
     CallRef, Operation, OperationError, OperationId, OperationKind, ResultInfo, Transition,
 };
-use crate::store::{ContextInUse, Delivery, ListFilter, OperationStore};
+use crate::persistence::{Changes, Recorder};
+use crate::store::{ContextInUse, Delivery, ListFilter, OperationStore, SweepReport};
 use crate::upstream::TransientError;
 
 /// The longest operationContext accepted from a client.
@@ -34,6 +41,7 @@ pub const MAX_CLIENT_CONTEXT_LEN: usize = 256;
 #[derive(Clone)]
 pub struct OperationService {
     store: OperationStore,
+    recorder: Recorder,
     acs: AcsClient,
     graph: GraphClient,
     tasks: TaskTracker,
@@ -51,7 +59,15 @@ pub enum StartError {
     ClientContext,
     #[error(transparent)]
     Conflict(#[from] ContextInUse),
+    /// The record could not be made durable; nothing was sent upstream.
+    #[error("the operation could not be stored: {0}")]
+    Store(#[from] JournalError),
 }
+
+/// A callback delivery whose effects could not be made durable (the sender should retry).
+#[derive(Debug, thiserror::Error)]
+#[error("the callback could not be stored: {0}")]
+pub struct DeliveryError(#[from] JournalError);
 
 /// How many events of a delivery ended which way.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -67,6 +83,7 @@ pub struct DeliverySummary {
 impl OperationService {
     pub fn new(
         store: OperationStore,
+        recorder: Recorder,
         acs: AcsClient,
         graph: GraphClient,
         tasks: TaskTracker,
@@ -74,6 +91,7 @@ impl OperationService {
     ) -> Self {
         Self {
             store,
+            recorder,
             acs,
             graph,
             tasks,
@@ -88,7 +106,7 @@ impl OperationService {
 
     /// Creates a Remove Participant operation and sends it to ACS in the background.
     #[tracing::instrument(skip_all, fields(call.connection_id = %call_connection_id, operation.id))]
-    pub fn start_remove_participant(
+    pub async fn start_remove_participant(
         &self,
         call_connection_id: String,
         participant: CommunicationIdentifier,
@@ -97,11 +115,13 @@ impl OperationService {
         let participant = participant.normalize()?;
         let context =
             context_or_generated(operation_context, MAX_CONTEXT_LEN).ok_or(StartError::Context)?;
-        let operation = self.create(
-            OperationKind::RemoveParticipant,
-            CallRef::CallConnection(call_connection_id.clone()),
-            &context,
-        )?;
+        let operation = self
+            .create(
+                OperationKind::RemoveParticipant,
+                CallRef::CallConnection(call_connection_id.clone()),
+                &context,
+            )
+            .await?;
         let id = operation.id;
         let request = RemoveParticipant {
             call_connection_id,
@@ -115,8 +135,9 @@ impl OperationService {
         Ok(operation)
     }
 
-    /// Creates the record (before anything is sent upstream) and names it in the span.
-    fn create(
+    /// Creates the record and makes it durable (before anything is sent upstream), and
+    /// names it in the span.
+    async fn create(
         &self,
         kind: OperationKind,
         call: CallRef,
@@ -125,8 +146,25 @@ impl OperationService {
         let operation = Operation::new(kind, call, context.to_owned(), OffsetDateTime::now_utc());
         let operation = self.store.create(operation)?;
         tracing::Span::current().record("operation.id", tracing::field::display(operation.id));
+        let mut changes = self.recorder.changes();
+        changes.operation(operation.id);
+        // Callbacks parked for it were applied: they are no longer parked.
+        changes.unparked(operation.events.iter().map(|event| event.id.as_deref()));
+        if let Err(error) = self.recorder.commit(&self.store, changes).await {
+            tracing::error!(%error, "the new operation could not be stored");
+            return Err(error.into());
+        }
         tracing::info!("operation created");
         Ok(operation)
+    }
+
+    /// Writes what an upstream answer changed (nobody waits on it: a failure is logged).
+    async fn record(&self, id: OperationId) {
+        let mut changes = self.recorder.changes();
+        changes.operation(id);
+        if let Err(error) = self.recorder.commit(&self.store, changes).await {
+            tracing::error!(operation.id = %id, %error, "an upstream answer could not be stored");
+        }
     }
 
     #[tracing::instrument(skip_all, fields(operation.id = %id))]
@@ -140,23 +178,26 @@ impl OperationService {
         };
         self.store
             .transition(id, transition, OffsetDateTime::now_utc());
+        self.record(id).await;
     }
 
     /// Creates a cancelMediaProcessing operation and sends it to Graph in the background.
     /// `call_id` is sent upstream as given and kept in canonical form.
     #[tracing::instrument(skip_all, fields(call.id = %call_id, operation.id))]
-    pub fn start_cancel_media_processing(
+    pub async fn start_cancel_media_processing(
         &self,
         call_id: String,
         client_context: Option<String>,
     ) -> Result<Operation, StartError> {
         let context = context_or_generated(client_context, MAX_CLIENT_CONTEXT_LEN)
             .ok_or(StartError::ClientContext)?;
-        let operation = self.create(
-            OperationKind::CancelMediaProcessing,
-            CallRef::Call(ids::canonical(&call_id).into_owned()),
-            &context,
-        )?;
+        let operation = self
+            .create(
+                OperationKind::CancelMediaProcessing,
+                CallRef::Call(ids::canonical(&call_id).into_owned()),
+                &context,
+            )
+            .await?;
         let id = operation.id;
         let service = self.clone();
         self.tasks.spawn(async move {
@@ -191,12 +232,47 @@ impl OperationService {
         };
         self.store
             .transition(id, transition, OffsetDateTime::now_utc());
+        self.record(id).await;
     }
 
-    /// Applies one Graph notification delivery.
-    pub fn deliver_graph(&self, events: Vec<GraphEvent>) -> DeliverySummary {
+    /// Hands `incoming` to the store and notes what it changed.
+    fn deliver(
+        &self,
+        incoming: IncomingEvent,
+        now: tokio::time::Instant,
+        changes: &mut Changes,
+    ) -> Delivery {
+        // A copy is kept only when it may be parked (it names a context) and the store is
+        // durable.
+        let copy = (changes.keeps_parked() && incoming.context.is_some()).then(|| incoming.clone());
+        let call = incoming.cancelled.then(|| incoming.call.clone()).flatten();
+        changes.seen(&incoming);
+        let delivery = self.store.deliver(incoming, now);
+        match delivery {
+            Delivery::Matched { id, .. } | Delivery::Observed { id } => changes.operation(id),
+            Delivery::Parked => {
+                if let Some(copy) = &copy {
+                    changes.parked(copy);
+                }
+            }
+            Delivery::Duplicate | Delivery::CallEvent | Delivery::Unmatched => {}
+        }
+        // A cancelled operation is listed on a cancel of its call.
+        if let (Some(call), Delivery::Matched { .. } | Delivery::Observed { .. }) = (call, delivery)
+        {
+            changes.operations(self.store.cancels_on(&call));
+        }
+        delivery
+    }
+
+    /// Applies one Graph notification delivery; returns once its effects are durable.
+    pub async fn deliver_graph(
+        &self,
+        events: Vec<GraphEvent>,
+    ) -> Result<DeliverySummary, DeliveryError> {
         let now = tokio::time::Instant::now();
         let mut summary = DeliverySummary::default();
+        let mut changes = self.recorder.changes();
         for GraphEvent {
             incoming,
             call_ended,
@@ -213,7 +289,7 @@ impl OperationService {
             };
             // Only a call's end needs the call after the event is handed over.
             let ended = call_ended.map(|result| (call.clone(), result));
-            let delivery = self.store.deliver(incoming, now);
+            let delivery = self.deliver(incoming, now, &mut changes);
             summary.count(delivery);
             if let (Some((call, result)), false) = (ended, delivery == Delivery::Duplicate) {
                 let error = OperationError {
@@ -228,16 +304,22 @@ impl OperationService {
                     operations = failed.len(),
                     "call terminated; its unsettled operations failed"
                 );
+                changes.operations(failed);
             }
         }
-        summary
+        self.recorder.commit(&self.store, changes).await?;
+        Ok(summary)
     }
 
-    /// Applies one ACS callback delivery.
-    pub fn deliver_acs(&self, events: Vec<AcsEvent>) -> DeliverySummary {
+    /// Applies one ACS callback delivery; returns once its effects are durable.
+    pub async fn deliver_acs(
+        &self,
+        events: Vec<AcsEvent>,
+    ) -> Result<DeliverySummary, DeliveryError> {
         let now = tokio::time::Instant::now();
         let received = OffsetDateTime::now_utc();
         let mut summary = DeliverySummary::default();
+        let mut changes = self.recorder.changes();
         for event in events {
             let incoming = event.into_incoming(received);
             summary.received += 1;
@@ -250,9 +332,10 @@ impl OperationService {
                 );
                 continue;
             }
-            summary.count(self.store.deliver(incoming, now));
+            summary.count(self.deliver(incoming, now, &mut changes));
         }
-        summary
+        self.recorder.commit(&self.store, changes).await?;
+        Ok(summary)
     }
 
     pub fn get(&self, id: OperationId) -> Option<Operation> {
@@ -402,7 +485,13 @@ fn unavailable(upstream: &str, attempts: u32, last: &TransientError) -> Transiti
 }
 
 /// Expires parked callbacks, duplicate records and old operations until `shutdown`.
-pub async fn run_sweeper(store: OperationStore, interval: Duration, shutdown: CancellationToken) {
+pub async fn run_sweeper(
+    store: OperationStore,
+    recorder: Recorder,
+    dedupe_ttl: Duration,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -410,7 +499,12 @@ pub async fn run_sweeper(store: OperationStore, interval: Duration, shutdown: Ca
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let report = store.sweep(tokio::time::Instant::now(), OffsetDateTime::now_utc());
+        let wall_now = OffsetDateTime::now_utc();
+        let report = store.sweep(tokio::time::Instant::now(), wall_now);
+        let changes = sweep_changes(&recorder, &report, wall_now - dedupe_ttl);
+        if let Err(error) = recorder.commit(&store, changes).await {
+            tracing::error!(%error, "the sweep's changes could not be stored; the next sweep retries what is still due");
+        }
         for event in &report.expired {
             tracing::warn!(
                 event.id = event.id.as_deref().unwrap_or(""),
@@ -430,4 +524,19 @@ pub async fn run_sweeper(store: OperationStore, interval: Duration, shutdown: Ca
             );
         }
     }
+}
+
+/// What a sweep changed: timed-out operations, retired ones, expired parked events, and
+/// event ids past the dedupe window.
+fn sweep_changes(
+    recorder: &Recorder,
+    report: &SweepReport,
+    seen_before: OffsetDateTime,
+) -> Changes {
+    let mut changes = recorder.changes();
+    changes.operations(report.timed_out.iter().copied());
+    changes.removed(report.removed_operations.iter().copied());
+    changes.unparked(report.expired.iter().map(|event| event.id.as_deref()));
+    changes.seen_expired_before(seen_before);
+    changes
 }

@@ -32,7 +32,8 @@ async fn receive_acs_callback(
     let (verified, body) = authenticated_body(&auth, CallbackSource::Acs, request).await?;
     let events = events::decode(verified.body(&body).bytes())
         .map_err(|error| ApiError::BadRequest(error.to_string()))?;
-    Ok(axum::Json(service.deliver_acs(events)))
+    let summary = service.deliver_acs(events).await.map_err(not_stored)?;
+    Ok(axum::Json(summary))
 }
 
 /// `POST /callbacks/graph`: Graph `commsNotifications`. Answered `202 Accepted` (what Graph
@@ -45,10 +46,8 @@ async fn receive_graph_callback(
     let (verified, body) = authenticated_body(&auth, CallbackSource::Graph, request).await?;
     let events = notifications::decode(verified.body(&body).bytes(), OffsetDateTime::now_utc())
         .map_err(|error| ApiError::BadRequest(error.to_string()))?;
-    Ok((
-        StatusCode::ACCEPTED,
-        axum::Json(service.deliver_graph(events)),
-    ))
+    let summary = service.deliver_graph(events).await.map_err(not_stored)?;
+    Ok((StatusCode::ACCEPTED, axum::Json(summary)))
 }
 
 /// Authenticates `request` from its headers and query, then reads its body (within the body
@@ -67,6 +66,12 @@ async fn authenticated_body(
         .await
         .map_err(body_error)?;
     Ok((verified, body))
+}
+
+/// The callback's effects could not be made durable: 503, so the platform retries.
+fn not_stored(error: crate::service::DeliveryError) -> ApiError {
+    tracing::error!(%error, "callback not acknowledged");
+    ApiError::Unavailable(error.to_string())
 }
 
 fn refused(error: AuthError) -> ApiError {

@@ -59,11 +59,13 @@ async fn create_removal(
     ApiJson(body): ApiJson<RemoveParticipantIn>,
 ) -> Result<Response, ApiError> {
     check_call_id(&call_connection_id, "callConnectionId")?;
-    let operation = service.start_remove_participant(
-        call_connection_id,
-        body.participant_to_remove,
-        body.operation_context,
-    )?;
+    let operation = service
+        .start_remove_participant(
+            call_connection_id,
+            body.participant_to_remove,
+            body.operation_context,
+        )
+        .await?;
     Ok(accepted(operation, limits.retry_after_secs))
 }
 
@@ -81,7 +83,9 @@ async fn create_cancel(
     ApiJson(body): ApiJson<CancelMediaProcessingIn>,
 ) -> Result<Response, ApiError> {
     check_call_id(&call_id, "callId")?;
-    let operation = service.start_cancel_media_processing(call_id, body.client_context)?;
+    let operation = service
+        .start_cancel_media_processing(call_id, body.client_context)
+        .await?;
     Ok(accepted(operation, limits.retry_after_secs))
 }
 

@@ -30,8 +30,9 @@ use std::time::Duration;
 /// returns Ok.
 #[derive(Debug, Default, Clone)]
 pub struct Batch {
-    /// Insert or replace: (operation id as its canonical string, JSON snapshot, last-updated
-    /// unix ms).
+    /// Insert or replace: (operation id as its canonical string, JSON snapshot, revision).
+    /// A snapshot never replaces one with a higher revision, so concurrent writers may reach
+    /// the journal in any order.
     pub operations: Vec<(String, Vec<u8>, i64)>,
     pub removed_operations: Vec<String>,
     /// Event ids seen (dedupe), with when (unix ms). Insert-or-ignore.
@@ -105,8 +106,8 @@ impl Batch {
 /// What a journal holds at start.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Loaded {
-    /// (operation id, JSON snapshot), in id order.
-    pub operations: Vec<(String, Vec<u8>)>,
+    /// (operation id, JSON snapshot, revision), in id order.
+    pub operations: Vec<(String, Vec<u8>, i64)>,
     /// (event id, seen at unix ms), oldest first.
     pub seen: Vec<(String, i64)>,
     /// (sequence number, JSON, parked-at unix ms), in sequence order.

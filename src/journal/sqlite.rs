@@ -9,7 +9,7 @@
 //! they are ordered after every write handed over before them.
 //!
 //! Schema (version [`SCHEMA_VERSION`] in `PRAGMA user_version`):
-//! - `operations(id TEXT PRIMARY KEY, body BLOB, updated_ms INTEGER)`: a rowid table, since
+//! - `operations(id TEXT PRIMARY KEY, body BLOB, revision INTEGER)`: a rowid table, since
 //!   snapshots are often larger than the twentieth of a page under which `WITHOUT ROWID`
 //!   pays; upserts update the row in place, so the id index is untouched on a replace.
 //! - `seen(event_id TEXT PRIMARY KEY, at_ms INTEGER) WITHOUT ROWID`, indexed on `at_ms` for
@@ -42,7 +42,7 @@ const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS operations (
     id TEXT PRIMARY KEY,
     body BLOB NOT NULL,
-    updated_ms INTEGER NOT NULL
+    revision INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS seen (
     event_id TEXT PRIMARY KEY,
@@ -56,15 +56,16 @@ CREATE TABLE IF NOT EXISTS parked (
 );
 ";
 
-const UPSERT_OPERATION: &str = "INSERT INTO operations (id, body, updated_ms) VALUES (?1, ?2, ?3) \
-     ON CONFLICT (id) DO UPDATE SET body = excluded.body, updated_ms = excluded.updated_ms";
+const UPSERT_OPERATION: &str = "INSERT INTO operations (id, body, revision) VALUES (?1, ?2, ?3) \
+     ON CONFLICT (id) DO UPDATE SET body = excluded.body, revision = excluded.revision \
+     WHERE excluded.revision >= operations.revision";
 const DELETE_OPERATION: &str = "DELETE FROM operations WHERE id = ?1";
 const INSERT_SEEN: &str = "INSERT OR IGNORE INTO seen (event_id, at_ms) VALUES (?1, ?2)";
 const EXPIRE_SEEN: &str = "DELETE FROM seen WHERE at_ms < ?1";
 const UPSERT_PARKED: &str = "INSERT INTO parked (seq, body, at_ms) VALUES (?1, ?2, ?3) \
      ON CONFLICT (seq) DO UPDATE SET body = excluded.body, at_ms = excluded.at_ms";
 const DELETE_PARKED: &str = "DELETE FROM parked WHERE seq = ?1";
-const SELECT_OPERATIONS: &str = "SELECT id, body FROM operations ORDER BY id";
+const SELECT_OPERATIONS: &str = "SELECT id, body, revision FROM operations ORDER BY id";
 const SELECT_SEEN: &str = "SELECT event_id, at_ms FROM seen ORDER BY at_ms, event_id";
 const SELECT_PARKED: &str = "SELECT seq, body, at_ms FROM parked ORDER BY seq";
 
@@ -352,8 +353,8 @@ fn write_group(conn: &mut Connection, group: &[Pending]) -> rusqlite::Result<()>
 fn apply(tx: &Transaction<'_>, batch: &Batch) -> rusqlite::Result<()> {
     if !batch.operations.is_empty() {
         let mut upsert = tx.prepare_cached(UPSERT_OPERATION)?;
-        for (id, body, updated_ms) in &batch.operations {
-            upsert.execute(params![id, body, updated_ms])?;
+        for (id, body, revision) in &batch.operations {
+            upsert.execute(params![id, body, revision])?;
         }
     }
     if !batch.removed_operations.is_empty() {
@@ -396,7 +397,7 @@ fn load(conn: &mut Connection) -> rusqlite::Result<Loaded> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
     let operations = tx
         .prepare_cached(SELECT_OPERATIONS)?
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let seen = tx
         .prepare_cached(SELECT_SEEN)?
@@ -439,8 +440,8 @@ mod tests {
         Journal::open_sqlite(path, SqliteOptions::default()).expect("open the journal")
     }
 
-    fn op(id: &str, body: &str, ms: i64) -> (String, Vec<u8>, i64) {
-        (id.to_owned(), body.as_bytes().to_vec(), ms)
+    fn op(id: &str, body: &str, revision: i64) -> (String, Vec<u8>, i64) {
+        (id.to_owned(), body.as_bytes().to_vec(), revision)
     }
 
     fn ops(batch: Vec<(String, Vec<u8>, i64)>) -> Batch {
@@ -521,8 +522,8 @@ mod tests {
 
         let expected = Loaded {
             operations: vec![
-                ("a".to_owned(), br#"{"v":2}"#.to_vec()),
-                ("c".to_owned(), br#"{"v":1}"#.to_vec()),
+                ("a".to_owned(), br#"{"v":2}"#.to_vec(), 2),
+                ("c".to_owned(), br#"{"v":1}"#.to_vec(), 1),
             ],
             seen: vec![("e5".to_owned(), 10), ("e3".to_owned(), 300)],
             parked: vec![(1, b"p1".to_vec(), 10), (3, b"p3-again".to_vec(), 30)],
@@ -532,6 +533,25 @@ mod tests {
         // Loading again gives the same.
         assert_eq!(reopened.load().expect("second load"), expected);
         reopened.close().await;
+    }
+
+    #[tokio::test]
+    async fn an_older_snapshot_never_replaces_a_newer_one() {
+        let dir = temp_dir();
+        let path = dir.path().join("journal.db");
+        let journal = open(&path);
+        for (body, revision) in [(r#"{"v":5}"#, 5), (r#"{"v":3}"#, 3), (r#"{"v":5b}"#, 5)] {
+            journal
+                .write(ops(vec![op("a", body, revision)]))
+                .await
+                .expect("write");
+        }
+        let loaded = journal.load().expect("load");
+        assert_eq!(
+            loaded.operations,
+            vec![("a".to_owned(), br#"{"v":5b}"#.to_vec(), 5)]
+        );
+        journal.close().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -565,7 +585,7 @@ mod tests {
 
         let loaded = open(&path).load().expect("load");
         let expected: Vec<_> = (0..WRITES)
-            .map(|i| (format!("op-{i:04}"), b"{}".to_vec()))
+            .map(|i| (format!("op-{i:04}"), b"{}".to_vec(), 1))
             .collect();
         assert_eq!(loaded.operations, expected);
         assert_eq!(loaded.seen.len(), WRITES);
@@ -665,7 +685,7 @@ mod tests {
         drop(journal);
         // The old writer thread may still be winding down: WAL lets both connections coexist.
         let loaded = open(&path).load().expect("load");
-        assert_eq!(loaded.operations, vec![("a".to_owned(), b"{}".to_vec())]);
+        assert_eq!(loaded.operations, vec![("a".to_owned(), b"{}".to_vec(), 1)]);
         assert_eq!(loaded.parked, vec![(7, b"p".to_vec(), 3)]);
     }
 
@@ -734,7 +754,7 @@ mod tests {
 
         let loaded = open(&path).load().expect("load after the crash");
         let expected: Vec<_> = (0..CRASH_WRITES)
-            .map(|i| (format!("op-{i:02}"), b"{}".to_vec()))
+            .map(|i| (format!("op-{i:02}"), b"{}".to_vec(), 1))
             .collect();
         assert_eq!(loaded.operations, expected);
     }
@@ -779,7 +799,10 @@ mod tests {
             .await
             .expect("write after the failure");
         let loaded = journal.load().expect("load");
-        assert_eq!(loaded.operations, vec![("kept".to_owned(), b"{}".to_vec())]);
+        assert_eq!(
+            loaded.operations,
+            vec![("kept".to_owned(), b"{}".to_vec(), 1)]
+        );
         journal.close().await;
     }
 

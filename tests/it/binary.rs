@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::support::{follow, within};
 
 /// A free loopback port (bound, then released for the child to take).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -18,7 +18,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-struct Process(Child);
+pub struct Process(pub Child);
 
 impl Drop for Process {
     fn drop(&mut self) {
@@ -27,7 +27,7 @@ impl Drop for Process {
     }
 }
 
-fn callops(args: &[&str], env: &[(&str, String)]) -> Process {
+pub fn callops(args: &[&str], env: &[(&str, String)]) -> Process {
     let mut command = Command::new(env!("CARGO_BIN_EXE_callops"));
     command
         .args(args)
@@ -40,7 +40,7 @@ fn callops(args: &[&str], env: &[(&str, String)]) -> Process {
     Process(command.spawn().unwrap())
 }
 
-async fn until_up(http: &reqwest::Client, url: &str) {
+pub async fn until_up(http: &reqwest::Client, url: &str) {
     within(async {
         while http.get(url).send().await.is_err() {
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -1,0 +1,207 @@
+//! Nothing acknowledged is lost: the `callops` binary on a SQLite store, killed with SIGKILL
+//! at the worst moments, restarted on the same file.
+
+use std::path::PathBuf;
+
+use callops::config::Config;
+use callops::emulator::Emulator;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::binary::{Process, callops, free_port, until_up};
+use crate::support::{remove_event, silent, within};
+
+/// An emulator in this process and a `callops` child process on a SQLite file.
+struct Deployment {
+    emulator: Emulator,
+    emulator_url: String,
+    port: u16,
+    db: PathBuf,
+    http: reqwest::Client,
+    _stop_emulator: tokio_util::sync::DropGuard,
+}
+
+impl Deployment {
+    async fn new(name: &str) -> Self {
+        let config = Config::embedded();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let emulator_url = format!("http://{}", listener.local_addr().unwrap());
+        let emulator = Emulator::new(&config.emulator);
+        let stop = CancellationToken::new();
+        tokio::spawn(emulator.clone().serve(listener, stop.clone()));
+        let dir = std::env::temp_dir().join(format!(
+            "callops-durability-{name}-{}",
+            uuid::Uuid::new_v4()
+        ));
+        Self {
+            emulator,
+            emulator_url,
+            port: free_port(),
+            db: dir.join("callops.db"),
+            http: reqwest::Client::new(),
+            _stop_emulator: stop.drop_guard(),
+        }
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts callops on the store file and waits until it answers.
+    async fn start(&self) -> Process {
+        let config = Config::embedded();
+        let emulator = &self.emulator_url;
+        let process = callops(
+            &[],
+            &[
+                ("CALLOPS_LISTEN", format!("127.0.0.1:{}", self.port)),
+                ("CALLOPS_PUBLIC_URL", self.base()),
+                ("CALLOPS_STORE", format!("sqlite://{}", self.db.display())),
+                (
+                    "CALLOPS_ACS_CONNECTION_STRING",
+                    format!(
+                        "endpoint={emulator}/;accesskey={}",
+                        config.emulator.access_key
+                    ),
+                ),
+                (
+                    "CALLOPS_ACS_CALLBACK_OPENID_URL",
+                    format!(
+                        "{emulator}{}",
+                        callops::emulator::callback_signing::ACS_OPENID_PATH
+                    ),
+                ),
+                (
+                    "CALLOPS_ACS_CALLBACK_AUDIENCE",
+                    config.emulator.acs_resource_id.clone(),
+                ),
+                ("CALLOPS_EMULATOR__LISTEN", "127.0.0.1:0".to_owned()),
+            ],
+        );
+        until_up(&self.http, &format!("{}/healthz", self.base())).await;
+        process
+    }
+
+    async fn remove(&self, call: &str, context: &str) -> String {
+        self.emulator.set_script(call, silent());
+        let response = self
+            .http
+            .post(format!(
+                "{}/v1/acs/callConnections/{call}/participants:remove",
+                self.base()
+            ))
+            .json(&json!({"participantToRemove": {"rawId": "8:acs:bob"}, "operationContext": context}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        let operation: Value = response.json().await.unwrap();
+        operation["id"].as_str().unwrap().to_owned()
+    }
+
+    async fn operation(&self, id: &str) -> Value {
+        let response = self
+            .http
+            .get(format!("{}/v1/operations/{id}", self.base()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "operation {id}");
+        response.json().await.unwrap()
+    }
+
+    /// Delivers a signed callback; returns the delivery summary.
+    async fn callback(&self, event: &Value) -> Value {
+        let response = self
+            .http
+            .post(format!("{}/callbacks/acs", self.base()))
+            .bearer_auth(self.emulator.signer().acs_token())
+            .json(event)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    async fn until_status(&self, id: &str, status: &str) -> Value {
+        within(async {
+            loop {
+                let operation = self.operation(id).await;
+                if operation["status"] == status {
+                    return operation;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        if let Some(dir) = self.db.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// SIGKILL, then wait until the process is gone.
+fn kill(mut process: Process) {
+    process.0.kill().unwrap();
+    process.0.wait().unwrap();
+}
+
+#[tokio::test]
+async fn an_operation_sent_upstream_survives_sigkill_and_its_callback_settles_it_after_restart() {
+    let deployment = Deployment::new("sent").await;
+    let server = deployment.start().await;
+    let id = deployment.remove("call-kill-1", "ctx-kill-1").await;
+    // ACS accepted it: it is Running, and its callback has not come yet.
+    deployment.until_status(&id, "Running").await;
+    kill(server);
+
+    let _server = deployment.start().await;
+    let operation = deployment.operation(&id).await;
+    assert_eq!(operation["status"], "Running", "{operation}");
+    let event = remove_event("evt-after-restart", "call-kill-1", "ctx-kill-1", true);
+    let summary = deployment.callback(&event).await;
+    assert_eq!(summary["matched"], 1, "{summary}");
+    let operation = deployment.operation(&id).await;
+    assert_eq!(operation["status"], "Succeeded", "{operation}");
+}
+
+#[tokio::test]
+async fn an_acknowledged_callback_survives_sigkill_and_stays_a_duplicate() {
+    let deployment = Deployment::new("acked").await;
+    let server = deployment.start().await;
+    let id = deployment.remove("call-kill-2", "ctx-kill-2").await;
+    deployment.until_status(&id, "Running").await;
+    let event = remove_event("evt-acked", "call-kill-2", "ctx-kill-2", false);
+    deployment.callback(&event).await;
+    // Killed right after the 200: the callback was durable before it.
+    kill(server);
+
+    let _server = deployment.start().await;
+    let operation = deployment.operation(&id).await;
+    assert_eq!(operation["status"], "Failed", "{operation}");
+    assert_eq!(operation["events"].as_array().unwrap().len(), 1);
+    let summary = deployment.callback(&event).await;
+    assert_eq!(summary["duplicates"], 1, "{summary}");
+}
+
+#[tokio::test]
+async fn a_parked_callback_survives_sigkill_and_settles_its_operation_when_it_appears() {
+    let deployment = Deployment::new("parked").await;
+    let server = deployment.start().await;
+    // The callback comes before the operation exists (it may overtake our own record).
+    let event = remove_event("evt-early", "call-kill-3", "ctx-kill-3", true);
+    let summary = deployment.callback(&event).await;
+    assert_eq!(summary["parked"], 1, "{summary}");
+    kill(server);
+
+    let _server = deployment.start().await;
+    let id = deployment.remove("call-kill-3", "ctx-kill-3").await;
+    let operation = deployment.until_status(&id, "Succeeded").await;
+    assert_eq!(operation["events"][0]["id"], "evt-early", "{operation}");
+}
