@@ -32,6 +32,8 @@ pub fn callops(args: &[&str], env: &[(&str, String)]) -> Process {
     command
         .args(args)
         .env("RUST_LOG", "warn")
+        // Unless a test names a store file, nothing is written to the working directory.
+        .env("CALLOPS_STORE", "memory")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     for (name, value) in env {
@@ -68,10 +70,15 @@ async fn serve_and_emulator_run_as_separate_processes_and_stop_on_sigterm() {
     until_up(&http, &format!("{emulator}/emulator/requests")).await;
 
     let config = callops::config::Config::embedded();
+    let data = tempfile::tempdir().unwrap();
     let mut server = callops(
         &[],
         &[
             ("CALLOPS_LISTEN", format!("127.0.0.1:{port}")),
+            (
+                "CALLOPS_STORE",
+                data.path().join("callops.db").display().to_string(),
+            ),
             ("CALLOPS_PUBLIC_URL", base.clone()),
             (
                 "CALLOPS_ACS_CONNECTION_STRING",

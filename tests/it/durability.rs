@@ -49,35 +49,39 @@ impl Deployment {
 
     /// Starts callops on the store file and waits until it answers.
     async fn start(&self) -> Process {
+        self.start_with(&[]).await
+    }
+
+    /// As [`Deployment::start`], with more environment variables.
+    async fn start_with(&self, more: &[(&str, String)]) -> Process {
         let config = Config::embedded();
         let emulator = &self.emulator_url;
-        let process = callops(
-            &[],
-            &[
-                ("CALLOPS_LISTEN", format!("127.0.0.1:{}", self.port)),
-                ("CALLOPS_PUBLIC_URL", self.base()),
-                ("CALLOPS_STORE", format!("sqlite://{}", self.db.display())),
-                (
-                    "CALLOPS_ACS_CONNECTION_STRING",
-                    format!(
-                        "endpoint={emulator}/;accesskey={}",
-                        config.emulator.access_key
-                    ),
+        let mut env = vec![
+            ("CALLOPS_LISTEN", format!("127.0.0.1:{}", self.port)),
+            ("CALLOPS_PUBLIC_URL", self.base()),
+            ("CALLOPS_STORE", format!("sqlite://{}", self.db.display())),
+            (
+                "CALLOPS_ACS_CONNECTION_STRING",
+                format!(
+                    "endpoint={emulator}/;accesskey={}",
+                    config.emulator.access_key
                 ),
-                (
-                    "CALLOPS_ACS_CALLBACK_OPENID_URL",
-                    format!(
-                        "{emulator}{}",
-                        callops::emulator::callback_signing::ACS_OPENID_PATH
-                    ),
+            ),
+            (
+                "CALLOPS_ACS_CALLBACK_OPENID_URL",
+                format!(
+                    "{emulator}{}",
+                    callops::emulator::callback_signing::ACS_OPENID_PATH
                 ),
-                (
-                    "CALLOPS_ACS_CALLBACK_AUDIENCE",
-                    config.emulator.acs_resource_id.clone(),
-                ),
-                ("CALLOPS_EMULATOR__LISTEN", "127.0.0.1:0".to_owned()),
-            ],
-        );
+            ),
+            (
+                "CALLOPS_ACS_CALLBACK_AUDIENCE",
+                config.emulator.acs_resource_id.clone(),
+            ),
+            ("CALLOPS_EMULATOR__LISTEN", "127.0.0.1:0".to_owned()),
+        ];
+        env.extend_from_slice(more);
+        let process = callops(&[], &env);
         until_up(&self.http, &format!("{}/healthz", self.base())).await;
         process
     }
@@ -204,4 +208,107 @@ async fn a_parked_callback_survives_sigkill_and_settles_its_operation_when_it_ap
     let id = deployment.remove("call-kill-3", "ctx-kill-3").await;
     let operation = deployment.until_status(&id, "Succeeded").await;
     assert_eq!(operation["events"][0]["id"], "evt-early", "{operation}");
+}
+
+/// SIGTERM, as a container platform sends it.
+fn terminate(process: &Process) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &process.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits (bounded) for the process to exit; returns whether it exited cleanly.
+async fn exited(mut process: Process) -> bool {
+    within(async {
+        loop {
+            if let Some(status) = process.0.try_wait().unwrap() {
+                return status.success();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn on_sigterm_a_request_in_flight_completes_and_the_store_is_closed_cleanly() {
+    let deployment = Deployment::new("sigterm").await;
+    let server = deployment.start().await;
+    let id = deployment.remove("call-term", "ctx-term").await;
+    deployment.until_status(&id, "Running").await;
+    // A long poll is in flight when SIGTERM arrives.
+    let poll = deployment
+        .http
+        .get(format!("{}/v1/operations/{id}?wait=30", deployment.base()));
+    let in_flight = tokio::spawn(async move { poll.send().await });
+    within(async {
+        loop {
+            let health: Value = deployment
+                .http
+                .get(format!("{}/healthz", deployment.base()))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if health["longPolls"] == 1 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    terminate(&server);
+    let answered = within(in_flight).await.unwrap().unwrap();
+    assert_eq!(answered.status(), 200);
+    assert!(
+        exited(server).await,
+        "callops did not exit cleanly on SIGTERM"
+    );
+
+    let _server = deployment.start().await;
+    let operation = deployment.operation(&id).await;
+    assert_eq!(operation["status"], "Running", "{operation}");
+}
+
+#[tokio::test]
+async fn retired_operations_leave_the_disk_too() {
+    let deployment = Deployment::new("retention").await;
+    let env = [("CALLOPS_OPERATIONS__RETENTION_SECS", "1".to_owned())];
+    let server = deployment.start_with(&env).await;
+    let id = deployment.remove("call-old", "ctx-old").await;
+    deployment.until_status(&id, "Running").await;
+    deployment
+        .callback(&remove_event("evt-old", "call-old", "ctx-old", true))
+        .await;
+    // Retired from memory by a sweep, a second after it settled.
+    within(async {
+        loop {
+            let response = deployment
+                .http
+                .get(format!("{}/v1/operations/{id}", deployment.base()))
+                .send()
+                .await
+                .unwrap();
+            if response.status() == 404 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    terminate(&server);
+    assert!(exited(server).await);
+    // Not loaded again after a restart (with the default retention, which would keep it).
+    let _server = deployment.start().await;
+    let response = deployment
+        .http
+        .get(format!("{}/v1/operations/{id}", deployment.base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
 }

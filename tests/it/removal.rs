@@ -239,6 +239,9 @@ async fn the_in_process_emulator_is_the_default_upstream() {
     let mut config = callops::config::Config::embedded();
     config.http.public_url = format!("http://{address}").parse().unwrap();
     config.emulator.listen = format!("127.0.0.1:{emulator_port}").parse().unwrap();
+    // The default durable store, in a directory of its own.
+    let data = tempfile::tempdir().unwrap();
+    config.store.location = data.path().join("callops.db").display().to_string();
     assert!(config.acs.connection().unwrap().is_none());
     assert!(!config.graph.is_configured());
     let shutdown = tokio_util::sync::CancellationToken::new();

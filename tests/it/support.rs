@@ -60,6 +60,7 @@ impl TestApp {
         config.graph.retry.initial_delay_ms = 10;
         config.graph.retry.max_delay_ms = 100;
         config.emulator.listen = "127.0.0.1:0".parse().unwrap();
+        config.store.location = "memory".to_owned();
         // Callback tokens: verified against the emulator's keys, as against ACS's and Graph's.
         config.callbacks.acs.openid_url = format!(
             "http://{emulator_address}{}",
