@@ -300,12 +300,20 @@ async fn open_store(config: &StoreConfig, store: &OperationStore) -> anyhow::Res
         parked = restored.parked.len(),
         "durable store opened"
     );
-    store.restore(
+    let unparked = store.restore(
         restored,
         tokio::time::Instant::now(),
         time::OffsetDateTime::now_utc(),
     );
-    Ok(Recorder::durable(journal))
+    let recorder = Recorder::durable(journal);
+    // Parked events that expired while callops was down, or were applied at load.
+    let mut changes = recorder.changes();
+    changes.unparked(unparked.iter().map(|id| Some(id.as_str())));
+    recorder
+        .commit(store, changes)
+        .await
+        .context("cleaning up the store")?;
+    Ok(recorder)
 }
 
 /// Starts the in-process emulator (ACS and Graph) and returns its endpoint.

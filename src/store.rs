@@ -255,7 +255,16 @@ impl OperationStore {
     /// Loads the durable record into an empty store at start: operations (with their index
     /// entries, upstream ids, cancels and open lists), the duplicate filter and the parked
     /// events that have not expired (`now` / `wall_now` convert their ages).
-    pub fn restore(&self, restored: Restored, now: Instant, wall_now: OffsetDateTime) {
+    ///
+    /// Returns the ids of the parked events that are no longer parked (expired, or applied
+    /// to their operation), for the caller to drop from the record.
+    pub fn restore(
+        &self,
+        restored: Restored,
+        now: Instant,
+        wall_now: OffsetDateTime,
+    ) -> Vec<String> {
+        let mut unparked = Vec::new();
         let inner = &self.inner;
         let limits = &inner.limits;
         let mut operations = restored.operations;
@@ -308,6 +317,7 @@ impl OperationStore {
         for (event, at) in restored.parked {
             let age = age(at);
             let Some(key) = event.key().filter(|_| age < limits.park_ttl) else {
+                unparked.extend(event.id);
                 continue;
             };
             match inner.index.entry(key) {
@@ -324,6 +334,7 @@ impl OperationStore {
                         if !listed {
                             self.apply_to(id, &event);
                         }
+                        unparked.extend(event.id);
                     }
                     Slot::Parked(events) => {
                         inner.parked.fetch_add(1, Ordering::Relaxed);
@@ -342,6 +353,7 @@ impl OperationStore {
                 }
             }
         }
+        unparked
     }
 
     /// Applies an upstream answer (accepted, rejected) to an operation.
@@ -1967,7 +1979,7 @@ mod tests {
             .filter_map(|id| before.get(id))
             .collect();
         let after = store();
-        after.restore(
+        let unparked = after.restore(
             Restored {
                 operations: operations.clone(),
                 seen: vec![
@@ -1976,11 +1988,19 @@ mod tests {
                     ("e-early".to_owned(), wall),
                     ("e-forgotten".to_owned(), wall - time::Duration::days(30)),
                 ],
-                parked: vec![(early, wall)],
+                parked: vec![
+                    (early, wall),
+                    (
+                        event("e-stale", "c3", Some("ctx-stale"), succeeded()),
+                        wall - time::Duration::hours(1),
+                    ),
+                ],
             },
             now,
             wall,
         );
+        // The stale parked event is dropped, and reported so the record drops it too.
+        assert_eq!(unparked, ["e-stale"]);
         for op in &operations {
             assert_eq!(after.get(op.id).as_ref(), Some(op), "{op:?}");
         }
