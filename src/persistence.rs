@@ -58,10 +58,10 @@ impl Changes {
         }
     }
 
-    /// An event id was seen for the first time.
-    pub fn seen(&mut self, event: &IncomingEvent) {
-        if let (true, Some(id)) = (self.durable, &event.id) {
-            self.seen.push((id.clone(), unix_ms(event.received)));
+    /// An event id was seen for the first time, at `received`.
+    pub fn seen(&mut self, id: String, received: OffsetDateTime) {
+        if self.durable {
+            self.seen.push((id, unix_ms(received)));
         }
     }
 
@@ -72,7 +72,8 @@ impl Changes {
         }
     }
 
-    /// True when a parked event must be kept: the caller then hands a copy to [`Changes::parked`].
+    /// True when changes are kept at all (a durable store): the caller then hands copies of
+    /// what it needs (a parked event, an event id) to these methods.
     pub fn keeps_parked(&self) -> bool {
         self.durable
     }
@@ -228,4 +229,103 @@ fn unix_ms(at: OffsetDateTime) -> i64 {
 fn from_unix_ms(ms: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use time::OffsetDateTime;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::journal::SqliteOptions;
+    use crate::operation::{CallRef, OperationKind, OperationStatus, Transition};
+
+    fn event(id: &str, call: &str, context: &str, received: OffsetDateTime) -> IncomingEvent {
+        IncomingEvent {
+            id: Some(id.to_owned()),
+            event_type: "Microsoft.Communication.RemoveParticipantSucceeded".to_owned(),
+            call: Some(CallRef::CallConnection(call.to_owned())),
+            context: Some(context.to_owned()),
+            kind: OperationKind::RemoveParticipant,
+            upstream_id: None,
+            cancelled: false,
+            upstream_status: None,
+            transition: Some(Transition::Succeeded { result: None }),
+            received,
+        }
+    }
+
+    #[tokio::test]
+    async fn what_is_committed_is_what_a_new_store_restores() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("callops.db");
+        let config = Config::embedded().operations;
+        let journal = Journal::open_sqlite(&path, SqliteOptions::default()).unwrap();
+        let recorder = Recorder::durable(journal.clone());
+        let store = OperationStore::new(&config);
+        let now = OffsetDateTime::now_utc();
+
+        let created = store
+            .create(Operation::new(
+                OperationKind::RemoveParticipant,
+                CallRef::CallConnection("c1".to_owned()),
+                "ctx".to_owned(),
+                now,
+            ))
+            .unwrap();
+        let mut changes = recorder.changes();
+        changes.operation(created.id);
+        recorder.commit(&store, changes).await.unwrap();
+        // A callback settles it, another is parked.
+        let mut changes = recorder.changes();
+        store.deliver(event("e1", "c1", "ctx", now), Instant::now());
+        changes.operation(created.id);
+        changes.seen("e1".to_owned(), now);
+        let early = event("e2", "c2", "early", now);
+        store.deliver(early.clone(), Instant::now());
+        changes.parked(&early);
+        changes.seen("e2".to_owned(), now);
+        recorder.commit(&store, changes).await.unwrap();
+        journal.close().await;
+
+        let reopened = Journal::open_sqlite(&path, SqliteOptions::default()).unwrap();
+        let restored = restored(reopened.load().unwrap());
+        assert_eq!(restored.operations.len(), 1);
+        assert_eq!(restored.operations[0], store.get(created.id).unwrap());
+        assert_eq!(restored.operations[0].status, OperationStatus::Succeeded);
+        assert_eq!(restored.seen.len(), 2);
+        assert_eq!(restored.parked.len(), 1);
+        assert_eq!(restored.parked[0].0, early);
+
+        // Applying the parked event at creation unparks it in the record.
+        let fresh = OperationStore::new(&config);
+        assert!(fresh.restore(restored, Instant::now(), now).is_empty());
+        let second = fresh
+            .create(Operation::new(
+                OperationKind::RemoveParticipant,
+                CallRef::CallConnection("c2".to_owned()),
+                "early".to_owned(),
+                now,
+            ))
+            .unwrap();
+        assert_eq!(second.status, OperationStatus::Succeeded);
+        let recorder = Recorder::durable(reopened.clone());
+        let mut changes = recorder.changes();
+        changes.operation(second.id);
+        changes.unparked(second.events.iter().map(|event| event.id.as_deref()));
+        recorder.commit(&fresh, changes).await.unwrap();
+        assert!(reopened.load().unwrap().parked.is_empty());
+        reopened.close().await;
+    }
+
+    #[test]
+    fn the_memory_recorder_keeps_nothing() {
+        let recorder = Recorder::memory();
+        let mut changes = recorder.changes();
+        changes.seen("e".to_owned(), OffsetDateTime::now_utc());
+        changes.operation(OperationId::new());
+        assert!(!changes.keeps_parked());
+        assert!(changes.seen.is_empty() && changes.operations.is_empty());
+    }
 }

@@ -246,8 +246,13 @@ impl OperationService {
         // durable.
         let copy = (changes.keeps_parked() && incoming.context.is_some()).then(|| incoming.clone());
         let call = incoming.cancelled.then(|| incoming.call.clone()).flatten();
-        changes.seen(&incoming);
+        let seen = changes
+            .keeps_parked()
+            .then(|| (incoming.id.clone(), incoming.received));
         let delivery = self.store.deliver(incoming, now);
+        if let (Some((Some(id), received)), false) = (seen, delivery == Delivery::Duplicate) {
+            changes.seen(id, received);
+        }
         match delivery {
             Delivery::Matched { id, .. } | Delivery::Observed { id } => changes.operation(id),
             Delivery::Parked => {
