@@ -115,13 +115,11 @@ impl OperationService {
         let participant = participant.normalize()?;
         let context =
             context_or_generated(operation_context, MAX_CONTEXT_LEN).ok_or(StartError::Context)?;
-        let operation = self
-            .create(
-                OperationKind::RemoveParticipant,
-                CallRef::CallConnection(call_connection_id.clone()),
-                &context,
-            )
-            .await?;
+        let operation = self.create(
+            OperationKind::RemoveParticipant,
+            CallRef::CallConnection(call_connection_id.clone()),
+            &context,
+        )?;
         let id = operation.id;
         let request = RemoveParticipant {
             call_connection_id,
@@ -129,15 +127,14 @@ impl OperationService {
             operation_context: context,
             repeatability: Repeatability::new(),
         };
-        let service = self.clone();
-        self.tasks
-            .spawn(async move { service.dispatch(id, request).await });
-        Ok(operation)
+        self.launch(operation, move |service| async move {
+            service.dispatch(id, request).await;
+        })
+        .await
     }
 
-    /// Creates the record and makes it durable (before anything is sent upstream), and
-    /// names it in the span.
-    async fn create(
+    /// Creates the record (before anything is sent upstream) and names it in the span.
+    fn create(
         &self,
         kind: OperationKind,
         call: CallRef,
@@ -146,16 +143,60 @@ impl OperationService {
         let operation = Operation::new(kind, call, context.to_owned(), OffsetDateTime::now_utc());
         let operation = self.store.create(operation)?;
         tracing::Span::current().record("operation.id", tracing::field::display(operation.id));
+        Ok(operation)
+    }
+
+    /// Makes the new record durable, then sends it upstream (`dispatch`), on one tracked
+    /// task: the caller's `202` waits for the commit only, and a client that goes away
+    /// meanwhile cannot leave a stored operation unsent. If the commit fails, the operation
+    /// fails in memory too (so its context is free again) and nothing is sent.
+    async fn launch<F, Fut>(
+        &self,
+        operation: Operation,
+        dispatch: F,
+    ) -> Result<Operation, StartError>
+    where
+        F: FnOnce(OperationService) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let id = operation.id;
         let mut changes = self.recorder.changes();
-        changes.operation(operation.id);
+        changes.operation(id);
         // Callbacks parked for it were applied: they are no longer parked.
         changes.unparked(operation.events.iter().map(|event| event.id.as_deref()));
-        if let Err(error) = self.recorder.commit(&self.store, changes).await {
-            tracing::error!(%error, "the new operation could not be stored");
-            return Err(error.into());
+        let (committed, outcome) = tokio::sync::oneshot::channel();
+        let service = self.clone();
+        let span = tracing::Span::current();
+        self.tasks.spawn(async move {
+            let result = service.recorder.commit(&service.store, changes).await;
+            let stored = result.is_ok();
+            if let Err(error) = &result {
+                let _entered = span.enter();
+                tracing::error!(%error, "the new operation could not be stored; not sent");
+                let failed = Transition::Failed {
+                    result: None,
+                    error: OperationError {
+                        code: "StoreUnavailable".to_owned(),
+                        message: format!("the operation could not be stored: {error}"),
+                    },
+                };
+                service
+                    .store
+                    .transition(id, failed, OffsetDateTime::now_utc());
+            }
+            let _ = committed.send(result);
+            if stored {
+                dispatch(service).await;
+            }
+        });
+        match outcome.await {
+            Ok(Ok(())) => {
+                tracing::info!("operation created");
+                Ok(operation)
+            }
+            Ok(Err(error)) => Err(error.into()),
+            Err(_) => Err(JournalError::Closed.into()),
         }
-        tracing::info!("operation created");
-        Ok(operation)
     }
 
     /// Writes what an upstream answer changed (nobody waits on it: a failure is logged).
@@ -191,19 +232,16 @@ impl OperationService {
     ) -> Result<Operation, StartError> {
         let context = context_or_generated(client_context, MAX_CLIENT_CONTEXT_LEN)
             .ok_or(StartError::ClientContext)?;
-        let operation = self
-            .create(
-                OperationKind::CancelMediaProcessing,
-                CallRef::Call(ids::canonical(&call_id).into_owned()),
-                &context,
-            )
-            .await?;
+        let operation = self.create(
+            OperationKind::CancelMediaProcessing,
+            CallRef::Call(ids::canonical(&call_id).into_owned()),
+            &context,
+        )?;
         let id = operation.id;
-        let service = self.clone();
-        self.tasks.spawn(async move {
+        self.launch(operation, move |service| async move {
             service.dispatch_cancel(id, call_id, context).await;
-        });
-        Ok(operation)
+        })
+        .await
     }
 
     #[tracing::instrument(skip_all, fields(operation.id = %id))]
