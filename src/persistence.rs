@@ -124,6 +124,11 @@ impl Recorder {
         &self.journal
     }
 
+    /// Whether the store can commit now (always, in memory).
+    pub async fn probe(&self) -> Result<(), JournalError> {
+        self.journal.probe().await
+    }
+
     /// An empty change set for one request.
     pub fn changes(&self) -> Changes {
         Changes {
@@ -218,8 +223,8 @@ fn key_of_event_id(id: &str) -> u64 {
     let digest = Sha256::digest(id.as_bytes());
     let mut bytes = [0u8; 8];
     bytes.copy_from_slice(&digest[..8]);
-    // SQLite integers are signed: keep the key positive.
-    u64::from_be_bytes(bytes) >> 1
+    // SQLite integers are signed: keep the key positive, and off the probe's.
+    (u64::from_be_bytes(bytes) >> 1).max(crate::journal::PROBE_SEQ + 1)
 }
 
 fn unix_ms(at: OffsetDateTime) -> i64 {

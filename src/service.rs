@@ -104,6 +104,18 @@ impl OperationService {
         &self.store
     }
 
+    /// Whether the store can commit now, within `timeout`.
+    pub async fn store_ready(&self, timeout: Duration) -> Result<(), String> {
+        match tokio::time::timeout(timeout, self.recorder.probe()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!(
+                "the store did not commit within {} ms",
+                timeout.as_millis()
+            )),
+        }
+    }
+
     /// Creates a Remove Participant operation and sends it to ACS in the background.
     #[tracing::instrument(skip_all, fields(call.connection_id = %call_connection_id, operation.id))]
     pub async fn start_remove_participant(

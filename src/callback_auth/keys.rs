@@ -147,6 +147,15 @@ impl KeyCache {
         self.inner.keys.load_full()
     }
 
+    /// True when keys are loaded; when none ever were, tries to load them first (at most
+    /// once a second, like any fetch for an unknown key).
+    pub async fn ensure_loaded(&self) -> bool {
+        if self.inner.keys.load().is_loaded() {
+            return true;
+        }
+        self.for_key_id("").await.is_loaded()
+    }
+
     /// The current set, without fetching.
     pub fn current(&self) -> Arc<KeySet> {
         self.inner.keys.load_full()

@@ -206,6 +206,15 @@ impl CallbackAuthenticator {
         }
     }
 
+    /// Whether callbacks from `source` can be verified: keys loaded, or loadable now.
+    /// Always true when tokens are not verified.
+    pub async fn ready(&self, source: CallbackSource) -> bool {
+        match self.inner.mode {
+            CallbackAuth::None => true,
+            CallbackAuth::Jwt => self.keys(source).ensure_loaded().await,
+        }
+    }
+
     /// The key cache of `source` (for readiness and tests).
     pub fn keys(&self, source: CallbackSource) -> &KeyCache {
         &self.inner.verifiers[source.index()].keys

@@ -103,6 +103,9 @@ impl Batch {
     }
 }
 
+/// The parked sequence number [`Journal::probe`] uses; callers never use it.
+pub const PROBE_SEQ: u64 = 0;
+
 /// What a journal holds at start.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Loaded {
@@ -293,6 +296,21 @@ impl Journal {
         if let Backend::Sqlite(writer) = &self.inner.backend {
             writer.close().await;
         }
+    }
+
+    /// Proves the journal can commit now: a real write (a parked row under the reserved
+    /// sequence number [`PROBE_SEQ`], removed in the same transaction) through the writer,
+    /// so a stuck writer, a locked or read-only database or a full disk all fail it.
+    pub async fn probe(&self) -> Result<(), JournalError> {
+        if matches!(self.inner.backend, Backend::Memory) {
+            return Ok(());
+        }
+        self.write(Batch {
+            parked: vec![(PROBE_SEQ, b"readiness probe".to_vec(), 0)],
+            unparked: vec![PROBE_SEQ],
+            ..Batch::default()
+        })
+        .await
     }
 
     /// Counters: transactions committed, records written, largest batch, total commit time.

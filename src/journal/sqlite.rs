@@ -536,6 +536,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_probe_commits_a_real_transaction_and_leaves_nothing() {
+        let dir = temp_dir();
+        let path = dir.path().join("journal.db");
+        let journal = open(&path);
+        journal.probe().await.expect("probe");
+        assert_eq!(journal.stats().transactions, 1);
+        assert_eq!(journal.load().expect("load"), Loaded::default());
+        journal.close().await;
+        assert!(matches!(journal.probe().await, Err(JournalError::Closed)));
+        assert!(Journal::memory().probe().await.is_ok());
+    }
+
+    #[tokio::test]
     async fn an_older_snapshot_never_replaces_a_newer_one() {
         let dir = temp_dir();
         let path = dir.path().join("journal.db");

@@ -293,6 +293,15 @@ async fn while_no_keys_can_be_loaded_callbacks_are_answered_503_so_they_are_retr
     assert_eq!(response.status(), 503);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "ServiceUnavailable", "{body}");
+    // Not ready, and /readyz says why.
+    let response = app.get("/readyz").await;
+    assert_eq!(response.status(), 503);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "NotReady", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("ACS callback signing keys"), "{message}");
+    assert_eq!(body["checks"]["callbackKeys"]["graph"], "ok", "{body}");
+    assert_eq!(body["checks"]["store"], "ok", "{body}");
     // Graph's keys load fine: its callbacks are unaffected.
     let (status, _) = app
         .notify(

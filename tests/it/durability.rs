@@ -160,6 +160,24 @@ fn kill(mut process: Process) {
 async fn an_operation_sent_upstream_survives_sigkill_and_its_callback_settles_it_after_restart() {
     let deployment = Deployment::new("sent").await;
     let server = deployment.start().await;
+    // Ready: the store commits and the callback keys are loaded.
+    let ready: Value = within(async {
+        loop {
+            let response = deployment
+                .http
+                .get(format!("{}/readyz", deployment.base()))
+                .send()
+                .await
+                .unwrap();
+            if response.status() == 200 {
+                return response.json().await.unwrap();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(ready["checks"]["store"], "ok", "{ready}");
+    assert_eq!(ready["checks"]["callbackKeys"]["acs"], "ok", "{ready}");
     let id = deployment.remove("call-kill-1", "ctx-kill-1").await;
     // ACS accepted it: it is Running, and its callback has not come yet.
     deployment.until_status(&id, "Running").await;
