@@ -12,7 +12,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRef, State};
 use axum::http::{HeaderName, Request, StatusCode, header};
-use axum::middleware::{Next, from_fn_with_state};
+use axum::middleware::{Next, from_fn, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -28,6 +28,9 @@ use crate::service::OperationService;
 
 /// The request id header, set when absent and echoed on the response.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-ms-request-id");
+
+/// The client's own request id (Azure's convention): logged and echoed on the response.
+pub const CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-ms-client-request-id");
 
 /// Everything handlers may use; each field is a cheap handle.
 #[derive(Clone, FromRef)]
@@ -69,15 +72,24 @@ pub fn router(state: AppState, http: &HttpConfig) -> Result<Router, ConfigError>
             api_keys::API_KEY,
         ]))
         .map_request(drop_unusable_request_id)
+        .layer(from_fn(echo_client_request_id))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
-                let request_id = request
-                    .headers()
-                    .get(REQUEST_ID)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request.id = %request_id)
+                let header = |name| {
+                    request
+                        .headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                };
+                tracing::info_span!(
+                    "http",
+                    method = %request.method(),
+                    path = %request.uri().path(),
+                    request.id = %header(REQUEST_ID),
+                    client_request.id = %header(CLIENT_REQUEST_ID),
+                )
             }),
         )
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
@@ -112,27 +124,41 @@ pub fn router(state: AppState, http: &HttpConfig) -> Result<Router, ConfigError>
 /// The longest request id a client may choose (it is logged and echoed).
 const MAX_REQUEST_ID_LEN: usize = 128;
 
-/// Drops a client's `x-ms-request-id` unless it is one value of at most
-/// [`MAX_REQUEST_ID_LEN`] letters, digits and `-_.:`; a fresh one replaces it.
+/// True for one request id of at most [`MAX_REQUEST_ID_LEN`] letters, digits and `-_.:`.
+fn usable_request_id(value: &axum::http::HeaderValue) -> bool {
+    let id = value.as_bytes();
+    !id.is_empty()
+        && id.len() <= MAX_REQUEST_ID_LEN
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// Drops a client's `x-ms-request-id` and `x-ms-client-request-id` unless each is one usable
+/// value ([`usable_request_id`]); a fresh `x-ms-request-id` replaces the first.
 fn drop_unusable_request_id<B>(mut request: Request<B>) -> Request<B> {
-    let usable = |value: &axum::http::HeaderValue| {
-        let id = value.as_bytes();
-        !id.is_empty()
-            && id.len() <= MAX_REQUEST_ID_LEN
-            && id
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
-    };
-    let mut values = request.headers().get_all(REQUEST_ID).iter();
-    let keep = match (values.next(), values.next()) {
-        (None, _) => true,
-        (Some(value), None) => usable(value),
-        (Some(_), Some(_)) => false,
-    };
-    if !keep {
-        request.headers_mut().remove(REQUEST_ID);
+    for name in [REQUEST_ID, CLIENT_REQUEST_ID] {
+        let mut values = request.headers().get_all(&name).iter();
+        let keep = match (values.next(), values.next()) {
+            (None, _) => true,
+            (Some(value), None) => usable_request_id(value),
+            (Some(_), Some(_)) => false,
+        };
+        if !keep {
+            request.headers_mut().remove(&name);
+        }
     }
     request
+}
+
+/// Echoes the client's `x-ms-client-request-id` on the response, as Azure services do.
+async fn echo_client_request_id(request: Request<axum::body::Body>, next: Next) -> Response {
+    let client_id = request.headers().get(CLIENT_REQUEST_ID).cloned();
+    let mut response = next.run(request).await;
+    if let Some(id) = client_id {
+        response.headers_mut().insert(CLIENT_REQUEST_ID, id);
+    }
+    response
 }
 
 /// The whole-request deadline (reading the body included): `408` with the error body.

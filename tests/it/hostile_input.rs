@@ -590,6 +590,33 @@ async fn only_sane_client_request_ids_are_kept() {
 }
 
 #[tokio::test]
+async fn the_client_request_id_is_echoed_when_sane() {
+    let app = TestApp::spawn().await;
+    let echoed = |id: String| {
+        let app = &app;
+        async move {
+            let response = app
+                .http
+                .get(app.url("/v1/operations/00000000-0000-0000-0000-000000000000"))
+                .header("x-ms-client-request-id", id)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 404);
+            assert!(response.headers().contains_key("x-ms-request-id"));
+            response
+                .headers()
+                .get("x-ms-client-request-id")
+                .map(|id| id.to_str().unwrap().to_owned())
+        }
+    };
+    let id = "9c1b2a4e-client-request";
+    assert_eq!(echoed(id.to_owned()).await.as_deref(), Some(id));
+    assert_eq!(echoed("with space".to_owned()).await, None);
+    assert_eq!(echoed("r".repeat(4096)).await, None);
+}
+
+#[tokio::test]
 async fn requests_the_http_layer_cannot_parse_are_4xx() {
     let app = TestApp::spawn().await;
     let mut too_many = reqwest::header::HeaderMap::new();
