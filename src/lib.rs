@@ -22,6 +22,7 @@ pub mod persistence;
 pub mod service;
 pub mod store;
 pub mod telemetry;
+pub mod trace_context;
 pub mod upstream;
 
 use std::sync::Arc;

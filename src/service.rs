@@ -29,6 +29,7 @@ use crate::operation::{
 };
 use crate::persistence::{Changes, Recorder};
 use crate::store::{ContextInUse, Delivery, ListFilter, OperationStore, SweepReport};
+use crate::trace_context::TraceParent;
 use crate::upstream::TransientError;
 
 /// The longest operationContext accepted from a client.
@@ -123,6 +124,7 @@ impl OperationService {
         call_connection_id: String,
         participant: CommunicationIdentifier,
         operation_context: Option<String>,
+        traceparent: Option<TraceParent>,
     ) -> Result<Operation, StartError> {
         let participant = participant.normalize()?;
         let context =
@@ -138,6 +140,7 @@ impl OperationService {
             participant,
             operation_context: context,
             repeatability: Repeatability::new(),
+            traceparent,
         };
         self.launch(operation, move |service| async move {
             service.dispatch(id, request).await;
@@ -241,6 +244,7 @@ impl OperationService {
         &self,
         call_id: String,
         client_context: Option<String>,
+        traceparent: Option<TraceParent>,
     ) -> Result<Operation, StartError> {
         let context = context_or_generated(client_context, MAX_CLIENT_CONTEXT_LEN)
             .ok_or(StartError::ClientContext)?;
@@ -251,14 +255,26 @@ impl OperationService {
         )?;
         let id = operation.id;
         self.launch(operation, move |service| async move {
-            service.dispatch_cancel(id, call_id, context).await;
+            service
+                .dispatch_cancel(id, call_id, context, traceparent)
+                .await;
         })
         .await
     }
 
     #[tracing::instrument(skip_all, fields(operation.id = %id))]
-    async fn dispatch_cancel(&self, id: OperationId, call_id: String, context: String) {
-        let transition = match self.graph.cancel_media_processing(&call_id, &context).await {
+    async fn dispatch_cancel(
+        &self,
+        id: OperationId,
+        call_id: String,
+        context: String,
+        traceparent: Option<TraceParent>,
+    ) {
+        let answer = self
+            .graph
+            .cancel_media_processing(&call_id, &context, traceparent.as_ref())
+            .await;
+        let transition = match answer {
             Ok(answer) => {
                 let upstream_ids: Vec<_> = [&answer.operation_id, &answer.location_id]
                     .into_iter()

@@ -17,6 +17,7 @@ use crate::acs::connection_string::ConnectionString;
 use crate::acs::identifier::CommunicationIdentifier;
 use crate::acs::signing;
 use crate::config::{AcsConfig, RetryConfig};
+use crate::trace_context::{TRACEPARENT, TraceParent};
 use crate::upstream::{self, AttemptError, Retried, TransientError};
 
 /// The repeatability pair of one operation, resent unchanged on every retry.
@@ -51,6 +52,8 @@ pub struct RemoveParticipant {
     pub participant: CommunicationIdentifier,
     pub operation_context: String,
     pub repeatability: Repeatability,
+    /// The client's trace context, passed on.
+    pub traceparent: Option<TraceParent>,
 }
 
 /// How a Remove Participant request ended, when it did not succeed.
@@ -163,7 +166,10 @@ impl AcsClient {
         body: &[u8],
         request: &RemoveParticipant,
     ) -> Result<(), AttemptError<AcsError>> {
-        let headers = self.signed_headers(url, body, &request.repeatability);
+        let mut headers = self.signed_headers(url, body, &request.repeatability);
+        if let Some(traceparent) = &request.traceparent {
+            headers.insert(TRACEPARENT, traceparent.header_value().clone());
+        }
         let response = self
             .http
             .post(url.clone())

@@ -20,6 +20,7 @@ use crate::config::RetryConfig;
 use crate::graph::notifications;
 use crate::graph::token::{TokenError, TokenProvider};
 use crate::operation::ResultInfo;
+use crate::trace_context::{TRACEPARENT, TraceParent};
 use crate::upstream::{self, AttemptError, Retried, TransientError};
 
 /// What Graph answered to a cancel.
@@ -104,13 +105,14 @@ impl GraphClient {
         &self,
         call_id: &str,
         client_context: &str,
+        traceparent: Option<&TraceParent>,
     ) -> Result<CancelAnswer, GraphError> {
         let url = self.cancel_url(call_id);
         let body = serde_json::to_vec(&CancelMediaProcessingOut { client_context })
             .expect("the request serialises");
         let refreshed = AtomicBool::new(false);
         let result = upstream::with_retries(&self.retry, "graph", || {
-            self.attempt(&url, &body, &refreshed)
+            self.attempt(&url, &body, &refreshed, traceparent)
         })
         .await;
         match result {
@@ -136,6 +138,7 @@ impl GraphClient {
         url: &Url,
         body: &[u8],
         refreshed: &AtomicBool,
+        traceparent: Option<&TraceParent>,
     ) -> Result<CancelAnswer, AttemptError<GraphError>> {
         let token = match self.tokens.token().await {
             Ok(token) => token,
@@ -153,12 +156,16 @@ impl GraphClient {
         let mut authorization = HeaderValue::from_str(&format!("Bearer {}", token.expose_secret()))
             .map_err(|_| AttemptError::Final(GraphError::Token(TokenError::Malformed)))?;
         authorization.set_sensitive(true);
-        let response = self
+        let mut request = self
             .http
             .post(url.clone())
             .header("accept", "application/json")
             .header("content-type", "application/json")
-            .header("authorization", authorization)
+            .header("authorization", authorization);
+        if let Some(traceparent) = traceparent {
+            request = request.header(TRACEPARENT, traceparent.header_value().clone());
+        }
+        let response = request
             .body(body.to_vec())
             .send()
             .await

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
@@ -17,6 +17,7 @@ use crate::http::{ApiLimits, AppState};
 use crate::operation::{CallRef, Operation, OperationId, OperationKind, OperationStatus};
 use crate::service::{MAX_CONTEXT_LEN, OperationService};
 use crate::store::ListFilter;
+use crate::trace_context::{TRACEPARENT, TraceParent};
 
 /// The longest call id accepted in a path or filter.
 const MAX_CALL_ID_LEN: usize = 256;
@@ -56,6 +57,7 @@ async fn create_removal(
     State(service): State<OperationService>,
     State(limits): State<ApiLimits>,
     ApiPath(call_connection_id): ApiPath<String>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<RemoveParticipantIn>,
 ) -> Result<Response, ApiError> {
     check_call_id(&call_connection_id, "callConnectionId")?;
@@ -64,6 +66,7 @@ async fn create_removal(
             call_connection_id,
             body.participant_to_remove,
             body.operation_context,
+            traceparent(&headers),
         )
         .await?;
     Ok(accepted(operation, limits.retry_after_secs))
@@ -80,13 +83,19 @@ async fn create_cancel(
     State(service): State<OperationService>,
     State(limits): State<ApiLimits>,
     ApiPath(call_id): ApiPath<String>,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<CancelMediaProcessingIn>,
 ) -> Result<Response, ApiError> {
     check_call_id(&call_id, "callId")?;
     let operation = service
-        .start_cancel_media_processing(call_id, body.client_context)
+        .start_cancel_media_processing(call_id, body.client_context, traceparent(&headers))
         .await?;
     Ok(accepted(operation, limits.retry_after_secs))
+}
+
+/// The client's `traceparent`, when well-formed: passed on to the upstream request.
+fn traceparent(headers: &HeaderMap) -> Option<TraceParent> {
+    headers.get(TRACEPARENT).and_then(TraceParent::parse)
 }
 
 /// `202 Accepted` with `Operation-Location` and the operation.

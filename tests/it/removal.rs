@@ -385,3 +385,47 @@ async fn a_retry_after_beyond_the_time_budget_ends_the_retries() {
         "no attempt after a Retry-After past the budget"
     );
 }
+
+#[tokio::test]
+async fn a_well_formed_traceparent_is_passed_on_to_acs_and_graph() {
+    let app = TestApp::spawn().await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    for (call, sent) in [("call-traced", traceparent), ("call-untraced", "garbage")] {
+        app.emulator.set_script(call, silent());
+        let response = app
+            .http
+            .post(app.url(&format!(
+                "/v1/acs/callConnections/{call}/participants:remove"
+            )))
+            .header("traceparent", sent)
+            .json(&json!({"participantToRemove": {"rawId": "8:acs:abc_def"}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+    }
+    let traced = app.emulator_requests("call-traced", 1).await;
+    assert_eq!(traced[0].headers["traceparent"], traceparent);
+    let untraced = app.emulator_requests("call-untraced", 1).await;
+    assert!(!untraced[0].headers.contains_key("traceparent"));
+
+    let graph_call = "57dab8b1-894c-409a-b240-bd8beae78896";
+    let response = app
+        .http
+        .post(app.url(&format!(
+            "/v1/graph/calls/{graph_call}/cancelMediaProcessing"
+        )))
+        .header("traceparent", traceparent)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    let operation = follow(&app.http, &app.url(""), response).await;
+    assert_eq!(operation["status"], "Succeeded", "{operation}");
+    let requests = app.emulator.graph().requests();
+    let cancel = requests
+        .iter()
+        .find(|r| r.path_and_query.ends_with("/cancelMediaProcessing"))
+        .unwrap();
+    assert_eq!(cancel.headers["traceparent"], traceparent);
+}
