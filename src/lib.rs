@@ -15,6 +15,7 @@ pub mod correlation;
 pub mod emulator;
 pub mod error;
 pub mod graph;
+pub mod healthcheck;
 pub mod http;
 pub mod journal;
 pub mod operation;

@@ -1,8 +1,10 @@
 //! The `callops` binary: `serve` (the default) runs the service, `emulator` runs the ACS
-//! emulator alone. Only wiring: configuration, logging, binding, signals.
+//! emulator alone, `healthcheck` probes a running service (for container health checks).
+//! Only wiring: configuration, logging, binding, signals.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -12,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use callops::config::Config;
 use callops::emulator::Emulator;
 use callops::emulator::callback_signing;
+use callops::healthcheck::{self, HealthcheckArgs};
 
 #[derive(Parser)]
 #[command(
@@ -36,21 +39,30 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8090")]
         listen: SocketAddr,
     },
+    /// GET the running service's /healthz (on CALLOPS_LISTEN) once: exit 0 on a 2xx, 1
+    /// otherwise, with a one-line reason. For container health checks.
+    Healthcheck(HealthcheckArgs),
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    let config = Config::load(cli.config.as_deref()).context("invalid configuration")?;
+    let config = Config::load(cli.config.as_deref());
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::Healthcheck(args) = &command {
+        let listen = config.map(|config| config.http.listen);
+        return Ok(healthcheck::main(args, listen).await);
+    }
+    let config = config.context("invalid configuration")?;
     callops::telemetry::init(config.log.format);
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    match cli.command.unwrap_or(Command::Serve) {
+    match command {
         Command::Serve => {
             let listener = TcpListener::bind(config.http.listen)
                 .await
                 .with_context(|| format!("binding {}", config.http.listen))?;
-            callops::run(listener, config, shutdown).await
+            callops::run(listener, config, shutdown).await?;
         }
         Command::Emulator { listen } => {
             let listener = TcpListener::bind(listen)
@@ -81,9 +93,11 @@ async fn main() -> anyhow::Result<()> {
             emulator
                 .serve(listener, shutdown)
                 .await
-                .context("serving the emulator")
+                .context("serving the emulator")?;
         }
+        Command::Healthcheck(_) => unreachable!("answered above"),
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM.

@@ -5,6 +5,7 @@ mod api_keys;
 mod binary;
 mod callback_auth;
 mod callbacks;
+mod container;
 mod durability;
 mod graph;
 mod hostile_input;

@@ -1,0 +1,45 @@
+# callops container image: see docs/deploy.md.
+#
+#   docker build -t callops .
+#   docker run --rm -p 8080:8080 -v callops-data:/data callops
+#
+# TLS: reqwest is built with its `rustls-tls` feature, which is `rustls-tls-webpki-roots`:
+# the Mozilla root certificates (the webpki-roots crate) are compiled into the binary and the
+# system store is not read. The runtime image needs no CA bundle for callops (distroless/cc
+# ships /etc/ssl/certs anyway, unused); a private or TLS-inspecting CA cannot be added there.
+
+ARG RUST_VERSION=1.95
+
+FROM rust:${RUST_VERSION}-bookworm AS builder
+WORKDIR /src
+COPY . .
+# The default configuration (config/default.toml) and the emulator's development keys are
+# compiled in: the binary is the whole application. (Plain Dockerfile syntax, no BuildKit
+# cache mounts: any builder can run it.)
+RUN cargo build --release --locked --bin callops \
+ && install -D -m 0755 target/release/callops /out/callops
+# The runtime image has no shell: its one writable directory is made here, owned by the
+# distroless `nonroot` user (65532). A new named volume mounted on /data starts as a copy.
+RUN install -d -o 65532 -g 65532 -m 0750 /out/data
+
+# glibc and libgcc (bookworm, as the builder), CA certificates, tzdata; no shell, no curl.
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=builder /out/callops /usr/local/bin/callops
+COPY --from=builder --chown=65532:65532 /out/data /data
+USER 65532:65532
+# Only /data is written (the SQLite store and its -wal/-shm files); the rest of the
+# filesystem may be read-only. A relative CALLOPS_STORE also lands in the volume.
+WORKDIR /data
+ENV CALLOPS_LISTEN=0.0.0.0:8080 \
+    CALLOPS_STORE=/data/callops.db \
+    CALLOPS_LOG_FORMAT=json
+VOLUME /data
+EXPOSE 8080
+# Docker and Compose use this; Azure Container Apps and Kubernetes ignore it and use their own
+# probes (GET /healthz for liveness, GET /readyz for readiness).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["/usr/local/bin/callops", "healthcheck"]
+# On SIGTERM callops stops accepting, drains and commits, well within the usual 30 s grace.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/callops"]
+CMD ["serve"]

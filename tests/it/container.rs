@@ -1,0 +1,238 @@
+//! What the container image relies on (see `Dockerfile`, `docs/deploy.md`): the
+//! `healthcheck` subcommand, a start from environment variables alone in an empty working
+//! directory, nothing written outside the data directory, and a clear failure when the store
+//! cannot be written.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::json;
+
+use crate::binary::{Process, callops, free_port, until_up};
+use crate::support::{follow, within};
+
+/// `callops healthcheck ARGS` with `env` (and nothing else from this process's environment).
+async fn healthcheck(args: &[&str], env: &[(&str, String)]) -> Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_callops"));
+    command.arg("healthcheck").args(args).env_clear();
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    within(command.output()).await.unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test]
+async fn healthcheck_exits_0_when_the_service_answers_and_1_with_a_reason_when_not() {
+    let http = reqwest::Client::new();
+    let port = free_port();
+    // Listening on every interface, as in the image: the check goes to loopback.
+    let listen = ("CALLOPS_LISTEN", format!("0.0.0.0:{port}"));
+    let _server = callops(
+        &[],
+        &[
+            listen.clone(),
+            ("CALLOPS_PUBLIC_URL", format!("http://127.0.0.1:{port}")),
+            ("CALLOPS_EMULATOR__LISTEN", "127.0.0.1:0".to_owned()),
+        ],
+    );
+    until_up(&http, &format!("http://127.0.0.1:{port}/healthz")).await;
+
+    let healthy = healthcheck(&[], std::slice::from_ref(&listen)).await;
+    assert!(healthy.status.success(), "{healthy:?}");
+    let line = text(&healthy.stdout);
+    assert_eq!(
+        line.trim(),
+        format!("healthy: GET http://127.0.0.1:{port}/healthz answered 200 OK")
+    );
+
+    let missing = healthcheck(&["--path", "/nope"], std::slice::from_ref(&listen)).await;
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
+    let line = text(&missing.stderr);
+    assert!(line.contains("unhealthy"), "{line}");
+    assert!(line.contains("/nope answered 404"), "{line}");
+    assert_eq!(line.trim().lines().count(), 1, "{line}");
+
+    // --url overrides the listener entirely.
+    let url = format!("http://127.0.0.1:{port}/healthz");
+    let overridden = healthcheck(&["--url", &url, "--timeout", "2"], &[]).await;
+    assert!(overridden.status.success(), "{overridden:?}");
+}
+
+#[tokio::test]
+async fn healthcheck_against_a_dead_port_exits_1_with_a_message() {
+    let port = free_port();
+    let dead = healthcheck(&[], &[("CALLOPS_LISTEN", format!("127.0.0.1:{port}"))]).await;
+    assert_eq!(dead.status.code(), Some(1), "{dead:?}");
+    let line = text(&dead.stderr);
+    assert!(
+        line.starts_with(&format!(
+            "unhealthy: GET http://127.0.0.1:{port}/healthz failed"
+        )),
+        "{line}"
+    );
+    assert_eq!(line.trim().lines().count(), 1, "{line}");
+    assert!(dead.stdout.is_empty());
+
+    // An invalid configuration is a reason too, not a panic.
+    let invalid = healthcheck(&[], &[("CALLOPS_LISTEN", "nowhere".to_owned())]).await;
+    assert_eq!(invalid.status.code(), Some(1), "{invalid:?}");
+    let line = text(&invalid.stderr);
+    assert!(line.contains("CALLOPS_LISTEN"), "{line}");
+    assert!(!line.contains("panicked"), "{line}");
+}
+
+/// `callops` (serve) started in `cwd` from `env` alone, as a container runtime would.
+fn start_in(cwd: &Path, env: &[(&str, String)]) -> Process {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_callops"));
+    command
+        .current_dir(cwd)
+        .env_clear()
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    Process(command.spawn().unwrap())
+}
+
+/// The environment of a container start on `port` with the store at `store`: the
+/// in-process emulator stands in for ACS and Graph.
+fn container_env(port: u16, store: &Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("CALLOPS_LISTEN", format!("127.0.0.1:{port}")),
+        ("CALLOPS_PUBLIC_URL", format!("http://127.0.0.1:{port}")),
+        ("CALLOPS_STORE", store.display().to_string()),
+        ("CALLOPS_EMULATOR__LISTEN", "127.0.0.1:0".to_owned()),
+        ("CALLOPS_LOG_FORMAT", "json".to_owned()),
+    ]
+}
+
+/// Starts callops in `cwd` with its store in `data`, checks /healthz, and removes a
+/// participant through the in-process emulator.
+async fn start_and_remove(cwd: &Path, data: &Path) -> Process {
+    let http = reqwest::Client::new();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let server = start_in(cwd, &container_env(port, &data.join("callops.db")));
+    until_up(&http, &format!("{base}/healthz")).await;
+    let health = http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let response = http
+        .post(format!(
+            "{base}/v1/acs/callConnections/call-container/participants:remove"
+        ))
+        .json(&json!({"participantToRemove": {"rawId": "8:acs:abc_def"}, "operationContext": "remove-bob"}))
+        .send()
+        .await
+        .unwrap();
+    let operation = follow(&http, &base, response).await;
+    assert_eq!(operation["status"], "Succeeded", "{operation}");
+    server
+}
+
+/// Every path under `dir`, relative to it.
+fn files(dir: &Path) -> BTreeSet<PathBuf> {
+    let mut found = BTreeSet::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(next) = pending.pop() {
+        for entry in std::fs::read_dir(&next).unwrap() {
+            let path = entry.unwrap().path();
+            found.insert(path.strip_prefix(dir).unwrap().to_path_buf());
+            if path.is_dir() {
+                pending.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// Only the SQLite database and its WAL files are in `data`.
+fn assert_only_the_store_in(data: &Path) {
+    let names = files(data);
+    assert!(names.contains(Path::new("callops.db")), "{names:?}");
+    for name in &names {
+        let name = name.to_string_lossy();
+        assert!(
+            name.starts_with("callops.db"),
+            "unexpected {name} in {data:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn starts_from_the_environment_alone_in_an_empty_working_directory() {
+    let cwd = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    // The data directory does not exist yet: callops creates it (a fresh volume is empty).
+    let data = data.path().join("data");
+    let mut server = start_and_remove(cwd.path(), &data).await;
+    let _ = server.0.kill();
+    let _ = server.0.wait();
+    assert_only_the_store_in(&data);
+    assert!(files(cwd.path()).is_empty(), "{:?}", files(cwd.path()));
+}
+
+#[tokio::test]
+async fn nothing_is_written_outside_the_data_directory() {
+    let root = tempfile::tempdir().unwrap();
+    let cwd = root.path().join("read-only");
+    std::fs::create_dir(&cwd).unwrap();
+    std::fs::write(cwd.join("existing"), "left alone").unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let before = files(&cwd);
+    // A read-only working directory, as the image's root filesystem may be. Root (the
+    // tests here often run as root) ignores the mode; the snapshot below checks anyway.
+    set_mode(&cwd, 0o555);
+    let privileged = std::fs::write(cwd.join("probe"), "").is_ok();
+    if privileged {
+        std::fs::remove_file(cwd.join("probe")).unwrap();
+    }
+    let mut server = start_and_remove(&cwd, data.path()).await;
+    let _ = server.0.kill();
+    let _ = server.0.wait();
+    set_mode(&cwd, 0o755);
+    assert_eq!(
+        files(&cwd),
+        before,
+        "read-only mode enforced: {}",
+        !privileged
+    );
+    assert_only_the_store_in(data.path());
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[tokio::test]
+async fn an_unwritable_store_location_stops_the_start_with_a_clear_message() {
+    let cwd = tempfile::tempdir().unwrap();
+    // The store's directory would have to be created under a regular file.
+    let blocker = cwd.path().join("not-a-directory");
+    std::fs::write(&blocker, "").unwrap();
+    let store = blocker.join("data").join("callops.db");
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_callops"));
+    command
+        .current_dir(cwd.path())
+        .env_clear()
+        .env("RUST_BACKTRACE", "1");
+    for (name, value) in container_env(free_port(), &store) {
+        command.env(name, value);
+    }
+    let output = within(command.output()).await.unwrap();
+    assert!(!output.status.success(), "{output:?}");
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains(&blocker.display().to_string()) || stderr.contains("CALLOPS_STORE"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
