@@ -293,7 +293,7 @@ async fn open_store(config: &StoreConfig, store: &OperationStore) -> anyhow::Res
     })
     .await
     .context("opening the store")?
-    .with_context(|| format!("opening the store at {}", path.display()))?;
+    .with_context(|| format!("opening the store at {} (CALLOPS_STORE)", path.display()))?;
     let restored = persistence::restored(loaded);
     tracing::info!(
         store.path = %path.display(),

@@ -231,7 +231,7 @@ async fn an_unwritable_store_location_stops_the_start_with_a_clear_message() {
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     let stderr = text(&output.stderr);
     assert!(
-        stderr.contains(&blocker.display().to_string()) || stderr.contains("CALLOPS_STORE"),
+        stderr.contains(&blocker.display().to_string()) && stderr.contains("CALLOPS_STORE"),
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
