@@ -17,6 +17,7 @@ pub mod error;
 pub mod graph;
 pub mod http;
 pub mod journal;
+pub mod metrics;
 pub mod operation;
 pub mod persistence;
 pub mod service;
@@ -44,6 +45,7 @@ use crate::graph::client::GraphClient;
 use crate::graph::token::TokenProvider;
 use crate::http::{ApiLimits, AppState};
 use crate::journal::{Journal, SqliteOptions};
+use crate::metrics::Metrics;
 use crate::persistence::Recorder;
 use crate::service::OperationService;
 use crate::store::OperationStore;
@@ -58,6 +60,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let tasks = TaskTracker::new();
+    let metrics = Metrics::new();
     let acs_connection = config.acs.connection()?;
     let acs_emulated = acs_connection.is_none();
     let emulator = if acs_emulated || !config.graph.is_configured() {
@@ -75,7 +78,8 @@ pub async fn run(
         }
         (None, None) => unreachable!("the emulator starts when ACS is not configured"),
     };
-    let callback_auth = callback_authenticator(&config, emulator.as_ref(), acs_emulated)?;
+    let callback_auth =
+        callback_authenticator(&config, emulator.as_ref(), acs_emulated, metrics.clone())?;
     if config.callbacks.auth == CallbackAuth::None {
         tracing::warn!(
             "CALLBACK AUTHENTICATION IS OFF (CALLOPS_CALLBACK_AUTH=none): anyone who can reach /callbacks/* can settle operations; use this only for local experiments"
@@ -117,6 +121,7 @@ pub async fn run(
         graph,
         tasks.clone(),
         shutdown.clone(),
+        metrics.clone(),
     );
     tasks.spawn(service::run_sweeper(
         store,
@@ -128,6 +133,7 @@ pub async fn run(
     let state = AppState {
         service,
         callback_auth,
+        metrics,
         limits: ApiLimits {
             max_wait: Duration::from_secs(config.operations.max_wait_secs),
             retry_after_secs: config.operations.retry_after_secs,
@@ -222,6 +228,7 @@ fn callback_authenticator(
     config: &Config,
     emulator: Option<&url::Url>,
     acs_emulated: bool,
+    metrics: Metrics,
 ) -> anyhow::Result<CallbackAuthenticator> {
     let callbacks = &config.callbacks;
     let configured = |issuer: &CallbackIssuerConfig, audience: &str| IssuerSettings {
@@ -266,7 +273,9 @@ fn callback_authenticator(
         .timeout(Duration::from_millis(callbacks.key_fetch_timeout_ms))
         .build()
         .context("building an HTTP client")?;
-    Ok(CallbackAuthenticator::new(callbacks, acs, graph, http))
+    Ok(CallbackAuthenticator::new(
+        callbacks, acs, graph, http, metrics,
+    ))
 }
 
 /// Opens the configured store and loads what it holds into `store`.

@@ -8,6 +8,7 @@ mod callbacks;
 mod durability;
 mod graph;
 mod hostile_input;
+mod metrics;
 mod operations;
 mod removal;
 mod secrets;
