@@ -103,14 +103,17 @@ pub async fn run(
             .context("building an HTTP client")
     };
     let graph_http = http_client(Duration::from_millis(config.graph.request_timeout_ms))?;
-    let graph = graph_client(&config, emulator.as_ref(), graph_http)?;
+    let graph = graph_client(&config, emulator.as_ref(), graph_http, metrics.clone())?;
     let store = OperationStore::new(&config.operations);
-    let recorder = open_store(&config.store, &store).await?;
+    let recorder = open_store(&config.store, &store)
+        .await?
+        .with_metrics(metrics.clone());
     let acs = AcsClient::new(
         &config.acs,
         connection,
         config.acs_callback_url().expose().clone(),
         http_client(config.acs.request_timeout())?,
+        metrics.clone(),
     );
     tracing::info!(acs.endpoint = %acs.endpoint(), callback.url = %config.acs_callback_url(), "ACS client ready");
     tracing::info!(graph.base_url = %graph.base_url(), graph.token_url = %graph.tokens().token_url(), "Graph client ready");
@@ -191,6 +194,7 @@ fn graph_client(
     config: &Config,
     emulator: Option<&url::Url>,
     http: reqwest::Client,
+    metrics: Metrics,
 ) -> anyhow::Result<GraphClient> {
     let graph = &config.graph;
     let (base_url, authority, tenant, client_id, secret) = match emulator {
@@ -219,6 +223,7 @@ fn graph_client(
         base_url,
         Arc::new(tokens),
         graph.retry.clone(),
+        metrics,
     ))
 }
 

@@ -20,6 +20,7 @@ use prometheus_client::registry::Registry;
 
 use crate::operation::{OperationKind, OperationStatus};
 use crate::service::DeliverySummary;
+use crate::store::{FINAL_STATUSES, ISSUED_KINDS};
 
 /// The content type of [`Metrics::encode`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -41,8 +42,6 @@ struct Inner {
     /// One scrape at a time, so a scrape writes its own snapshot.
     scrape: Mutex<()>,
     callbacks: Family<Labels2, Counter>,
-    started: Family<Labels1, Counter>,
-    settled: Family<Labels2, Counter>,
     upstream_requests: Family<Labels2, Counter>,
     upstream_duration: HistogramFamily,
     upstream_retries: Family<Labels1, Counter>,
@@ -63,6 +62,10 @@ pub struct Snapshot {
     pub key_fetches_acs: u64,
     pub key_fetches_graph: u64,
     pub graph_token_fetches: u64,
+    /// Operations created, by [`ISSUED_KINDS`] index.
+    pub operations_started: [u64; 2],
+    /// Operations settled, by [`ISSUED_KINDS`] index, then [`FINAL_STATUSES`] index.
+    pub operations_settled: [[u64; 3]; 2],
 }
 
 /// How an upstream attempt ended, for `callops_upstream_requests_total{status}`.
@@ -76,6 +79,12 @@ pub enum AttemptOutcome {
     Status(u16),
     /// No answer: connection error, timeout.
     TransportError,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
 impl Default for Metrics {
@@ -93,18 +102,6 @@ impl Metrics {
             "callbacks",
             "Callback events by source (acs, graph) and outcome (matched, duplicate, parked, observed, unmatched; refused counts refused requests)",
             callbacks.clone(),
-        );
-        let started = Family::default();
-        registry.register(
-            "operations_started",
-            "Operations created by kind",
-            started.clone(),
-        );
-        let settled = Family::default();
-        registry.register(
-            "operations_settled",
-            "Operations that reached a final status, by kind and status",
-            settled.clone(),
         );
         let upstream_requests = Family::default();
         registry.register(
@@ -145,8 +142,6 @@ impl Metrics {
                 snapshot,
                 scrape: Mutex::new(()),
                 callbacks,
-                started,
-                settled,
                 upstream_requests,
                 upstream_duration,
                 upstream_retries,
@@ -180,22 +175,6 @@ impl Metrics {
         self.inner
             .callbacks
             .get_or_create_owned(&[("source", source.into()), ("outcome", outcome.into())])
-    }
-
-    /// Counts one operation created.
-    pub fn operation_started(&self, kind: &OperationKind) {
-        self.inner
-            .started
-            .get_or_create(&[("kind", kind_label(kind))])
-            .inc();
-    }
-
-    /// Counts one operation that reached the final `status`.
-    pub fn operation_settled(&self, kind: &OperationKind, status: OperationStatus) {
-        self.inner
-            .settled
-            .get_or_create(&[("kind", kind_label(kind)), ("status", status_label(status))])
-            .inc();
     }
 
     /// Records one upstream attempt that took `duration` and ended with `outcome`.
@@ -347,7 +326,33 @@ impl Collector for SnapshotCollector {
             "graph_token_fetches",
             "Graph access token requests",
             s.graph_token_fetches,
-        )
+        )?;
+        let mut family = encoder.encode_descriptor(
+            "operations_started",
+            "Operations created, by kind",
+            None,
+            fetches.metric_type(),
+        )?;
+        for (kind, value) in ISSUED_KINDS.iter().zip(s.operations_started) {
+            let labels = [("kind", kind_label(kind))];
+            ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "operations_settled",
+            "Operations that reached a final status (the first time), by kind and status",
+            None,
+            fetches.metric_type(),
+        )?;
+        for (kind, row) in ISSUED_KINDS.iter().zip(s.operations_settled) {
+            for (status, value) in FINAL_STATUSES.iter().zip(row) {
+                let labels = [
+                    ("kind", kind_label(kind)),
+                    ("status", status_label(*status)),
+                ];
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -368,11 +373,6 @@ mod tests {
             },
         );
         metrics.callback_refused("graph");
-        metrics.operation_started(&OperationKind::RemoveParticipant);
-        metrics.operation_settled(
-            &OperationKind::RemoveParticipant,
-            OperationStatus::Succeeded,
-        );
         metrics.upstream_attempt("acs", AttemptOutcome::Status(503), Duration::from_millis(3));
         metrics.upstream_retry("acs");
         metrics.store_commit(4, Duration::from_millis(2));
@@ -381,6 +381,8 @@ mod tests {
                 operations_in_memory: 7,
                 key_fetches_graph: 2,
                 store_commit_seconds: 0.5,
+                operations_started: [1, 0],
+                operations_settled: [[1, 0, 0], [0, 0, 0]],
                 ..Snapshot::default()
             })
             .unwrap();
@@ -390,6 +392,7 @@ mod tests {
             "callops_callbacks_total{source=\"graph\",outcome=\"refused\"} 1",
             "callops_operations_started_total{kind=\"removeParticipant\"} 1",
             "callops_operations_settled_total{kind=\"removeParticipant\",status=\"succeeded\"} 1",
+            "callops_operations_settled_total{kind=\"cancelMediaProcessing\",status=\"canceled\"} 0",
             "callops_upstream_requests_total{upstream=\"acs\",status=\"503\"} 1",
             "callops_upstream_request_duration_seconds_count{upstream=\"acs\"} 1",
             "callops_upstream_retries_total{upstream=\"acs\"} 1",

@@ -58,6 +58,8 @@ async fn get_metrics(
         key_fetches_acs: callback_auth.keys(CallbackSource::Acs).fetches(),
         key_fetches_graph: callback_auth.keys(CallbackSource::Graph).fetches(),
         graph_token_fetches: service.graph_token_fetches(),
+        operations_started: store.started,
+        operations_settled: store.settled,
     };
     match metrics.encode(snapshot) {
         Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
