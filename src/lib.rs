@@ -18,6 +18,7 @@ pub mod graph;
 pub mod healthcheck;
 pub mod http;
 pub mod journal;
+pub mod metrics;
 pub mod operation;
 pub mod persistence;
 pub mod service;
@@ -45,6 +46,7 @@ use crate::graph::client::GraphClient;
 use crate::graph::token::TokenProvider;
 use crate::http::{ApiLimits, AppState};
 use crate::journal::{Journal, SqliteOptions};
+use crate::metrics::Metrics;
 use crate::persistence::Recorder;
 use crate::service::OperationService;
 use crate::store::OperationStore;
@@ -59,6 +61,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let tasks = TaskTracker::new();
+    let metrics = Metrics::new();
     let acs_connection = config.acs.connection()?;
     let acs_emulated = acs_connection.is_none();
     let emulator = if acs_emulated || !config.graph.is_configured() {
@@ -76,7 +79,8 @@ pub async fn run(
         }
         (None, None) => unreachable!("the emulator starts when ACS is not configured"),
     };
-    let callback_auth = callback_authenticator(&config, emulator.as_ref(), acs_emulated)?;
+    let callback_auth =
+        callback_authenticator(&config, emulator.as_ref(), acs_emulated, metrics.clone())?;
     if config.callbacks.auth == CallbackAuth::None {
         tracing::warn!(
             "CALLBACK AUTHENTICATION IS OFF (CALLOPS_CALLBACK_AUTH=none): anyone who can reach /callbacks/* can settle operations; use this only for local experiments"
@@ -100,14 +104,17 @@ pub async fn run(
             .context("building an HTTP client")
     };
     let graph_http = http_client(Duration::from_millis(config.graph.request_timeout_ms))?;
-    let graph = graph_client(&config, emulator.as_ref(), graph_http)?;
+    let graph = graph_client(&config, emulator.as_ref(), graph_http, metrics.clone())?;
     let store = OperationStore::new(&config.operations);
-    let recorder = open_store(&config.store, &store).await?;
+    let recorder = open_store(&config.store, &store)
+        .await?
+        .with_metrics(metrics.clone());
     let acs = AcsClient::new(
         &config.acs,
         connection,
         config.acs_callback_url().expose().clone(),
         http_client(config.acs.request_timeout())?,
+        metrics.clone(),
     );
     tracing::info!(acs.endpoint = %acs.endpoint(), callback.url = %config.acs_callback_url(), "ACS client ready");
     tracing::info!(graph.base_url = %graph.base_url(), graph.token_url = %graph.tokens().token_url(), "Graph client ready");
@@ -118,6 +125,7 @@ pub async fn run(
         graph,
         tasks.clone(),
         shutdown.clone(),
+        metrics.clone(),
     );
     tasks.spawn(service::run_sweeper(
         store,
@@ -129,6 +137,7 @@ pub async fn run(
     let state = AppState {
         service,
         callback_auth,
+        metrics,
         limits: ApiLimits {
             max_wait: Duration::from_secs(config.operations.max_wait_secs),
             retry_after_secs: config.operations.retry_after_secs,
@@ -186,6 +195,7 @@ fn graph_client(
     config: &Config,
     emulator: Option<&url::Url>,
     http: reqwest::Client,
+    metrics: Metrics,
 ) -> anyhow::Result<GraphClient> {
     let graph = &config.graph;
     let (base_url, authority, tenant, client_id, secret) = match emulator {
@@ -214,6 +224,7 @@ fn graph_client(
         base_url,
         Arc::new(tokens),
         graph.retry.clone(),
+        metrics,
     ))
 }
 
@@ -223,6 +234,7 @@ fn callback_authenticator(
     config: &Config,
     emulator: Option<&url::Url>,
     acs_emulated: bool,
+    metrics: Metrics,
 ) -> anyhow::Result<CallbackAuthenticator> {
     let callbacks = &config.callbacks;
     let configured = |issuer: &CallbackIssuerConfig, audience: &str| IssuerSettings {
@@ -267,7 +279,9 @@ fn callback_authenticator(
         .timeout(Duration::from_millis(callbacks.key_fetch_timeout_ms))
         .build()
         .context("building an HTTP client")?;
-    Ok(CallbackAuthenticator::new(callbacks, acs, graph, http))
+    Ok(CallbackAuthenticator::new(
+        callbacks, acs, graph, http, metrics,
+    ))
 }
 
 /// Opens the configured store and loads what it holds into `store`.

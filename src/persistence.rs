@@ -14,6 +14,7 @@ use time::OffsetDateTime;
 
 use crate::correlation::IncomingEvent;
 use crate::journal::{Batch, Journal, JournalError, Loaded};
+use crate::metrics::Metrics;
 use crate::operation::{Operation, OperationId};
 use crate::store::{OperationStore, Restored};
 
@@ -22,6 +23,7 @@ use crate::store::{OperationStore, Restored};
 pub struct Recorder {
     journal: Journal,
     durable: bool,
+    metrics: Metrics,
 }
 
 /// What one request (or one sweep) changed, to be written together.
@@ -105,6 +107,7 @@ impl Recorder {
         Self {
             journal: Journal::memory(),
             durable: false,
+            metrics: Metrics::new(),
         }
     }
 
@@ -113,7 +116,14 @@ impl Recorder {
         Self {
             journal,
             durable: true,
+            metrics: Metrics::new(),
         }
+    }
+
+    /// The recorder, timing its commits into `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     pub fn is_durable(&self) -> bool {
@@ -172,7 +182,10 @@ impl Recorder {
         if batch.is_empty() {
             return Ok(());
         }
-        self.journal.write(batch).await
+        let (records, started) = (batch.len(), std::time::Instant::now());
+        let written = self.journal.write(batch).await;
+        self.metrics.store_commit(records, started.elapsed());
+        written
     }
 }
 

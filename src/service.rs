@@ -23,7 +23,8 @@ use crate::correlation::IncomingEvent;
 use crate::graph::client::{CancelAnswer, GraphClient, GraphError};
 use crate::graph::ids;
 use crate::graph::notifications::GraphEvent;
-use crate::journal::JournalError;
+use crate::journal::{JournalError, JournalStats};
+use crate::metrics::Metrics;
 use crate::operation::{
     CallRef, Operation, OperationError, OperationId, OperationKind, ResultInfo, Transition,
 };
@@ -47,6 +48,7 @@ pub struct OperationService {
     graph: GraphClient,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    metrics: Metrics,
 }
 
 /// Why an operation could not be started.
@@ -89,6 +91,7 @@ impl OperationService {
         graph: GraphClient,
         tasks: TaskTracker,
         shutdown: CancellationToken,
+        metrics: Metrics,
     ) -> Self {
         Self {
             store,
@@ -97,7 +100,18 @@ impl OperationService {
             graph,
             tasks,
             shutdown,
+            metrics,
         }
+    }
+
+    /// The journal's totals (zero in memory).
+    pub fn journal_stats(&self) -> JournalStats {
+        self.recorder.journal().stats()
+    }
+
+    /// How many Graph access tokens were requested.
+    pub fn graph_token_fetches(&self) -> u64 {
+        self.graph.tokens().fetches()
     }
 
     /// The store, for reads.
@@ -378,6 +392,7 @@ impl OperationService {
                 changes.operations(failed);
             }
         }
+        self.metrics.callbacks_delivered("graph", &summary);
         self.recorder.commit(&self.store, changes).await?;
         Ok(summary)
     }
@@ -405,6 +420,7 @@ impl OperationService {
             }
             summary.count(self.deliver(incoming, now, &mut changes));
         }
+        self.metrics.callbacks_delivered("acs", &summary);
         self.recorder.commit(&self.store, changes).await?;
         Ok(summary)
     }

@@ -53,8 +53,25 @@ struct Inner {
     waiting: AtomicUsize,
     parked_expired: AtomicU64,
     parked_overflow: AtomicU64,
+    /// Operations created, by [`ISSUED_KINDS`] index.
+    started: [AtomicU64; 2],
+    /// Operations settled, by [`ISSUED_KINDS`] and [`FINAL_STATUSES`] index.
+    settled: [[AtomicU64; 3]; 2],
     limits: Limits,
 }
+
+/// The kinds callops issues, in the order of [`StoreStats::started`] and `settled`.
+pub const ISSUED_KINDS: [OperationKind; 2] = [
+    OperationKind::RemoveParticipant,
+    OperationKind::CancelMediaProcessing,
+];
+
+/// The final statuses, in the order of [`StoreStats::settled`]'s rows.
+pub const FINAL_STATUSES: [OperationStatus; 3] = [
+    OperationStatus::Succeeded,
+    OperationStatus::Failed,
+    OperationStatus::Canceled,
+];
 
 struct Limits {
     park_ttl: Duration,
@@ -63,6 +80,11 @@ struct Limits {
     retention: Duration,
     call_events_max: usize,
     timeouts: CallbackTimeouts,
+}
+
+/// The index of an issued kind in [`ISSUED_KINDS`].
+fn issued_index(kind: &OperationKind) -> Option<usize> {
+    ISSUED_KINDS.iter().position(|issued| issued == kind)
 }
 
 /// What an index key points at: the operation, or the callbacks waiting for it.
@@ -164,6 +186,12 @@ pub struct StoreStats {
     pub waiting: usize,
     pub parked_expired: u64,
     pub parked_overflow: u64,
+    /// Operations created since start, by [`ISSUED_KINDS`] index.
+    pub started: [u64; 2],
+    /// Operations of an issued kind that reached a final status since start (the first
+    /// time: a late outcome replacing a callback timeout is not counted again), by
+    /// [`ISSUED_KINDS`] index, then [`FINAL_STATUSES`] index.
+    pub settled: [[u64; 3]; 2],
 }
 
 impl Slot {
@@ -199,6 +227,8 @@ impl OperationStore {
                 waiting: AtomicUsize::new(0),
                 parked_expired: AtomicU64::new(0),
                 parked_overflow: AtomicU64::new(0),
+                started: Default::default(),
+                settled: Default::default(),
                 limits,
             }),
         }
@@ -233,12 +263,17 @@ impl OperationStore {
                 }
                 if let Slot::Parked(parked) = occupied.insert(Slot::Operation(id)) {
                     inner.parked.fetch_sub(parked.len(), Ordering::Relaxed);
+                    let before = operation.status;
                     for parked in &parked {
                         correlation::apply(&mut operation, &parked.event);
                     }
+                    self.count_settled(&operation.kind, before, operation.status);
                 }
                 inner.operations.insert(id, operation.clone());
             }
+        }
+        if let Some(kind) = issued_index(&operation.kind) {
+            inner.started[kind].fetch_add(1, Ordering::Relaxed);
         }
         self.add_to_call(&operation);
         if operation.kind == OperationKind::CancelMediaProcessing {
@@ -366,7 +401,9 @@ impl OperationStore {
         let snapshot = {
             let mut op = self.inner.operations.get_mut(&id)?;
             // A refused transition (the callback settled it first) leaves it as it is.
+            let before = op.status;
             let _ = op.apply(transition, now);
+            self.count_settled(&op.kind, before, op.status);
             op.clone()
         };
         if snapshot.status.is_terminal() {
@@ -426,11 +463,12 @@ impl OperationStore {
                 result: result.clone(),
                 error: error.clone(),
             };
-            let applied = self
-                .inner
-                .operations
-                .get_mut(&id)
-                .is_some_and(|mut op| op.apply(failed, now).is_ok());
+            let applied = self.inner.operations.get_mut(&id).is_some_and(|mut op| {
+                let before = op.status;
+                let applied = op.apply(failed, now).is_ok();
+                self.count_settled(&op.kind, before, op.status);
+                applied
+            });
             if applied {
                 self.wake(id);
                 ended.push(id);
@@ -597,6 +635,22 @@ impl OperationStore {
             waiting: inner.waiting.load(Ordering::Relaxed),
             parked_expired: inner.parked_expired.load(Ordering::Relaxed),
             parked_overflow: inner.parked_overflow.load(Ordering::Relaxed),
+            started: inner.started.each_ref().map(|n| n.load(Ordering::Relaxed)),
+            settled: inner
+                .settled
+                .each_ref()
+                .map(|row| row.each_ref().map(|n| n.load(Ordering::Relaxed))),
+        }
+    }
+
+    /// Counts an operation of an issued kind that went from `before` to a final `after`.
+    fn count_settled(&self, kind: &OperationKind, before: OperationStatus, after: OperationStatus) {
+        if before.is_terminal() {
+            return;
+        }
+        let status = FINAL_STATUSES.iter().position(|s| *s == after);
+        if let (Some(kind), Some(status)) = (issued_index(kind), status) {
+            self.inner.settled[kind][status].fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -659,7 +713,10 @@ impl OperationStore {
                         message,
                     },
                 };
-                op.apply(failed, wall_now).is_ok()
+                let before = op.status;
+                let applied = op.apply(failed, wall_now).is_ok();
+                self.count_settled(&op.kind, before, op.status);
+                applied
             });
             if timed_out {
                 self.wake(id);
@@ -781,7 +838,9 @@ impl OperationStore {
     fn apply_to(&self, id: OperationId, event: &IncomingEvent) -> Option<Delivery> {
         let (effect, settled, learned_id) = {
             let mut op = self.inner.operations.get_mut(&id)?;
+            let before = op.status;
             let effect = correlation::apply(&mut op, event);
+            self.count_settled(&op.kind, before, op.status);
             // Found by context, the event tells the operation's upstream id: keep it, so
             // later notifications naming only the id find the operation too.
             let learned_id = match (&op.upstream_operation_id, &event.upstream_id) {
@@ -1166,6 +1225,38 @@ mod tests {
             "the duplicate is not on the timeline"
         );
         assert_eq!(after, settled);
+    }
+
+    #[test]
+    fn operations_are_counted_when_created_and_the_first_time_they_settle() {
+        let store = store();
+        let op = store.create(removal("c1", "ctx")).unwrap();
+        let other = store.create(removal("c2", "ctx")).unwrap();
+        let now = Instant::now();
+        assert_eq!(store.stats().started, [2, 0]);
+        assert_eq!(store.stats().settled, [[0; 3]; 2]);
+        store.deliver(event("e1", "c1", Some("ctx"), succeeded()), now);
+        // The late upstream answer and a contradicting callback change nothing.
+        store.transition(op.id, Transition::Accepted, OffsetDateTime::now_utc());
+        store.deliver(event("e2", "c1", Some("ctx"), failed()), now);
+        store.transition(
+            other.id,
+            Transition::Failed {
+                result: None,
+                error: OperationError {
+                    code: "UpstreamRejected".into(),
+                    message: "no".into(),
+                },
+            },
+            OffsetDateTime::now_utc(),
+        );
+        let stats = store.stats();
+        assert_eq!(stats.settled[0], [1, 1, 0], "{stats:?}");
+        assert_eq!(stats.settled[1], [0, 0, 0]);
+        // Observed operations are not ours: not counted.
+        store.deliver(event_of(play(), "p1", "other", succeeded()), now);
+        assert_eq!(store.stats().started, [2, 0]);
+        assert_eq!(store.stats().settled, stats.settled);
     }
 
     #[test]

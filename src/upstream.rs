@@ -14,6 +14,7 @@ use reqwest::header::HeaderMap;
 use tokio::time::Instant;
 
 use crate::config::RetryConfig;
+use crate::metrics::{AttemptOutcome, Metrics};
 
 /// How one attempt failed.
 #[derive(Debug)]
@@ -64,10 +65,12 @@ impl<E> AttemptError<E> {
 }
 
 /// Runs `attempt` until it succeeds, fails for good, or the budget of `config` runs out.
-/// `upstream` names the service in logs.
+/// `upstream` names the service in logs and metrics; every attempt and retry is counted in
+/// `metrics`.
 pub async fn with_retries<T, E, F, Fut>(
     config: &RetryConfig,
     upstream: &'static str,
+    metrics: &Metrics,
     mut attempt: F,
 ) -> Result<T, Retried<E>>
 where
@@ -85,7 +88,10 @@ where
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let (error, retry_after) = match attempt().await {
+        let attempt_started = Instant::now();
+        let result = attempt().await;
+        metrics.upstream_attempt(upstream, outcome(&result), attempt_started.elapsed());
+        let (error, retry_after) = match result {
             Ok(value) => {
                 tracing::debug!(
                     upstream,
@@ -112,8 +118,25 @@ where
                 last: error,
             });
         }
+        metrics.upstream_retry(upstream);
         tracing::warn!(upstream, attempts, delay_ms = delay.as_millis() as u64, error = %error, "retrying upstream request");
         tokio::time::sleep(delay).await;
+    }
+}
+
+/// How an attempt ended, for the metrics.
+fn outcome<T, E>(result: &Result<T, AttemptError<E>>) -> AttemptOutcome {
+    match result {
+        Ok(_) => AttemptOutcome::Ok,
+        Err(AttemptError::Final(_)) => AttemptOutcome::Rejected,
+        Err(AttemptError::Transient {
+            error: TransientError::Status { status },
+            ..
+        }) => AttemptOutcome::Status(status.as_u16()),
+        Err(AttemptError::Transient {
+            error: TransientError::Transport(_),
+            ..
+        }) => AttemptOutcome::TransportError,
     }
 }
 
@@ -246,7 +269,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn transient_failures_are_retried_within_the_attempt_budget() {
         let calls = AtomicU32::new(0);
-        let result: Result<(), Retried<()>> = with_retries(&config(3), "test", || {
+        let metrics = Metrics::new();
+        let result: Result<(), Retried<()>> = with_retries(&config(3), "test", &metrics, || {
             calls.fetch_add(1, Ordering::Relaxed);
             async {
                 Err(AttemptError::Transient {
@@ -263,32 +287,43 @@ mod tests {
             Err(Retried::Exhausted { attempts: 3, .. })
         ));
         assert_eq!(calls.load(Ordering::Relaxed), 3);
+        // Every attempt is counted and timed; the two after the first are retries.
+        let text = metrics.encode(Default::default()).unwrap();
+        for line in [
+            r#"callops_upstream_requests_total{upstream="test",status="503"} 3"#,
+            r#"callops_upstream_request_duration_seconds_count{upstream="test"} 3"#,
+            r#"callops_upstream_retries_total{upstream="test"} 2"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_final_failure_stops_at_once_and_success_returns_the_value() {
-        let result: Result<(), Retried<&str>> = with_retries(&config(5), "test", || async {
-            Err(AttemptError::Final("no"))
-        })
-        .await;
+        let result: Result<(), Retried<&str>> =
+            with_retries(&config(5), "test", &Metrics::new(), || async {
+                Err(AttemptError::Final("no"))
+            })
+            .await;
         assert!(matches!(result, Err(Retried::Final("no"))));
         let calls = AtomicU32::new(0);
-        let result: Result<u32, Retried<()>> = with_retries(&config(5), "test", || {
-            let n = calls.fetch_add(1, Ordering::Relaxed);
-            async move {
-                if n == 0 {
-                    Err(AttemptError::Transient {
-                        error: TransientError::Status {
-                            status: StatusCode::TOO_MANY_REQUESTS,
-                        },
-                        retry_after: Some(Duration::from_millis(2128)),
-                    })
-                } else {
-                    Ok(n)
+        let result: Result<u32, Retried<()>> =
+            with_retries(&config(5), "test", &Metrics::new(), || {
+                let n = calls.fetch_add(1, Ordering::Relaxed);
+                async move {
+                    if n == 0 {
+                        Err(AttemptError::Transient {
+                            error: TransientError::Status {
+                                status: StatusCode::TOO_MANY_REQUESTS,
+                            },
+                            retry_after: Some(Duration::from_millis(2128)),
+                        })
+                    } else {
+                        Ok(n)
+                    }
                 }
-            }
-        })
-        .await;
+            })
+            .await;
         assert_eq!(result.unwrap(), 1);
     }
 
@@ -296,15 +331,16 @@ mod tests {
     async fn a_retry_after_beyond_the_time_budget_ends_the_loop() {
         let mut config = config(5);
         config.total_timeout_ms = 1000;
-        let result: Result<(), Retried<()>> = with_retries(&config, "test", || async {
-            Err(AttemptError::Transient {
-                error: TransientError::Status {
-                    status: StatusCode::TOO_MANY_REQUESTS,
-                },
-                retry_after: Some(Duration::from_secs(5)),
+        let result: Result<(), Retried<()>> =
+            with_retries(&config, "test", &Metrics::new(), || async {
+                Err(AttemptError::Transient {
+                    error: TransientError::Status {
+                        status: StatusCode::TOO_MANY_REQUESTS,
+                    },
+                    retry_after: Some(Duration::from_secs(5)),
+                })
             })
-        })
-        .await;
+            .await;
         assert!(matches!(
             result,
             Err(Retried::Exhausted { attempts: 1, .. })

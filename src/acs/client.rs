@@ -17,6 +17,7 @@ use crate::acs::connection_string::ConnectionString;
 use crate::acs::identifier::CommunicationIdentifier;
 use crate::acs::signing;
 use crate::config::{AcsConfig, RetryConfig};
+use crate::metrics::Metrics;
 use crate::trace_context::{TRACEPARENT, TraceParent};
 use crate::upstream::{self, AttemptError, Retried, TransientError};
 
@@ -83,6 +84,7 @@ pub struct AcsClient {
     api_version: String,
     callback_url: Url,
     retry: RetryConfig,
+    metrics: Metrics,
 }
 
 #[derive(Serialize)]
@@ -100,9 +102,11 @@ impl AcsClient {
         connection: ConnectionString,
         callback_url: Url,
         http: reqwest::Client,
+        metrics: Metrics,
     ) -> Self {
         Self {
             http,
+            metrics,
             connection,
             api_version: config.api_version.clone(),
             callback_url,
@@ -127,8 +131,10 @@ impl AcsClient {
         })
         .expect("the request serialises");
         let started = Instant::now();
-        let result =
-            upstream::with_retries(&self.retry, "acs", || self.attempt(&url, &body, request)).await;
+        let result = upstream::with_retries(&self.retry, "acs", &self.metrics, || {
+            self.attempt(&url, &body, request)
+        })
+        .await;
         match result {
             Ok(()) => {
                 tracing::info!(
@@ -240,6 +246,7 @@ mod tests {
             connection,
             Url::parse("https://app.contoso.com/callback").unwrap(),
             reqwest::Client::new(),
+            Metrics::new(),
         )
     }
 

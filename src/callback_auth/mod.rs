@@ -23,6 +23,7 @@ use subtle::ConstantTimeEq;
 use url::Url;
 
 use crate::config::{CallbackAuth, CallbacksConfig};
+use crate::metrics::Metrics;
 use keys::KeyCache;
 use token::TokenRules;
 
@@ -153,6 +154,7 @@ struct Inner {
     /// SHA-256 of the required secret, when one is configured.
     secret: Option<[u8; 32]>,
     rejected: [AtomicU64; 2],
+    metrics: Metrics,
     /// Bounds the warnings a flood of bad callbacks can write.
     warnings: LogBudget,
 }
@@ -170,6 +172,7 @@ impl CallbackAuthenticator {
         acs: IssuerSettings,
         graph: IssuerSettings,
         http: reqwest::Client,
+        metrics: Metrics,
     ) -> Self {
         let verifier = |settings: IssuerSettings, require_tenant| Verifier {
             keys: KeyCache::new(
@@ -192,6 +195,7 @@ impl CallbackAuthenticator {
                 verifiers: [verifier(acs, false), verifier(graph, true)],
                 secret: (!secret.is_empty()).then(|| Sha256::digest(secret.as_bytes()).into()),
                 rejected: [AtomicU64::new(0), AtomicU64::new(0)],
+                metrics,
                 warnings: LogBudget::default(),
             }),
         }
@@ -237,6 +241,7 @@ impl CallbackAuthenticator {
             Ok(()) => Ok(Verified(())),
             Err(error) => {
                 self.inner.rejected[source.index()].fetch_add(1, Ordering::Relaxed);
+                self.inner.metrics.callback_refused(source.as_str());
                 if self.inner.warnings.allow(unix_second()) {
                     tracing::warn!(callback.source = source.as_str(), reason = %error, "callback refused");
                 } else {

@@ -19,6 +19,7 @@ use url::Url;
 use crate::config::RetryConfig;
 use crate::graph::notifications;
 use crate::graph::token::{TokenError, TokenProvider};
+use crate::metrics::Metrics;
 use crate::operation::ResultInfo;
 use crate::trace_context::{TRACEPARENT, TraceParent};
 use crate::upstream::{self, AttemptError, Retried, TransientError};
@@ -65,6 +66,7 @@ pub struct GraphClient {
     base_url: Url,
     tokens: Arc<TokenProvider>,
     retry: RetryConfig,
+    metrics: Metrics,
 }
 
 #[derive(Serialize)]
@@ -79,12 +81,14 @@ impl GraphClient {
         base_url: Url,
         tokens: Arc<TokenProvider>,
         retry: RetryConfig,
+        metrics: Metrics,
     ) -> Self {
         Self {
             http,
             base_url,
             tokens,
             retry,
+            metrics,
         }
     }
 
@@ -111,7 +115,7 @@ impl GraphClient {
         let body = serde_json::to_vec(&CancelMediaProcessingOut { client_context })
             .expect("the request serialises");
         let refreshed = AtomicBool::new(false);
-        let result = upstream::with_retries(&self.retry, "graph", || {
+        let result = upstream::with_retries(&self.retry, "graph", &self.metrics, || {
             self.attempt(&url, &body, &refreshed, traceparent)
         })
         .await;
@@ -248,6 +252,7 @@ mod tests {
             Url::parse(base).unwrap(),
             Arc::new(tokens),
             crate::config::Config::embedded().graph.retry,
+            Metrics::new(),
         )
     }
 

@@ -1,22 +1,26 @@
 //! `GET /healthz`: liveness. `GET /readyz`: readiness — the store commits, and the callback
 //! signing keys are loaded (or load now); `503` naming what is not ready otherwise.
+//! `GET /metrics`: Prometheus metrics ([`crate::metrics`]), open like the probes.
 
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 
 use crate::callback_auth::{CallbackAuthenticator, CallbackSource};
 use crate::http::AppState;
+use crate::metrics::{self, Metrics, Snapshot};
 use crate::service::OperationService;
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(get_health))
         .route("/readyz", get(get_ready))
+        .route("/metrics", get(get_metrics))
 }
 
 async fn get_health(
@@ -34,6 +38,33 @@ async fn get_health(
             "graph": callback_auth.rejected(CallbackSource::Graph),
         },
     }))
+}
+
+async fn get_metrics(
+    State(metrics): State<Metrics>,
+    State(service): State<OperationService>,
+    State(callback_auth): State<CallbackAuthenticator>,
+) -> Response {
+    let store = service.store().stats();
+    let journal = service.journal_stats();
+    let snapshot = Snapshot {
+        operations_in_memory: store.operations as u64,
+        parked_callbacks: store.parked as u64,
+        long_poll_waiters: store.waiting as u64,
+        store_transactions: journal.transactions,
+        store_records: journal.records,
+        store_largest_batch: journal.largest_batch,
+        store_commit_seconds: journal.commit_time.as_secs_f64(),
+        key_fetches_acs: callback_auth.keys(CallbackSource::Acs).fetches(),
+        key_fetches_graph: callback_auth.keys(CallbackSource::Graph).fetches(),
+        graph_token_fetches: service.graph_token_fetches(),
+        operations_started: store.started,
+        operations_settled: store.settled,
+    };
+    match metrics.encode(snapshot) {
+        Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
 }
 
 /// How long the store's readiness probe may take.

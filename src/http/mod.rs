@@ -24,6 +24,7 @@ use crate::callback_auth::CallbackAuthenticator;
 use crate::config::{ConfigError, HttpConfig};
 use crate::error::{ApiError, error_response};
 use crate::http::api_keys::ApiKeys;
+use crate::metrics::Metrics;
 use crate::service::OperationService;
 
 /// The request id header, set when absent and echoed on the response.
@@ -37,6 +38,7 @@ pub const CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-ms-client-r
 pub struct AppState {
     pub service: OperationService,
     pub callback_auth: CallbackAuthenticator,
+    pub metrics: Metrics,
     pub limits: ApiLimits,
 }
 

@@ -1,0 +1,426 @@
+//! Prometheus metrics (`GET /metrics`, OpenMetrics text), with `prometheus-client`.
+//!
+//! [`Metrics`] is a cheap handle (an `Arc`) on one registry per [`crate::run`]: no global
+//! registry, so many servers can run in one process. Counters and histograms are updated
+//! where things happen (one line at each site); values other components already keep (the
+//! store's sizes, the journal's totals, key and token fetches) are read at scrape time into
+//! a [`Snapshot`] and written by a collector.
+
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::operation::{OperationKind, OperationStatus};
+use crate::service::DeliverySummary;
+use crate::store::{FINAL_STATUSES, ISSUED_KINDS};
+
+/// The content type of [`Metrics::encode`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+type Labels1 = [(&'static str, Cow<'static, str>); 1];
+type Labels2 = [(&'static str, Cow<'static, str>); 2];
+type HistogramFamily = Family<Labels1, Histogram, fn() -> Histogram>;
+
+/// The application's metrics: one registry, cloned cheaply.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    /// What the collector writes; set by [`Metrics::encode`].
+    snapshot: Arc<Mutex<Snapshot>>,
+    /// One scrape at a time, so a scrape writes its own snapshot.
+    scrape: Mutex<()>,
+    callbacks: Family<Labels2, Counter>,
+    upstream_requests: Family<Labels2, Counter>,
+    upstream_duration: HistogramFamily,
+    upstream_retries: Family<Labels1, Counter>,
+    commit_duration: Histogram,
+    commit_records: Histogram,
+}
+
+/// Values read at scrape time from the components that keep them.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Snapshot {
+    pub operations_in_memory: u64,
+    pub parked_callbacks: u64,
+    pub long_poll_waiters: u64,
+    pub store_transactions: u64,
+    pub store_records: u64,
+    pub store_largest_batch: u64,
+    pub store_commit_seconds: f64,
+    pub key_fetches_acs: u64,
+    pub key_fetches_graph: u64,
+    pub graph_token_fetches: u64,
+    /// Operations created, by [`ISSUED_KINDS`] index.
+    pub operations_started: [u64; 2],
+    /// Operations settled, by [`ISSUED_KINDS`] index, then [`FINAL_STATUSES`] index.
+    pub operations_settled: [[u64; 3]; 2],
+}
+
+/// How an upstream attempt ended, for `callops_upstream_requests_total{status}`.
+#[derive(Debug, Clone, Copy)]
+pub enum AttemptOutcome {
+    /// Any 2xx.
+    Ok,
+    /// A final refusal (not retried).
+    Rejected,
+    /// A transient status (408, 429, 5xx), retried within the budget.
+    Status(u16),
+    /// No answer: connection error, timeout.
+    TransportError,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric of callops registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("callops");
+        let callbacks = Family::default();
+        registry.register(
+            "callbacks",
+            "Callback events by source (acs, graph) and outcome (matched, duplicate, parked, observed, unmatched; refused counts refused requests)",
+            callbacks.clone(),
+        );
+        let upstream_requests = Family::default();
+        registry.register(
+            "upstream_requests",
+            "Upstream request attempts by upstream (acs, graph) and status (ok, rejected, a transient HTTP status, transport_error)",
+            upstream_requests.clone(),
+        );
+        let upstream_duration: HistogramFamily =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.005, 2.0, 14)));
+        registry.register(
+            "upstream_request_duration_seconds",
+            "Duration of one upstream request attempt",
+            upstream_duration.clone(),
+        );
+        let upstream_retries = Family::default();
+        registry.register(
+            "upstream_retries",
+            "Upstream request attempts retried after a transient failure",
+            upstream_retries.clone(),
+        );
+        let commit_duration = Histogram::new(exponential_buckets(0.000_25, 2.0, 14));
+        registry.register(
+            "store_commit_duration_seconds",
+            "How long a request waited for its changes to be durable (journal write)",
+            commit_duration.clone(),
+        );
+        let commit_records = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        registry.register(
+            "store_commit_records",
+            "Records in one committed change set",
+            commit_records.clone(),
+        );
+        let snapshot = Arc::new(Mutex::new(Snapshot::default()));
+        registry.register_collector(Box::new(SnapshotCollector(snapshot.clone())));
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                snapshot,
+                scrape: Mutex::new(()),
+                callbacks,
+                upstream_requests,
+                upstream_duration,
+                upstream_retries,
+                commit_duration,
+                commit_records,
+            }),
+        }
+    }
+
+    /// Counts the outcomes of one callback delivery from `source` (`acs`, `graph`).
+    pub fn callbacks_delivered(&self, source: &'static str, summary: &DeliverySummary) {
+        for (outcome, count) in [
+            ("matched", summary.matched),
+            ("duplicate", summary.duplicates),
+            ("parked", summary.parked),
+            ("observed", summary.observed),
+            ("unmatched", summary.unmatched),
+        ] {
+            if count > 0 {
+                self.callback(source, outcome).inc_by(count as u64);
+            }
+        }
+    }
+
+    /// Counts one refused callback request from `source`.
+    pub fn callback_refused(&self, source: &'static str) {
+        self.callback(source, "refused").inc();
+    }
+
+    fn callback(&self, source: &'static str, outcome: &'static str) -> Counter {
+        self.inner
+            .callbacks
+            .get_or_create_owned(&[("source", source.into()), ("outcome", outcome.into())])
+    }
+
+    /// Records one upstream attempt that took `duration` and ended with `outcome`.
+    pub fn upstream_attempt(
+        &self,
+        upstream: &'static str,
+        outcome: AttemptOutcome,
+        duration: Duration,
+    ) {
+        let status: Cow<'static, str> = match outcome {
+            AttemptOutcome::Ok => "ok".into(),
+            AttemptOutcome::Rejected => "rejected".into(),
+            AttemptOutcome::Status(status) => status.to_string().into(),
+            AttemptOutcome::TransportError => "transport_error".into(),
+        };
+        self.inner
+            .upstream_requests
+            .get_or_create(&[("upstream", upstream.into()), ("status", status)])
+            .inc();
+        self.inner
+            .upstream_duration
+            .get_or_create(&[("upstream", upstream.into())])
+            .observe(duration.as_secs_f64());
+    }
+
+    /// Counts one upstream retry.
+    pub fn upstream_retry(&self, upstream: &'static str) {
+        self.inner
+            .upstream_retries
+            .get_or_create(&[("upstream", upstream.into())])
+            .inc();
+    }
+
+    /// Records one journal commit of `records` records that took `duration`.
+    pub fn store_commit(&self, records: usize, duration: Duration) {
+        self.inner.commit_duration.observe(duration.as_secs_f64());
+        self.inner.commit_records.observe(records as f64);
+    }
+
+    /// Every metric, with `snapshot`'s values, in OpenMetrics text ([`CONTENT_TYPE`]).
+    pub fn encode(&self, snapshot: Snapshot) -> Result<String, std::fmt::Error> {
+        let _one_scrape = self
+            .inner
+            .scrape
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *self
+            .inner
+            .snapshot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = snapshot;
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.inner.registry)?;
+        Ok(text)
+    }
+}
+
+/// Issued kinds by name; every observed kind is `observed` (its names come from callbacks).
+fn kind_label(kind: &OperationKind) -> Cow<'static, str> {
+    match kind {
+        OperationKind::RemoveParticipant => "removeParticipant".into(),
+        OperationKind::CancelMediaProcessing => "cancelMediaProcessing".into(),
+        OperationKind::Observed(_) => "observed".into(),
+    }
+}
+
+fn status_label(status: OperationStatus) -> Cow<'static, str> {
+    match status {
+        OperationStatus::NotStarted => "notStarted",
+        OperationStatus::Running => "running",
+        OperationStatus::Succeeded => "succeeded",
+        OperationStatus::Failed => "failed",
+        OperationStatus::Canceled => "canceled",
+    }
+    .into()
+}
+
+/// Writes the scrape-time values.
+#[derive(Debug)]
+struct SnapshotCollector(Arc<Mutex<Snapshot>>);
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let s = *self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let gauge = |encoder: &mut DescriptorEncoder<'_>, name: &str, help: &str, value: u64| {
+            let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
+        };
+        let counter = |encoder: &mut DescriptorEncoder<'_>, name: &str, help: &str, value: u64| {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)
+        };
+        gauge(
+            &mut encoder,
+            "operations_in_memory",
+            "Operations held in memory",
+            s.operations_in_memory,
+        )?;
+        gauge(
+            &mut encoder,
+            "parked_callbacks",
+            "Callbacks parked for an operation not created yet",
+            s.parked_callbacks,
+        )?;
+        gauge(
+            &mut encoder,
+            "long_poll_waiters",
+            "Long polls waiting for an operation to settle",
+            s.long_poll_waiters,
+        )?;
+        counter(
+            &mut encoder,
+            "store_transactions",
+            "Journal transactions committed",
+            s.store_transactions,
+        )?;
+        counter(
+            &mut encoder,
+            "store_records",
+            "Journal records committed",
+            s.store_records,
+        )?;
+        gauge(
+            &mut encoder,
+            "store_largest_batch",
+            "The most batches committed in one journal transaction",
+            s.store_largest_batch,
+        )?;
+        let seconds = ConstCounter::new(s.store_commit_seconds);
+        seconds.encode(encoder.encode_descriptor(
+            "store_commit_seconds",
+            "Time spent writing and committing journal transactions",
+            None,
+            seconds.metric_type(),
+        )?)?;
+        let fetches = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "callback_key_fetches",
+            "Fetches of a platform's callback signing keys",
+            None,
+            fetches.metric_type(),
+        )?;
+        for (source, value) in [("acs", s.key_fetches_acs), ("graph", s.key_fetches_graph)] {
+            let labels = [("source", source)];
+            ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+        }
+        counter(
+            &mut encoder,
+            "graph_token_fetches",
+            "Graph access token requests",
+            s.graph_token_fetches,
+        )?;
+        let mut family = encoder.encode_descriptor(
+            "operations_started",
+            "Operations created, by kind",
+            None,
+            fetches.metric_type(),
+        )?;
+        for (kind, value) in ISSUED_KINDS.iter().zip(s.operations_started) {
+            let labels = [("kind", kind_label(kind))];
+            ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "operations_settled",
+            "Operations that reached a final status (the first time), by kind and status",
+            None,
+            fetches.metric_type(),
+        )?;
+        for (kind, row) in ISSUED_KINDS.iter().zip(s.operations_settled) {
+            for (status, value) in FINAL_STATUSES.iter().zip(row) {
+                let labels = [
+                    ("kind", kind_label(kind)),
+                    ("status", status_label(*status)),
+                ];
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_names_every_metric() {
+        let metrics = Metrics::new();
+        metrics.callbacks_delivered(
+            "acs",
+            &DeliverySummary {
+                received: 3,
+                matched: 2,
+                duplicates: 1,
+                ..DeliverySummary::default()
+            },
+        );
+        metrics.callback_refused("graph");
+        metrics.upstream_attempt("acs", AttemptOutcome::Status(503), Duration::from_millis(3));
+        metrics.upstream_retry("acs");
+        metrics.store_commit(4, Duration::from_millis(2));
+        let text = metrics
+            .encode(Snapshot {
+                operations_in_memory: 7,
+                key_fetches_graph: 2,
+                store_commit_seconds: 0.5,
+                operations_started: [1, 0],
+                operations_settled: [[1, 0, 0], [0, 0, 0]],
+                ..Snapshot::default()
+            })
+            .unwrap();
+        for line in [
+            "callops_callbacks_total{source=\"acs\",outcome=\"matched\"} 2",
+            "callops_callbacks_total{source=\"acs\",outcome=\"duplicate\"} 1",
+            "callops_callbacks_total{source=\"graph\",outcome=\"refused\"} 1",
+            "callops_operations_started_total{kind=\"removeParticipant\"} 1",
+            "callops_operations_settled_total{kind=\"removeParticipant\",status=\"succeeded\"} 1",
+            "callops_operations_settled_total{kind=\"cancelMediaProcessing\",status=\"canceled\"} 0",
+            "callops_upstream_requests_total{upstream=\"acs\",status=\"503\"} 1",
+            "callops_upstream_request_duration_seconds_count{upstream=\"acs\"} 1",
+            "callops_upstream_retries_total{upstream=\"acs\"} 1",
+            "callops_store_commit_duration_seconds_count 1",
+            "callops_store_commit_records_sum 4.0",
+            "callops_operations_in_memory 7",
+            "callops_parked_callbacks 0",
+            "callops_long_poll_waiters 0",
+            "callops_store_transactions_total 0",
+            "callops_store_records_total 0",
+            "callops_store_largest_batch 0",
+            "callops_store_commit_seconds_total 0.5",
+            "callops_callback_key_fetches_total{source=\"graph\"} 2",
+            "callops_graph_token_fetches_total 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn registries_are_independent() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        a.callback_refused("acs");
+        let text = b.encode(Snapshot::default()).unwrap();
+        assert!(!text.contains("outcome=\"refused\""), "{text}");
+    }
+}
