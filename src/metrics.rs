@@ -41,7 +41,9 @@ struct Inner {
     snapshot: Arc<Mutex<Snapshot>>,
     /// One scrape at a time, so a scrape writes its own snapshot.
     scrape: Mutex<()>,
-    callbacks: Family<Labels2, Counter>,
+    /// The callback counters, made once per (source, outcome) so the callback path takes no
+    /// lock: `[acs, graph] × CALLBACK_OUTCOMES`.
+    callbacks: [[Counter; CALLBACK_OUTCOMES.len()]; 2],
     upstream_requests: Family<Labels2, Counter>,
     upstream_duration: HistogramFamily,
     upstream_retries: Family<Labels1, Counter>,
@@ -93,16 +95,35 @@ impl Default for Metrics {
     }
 }
 
+/// The index of `refused` in [`CALLBACK_OUTCOMES`].
+const REFUSED: usize = 5;
+
+/// The outcomes `callops_callbacks_total` counts, in index order.
+const CALLBACK_OUTCOMES: [&str; 6] = [
+    "matched",
+    "duplicate",
+    "parked",
+    "observed",
+    "unmatched",
+    "refused",
+];
+
 impl Metrics {
     /// A fresh registry with every metric of callops registered.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("callops");
-        let callbacks = Family::default();
+        let callback_family: Family<Labels2, Counter> = Family::default();
         registry.register(
             "callbacks",
             "Callback events by source (acs, graph) and outcome (matched, duplicate, parked, observed, unmatched; refused counts refused requests)",
-            callbacks.clone(),
+            callback_family.clone(),
         );
+        let callbacks = ["acs", "graph"].map(|source| {
+            CALLBACK_OUTCOMES.map(|outcome| {
+                callback_family
+                    .get_or_create_owned(&[("source", source.into()), ("outcome", outcome.into())])
+            })
+        });
         let upstream_requests = Family::default();
         registry.register(
             "upstream_requests",
@@ -153,28 +174,29 @@ impl Metrics {
 
     /// Counts the outcomes of one callback delivery from `source` (`acs`, `graph`).
     pub fn callbacks_delivered(&self, source: &'static str, summary: &DeliverySummary) {
-        for (outcome, count) in [
-            ("matched", summary.matched),
-            ("duplicate", summary.duplicates),
-            ("parked", summary.parked),
-            ("observed", summary.observed),
-            ("unmatched", summary.unmatched),
-        ] {
+        // In the order of CALLBACK_OUTCOMES.
+        let counts = [
+            summary.matched,
+            summary.duplicates,
+            summary.parked,
+            summary.observed,
+            summary.unmatched,
+        ];
+        let counters = self.callbacks_of(source);
+        for (counter, count) in counters.iter().zip(counts) {
             if count > 0 {
-                self.callback(source, outcome).inc_by(count as u64);
+                counter.inc_by(count as u64);
             }
         }
     }
 
     /// Counts one refused callback request from `source`.
     pub fn callback_refused(&self, source: &'static str) {
-        self.callback(source, "refused").inc();
+        self.callbacks_of(source)[REFUSED].inc();
     }
 
-    fn callback(&self, source: &'static str, outcome: &'static str) -> Counter {
-        self.inner
-            .callbacks
-            .get_or_create_owned(&[("source", source.into()), ("outcome", outcome.into())])
+    fn callbacks_of(&self, source: &'static str) -> &[Counter; CALLBACK_OUTCOMES.len()] {
+        &self.inner.callbacks[usize::from(source != "acs")]
     }
 
     /// Records one upstream attempt that took `duration` and ended with `outcome`.
@@ -420,7 +442,19 @@ mod tests {
     fn registries_are_independent() {
         let (a, b) = (Metrics::new(), Metrics::new());
         a.callback_refused("acs");
-        let text = b.encode(Snapshot::default()).unwrap();
-        assert!(!text.contains("outcome=\"refused\""), "{text}");
+        let line = |metrics: &Metrics| {
+            metrics
+                .encode(Snapshot::default())
+                .unwrap()
+                .lines()
+                .find(|l| {
+                    l.starts_with("callops_callbacks_total{")
+                        && l.contains("source=\"acs\"")
+                        && l.contains("outcome=\"refused\"")
+                })
+                .map(str::to_owned)
+        };
+        assert!(line(&a).unwrap().ends_with(" 1"), "{:?}", line(&a));
+        assert!(line(&b).unwrap().ends_with(" 0"), "{:?}", line(&b));
     }
 }
