@@ -111,12 +111,13 @@ async fn callback_outcomes_are_counted_and_metrics_need_no_key() {
             "{series} in\n{text}"
         );
     }
-    assert!(
+    assert_eq!(
         sample(
             &text,
             r#"callops_callbacks_total{source="graph",outcome="refused"}"#
         )
-        .is_none(),
+        .as_deref(),
+        Some("0"),
         "{text}"
     );
     // Read from the key caches: the ACS keys were fetched at least once to verify.
