@@ -86,6 +86,16 @@ pub struct ContextKey {
     pub context: Box<str>,
 }
 
+impl ContextKey {
+    /// The key `operation` is indexed under.
+    pub fn of(operation: &Operation) -> Self {
+        Self {
+            call: operation.call.clone(),
+            context: operation.context.as_str().into(),
+        }
+    }
+}
+
 impl IncomingEvent {
     /// The key naming the operation, or `None` for call-level events (no call or context).
     pub fn key(&self) -> Option<ContextKey> {

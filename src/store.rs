@@ -239,10 +239,7 @@ impl OperationStore {
     pub fn create(&self, mut operation: Operation) -> Result<Operation, ContextInUse> {
         let inner = &self.inner;
         let id = operation.id;
-        let key = ContextKey {
-            call: operation.call.clone(),
-            context: operation.context.as_str().into(),
-        };
+        let key = ContextKey::of(&operation);
         // Everything happens under the key's index entry: a callback for this key waits for
         // it, so parked callbacks are applied first and in arrival order, and a refused
         // operation is never visible. (Lock order: index, then operations.)
@@ -308,11 +305,7 @@ impl OperationStore {
         operations.sort_by_key(|op| op.id);
         for operation in operations {
             let id = operation.id;
-            let key = ContextKey {
-                call: operation.call.clone(),
-                context: operation.context.as_str().into(),
-            };
-            match inner.index.entry(key) {
+            match inner.index.entry(ContextKey::of(&operation)) {
                 Entry::Vacant(vacant) => {
                     vacant.insert(Slot::Operation(id));
                 }

@@ -128,6 +128,25 @@ impl Deployment {
         response.json().await.unwrap()
     }
 
+    /// Polls `GET path` until it answers `status` (bounded).
+    async fn until_answered(&self, path: &str, status: u16) -> reqwest::Response {
+        within(async {
+            loop {
+                let response = self
+                    .http
+                    .get(format!("{}{path}", self.base()))
+                    .send()
+                    .await
+                    .unwrap();
+                if response.status() == status {
+                    return response;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await
+    }
+
     async fn until_status(&self, id: &str, status: &str) -> Value {
         within(async {
             loop {
@@ -161,21 +180,12 @@ async fn an_operation_sent_upstream_survives_sigkill_and_its_callback_settles_it
     let deployment = Deployment::new("sent").await;
     let server = deployment.start().await;
     // Ready: the store commits and the callback keys are loaded.
-    let ready: Value = within(async {
-        loop {
-            let response = deployment
-                .http
-                .get(format!("{}/readyz", deployment.base()))
-                .send()
-                .await
-                .unwrap();
-            if response.status() == 200 {
-                return response.json().await.unwrap();
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let ready: Value = deployment
+        .until_answered("/readyz", 200)
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(ready["checks"]["store"], "ok", "{ready}");
     assert_eq!(ready["checks"]["callbackKeys"]["acs"], "ok", "{ready}");
     let id = deployment.remove("call-kill-1", "ctx-kill-1").await;
@@ -303,21 +313,9 @@ async fn retired_operations_leave_the_disk_too() {
         .callback(&remove_event("evt-old", "call-old", "ctx-old", true))
         .await;
     // Retired from memory by a sweep, a second after it settled.
-    within(async {
-        loop {
-            let response = deployment
-                .http
-                .get(format!("{}/v1/operations/{id}", deployment.base()))
-                .send()
-                .await
-                .unwrap();
-            if response.status() == 404 {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    deployment
+        .until_answered(&format!("/v1/operations/{id}"), 404)
+        .await;
     terminate(&server);
     assert!(exited(server).await);
     // Not loaded again after a restart (with the default retention, which would keep it).
