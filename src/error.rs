@@ -30,14 +30,19 @@ pub enum ApiError {
     Unavailable(String),
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: ErrorDetail<'a>,
+/// The error body of every error answer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    error: ErrorDetail,
 }
 
-#[derive(Serialize)]
-struct ErrorDetail<'a> {
-    code: &'a str,
+/// What went wrong: a stable `code` and a message for people.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// E.g. `InvalidRequest`, `Unauthorized`, `NotFound`, `MethodNotAllowed`, `Conflict`,
+    /// `PayloadTooLarge`, `UnsupportedMediaType`, `RequestTimeout`, `ServiceUnavailable`.
+    #[schema(example = "InvalidRequest")]
+    code: String,
     message: String,
 }
 
@@ -75,7 +80,10 @@ impl IntoResponse for ApiError {
 /// The error body with any status, for middleware that answers on its own.
 pub fn error_response(status: StatusCode, code: &str, message: String) -> Response {
     let body = ErrorBody {
-        error: ErrorDetail { code, message },
+        error: ErrorDetail {
+            code: code.to_owned(),
+            message,
+        },
     };
     (status, axum::Json(body)).into_response()
 }

@@ -10,12 +10,16 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 /// Server-generated operation id. UUID v7, so ids sort in creation order (the list endpoint
 /// relies on it for "newest first" paging).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(transparent)]
+#[schema(value_type = String, format = Uuid)]
 pub struct OperationId(Uuid);
 
 impl OperationId {
@@ -90,7 +94,7 @@ impl<'de> Deserialize<'de> for OperationKind {
 }
 
 /// Azure status-monitor statuses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 pub enum OperationStatus {
     NotStarted,
     Running,
@@ -131,7 +135,7 @@ impl OperationStatus {
 }
 
 /// The call an operation acts on.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 pub enum CallRef {
     /// An ACS call connection id.
     #[serde(rename = "callConnectionId")]
@@ -152,7 +156,7 @@ impl CallRef {
 
 /// The upstream's own account of how an operation ended (ACS `resultInformation`, Graph
 /// `resultInfo` and `completionReason`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ResultInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -171,11 +175,13 @@ pub struct ResultInfo {
 pub const CALLBACK_TIMEOUT: &str = "CallbackTimeout";
 
 /// A media operation that a `cancelMediaProcessing` operation cancelled.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CancelledOperation {
     /// Our id of the cancelled operation (usually an observed one).
     pub id: OperationId,
+    /// `removeParticipant`, `cancelMediaProcessing`, or an observed operation's upstream name.
+    #[schema(value_type = String, example = "removeParticipant")]
     pub kind: OperationKind,
     pub context: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -183,14 +189,14 @@ pub struct CancelledOperation {
 }
 
 /// Why an operation failed, with a stable machine-readable `code`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct OperationError {
     pub code: String,
     pub message: String,
 }
 
 /// One callback event as kept on an operation's (or a call's) timeline.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EventRecord {
     /// Upstream event type, e.g. `Microsoft.Communication.RemoveParticipantSucceeded`.
@@ -208,7 +214,7 @@ pub struct EventRecord {
 }
 
 /// What an event did to the operation it was recorded on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum EventEffect {
     Applied,
@@ -218,10 +224,12 @@ pub enum EventEffect {
 }
 
 /// An operation: what was asked, of which call, and how far it has got.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Operation {
     pub id: OperationId,
+    /// `removeParticipant`, `cancelMediaProcessing`, or an observed operation's upstream name.
+    #[schema(value_type = String, example = "removeParticipant")]
     pub kind: OperationKind,
     pub status: OperationStatus,
     /// The operationContext / clientContext sent upstream; unique per call among running

@@ -73,7 +73,7 @@ pub enum StartError {
 pub struct DeliveryError(#[from] JournalError);
 
 /// How many events of a delivery ended which way.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct DeliverySummary {
     pub received: usize,
     pub matched: usize,

@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 
 use crate::acs::events;
 use crate::callback_auth::{AuthError, CallbackAuthenticator, CallbackSource, Verified};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::graph::notifications;
 use crate::http::AppState;
 use crate::service::{DeliverySummary, OperationService};
@@ -24,7 +24,23 @@ pub fn router() -> Router<AppState> {
 /// Content-Type is not checked: upstreams send odd charsets, and the body is decoded on its
 /// own terms once the request is authenticated (401 otherwise, 503 while the signing keys
 /// cannot be loaded, so the platform retries).
-async fn receive_acs_callback(
+#[utoipa::path(
+    post,
+    path = "/callbacks/acs",
+    tag = "callbacks",
+    operation_id = "receiveAcsCallback",
+    request_body(content = serde_json::Value, content_type = "application/json",
+        description = "ACS CloudEvents: a JSON array, or a single event"),
+    responses(
+        (status = 200, description = "Counts of what became of the events", body = DeliverySummary),
+        (status = 400, description = "The body is not a callback this endpoint decodes", body = ErrorBody),
+        (status = 401, description = "The callback token is missing or not valid", body = ErrorBody),
+        (status = 413, description = "The body is larger than the limit", body = ErrorBody),
+        (status = 503, description = "The signing keys cannot be loaded, or the effects could not be stored: retry", body = ErrorBody)
+    ),
+    security(("callbackJwt" = []))
+)]
+pub(crate) async fn receive_acs_callback(
     State(auth): State<CallbackAuthenticator>,
     State(service): State<OperationService>,
     request: Request,
@@ -38,7 +54,23 @@ async fn receive_acs_callback(
 
 /// `POST /callbacks/graph`: Graph `commsNotifications`. Answered `202 Accepted` (what Graph
 /// expects) with the same counts as the ACS endpoint.
-async fn receive_graph_callback(
+#[utoipa::path(
+    post,
+    path = "/callbacks/graph",
+    tag = "callbacks",
+    operation_id = "receiveGraphCallback",
+    request_body(content = serde_json::Value, content_type = "application/json",
+        description = "Graph `commsNotifications`"),
+    responses(
+        (status = 202, description = "Counts of what became of the notifications", body = DeliverySummary),
+        (status = 400, description = "The body is not a callback this endpoint decodes", body = ErrorBody),
+        (status = 401, description = "The callback token is missing or not valid", body = ErrorBody),
+        (status = 413, description = "The body is larger than the limit", body = ErrorBody),
+        (status = 503, description = "The signing keys cannot be loaded, or the effects could not be stored: retry", body = ErrorBody)
+    ),
+    security(("callbackJwt" = []))
+)]
+pub(crate) async fn receive_graph_callback(
     State(auth): State<CallbackAuthenticator>,
     State(service): State<OperationService>,
     request: Request,

@@ -23,7 +23,15 @@ pub fn router() -> Router<AppState> {
         .route("/metrics", get(get_metrics))
 }
 
-async fn get_health(
+/// Liveness, with store and callback counts.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    operation_id = "getHealth",
+    responses((status = 200, description = "Alive", body = serde_json::Value))
+)]
+pub(crate) async fn get_health(
     State(service): State<OperationService>,
     State(callback_auth): State<CallbackAuthenticator>,
 ) -> axum::Json<serde_json::Value> {
@@ -40,7 +48,19 @@ async fn get_health(
     }))
 }
 
-async fn get_metrics(
+/// Prometheus metrics in OpenMetrics text.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    operation_id = "getMetrics",
+    responses(
+        (status = 200, description = "Every metric", body = String,
+            content_type = "application/openmetrics-text"),
+        (status = 500, description = "The metrics could not be encoded"),
+    )
+)]
+pub(crate) async fn get_metrics(
     State(metrics): State<Metrics>,
     State(service): State<OperationService>,
     State(callback_auth): State<CallbackAuthenticator>,
@@ -70,7 +90,19 @@ async fn get_metrics(
 /// How long the store's readiness probe may take.
 const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-async fn get_ready(
+/// Readiness: the store commits and the callback signing keys are loaded.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    operation_id = "getReady",
+    responses(
+        (status = 200, description = "Ready, with per-check `checks`", body = serde_json::Value),
+        (status = 503, description = "Not ready: `error.message` names what, `checks` per check",
+            body = serde_json::Value),
+    )
+)]
+pub(crate) async fn get_ready(
     State(service): State<OperationService>,
     State(callback_auth): State<CallbackAuthenticator>,
 ) -> (StatusCode, axum::Json<serde_json::Value>) {

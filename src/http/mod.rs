@@ -4,6 +4,7 @@
 pub mod api_keys;
 pub mod callbacks;
 pub mod health;
+pub mod openapi;
 pub mod operations;
 pub mod serve;
 
@@ -116,6 +117,7 @@ pub fn router(state: AppState, http: &HttpConfig) -> Result<Router, ConfigError>
         .nest("/v1", client_api)
         .merge(callbacks::router())
         .merge(health::router())
+        .merge(openapi::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(http.body_limit_bytes))

@@ -9,12 +9,15 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::acs::identifier::CommunicationIdentifier;
-use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
+use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
 use crate::graph::ids;
 use crate::http::{ApiLimits, AppState};
-use crate::operation::{CallRef, Operation, OperationId, OperationKind, OperationStatus};
+use crate::operation::{
+    CallRef, EventRecord, Operation, OperationId, OperationKind, OperationStatus,
+};
 use crate::service::{MAX_CONTEXT_LEN, OperationService};
 use crate::store::ListFilter;
 use crate::trace_context::{TRACEPARENT, TraceParent};
@@ -46,14 +49,39 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Body of `participants:remove`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RemoveParticipantIn {
+pub(crate) struct RemoveParticipantIn {
     participant_to_remove: CommunicationIdentifier,
+    /// Unique per call among running operations; generated when absent.
+    #[schema(min_length = 1, max_length = 512)]
     operation_context: Option<String>,
 }
 
-async fn create_removal(
+#[utoipa::path(
+    post,
+    path = "/v1/acs/callConnections/{callConnectionId}/participants:remove",
+    tag = "acs",
+    operation_id = "removeParticipant",
+    params(("callConnectionId" = String, Path, min_length = 1, max_length = 256, pattern = r"^[A-Za-z0-9._~:-]+$"), TraceParentHeader),
+    request_body = RemoveParticipantIn,
+    responses(
+        (status = 202, description = "Accepted: the operation, to follow at `Operation-Location`", body = Operation,
+            headers(
+                ("Operation-Location" = String, description = "`/v1/operations/{id}`"),
+                ("Retry-After" = u64, description = "Seconds before polling again"),
+            )),
+        (status = 400, description = "Malformed input: the message names the field", body = ErrorBody),
+        (status = 401, description = "No API key, or not a configured one (when keys are configured)", body = ErrorBody),
+        (status = 404, description = "No such operation or route", body = ErrorBody),
+        (status = 409, description = "The context names a still-running operation on the same call", body = ErrorBody),
+        (status = 413, description = "The body is larger than the limit", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 503, description = "The operation could not be stored; retry", body = ErrorBody)
+    ),
+    security(("apiKey" = []), ("bearer" = []))
+)]
+pub(crate) async fn create_removal(
     State(service): State<OperationService>,
     State(limits): State<ApiLimits>,
     ApiPath(call_connection_id): ApiPath<String>,
@@ -73,13 +101,38 @@ async fn create_removal(
 }
 
 /// Body of `cancelMediaProcessing`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct CancelMediaProcessingIn {
+pub(crate) struct CancelMediaProcessingIn {
+    /// Unique per call among running operations; generated when absent.
+    #[schema(min_length = 1, max_length = 256)]
     client_context: Option<String>,
 }
 
-async fn create_cancel(
+#[utoipa::path(
+    post,
+    path = "/v1/graph/calls/{callId}/cancelMediaProcessing",
+    tag = "graph",
+    operation_id = "cancelMediaProcessing",
+    params(("callId" = String, Path, min_length = 1, max_length = 256, pattern = r"^[A-Za-z0-9._~:-]+$"), TraceParentHeader),
+    request_body = CancelMediaProcessingIn,
+    responses(
+        (status = 202, description = "Accepted: the operation, to follow at `Operation-Location`", body = Operation,
+            headers(
+                ("Operation-Location" = String, description = "`/v1/operations/{id}`"),
+                ("Retry-After" = u64, description = "Seconds before polling again"),
+            )),
+        (status = 400, description = "Malformed input: the message names the field", body = ErrorBody),
+        (status = 401, description = "No API key, or not a configured one (when keys are configured)", body = ErrorBody),
+        (status = 404, description = "No such operation or route", body = ErrorBody),
+        (status = 409, description = "The context names a still-running operation on the same call", body = ErrorBody),
+        (status = 413, description = "The body is larger than the limit", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 503, description = "The operation could not be stored; retry", body = ErrorBody)
+    ),
+    security(("apiKey" = []), ("bearer" = []))
+)]
+pub(crate) async fn create_cancel(
     State(service): State<OperationService>,
     State(limits): State<ApiLimits>,
     ApiPath(call_id): ApiPath<String>,
@@ -110,14 +163,31 @@ fn accepted(operation: Operation, retry_after_secs: u64) -> Response {
     response
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
-struct GetQuery {
-    /// Seconds to wait for the operation to settle (capped).
+#[into_params(parameter_in = Query)]
+pub(crate) struct GetQuery {
+    /// Seconds to wait for the operation to settle (capped at `operations.max_wait_secs`).
+    #[param(schema_with = unsigned)]
     wait: Option<u64>,
 }
 
-async fn get_operation(
+#[utoipa::path(
+    get,
+    path = "/v1/operations/{id}",
+    tag = "operations",
+    operation_id = "getOperation",
+    params(("id" = String, Path, format = Uuid, description = "The operation id"), GetQuery),
+    responses(
+        (status = 200, description = "The operation; `Retry-After` while it has not settled", body = Operation,
+            headers(("Retry-After" = u64, description = "Seconds before polling again"))),
+        (status = 400, description = "Malformed input: the message names the field", body = ErrorBody),
+        (status = 401, description = "No API key, or not a configured one (when keys are configured)", body = ErrorBody),
+        (status = 404, description = "No such operation or route", body = ErrorBody)
+    ),
+    security(("apiKey" = []), ("bearer" = []))
+)]
+pub(crate) async fn get_operation(
     State(service): State<OperationService>,
     State(limits): State<ApiLimits>,
     ApiPath(id): ApiPath<String>,
@@ -147,28 +217,80 @@ fn operation_response(operation: Operation, retry_after_secs: u64) -> Response {
     response
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ListQuery {
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
+    /// Operations with this context (empty: those reported without one).
+    #[param(max_length = 512)]
     context: Option<String>,
+    #[param(min_length = 1, max_length = 256, pattern = r"^[A-Za-z0-9._~:-]+$")]
     call_connection_id: Option<String>,
+    #[param(min_length = 1, max_length = 256, pattern = r"^[A-Za-z0-9._~:-]+$")]
     call_id: Option<String>,
+    /// One of `NotStarted`, `Running`, `Succeeded`, `Failed`, `Canceled` (any case).
+    #[param(value_type = Option<OperationStatus>)]
     status: Option<String>,
+    /// E.g. `removeParticipant`: letters and digits.
+    #[param(min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9]+$")]
     kind: Option<String>,
+    /// Page size (default 50, capped).
     #[serde(rename = "maxpagesize")]
+    #[param(rename = "maxpagesize", schema_with = positive)]
     max_page_size: Option<usize>,
+    /// From a `nextLink`.
+    #[param(format = Uuid)]
     skip_token: Option<String>,
 }
 
-#[derive(serde::Serialize)]
+/// A non-negative integer. No `maximum` nor `format`: any value up to 2^64 - 1 is taken (and
+/// capped where the API caps it), larger ones are refused.
+fn unsigned() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::Integer)
+        .minimum(Some(0))
+        .build()
+}
+
+/// As [`unsigned`], from 1.
+fn positive() -> utoipa::openapi::Object {
+    let mut schema = unsigned();
+    schema.minimum = Some(1.into());
+    schema
+}
+
+/// Trace context passed on to the upstream request.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub(crate) struct TraceParentHeader {
+    /// A W3C `traceparent`; ignored when malformed.
+    traceparent: Option<String>,
+}
+
+/// A page of a list: `value`, and `nextLink` when there is more.
+#[derive(serde::Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct Page<T> {
+pub(crate) struct Page<T> {
     value: Vec<T>,
     #[serde(skip_serializing_if = "Option::is_none")]
     next_link: Option<String>,
 }
 
-async fn list_operations(
+#[utoipa::path(
+    get,
+    path = "/v1/operations",
+    tag = "operations",
+    operation_id = "listOperations",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "Operations, newest first", body = Page<Operation>),
+        (status = 400, description = "Malformed input: the message names the field", body = ErrorBody),
+        (status = 401, description = "No API key, or not a configured one (when keys are configured)", body = ErrorBody)
+    ),
+    security(("apiKey" = []), ("bearer" = []))
+)]
+pub(crate) async fn list_operations(
     State(service): State<OperationService>,
     State(limits): State<ApiLimits>,
     ApiQuery(query): ApiQuery<ListQuery>,
@@ -236,10 +358,24 @@ fn next_link(query: &ListQuery, page_size: usize, last: OperationId) -> String {
     format!("/v1/operations?{}", params.finish())
 }
 
-async fn list_call_events(
+#[utoipa::path(
+    get,
+    path = "/v1/acs/callConnections/{callConnectionId}/events",
+    tag = "acs",
+    operation_id = "listCallConnectionEvents",
+    params(("callConnectionId" = String, Path, min_length = 1, max_length = 256, pattern = r"^[A-Za-z0-9._~:-]+$")),
+    responses(
+        (status = 200, description = "The call's own events, and callbacks whose operation never appeared", body = Page<EventRecord>),
+        (status = 400, description = "Malformed input: the message names the field", body = ErrorBody),
+        (status = 401, description = "No API key, or not a configured one (when keys are configured)", body = ErrorBody),
+        (status = 404, description = "No such operation or route", body = ErrorBody)
+    ),
+    security(("apiKey" = []), ("bearer" = []))
+)]
+pub(crate) async fn list_call_events(
     State(service): State<OperationService>,
     ApiPath(call_connection_id): ApiPath<String>,
-) -> Result<axum::Json<Page<crate::operation::EventRecord>>, ApiError> {
+) -> Result<axum::Json<Page<EventRecord>>, ApiError> {
     check_call_id(&call_connection_id, "callConnectionId")?;
     let value = service
         .store()
@@ -251,10 +387,24 @@ async fn list_call_events(
     }))
 }
 
-async fn list_graph_call_events(
+#[utoipa::path(
+    get,
+    path = "/v1/graph/calls/{callId}/events",
+    tag = "graph",
+    operation_id = "listGraphCallEvents",
+    params(("callId" = String, Path, min_length = 1, max_length = 256, pattern = r"^[A-Za-z0-9._~:-]+$")),
+    responses(
+        (status = 200, description = "The call's own events, and callbacks whose operation never appeared", body = Page<EventRecord>),
+        (status = 400, description = "Malformed input: the message names the field", body = ErrorBody),
+        (status = 401, description = "No API key, or not a configured one (when keys are configured)", body = ErrorBody),
+        (status = 404, description = "No such operation or route", body = ErrorBody)
+    ),
+    security(("apiKey" = []), ("bearer" = []))
+)]
+pub(crate) async fn list_graph_call_events(
     State(service): State<OperationService>,
     ApiPath(call_id): ApiPath<String>,
-) -> Result<axum::Json<Page<crate::operation::EventRecord>>, ApiError> {
+) -> Result<axum::Json<Page<EventRecord>>, ApiError> {
     check_call_id(&call_id, "callId")?;
     let value = service
         .store()

@@ -10,6 +10,7 @@ mod durability;
 mod graph;
 mod hostile_input;
 mod metrics;
+mod openapi;
 mod operations;
 mod removal;
 mod secrets;

@@ -1,0 +1,126 @@
+//! `GET /openapi.json`: the OpenAPI 3 document, open even when the client API needs a key,
+//! listing every route the router serves (and only those).
+
+use serde_json::Value;
+
+use crate::support::TestApp;
+
+const KEY: &str = "openapi-key-0123456789abcdef";
+
+/// Every route the router serves: method, documented path, and a concrete path to call.
+const ROUTES: [(&str, &str, &str); 12] = [
+    (
+        "post",
+        "/v1/acs/callConnections/{callConnectionId}/participants:remove",
+        "/v1/acs/callConnections/call-1/participants:remove",
+    ),
+    (
+        "get",
+        "/v1/acs/callConnections/{callConnectionId}/events",
+        "/v1/acs/callConnections/call-1/events",
+    ),
+    (
+        "post",
+        "/v1/graph/calls/{callId}/cancelMediaProcessing",
+        "/v1/graph/calls/call-1/cancelMediaProcessing",
+    ),
+    (
+        "get",
+        "/v1/graph/calls/{callId}/events",
+        "/v1/graph/calls/call-1/events",
+    ),
+    ("get", "/v1/operations", "/v1/operations"),
+    (
+        "get",
+        "/v1/operations/{id}",
+        "/v1/operations/0190b3c2-7a53-7c1e-9a0e-5a0f1f1b2c3d",
+    ),
+    ("post", "/callbacks/acs", "/callbacks/acs"),
+    ("post", "/callbacks/graph", "/callbacks/graph"),
+    ("get", "/healthz", "/healthz"),
+    ("get", "/readyz", "/readyz"),
+    ("get", "/metrics", "/metrics"),
+    ("get", "/openapi.json", "/openapi.json"),
+];
+
+#[tokio::test]
+async fn the_document_is_open_and_lists_every_route() {
+    let app = TestApp::spawn_with(|config| config.http.api_keys = KEY.to_owned().into()).await;
+    let anonymous = reqwest::Client::new();
+    let response = anonymous
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "no key needed");
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let document: Value = response.json().await.unwrap();
+    let version = document["openapi"].as_str().unwrap();
+    assert!(version.starts_with("3."), "{version}");
+
+    let paths = document["paths"].as_object().unwrap();
+    for (method, path, _) in ROUTES {
+        assert!(
+            paths.get(path).and_then(|item| item.get(method)).is_some(),
+            "{method} {path} is not documented"
+        );
+    }
+    let documented: usize = paths
+        .values()
+        .map(|item| item.as_object().unwrap().len())
+        .sum();
+    assert_eq!(
+        documented,
+        ROUTES.len(),
+        "documented but not in the list: {paths:?}"
+    );
+
+    let schemes = &document["components"]["securitySchemes"];
+    assert_eq!(schemes["apiKey"]["name"], "api-key");
+    assert_eq!(schemes["bearer"]["scheme"], "bearer");
+    assert_eq!(schemes["callbackJwt"]["bearerFormat"], "JWT");
+    let schemas = &document["components"]["schemas"];
+    for model in [
+        "Operation",
+        "OperationStatus",
+        "EventRecord",
+        "ResultInfo",
+        "CancelledOperation",
+        "CommunicationIdentifier",
+        "RemoveParticipantIn",
+        "CancelMediaProcessingIn",
+        "DeliverySummary",
+        "ErrorBody",
+    ] {
+        assert!(
+            schemas.get(model).is_some(),
+            "{model} is not in the document"
+        );
+    }
+    let remove = &paths[ROUTES[0].1]["post"];
+    for status in ["202", "400", "401", "409", "413", "415", "503"] {
+        assert!(remove["responses"].get(status).is_some(), "{status}");
+    }
+}
+
+/// The list above is what the router serves: each route answers something other than the
+/// router's own "no such route".
+#[tokio::test]
+async fn every_listed_route_is_served() {
+    let app = TestApp::spawn().await;
+    let http = reqwest::Client::new();
+    for (method, _, path) in ROUTES {
+        let request = match method {
+            "get" => http.get(app.url(path)),
+            _ => http.post(app.url(path)).json(&serde_json::json!({})),
+        };
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let body = response.text().await.unwrap();
+        assert!(
+            !(status == 404 && body.contains("no such route")),
+            "{method} {path}: {status} {body}"
+        );
+        assert_ne!(status, 405, "{method} {path}");
+    }
+}
