@@ -10,6 +10,7 @@ use std::borrow::Cow;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use dashmap::DashMap;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -27,6 +28,7 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 
 type Labels1 = [(&'static str, Cow<'static, str>); 1];
 type Labels2 = [(&'static str, Cow<'static, str>); 2];
+type Labels3 = [(&'static str, Cow<'static, str>); 3];
 type HistogramFamily = Family<Labels1, Histogram, fn() -> Histogram>;
 
 /// The application's metrics: one registry, cloned cheaply.
@@ -44,6 +46,11 @@ struct Inner {
     /// The callback counters, made once per (source, outcome) so the callback path takes no
     /// lock: `[acs, graph] × CALLBACK_OUTCOMES`.
     callbacks: [[Counter; CALLBACK_OUTCOMES.len()]; 2],
+    /// Decoded callback events by (source, type, outcome).
+    callback_events: Family<Labels3, Counter>,
+    /// Per source, the counters of each event type seen (made on first sight, then reached
+    /// without touching the family's lock), at most [`MAX_EVENT_TYPES`] types per source.
+    callback_types: [DashMap<Box<str>, EventCounters>; 2],
     upstream_requests: Family<Labels2, Counter>,
     upstream_duration: HistogramFamily,
     upstream_retries: Family<Labels1, Counter>,
@@ -95,6 +102,34 @@ impl Default for Metrics {
     }
 }
 
+/// What happened to one decoded callback event, for `callops_callback_events_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventOutcome {
+    Matched,
+    Duplicate,
+    Parked,
+    Observed,
+    Unmatched,
+    /// Kept on its call's events (it names no operation).
+    Call,
+}
+
+const EVENT_OUTCOMES: [&str; 6] = [
+    "matched",
+    "duplicate",
+    "parked",
+    "observed",
+    "unmatched",
+    "call",
+];
+
+/// Distinct event types counted per source; more are counted as `other` (callbacks are
+/// authenticated, but the label set must stay bounded whatever arrives).
+const MAX_EVENT_TYPES: usize = 256;
+
+/// The counters of one event type, one per [`EventOutcome`].
+pub type EventCounters = Arc<[Counter; 6]>;
+
 /// The index of `refused` in [`CALLBACK_OUTCOMES`].
 const REFUSED: usize = 5;
 
@@ -124,6 +159,12 @@ impl Metrics {
                     .get_or_create_owned(&[("source", source.into()), ("outcome", outcome.into())])
             })
         });
+        let callback_events: Family<Labels3, Counter> = Family::default();
+        registry.register(
+            "callback_events",
+            "Decoded callback events by source (acs, graph), type (the event's type) and outcome (matched, duplicate, parked, observed, unmatched, call)",
+            callback_events.clone(),
+        );
         let upstream_requests = Family::default();
         registry.register(
             "upstream_requests",
@@ -163,6 +204,8 @@ impl Metrics {
                 snapshot,
                 scrape: Mutex::new(()),
                 callbacks,
+                callback_events,
+                callback_types: [DashMap::new(), DashMap::new()],
                 upstream_requests,
                 upstream_duration,
                 upstream_retries,
@@ -193,6 +236,32 @@ impl Metrics {
     /// Counts one refused callback request from `source`.
     pub fn callback_refused(&self, source: &'static str) {
         self.callbacks_of(source)[REFUSED].inc();
+    }
+
+    /// The counters of events of `event_type` from `source` (`acs`, `graph`); count one
+    /// with [`count_event`] once its outcome is known.
+    pub fn event_counters(&self, source: &'static str, event_type: &str) -> EventCounters {
+        let types = &self.inner.callback_types[usize::from(source != "acs")];
+        if let Some(counters) = types.get(event_type) {
+            return counters.clone();
+        }
+        let shown = if types.len() < MAX_EVENT_TYPES {
+            event_type
+        } else {
+            "other"
+        };
+        types
+            .entry(shown.into())
+            .or_insert_with(|| {
+                Arc::new(EVENT_OUTCOMES.map(|outcome| {
+                    self.inner.callback_events.get_or_create_owned(&[
+                        ("source", source.into()),
+                        ("type", Cow::Owned(shown.to_owned())),
+                        ("outcome", outcome.into()),
+                    ])
+                }))
+            })
+            .clone()
     }
 
     fn callbacks_of(&self, source: &'static str) -> &[Counter; CALLBACK_OUTCOMES.len()] {
@@ -378,6 +447,11 @@ impl Collector for SnapshotCollector {
     }
 }
 
+/// Counts one event in `counters` (from [`Metrics::event_counters`]).
+pub fn count_event(counters: &EventCounters, outcome: EventOutcome) {
+    counters[outcome as usize].inc();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,6 +510,40 @@ mod tests {
             );
         }
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn event_types_are_counted_by_outcome_and_bounded() {
+        let metrics = Metrics::new();
+        let play = metrics.event_counters("acs", "Microsoft.Communication.PlayCompleted");
+        count_event(&play, EventOutcome::Observed);
+        count_event(
+            &metrics.event_counters("acs", "Microsoft.Communication.PlayCompleted"),
+            EventOutcome::Observed,
+        );
+        for n in 0..MAX_EVENT_TYPES + 10 {
+            let counters = metrics.event_counters("graph", &format!("type{n}.updated"));
+            count_event(&counters, EventOutcome::Call);
+        }
+        let text = metrics.encode(Snapshot::default()).unwrap();
+        let line = |series: &str| {
+            text.lines()
+                .find(|l| l.starts_with(series))
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            line(r#"callops_callback_events_total{source="acs",type="Microsoft.Communication.PlayCompleted",outcome="observed"}"#)
+                .as_deref()
+                .and_then(|l| l.rsplit(' ').next()),
+            Some("2")
+        );
+        // The first types keep their names; the rest share `other`.
+        assert!(line(r#"callops_callback_events_total{source="graph",type="type0.updated",outcome="call"} 1"#).is_some());
+        assert!(
+            line(r#"callops_callback_events_total{source="graph",type="other",outcome="call"}"#)
+                .is_some_and(|l| l.ends_with(" 10")),
+            "{text}"
+        );
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::graph::client::{CancelAnswer, GraphClient, GraphError};
 use crate::graph::ids;
 use crate::graph::notifications::GraphEvent;
 use crate::journal::{JournalError, JournalStats};
-use crate::metrics::Metrics;
+use crate::metrics::{self, EventOutcome, Metrics};
 use crate::operation::{
     CallRef, Operation, OperationError, OperationId, OperationKind, ResultInfo, Transition,
 };
@@ -318,10 +318,12 @@ impl OperationService {
     /// Hands `incoming` to the store and notes what it changed.
     fn deliver(
         &self,
+        source: &'static str,
         incoming: IncomingEvent,
         now: tokio::time::Instant,
         changes: &mut Changes,
     ) -> Delivery {
+        let counters = self.metrics.event_counters(source, &incoming.event_type);
         // A copy is kept only when it may be parked (it names a context) and the store is
         // durable.
         let copy = (changes.keeps_parked() && incoming.context.is_some()).then(|| incoming.clone());
@@ -330,6 +332,17 @@ impl OperationService {
             .keeps_parked()
             .then(|| (incoming.id.clone(), incoming.received));
         let delivery = self.store.deliver(incoming, now);
+        metrics::count_event(
+            &counters,
+            match delivery {
+                Delivery::Matched { .. } => EventOutcome::Matched,
+                Delivery::Duplicate => EventOutcome::Duplicate,
+                Delivery::Parked => EventOutcome::Parked,
+                Delivery::Observed { .. } => EventOutcome::Observed,
+                Delivery::Unmatched => EventOutcome::Unmatched,
+                Delivery::CallEvent => EventOutcome::Call,
+            },
+        );
         if let (Some((Some(id), received)), false) = (seen, delivery == Delivery::Duplicate) {
             changes.seen(id, received);
         }
@@ -374,7 +387,7 @@ impl OperationService {
             };
             // Only a call's end needs the call after the event is handed over.
             let ended = call_ended.map(|result| (call.clone(), result));
-            let delivery = self.deliver(incoming, now, &mut changes);
+            let delivery = self.deliver("graph", incoming, now, &mut changes);
             summary.count(delivery);
             if let (Some((call, result)), false) = (ended, delivery == Delivery::Duplicate) {
                 let error = OperationError {
@@ -418,7 +431,7 @@ impl OperationService {
                 );
                 continue;
             }
-            summary.count(self.deliver(incoming, now, &mut changes));
+            summary.count(self.deliver("acs", incoming, now, &mut changes));
         }
         self.metrics.callbacks_delivered("acs", &summary);
         self.recorder.commit(&self.store, changes).await?;

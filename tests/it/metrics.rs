@@ -77,6 +77,14 @@ async fn callback_outcomes_are_counted_and_metrics_need_no_key() {
             r#"callops_callbacks_total{source="acs",outcome="refused"}"#,
             "1",
         ),
+        (
+            r#"callops_callback_events_total{source="acs",type="Microsoft.Communication.RemoveParticipantSucceeded",outcome="matched"}"#,
+            "1",
+        ),
+        (
+            r#"callops_callback_events_total{source="acs",type="Microsoft.Communication.RemoveParticipantSucceeded",outcome="duplicate"}"#,
+            "1",
+        ),
         ("callops_operations_in_memory", "1"),
         ("callops_parked_callbacks", "0"),
         ("callops_long_poll_waiters", "0"),
