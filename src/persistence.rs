@@ -76,7 +76,7 @@ impl Changes {
 
     /// True when changes are kept at all (a durable store): the caller then hands copies of
     /// what it needs (a parked event, an event id) to these methods.
-    pub fn keeps_parked(&self) -> bool {
+    pub fn is_durable(&self) -> bool {
         self.durable
     }
 
@@ -167,16 +167,18 @@ impl Recorder {
             ..Batch::default()
         };
         for id in changes.operations {
-            let Some(operation) = store.get(id) else {
-                continue;
-            };
-            match serde_json::to_vec(&operation) {
-                Ok(json) => batch
-                    .operations
-                    .push((id.to_string(), json, revision(&operation))),
-                Err(error) => {
+            // Serialized under the entry's read lock: no copy of the operation.
+            let snapshot = store.read(id, |operation| {
+                serde_json::to_vec(operation).map(|json| (json, revision(operation)))
+            });
+            match snapshot {
+                Some(Ok((json, revision))) => {
+                    batch.operations.push((id.to_string(), json, revision));
+                }
+                Some(Err(error)) => {
                     tracing::error!(operation.id = %id, %error, "an operation could not be serialized");
                 }
+                None => {}
             }
         }
         if batch.is_empty() {
@@ -343,7 +345,7 @@ mod tests {
         let mut changes = recorder.changes();
         changes.seen("e".to_owned(), OffsetDateTime::now_utc());
         changes.operation(OperationId::new());
-        assert!(!changes.keeps_parked());
+        assert!(!changes.is_durable());
         assert!(changes.seen.is_empty() && changes.operations.is_empty());
     }
 }

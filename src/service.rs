@@ -324,14 +324,14 @@ impl OperationService {
         changes: &mut Changes,
     ) -> Delivery {
         let counters = self.metrics.event_counters(source, &incoming.event_type);
-        // A copy is kept only when it may be parked (it names a context) and the store is
-        // durable.
-        let copy = (changes.keeps_parked() && incoming.context.is_some()).then(|| incoming.clone());
         let call = incoming.cancelled.then(|| incoming.call.clone()).flatten();
         let seen = changes
-            .keeps_parked()
+            .is_durable()
             .then(|| (incoming.id.clone(), incoming.received));
-        let delivery = self.store.deliver(incoming, now);
+        // A parked event is written from the store's hands, so nothing is copied otherwise.
+        let delivery = self
+            .store
+            .deliver_noting(incoming, now, &mut |event| changes.parked(event));
         metrics::count_event(
             &counters,
             match delivery {
@@ -348,12 +348,7 @@ impl OperationService {
         }
         match delivery {
             Delivery::Matched { id, .. } | Delivery::Observed { id } => changes.operation(id),
-            Delivery::Parked => {
-                if let Some(copy) = &copy {
-                    changes.parked(copy);
-                }
-            }
-            Delivery::Duplicate | Delivery::CallEvent | Delivery::Unmatched => {}
+            Delivery::Parked | Delivery::Duplicate | Delivery::CallEvent | Delivery::Unmatched => {}
         }
         // A cancelled operation is listed on a cancel of its call.
         if let (Some(call), Delivery::Matched { .. } | Delivery::Observed { .. }) = (call, delivery)

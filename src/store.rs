@@ -472,6 +472,17 @@ impl OperationStore {
 
     /// Delivers one callback event: drops duplicates, then applies, parks or observes it.
     pub fn deliver(&self, event: IncomingEvent, now: Instant) -> Delivery {
+        self.deliver_noting(event, now, &mut |_| {})
+    }
+
+    /// As [`OperationStore::deliver`], and hands the event to `parked` when it is parked
+    /// (so the caller can keep a durable copy without copying every event).
+    pub fn deliver_noting(
+        &self,
+        event: IncomingEvent,
+        now: Instant,
+        parked: &mut dyn FnMut(&IncomingEvent),
+    ) -> Delivery {
         let inner = &self.inner;
         if let Some(event_id) = &event.id {
             match inner.seen.entry(event_id.as_str().into()) {
@@ -491,7 +502,7 @@ impl OperationStore {
             .and_then(|upstream_id| inner.upstream.get(upstream_id.key()).map(|id| *id));
         let delivery = match known.and_then(|id| self.apply_to(id, &event)) {
             Some(delivery) => delivery,
-            None => self.deliver_by_context(event, now),
+            None => self.deliver_by_context(event, now, parked),
         };
         if let Some((call, at)) = cancelled_at
             && let Delivery::Matched { id, .. } | Delivery::Observed { id } = delivery
@@ -501,7 +512,12 @@ impl OperationStore {
         delivery
     }
 
-    fn deliver_by_context(&self, event: IncomingEvent, now: Instant) -> Delivery {
+    fn deliver_by_context(
+        &self,
+        event: IncomingEvent,
+        now: Instant,
+        parked: &mut dyn FnMut(&IncomingEvent),
+    ) -> Delivery {
         let inner = &self.inner;
         let Some(key) = event.key() else {
             let Some(call) = &event.call else {
@@ -535,6 +551,9 @@ impl OperationStore {
                     match self.settle_unknown(&key, &event, now) {
                         Ok(slot) => {
                             let delivery = slot_delivery(&slot);
+                            if delivery == Delivery::Parked {
+                                parked(&event);
+                            }
                             occupied.insert(slot);
                             delivery
                         }
@@ -550,6 +569,7 @@ impl OperationStore {
                     if !self.reserve_park(&event) {
                         return Delivery::Unmatched;
                     }
+                    parked(&event);
                     events.push(ParkedEvent { event, at: now });
                     Delivery::Parked
                 }
@@ -559,6 +579,9 @@ impl OperationStore {
                 match self.settle_unknown(&key, &event, now) {
                     Ok(slot) => {
                         let delivery = slot_delivery(&slot);
+                        if delivery == Delivery::Parked {
+                            parked(&event);
+                        }
                         vacant.insert(slot);
                         delivery
                     }
@@ -569,6 +592,11 @@ impl OperationStore {
     }
 
     /// A snapshot of one operation.
+    /// `f` applied to the operation as it is now, under its entry's read lock (no copy).
+    pub fn read<T>(&self, id: OperationId, f: impl FnOnce(&Operation) -> T) -> Option<T> {
+        self.inner.operations.get(&id).map(|op| f(&op))
+    }
+
     pub fn get(&self, id: OperationId) -> Option<Operation> {
         self.inner.operations.get(&id).map(|op| op.clone())
     }
@@ -2112,6 +2140,28 @@ mod tests {
         let created = after.create(removal("c2", "ctx-early")).unwrap();
         assert_eq!(created.status, OperationStatus::Succeeded);
         assert_eq!(after.stats().parked, 0);
+    }
+
+    #[test]
+    fn only_parked_events_are_handed_to_the_caller() {
+        let store = store();
+        let mut noted = Vec::new();
+        let now = Instant::now();
+        for event in [
+            event("p1", "c1", Some("later"), succeeded()),
+            event("p2", "c1", Some("later"), failed()),
+        ] {
+            let delivery =
+                store.deliver_noting(event, now, &mut |e| noted.push(e.id.clone().unwrap()));
+            assert_eq!(delivery, Delivery::Parked);
+        }
+        let op = store.create(removal("c1", "now")).unwrap();
+        let delivery =
+            store.deliver_noting(event("m1", "c1", Some("now"), succeeded()), now, &mut |e| {
+                noted.push(e.id.clone().unwrap())
+            });
+        assert!(matches!(delivery, Delivery::Matched { id, .. } if id == op.id));
+        assert_eq!(noted, ["p1", "p2"]);
     }
 }
 

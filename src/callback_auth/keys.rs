@@ -278,17 +278,13 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::emulator::callback_signing::{CallbackSigner, SignerSettings};
+    use crate::emulator::callback_signing::CallbackSigner;
 
     /// A key server whose key set answers 500 while `failing` is set.
     async fn key_server(failing: Arc<AtomicBool>) -> Url {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let signer = CallbackSigner::new(SignerSettings {
-            acs_audience: "a".to_owned(),
-            graph_audience: "b".to_owned(),
-            tenant_id: "t".to_owned(),
-        });
+        let signer = CallbackSigner::for_tests();
         let app = Router::new()
             .route(
                 "/openid",

@@ -84,14 +84,10 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::emulator::callback_signing::{CallbackSigner, SignerSettings};
+    use crate::emulator::callback_signing::CallbackSigner;
 
     fn signer() -> CallbackSigner {
-        CallbackSigner::new(SignerSettings {
-            acs_audience: "resource".to_owned(),
-            graph_audience: "bot".to_owned(),
-            tenant_id: "tenant".to_owned(),
-        })
+        CallbackSigner::for_tests()
     }
 
     fn key(signer: &CallbackSigner) -> DecodingKey {

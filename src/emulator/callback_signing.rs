@@ -211,6 +211,19 @@ impl CallbackSigner {
     }
 }
 
+#[cfg(test)]
+impl CallbackSigner {
+    /// A signer for unit tests: ACS audience `resource`, Graph audience `bot`, tenant
+    /// `tenant`.
+    pub(crate) fn for_tests() -> Self {
+        Self::new(SignerSettings {
+            acs_audience: "resource".to_owned(),
+            graph_audience: "bot".to_owned(),
+            tenant_id: "tenant".to_owned(),
+        })
+    }
+}
+
 fn sign_with(key: &DevKey, kid: &str, claims: &Value) -> String {
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some(kid.to_owned());
@@ -260,11 +273,7 @@ mod tests {
     use super::*;
 
     fn signer() -> CallbackSigner {
-        CallbackSigner::new(SignerSettings {
-            acs_audience: "resource".to_owned(),
-            graph_audience: "bot".to_owned(),
-            tenant_id: "tenant".to_owned(),
-        })
+        CallbackSigner::for_tests()
     }
 
     fn verify(token: &str, jwks: &Value, issuer: &str, audience: &str) -> Value {
