@@ -241,10 +241,12 @@ pub struct Operation {
     pub created_date_time: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     pub last_updated_date_time: OffsetDateTime,
+    /// Boxed, like `error`: most operations in memory have neither yet, and inline they
+    /// would make every operation 120 bytes larger.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub result: Option<ResultInfo>,
+    pub result: Option<Box<ResultInfo>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<OperationError>,
+    pub error: Option<Box<OperationError>>,
     /// The upstream's own id of the operation (Graph's operation id), when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_operation_id: Option<String>,
@@ -323,12 +325,13 @@ impl Operation {
         self.revision += 1;
         match transition {
             Transition::Accepted | Transition::Started => {}
-            Transition::Succeeded { result } => self.result = result,
-            Transition::Failed { result, error } => {
-                self.result = result;
-                self.error = Some(error);
+            Transition::Succeeded { result } | Transition::Canceled { result } => {
+                self.result = result.map(Box::new);
             }
-            Transition::Canceled { result } => self.result = result,
+            Transition::Failed { result, error } => {
+                self.result = result.map(Box::new);
+                self.error = Some(Box::new(error));
+            }
         }
         Ok(next)
     }
@@ -336,6 +339,11 @@ impl Operation {
     /// Adds `event` to the timeline.
     pub fn record(&mut self, event: EventRecord) {
         self.last_updated_date_time = event.received_date_time;
+        // Most operations hear one event: the first takes one place rather than Vec's
+        // default first step of four.
+        if self.events.capacity() == 0 {
+            self.events.reserve_exact(1);
+        }
         self.events.push(event);
         self.revision += 1;
     }
@@ -411,16 +419,16 @@ mod serde_tests {
             at,
         );
         cancel.status = OperationStatus::Failed;
-        cancel.result = Some(ResultInfo {
+        cancel.result = Some(Box::new(ResultInfo {
             code: Some(400),
             sub_code: Some(8508),
             message: Some("canceled".to_owned()),
             completion_reason: Some("operationCanceled".to_owned()),
-        });
-        cancel.error = Some(OperationError {
+        }));
+        cancel.error = Some(Box::new(OperationError {
             code: "OperationCanceled".to_owned(),
             message: "m".to_owned(),
-        });
+        }));
         cancel.upstream_operation_id = Some("0FE0623FD62842EDB4BD8AC290072CC5".to_owned());
         cancel.upstream_status = Some("Running".to_owned());
         cancel.late = true;
@@ -551,8 +559,8 @@ mod tests {
             error: error(),
         };
         assert_eq!(op.apply(failed, t1), Ok(Failed));
-        assert_eq!(op.result, Some(result));
-        assert_eq!(op.error, Some(error()));
+        assert_eq!(op.result.as_deref(), Some(&result));
+        assert_eq!(op.error.as_deref(), Some(&error()));
         assert_eq!(op.last_updated_date_time, t1);
         // The late 202 does not resurrect it, and leaves the record untouched.
         let before = op.clone();

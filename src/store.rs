@@ -11,9 +11,10 @@
 //! `calls`, `cancels` and `waiters`; never the reverse. Every other access holds a single
 //! entry at a time.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -23,7 +24,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::{CallbackTimeouts, OperationsConfig};
-use crate::correlation::{self, ContextKey, IncomingEvent, UpstreamId, upstream_key};
+use crate::correlation::{self, IncomingEvent, UpstreamId, upstream_key};
 use crate::operation::{
     CALLBACK_TIMEOUT, CallRef, CancelledOperation, EventEffect, EventRecord, Operation,
     OperationError, OperationId, OperationKind, OperationStatus, ResultInfo, Transition,
@@ -36,10 +37,14 @@ pub struct OperationStore {
 }
 
 struct Inner {
-    operations: DashMap<OperationId, Operation>,
-    index: DashMap<ContextKey, Slot>,
-    /// Event ids seen, and when.
-    seen: DashMap<Box<str>, Instant>,
+    /// Boxed: a map's buckets are sized for its values, and a grown table is up to half
+    /// empty, so inline operations would cost twice their size.
+    operations: DashMap<OperationId, Box<Operation>>,
+    /// By the [`Digest`] of (call, context): the strings stay on the operation alone.
+    index: DashMap<Digest, Slot>,
+    /// Digests of the event ids seen, and when.
+    seen: DashMap<Digest, Instant>,
+    digests: Digests,
     calls: DashMap<CallRef, CallTimeline>,
     /// Upstream operation ids ([`upstream_key`] form) of known operations: Graph
     /// notifications name an operation by its id when they carry no clientContext.
@@ -48,6 +53,10 @@ struct Inner {
     /// the operations they cancelled are linked to them.
     cancels: DashMap<CallRef, Vec<(OperationId, OffsetDateTime)>>,
     waiters: DashMap<OperationId, Arc<Notify>>,
+    /// New operations for the [`Agenda`], sent without a lock from any request.
+    schedule: mpsc::Sender<Due>,
+    /// Locked by the sweep alone.
+    agenda: Mutex<Agenda>,
     parked: AtomicUsize,
     /// Long polls currently waiting.
     waiting: AtomicUsize,
@@ -82,6 +91,59 @@ struct Limits {
     timeouts: CallbackTimeouts,
 }
 
+/// A 128-bit keyed digest standing in for a string key: two SipHashes under this process's
+/// random keys. Collisions (about 2^-64 for a billion keys) are not a practical concern,
+/// and an attacker cannot aim for one without the keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Digest([u64; 2]);
+
+/// The keys of [`Digest`].
+struct Digests([std::hash::RandomState; 2]);
+
+impl Digests {
+    fn new() -> Self {
+        Self([std::hash::RandomState::new(), std::hash::RandomState::new()])
+    }
+
+    fn of(&self, value: impl std::hash::Hash + Copy) -> Digest {
+        use std::hash::BuildHasher;
+        Digest(self.0.each_ref().map(|keys| keys.hash_one(value)))
+    }
+
+    /// The index key of `context` on `call`.
+    fn context(&self, call: &CallRef, context: &str) -> Digest {
+        self.of((call, context))
+    }
+
+    /// The key of an operation's (call, context).
+    fn operation(&self, op: &Operation) -> Digest {
+        self.context(&op.call, &op.context)
+    }
+
+    /// The index key an event names, if it names one.
+    fn event(&self, event: &IncomingEvent) -> Option<Digest> {
+        Some(self.context(event.call.as_ref()?, event.context.as_deref()?))
+    }
+}
+
+/// When to look at an operation again (Unix milliseconds), and which.
+type Due = (i64, OperationId);
+
+/// When the sweep looks at each operation again: at its callback deadline while it runs, at
+/// the end of its retention once it has settled. Every operation has one entry, so a sweep
+/// touches only the operations that are due instead of scanning them all.
+struct Agenda {
+    incoming: mpsc::Receiver<Due>,
+    due: BinaryHeap<Reverse<Due>>,
+}
+
+/// `at` in Unix milliseconds, rounded up (an entry is never due before its time).
+fn unix_millis(at: OffsetDateTime) -> i64 {
+    let nanos = at.unix_timestamp_nanos();
+    i64::try_from(nanos.div_euclid(1_000_000) + i128::from(nanos.rem_euclid(1_000_000) != 0))
+        .unwrap_or(i64::MAX)
+}
+
 /// The index of an issued kind in [`ISSUED_KINDS`].
 fn issued_index(kind: &OperationKind) -> Option<usize> {
     ISSUED_KINDS.iter().position(|issued| issued == kind)
@@ -90,7 +152,8 @@ fn issued_index(kind: &OperationKind) -> Option<usize> {
 /// What an index key points at: the operation, or the callbacks waiting for it.
 enum Slot {
     Operation(OperationId),
-    Parked(Vec<ParkedEvent>),
+    /// Boxed: rare, and it would make every slot larger.
+    Parked(Box<Vec<ParkedEvent>>),
 }
 
 struct ParkedEvent {
@@ -214,11 +277,18 @@ impl OperationStore {
             call_events_max: config.call_events_max.max(1),
             timeouts: config.callback_timeouts.clone(),
         };
+        let (schedule, incoming) = mpsc::channel();
         Self {
             inner: Arc::new(Inner {
+                schedule,
+                agenda: Mutex::new(Agenda {
+                    incoming,
+                    due: BinaryHeap::new(),
+                }),
                 operations: sharded(),
                 index: sharded(),
                 seen: sharded(),
+                digests: Digests::new(),
                 calls: sharded(),
                 upstream: sharded(),
                 cancels: DashMap::new(),
@@ -239,13 +309,13 @@ impl OperationStore {
     pub fn create(&self, mut operation: Operation) -> Result<Operation, ContextInUse> {
         let inner = &self.inner;
         let id = operation.id;
-        let key = ContextKey::of(&operation);
+        let key = inner.digests.operation(&operation);
         // Everything happens under the key's index entry: a callback for this key waits for
         // it, so parked callbacks are applied first and in arrival order, and a refused
         // operation is never visible. (Lock order: index, then operations.)
         match inner.index.entry(key) {
             Entry::Vacant(vacant) => {
-                inner.operations.insert(id, operation.clone());
+                self.insert_operation(operation.clone());
                 vacant.insert(Slot::Operation(id));
             }
             Entry::Occupied(mut occupied) => {
@@ -261,12 +331,12 @@ impl OperationStore {
                 if let Slot::Parked(parked) = occupied.insert(Slot::Operation(id)) {
                     inner.parked.fetch_sub(parked.len(), Ordering::Relaxed);
                     let before = operation.status;
-                    for parked in &parked {
+                    for parked in parked.iter() {
                         correlation::apply(&mut operation, &parked.event);
                     }
                     self.count_settled(&operation.kind, before, operation.status);
                 }
-                inner.operations.insert(id, operation.clone());
+                self.insert_operation(operation.clone());
             }
         }
         if let Some(kind) = issued_index(&operation.kind) {
@@ -305,7 +375,7 @@ impl OperationStore {
         operations.sort_by_key(|op| op.id);
         for operation in operations {
             let id = operation.id;
-            match inner.index.entry(ContextKey::of(&operation)) {
+            match inner.index.entry(inner.digests.operation(&operation)) {
                 Entry::Vacant(vacant) => {
                     vacant.insert(Slot::Operation(id));
                 }
@@ -332,19 +402,25 @@ impl OperationStore {
                     .push((id, operation.created_date_time));
             }
             self.add_to_call(&operation);
-            inner.operations.insert(id, operation);
+            self.insert_operation(operation);
         }
         let age = |at: OffsetDateTime| Duration::try_from(wall_now - at).unwrap_or(Duration::ZERO);
         let since = |age: Duration| now.checked_sub(age).unwrap_or(now);
         for (event_id, at) in restored.seen {
             let age = age(at);
             if age < limits.dedupe_ttl {
-                inner.seen.insert(event_id.into(), since(age));
+                inner
+                    .seen
+                    .insert(inner.digests.of(event_id.as_str()), since(age));
             }
         }
         for (event, at) in restored.parked {
             let age = age(at);
-            let Some(key) = event.key().filter(|_| age < limits.park_ttl) else {
+            let Some(key) = inner
+                .digests
+                .event(&event)
+                .filter(|_| age < limits.park_ttl)
+            else {
                 unparked.extend(event.id);
                 continue;
             };
@@ -374,10 +450,10 @@ impl OperationStore {
                 },
                 Entry::Vacant(vacant) => {
                     inner.parked.fetch_add(1, Ordering::Relaxed);
-                    vacant.insert(Slot::Parked(vec![ParkedEvent {
+                    vacant.insert(Slot::Parked(Box::new(vec![ParkedEvent {
                         event,
                         at: since(age),
-                    }]));
+                    }])));
                 }
             }
         }
@@ -397,7 +473,7 @@ impl OperationStore {
             let before = op.status;
             let _ = op.apply(transition, now);
             self.count_settled(&op.kind, before, op.status);
-            op.clone()
+            Operation::clone(&op)
         };
         if snapshot.status.is_terminal() {
             self.wake(id);
@@ -485,7 +561,7 @@ impl OperationStore {
     ) -> Delivery {
         let inner = &self.inner;
         if let Some(event_id) = &event.id {
-            match inner.seen.entry(event_id.as_str().into()) {
+            match inner.seen.entry(inner.digests.of(event_id.as_str())) {
                 Entry::Occupied(_) => return Delivery::Duplicate,
                 Entry::Vacant(vacant) => {
                     vacant.insert(now);
@@ -519,7 +595,7 @@ impl OperationStore {
         parked: &mut dyn FnMut(&IncomingEvent),
     ) -> Delivery {
         let inner = &self.inner;
-        let Some(key) = event.key() else {
+        let Some(digest) = inner.digests.event(&event) else {
             let Some(call) = &event.call else {
                 // Neither call nor context: nothing to keep it on; the caller logs it.
                 return Delivery::Unmatched;
@@ -531,13 +607,16 @@ impl OperationStore {
             return Delivery::CallEvent;
         };
         // Fast path: a shared read of the index, then one operation entry.
-        let known = inner.index.get(&key).and_then(|slot| slot.operation_id());
+        let known = inner
+            .index
+            .get(&digest)
+            .and_then(|slot| slot.operation_id());
         if let Some(id) = known
             && let Some(delivery) = self.apply_to(id, &event)
         {
             return delivery;
         }
-        match inner.index.entry(key) {
+        match inner.index.entry(digest) {
             Entry::Occupied(mut occupied) => match occupied.get_mut() {
                 Slot::Operation(id) => {
                     let id = *id;
@@ -547,8 +626,7 @@ impl OperationStore {
                         return self.apply_to(id, &event).unwrap_or(Delivery::Unmatched);
                     }
                     // The operation was retired; the context is free again.
-                    let key = occupied.key().clone();
-                    match self.settle_unknown(&key, &event, now) {
+                    match self.settle_unknown(&event, now) {
                         Ok(slot) => {
                             let delivery = slot_delivery(&slot);
                             if delivery == Delivery::Parked {
@@ -574,20 +652,17 @@ impl OperationStore {
                     Delivery::Parked
                 }
             },
-            Entry::Vacant(vacant) => {
-                let key = vacant.key().clone();
-                match self.settle_unknown(&key, &event, now) {
-                    Ok(slot) => {
-                        let delivery = slot_delivery(&slot);
-                        if delivery == Delivery::Parked {
-                            parked(&event);
-                        }
-                        vacant.insert(slot);
-                        delivery
+            Entry::Vacant(vacant) => match self.settle_unknown(&event, now) {
+                Ok(slot) => {
+                    let delivery = slot_delivery(&slot);
+                    if delivery == Delivery::Parked {
+                        parked(&event);
                     }
-                    Err(delivery) => delivery,
+                    vacant.insert(slot);
+                    delivery
                 }
-            }
+                Err(delivery) => delivery,
+            },
         }
     }
 
@@ -598,7 +673,10 @@ impl OperationStore {
     }
 
     pub fn get(&self, id: OperationId) -> Option<Operation> {
-        self.inner.operations.get(&id).map(|op| op.clone())
+        self.inner
+            .operations
+            .get(&id)
+            .map(|op| Operation::clone(&op))
     }
 
     /// Waits until the operation settles or `timeout` passes; woken by the settling
@@ -682,19 +760,10 @@ impl OperationStore {
         let limits = &inner.limits;
         let mut report = SweepReport::default();
 
-        inner.index.retain(|_, slot| match slot {
-            Slot::Operation(_) => true,
-            Slot::Parked(events) => {
-                events.retain(|parked| {
-                    let keep = now.duration_since(parked.at) < limits.park_ttl;
-                    if !keep {
-                        report.expired.push(parked.event.clone());
-                    }
-                    keep
-                });
-                !events.is_empty()
-            }
-        });
+        // Parked events are rare: the index is only walked while some wait.
+        if inner.parked.load(Ordering::Relaxed) > 0 {
+            self.expire_parked(now, &mut report);
+        }
         let expired = report.expired.len();
         inner.parked.fetch_sub(expired, Ordering::Relaxed);
         inner
@@ -712,13 +781,21 @@ impl OperationStore {
             !op.status.is_terminal()
                 && op.created_date_time + limits.timeouts.for_kind(&op.kind) <= wall_now
         };
-        let late: Vec<OperationId> = inner
-            .operations
-            .iter()
-            .filter(|entry| overdue(entry.value()))
-            .map(|entry| *entry.key())
-            .collect();
-        for id in late {
+        let cutoff = wall_now - limits.retention;
+        let old = |op: &Operation| op.status.is_terminal() && op.last_updated_date_time < cutoff;
+        let now_millis = unix_millis(wall_now);
+        let mut agenda = inner
+            .agenda
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Agenda { incoming, due } = &mut *agenda;
+        due.extend(incoming.try_iter().map(Reverse));
+        // Operations due again are pushed back after the loop, so each is looked at once.
+        let mut later = Vec::new();
+        while let Some(&Reverse((at, id))) = due.peek()
+            && at <= now_millis
+        {
+            due.pop();
             let timed_out = inner.operations.get_mut(&id).is_some_and(|mut op| {
                 if !overdue(&op) {
                     return false;
@@ -743,47 +820,27 @@ impl OperationStore {
                 self.wake(id);
                 report.timed_out.push(id);
             }
-        }
-
-        let cutoff = wall_now - limits.retention;
-        let old = |op: &Operation| op.status.is_terminal() && op.last_updated_date_time < cutoff;
-        let retired: Vec<OperationId> = inner
-            .operations
-            .iter()
-            .filter(|entry| old(entry.value()))
-            .map(|entry| *entry.key())
-            .collect();
-        for id in retired {
-            let Some((_, op)) = inner.operations.remove_if(&id, |_, op| old(op)) else {
-                continue;
-            };
-            let key = ContextKey {
-                call: op.call,
-                context: op.context.into(),
-            };
-            inner
-                .index
-                .remove_if(&key, |_, slot| slot.operation_id() == Some(id));
-            if let Some(upstream_id) = op.upstream_operation_id {
-                inner
-                    .upstream
-                    .remove_if(&upstream_key(&upstream_id), |_, known| *known == id);
+            match inner.operations.remove_if(&id, |_, op| old(op)) {
+                Some((_, op)) => {
+                    self.forget(*op);
+                    report.removed_operations.push(id);
+                }
+                None => {
+                    if let Some(next) = inner
+                        .operations
+                        .get(&id)
+                        .map(|op| self.next_look(&op, wall_now))
+                    {
+                        later.push(Reverse((next.max(now_millis + 1), id)));
+                    }
+                }
             }
-            report.removed_operations.push(id);
         }
-        inner.cancels.retain(|_, cancels| {
-            cancels.retain(|(id, _)| inner.operations.contains_key(id));
-            !cancels.is_empty()
-        });
-        inner.calls.retain(|_, timeline| {
-            timeline.open.retain(|id| {
-                inner
-                    .operations
-                    .get(id)
-                    .is_some_and(|op| !op.status.is_terminal())
-            });
-            timeline.updated >= cutoff || !timeline.open.is_empty()
-        });
+        due.extend(later);
+        drop(agenda);
+        inner
+            .calls
+            .retain(|_, timeline| timeline.updated >= cutoff || !timeline.open.is_empty());
         inner
             .waiters
             .retain(|id, _| inner.operations.contains_key(id));
@@ -792,25 +849,24 @@ impl OperationStore {
 
     /// For an event naming an unknown operation: the slot to put in the index (parked
     /// events or a new observed operation), or the delivery when nothing is stored.
-    fn settle_unknown(
-        &self,
-        key: &ContextKey,
-        event: &IncomingEvent,
-        now: Instant,
-    ) -> Result<Slot, Delivery> {
+    fn settle_unknown(&self, event: &IncomingEvent, now: Instant) -> Result<Slot, Delivery> {
         if event.should_park() {
             if !self.reserve_park(event) {
                 return Err(Delivery::Unmatched);
             }
-            return Ok(Slot::Parked(vec![ParkedEvent {
+            return Ok(Slot::Parked(Box::new(vec![ParkedEvent {
                 event: event.clone(),
                 at: now,
-            }]));
+            }])));
         }
-        let operation = event.observed_operation(&key.call, &key.context);
+        // Only events naming a call and a context reach here.
+        let (Some(call), Some(context)) = (&event.call, &event.context) else {
+            return Err(Delivery::Unmatched);
+        };
+        let operation = event.observed_operation(call, context);
         let id = operation.id;
         self.add_to_call(&operation);
-        self.inner.operations.insert(id, operation);
+        self.insert_operation(operation);
         if let Some(upstream_id) = &event.upstream_id {
             self.inner.upstream.insert(upstream_id.key().into(), id);
         }
@@ -837,7 +893,7 @@ impl OperationStore {
                 let operation = event.observed_operation(call, "");
                 let id = operation.id;
                 self.add_to_call(&operation);
-                inner.operations.insert(id, operation);
+                self.insert_operation(operation);
                 vacant.insert(id);
                 Delivery::Observed { id }
             }
@@ -971,6 +1027,77 @@ impl OperationStore {
             .or_insert_with(|| CallTimeline::new(at));
         timeline.open.push(operation.id);
         timeline.updated = timeline.updated.max(at);
+    }
+
+    /// Moves parked events older than the park window to `report`.
+    fn expire_parked(&self, now: Instant, report: &mut SweepReport) {
+        let park_ttl = self.inner.limits.park_ttl;
+        self.inner.index.retain(|_, slot| match slot {
+            Slot::Operation(_) => true,
+            Slot::Parked(events) => {
+                events.retain(|parked| {
+                    let keep = now.duration_since(parked.at) < park_ttl;
+                    if !keep {
+                        report.expired.push(parked.event.clone());
+                    }
+                    keep
+                });
+                !events.is_empty()
+            }
+        });
+    }
+
+    /// Drops what points at a retired operation: its index entry, upstream id, place in
+    /// its call's open list and among the call's cancels.
+    fn forget(&self, op: Operation) {
+        let inner = &self.inner;
+        let id = op.id;
+        if let Some(mut timeline) = inner.calls.get_mut(&op.call) {
+            timeline.open.retain(|open| *open != id);
+        }
+        if op.kind == OperationKind::CancelMediaProcessing {
+            inner.cancels.remove_if_mut(&op.call, |_, cancels| {
+                cancels.retain(|(cancel, _)| *cancel != id);
+                cancels.is_empty()
+            });
+        }
+        if let Some(upstream_id) = &op.upstream_operation_id {
+            inner
+                .upstream
+                .remove_if(&upstream_key(upstream_id), |_, known| *known == id);
+        }
+        inner
+            .index
+            .remove_if(&inner.digests.operation(&op), |_, slot| {
+                slot.operation_id() == Some(id)
+            });
+    }
+
+    /// Adds `operation` to the map and to the sweep's agenda.
+    fn insert_operation(&self, operation: Operation) {
+        let due = (
+            self.next_look(&operation, operation.last_updated_date_time),
+            operation.id,
+        );
+        self.inner
+            .operations
+            .insert(operation.id, Box::new(operation));
+        // The receiver lives as long as the store: sending cannot fail.
+        let _ = self.inner.schedule.send(due);
+    }
+
+    /// When the sweep should look at `op` next (`now` is the latest look): the end of its
+    /// retention once it has settled; while it runs, its callback deadline, or a retention
+    /// from now if that comes first (it may settle and be due for retirement before its
+    /// deadline when retention is the shorter).
+    fn next_look(&self, op: &Operation, now: OffsetDateTime) -> i64 {
+        let limits = &self.inner.limits;
+        unix_millis(if op.status.is_terminal() {
+            op.last_updated_date_time + limits.retention
+        } else {
+            let deadline = op.created_date_time + limits.timeouts.for_kind(&op.kind);
+            deadline.min(op.last_updated_date_time.max(now) + limits.retention)
+        })
     }
 
     fn wake(&self, id: OperationId) {

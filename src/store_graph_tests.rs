@@ -297,7 +297,10 @@ fn the_end_of_a_call_fails_only_its_unsettled_operations() {
     };
     let ended = store.end_call(&call(), None, &error, now);
     assert_eq!(ended, [running.id]);
-    assert_eq!(store.get(running.id).unwrap().error, Some(error));
+    assert_eq!(
+        store.get(running.id).unwrap().error.as_deref(),
+        Some(&error)
+    );
     assert_eq!(
         store.get(settled.id).unwrap().status,
         OperationStatus::Succeeded
