@@ -108,7 +108,7 @@ impl IncomingEvent {
     /// The timeline entry for this event, with `effect`.
     pub fn record(&self, effect: EventEffect) -> EventRecord {
         EventRecord {
-            event_type: self.event_type.clone(),
+            event_type: crate::operation::event_type(&self.event_type),
             id: self.id.clone(),
             received_date_time: self.received,
             effect,

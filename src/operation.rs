@@ -6,6 +6,7 @@
 //! move a settled operation is refused with [`TransitionError`], and the caller records the
 //! event without changing the state.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -200,8 +201,11 @@ pub struct OperationError {
 #[serde(rename_all = "camelCase")]
 pub struct EventRecord {
     /// Upstream event type, e.g. `Microsoft.Communication.RemoveParticipantSucceeded`.
-    #[serde(rename = "type")]
-    pub event_type: String,
+    /// The names callops knows are kept as static strings ([`event_type`]), not one copy
+    /// per event.
+    #[serde(rename = "type", deserialize_with = "deserialize_event_type")]
+    #[schema(value_type = String)]
+    pub event_type: Cow<'static, str>,
     /// Upstream event id (the CloudEvent `id`), when it had one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
@@ -211,6 +215,66 @@ pub struct EventRecord {
     /// already settled), `recorded` (informational), or `unmatched` (on a call's timeline:
     /// it named an operation that never appeared).
     pub effect: EventEffect,
+}
+
+/// Event types seen often enough to be kept once: ACS's call-automation events and
+/// Graph's `{resource}.{change}` names for the operations and call resources.
+const KNOWN_EVENT_TYPES: &[&str] = &[
+    "Microsoft.Communication.RemoveParticipantSucceeded",
+    "Microsoft.Communication.RemoveParticipantFailed",
+    "Microsoft.Communication.AddParticipantSucceeded",
+    "Microsoft.Communication.AddParticipantFailed",
+    "Microsoft.Communication.CancelAddParticipantSucceeded",
+    "Microsoft.Communication.CancelAddParticipantFailed",
+    "Microsoft.Communication.CallConnected",
+    "Microsoft.Communication.CallDisconnected",
+    "Microsoft.Communication.CallTransferAccepted",
+    "Microsoft.Communication.CallTransferFailed",
+    "Microsoft.Communication.ParticipantsUpdated",
+    "Microsoft.Communication.PlayStarted",
+    "Microsoft.Communication.PlayCompleted",
+    "Microsoft.Communication.PlayFailed",
+    "Microsoft.Communication.PlayCanceled",
+    "Microsoft.Communication.RecognizeCompleted",
+    "Microsoft.Communication.RecognizeFailed",
+    "Microsoft.Communication.RecognizeCanceled",
+    "Microsoft.Communication.SendDtmfTonesCompleted",
+    "Microsoft.Communication.SendDtmfTonesFailed",
+    "Microsoft.Communication.ContinuousDtmfRecognitionToneReceived",
+    "Microsoft.Communication.ContinuousDtmfRecognitionStopped",
+    "Microsoft.Communication.ContinuousDtmfRecognitionToneFailed",
+    "cancelMediaProcessingOperation.updated",
+    "cancelMediaProcessingOperation.deleted",
+    "playPromptOperation.updated",
+    "playPromptOperation.deleted",
+    "recordOperation.updated",
+    "recordOperation.deleted",
+    "commsOperation.updated",
+    "commsOperation.deleted",
+    "call.created",
+    "call.updated",
+    "call.deleted",
+    "participant.created",
+    "participant.updated",
+    "participant.deleted",
+];
+
+/// `name` as a static string when callops knows it, otherwise a copy.
+pub fn event_type(name: &str) -> Cow<'static, str> {
+    KNOWN_EVENT_TYPES
+        .iter()
+        .find(|known| **known == name)
+        .map_or_else(
+            || Cow::Owned(name.to_owned()),
+            |known| Cow::Borrowed(*known),
+        )
+}
+
+fn deserialize_event_type<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Cow<'static, str>, D::Error> {
+    let name = <Cow<'de, str>>::deserialize(deserializer)?;
+    Ok(event_type(&name))
 }
 
 /// What an event did to the operation it was recorded on.
@@ -407,6 +471,18 @@ mod serde_tests {
 
     use super::*;
 
+    #[test]
+    fn known_event_types_are_kept_once() {
+        let known = event_type("Microsoft.Communication.RemoveParticipantSucceeded");
+        assert!(matches!(known, Cow::Borrowed(_)));
+        assert!(matches!(event_type("Contoso.Custom"), Cow::Owned(_)));
+        let record: EventRecord = serde_json::from_str(
+            r#"{"type":"call.deleted","receivedDateTime":"2026-11-23T10:00:00Z","effect":"recorded"}"#,
+        )
+        .unwrap();
+        assert!(matches!(record.event_type, Cow::Borrowed("call.deleted")));
+    }
+
     /// The API representation carries the whole state, so it can be stored and read back
     /// (the durable store relies on it).
     #[test]
@@ -439,7 +515,7 @@ mod serde_tests {
             upstream_operation_id: None,
         });
         cancel.record(EventRecord {
-            event_type: "cancelMediaProcessingOperation.deleted".to_owned(),
+            event_type: "cancelMediaProcessingOperation.deleted".into(),
             id: Some("sha256:abc".to_owned()),
             received_date_time: at,
             effect: EventEffect::Applied,
