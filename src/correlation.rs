@@ -118,7 +118,7 @@ impl IncomingEvent {
     /// True when the event reports on `operation`'s kind, so its transition applies.
     pub fn reports_on(&self, operation: &Operation) -> bool {
         self.kind == operation.kind
-            || matches!(&self.kind, OperationKind::Observed(name) if name == GENERIC_KIND)
+            || matches!(&self.kind, OperationKind::Observed(name) if &**name == GENERIC_KIND)
     }
 
     /// True when an unknown operation should wait for this event rather than be observed.
@@ -134,7 +134,7 @@ impl IncomingEvent {
             context.to_owned(),
             self.received,
         );
-        operation.upstream_operation_id = self.upstream_id.as_ref().map(|id| id.shown().to_owned());
+        operation.upstream_operation_id = self.upstream_id.as_ref().map(|id| id.shown().into());
         // An observed operation is running from its first sign of life.
         let _ = operation.apply(Transition::Started, self.received);
         apply(&mut operation, self);
@@ -158,7 +158,7 @@ pub fn apply(operation: &mut Operation, event: &IncomingEvent) -> EventEffect {
     let describes = effect == EventEffect::Applied
         || (event.transition.is_none() && event.reports_on(operation));
     if let (Some(status), true) = (&event.upstream_status, describes) {
-        operation.upstream_status = Some(status.clone());
+        operation.upstream_status = Some(status.as_str().into());
     }
     operation.record(event.record(effect));
     effect

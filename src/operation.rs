@@ -53,7 +53,7 @@ impl fmt::Display for OperationId {
 pub enum OperationKind {
     RemoveParticipant,
     CancelMediaProcessing,
-    Observed(String),
+    Observed(Box<str>),
 }
 
 impl OperationKind {
@@ -71,7 +71,7 @@ impl OperationKind {
         match name {
             "removeParticipant" => Self::RemoveParticipant,
             "cancelMediaProcessing" => Self::CancelMediaProcessing,
-            other => Self::Observed(other.to_owned()),
+            other => Self::Observed(other.into()),
         }
     }
 
@@ -186,7 +186,8 @@ pub struct CancelledOperation {
     pub kind: OperationKind,
     pub context: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub upstream_operation_id: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub upstream_operation_id: Option<Box<str>>,
 }
 
 /// Why an operation failed, with a stable machine-readable `code`.
@@ -313,11 +314,11 @@ pub struct Operation {
     pub error: Option<Box<OperationError>>,
     /// The upstream's own id of the operation (Graph's operation id), when known.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub upstream_operation_id: Option<String>,
+    pub upstream_operation_id: Option<Box<str>>,
     /// The operation's status as the upstream last wrote it (Graph: `running`,
     /// `completed`, ... in any case, unknown values included), when it reports one.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub upstream_status: Option<String>,
+    pub upstream_status: Option<Box<str>>,
     /// True when the final callback arrived after the operation had timed out
     /// ([`CALLBACK_TIMEOUT`]) and replaced that provisional failure.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -505,12 +506,12 @@ mod serde_tests {
             code: "OperationCanceled".to_owned(),
             message: "m".to_owned(),
         }));
-        cancel.upstream_operation_id = Some("0FE0623FD62842EDB4BD8AC290072CC5".to_owned());
-        cancel.upstream_status = Some("Running".to_owned());
+        cancel.upstream_operation_id = Some("0FE0623FD62842EDB4BD8AC290072CC5".into());
+        cancel.upstream_status = Some("Running".into());
         cancel.late = true;
         cancel.cancelled_operations.push(CancelledOperation {
             id: OperationId::new(),
-            kind: OperationKind::Observed("playPrompt".to_owned()),
+            kind: OperationKind::Observed("playPrompt".into()),
             context: "welcome".to_owned(),
             upstream_operation_id: None,
         });

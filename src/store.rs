@@ -491,10 +491,10 @@ impl OperationStore {
             return;
         };
         if let Some(shown) = upstream_ids.first() {
-            op.upstream_operation_id = Some((*shown).to_owned());
+            op.upstream_operation_id = Some((*shown).into());
         }
         if let (Some(status), false) = (status, op.status.is_terminal()) {
-            op.upstream_status = Some(status.to_owned());
+            op.upstream_status = Some(status.into());
         }
         op.revision += 1;
         drop(op);
@@ -923,7 +923,7 @@ impl OperationStore {
             // later notifications naming only the id find the operation too.
             let learned_id = match (&op.upstream_operation_id, &event.upstream_id) {
                 (None, Some(upstream_id)) if event.reports_on(&op) => {
-                    op.upstream_operation_id = Some(upstream_id.shown().to_owned());
+                    op.upstream_operation_id = Some(upstream_id.shown().into());
                     Some(upstream_id.key())
                 }
                 _ => None,

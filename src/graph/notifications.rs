@@ -212,7 +212,7 @@ fn decode_data(
         event_type: format!("{type_name}.{change}"),
         call,
         context: None,
-        kind: OperationKind::Observed(type_name.clone()),
+        kind: OperationKind::Observed(type_name.as_str().into()),
         upstream_id: None,
         cancelled: false,
         upstream_status: None,
@@ -275,14 +275,14 @@ fn decode_data(
 fn kind_of(type_name: &str) -> OperationKind {
     match type_name {
         "cancelMediaProcessingOperation" => OperationKind::CancelMediaProcessing,
-        "recordOperation" => OperationKind::Observed("recordResponse".to_owned()),
-        GENERIC_KIND => OperationKind::Observed(GENERIC_KIND.to_owned()),
+        "recordOperation" => OperationKind::Observed("recordResponse".into()),
+        GENERIC_KIND => OperationKind::Observed(GENERIC_KIND.into()),
         other => OperationKind::Observed(
             other
                 .strip_suffix("Operation")
                 .filter(|stem| !stem.is_empty())
                 .unwrap_or(other)
-                .to_owned(),
+                .into(),
         ),
     }
 }
