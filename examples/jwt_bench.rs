@@ -16,8 +16,7 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use callops::callback_auth::{CallbackAuthenticator, CallbackSource, IssuerSettings};
 use callops::config::{CallbackAuth, CallbackIssuerConfig, CallbacksConfig, StringList};
 use callops::emulator::callback_signing::{
-    ACS_ISSUER, ACS_OPENID_PATH, CallbackSigner, GRAPH_ISSUER, GRAPH_OPENID_PATH,
-    SignerSettings,
+    ACS_ISSUER, ACS_OPENID_PATH, CallbackSigner, GRAPH_ISSUER, GRAPH_OPENID_PATH, SignerSettings,
 };
 use callops::metrics::Metrics;
 use url::Url;
