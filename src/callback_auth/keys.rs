@@ -447,7 +447,7 @@ mod tests {
         let e = [1, 0, 1];
         let with_bits = |bits: usize| {
             let mut n = vec![0xff_u8; bits.div_ceil(8)];
-            if bits % 8 != 0 {
+            if !bits.is_multiple_of(8) {
                 n[0] = 0xff >> (8 - bits % 8);
             }
             n[bits.div_ceil(8) - 1] |= 1;
