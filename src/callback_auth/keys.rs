@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use jsonwebtoken::DecodingKey;
+use aws_lc_rs::signature::{ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256, RsaPublicKeyComponents};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, KeyAlgorithm, PublicKeyUse};
 use serde::Deserialize;
 use tokio::sync::Mutex;
@@ -42,15 +44,57 @@ struct Inner {
     fetches: AtomicU64,
 }
 
+/// RSA key sizes accepted, in bits: those RS256 verification accepts (and jsonwebtoken did).
+const MODULUS_BITS: std::ops::RangeInclusive<usize> = 2048..=8192;
+
+/// An RS256 verification key, parsed once when its key set is loaded: verifying a token
+/// reuses it (and the Montgomery constants AWS-LC caches in it after the first use)
+/// instead of rebuilding the key from `n` and `e` every time.
+#[derive(Clone)]
+pub struct VerifyingKey(ParsedPublicKey);
+
+impl VerifyingKey {
+    /// A key from the big-endian modulus and exponent, when they make an RSA public key
+    /// RS256 may use (2048 to 8192 bits).
+    pub fn from_components(n: &[u8], e: &[u8]) -> Option<Self> {
+        let n = strip_leading_zeros(n);
+        let e = strip_leading_zeros(e);
+        let bits = n.first().map_or(0, |top| {
+            n.len() * 8 - usize::try_from(top.leading_zeros()).unwrap_or(0)
+        });
+        if !MODULUS_BITS.contains(&bits) || e.is_empty() {
+            return None;
+        }
+        RsaPublicKeyComponents { n, e }
+            .to_parsed_public_key(&RSA_PKCS1_2048_8192_SHA256)
+            .ok()
+            .map(Self)
+    }
+
+    /// Whether `signature` is this key's RSASSA-PKCS1-v1_5 SHA-256 signature (RS256) of
+    /// `message`.
+    pub fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
+        self.0.verify_sig(message, signature).is_ok()
+    }
+}
+
+fn strip_leading_zeros(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|&byte| byte != 0)
+        .unwrap_or(bytes.len());
+    &bytes[start..]
+}
+
 /// The usable keys by key id, and when they were loaded (`None`: never).
 #[derive(Default)]
 pub struct KeySet {
-    keys: HashMap<String, DecodingKey>,
+    keys: HashMap<String, VerifyingKey>,
     loaded_at: Option<Instant>,
 }
 
 impl KeySet {
-    pub fn get(&self, kid: &str) -> Option<&DecodingKey> {
+    pub fn get(&self, kid: &str) -> Option<&VerifyingKey> {
         self.keys.get(kid)
     }
 
@@ -156,6 +200,20 @@ impl KeyCache {
         self.for_key_id("").await.is_loaded()
     }
 
+    /// Runs `verify` with the key `kid` names when the current set holds it: the fast path
+    /// of every genuine callback (no lock, no reference count touched, no fetch). `None`
+    /// when the set lacks `kid`; then [`KeyCache::for_key_id`] decides whether to fetch.
+    pub fn with_known_key<R>(
+        &self,
+        kid: &str,
+        verify: impl FnOnce(&VerifyingKey) -> R,
+    ) -> Option<R> {
+        let set = self.inner.keys.load();
+        let key = set.get(kid)?;
+        self.refresh_if_stale(&set);
+        Some(verify(key))
+    }
+
     /// The current set, without fetching.
     pub fn current(&self) -> Arc<KeySet> {
         self.inner.keys.load_full()
@@ -216,7 +274,7 @@ impl KeyCache {
             return Err(FetchError::JwksUri);
         }
         let raw: RawKeySet = self.get_json(jwks_uri, "the key set").await?;
-        let keys: HashMap<String, DecodingKey> =
+        let keys: HashMap<String, VerifyingKey> =
             raw.keys.into_iter().filter_map(usable_key).collect();
         if keys.is_empty() {
             return Err(FetchError::NoUsableKey);
@@ -252,7 +310,7 @@ impl KeyCache {
 }
 
 /// An RSA signing key with a key id that may be used with RS256, or `None`.
-fn usable_key(value: serde_json::Value) -> Option<(String, DecodingKey)> {
+pub(crate) fn usable_key(value: serde_json::Value) -> Option<(String, VerifyingKey)> {
     let jwk: Jwk = serde_json::from_value(value).ok()?;
     let kid = jwk.common.key_id.clone()?;
     let for_signing = matches!(
@@ -260,10 +318,15 @@ fn usable_key(value: serde_json::Value) -> Option<(String, DecodingKey)> {
         None | Some(PublicKeyUse::Signature)
     );
     let rs256 = matches!(jwk.common.key_algorithm, None | Some(KeyAlgorithm::RS256));
-    if !for_signing || !rs256 || !matches!(jwk.algorithm, AlgorithmParameters::RSA(_)) {
+    let AlgorithmParameters::RSA(rsa) = &jwk.algorithm else {
+        return None;
+    };
+    if !for_signing || !rs256 {
         return None;
     }
-    let key = DecodingKey::from_jwk(&jwk).ok()?;
+    let n = URL_SAFE_NO_PAD.decode(&rsa.n).ok()?;
+    let e = URL_SAFE_NO_PAD.decode(&rsa.e).ok()?;
+    let key = VerifyingKey::from_components(&n, &e)?;
     Some((kid, key))
 }
 
@@ -346,7 +409,8 @@ mod tests {
 
     #[test]
     fn only_rsa_signing_keys_with_an_id_are_kept() {
-        let rsa = json!({"kty": "RSA", "kid": "a", "n": "sXch", "e": "AQAB"});
+        let published = CallbackSigner::for_tests().jwks()["keys"][0].clone();
+        let rsa = json!({"kty": "RSA", "kid": "a", "n": published["n"], "e": "AQAB"});
         assert!(usable_key(rsa.clone()).is_some());
         // Microsoft's key sets carry extra members (x5c, endorsements, issuer).
         let mut extra = rsa.clone();
@@ -366,5 +430,39 @@ mod tests {
         assert!(usable_key(ec).is_none());
         assert!(usable_key(json!({"kty": "OKP?", "kid": "c"})).is_none());
         assert!(usable_key(json!("not a key")).is_none());
+        // Keys RS256 may not use, or not keys at all.
+        let mut small = rsa.clone();
+        small["n"] = json!("sXch");
+        assert!(usable_key(small).is_none(), "a 24-bit modulus");
+        let mut not_base64 = rsa.clone();
+        not_base64["n"] = json!("s+ch");
+        assert!(usable_key(not_base64).is_none());
+        let mut no_exponent = rsa;
+        no_exponent["e"] = json!("");
+        assert!(usable_key(no_exponent).is_none());
+    }
+
+    #[test]
+    fn modulus_sizes_outside_2048_to_8192_bits_are_refused() {
+        let e = [1, 0, 1];
+        let with_bits = |bits: usize| {
+            let mut n = vec![0xff_u8; bits.div_ceil(8)];
+            if !bits.is_multiple_of(8) {
+                n[0] = 0xff >> (8 - bits % 8);
+            }
+            n[bits.div_ceil(8) - 1] |= 1;
+            n
+        };
+        assert!(VerifyingKey::from_components(&with_bits(2047), &e).is_none());
+        assert!(VerifyingKey::from_components(&with_bits(2048), &e).is_some());
+        assert!(VerifyingKey::from_components(&with_bits(8192), &e).is_some());
+        assert!(VerifyingKey::from_components(&with_bits(8193), &e).is_none());
+        // Leading zero bytes do not count.
+        let mut padded = vec![0, 0];
+        padded.extend(with_bits(2047));
+        assert!(VerifyingKey::from_components(&padded, &e).is_none());
+        let mut padded = vec![0];
+        padded.extend(with_bits(2048));
+        assert!(VerifyingKey::from_components(&padded, &[0, 1, 0, 1]).is_some());
     }
 }

@@ -108,25 +108,6 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    pub(crate) fn from_jwt(error: &jsonwebtoken::errors::Error) -> Self {
-        use jsonwebtoken::errors::ErrorKind;
-        match error.kind() {
-            ErrorKind::InvalidSignature => Self::Signature,
-            ErrorKind::ExpiredSignature => Self::Expired,
-            ErrorKind::ImmatureSignature => Self::NotYetValid,
-            ErrorKind::InvalidIssuer => Self::Issuer,
-            ErrorKind::InvalidAudience => Self::Audience,
-            ErrorKind::InvalidAlgorithm => Self::Algorithm,
-            ErrorKind::MissingRequiredClaim(claim) => Self::MissingClaim(match claim.as_str() {
-                "exp" => "exp",
-                "iss" => "iss",
-                "aud" => "aud",
-                _ => "required",
-            }),
-            _ => Self::Malformed,
-        }
-    }
-
     /// True when the sender should retry rather than give up.
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::KeysUnavailable)
@@ -271,16 +252,23 @@ impl CallbackAuthenticator {
                         .get(header::AUTHORIZATION)
                         .map(|value| value.as_bytes()),
                 )?;
-                let kid = token::key_id(token)?;
-                let keys = verifier.keys.for_key_id(&kid).await;
-                let Some(key) = keys.get(&kid) else {
+                let token = token::parse(token)?;
+                let kid = token.key_id();
+                if let Some(checked) = verifier
+                    .keys
+                    .with_known_key(kid, |key| verifier.rules.check_parsed(&token, key))
+                {
+                    return checked;
+                }
+                let keys = verifier.keys.for_key_id(kid).await;
+                let Some(key) = keys.get(kid) else {
                     return Err(if keys.is_loaded() {
                         AuthError::UnknownKey
                     } else {
                         AuthError::KeysUnavailable
                     });
                 };
-                verifier.rules.check(token, key)
+                verifier.rules.check_parsed(&token, key)
             }
         }
     }

@@ -1,54 +1,220 @@
-//! What a callback token must be: pure checks over a JWT and a key, with jsonwebtoken
-//! doing the cryptography and the standard claims.
+//! What a callback token must be: pure checks over a JWT and a key.
+//!
+//! The header is read first (RS256 and a `kid`, or refused before any key is looked up);
+//! the signature is checked with the key parsed when its set was loaded
+//! ([`super::keys::VerifyingKey`]) over the exact `header.payload` bytes; only then is the
+//! payload parsed, once, into the few claims looked at, and checked by hand: `exp`
+//! (required), `nbf`, `iss`, `aud` and, for Graph, `tid`.
 
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
+use std::borrow::Cow;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::Algorithm;
+use serde::{Deserialize, Deserializer};
 
 use super::AuthError;
+use super::keys::VerifyingKey;
 
 /// Longest token looked at; Microsoft's are about 1–2 KB.
 const MAX_TOKEN_LEN: usize = 16 * 1024;
+/// Longest RS256 signature: that of an 8192-bit key.
+const MAX_SIGNATURE_LEN: usize = 8192 / 8;
 
 /// The rules one platform's tokens must meet.
 #[derive(Debug, Clone)]
 pub struct TokenRules {
-    validation: Validation,
+    issuers: Vec<String>,
+    audience: String,
+    leeway_secs: i64,
     /// Graph tokens carry the tenant id (`tid`).
     require_tenant: bool,
 }
 
-/// The claims looked at beyond the standard ones.
+/// A token whose header passed (RS256, a key id), split into its parts; nothing in it is
+/// trusted yet.
+#[derive(Debug)]
+pub struct UnverifiedToken<'a> {
+    /// `header.payload`: the bytes the signature covers.
+    signed: &'a str,
+    payload: &'a str,
+    signature: &'a str,
+    kid: String,
+}
+
+impl UnverifiedToken<'_> {
+    /// The key id the header names.
+    pub fn key_id(&self) -> &str {
+        &self.kid
+    }
+}
+
+/// The header members looked at. Others are ignored; a repeated `alg` or `kid` makes the
+/// header malformed.
 #[derive(Deserialize)]
-struct Claims {
+struct Header<'a> {
+    /// An algorithm jsonwebtoken does not know (`none` among them) is malformed.
+    alg: Algorithm,
+    #[serde(borrow, default)]
+    kid: Option<Cow<'a, str>>,
+}
+
+/// The claims looked at; others are ignored, a repeated one makes the token malformed.
+#[derive(Deserialize)]
+struct Claims<'a> {
     #[serde(default)]
-    tid: Option<String>,
+    exp: Option<NumericDate>,
+    #[serde(default)]
+    nbf: Option<NumericDate>,
+    #[serde(borrow, default)]
+    iss: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    aud: Option<Audience<'a>>,
+    #[serde(borrow, default)]
+    tid: Option<Cow<'a, str>>,
+}
+
+/// `aud` is one string or a list of them (RFC 7519 §4.1.3).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Audience<'a> {
+    One(#[serde(borrow)] Cow<'a, str>),
+    Many(#[serde(borrow)] Vec<Cow<'a, str>>),
+}
+
+impl Audience<'_> {
+    fn names(&self, audience: &str) -> bool {
+        match self {
+            Self::One(one) => one == audience,
+            Self::Many(many) => many.iter().any(|one| one == audience),
+        }
+    }
+}
+
+/// Seconds since the epoch (RFC 7519 NumericDate: any JSON number). Fractions are kept as
+/// bounds: `floor` and `ceil` of the value.
+#[derive(Debug, Clone, Copy)]
+struct NumericDate {
+    floor: i64,
+    ceil: i64,
+}
+
+impl<'de> Deserialize<'de> for NumericDate {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let number = serde_json::Number::deserialize(deserializer)?;
+        if let Some(whole) = number.as_i64() {
+            return Ok(Self {
+                floor: whole,
+                ceil: whole,
+            });
+        }
+        if number.as_u64().is_some() {
+            // Beyond i64: far in the future.
+            return Ok(Self {
+                floor: i64::MAX,
+                ceil: i64::MAX,
+            });
+        }
+        let value = number
+            .as_f64()
+            .filter(|value| value.is_finite())
+            .ok_or_else(|| serde::de::Error::custom("NumericDate must be a finite number"))?;
+        // `as` saturates at the bounds of i64.
+        Ok(Self {
+            floor: value.floor() as i64,
+            ceil: value.ceil() as i64,
+        })
+    }
 }
 
 impl TokenRules {
     /// RS256 only; `iss` one of `issuers`, `aud` = `audience`, `exp` and `nbf` checked
     /// with `leeway_secs` of clock skew.
     pub fn new(issuers: &[String], audience: &str, leeway_secs: u64, require_tenant: bool) -> Self {
-        let mut validation = Validation::new(Algorithm::RS256);
-        validation.set_issuer(issuers);
-        validation.set_audience(&[audience]);
-        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
-        validation.validate_nbf = true;
-        validation.leeway = leeway_secs;
         Self {
-            validation,
+            issuers: issuers.to_vec(),
+            audience: audience.to_owned(),
+            leeway_secs: i64::try_from(leeway_secs).unwrap_or(i64::MAX),
             require_tenant,
         }
     }
 
-    /// Checks the signature with `key`, then the claims.
-    pub fn check(&self, token: &str, key: &DecodingKey) -> Result<(), AuthError> {
-        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
-            .map_err(|error| AuthError::from_jwt(&error))?;
-        if self.require_tenant && data.claims.tid.is_none_or(|tid| tid.trim().is_empty()) {
+    /// Checks the header, then the signature with `key`, then the claims.
+    pub fn check(&self, token: &str, key: &VerifyingKey) -> Result<(), AuthError> {
+        self.check_parsed(&parse(token)?, key)
+    }
+
+    /// Checks the signature of a token whose header passed with `key`, then its claims.
+    pub fn check_parsed(
+        &self,
+        token: &UnverifiedToken<'_>,
+        key: &VerifyingKey,
+    ) -> Result<(), AuthError> {
+        let mut signature = [0_u8; MAX_SIGNATURE_LEN];
+        let length = URL_SAFE_NO_PAD
+            .decode_slice(token.signature, &mut signature)
+            .map_err(|error| match error {
+                base64::DecodeSliceError::OutputSliceTooSmall => AuthError::Signature,
+                base64::DecodeSliceError::DecodeError(_) => AuthError::Malformed,
+            })?;
+        if !key.verifies(token.signed.as_bytes(), &signature[..length]) {
+            return Err(AuthError::Signature);
+        }
+        let payload = URL_SAFE_NO_PAD
+            .decode(token.payload)
+            .map_err(|_| AuthError::Malformed)?;
+        let claims: Claims<'_> = json_object(&payload)?;
+        self.check_claims(&claims, unix_now())
+    }
+
+    fn check_claims(&self, claims: &Claims<'_>, now: i64) -> Result<(), AuthError> {
+        let exp = claims.exp.ok_or(AuthError::MissingClaim("exp"))?;
+        let iss = claims
+            .iss
+            .as_deref()
+            .ok_or(AuthError::MissingClaim("iss"))?;
+        let aud = claims.aud.as_ref().ok_or(AuthError::MissingClaim("aud"))?;
+        if exp.floor < now.saturating_sub(self.leeway_secs) {
+            return Err(AuthError::Expired);
+        }
+        if claims
+            .nbf
+            .is_some_and(|nbf| nbf.ceil > now.saturating_add(self.leeway_secs))
+        {
+            return Err(AuthError::NotYetValid);
+        }
+        if !self.issuers.iter().any(|issuer| issuer == iss) {
+            return Err(AuthError::Issuer);
+        }
+        if !aud.names(&self.audience) {
+            return Err(AuthError::Audience);
+        }
+        if self.require_tenant
+            && claims
+                .tid
+                .as_deref()
+                .is_none_or(|tid| tid.trim().is_empty())
+        {
             return Err(AuthError::MissingClaim("tid"));
         }
         Ok(())
     }
+}
+
+/// A JOSE header or claims set: a JSON object (serde would also take a list for a struct).
+fn json_object<'a, T: Deserialize<'a>>(json: &'a [u8]) -> Result<T, AuthError> {
+    if json.trim_ascii_start().first() != Some(&b'{') {
+        return Err(AuthError::Malformed);
+    }
+    serde_json::from_slice(json).map_err(|_| AuthError::Malformed)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX)
+        })
 }
 
 /// The token in `Authorization: Bearer <token>`.
@@ -66,21 +232,41 @@ pub fn bearer(value: Option<&[u8]>) -> Result<&str, AuthError> {
     Ok(token)
 }
 
-/// The key id a token names, once its header shows it is an RS256 JWT.
-pub fn key_id(token: &str) -> Result<String, AuthError> {
+/// The token split into its three parts, once its header shows it is an RS256 JWT with a
+/// key id.
+pub fn parse(token: &str) -> Result<UnverifiedToken<'_>, AuthError> {
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(AuthError::Malformed);
+    }
+    let (signed, signature) = token.rsplit_once('.').ok_or(AuthError::Malformed)?;
+    let (header, payload) = signed.split_once('.').ok_or(AuthError::Malformed)?;
+    if payload.contains('.') {
+        return Err(AuthError::Malformed);
+    }
+    let header = URL_SAFE_NO_PAD
+        .decode(header)
+        .map_err(|_| AuthError::Malformed)?;
     // `alg: none` and unknown algorithms fail here: jsonwebtoken has no such algorithm.
-    let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+    let header: Header<'_> = json_object(&header)?;
     if header.alg != Algorithm::RS256 {
         return Err(AuthError::Algorithm);
     }
-    header.kid.ok_or(AuthError::NoKeyId)
+    let kid = header.kid.ok_or(AuthError::NoKeyId)?.into_owned();
+    Ok(UnverifiedToken {
+        signed,
+        payload,
+        signature,
+        kid,
+    })
+}
+
+/// The key id a token names, once its header shows it is an RS256 JWT.
+pub fn key_id(token: &str) -> Result<String, AuthError> {
+    parse(token).map(|token| token.kid)
 }
 
 #[cfg(test)]
 mod tests {
-    use base64::Engine;
-    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    use jsonwebtoken::jwk::Jwk;
     use serde_json::{Value, json};
 
     use super::*;
@@ -90,9 +276,10 @@ mod tests {
         CallbackSigner::for_tests()
     }
 
-    fn key(signer: &CallbackSigner) -> DecodingKey {
-        let jwk: Jwk = serde_json::from_value(signer.jwks()["keys"][0].clone()).unwrap();
-        DecodingKey::from_jwk(&jwk).unwrap()
+    fn key(signer: &CallbackSigner) -> VerifyingKey {
+        super::super::keys::usable_key(signer.jwks()["keys"][0].clone())
+            .unwrap()
+            .1
     }
 
     fn acs_rules() -> TokenRules {
@@ -241,6 +428,170 @@ mod tests {
             assert!(key_id(garbage).is_err(), "{garbage}");
             assert!(acs_rules().check(garbage, &key).is_err(), "{garbage}");
         }
+    }
+
+    /// `header` and `payload` (raw JSON) signed RS256 with the signer's first key.
+    fn sign_raw(header: &str, payload: &str) -> String {
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(include_bytes!(
+            "../emulator/keys/dev-signing-key-1.pem"
+        ))
+        .unwrap();
+        let signed = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(payload)
+        );
+        let signature =
+            jsonwebtoken::crypto::sign(signed.as_bytes(), &key, Algorithm::RS256).unwrap();
+        format!("{signed}.{signature}")
+    }
+
+    const RS256: &str = r#"{"alg":"RS256","typ":"JWT","kid":"callops-emulator-1"}"#;
+
+    #[test]
+    fn the_signature_covers_the_exact_header_and_payload() {
+        let signer = signer();
+        let key = key(&signer);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let claims = format!(
+            r#"{{"iss":"https://acscallautomation.communication.azure.com","aud":"resource","exp":{}}}"#,
+            now + 60
+        );
+        let genuine = sign_raw(RS256, &claims);
+        assert!(acs_rules().check(&genuine, &key).is_ok());
+        let parts: Vec<&str> = genuine.split('.').collect();
+        // The signature is genuine, but the header's alg was changed afterwards.
+        for alg in ["RS384", "RS512", "PS256", "ES256", "HS256"] {
+            let header = URL_SAFE_NO_PAD.encode(RS256.replace("RS256", alg));
+            let altered = format!("{header}.{}.{}", parts[1], parts[2]);
+            assert!(
+                matches!(acs_rules().check(&altered, &key), Err(AuthError::Algorithm)),
+                "{alg}"
+            );
+        }
+        // Still RS256, but any other change to the header breaks the signature.
+        let header = URL_SAFE_NO_PAD.encode(RS256.replace("JWT", "jwt"));
+        let altered = format!("{header}.{}.{}", parts[1], parts[2]);
+        assert!(matches!(
+            acs_rules().check(&altered, &key),
+            Err(AuthError::Signature)
+        ));
+        // The same JSON, encoded differently (padding), is not the signed text.
+        let padded = format!("{}=.{}.{}", parts[0], parts[1], parts[2]);
+        assert!(acs_rules().check(&padded, &key).is_err());
+        // A fourth part, an oversized, truncated or non-base64url signature.
+        for bad in [
+            format!("{genuine}.{}", parts[2]),
+            format!("{}.{}.{}", parts[0], parts[1], "A".repeat(4096)),
+            format!("{}.{}.{}", parts[0], parts[1], &parts[2][..300]),
+            format!("{}.{}.{}", parts[0], parts[1], parts[2].replace('-', "+")),
+            format!("{}.{}.", parts[0], parts[1]),
+        ] {
+            assert!(acs_rules().check(&bad, &key).is_err(), "{bad}");
+        }
+        // A signature by another key under this key's id.
+        let other = signer.sign_with_second_key("callops-emulator-1", &signer.acs_claims());
+        let other_signature = other.rsplit('.').next().unwrap();
+        let swapped = format!("{}.{}.{other_signature}", parts[0], parts[1]);
+        assert!(matches!(
+            acs_rules().check(&swapped, &key),
+            Err(AuthError::Signature)
+        ));
+    }
+
+    #[test]
+    fn claims_are_read_strictly() {
+        let signer = signer();
+        let key = key(&signer);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let iss = r#""iss":"https://acscallautomation.communication.azure.com""#;
+        let exp = format!(r#""exp":{}"#, now + 60);
+        let check = |claims: String| acs_rules().check(&sign_raw(RS256, &claims), &key);
+        // An audience list naming us, fractional dates.
+        assert!(check(format!(r#"{{{iss},"aud":["other","resource"],{exp}}}"#)).is_ok());
+        assert!(
+            check(format!(
+                r#"{{{iss},"aud":"resource","exp":{}.5}}"#,
+                now + 60
+            ))
+            .is_ok()
+        );
+        assert!(
+            check(format!(
+                r#"{{{iss},"aud":"resource",{exp},"nbf":{}.5}}"#,
+                now - 5
+            ))
+            .is_ok()
+        );
+        assert!(check(format!(r#"{{{iss},"aud":"res\u006furce",{exp}}}"#)).is_ok());
+        let refused = [
+            // A list not naming us.
+            (format!(r#"{{{iss},"aud":["other"],{exp}}}"#), "audience"),
+            (format!(r#"{{{iss},"aud":[],{exp}}}"#), "audience"),
+            // A repeated claim is ambiguous.
+            (
+                format!(r#"{{{iss},"aud":"other","aud":"resource",{exp}}}"#),
+                "well-formed",
+            ),
+            (
+                format!(r#"{{"iss":"https://evil",{iss},"aud":"resource",{exp}}}"#),
+                "well-formed",
+            ),
+            // Claims of the wrong type.
+            (
+                format!(r#"{{{iss},"aud":"resource","exp":"{}"}}"#, now + 60),
+                "well-formed",
+            ),
+            (
+                format!(r#"{{{iss},"aud":"resource",{exp},"nbf":"{}"}}"#, now + 600),
+                "well-formed",
+            ),
+            (
+                format!(
+                    r#"{{"iss":["https://acscallautomation.communication.azure.com"],"aud":"resource",{exp}}}"#
+                ),
+                "well-formed",
+            ),
+            (format!(r#"{{{iss},"aud":"resource","exp":null}}"#), "exp"),
+            (format!(r#"{{{iss},"aud":"resource","exp":-1}}"#), "expired"),
+            (
+                format!(r#"{{{iss},"aud":"resource",{exp},"nbf":1e300}}"#),
+                "not valid yet",
+            ),
+            (
+                format!(r#"{{{iss},"aud":"resource","exp":{}.5}}"#, now - 31),
+                "expired",
+            ),
+            ("[]".to_owned(), "well-formed"),
+            ("null".to_owned(), "well-formed"),
+        ];
+        for (claims, reason) in refused {
+            let error = check(claims.clone()).unwrap_err();
+            assert!(error.to_string().contains(reason), "{error} for {claims}");
+        }
+        // A far future expiry is fine.
+        assert!(
+            check(format!(
+                r#"{{{iss},"aud":"resource","exp":18446744073709551615}}"#
+            ))
+            .is_ok()
+        );
+        // The header, too: a repeated alg, a kid that is not a string.
+        let repeated_alg = r#"{"alg":"RS256","alg":"none","kid":"callops-emulator-1"}"#;
+        let numeric_kid = r#"{"alg":"RS256","kid":1}"#;
+        let list = r#"["RS256","callops-emulator-1"]"#;
+        for header in [repeated_alg, numeric_kid, list] {
+            let token = sign_raw(header, &format!(r#"{{{iss},"aud":"resource",{exp}}}"#));
+            assert!(
+                matches!(key_id(&token), Err(AuthError::Malformed)),
+                "{header}"
+            );
+        }
+        let no_kid = sign_raw(
+            r#"{"alg":"RS256"}"#,
+            &format!(r#"{{{iss},"aud":"resource",{exp}}}"#),
+        );
+        assert!(matches!(key_id(&no_kid), Err(AuthError::NoKeyId)));
     }
 
     #[test]
