@@ -54,7 +54,8 @@ impl Child {
             .arg(&port_file)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            // callops logs to stdout: keep the parent's stdout for the table.
+            .stdout(Stdio::from(std::io::stderr()))
             .stderr(Stdio::inherit());
         let process = command.spawn().context("starting a child server")?;
         let mut child = Self {

@@ -37,7 +37,7 @@ struct Cli {
     #[arg(long, value_delimiter = ',')]
     only: Vec<Scenario>,
     /// Running operations created for each callops ingest configuration; a measurement
-    /// ends early when they are all settled [default: 200000; --quick: 30000].
+    /// ends early when they are all settled [default: 250000; --quick: 50000].
     #[arg(long)]
     pool: Option<usize>,
     /// Call connections the ingest and wake operations are spread over.
@@ -108,6 +108,11 @@ async fn main() -> anyhow::Result<ExitCode> {
         }
         None => {}
     }
+    // The emulator's warnings (e.g. a refused callback), on stderr beside the progress.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_writer(std::io::stderr)
+        .try_init();
     let quick = cli.quick;
     let pick = |given: Option<f64>, full: f64, short: f64| {
         Duration::from_secs_f64(given.unwrap_or(if quick { short } else { full }))
@@ -119,7 +124,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         duration: pick(cli.duration, 10.0, 3.0),
         warmup: pick(cli.warmup, 2.0, 0.5),
         connections: cli.connections.max(1),
-        pool: cli.pool.unwrap_or(if quick { 30_000 } else { 200_000 }),
+        pool: cli.pool.unwrap_or(if quick { 50_000 } else { 250_000 }),
         calls: cli.calls.max(1),
         memory_ops,
         memory_calls: cli.memory_calls.unwrap_or(memory_ops / 10),
