@@ -53,6 +53,7 @@ impl Child {
             .arg("--port-file")
             .arg(&port_file)
             .env("RUST_LOG", "warn")
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             // callops logs to stdout: keep the parent's stdout for the table.
             .stdout(Stdio::from(std::io::stderr()))

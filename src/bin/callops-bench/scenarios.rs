@@ -504,6 +504,10 @@ pub async fn end_to_end(bench: &Bench) -> anyhow::Result<Row> {
     eprintln!("== end to end: POST participants:remove -> emulator callback -> GET ?wait=");
     let options = &bench.options;
     let child = bench.start_callops("e2e", "memory", true).await?;
+    let (parent_before, child_before) = (
+        loadgen::cpu_seconds(None).unwrap_or(0.0),
+        loadgen::cpu_seconds(Some(child.pid())).unwrap_or(0.0),
+    );
     let start = Instant::now();
     let measured_from = start + options.warmup;
     let end = measured_from + options.duration;
@@ -513,7 +517,8 @@ pub async fn end_to_end(bench: &Bench) -> anyhow::Result<Row> {
         workers.push(tokio::spawn(async move {
             let prefix = format!("e2e-w{worker:02}");
             let mut latencies = report::histogram();
-            let (mut ok, mut errors, mut first_error, mut last) = (0u64, 0u64, None, None);
+            let (mut ok, mut all, mut errors, mut first_error, mut last) =
+                (0u64, 0u64, 0u64, None, None);
             for index in 0.. {
                 let started = Instant::now();
                 if started >= end {
@@ -544,6 +549,7 @@ pub async fn end_to_end(bench: &Bench) -> anyhow::Result<Row> {
                 }
                 .await;
                 let done = Instant::now();
+                all += 1;
                 match outcome {
                     Ok(()) if started >= measured_from => {
                         report::record(&mut latencies, done - started);
@@ -557,13 +563,14 @@ pub async fn end_to_end(bench: &Bench) -> anyhow::Result<Row> {
                     }
                 }
             }
-            (latencies, ok, errors, first_error, last)
+            (latencies, ok, all, errors, first_error, last)
         }));
     }
     let mut latencies = report::histogram();
-    let (mut ok, mut errors, mut last) = (0, 0, measured_from);
+    let (mut ok, mut all, mut errors, mut last) = (0, 0, 0, measured_from);
     for worker in workers {
-        let (histogram, n, e, first_error, at) = worker.await?;
+        let (histogram, n, a, e, first_error, at) = worker.await?;
+        all += a;
         latencies.add(&histogram)?;
         ok += n;
         errors += e;
@@ -574,15 +581,21 @@ pub async fn end_to_end(bench: &Bench) -> anyhow::Result<Row> {
             last = last.max(at);
         }
     }
+    let parent = loadgen::cpu_seconds(None).unwrap_or(0.0) - parent_before;
+    let server = loadgen::cpu_seconds(Some(child.pid())).unwrap_or(0.0) - child_before;
     drop(child);
     let rate = ok as f64 / last.duration_since(measured_from).as_secs_f64().max(1e-9);
-    eprintln!("  {} ops/s, {errors} errors", report::rate(rate));
+    // CPU is read around the whole run, warm-up included.
+    let total = all.max(1) as f64;
+    let cpu = format!(
+        "CPU/op: server {:.0} µs, bench process (clients + emulator, which signs each callback) {:.0} µs",
+        server * 1e6 / total,
+        parent * 1e6 / total
+    );
+    eprintln!("  {} ops/s, {errors} errors; {cpu}", report::rate(rate));
     Ok(Row {
         rate: Some((rate, "ops/s")),
-        other: format!(
-            "errors {errors}; {} clients; emulator (in the bench process) signs each callback",
-            options.connections
-        ),
+        other: format!("errors {errors}; {} clients; {cpu}", options.connections),
         met: if errors == 0 { None } else { Some(false) },
         target: if errors == 0 {
             String::new()
