@@ -1,0 +1,202 @@
+//! `callops-bench`: measures callops in one run on one machine and prints a Markdown table.
+//!
+//! The servers under test are child processes (this binary re-executed with a hidden
+//! `serve-bare` or `serve-callops` subcommand); this process runs the load generator and
+//! the emulator that stands in for ACS and Graph. See `--help`.
+
+mod child;
+mod events;
+mod loadgen;
+mod report;
+mod scenarios;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::scenarios::{Bench, INGEST_CONFIGS, Options};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Benchmarks callops: callback ingest (against a bare axum server), end to end, long-poll wake latency, memory per operation"
+)]
+struct Cli {
+    /// Seconds each throughput measurement lasts (after the warm-up) [default: 10; --quick: 3].
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Seconds of warm-up before each measurement [default: 2; --quick: 0.5].
+    #[arg(long)]
+    warmup: Option<f64>,
+    /// Concurrent connections of the load generator.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Scenarios to run (comma-separated) [default: all].
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<Scenario>,
+    /// Running operations created for each callops ingest configuration; a measurement
+    /// ends early when they are all settled [default: 250000; --quick: 50000].
+    #[arg(long)]
+    pool: Option<usize>,
+    /// Call connections the ingest and wake operations are spread over.
+    #[arg(long, default_value_t = 1000)]
+    calls: usize,
+    /// Operations tracked for the memory figure [default: 1000000; --quick: 100000].
+    #[arg(long)]
+    memory_ops: Option<usize>,
+    /// Call connections the memory operations are spread over [default: memory-ops / 10].
+    #[arg(long)]
+    memory_calls: Option<usize>,
+    /// Skip settling the memory operations (and the RSS figure after it).
+    #[arg(long)]
+    no_settle: bool,
+    /// Long-poll wake samples [default: 2000; --quick: 400].
+    #[arg(long)]
+    wake_samples: Option<usize>,
+    /// Long polls woken at a time.
+    #[arg(long, default_value_t = 16)]
+    wake_parallel: usize,
+    /// Short durations and 100 000 memory operations: a fast sanity run.
+    #[arg(long)]
+    quick: bool,
+    #[command(subcommand)]
+    command: Option<Child>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// Callback ingest: bare axum and the four callops configurations.
+    Ingest,
+    /// End to end through the emulator.
+    E2e,
+    /// Long-poll wake latency.
+    Wake,
+    /// Bytes per tracked operation.
+    Memory,
+}
+
+/// The servers under test (run by the benchmark itself).
+#[derive(Subcommand)]
+enum Child {
+    #[command(hide = true)]
+    ServeBare {
+        #[arg(long)]
+        port_file: PathBuf,
+    },
+    #[command(hide = true)]
+    ServeCallops {
+        #[arg(long)]
+        port_file: PathBuf,
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Child::ServeBare { port_file }) => {
+            child::serve_bare(port_file).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(Child::ServeCallops { port_file, config }) => {
+            child::serve_callops(port_file, config).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        None => {}
+    }
+    // The emulator's warnings (e.g. a refused callback), on stderr beside the progress.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_writer(std::io::stderr)
+        .try_init();
+    let quick = cli.quick;
+    let pick = |given: Option<f64>, full: f64, short: f64| {
+        Duration::from_secs_f64(given.unwrap_or(if quick { short } else { full }))
+    };
+    let memory_ops = cli
+        .memory_ops
+        .unwrap_or(if quick { 100_000 } else { 1_000_000 });
+    let options = Options {
+        duration: pick(cli.duration, 10.0, 3.0),
+        warmup: pick(cli.warmup, 2.0, 0.5),
+        connections: cli.connections.max(1),
+        pool: cli.pool.unwrap_or(if quick { 50_000 } else { 250_000 }),
+        calls: cli.calls.max(1),
+        memory_ops,
+        memory_calls: cli.memory_calls.unwrap_or(memory_ops / 10),
+        settle: !cli.no_settle,
+        wake_samples: cli.wake_samples.unwrap_or(if quick { 400 } else { 2000 }),
+        wake_parallel: cli.wake_parallel,
+    };
+    let only = if cli.only.is_empty() {
+        vec![
+            Scenario::Ingest,
+            Scenario::E2e,
+            Scenario::Wake,
+            Scenario::Memory,
+        ]
+    } else {
+        cli.only
+    };
+    eprintln!("callops-bench: {options:?}");
+    let bench = Bench::start(options).await?;
+    let mut rows = Vec::new();
+    let mut failed = false;
+    let mut note = |result: anyhow::Result<()>, what: &str| {
+        if let Err(error) = result {
+            failed = true;
+            eprintln!("!!! {what} failed: {error:#}");
+        }
+    };
+    if only.contains(&Scenario::Ingest) {
+        let result = async {
+            let (row, bare) = scenarios::ingest_bare(&bench).await?;
+            rows.push(row);
+            for config in INGEST_CONFIGS {
+                rows.push(scenarios::ingest(&bench, config, Some(bare)).await?);
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        note(result, "callback ingest");
+    }
+    if only.contains(&Scenario::E2e) {
+        let result = scenarios::end_to_end(&bench)
+            .await
+            .map(|row| rows.push(row));
+        note(result, "end to end");
+    }
+    if only.contains(&Scenario::Wake) {
+        let result = scenarios::wake(&bench).await.map(|row| rows.push(row));
+        note(result, "long-poll wake");
+    }
+    if only.contains(&Scenario::Memory) {
+        let result = scenarios::memory(&bench)
+            .await
+            .map(|more| rows.extend(more));
+        note(result, "memory");
+    }
+    let options = bench.options.clone();
+    bench.finish();
+    println!("## callops benchmark\n");
+    println!("{}", report::machine());
+    println!(
+        "Load generator and emulator in one process, each server under test in a child process; {} connections, {:.1} s warm-up, {:.1} s measured per throughput row.\n",
+        options.connections,
+        options.warmup.as_secs_f64(),
+        options.duration.as_secs_f64()
+    );
+    print!("{}", report::table(&rows));
+    if rows.iter().any(|row| row.met == Some(false)) {
+        eprintln!("some targets were not met (see the Met column)");
+    }
+    if failed {
+        eprintln!("!!! some scenarios failed (see above)");
+        return Ok(ExitCode::from(2));
+    }
+    Ok(ExitCode::SUCCESS)
+}
