@@ -9,6 +9,7 @@
 //! before the client hears of it (a new operation before its 202, a callback before its
 //! 2xx); upstream answers and sweeps are written as they happen.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use time::OffsetDateTime;
@@ -39,9 +40,23 @@ pub const MAX_CONTEXT_LEN: usize = 512;
 /// The longest clientContext Graph accepts.
 pub const MAX_CLIENT_CONTEXT_LEN: usize = 256;
 
-/// Starts operations and applies callbacks.
+/// Starts operations and applies callbacks. A cheap handle: handlers get a copy per
+/// request, so it is one reference count, not one per part.
 #[derive(Clone)]
 pub struct OperationService {
+    parts: Arc<ServiceParts>,
+}
+
+impl std::ops::Deref for OperationService {
+    type Target = ServiceParts;
+
+    fn deref(&self) -> &ServiceParts {
+        &self.parts
+    }
+}
+
+/// What an [`OperationService`] is made of.
+pub struct ServiceParts {
     store: OperationStore,
     recorder: Recorder,
     acs: AcsClient,
@@ -94,13 +109,15 @@ impl OperationService {
         metrics: Metrics,
     ) -> Self {
         Self {
-            store,
-            recorder,
-            acs,
-            graph,
-            tasks,
-            shutdown,
-            metrics,
+            parts: Arc::new(ServiceParts {
+                store,
+                recorder,
+                acs,
+                graph,
+                tasks,
+                shutdown,
+                metrics,
+            }),
         }
     }
 
