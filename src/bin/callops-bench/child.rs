@@ -49,15 +49,21 @@ impl Child {
                 command.arg("serve-callops").arg("--config").arg(config);
             }
         }
+        // The server logs as deployed (the default filter, `callops=info`: one line per
+        // operation created, a span per request) into a file beside its port file, so the
+        // cost of logging is measured and the table on stdout stays clean.
+        let log_path = workdir.join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        eprintln!("  {name} server log: {}", log_path.display());
         command
             .arg("--port-file")
             .arg(&port_file)
-            .env("RUST_LOG", "warn")
+            .env_remove("RUST_LOG")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
-            // callops logs to stdout: keep the parent's stdout for the table.
-            .stdout(Stdio::from(std::io::stderr()))
-            .stderr(Stdio::inherit());
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log));
         let process = command.spawn().context("starting a child server")?;
         let mut child = Self {
             process,
