@@ -3,6 +3,7 @@
 
 pub mod api_keys;
 pub mod callbacks;
+mod edge;
 pub mod health;
 pub mod openapi;
 pub mod operations;
@@ -11,9 +12,9 @@ pub mod serve;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, FromRef, State};
+use axum::extract::{DefaultBodyLimit, FromRef};
 use axum::http::{HeaderName, Request, StatusCode, header};
-use axum::middleware::{Next, from_fn, from_fn_with_state};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -75,7 +76,6 @@ pub fn router(state: AppState, http: &HttpConfig) -> Result<Router, ConfigError>
             api_keys::API_KEY,
         ]))
         .map_request(drop_unusable_request_id)
-        .layer(from_fn(echo_client_request_id))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
@@ -96,7 +96,9 @@ pub fn router(state: AppState, http: &HttpConfig) -> Result<Router, ConfigError>
             }),
         )
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(from_fn_with_state(http.request_timeout(), deadline))
+        .layer(edge::EdgeLayer {
+            deadline: http.request_timeout(),
+        })
         .layer(CatchPanicLayer::custom(|_| {
             error_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -153,32 +155,6 @@ fn drop_unusable_request_id<B>(mut request: Request<B>) -> Request<B> {
         }
     }
     request
-}
-
-/// Echoes the client's `x-ms-client-request-id` on the response, as Azure services do.
-async fn echo_client_request_id(request: Request<axum::body::Body>, next: Next) -> Response {
-    let client_id = request.headers().get(CLIENT_REQUEST_ID).cloned();
-    let mut response = next.run(request).await;
-    if let Some(id) = client_id {
-        response.headers_mut().insert(CLIENT_REQUEST_ID, id);
-    }
-    response
-}
-
-/// The whole-request deadline (reading the body included): `408` with the error body.
-async fn deadline(
-    State(limit): State<Duration>,
-    request: axum::extract::Request,
-    next: Next,
-) -> Response {
-    match tokio::time::timeout(limit, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => error_response(
-            StatusCode::REQUEST_TIMEOUT,
-            "RequestTimeout",
-            format!("the request did not complete within {} s", limit.as_secs()),
-        ),
-    }
 }
 
 async fn not_found() -> ApiError {
