@@ -8,7 +8,7 @@
 //!
 //! Lock order: an `index` or `upstream` entry may be held while an `operations` or `calls`
 //! entry is taken (create, observe), and the sweep reads `operations` while it retains
-//! `calls`, `cancels` and `waiters`; never the reverse. Every other access holds a single
+//! `waiters` and while it holds its agenda (which nothing else locks); never the reverse. Every other access holds a single
 //! entry at a time.
 
 use std::cmp::Reverse;
@@ -1771,6 +1771,51 @@ mod tests {
                 .len(),
             0
         );
+    }
+
+    /// The sweep looks at operations when they are due, not by scanning: a settled one is
+    /// retired when its retention ends even if that is long before its callback deadline,
+    /// and a running one times out at its deadline, once, then is retired in its turn.
+    #[test]
+    fn the_sweep_retires_and_times_out_each_operation_when_it_is_due() {
+        let store = store_with(|config| {
+            config.retention_secs = 10;
+            config.callback_timeouts.remove_participant_secs = 240;
+        });
+        let t0 = OffsetDateTime::now_utc();
+        let at = |secs: i64| t0 + time::Duration::seconds(secs);
+        let settled = store.create(removal("c1", "settled")).unwrap();
+        store.deliver(
+            event("e1", "c1", Some("settled"), succeeded()),
+            Instant::now(),
+        );
+        let running = store.create(removal("c1", "running")).unwrap();
+        store.transition(running.id, Transition::Accepted, t0);
+
+        let report = store.sweep(Instant::now(), at(5));
+        assert!(report.removed_operations.is_empty() && report.timed_out.is_empty());
+        let report = store.sweep(Instant::now(), at(11));
+        assert_eq!(
+            report.removed_operations,
+            vec![settled.id],
+            "retention ended"
+        );
+        assert!(report.timed_out.is_empty());
+        assert!(store.get(running.id).is_some());
+
+        let report = store.sweep(Instant::now(), at(241));
+        assert_eq!(report.timed_out, vec![running.id], "its deadline");
+        assert!(report.removed_operations.is_empty());
+        for secs in [242, 245, 250] {
+            let report = store.sweep(Instant::now(), at(secs));
+            assert!(report.timed_out.is_empty(), "timed out once");
+            assert!(report.removed_operations.is_empty());
+        }
+        let report = store.sweep(Instant::now(), at(252));
+        assert_eq!(report.removed_operations, vec![running.id]);
+        assert_eq!(store.stats().operations, 0);
+        // Its context and call are free again.
+        assert!(store.create(removal("c1", "running")).is_ok());
     }
 
     #[test]
