@@ -8,6 +8,8 @@
 //! callback before its 2xx. With the memory store, nothing is collected or written.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -24,7 +26,15 @@ pub struct Recorder {
     journal: Journal,
     durable: bool,
     metrics: Metrics,
+    /// The size of the last snapshot serialized, shared by every clone: the next one's
+    /// buffer starts that large (plus some slack), so it is allocated once, not grown.
+    snapshot_size: Arc<AtomicUsize>,
 }
+
+/// The buffer a snapshot is serialized into starts at least this large.
+const MIN_SNAPSHOT_CAPACITY: usize = 512;
+/// Room for a snapshot to grow past the last one's size without a reallocation.
+const SNAPSHOT_SLACK: usize = 256;
 
 /// What one request (or one sweep) changed, to be written together.
 #[derive(Debug, Default)]
@@ -108,6 +118,7 @@ impl Recorder {
             journal: Journal::memory(),
             durable: false,
             metrics: Metrics::new(),
+            snapshot_size: Arc::default(),
         }
     }
 
@@ -117,6 +128,7 @@ impl Recorder {
             journal,
             durable: true,
             metrics: Metrics::new(),
+            snapshot_size: Arc::default(),
         }
     }
 
@@ -166,13 +178,18 @@ impl Recorder {
             unparked: changes.unparked,
             ..Batch::default()
         };
+        batch.operations.reserve_exact(changes.operations.len());
         for id in changes.operations {
             // Serialized under the entry's read lock: no copy of the operation.
+            let capacity = (self.snapshot_size.load(Ordering::Relaxed) + SNAPSHOT_SLACK)
+                .max(MIN_SNAPSHOT_CAPACITY);
             let snapshot = store.read(id, |operation| {
-                serde_json::to_vec(operation).map(|json| (json, revision(operation)))
+                let mut json = Vec::with_capacity(capacity);
+                serde_json::to_writer(&mut json, operation).map(|()| (json, revision(operation)))
             });
             match snapshot {
                 Some(Ok((json, revision))) => {
+                    self.snapshot_size.store(json.len(), Ordering::Relaxed);
                     batch.operations.push((id.to_string(), json, revision));
                 }
                 Some(Err(error)) => {

@@ -23,7 +23,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use rusqlite::types::Type;
-use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
 use super::{Batch, JournalError, JournalStats, Loaded, SqliteOptions};
@@ -65,6 +65,8 @@ const EXPIRE_SEEN: &str = "DELETE FROM seen WHERE at_ms < ?1";
 const UPSERT_PARKED: &str = "INSERT INTO parked (seq, body, at_ms) VALUES (?1, ?2, ?3) \
      ON CONFLICT (seq) DO UPDATE SET body = excluded.body, at_ms = excluded.at_ms";
 const DELETE_PARKED: &str = "DELETE FROM parked WHERE seq = ?1";
+const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
+const COMMIT: &str = "COMMIT";
 const SELECT_OPERATIONS: &str = "SELECT id, body, revision FROM operations ORDER BY id";
 const SELECT_SEEN: &str = "SELECT event_id, at_ms FROM seen ORDER BY at_ms, event_id";
 const SELECT_PARKED: &str = "SELECT seq, body, at_ms FROM parked ORDER BY seq";
@@ -340,17 +342,26 @@ fn commit(conn: &mut Connection, group: Vec<Pending>, records: usize, counters: 
     }
 }
 
-/// One transaction for the whole group; dropping it on an error rolls it back.
+/// One transaction for the whole group, rolled back on an error.
+///
+/// `BEGIN` and `COMMIT` are cached statements like the others (a `rusqlite::Transaction`
+/// would parse both anew for every transaction).
 fn write_group(conn: &mut Connection, group: &[Pending]) -> rusqlite::Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    for pending in group {
-        apply(&tx, &pending.batch)?;
+    conn.prepare_cached(BEGIN_WRITE)?.execute([])?;
+    let written = group
+        .iter()
+        .try_for_each(|pending| apply(conn, &pending.batch))
+        .and_then(|()| conn.prepare_cached(COMMIT)?.execute([]).map(drop));
+    if written.is_err() && !conn.is_autocommit() {
+        // Still in the transaction (a failed statement, or a COMMIT that could not finish):
+        // undo it all. A failure here leaves SQLite to roll back as it closes the journal.
+        let _ = conn.execute_batch("ROLLBACK");
     }
-    tx.commit()
+    written
 }
 
 /// One batch, its parts in the documented order.
-fn apply(tx: &Transaction<'_>, batch: &Batch) -> rusqlite::Result<()> {
+fn apply(tx: &Connection, batch: &Batch) -> rusqlite::Result<()> {
     if !batch.operations.is_empty() {
         let mut upsert = tx.prepare_cached(UPSERT_OPERATION)?;
         for (id, body, revision) in &batch.operations {
