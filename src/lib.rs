@@ -108,7 +108,11 @@ pub async fn run(
     let store = OperationStore::new(&config.operations);
     let recorder = open_store(&config.store, &store)
         .await?
-        .with_metrics(metrics.clone());
+        .with_metrics(metrics.clone())
+        .with_retention(
+            Duration::from_secs(config.operations.retention_secs),
+            Duration::from_secs(config.operations.dedupe_ttl_secs),
+        );
     let acs = AcsClient::new(
         &config.acs,
         connection,

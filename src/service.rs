@@ -360,8 +360,17 @@ impl OperationService {
                 Delivery::CallEvent => EventOutcome::Call,
             },
         );
-        if let (Some((Some(id), received)), false) = (seen, delivery == Delivery::Duplicate) {
-            changes.seen(id, received);
+        match (seen, delivery) {
+            (Some((Some(id), received)), Delivery::Matched { .. } | Delivery::Observed { .. }) => {
+                changes.seen_on_operation(id, received);
+            }
+            (
+                Some((Some(id), received)),
+                Delivery::Parked | Delivery::CallEvent | Delivery::Unmatched,
+            ) => {
+                changes.seen(id, received);
+            }
+            _ => {}
         }
         match delivery {
             Delivery::Matched { id, .. } | Delivery::Observed { id } => changes.operation(id),
