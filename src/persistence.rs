@@ -314,6 +314,15 @@ mod tests {
     use crate::operation::{CallRef, OperationKind, OperationStatus, Transition};
     use crate::store::Delivery;
 
+    fn removal(call: &str, context: &str, now: OffsetDateTime) -> Operation {
+        Operation::new(
+            OperationKind::RemoveParticipant,
+            CallRef::CallConnection(call.to_owned()),
+            context.to_owned(),
+            now,
+        )
+    }
+
     fn event(id: &str, call: &str, context: &str, received: OffsetDateTime) -> IncomingEvent {
         IncomingEvent {
             id: Some(id.to_owned()),
@@ -344,14 +353,7 @@ mod tests {
             );
             let store = OperationStore::new(&config);
             let now = OffsetDateTime::now_utc();
-            let created = store
-                .create(Operation::new(
-                    OperationKind::RemoveParticipant,
-                    CallRef::CallConnection("c1".to_owned()),
-                    "ctx".to_owned(),
-                    now,
-                ))
-                .unwrap();
+            let created = store.create(removal("c1", "ctx", now)).unwrap();
             store.deliver(event("e1", "c1", "ctx", now), Instant::now());
             let mut changes = recorder.changes();
             changes.operation(created.id);
@@ -384,14 +386,7 @@ mod tests {
         let store = OperationStore::new(&config);
         let now = OffsetDateTime::now_utc();
 
-        let created = store
-            .create(Operation::new(
-                OperationKind::RemoveParticipant,
-                CallRef::CallConnection("c1".to_owned()),
-                "ctx".to_owned(),
-                now,
-            ))
-            .unwrap();
+        let created = store.create(removal("c1", "ctx", now)).unwrap();
         let mut changes = recorder.changes();
         changes.operation(created.id);
         recorder.commit(&store, changes).await.unwrap();
@@ -421,14 +416,7 @@ mod tests {
         // Applying the parked event at creation unparks it in the record.
         let fresh = OperationStore::new(&config);
         assert!(fresh.restore(restored, Instant::now(), now).is_empty());
-        let second = fresh
-            .create(Operation::new(
-                OperationKind::RemoveParticipant,
-                CallRef::CallConnection("c2".to_owned()),
-                "early".to_owned(),
-                now,
-            ))
-            .unwrap();
+        let second = fresh.create(removal("c2", "early", now)).unwrap();
         assert_eq!(second.status, OperationStatus::Succeeded);
         let recorder = Recorder::durable(reopened.clone());
         let mut changes = recorder.changes();

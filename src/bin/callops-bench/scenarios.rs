@@ -195,24 +195,11 @@ async fn create_operations(
         let prefix = prefix.clone();
         async move {
             let op = OpSpec::new(&prefix, index, calls);
-            let answer = conn
-                .send(
-                    Method::POST,
-                    &op.remove_path(),
-                    None,
-                    Bytes::from(op.remove_body()),
-                )
-                .await?;
-            if answer.status != StatusCode::ACCEPTED {
-                bail!(
-                    "creating operation {index}: {} {}",
-                    answer.status,
-                    String::from_utf8_lossy(&answer.body)
-                );
-            }
+            let answer = start_removal(&mut conn, &op)
+                .await
+                .with_context(|| format!("creating operation {index}"))?;
             let id = if keep(index, count) {
-                let body: Value = serde_json::from_slice(&answer.body)?;
-                body["id"].as_str().map(str::to_owned)
+                Some(operation_id(&answer)?)
             } else {
                 None
             };
@@ -343,6 +330,35 @@ async fn measure(
     let child_cpu = loadgen::cpu_seconds(Some(child.pid())).unwrap_or(0.0) - child_before;
     let note = cpu_note(&result, parent, child_cpu);
     Ok((result, note))
+}
+
+/// Starts `op`'s removal through the API: its `202` answer.
+async fn start_removal(conn: &mut Conn, op: &OpSpec) -> anyhow::Result<loadgen::Answer> {
+    let answer = conn
+        .send(
+            Method::POST,
+            &op.remove_path(),
+            None,
+            Bytes::from(op.remove_body()),
+        )
+        .await?;
+    if answer.status != StatusCode::ACCEPTED {
+        bail!(
+            "starting a removal: {} {}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        );
+    }
+    Ok(answer)
+}
+
+/// The operation id in a `202` answer.
+fn operation_id(answer: &loadgen::Answer) -> anyhow::Result<String> {
+    let body: Value = serde_json::from_slice(&answer.body)?;
+    body["id"]
+        .as_str()
+        .map(str::to_owned)
+        .context("no operation id in the 202")
 }
 
 /// The bare axum row: the same bodies and headers as the callops rows, cycled.
@@ -526,19 +542,7 @@ pub async fn end_to_end(bench: &Bench) -> anyhow::Result<Row> {
                 }
                 let op = OpSpec::new(&prefix, index, 50);
                 let outcome = async {
-                    let answer = conn
-                        .send(
-                            Method::POST,
-                            &op.remove_path(),
-                            None,
-                            Bytes::from(op.remove_body()),
-                        )
-                        .await?;
-                    if answer.status != StatusCode::ACCEPTED {
-                        bail!("POST: {}", answer.status);
-                    }
-                    let body: Value = serde_json::from_slice(&answer.body)?;
-                    let id = body["id"].as_str().context("no id")?;
+                    let id = operation_id(&start_removal(&mut conn, &op).await?)?;
                     let operation = conn
                         .get_json(&format!("/v1/operations/{id}?wait={WAIT_SECS}"))
                         .await?;
@@ -640,19 +644,7 @@ pub async fn wake(bench: &Bench) -> anyhow::Result<Row> {
             let mut post = posts.pop().context("a connection per slot")?;
             let op = OpSpec::new(prefix, next + slot, calls);
             tasks.push(tokio::spawn(async move {
-                let answer = post
-                    .send(
-                        Method::POST,
-                        &op.remove_path(),
-                        None,
-                        Bytes::from(op.remove_body()),
-                    )
-                    .await?;
-                if answer.status != StatusCode::ACCEPTED {
-                    bail!("creating: {}", answer.status);
-                }
-                let body: Value = serde_json::from_slice(&answer.body)?;
-                let id = body["id"].as_str().context("no id")?.to_owned();
+                let id = operation_id(&start_removal(&mut post, &op).await?)?;
                 anyhow::Ok((post, op, id))
             }));
         }
