@@ -33,11 +33,10 @@ fn main() {
         .unwrap_or(1_000_000);
     let calls = (n / 10).max(1);
     eprintln!(
-        "sizes: Operation {} EventRecord {} CallRef {} ContextKey {} OffsetDateTime {} IncomingEvent {}",
+        "sizes: Operation {} EventRecord {} CallRef {} OffsetDateTime {} IncomingEvent {}",
         std::mem::size_of::<Operation>(),
         std::mem::size_of::<callops::operation::EventRecord>(),
         std::mem::size_of::<CallRef>(),
-        std::mem::size_of::<callops::correlation::ContextKey>(),
         std::mem::size_of::<OffsetDateTime>(),
         std::mem::size_of::<callops::correlation::IncomingEvent>(),
     );

@@ -79,30 +79,11 @@ impl UpstreamId {
     }
 }
 
-/// Where an operation's context is unique: per call.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ContextKey {
-    pub call: CallRef,
-    pub context: Box<str>,
-}
-
-impl ContextKey {
-    /// The key `operation` is indexed under.
-    pub fn of(operation: &Operation) -> Self {
-        Self {
-            call: operation.call.clone(),
-            context: operation.context.as_str().into(),
-        }
-    }
-}
-
 impl IncomingEvent {
-    /// The key naming the operation, or `None` for call-level events (no call or context).
-    pub fn key(&self) -> Option<ContextKey> {
-        Some(ContextKey {
-            call: self.call.clone()?,
-            context: self.context.as_deref()?.into(),
-        })
+    /// The (call, context) naming the operation (an operation's context is unique per
+    /// call), or `None` for call-level events (no call or no context).
+    pub fn names(&self) -> Option<(&CallRef, &str)> {
+        Some((self.call.as_ref()?, self.context.as_deref()?))
     }
 
     /// The timeline entry for this event, with `effect`.
@@ -273,8 +254,8 @@ mod tests {
             Some(Transition::Succeeded { result: None }),
         );
         assert!(!play.should_park());
-        let key = play.key().unwrap();
-        let observed = play.observed_operation(&key.call, &key.context);
+        let (call, context) = play.names().unwrap();
+        let observed = play.observed_operation(call, context);
         assert_eq!(observed.status, OperationStatus::Succeeded);
         assert_eq!(observed.kind.as_str(), "play");
         assert_eq!(observed.context, "ctx");
@@ -284,15 +265,22 @@ mod tests {
             Some(Transition::Started),
         );
         assert_eq!(
-            started.observed_operation(&key.call, &key.context).status,
+            started.observed_operation(call, context).status,
             OperationStatus::Running
         );
     }
 
     #[test]
-    fn call_level_events_have_no_key() {
+    fn call_level_events_name_no_operation() {
         let mut e = event(OperationKind::Observed("callConnected".into()), None);
+        assert_eq!(
+            e.names(),
+            Some((&CallRef::CallConnection("call".into()), "ctx"))
+        );
         e.context = None;
-        assert_eq!(e.key(), None);
+        assert_eq!(e.names(), None);
+        e.context = Some("ctx".into());
+        e.call = None;
+        assert_eq!(e.names(), None);
     }
 }

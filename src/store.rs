@@ -122,7 +122,8 @@ impl Digests {
 
     /// The index key an event names, if it names one.
     fn event(&self, event: &IncomingEvent) -> Option<Digest> {
-        Some(self.context(event.call.as_ref()?, event.context.as_deref()?))
+        let (call, context) = event.names()?;
+        Some(self.context(call, context))
     }
 }
 
@@ -627,12 +628,8 @@ impl OperationStore {
                         return self.apply_to(id, &event).unwrap_or(Delivery::Unmatched);
                     }
                     // The operation was retired; the context is free again.
-                    match self.settle_unknown(&event, now) {
-                        Ok(slot) => {
-                            let delivery = slot_delivery(&slot);
-                            if delivery == Delivery::Parked {
-                                parked(&event);
-                            }
+                    match self.settle_unknown(&event, now, parked) {
+                        Ok((slot, delivery)) => {
                             occupied.insert(slot);
                             delivery
                         }
@@ -653,12 +650,8 @@ impl OperationStore {
                     Delivery::Parked
                 }
             },
-            Entry::Vacant(vacant) => match self.settle_unknown(&event, now) {
-                Ok(slot) => {
-                    let delivery = slot_delivery(&slot);
-                    if delivery == Delivery::Parked {
-                        parked(&event);
-                    }
+            Entry::Vacant(vacant) => match self.settle_unknown(&event, now, parked) {
+                Ok((slot, delivery)) => {
                     vacant.insert(slot);
                     delivery
                 }
@@ -667,12 +660,12 @@ impl OperationStore {
         }
     }
 
-    /// A snapshot of one operation.
     /// `f` applied to the operation as it is now, under its entry's read lock (no copy).
     pub fn read<T>(&self, id: OperationId, f: impl FnOnce(&Operation) -> T) -> Option<T> {
         self.inner.operations.get(&id).map(|op| f(&op))
     }
 
+    /// A snapshot of one operation.
     pub fn get(&self, id: OperationId) -> Option<Operation> {
         self.inner
             .operations
@@ -849,21 +842,26 @@ impl OperationStore {
     }
 
     /// For an event naming an unknown operation: the slot to put in the index (parked
-    /// events or a new observed operation), or the delivery when nothing is stored.
-    fn settle_unknown(&self, event: &IncomingEvent, now: Instant) -> Result<Slot, Delivery> {
+    /// events, handed to `parked` too, or a new observed operation) with its delivery, or
+    /// the delivery when nothing is stored.
+    fn settle_unknown(
+        &self,
+        event: &IncomingEvent,
+        now: Instant,
+        parked: &mut dyn FnMut(&IncomingEvent),
+    ) -> Result<(Slot, Delivery), Delivery> {
+        let (call, context) = event.names().ok_or(Delivery::Unmatched)?;
         if event.should_park() {
             if !self.reserve_park(event) {
                 return Err(Delivery::Unmatched);
             }
-            return Ok(Slot::Parked(Box::new(vec![ParkedEvent {
+            parked(event);
+            let slot = Slot::Parked(Box::new(vec![ParkedEvent {
                 event: event.clone(),
                 at: now,
-            }])));
+            }]));
+            return Ok((slot, Delivery::Parked));
         }
-        // Only events naming a call and a context reach here.
-        let (Some(call), Some(context)) = (&event.call, &event.context) else {
-            return Err(Delivery::Unmatched);
-        };
         let operation = event.observed_operation(call, context);
         let id = operation.id;
         self.add_to_call(&operation);
@@ -871,7 +869,7 @@ impl OperationStore {
         if let Some(upstream_id) = &event.upstream_id {
             self.inner.upstream.insert(upstream_id.key().into(), id);
         }
-        Ok(Slot::Operation(id))
+        Ok((Slot::Operation(id), Delivery::Observed { id }))
     }
 
     /// An operation event with an upstream id but no context: the operation is found, or
@@ -1132,13 +1130,6 @@ impl Drop for CounterGuard<'_> {
 
 fn scopeguard(counter: &AtomicUsize) -> CounterGuard<'_> {
     CounterGuard(counter)
-}
-
-fn slot_delivery(slot: &Slot) -> Delivery {
-    match slot {
-        Slot::Operation(id) => Delivery::Observed { id: *id },
-        Slot::Parked(_) => Delivery::Parked,
-    }
 }
 
 impl ListFilter {
