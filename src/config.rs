@@ -134,16 +134,81 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `memory`, or a SQLite database: a file path or `sqlite://PATH`.
+    /// `memory`, a SQLite database (a file path or `sqlite://PATH`), or a shared Redis
+    /// (`redis://` or `rediss://` URL; its password never reaches logs).
     pub location: String,
     /// `PRAGMA synchronous = FULL` (durable across power loss) rather than `NORMAL`
     /// (durable across a process crash).
     pub synchronous_full: bool,
     /// Most records one group commit writes.
     pub max_batch_records: usize,
+    /// Redis: how long one command may take (connecting included) before the request
+    /// that needed it fails with 503.
+    pub redis_timeout_ms: u64,
+    /// Redis: how often a long poll re-reads its operation, in case a settle notice was
+    /// lost (pub/sub keeps nothing while a subscriber is disconnected).
+    pub redis_poll_ms: u64,
+    /// Redis: the prefix of every key and channel, so several deployments can share one
+    /// database. Keys carry it as a hash tag (`{prefix}`), so on a cluster they share one
+    /// slot and every transition stays one atomic script.
+    pub redis_prefix: String,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("location", &redacted_location(&self.location))
+            .field("synchronous_full", &self.synchronous_full)
+            .field("max_batch_records", &self.max_batch_records)
+            .field("redis_timeout_ms", &self.redis_timeout_ms)
+            .field("redis_poll_ms", &self.redis_poll_ms)
+            .field("redis_prefix", &self.redis_prefix)
+            .finish()
+    }
+}
+
+/// `location` with any URL password replaced by `***`.
+fn redacted_location(location: &str) -> String {
+    match url::Url::parse(location.trim()) {
+        Ok(mut url) if url.password().is_some() => {
+            let _ = url.set_password(Some("***"));
+            url.to_string()
+        }
+        Ok(url) if !url.username().is_empty() && url.scheme().starts_with("redis") => {
+            // `redis://:secret@host` parses the secret as the password; a lone user name
+            // may still be an access key in some setups: hide it too.
+            let mut url = url;
+            let _ = url.set_username("***");
+            url.to_string()
+        }
+        _ => location.to_owned(),
+    }
+}
+
+/// A Redis URL (`redis://` or `rediss://`), shown without its credentials.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// The URL with its credentials, for the client only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redacted_location(&self.0))
+    }
+}
+
+impl std::fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redacted_location(&self.0))
+    }
 }
 
 /// Where state is kept.
@@ -153,6 +218,8 @@ pub enum StoreLocation {
     Memory,
     /// A SQLite database file.
     Sqlite(std::path::PathBuf),
+    /// A Redis database shared by every replica.
+    Redis(RedisUrl),
 }
 
 impl StoreConfig {
@@ -162,8 +229,16 @@ impl StoreConfig {
         let path = text.strip_prefix("sqlite://").unwrap_or(text);
         match text {
             "memory" => Ok(StoreLocation::Memory),
+            _ if text.starts_with("redis://") || text.starts_with("rediss://") => {
+                match url::Url::parse(text) {
+                    Ok(url) if url.host_str().is_some_and(|host| !host.is_empty()) => {
+                        Ok(StoreLocation::Redis(RedisUrl(text.to_owned())))
+                    }
+                    _ => Err(ConfigError::Store(redacted_location(text))),
+                }
+            }
             _ if path.is_empty() || text.contains("://") && !text.starts_with("sqlite://") => {
-                Err(ConfigError::Store(self.location.clone()))
+                Err(ConfigError::Store(redacted_location(text)))
             }
             _ => Ok(StoreLocation::Sqlite(path.into())),
         }
@@ -387,7 +462,7 @@ pub enum ConfigError {
     #[error("CALLOPS_ACS_CONNECTION_STRING (acs.connection_string) is invalid: {0}")]
     ConnectionString(#[from] ConnectionStringError),
     #[error(
-        "CALLOPS_STORE (store.location) = {0:?} is not supported; expected \"memory\", a SQLite file path or sqlite://PATH"
+        "CALLOPS_STORE (store.location) = {0:?} is not supported; expected \"memory\", a SQLite file path, sqlite://PATH, or redis://HOST[:PORT][/DB] (rediss:// for TLS)"
     )]
     Store(String),
     #[error("CALLOPS_PUBLIC_URL (http.public_url) = {0:?} must be an http(s) URL with a host")]
@@ -465,6 +540,24 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.store.location()?;
+        if self.store.redis_timeout_ms == 0 || self.store.redis_poll_ms == 0 {
+            return Err(ConfigError::Invalid {
+                field: "store.redis_timeout_ms / store.redis_poll_ms",
+                problem: "must be at least 1",
+            });
+        }
+        if self.store.redis_prefix.is_empty()
+            || !self
+                .store
+                .redis_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+        {
+            return Err(ConfigError::Invalid {
+                field: "store.redis_prefix",
+                problem: "must be 1 or more of A-Z a-z 0-9 - _ . :",
+            });
+        }
         if self.store.max_batch_records == 0 {
             return Err(ConfigError::Invalid {
                 field: "store.max_batch_records",
@@ -899,7 +992,19 @@ mod tests {
             location("sqlite:///var/lib/callops/state.db").unwrap(),
             StoreLocation::Sqlite("/var/lib/callops/state.db".into())
         );
-        for bad in ["", "sqlite://", "redis://localhost", "postgres://x"] {
+        assert_eq!(
+            location("redis://:pw@127.0.0.1:6380/2").unwrap(),
+            StoreLocation::Redis(RedisUrl("redis://:pw@127.0.0.1:6380/2".to_owned()))
+        );
+        assert!(matches!(
+            location("rediss://cache.example.net:10000").unwrap(),
+            StoreLocation::Redis(_)
+        ));
+        let shown = format!("{:?}", location("redis://:hunter2pw@h:1").unwrap());
+        assert!(!shown.contains("hunter2pw"), "{shown}");
+        let error = location("redis://:hunter2pw@").unwrap_err().to_string();
+        assert!(!error.contains("hunter2pw"), "{error}");
+        for bad in ["", "sqlite://", "redis://", "postgres://x"] {
             assert!(location(bad).is_err(), "{bad}");
         }
     }
