@@ -35,7 +35,7 @@ pub(crate) async fn get_health(
     State(service): State<OperationService>,
     State(callback_auth): State<CallbackAuthenticator>,
 ) -> axum::Json<serde_json::Value> {
-    let stats = service.store().stats();
+    let stats = service.store_stats();
     axum::Json(json!({
         "status": "ok",
         "operations": stats.operations,
@@ -65,7 +65,7 @@ pub(crate) async fn get_metrics(
     State(service): State<OperationService>,
     State(callback_auth): State<CallbackAuthenticator>,
 ) -> Response {
-    let store = service.store().stats();
+    let store = service.store_stats();
     let journal = service.journal_stats();
     let snapshot = Snapshot {
         operations_in_memory: store.operations as u64,
