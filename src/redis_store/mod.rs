@@ -328,6 +328,10 @@ impl RedisStore {
     fn count(&self, read: &Read, outcome: &Outcome) {
         let counters = &self.inner.counters;
         for op in &outcome.operations {
+            if !read.operations.contains_key(&op.id) {
+                // Until the sweep counts the store again.
+                counters.operations.fetch_add(1, Ordering::Relaxed);
+            }
             let Some(kind) = ISSUED_KINDS.iter().position(|k| *k == op.kind) else {
                 continue;
             };
@@ -700,7 +704,9 @@ impl RedisStore {
     /// One sweep tick.
     pub async fn sweep(&self) -> Result<(), RedisStoreError> {
         let keys = &self.inner.keys;
-        let now_ms = OffsetDateTime::now_utc().unix_timestamp() * 1000;
+        let now_ms =
+            i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+                .unwrap_or(i64::MAX);
         let (due, parks, oldest, operations, parked): (
             Vec<String>,
             Vec<String>,
@@ -727,13 +733,15 @@ impl RedisStore {
             .await?;
         let counters = &self.inner.counters;
         counters.operations.store(operations, Ordering::Relaxed);
-        counters.parked.store(parked, Ordering::Relaxed);
         for id in due.iter().filter_map(|id| OperationId::parse(id)) {
             self.time_out(id).await?;
         }
         for name in &parks {
             self.expire_park(name).await?;
         }
+        counters
+            .parked
+            .store(parked.saturating_sub(parks.len()), Ordering::Relaxed);
         // Expired operations leave the list index (oldest first).
         let ids: Vec<OperationId> = oldest.iter().filter_map(|id| OperationId::parse(id)).collect();
         let gone = self
