@@ -169,9 +169,24 @@ pub async fn closed_loop(
     warmup: Duration,
     duration: Duration,
 ) -> anyhow::Result<RunResult> {
+    closed_loop_over(&[addr], connections, shots, warmup, duration).await
+}
+
+/// [`closed_loop`] over several servers (replicas of one deployment): connection `i` goes
+/// to `addrs[i % addrs.len()]`; the workers still share one sequence of requests.
+pub async fn closed_loop_over(
+    addrs: &[SocketAddr],
+    connections: usize,
+    shots: Arc<Shots>,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<RunResult> {
+    if addrs.is_empty() {
+        bail!("no server to send to");
+    }
     let mut conns = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        conns.push(Conn::open(addr).await?);
+    for index in 0..connections {
+        conns.push(Conn::open(addrs[index % addrs.len()]).await?);
     }
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();

@@ -7,6 +7,7 @@
 mod child;
 mod events;
 mod loadgen;
+mod redis_bench;
 mod report;
 mod scenarios;
 
@@ -21,7 +22,7 @@ use crate::scenarios::{Bench, INGEST_CONFIGS, Options};
 #[derive(Parser)]
 #[command(
     version,
-    about = "Benchmarks callops: callback ingest (against a bare axum server), end to end, long-poll wake latency, memory per operation"
+    about = "Benchmarks callops: callback ingest (against a bare axum server), the shared store on Redis, end to end, long-poll wake latency, memory per operation"
 )]
 struct Cli {
     /// Seconds each throughput measurement lasts (after the warm-up) [default: 10; --quick: 3].
@@ -55,6 +56,9 @@ struct Cli {
     /// Long-poll wake samples [default: 2000; --quick: 400].
     #[arg(long)]
     wake_samples: Option<usize>,
+    /// Samples of the long-poll wake across replicas on Redis [default: 500; --quick: 100].
+    #[arg(long)]
+    redis_wake_samples: Option<usize>,
     /// Long polls woken at a time.
     #[arg(long, default_value_t = 16)]
     wake_parallel: usize,
@@ -69,6 +73,9 @@ struct Cli {
 enum Scenario {
     /// Callback ingest: bare axum and the four callops configurations.
     Ingest,
+    /// Callops on a Redis store (a `redis-server` child): ingest with one and two replicas,
+    /// long-poll wake across replicas.
+    Redis,
     /// End to end through the emulator.
     E2e,
     /// Long-poll wake latency.
@@ -131,10 +138,14 @@ async fn main() -> anyhow::Result<ExitCode> {
         settle: !cli.no_settle,
         wake_samples: cli.wake_samples.unwrap_or(if quick { 400 } else { 2000 }),
         wake_parallel: cli.wake_parallel,
+        redis_wake_samples: cli
+            .redis_wake_samples
+            .unwrap_or(if quick { 100 } else { 500 }),
     };
     let only = if cli.only.is_empty() {
         vec![
             Scenario::Ingest,
+            Scenario::Redis,
             Scenario::E2e,
             Scenario::Wake,
             Scenario::Memory,
@@ -181,6 +192,10 @@ async fn main() -> anyhow::Result<ExitCode> {
         }
         .await;
         note(result, "callback ingest");
+    }
+    if only.contains(&Scenario::Redis) {
+        let result = redis_bench::run(&bench, &mut rows).await;
+        note(result, "Redis store");
     }
     if only.contains(&Scenario::E2e) {
         let result = scenarios::end_to_end(&bench)

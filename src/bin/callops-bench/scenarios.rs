@@ -47,6 +47,8 @@ pub struct Options {
     pub settle: bool,
     pub wake_samples: usize,
     pub wake_parallel: usize,
+    /// Samples of the long-poll wake across replicas (Redis store).
+    pub redis_wake_samples: usize,
 }
 
 /// The parent's side of every scenario: the in-process emulator (ACS and Graph for the
@@ -81,6 +83,10 @@ impl Bench {
             workdir,
             shutdown,
         })
+    }
+
+    pub fn workdir(&self) -> &Path {
+        &self.workdir
     }
 
     pub fn finish(self) {
@@ -149,13 +155,13 @@ enabled = false
         Ok(path)
     }
 
-    async fn start_callops(&self, name: &str, store: &str, jwt: bool) -> anyhow::Result<Child> {
+    pub async fn start_callops(&self, name: &str, store: &str, jwt: bool) -> anyhow::Result<Child> {
         let config = self.callops_config(name, store, jwt)?;
         Child::start(Server::Callops(&config), &self.workdir, name).await
     }
 
     /// `count` distinct valid ACS callback tokens (`Bearer …`), as the emulator signs them.
-    fn tokens(&self, count: usize) -> Vec<HeaderValue> {
+    pub fn tokens(&self, count: usize) -> Vec<HeaderValue> {
         let signer = self.emulator.signer();
         (0..count)
             .map(|_| {
@@ -168,7 +174,7 @@ enabled = false
     }
 
     /// Scripts the calls of run `prefix` to be accepted and never called back.
-    fn silence_calls(&self, prefix: &str, calls: usize) {
+    pub fn silence_calls(&self, prefix: &str, calls: usize) {
         let silent = Script {
             no_callback: true,
             ..Script::default()
@@ -182,7 +188,7 @@ enabled = false
 
 /// Starts operations `0..count` of run `prefix` through the API; returns the ids of those
 /// for which `keep(index)` holds.
-async fn create_operations(
+pub async fn create_operations(
     addr: SocketAddr,
     prefix: &str,
     count: usize,
@@ -221,7 +227,7 @@ async fn create_operations(
 
 /// Waits until each of `ids` is `Running` (its upstream request answered), so no
 /// set-up work is left in the server when measuring.
-async fn wait_running<'a>(
+pub async fn wait_running<'a>(
     addr: SocketAddr,
     ids: impl IntoIterator<Item = &'a String>,
 ) -> anyhow::Result<()> {
@@ -287,7 +293,7 @@ impl IngestConfig {
     }
 }
 
-fn print_errors(what: &str, result: &loadgen::RunResult) {
+pub fn print_errors(what: &str, result: &loadgen::RunResult) {
     if result.errors > 0 || result.unmatched > 0 {
         eprintln!(
             "  !!! {what}: {} FAILED requests, {} answers that matched no operation; first ones:",
@@ -299,7 +305,7 @@ fn print_errors(what: &str, result: &loadgen::RunResult) {
     }
 }
 
-fn cpu_note(result: &loadgen::RunResult, parent: f64, child: f64) -> String {
+pub fn cpu_note(result: &loadgen::RunResult, parent: f64, child: f64) -> String {
     let requests = (result.acknowledged.len() as u64 + result.errors).max(1) as f64;
     format!(
         "CPU/req: server {:.0} µs, load generator {:.0} µs",
@@ -314,12 +320,27 @@ async fn measure(
     child: &Child,
     shots: Shots,
 ) -> anyhow::Result<(loadgen::RunResult, String)> {
-    let (parent_before, child_before) = (
-        loadgen::cpu_seconds(None).unwrap_or(0.0),
-        loadgen::cpu_seconds(Some(child.pid())).unwrap_or(0.0),
-    );
-    let result = loadgen::closed_loop(
-        child.addr,
+    let (result, parent, servers) =
+        measure_over(bench, &[child.addr], &[child.pid()], shots).await?;
+    let note = cpu_note(&result, parent, servers[0]);
+    Ok((result, note))
+}
+
+/// Runs `shots` against `addrs` (connections assigned round-robin) and measures the CPU
+/// seconds of this process and of each of `pids` (the servers) over the run.
+pub async fn measure_over(
+    bench: &Bench,
+    addrs: &[SocketAddr],
+    pids: &[u32],
+    shots: Shots,
+) -> anyhow::Result<(loadgen::RunResult, f64, Vec<f64>)> {
+    let parent_before = loadgen::cpu_seconds(None).unwrap_or(0.0);
+    let before: Vec<f64> = pids
+        .iter()
+        .map(|pid| loadgen::cpu_seconds(Some(*pid)).unwrap_or(0.0))
+        .collect();
+    let result = loadgen::closed_loop_over(
+        addrs,
         bench.options.connections,
         Arc::new(shots),
         bench.options.warmup,
@@ -327,9 +348,12 @@ async fn measure(
     )
     .await?;
     let parent = loadgen::cpu_seconds(None).unwrap_or(0.0) - parent_before;
-    let child_cpu = loadgen::cpu_seconds(Some(child.pid())).unwrap_or(0.0) - child_before;
-    let note = cpu_note(&result, parent, child_cpu);
-    Ok((result, note))
+    let servers = pids
+        .iter()
+        .zip(before)
+        .map(|(pid, before)| loadgen::cpu_seconds(Some(*pid)).unwrap_or(0.0) - before)
+        .collect();
+    Ok((result, parent, servers))
 }
 
 /// Starts `op`'s removal through the API: its `202` answer.
@@ -416,23 +440,7 @@ pub async fn ingest(bench: &Bench, config: IngestConfig, bare: Option<f64>) -> a
         (count.saturating_sub(64)..count).filter_map(|i| ids.get(&i)),
     )
     .await?;
-    let bodies: Vec<Bytes> = (0..count)
-        .map(|index| {
-            let op = OpSpec::new(&prefix, index, options.calls);
-            Bytes::from(op.succeeded_body(&Uuid::new_v4().to_string()))
-        })
-        .collect();
-    let shots = Shots {
-        path: "/callbacks/acs".to_owned(),
-        bodies,
-        tokens: if config.jwt {
-            bench.tokens(TOKENS)
-        } else {
-            Vec::new()
-        },
-        cycle: false,
-        expect_matched: true,
-    };
+    let shots = ingest_shots(bench, &prefix, count, config.jwt);
     let (result, cpu) = measure(bench, &child, shots).await?;
     print_errors(&config.label(), &result);
     let rate = result.rate();
@@ -490,6 +498,28 @@ pub async fn ingest(bench: &Bench, config: IngestConfig, bare: Option<f64>) -> a
         ..Row::new(config.label())
     }
     .latencies(&result.latencies))
+}
+
+/// One settling callback for each of operations `0..count` of run `prefix`, sent once each
+/// (signed when `jwt`).
+pub fn ingest_shots(bench: &Bench, prefix: &str, count: usize, jwt: bool) -> Shots {
+    let bodies: Vec<Bytes> = (0..count)
+        .map(|index| {
+            let op = OpSpec::new(prefix, index, bench.options.calls);
+            Bytes::from(op.succeeded_body(&Uuid::new_v4().to_string()))
+        })
+        .collect();
+    Shots {
+        path: "/callbacks/acs".to_owned(),
+        bodies,
+        tokens: if jwt {
+            bench.tokens(TOKENS)
+        } else {
+            Vec::new()
+        },
+        cycle: false,
+        expect_matched: true,
+    }
 }
 
 /// How many of `ids` the SQLite store at `db` holds as `Succeeded`.
@@ -612,50 +642,117 @@ pub async fn end_to_end(bench: &Bench) -> anyhow::Result<Row> {
 }
 
 /// Long-poll wake latency: from the callback's 2xx to the waiting `GET ?wait=` answer.
-///
-/// Samples are taken in batches of `wake_parallel`: create the operations (their calls
-/// never called back), start a long poll on each, wait until `/healthz` counts every one
-/// of them as waiting (so each poll is registered, not in flight), then deliver the
-/// signed callbacks, each on its own connection, and time both answers.
 pub async fn wake(bench: &Bench) -> anyhow::Result<Row> {
     eprintln!("== long-poll wake latency");
     let options = &bench.options;
     let prefix = "wake";
-    let calls = options.calls;
     let child = bench.start_callops(prefix, "memory", true).await?;
-    bench.silence_calls(prefix, calls);
-    let tokens = Arc::new(bench.tokens(TOKENS));
-    let parallel = options.wake_parallel.max(1);
-    let (mut gets, mut posts) = (Vec::new(), Vec::new());
-    for _ in 0..parallel {
-        gets.push(Conn::open(child.addr).await?);
-        posts.push(Conn::open(child.addr).await?);
+    bench.silence_calls(prefix, options.calls);
+    let tokens = bench.tokens(TOKENS);
+    let targets = WakeTargets {
+        create: child.addr,
+        poll: child.addr,
+        callback: child.addr,
+    };
+    let woken = wake_samples(bench, prefix, targets, tokens, options.wake_samples).await?;
+    let WakeResult {
+        after_ack,
+        after_send,
+        before_ack,
+        samples,
+        failures,
+        parallel,
+    } = woken;
+    let p99 = after_ack.value_at_quantile(0.99);
+    eprintln!(
+        "  p50 {} p99 {} after the ack; {before_ack} answers before the ack",
+        report::latency(after_ack.value_at_quantile(0.5)),
+        report::latency(p99)
+    );
+    Ok(Row {
+        other: format!(
+            "{samples} samples, {parallel} at a time; answers before the ack {before_ack}; from callback sent: p50 {}, p99 {}; failures {failures}",
+            report::latency(after_send.value_at_quantile(0.5)),
+            report::latency(after_send.value_at_quantile(0.99)),
+        ),
+        target: "p99 < 1 ms".to_owned(),
+        met: Some(p99 < 1000 && failures == 0),
+        ..Row::new("Long-poll wake: callback 2xx → GET ?wait= answer (max(0, answer − ack))")
     }
-    let mut control = Conn::open(child.addr).await?;
+    .latencies(&after_ack))
+}
+
+/// Where wake samples go: operations are started on `create`, long-polled on `poll` (whose
+/// `/healthz` counts the waiting polls) and called back on `callback`.
+pub struct WakeTargets {
+    pub create: SocketAddr,
+    pub poll: SocketAddr,
+    pub callback: SocketAddr,
+}
+
+/// What [`wake_samples`] measured (µs histograms).
+pub struct WakeResult {
+    /// max(0, long-poll answer − callback ack).
+    pub after_ack: hdrhistogram::Histogram<u64>,
+    /// Long-poll answer − callback sent.
+    pub after_send: hdrhistogram::Histogram<u64>,
+    pub before_ack: u64,
+    pub samples: usize,
+    pub failures: u64,
+    pub parallel: usize,
+}
+
+/// Takes `count` wake samples of run `prefix` (its calls silenced by the caller).
+///
+/// Samples are taken in batches of `wake_parallel`: create the operations (their calls
+/// never called back), start a long poll on each, wait until `/healthz` counts every one
+/// of them as waiting (so each poll is registered, not in flight), then deliver the
+/// callbacks (signed with `tokens` unless it is empty), each on its own connection, and
+/// time both answers.
+pub async fn wake_samples(
+    bench: &Bench,
+    prefix: &str,
+    targets: WakeTargets,
+    tokens: Vec<HeaderValue>,
+    count: usize,
+) -> anyhow::Result<WakeResult> {
+    let options = &bench.options;
+    let calls = options.calls;
+    let tokens = Arc::new(tokens);
+    let parallel = options.wake_parallel.max(1);
+    let (mut makers, mut gets, mut posts) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..parallel {
+        makers.push(Conn::open(targets.create).await?);
+        gets.push(Conn::open(targets.poll).await?);
+        posts.push(Conn::open(targets.callback).await?);
+    }
+    let mut control = Conn::open(targets.poll).await?;
     let mut after_ack = report::histogram();
     let mut after_send = report::histogram();
     let (mut before_ack, mut samples, mut failures) = (0u64, 0usize, 0u64);
     let mut next = 0usize;
-    while samples + (failures as usize) < options.wake_samples {
-        let batch = parallel.min(options.wake_samples - samples - failures as usize);
+    while samples + (failures as usize) < count {
+        let batch = parallel.min(count - samples - failures as usize);
         // Create the operations.
         let mut tasks = Vec::new();
         for slot in 0..batch {
-            let mut post = posts.pop().context("a connection per slot")?;
+            let mut maker = makers.pop().context("a connection per slot")?;
             let op = OpSpec::new(prefix, next + slot, calls);
             tasks.push(tokio::spawn(async move {
-                let id = operation_id(&start_removal(&mut post, &op).await?)?;
-                anyhow::Ok((post, op, id))
+                let id = operation_id(&start_removal(&mut maker, &op).await?)?;
+                anyhow::Ok((maker, op, id))
             }));
         }
         next += batch;
         let mut created = Vec::new();
         for task in tasks {
-            created.push(task.await??);
+            let (maker, op, id) = task.await??;
+            makers.push(maker);
+            created.push((op, id));
         }
         // Start the long polls.
         let mut polls = Vec::new();
-        for (_, _, id) in &created {
+        for (_, id) in &created {
             let mut get = gets.pop().context("a connection per slot")?;
             let path = format!("/v1/operations/{id}?wait={WAIT_SECS}");
             polls.push(tokio::spawn(async move {
@@ -677,13 +774,17 @@ pub async fn wake(bench: &Bench) -> anyhow::Result<Row> {
         }
         // Deliver the callbacks, each on its own connection.
         let mut delivered = Vec::new();
-        for (slot, (mut post, op, _)) in created.into_iter().enumerate() {
-            let token = tokens[(next + slot) % tokens.len()].clone();
+        for (slot, (op, _)) in created.into_iter().enumerate() {
+            let mut post = posts.pop().context("a connection per slot")?;
+            let token = match tokens.len() {
+                0 => None,
+                n => Some(tokens[(next + slot) % n].clone()),
+            };
             delivered.push(tokio::spawn(async move {
                 let body = Bytes::from(op.succeeded_body(&Uuid::new_v4().to_string()));
                 let sent = Instant::now();
                 let answer = post
-                    .send(Method::POST, "/callbacks/acs", Some(&token), body)
+                    .send(Method::POST, "/callbacks/acs", token.as_ref(), body)
                     .await?;
                 if !answer.status.is_success() {
                     bail!(
@@ -732,23 +833,14 @@ pub async fn wake(bench: &Bench) -> anyhow::Result<Row> {
             samples += 1;
         }
     }
-    let p99 = after_ack.value_at_quantile(0.99);
-    eprintln!(
-        "  p50 {} p99 {} after the ack; {before_ack} answers before the ack",
-        report::latency(after_ack.value_at_quantile(0.5)),
-        report::latency(p99)
-    );
-    Ok(Row {
-        other: format!(
-            "{samples} samples, {parallel} at a time; answers before the ack {before_ack}; from callback sent: p50 {}, p99 {}; failures {failures}",
-            report::latency(after_send.value_at_quantile(0.5)),
-            report::latency(after_send.value_at_quantile(0.99)),
-        ),
-        target: "p99 < 1 ms".to_owned(),
-        met: Some(p99 < 1000 && failures == 0),
-        ..Row::new("Long-poll wake: callback 2xx → GET ?wait= answer (max(0, answer − ack))")
-    }
-    .latencies(&after_ack))
+    Ok(WakeResult {
+        after_ack,
+        after_send,
+        before_ack,
+        samples,
+        failures,
+        parallel,
+    })
 }
 
 /// Memory: RSS of a callops child (memory store) before and after `memory_ops` running

@@ -1,0 +1,362 @@
+//! The shared-store rows: callback ingest with callops on Redis (one replica, then two
+//! replicas on the same Redis), and a long poll on one replica woken by a callback sent to
+//! the other. Redis is a `redis-server` child on a free loopback port (append-only file,
+//! fsync every second, no snapshots), killed when the scenario ends.
+//!
+//! After each ingest row the callops children are SIGKILLed and Redis itself is asked
+//! whether every acknowledged callback's operation is `Succeeded`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+use crate::child::Child;
+use crate::report::{self, Row};
+use crate::scenarios::{self, Bench, WakeResult, WakeTargets};
+
+/// The `redis_prefix` callops uses (the default): keys are `{callops}:…`.
+const PREFIX: &str = "callops";
+/// The program started, unless `CALLOPS_BENCH_REDIS_SERVER` names another.
+const REDIS_SERVER: &str = "redis-server";
+/// Operations read back per pipelined round trip when checking.
+const CHECK_CHUNK: usize = 1000;
+
+/// A `redis-server` child; SIGKILLed when dropped.
+pub struct RedisServer {
+    process: std::process::Child,
+    pub url: String,
+    log: PathBuf,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` on a free loopback port with its files under `workdir/redis`,
+    /// and waits until it answers PING. `None` when the program is not installed.
+    pub async fn start(workdir: &Path) -> anyhow::Result<Option<Self>> {
+        let program =
+            std::env::var("CALLOPS_BENCH_REDIS_SERVER").unwrap_or_else(|_| REDIS_SERVER.into());
+        let dir = workdir.join("redis");
+        std::fs::create_dir_all(&dir)?;
+        // The port is free when chosen; another process could take it before redis-server
+        // binds it, so a start that fails is tried again on another port.
+        let mut last_error = None;
+        for _ in 0..3 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let log = workdir.join(format!("redis-{port}.log"));
+            let output = std::fs::File::create(&log)
+                .with_context(|| format!("creating {}", log.display()))?;
+            let spawned = Command::new(&program)
+                .arg("--port")
+                .arg(port.to_string())
+                .args(["--bind", "127.0.0.1", "--save", ""])
+                .args(["--appendonly", "yes", "--appendfsync", "everysec"])
+                .arg("--dir")
+                .arg(&dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(output.try_clone()?))
+                .stderr(Stdio::from(output))
+                .spawn();
+            let process = match spawned {
+                Ok(process) => process,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(error) => return Err(error).with_context(|| format!("starting {program}")),
+            };
+            eprintln!("  redis-server log: {}", log.display());
+            let mut server = Self {
+                process,
+                url: format!("redis://127.0.0.1:{port}"),
+                log,
+            };
+            match server.wait_ping().await {
+                Ok(()) => return Ok(Some(server)),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error.expect("three attempts")).context("starting redis-server")
+    }
+
+    async fn wait_ping(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.process.try_wait()? {
+                bail!(
+                    "redis-server exited at start ({status}): {}",
+                    std::fs::read_to_string(&self.log)
+                        .unwrap_or_default()
+                        .trim()
+                );
+            }
+            match self.ping().await {
+                Ok(()) => return Ok(()),
+                Err(error) if Instant::now() > deadline => {
+                    return Err(error).context("redis-server did not answer PING within 10 s");
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    async fn connection(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+        let client = redis::Client::open(self.url.as_str())?;
+        Ok(client.get_multiplexed_async_connection().await?)
+    }
+
+    async fn ping(&self) -> anyhow::Result<()> {
+        let mut connection = self.connection().await?;
+        let pong: String = redis::cmd("PING").query_async(&mut connection).await?;
+        if pong != "PONG" {
+            bail!("PING answered {pong:?}");
+        }
+        Ok(())
+    }
+
+    /// Empties Redis between rows (every callops child on it is gone by then).
+    async fn flush(&self) -> anyhow::Result<()> {
+        let mut connection = self.connection().await?;
+        let () = redis::cmd("FLUSHALL").query_async(&mut connection).await?;
+        Ok(())
+    }
+
+    /// How many of the operations `ids` Redis holds as `Succeeded` (`HGET {callops}:op:<id>
+    /// doc`, its `status`).
+    async fn count_succeeded(&self, ids: &[&String]) -> anyhow::Result<usize> {
+        let mut connection = self.connection().await?;
+        let mut succeeded = 0;
+        for chunk in ids.chunks(CHECK_CHUNK) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.cmd("HGET")
+                    .arg(format!("{{{PREFIX}}}:op:{id}"))
+                    .arg("doc");
+            }
+            let docs: Vec<Option<String>> = pipe.query_async(&mut connection).await?;
+            succeeded += docs
+                .iter()
+                .flatten()
+                .filter(|doc| {
+                    serde_json::from_str::<Value>(doc)
+                        .is_ok_and(|doc| doc["status"].as_str() == Some("Succeeded"))
+                })
+                .count();
+        }
+        Ok(succeeded)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.id()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// The Redis rows, pushed onto `rows` as they are measured. An error when Redis lost an
+/// acknowledged callback (the row says so too) or a wake failed.
+pub async fn run(bench: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    eprintln!("== shared store on Redis");
+    let Some(server) = RedisServer::start(bench.workdir()).await? else {
+        eprintln!(
+            "  !!! {REDIS_SERVER} is not installed (nor CALLOPS_BENCH_REDIS_SERVER set): the Redis rows are skipped"
+        );
+        return Ok(());
+    };
+    let mut problems = Vec::new();
+    for replicas in [1, 2] {
+        // The limit, measured again just before (as for the other ingest rows).
+        let bare = scenarios::ingest_bare(bench).await?.1;
+        let row = ingest(bench, &server, replicas, bare).await?;
+        if row.met == Some(false) {
+            problems.push(format!("{}: {}", row.scenario, row.other));
+        }
+        rows.push(row);
+        server.flush().await?;
+    }
+    let row = wake(bench, &server).await?;
+    if row.met == Some(false) {
+        problems.push(format!("{}: {}", row.scenario, row.other));
+    }
+    rows.push(row);
+    drop(server);
+    if !problems.is_empty() {
+        bail!("{}", problems.join("; "));
+    }
+    Ok(())
+}
+
+fn replicas_name(replicas: usize) -> String {
+    match replicas {
+        1 => "1 replica".to_owned(),
+        n => format!("{n} replicas"),
+    }
+}
+
+/// A replica's name: `a`, `b`, …
+fn replica(index: usize) -> char {
+    char::from(b'a' + (index % 26) as u8)
+}
+
+/// One ingest row: operations created through replica A, the callbacks spread over every
+/// replica (connection `i` to replica `i % replicas`), then SIGKILL and a check in Redis.
+async fn ingest(
+    bench: &Bench,
+    server: &RedisServer,
+    replicas: usize,
+    bare: f64,
+) -> anyhow::Result<Row> {
+    let label = format!(
+        "Callback ingest: callops, Redis store ({}), JWT off",
+        replicas_name(replicas)
+    );
+    eprintln!("== {label}");
+    let options = &bench.options;
+    let prefix = format!("ingest-redis{replicas}");
+    let mut children: Vec<Child> = Vec::new();
+    for index in 0..replicas {
+        let name = format!("{prefix}-{}", replica(index));
+        children.push(bench.start_callops(&name, &server.url, false).await?);
+    }
+    bench.silence_calls(&prefix, options.calls);
+    let count = options.pool;
+    let first = children[0].addr;
+    let ids =
+        scenarios::create_operations(first, &prefix, count, options.calls, |_, _| true).await?;
+    scenarios::wait_running(
+        first,
+        (count.saturating_sub(64)..count).filter_map(|i| ids.get(&i)),
+    )
+    .await?;
+    let shots = scenarios::ingest_shots(bench, &prefix, count, false);
+    let addrs: Vec<SocketAddr> = children.iter().map(|child| child.addr).collect();
+    let mut pids: Vec<u32> = children.iter().map(Child::pid).collect();
+    pids.push(server.pid());
+    let (result, parent, cpus) = scenarios::measure_over(bench, &addrs, &pids, shots).await?;
+    scenarios::print_errors(&label, &result);
+    let callops_cpu: f64 = cpus[..replicas].iter().sum();
+    let redis_cpu = cpus[replicas];
+    let requests = (result.acknowledged.len() as u64 + result.errors).max(1) as f64;
+    let cpu = format!(
+        "{}; redis-server {:.0} µs",
+        scenarios::cpu_note(&result, parent, callops_cpu),
+        redis_cpu * 1e6 / requests
+    );
+    let rate = result.rate();
+    let exhausted = if result.exhausted {
+        format!(
+            "; pool of {count} ran out after {:.1} s",
+            result.window.as_secs_f64()
+        )
+    } else {
+        String::new()
+    };
+    eprintln!("  {} req/s, {cpu}{exhausted}", report::rate(rate));
+    for child in &mut children {
+        child.kill();
+    }
+    let acknowledged: Vec<&String> = result
+        .acknowledged
+        .iter()
+        .filter_map(|index| ids.get(index))
+        .collect();
+    let stored = server.count_succeeded(&acknowledged).await?;
+    eprintln!(
+        "  after SIGKILL: acknowledged {}, stored (Succeeded in Redis) {stored}",
+        acknowledged.len()
+    );
+    let clean = result.errors == 0 && result.unmatched == 0;
+    let split = if replicas > 1 {
+        format!(
+            "operations created through replica A, callbacks over {replicas} replicas ({} connections each); ",
+            options.connections.div_ceil(replicas)
+        )
+    } else {
+        String::new()
+    };
+    Ok(Row {
+        rate: Some((rate, "req/s")),
+        ratio: Some(rate / bare),
+        other: format!(
+            "acknowledged {}, stored {stored}; {split}errors {}, unmatched {}; {cpu} (server: callops replicas summed){exhausted}",
+            acknowledged.len(),
+            result.errors,
+            result.unmatched
+        ),
+        target: "every ack stored, no errors".to_owned(),
+        met: Some(clean && stored == acknowledged.len()),
+        ..Row::new(label)
+    }
+    .latencies(&result.latencies))
+}
+
+/// Long-poll wake across replicas: each operation created and long-polled on replica A,
+/// its settling callback sent to replica B; from the callback's send to the poll's answer.
+async fn wake(bench: &Bench, server: &RedisServer) -> anyhow::Result<Row> {
+    eprintln!("== long-poll wake across replicas (Redis store)");
+    let prefix = "wake-redis";
+    let a = bench
+        .start_callops(&format!("{prefix}-a"), &server.url, false)
+        .await?;
+    let b = bench
+        .start_callops(&format!("{prefix}-b"), &server.url, false)
+        .await?;
+    bench.silence_calls(prefix, bench.options.calls);
+    let targets = WakeTargets {
+        create: a.addr,
+        poll: a.addr,
+        callback: b.addr,
+    };
+    let count = bench.options.redis_wake_samples.max(1);
+    let WakeResult {
+        after_ack,
+        after_send,
+        before_ack,
+        samples,
+        failures,
+        parallel,
+    } = scenarios::wake_samples(bench, prefix, targets, Vec::new(), count).await?;
+    let p50 = after_send.value_at_quantile(0.5);
+    let p99 = after_send.value_at_quantile(0.99);
+    eprintln!(
+        "  p50 {} p99 {} from the callback's send; {failures} failures",
+        report::latency(p50),
+        report::latency(p99)
+    );
+    Ok(Row {
+        other: format!(
+            "{samples} samples, {parallel} at a time, JWT off; after the callback's 2xx: p50 {}, p99 {}; answers before the ack {before_ack}; failures {failures}",
+            report::latency(after_ack.value_at_quantile(0.5)),
+            report::latency(after_ack.value_at_quantile(0.99)),
+        ),
+        target: if failures == 0 {
+            String::new()
+        } else {
+            "no failures".to_owned()
+        },
+        met: if failures == 0 { None } else { Some(false) },
+        ..Row::new(
+            "Long-poll wake across replicas (Redis): callback sent to B → GET ?wait= answer on A",
+        )
+    }
+    .latencies(&after_send))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicas_are_named() {
+        assert_eq!(replicas_name(1), "1 replica");
+        assert_eq!(replicas_name(2), "2 replicas");
+        assert_eq!(replica(0), 'a');
+        assert_eq!(replica(1), 'b');
+    }
+}
