@@ -15,6 +15,7 @@ use anyhow::{Context, bail};
 use serde_json::Value;
 
 use crate::child::Child;
+use crate::loadgen::Conn;
 use crate::report::{self, Row};
 use crate::scenarios::{self, Bench, WakeResult, WakeTargets};
 
@@ -147,9 +148,49 @@ impl RedisServer {
         Ok(succeeded)
     }
 
+    /// Zeroes Redis's per-command statistics.
+    async fn reset_stats(&self) -> anyhow::Result<()> {
+        let mut connection = self.connection().await?;
+        let () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut connection)
+            .await?;
+        Ok(())
+    }
+
+    /// The commands Redis ran since the last [`Self::reset_stats`], most time first:
+    /// (command, calls, µs in all).
+    async fn command_stats(&self) -> anyhow::Result<Vec<(String, u64, u64)>> {
+        let mut connection = self.connection().await?;
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut connection)
+            .await?;
+        Ok(parse_command_stats(&info))
+    }
+
     pub fn pid(&self) -> u32 {
         self.process.id()
     }
+}
+
+/// `cmdstat_evalsha:calls=10,usec=250,…` lines of `INFO commandstats`, most time first.
+fn parse_command_stats(info: &str) -> Vec<(String, u64, u64)> {
+    let mut stats: Vec<(String, u64, u64)> = info
+        .lines()
+        .filter_map(|line| {
+            let (name, fields) = line.trim().strip_prefix("cmdstat_")?.split_once(':')?;
+            let field = |wanted: &str| {
+                fields.split(',').find_map(|pair| {
+                    let (key, value) = pair.split_once('=')?;
+                    (key == wanted).then(|| value.parse::<u64>().ok()).flatten()
+                })
+            };
+            Some((name.to_owned(), field("calls")?, field("usec")?))
+        })
+        .collect();
+    stats.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
+    stats
 }
 
 impl Drop for RedisServer {
@@ -238,16 +279,41 @@ async fn ingest(
     let addrs: Vec<SocketAddr> = children.iter().map(|child| child.addr).collect();
     let mut pids: Vec<u32> = children.iter().map(Child::pid).collect();
     pids.push(server.pid());
+    server.reset_stats().await?;
+    let conflicts_before = conflicts(&children).await?;
     let (result, parent, cpus) = scenarios::measure_over(bench, &addrs, &pids, shots).await?;
     scenarios::print_errors(&label, &result);
-    let callops_cpu: f64 = cpus[..replicas].iter().sum();
-    let redis_cpu = cpus[replicas];
     let requests = (result.acknowledged.len() as u64 + result.errors).max(1) as f64;
+    let per_request = |seconds: f64| seconds * 1e6 / requests;
+    let callops_cpu = per_request(cpus[..replicas].iter().sum());
     let cpu = format!(
-        "{}; redis-server {:.0} µs",
-        scenarios::cpu_note(&result, parent, callops_cpu),
-        redis_cpu * 1e6 / requests
+        "CPU/req: callops {callops_cpu:.0} µs{}, redis-server {:.0} µs, load generator {:.0} µs",
+        if replicas > 1 {
+            format!(" ({replicas} replicas summed)")
+        } else {
+            String::new()
+        },
+        per_request(cpus[replicas]),
+        per_request(parent)
     );
+    // Where Redis spent its time during the run (stderr only: a diagnostic).
+    match server.command_stats().await {
+        Ok(stats) => {
+            let top: Vec<String> = stats
+                .iter()
+                .take(8)
+                .map(|(name, calls, usec)| {
+                    format!(
+                        "{name} {:.2}/req {:.1} µs/call",
+                        *calls as f64 / requests,
+                        *usec as f64 / (*calls).max(1) as f64
+                    )
+                })
+                .collect();
+            eprintln!("  redis commands (per request): {}", top.join(", "));
+        }
+        Err(error) => eprintln!("  (INFO commandstats failed: {error:#})"),
+    }
     let rate = result.rate();
     let exhausted = if result.exhausted {
         format!(
@@ -258,6 +324,12 @@ async fn ingest(
         String::new()
     };
     eprintln!("  {} req/s, {cpu}{exhausted}", report::rate(rate));
+    let conflicts = match (conflicts_before, conflicts(&children).await?) {
+        (Some(before), Some(after)) => {
+            format!("; store conflicts (transitions rerun) {}", after - before)
+        }
+        _ => String::new(),
+    };
     for child in &mut children {
         child.kill();
     }
@@ -284,7 +356,7 @@ async fn ingest(
         rate: Some((rate, "req/s")),
         ratio: Some(rate / bare),
         other: format!(
-            "acknowledged {}, stored {stored}; {split}errors {}, unmatched {}; {cpu} (server: callops replicas summed){exhausted}",
+            "acknowledged {}, stored {stored}; {split}errors {}, unmatched {}{conflicts}; {cpu}{exhausted}",
             acknowledged.len(),
             result.errors,
             result.unmatched
@@ -294,6 +366,19 @@ async fn ingest(
         ..Row::new(label)
     }
     .latencies(&result.latencies))
+}
+
+/// The transitions the replicas reran on a conflict (`storeConflicts` on `/healthz`,
+/// summed), if they count them.
+async fn conflicts(children: &[Child]) -> anyhow::Result<Option<u64>> {
+    let mut sum = Some(0);
+    for child in children {
+        let health = Conn::open(child.addr).await?.get_json("/healthz").await?;
+        sum = sum
+            .zip(health["storeConflicts"].as_u64())
+            .map(|(a, b)| a + b);
+    }
+    Ok(sum)
 }
 
 /// Long-poll wake across replicas: each operation created and long-polled on replica A,
@@ -358,5 +443,14 @@ mod tests {
         assert_eq!(replicas_name(2), "2 replicas");
         assert_eq!(replica(0), 'a');
         assert_eq!(replica(1), 'b');
+    }
+
+    #[test]
+    fn reads_command_stats() {
+        let info = "# Commandstats\r\ncmdstat_hmget:calls=10,usec=30,usec_per_call=3.00,rejected_calls=0,failed_calls=0\r\ncmdstat_evalsha:calls=5,usec=100,usec_per_call=20.00\r\n";
+        assert_eq!(
+            parse_command_stats(info),
+            vec![("evalsha".to_owned(), 5, 100), ("hmget".to_owned(), 10, 30)]
+        );
     }
 }
