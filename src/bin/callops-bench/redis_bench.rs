@@ -172,6 +172,16 @@ impl RedisServer {
     pub fn pid(&self) -> u32 {
         self.process.id()
     }
+
+    /// How many append-only file rewrites (a fork, competing for the cores) Redis has
+    /// started so far, from its log.
+    fn aof_rewrites(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains("Background append only file rewriting started"))
+            .count()
+    }
 }
 
 /// `cmdstat_evalsha:calls=10,usec=250,…` lines of `INFO commandstats`, most time first.
@@ -280,6 +290,7 @@ async fn ingest(
     let mut pids: Vec<u32> = children.iter().map(Child::pid).collect();
     pids.push(server.pid());
     server.reset_stats().await?;
+    let rewrites_before = server.aof_rewrites();
     let conflicts_before = conflicts(&children).await?;
     let (result, parent, cpus) = scenarios::measure_over(bench, &addrs, &pids, shots).await?;
     scenarios::print_errors(&label, &result);
@@ -313,6 +324,10 @@ async fn ingest(
             eprintln!("  redis commands (per request): {}", top.join(", "));
         }
         Err(error) => eprintln!("  (INFO commandstats failed: {error:#})"),
+    }
+    let rewrites = server.aof_rewrites() - rewrites_before;
+    if rewrites > 0 {
+        eprintln!("  redis-server started {rewrites} append-only file rewrite(s) during the run");
     }
     let rate = result.rate();
     let exhausted = if result.exhausted {
