@@ -26,6 +26,11 @@ const REDIS_SERVER: &str = "redis-server";
 /// Operations read back per pipelined round trip when checking.
 const CHECK_CHUNK: usize = 1000;
 
+/// The program to start: `CALLOPS_BENCH_REDIS_SERVER`, or `redis-server` on the `PATH`.
+fn program() -> String {
+    std::env::var("CALLOPS_BENCH_REDIS_SERVER").unwrap_or_else(|_| REDIS_SERVER.into())
+}
+
 /// A `redis-server` child; SIGKILLed when dropped.
 pub struct RedisServer {
     process: std::process::Child,
@@ -37,8 +42,7 @@ impl RedisServer {
     /// Starts `redis-server` on a free loopback port with its files under `workdir/redis`,
     /// and waits until it answers PING. `None` when the program is not installed.
     pub async fn start(workdir: &Path) -> anyhow::Result<Option<Self>> {
-        let program =
-            std::env::var("CALLOPS_BENCH_REDIS_SERVER").unwrap_or_else(|_| REDIS_SERVER.into());
+        let program = program();
         let dir = workdir.join("redis");
         std::fs::create_dir_all(&dir)?;
         // The port is free when chosen; another process could take it before redis-server
@@ -216,7 +220,8 @@ pub async fn run(bench: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     eprintln!("== shared store on Redis");
     let Some(server) = RedisServer::start(bench.workdir()).await? else {
         eprintln!(
-            "  !!! {REDIS_SERVER} is not installed (nor CALLOPS_BENCH_REDIS_SERVER set): the Redis rows are skipped"
+            "  !!! {} not found (install redis-server or set CALLOPS_BENCH_REDIS_SERVER): the Redis rows are skipped",
+            program()
         );
         return Ok(());
     };
