@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::binary::{Process, free_port, until_up};
+use crate::binary::{Process, free_port};
 use crate::support::{SOON, remove_event, silent, within};
 
 /// Whether `redis-server` can run here: when it cannot, fails under `CI` and otherwise says
@@ -235,8 +235,7 @@ impl Cluster {
             cluster.spawn(index, env);
         }
         for index in 0..cluster.replicas.len() {
-            let base = cluster.replicas[index].base();
-            until_up(&cluster.http, &format!("{base}/healthz")).await;
+            cluster.until_up(index).await;
             cluster.until_ready(index, 200).await;
         }
         Some(cluster)
@@ -260,6 +259,7 @@ impl Cluster {
         let mut command = Command::new(env!("CARGO_BIN_EXE_callops"));
         command
             .env("RUST_LOG", "callops=info")
+            .env("NO_COLOR", "1")
             .env("CALLOPS_LISTEN", format!("127.0.0.1:{}", replica.port))
             .env("CALLOPS_PUBLIC_URL", &base)
             .env("CALLOPS_STORE", self.redis.url())
@@ -300,6 +300,23 @@ impl Cluster {
         let mut process = self.replicas[index].process.take().unwrap();
         process.0.kill().unwrap();
         process.0.wait().unwrap();
+    }
+
+    /// Waits until replica `index` answers `/healthz`; fails at once if it exits.
+    async fn until_up(&mut self, index: usize) {
+        let url = format!("{}/healthz", self.base(index));
+        let http = self.http.clone();
+        let replica = &mut self.replicas[index];
+        within(async {
+            while http.get(&url).send().await.is_err() {
+                let process = replica.process.as_mut().unwrap();
+                if let Some(status) = process.0.try_wait().unwrap() {
+                    panic!("callops {} exited at start: {status}", replica.name);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
     }
 
     /// Polls `/readyz` on replica `index` until it answers `status`; returns its body.
