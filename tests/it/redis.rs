@@ -144,6 +144,27 @@ impl RedisServer {
     }
 }
 
+impl RedisServer {
+    /// How many connections are subscribed to something (channels, patterns or shard
+    /// channels), from `CLIENT LIST`.
+    pub async fn subscribed_clients(&self) -> usize {
+        let Some(list) = self.command(&["CLIENT", "LIST"]).await else {
+            return 0;
+        };
+        list.lines()
+            .filter(|client| {
+                client.split(' ').any(|field| {
+                    ["sub=", "psub=", "ssub="].iter().any(|name| {
+                        field
+                            .strip_prefix(name)
+                            .is_some_and(|count| count.parse::<u64>().is_ok_and(|n| n > 0))
+                    })
+                })
+            })
+            .count()
+    }
+}
+
 /// A complete simple reply (`+`, `-`, `:`) as its line; a bulk string as `$len content`
 /// (`$-1` for nil); `None` while incomplete.
 fn parse_reply(reply: &[u8]) -> Option<String> {
@@ -531,6 +552,70 @@ async fn the_redis_harness_restarts_on_the_same_port_with_its_data() {
         redis.command(&["GET", "missing"]).await.as_deref(),
         Some("$-1")
     );
+    assert_eq!(redis.subscribed_clients().await, 0);
+    let mut subscriber = tokio::net::TcpStream::connect(("127.0.0.1", redis.port))
+        .await
+        .unwrap();
+    subscriber
+        .write_all(b"*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nc\r\n")
+        .await
+        .unwrap();
+    within(async {
+        while redis.subscribed_clients().await != 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+impl Cluster {
+    /// Creates a removal on A, starts a long poll on it there, delivers its callback to B,
+    /// and checks the poll answers, settled, within 5 s of the callback's 200.
+    async fn long_poll_on_a_woken_from_b(&self, call: &str, context: &str, event_id: &str) {
+        // Both replicas listen for settle notices (again, after a Redis restart).
+        within(async {
+            while self.redis.subscribed_clients().await < self.replicas.len() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let id = self.remove(0, call, context).await;
+        // Running before the poll starts: the upstream's answer cannot be what wakes it.
+        self.until_status(0, &id, "Running").await;
+        // B reads what A created.
+        let on_b = self.operation(1, &id).await;
+        assert_eq!(on_b["status"], "Running", "{on_b}");
+
+        let before = self.long_polls(0).await;
+        let poll = self
+            .http
+            .get(format!("{}/v1/operations/{id}?wait=30", self.base(0)));
+        let waiting = tokio::spawn(async move { poll.send().await });
+        within(async {
+            while self.long_polls(0).await <= before {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        // Waiting, and still waiting: nothing has settled it.
+        assert!(!waiting.is_finished());
+
+        let summary = self
+            .callback(1, &remove_event(event_id, call, context, true))
+            .await;
+        assert_eq!(summary["matched"], 1, "{summary}");
+        let delivered = Instant::now();
+        let answered = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the long poll on A was not woken within 5 s of the callback on B")
+            .unwrap()
+            .unwrap();
+        assert!(delivered.elapsed() < Duration::from_secs(5));
+        assert_eq!(answered.status(), 200);
+        let operation: Value = answered.json().await.unwrap();
+        assert_eq!(operation["status"], "Succeeded", "{operation}");
+        assert_eq!(event_ids(&operation), [event_id], "{operation}");
+    }
 }
 
 #[tokio::test]
@@ -539,41 +624,32 @@ async fn a_long_poll_on_a_is_woken_by_a_callback_that_reaches_b() {
     let Some(cluster) = Cluster::start(&[("CALLOPS_STORE__REDIS_POLL_MS", "60000")]).await else {
         return;
     };
-    let id = cluster.remove(0, "call-wake", "ctx-wake").await;
-    cluster.until_status(0, &id, "Running").await;
-    // B reads what A created.
-    let on_b = cluster.operation(1, &id).await;
-    assert_eq!(on_b["status"], "Running", "{on_b}");
-
-    let before = cluster.long_polls(0).await;
-    let poll = cluster
-        .http
-        .get(format!("{}/v1/operations/{id}?wait=30", cluster.base(0)));
-    let waiting = tokio::spawn(async move { poll.send().await });
-    within(async {
-        while cluster.long_polls(0).await <= before {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-    // Waiting, and still waiting: nothing has settled it.
-    assert!(!waiting.is_finished());
-
-    let summary = cluster
-        .callback(1, &remove_event("evt-wake", "call-wake", "ctx-wake", true))
+    cluster
+        .long_poll_on_a_woken_from_b("call-wake", "ctx-wake", "evt-wake")
         .await;
-    assert_eq!(summary["matched"], 1, "{summary}");
-    let delivered = Instant::now();
-    let answered = tokio::time::timeout(Duration::from_secs(5), waiting)
-        .await
-        .expect("the long poll on A was not woken within 5 s of the callback on B")
-        .unwrap()
-        .unwrap();
-    assert!(delivered.elapsed() < Duration::from_secs(5));
-    assert_eq!(answered.status(), 200);
-    let operation: Value = answered.json().await.unwrap();
-    assert_eq!(operation["status"], "Succeeded", "{operation}");
-    assert_eq!(event_ids(&operation), ["evt-wake"], "{operation}");
+}
+
+#[tokio::test]
+async fn after_redis_restarts_a_long_poll_on_a_is_still_woken_by_a_callback_on_b() {
+    let env = [
+        ("CALLOPS_STORE__REDIS_POLL_MS", "60000"),
+        ("CALLOPS_STORE__REDIS_TIMEOUT_MS", "500"),
+    ];
+    let Some(mut cluster) = Cluster::start(&env).await else {
+        return;
+    };
+    cluster.redis.kill();
+    for replica in [0, 1] {
+        cluster.until_ready(replica, 503).await;
+    }
+    cluster.redis.restart().await;
+    for replica in [0, 1] {
+        cluster.until_ready(replica, 200).await;
+    }
+    // The settle notices flow again (both replicas are subscribed again).
+    cluster
+        .long_poll_on_a_woken_from_b("call-rewake", "ctx-rewake", "evt-rewake")
+        .await;
 }
 
 #[tokio::test]
