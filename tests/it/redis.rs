@@ -91,17 +91,20 @@ impl RedisServer {
             .spawn()
             .expect("redis-server");
         self.child = Some(child);
-        within(async {
-            loop {
-                if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                    panic!("redis-server on port {} exited: {status}", self.port);
+        soon(
+            &format!("redis-server on port {} answering PING", self.port),
+            async {
+                loop {
+                    if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                        panic!("redis-server on port {} exited: {status}", self.port);
+                    }
+                    if self.command(&["PING"]).await.as_deref() == Some("+PONG") {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                if self.command(&["PING"]).await.as_deref() == Some("+PONG") {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
+            },
+        )
         .await;
     }
 
@@ -328,31 +331,40 @@ impl Cluster {
         let url = format!("{}/healthz", self.base(index));
         let http = self.http.clone();
         let replica = &mut self.replicas[index];
-        within(async {
-            while http.get(&url).send().await.is_err() {
-                let process = replica.process.as_mut().unwrap();
-                if let Some(status) = process.0.try_wait().unwrap() {
-                    panic!("callops {} exited at start: {status}", replica.name);
+        soon(
+            &format!("callops {} answering /healthz", replica.name),
+            async {
+                while http.get(&url).send().await.is_err() {
+                    let process = replica.process.as_mut().unwrap();
+                    if let Some(status) = process.0.try_wait().unwrap() {
+                        panic!("callops {} exited at start: {status}", replica.name);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
+            },
+        )
         .await;
     }
 
     /// Polls `/readyz` on replica `index` until it answers `status`; returns its body.
     async fn until_ready(&self, index: usize, status: u16) -> Value {
         let url = format!("{}/readyz", self.base(index));
-        within(async {
-            loop {
-                if let Ok(response) = self.http.get(&url).send().await
-                    && response.status() == status
-                {
-                    return response.json().await.unwrap_or(Value::Null);
+        soon(
+            &format!(
+                "/readyz on {} answering {status}",
+                self.replicas[index].name
+            ),
+            async {
+                loop {
+                    if let Ok(response) = self.http.get(&url).send().await
+                        && response.status() == status
+                    {
+                        return response.json().await.unwrap_or(Value::Null);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
+            },
+        )
         .await
     }
 
@@ -518,6 +530,13 @@ impl Drop for Cluster {
     }
 }
 
+/// As [`within`], naming what did not happen in time.
+async fn soon<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(SOON, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {SOON:?} waiting for {what}"))
+}
+
 /// The status an ACS RemoveParticipant event settles an operation as.
 fn settles_as(succeeded: bool) -> &'static str {
     if succeeded { "Succeeded" } else { "Failed" }
@@ -560,7 +579,7 @@ async fn the_redis_harness_restarts_on_the_same_port_with_its_data() {
         .write_all(b"*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nc\r\n")
         .await
         .unwrap();
-    within(async {
+    soon("the harness's SUBSCRIBE showing in CLIENT LIST", async {
         while redis.subscribed_clients().await != 1 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -573,11 +592,14 @@ impl Cluster {
     /// and checks the poll answers, settled, within 5 s of the callback's 200.
     async fn long_poll_on_a_woken_from_b(&self, call: &str, context: &str, event_id: &str) {
         // Both replicas listen for settle notices (again, after a Redis restart).
-        within(async {
-            while self.redis.subscribed_clients().await < self.replicas.len() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
+        soon(
+            "both replicas subscribed to settle notices (CLIENT LIST)",
+            async {
+                while self.redis.subscribed_clients().await < self.replicas.len() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+        )
         .await;
         let id = self.remove(0, call, context).await;
         // Running before the poll starts: the upstream's answer cannot be what wakes it.
@@ -591,7 +613,7 @@ impl Cluster {
             .http
             .get(format!("{}/v1/operations/{id}?wait=30", self.base(0)));
         let waiting = tokio::spawn(async move { poll.send().await });
-        within(async {
+        soon("the long poll on A counted in /healthz longPolls", async {
             while self.long_polls(0).await <= before {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -745,16 +767,19 @@ impl Cluster {
     /// Waits until the emulator has received the removal for `call`.
     async fn emulator_requests(&self, call: &str) {
         let path = format!("/calling/callConnections/{call}/participants:remove");
-        within(async {
-            while !self
-                .emulator
-                .requests()
-                .iter()
-                .any(|request| request.path_and_query.starts_with(&path))
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
+        soon(
+            &format!("the emulator receiving the removal for {call}"),
+            async {
+                while !self
+                    .emulator
+                    .requests()
+                    .iter()
+                    .any(|request| request.path_and_query.starts_with(&path))
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+        )
         .await;
     }
 }
@@ -829,11 +854,14 @@ async fn a_replica_killed_mid_flight_loses_nothing_acknowledged() {
             created
         })
     };
-    within(async {
-        while acknowledged.load(Ordering::SeqCst) < OPERATIONS / 3 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    })
+    soon(
+        "a third of the callbacks acknowledged before A is killed",
+        async {
+            while acknowledged.load(Ordering::SeqCst) < OPERATIONS / 3 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        },
+    )
     .await;
     cluster.kill(0);
 
@@ -929,7 +957,7 @@ async fn while_redis_is_down_callbacks_get_503_and_readyz_503_then_both_recover(
         let ready = cluster.until_ready(replica, 200).await;
         assert_eq!(ready["checks"]["store"], "ok", "{ready}");
     }
-    let summary = within(async {
+    let summary = soon("a callback accepted by B after Redis came back", async {
         loop {
             match cluster.deliver(1, &event).await {
                 Ok((200, summary)) => return summary,
@@ -991,15 +1019,18 @@ async fn redis_sigkilled_and_restarted_mid_run_loses_nothing_acknowledged() {
             }
         })
     };
-    within(async {
-        while acknowledged.load(Ordering::SeqCst) < OPERATIONS / 3 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    })
+    soon(
+        "a third of the callbacks acknowledged before Redis is killed",
+        async {
+            while acknowledged.load(Ordering::SeqCst) < OPERATIONS / 3 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        },
+    )
     .await;
     cluster.redis.kill();
     // Down long enough that deliveries are refused, then back on the same port and AOF.
-    within(async {
+    soon("a delivery refused while Redis is down", async {
         while refused.load(Ordering::SeqCst) == 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
