@@ -223,6 +223,11 @@ struct Cluster {
 impl Cluster {
     /// Replicas `a` and `b` (more env for both from `env`), or `None` to skip.
     async fn start(env: &[(&str, &str)]) -> Option<Self> {
+        Self::start_each([env, env]).await
+    }
+
+    /// Replicas `a` and `b`, each with its own extra env, or `None` to skip.
+    async fn start_each(envs: [&[(&str, &str)]; 2]) -> Option<Self> {
         let dir = tempfile::Builder::new()
             .prefix("callops-redis-")
             .tempdir()
@@ -246,7 +251,7 @@ impl Cluster {
             dir: Some(dir),
             _stop_emulator: stop.drop_guard(),
         };
-        for name in ["a", "b"] {
+        for (name, env) in ["a", "b"].into_iter().zip(envs) {
             let port = free_port();
             let log = cluster.dir().join(format!("callops-{name}.log"));
             cluster.replicas.push(Replica {
@@ -1080,4 +1085,55 @@ async fn a_callback_parked_on_b_settles_the_operation_later_created_on_a() {
     assert_eq!(summary["duplicates"], 1, "{summary}");
     let operation = cluster.operation(1, &id).await;
     assert_eq!(event_ids(&operation), ["evt-early"], "{operation}");
+}
+
+#[tokio::test]
+async fn deployments_under_different_prefixes_share_a_redis_without_seeing_each_other() {
+    let Some(cluster) = Cluster::start_each([
+        &[("CALLOPS_STORE__REDIS_PREFIX", "deploy-x1")],
+        &[("CALLOPS_STORE__REDIS_PREFIX", "deploy-y2")],
+    ])
+    .await
+    else {
+        return;
+    };
+    let id = cluster.remove(0, "call-prefix", "ctx-prefix").await;
+    cluster.until_status(0, &id, "Running").await;
+    let other = cluster
+        .http
+        .get(format!("{}/v1/operations/{id}", cluster.base(1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 404);
+    // Its callback, delivered to the other deployment, finds nothing there to settle.
+    let event = remove_event("evt-prefix", "call-prefix", "ctx-prefix", true);
+    let summary = cluster.callback(1, &event).await;
+    assert_eq!(summary["matched"], 0, "{summary}");
+    let operation = cluster.operation(0, &id).await;
+    assert_eq!(operation["status"], "Running", "{operation}");
+    // Every key is under one of the two prefixes (a `{…}` hash tag allowed).
+    let keys = cluster
+        .redis
+        .command(&[
+            "EVAL",
+            "return table.concat(redis.call('KEYS', '*'), ' ')",
+            "0",
+        ])
+        .await
+        .unwrap();
+    let keys: Vec<&str> = keys.split(' ').skip(1).collect();
+    assert!(!keys.is_empty());
+    for key in &keys {
+        let key = key.trim_start_matches('{');
+        assert!(
+            key.starts_with("deploy-x1") || key.starts_with("deploy-y2"),
+            "{key} in {keys:?}"
+        );
+    }
+    assert!(keys.iter().any(|key| key.contains("deploy-x1")), "{keys:?}");
+    // Its own deployment settles it.
+    let summary = cluster.callback(0, &event).await;
+    assert_eq!(summary["matched"], 1, "{summary}");
+    cluster.until_status(0, &id, "Succeeded").await;
 }
