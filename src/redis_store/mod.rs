@@ -270,6 +270,11 @@ impl RedisStore {
             let now = OffsetDateTime::now_utc();
             let scratch = OperationStore::scratch(&self.inner.operations);
             scratch.restore(restored, tokio::time::Instant::now(), now);
+            for (upstream, holder) in &read.upstream {
+                if let Some(id) = holder.as_deref().and_then(OperationId::parse) {
+                    scratch.index_upstream(upstream, id);
+                }
+            }
             let mut outcome = Outcome::default();
             let value = work(&scratch, &mut outcome);
             outcome.operations = scratch.snapshots();
