@@ -184,7 +184,13 @@ fn redacted_location(location: &str) -> String {
             let _ = url.set_username("***");
             url.to_string()
         }
-        _ => location.to_owned(),
+        // Unparsable: hide whatever stands before an `@`.
+        _ => match (location.find("://"), location.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}***{}", &location[..scheme + 3], &location[at..])
+            }
+            _ => location.to_owned(),
+        },
     }
 }
 
@@ -830,7 +836,7 @@ mod tests {
         assert!(err.contains("endpoint=https://"), "{err}");
         assert!(!err.contains("c3VwZXJzZWNyZXQ"), "{err}");
 
-        let err = load_with_env(&[("CALLOPS_STORE", "redis://x")]).unwrap_err();
+        let err = load_with_env(&[("CALLOPS_STORE", "postgres://x")]).unwrap_err();
         assert!(err.contains("memory"), "{err}");
         let err = load_with_env(&[("CALLOPS_LISTEN", "nowhere")]).unwrap_err();
         assert!(err.contains("CALLOPS_LISTEN"), "{err}");
@@ -974,12 +980,11 @@ mod tests {
     }
 
     #[test]
-    fn the_store_location_is_memory_or_a_sqlite_file() {
+    fn the_store_location_is_memory_a_sqlite_file_or_redis() {
         let location = |text: &str| {
             StoreConfig {
                 location: text.to_owned(),
-                synchronous_full: true,
-                max_batch_records: 1,
+                ..Config::embedded().store
             }
             .location()
         };
@@ -1004,6 +1009,15 @@ mod tests {
         assert!(!shown.contains("hunter2pw"), "{shown}");
         let error = location("redis://:hunter2pw@").unwrap_err().to_string();
         assert!(!error.contains("hunter2pw"), "{error}");
+        let config = StoreConfig {
+            location: "rediss://:hunter2pw@cache.example.net:10000".to_owned(),
+            ..Config::embedded().store
+        };
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("hunter2pw") && shown.contains("cache.example.net"),
+            "{shown}"
+        );
         for bad in ["", "sqlite://", "redis://", "postgres://x"] {
             assert!(location(bad).is_err(), "{bad}");
         }

@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::service::StartError;
+use crate::service::{StartError, StoreError};
 
 /// An error answered to a client.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +99,14 @@ impl From<StartError> for ApiError {
             )),
             StartError::Store(_) => Self::Unavailable(error.to_string()),
         }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    /// The store cannot answer now (a shared store unreachable): 503, so the client retries.
+    fn from(error: StoreError) -> Self {
+        tracing::warn!(%error, "store unavailable");
+        Self::Unavailable(format!("the store is unavailable: {error}"))
     }
 }
 

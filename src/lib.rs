@@ -21,6 +21,7 @@ pub mod journal;
 pub mod metrics;
 pub mod operation;
 pub mod persistence;
+pub mod redis_store;
 pub mod service;
 pub mod store;
 pub mod telemetry;
@@ -48,6 +49,7 @@ use crate::http::{ApiLimits, AppState};
 use crate::journal::{Journal, SqliteOptions};
 use crate::metrics::Metrics;
 use crate::persistence::Recorder;
+use crate::redis_store::RedisStore;
 use crate::service::OperationService;
 use crate::store::OperationStore;
 
@@ -106,13 +108,27 @@ pub async fn run(
     let graph_http = http_client(Duration::from_millis(config.graph.request_timeout_ms))?;
     let graph = graph_client(&config, emulator.as_ref(), graph_http, metrics.clone())?;
     let store = OperationStore::new(&config.operations);
-    let recorder = open_store(&config.store, &store)
-        .await?
-        .with_metrics(metrics.clone())
-        .with_retention(
-            Duration::from_secs(config.operations.retention_secs),
-            Duration::from_secs(config.operations.dedupe_ttl_secs),
-        );
+    let (recorder, shared) = match config.store.location()? {
+        StoreLocation::Redis(url) => {
+            let shared =
+                RedisStore::connect(&url, &config.store, &config.operations, metrics.clone())
+                    .await
+                    .with_context(|| format!("connecting to Redis at {url} (CALLOPS_STORE)"))?;
+            tracing::info!(store.url = %url, "shared store (Redis) connected: replicas on the same store serve one deployment");
+            (Recorder::memory(), Some(shared))
+        }
+        StoreLocation::Memory => {
+            tracing::warn!(
+                "the store is in memory (CALLOPS_STORE=memory): operations and callbacks are lost at every restart"
+            );
+            (Recorder::memory(), None)
+        }
+        StoreLocation::Sqlite(path) => (open_store(path, &config.store, &store).await?, None),
+    };
+    let recorder = recorder.with_metrics(metrics.clone()).with_retention(
+        Duration::from_secs(config.operations.retention_secs),
+        Duration::from_secs(config.operations.dedupe_ttl_secs),
+    );
     let acs = AcsClient::new(
         &config.acs,
         connection,
@@ -122,22 +138,35 @@ pub async fn run(
     );
     tracing::info!(acs.endpoint = %acs.endpoint(), callback.url = %config.acs_callback_url(), "ACS client ready");
     tracing::info!(graph.base_url = %graph.base_url(), graph.token_url = %graph.tokens().token_url(), "Graph client ready");
+    let storage = service::Storage {
+        store: store.clone(),
+        recorder: recorder.clone(),
+        shared: shared.clone(),
+    };
     let service = OperationService::new(
-        store.clone(),
-        recorder.clone(),
+        storage,
         acs,
         graph,
         tasks.clone(),
         shutdown.clone(),
         metrics.clone(),
     );
-    tasks.spawn(service::run_sweeper(
-        store,
-        recorder.clone(),
-        Duration::from_secs(config.operations.dedupe_ttl_secs),
-        Duration::from_millis(config.operations.sweep_interval_ms.max(10)),
-        shutdown.clone(),
-    ));
+    let sweep_interval = Duration::from_millis(config.operations.sweep_interval_ms.max(10));
+    match shared {
+        Some(shared) => {
+            tasks.spawn(shared.clone().run_notices(shutdown.clone()));
+            tasks.spawn(shared.run_sweeper(sweep_interval, shutdown.clone()));
+        }
+        None => {
+            tasks.spawn(service::run_sweeper(
+                store,
+                recorder.clone(),
+                Duration::from_secs(config.operations.dedupe_ttl_secs),
+                sweep_interval,
+                shutdown.clone(),
+            ));
+        }
+    }
     let state = AppState {
         service,
         callback_auth,
@@ -288,17 +317,12 @@ fn callback_authenticator(
     ))
 }
 
-/// Opens the configured store and loads what it holds into `store`.
-async fn open_store(config: &StoreConfig, store: &OperationStore) -> anyhow::Result<Recorder> {
-    let path = match config.location()? {
-        StoreLocation::Memory => {
-            tracing::warn!(
-                "the store is in memory (CALLOPS_STORE=memory): operations and callbacks are lost at every restart"
-            );
-            return Ok(Recorder::memory());
-        }
-        StoreLocation::Sqlite(path) => path,
-    };
+/// Opens the SQLite store at `path` and loads what it holds into `store`.
+async fn open_store(
+    path: std::path::PathBuf,
+    config: &StoreConfig,
+    store: &OperationStore,
+) -> anyhow::Result<Recorder> {
     let options = SqliteOptions {
         max_batch_records: config.max_batch_records,
         synchronous_full: config.synchronous_full,

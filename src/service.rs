@@ -20,7 +20,7 @@ use uuid::Uuid;
 use crate::acs::client::{AcsClient, AcsError, RemoveParticipant, Repeatability};
 use crate::acs::events::AcsEvent;
 use crate::acs::identifier::{CommunicationIdentifier, IdentifierError};
-use crate::correlation::IncomingEvent;
+use crate::correlation::{IncomingEvent, upstream_key};
 use crate::graph::client::{CancelAnswer, GraphClient, GraphError};
 use crate::graph::ids;
 use crate::graph::notifications::GraphEvent;
@@ -30,7 +30,8 @@ use crate::operation::{
     CallRef, Operation, OperationError, OperationId, OperationKind, ResultInfo, Transition,
 };
 use crate::persistence::{Changes, Recorder};
-use crate::store::{ContextInUse, Delivery, ListFilter, OperationStore, SweepReport};
+use crate::redis_store::{Committed, RedisStore, RedisStoreError, Want};
+use crate::store::{ContextInUse, Delivery, ListFilter, OperationStore, StoreStats, SweepReport};
 use crate::trace_context::TraceParent;
 use crate::upstream::TransientError;
 
@@ -57,13 +58,24 @@ impl std::ops::Deref for OperationService {
 
 /// What an [`OperationService`] is made of.
 pub struct ServiceParts {
+    /// The in-memory store (and its journal); unused when `shared` is set.
     store: OperationStore,
     recorder: Recorder,
+    /// The store shared by every replica (Redis): the truth when set.
+    shared: Option<RedisStore>,
     acs: AcsClient,
     graph: GraphClient,
     tasks: TaskTracker,
     shutdown: CancellationToken,
     metrics: Metrics,
+}
+
+/// Where the service keeps state: the in-memory store and its journal, or (when `shared` is
+/// set) the store shared by every replica.
+pub struct Storage {
+    pub store: OperationStore,
+    pub recorder: Recorder,
+    pub shared: Option<RedisStore>,
 }
 
 /// Why an operation could not be started.
@@ -79,13 +91,46 @@ pub enum StartError {
     Conflict(#[from] ContextInUse),
     /// The record could not be made durable; nothing was sent upstream.
     #[error("the operation could not be stored: {0}")]
-    Store(#[from] JournalError),
+    Store(#[from] StoreError),
+}
+
+/// The store could not take or give a record now (the client or sender should retry).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Shared(#[from] RedisStoreError),
+}
+
+impl From<JournalError> for StartError {
+    fn from(error: JournalError) -> Self {
+        Self::Store(error.into())
+    }
+}
+
+impl From<RedisStoreError> for StartError {
+    fn from(error: RedisStoreError) -> Self {
+        Self::Store(error.into())
+    }
 }
 
 /// A callback delivery whose effects could not be made durable (the sender should retry).
 #[derive(Debug, thiserror::Error)]
 #[error("the callback could not be stored: {0}")]
-pub struct DeliveryError(#[from] JournalError);
+pub struct DeliveryError(#[from] StoreError);
+
+impl From<JournalError> for DeliveryError {
+    fn from(error: JournalError) -> Self {
+        Self(error.into())
+    }
+}
+
+impl From<RedisStoreError> for DeliveryError {
+    fn from(error: RedisStoreError) -> Self {
+        Self(error.into())
+    }
+}
 
 /// How many events of a delivery ended which way.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
@@ -100,8 +145,11 @@ pub struct DeliverySummary {
 
 impl OperationService {
     pub fn new(
-        store: OperationStore,
-        recorder: Recorder,
+        Storage {
+            store,
+            recorder,
+            shared,
+        }: Storage,
         acs: AcsClient,
         graph: GraphClient,
         tasks: TaskTracker,
@@ -112,6 +160,7 @@ impl OperationService {
             parts: Arc::new(ServiceParts {
                 store,
                 recorder,
+                shared,
                 acs,
                 graph,
                 tasks,
@@ -131,16 +180,46 @@ impl OperationService {
         self.graph.tokens().fetches()
     }
 
-    /// The store, for reads.
-    pub fn store(&self) -> &OperationStore {
-        &self.store
+    /// The store's counters (for a shared store: this replica's, and the store's sizes as
+    /// last counted).
+    pub fn store_stats(&self) -> StoreStats {
+        match &self.shared {
+            Some(shared) => shared.stats(),
+            None => self.store.stats(),
+        }
+    }
+
+    /// The shared store, when there is one.
+    pub fn shared_store(&self) -> Option<&RedisStore> {
+        self.shared.as_ref()
+    }
+
+    /// The events kept for a call.
+    pub async fn call_events(
+        &self,
+        call: &CallRef,
+    ) -> Result<Vec<crate::operation::EventRecord>, StoreError> {
+        match &self.shared {
+            Some(shared) => Ok(shared.call_events(call).await?),
+            None => Ok(self.store.call_events(call).unwrap_or_default()),
+        }
     }
 
     /// Whether the store can commit now, within `timeout`.
     pub async fn store_ready(&self, timeout: Duration) -> Result<(), String> {
-        match tokio::time::timeout(timeout, self.recorder.probe()).await {
+        let probe = async {
+            match &self.shared {
+                Some(shared) => shared.probe().await.map_err(|error| error.to_string()),
+                None => self
+                    .recorder
+                    .probe()
+                    .await
+                    .map_err(|error| error.to_string()),
+            }
+        };
+        match tokio::time::timeout(timeout, probe).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(error.to_string()),
+            Ok(Err(error)) => Err(error),
             Err(_) => Err(format!(
                 "the store did not commit within {} ms",
                 timeout.as_millis()
@@ -160,11 +239,13 @@ impl OperationService {
         let participant = participant.normalize()?;
         let context =
             context_or_generated(operation_context, MAX_CONTEXT_LEN).ok_or(StartError::Context)?;
-        let operation = self.create(
-            OperationKind::RemoveParticipant,
-            CallRef::CallConnection(call_connection_id.clone()),
-            &context,
-        )?;
+        let operation = self
+            .create(
+                OperationKind::RemoveParticipant,
+                CallRef::CallConnection(call_connection_id.clone()),
+                &context,
+            )
+            .await?;
         let id = operation.id;
         let request = RemoveParticipant {
             call_connection_id,
@@ -179,15 +260,32 @@ impl OperationService {
         .await
     }
 
-    /// Creates the record (before anything is sent upstream) and names it in the span.
-    fn create(
+    /// Creates the record (before anything is sent upstream) and names it in the span. In
+    /// a shared store it is written here (claiming its context there); in memory,
+    /// [`OperationService::launch`] writes it.
+    async fn create(
         &self,
         kind: OperationKind,
         call: CallRef,
         context: &str,
     ) -> Result<Operation, StartError> {
         let operation = Operation::new(kind, call, context.to_owned(), OffsetDateTime::now_utc());
-        let operation = self.store.create(operation)?;
+        let operation = match &self.shared {
+            Some(shared) => {
+                let want = Want::context(&operation.call, &operation.context);
+                let created = shared
+                    .transact(&want, |scratch, _| scratch.create(operation.clone()))
+                    .await?;
+                match created {
+                    Committed::Done(created) => created?,
+                    // A new operation carries no event id.
+                    Committed::Duplicate => {
+                        return Err(RedisStoreError::Unexpected("dup".to_owned()).into());
+                    }
+                }
+            }
+            None => self.store.create(operation)?,
+        };
         tracing::Span::current().record("operation.id", tracing::field::display(operation.id));
         Ok(operation)
     }
@@ -205,6 +303,12 @@ impl OperationService {
         F: FnOnce(OperationService) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
+        if self.shared.is_some() {
+            // Already written by `create`.
+            self.tasks.spawn(dispatch(self.clone()));
+            tracing::info!("operation created");
+            return Ok(operation);
+        }
         let id = operation.id;
         let mut changes = self.recorder.changes();
         changes.operation(id);
@@ -241,15 +345,54 @@ impl OperationService {
                 Ok(operation)
             }
             Ok(Err(error)) => Err(error.into()),
-            Err(_) => Err(JournalError::Closed.into()),
+            Err(_) => Err(StartError::from(JournalError::Closed)),
         }
     }
 
-    /// Writes what an upstream answer changed (nobody waits on it: a failure is logged).
-    async fn record(&self, id: OperationId) {
-        let mut changes = self.recorder.changes();
-        changes.operation(id);
-        if let Err(error) = self.recorder.commit(&self.store, changes).await {
+    /// Applies an upstream answer: what it said of the operation (Graph: its ids, the
+    /// first shown, and status), then `transition`; writes it (nobody waits on it: a
+    /// failure is logged).
+    async fn apply_answer(
+        &self,
+        id: OperationId,
+        upstream: Option<(Vec<String>, Option<String>)>,
+        transition: Transition,
+    ) {
+        let apply = |store: &OperationStore| {
+            if let Some((upstream_ids, status)) = &upstream {
+                let upstream_ids: Vec<&str> = upstream_ids.iter().map(String::as_str).collect();
+                store.record_upstream(id, &upstream_ids, status.as_deref());
+            }
+            store.transition(id, transition.clone(), OffsetDateTime::now_utc());
+        };
+        let stored = match &self.shared {
+            Some(shared) => shared
+                .transact(&Want::operation(id), |scratch, outcome| {
+                    apply(scratch);
+                    // Every name Graph gave it finds it (the first is on the operation).
+                    if let Some((upstream_ids, _)) = &upstream {
+                        outcome.upstream_ids.extend(
+                            upstream_ids
+                                .iter()
+                                .skip(1)
+                                .map(|upstream_id| (upstream_key(upstream_id).into(), id)),
+                        );
+                    }
+                })
+                .await
+                .map(drop)
+                .map_err(StoreError::from),
+            None => {
+                apply(&self.store);
+                let mut changes = self.recorder.changes();
+                changes.operation(id);
+                self.recorder
+                    .commit(&self.store, changes)
+                    .await
+                    .map_err(StoreError::from)
+            }
+        };
+        if let Err(error) = stored {
             tracing::error!(operation.id = %id, %error, "an upstream answer could not be stored");
         }
     }
@@ -263,9 +406,7 @@ impl OperationService {
                 failure_transition(&error)
             }
         };
-        self.store
-            .transition(id, transition, OffsetDateTime::now_utc());
-        self.record(id).await;
+        self.apply_answer(id, None, transition).await;
     }
 
     /// Creates a cancelMediaProcessing operation and sends it to Graph in the background.
@@ -279,11 +420,13 @@ impl OperationService {
     ) -> Result<Operation, StartError> {
         let context = context_or_generated(client_context, MAX_CLIENT_CONTEXT_LEN)
             .ok_or(StartError::ClientContext)?;
-        let operation = self.create(
-            OperationKind::CancelMediaProcessing,
-            CallRef::Call(ids::canonical(&call_id).into_owned()),
-            &context,
-        )?;
+        let operation = self
+            .create(
+                OperationKind::CancelMediaProcessing,
+                CallRef::Call(ids::canonical(&call_id).into_owned()),
+                &context,
+            )
+            .await?;
         let id = operation.id;
         self.launch(operation, move |service| async move {
             service
@@ -305,31 +448,27 @@ impl OperationService {
             .graph
             .cancel_media_processing(&call_id, &context, traceparent.as_ref())
             .await;
-        let transition = match answer {
+        let (upstream, transition) = match answer {
             Ok(answer) => {
-                let upstream_ids: Vec<_> = [&answer.operation_id, &answer.location_id]
+                let upstream_ids: Vec<String> = [&answer.operation_id, &answer.location_id]
                     .into_iter()
                     .flatten()
-                    .map(|upstream_id| ids::canonical(upstream_id))
+                    .map(|upstream_id| ids::canonical(upstream_id).into_owned())
                     .collect();
-                let upstream_ids: Vec<&str> = upstream_ids.iter().map(AsRef::as_ref).collect();
-                self.store
-                    .record_upstream(id, &upstream_ids, answer.status.as_deref());
                 tracing::info!(
                     upstream.operation_id = answer.operation_id.as_deref().unwrap_or(""),
                     upstream.status = answer.status.as_deref().unwrap_or(""),
                     "Graph took cancelMediaProcessing"
                 );
-                cancel_answer_transition(answer)
+                let upstream = Some((upstream_ids, answer.status.clone()));
+                (upstream, cancel_answer_transition(answer))
             }
             Err(error) => {
                 tracing::warn!(error = %error, "cancelMediaProcessing failed upstream");
-                graph_failure_transition(&error)
+                (None, graph_failure_transition(&error))
             }
         };
-        self.store
-            .transition(id, transition, OffsetDateTime::now_utc());
-        self.record(id).await;
+        self.apply_answer(id, upstream, transition).await;
     }
 
     /// Hands `incoming` to the store and notes what it changed.
@@ -349,17 +488,7 @@ impl OperationService {
         let delivery = self
             .store
             .deliver_noting(incoming, now, &mut |event| changes.parked(event));
-        metrics::count_event(
-            &counters,
-            match delivery {
-                Delivery::Matched { .. } => EventOutcome::Matched,
-                Delivery::Duplicate => EventOutcome::Duplicate,
-                Delivery::Parked => EventOutcome::Parked,
-                Delivery::Observed { .. } => EventOutcome::Observed,
-                Delivery::Unmatched => EventOutcome::Unmatched,
-                Delivery::CallEvent => EventOutcome::Call,
-            },
-        );
+        metrics::count_event(&counters, event_outcome(delivery));
         match (seen, delivery) {
             (Some((Some(id), received)), Delivery::Matched { .. } | Delivery::Observed { .. }) => {
                 changes.seen_on_operation(id, received);
@@ -389,6 +518,9 @@ impl OperationService {
         &self,
         events: Vec<GraphEvent>,
     ) -> Result<DeliverySummary, DeliveryError> {
+        if let Some(shared) = &self.shared {
+            return self.deliver_graph_shared(shared, events).await;
+        }
         let now = tokio::time::Instant::now();
         let mut summary = DeliverySummary::default();
         let mut changes = self.recorder.changes();
@@ -411,18 +543,13 @@ impl OperationService {
             let delivery = self.deliver("graph", incoming, now, &mut changes);
             summary.count(delivery);
             if let (Some((call, result)), false) = (ended, delivery == Delivery::Duplicate) {
-                let error = OperationError {
-                    code: "CallTerminated".to_owned(),
-                    message: "the call ended before the operation finished".to_owned(),
-                };
-                let failed = self
-                    .store
-                    .end_call(&call, result, &error, OffsetDateTime::now_utc());
-                tracing::info!(
-                    call.id = call.id(),
-                    operations = failed.len(),
-                    "call terminated; its unsettled operations failed"
+                let failed = self.store.end_call(
+                    &call,
+                    result,
+                    &call_terminated(),
+                    OffsetDateTime::now_utc(),
                 );
+                log_call_ended(&call, &failed);
                 changes.operations(failed);
             }
         }
@@ -436,6 +563,9 @@ impl OperationService {
         &self,
         events: Vec<AcsEvent>,
     ) -> Result<DeliverySummary, DeliveryError> {
+        if let Some(shared) = &self.shared {
+            return self.deliver_acs_shared(shared, events).await;
+        }
         let now = tokio::time::Instant::now();
         let received = OffsetDateTime::now_utc();
         let mut summary = DeliverySummary::default();
@@ -459,22 +589,169 @@ impl OperationService {
         Ok(summary)
     }
 
-    pub fn get(&self, id: OperationId) -> Option<Operation> {
-        self.store.get(id)
+    /// Applies ACS events to the shared store, one transition each (an event id seen
+    /// before makes only its own event a duplicate); returns once all are written.
+    async fn deliver_acs_shared(
+        &self,
+        shared: &RedisStore,
+        events: Vec<AcsEvent>,
+    ) -> Result<DeliverySummary, DeliveryError> {
+        let received = OffsetDateTime::now_utc();
+        let mut summary = DeliverySummary::default();
+        for event in events {
+            let incoming = event.into_incoming(received);
+            summary.received += 1;
+            if incoming.call.is_none() {
+                summary.unmatched += 1;
+                tracing::warn!(
+                    event.id = incoming.id.as_deref().unwrap_or(""),
+                    event.r#type = %incoming.event_type,
+                    "callback names no call connection (no data.callConnectionId, no source); not kept"
+                );
+                continue;
+            }
+            let (delivery, _) = self.deliver_shared(shared, "acs", incoming, None).await?;
+            summary.count(delivery);
+        }
+        self.metrics.callbacks_delivered("acs", &summary);
+        Ok(summary)
+    }
+
+    /// As [`OperationService::deliver_acs_shared`], for Graph notifications (a call's end
+    /// fails its unsettled operations in the same transition).
+    async fn deliver_graph_shared(
+        &self,
+        shared: &RedisStore,
+        events: Vec<GraphEvent>,
+    ) -> Result<DeliverySummary, DeliveryError> {
+        let mut summary = DeliverySummary::default();
+        for GraphEvent {
+            incoming,
+            call_ended,
+        } in events
+        {
+            summary.received += 1;
+            let Some(call) = &incoming.call else {
+                summary.unmatched += 1;
+                tracing::warn!(
+                    event.r#type = %incoming.event_type,
+                    "notification names no call (no resourceUrl or resource); not kept"
+                );
+                continue;
+            };
+            let ended = call_ended.map(|result| (call.clone(), result));
+            let (delivery, failed) = self
+                .deliver_shared(shared, "graph", incoming, ended.clone())
+                .await?;
+            summary.count(delivery);
+            if let Some((call, _)) = ended.filter(|_| delivery != Delivery::Duplicate) {
+                log_call_ended(&call, &failed);
+            }
+        }
+        self.metrics.callbacks_delivered("graph", &summary);
+        Ok(summary)
+    }
+
+    /// One event as one transition of the shared store: read what it may touch (its
+    /// context, its upstream id, and for a cancel or a call's end every operation of the
+    /// call), deliver it there, write back what changed unless its id was seen.
+    async fn deliver_shared(
+        &self,
+        shared: &RedisStore,
+        source: &'static str,
+        incoming: IncomingEvent,
+        ended: Option<(CallRef, Option<ResultInfo>)>,
+    ) -> Result<(Delivery, Vec<OperationId>), DeliveryError> {
+        let counters = self.metrics.event_counters(source, &incoming.event_type);
+        let want = Want::event(&incoming, incoming.cancelled || ended.is_some());
+        let now = tokio::time::Instant::now();
+        let committed = shared
+            .transact(&want, |scratch, outcome| {
+                outcome.seen.extend(incoming.id.clone());
+                let delivery = scratch.deliver_noting(incoming.clone(), now, &mut |event| {
+                    outcome.parked.push(event.clone());
+                });
+                let failed = match &ended {
+                    Some((call, result)) => scratch.end_call(
+                        call,
+                        result.clone(),
+                        &call_terminated(),
+                        OffsetDateTime::now_utc(),
+                    ),
+                    None => Vec::new(),
+                };
+                (delivery, failed)
+            })
+            .await?;
+        let (delivery, failed) = match committed {
+            Committed::Done(done) => done,
+            Committed::Duplicate => (Delivery::Duplicate, Vec::new()),
+        };
+        metrics::count_event(&counters, event_outcome(delivery));
+        Ok((delivery, failed))
+    }
+
+    pub async fn get(&self, id: OperationId) -> Result<Option<Operation>, StoreError> {
+        match &self.shared {
+            Some(shared) => Ok(shared.get(id).await?),
+            None => Ok(self.store.get(id)),
+        }
     }
 
     /// Waits for the operation to settle, at most `timeout`; shutdown ends the wait early
     /// so that long polls never hold up a graceful stop.
-    pub async fn wait(&self, id: OperationId, timeout: Duration) -> Option<Operation> {
-        tokio::select! {
+    pub async fn wait(
+        &self,
+        id: OperationId,
+        timeout: Duration,
+    ) -> Result<Option<Operation>, StoreError> {
+        if let Some(shared) = &self.shared {
+            return Ok(shared.wait_settled(id, timeout, &self.shutdown).await?);
+        }
+        Ok(tokio::select! {
             operation = self.store.wait_settled(id, timeout) => operation,
             _ = self.shutdown.cancelled() => self.store.get(id),
-        }
+        })
     }
 
-    pub fn list(&self, filter: &ListFilter, limit: usize) -> (Vec<Operation>, bool) {
-        self.store.list(filter, limit)
+    pub async fn list(
+        &self,
+        filter: &ListFilter,
+        limit: usize,
+    ) -> Result<(Vec<Operation>, bool), StoreError> {
+        match &self.shared {
+            Some(shared) => Ok(shared.list(filter, limit).await?),
+            None => Ok(self.store.list(filter, limit)),
+        }
     }
+}
+
+/// How a delivery is counted in the metrics.
+fn event_outcome(delivery: Delivery) -> EventOutcome {
+    match delivery {
+        Delivery::Matched { .. } => EventOutcome::Matched,
+        Delivery::Duplicate => EventOutcome::Duplicate,
+        Delivery::Parked => EventOutcome::Parked,
+        Delivery::Observed { .. } => EventOutcome::Observed,
+        Delivery::Unmatched => EventOutcome::Unmatched,
+        Delivery::CallEvent => EventOutcome::Call,
+    }
+}
+
+/// Why the operations of an ended call failed.
+fn call_terminated() -> OperationError {
+    OperationError {
+        code: "CallTerminated".to_owned(),
+        message: "the call ended before the operation finished".to_owned(),
+    }
+}
+
+fn log_call_ended(call: &CallRef, failed: &[OperationId]) {
+    tracing::info!(
+        call.id = call.id(),
+        operations = failed.len(),
+        "call terminated; its unsettled operations failed"
+    );
 }
 
 /// The client's context when it has 1 to `max` characters, a new UUID when it gave none,

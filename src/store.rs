@@ -271,6 +271,18 @@ impl Slot {
 impl OperationStore {
     /// An empty store bounded by `config`.
     pub fn new(config: &OperationsConfig) -> Self {
+        Self::with_shards(config, SHARDS)
+    }
+
+    /// A small store for one transition of a shared store (`redis_store`): loaded with the
+    /// few records a request touches, changed by the same code as the hot store, then
+    /// read back ([`OperationStore::snapshots`]) and dropped. Few shards: it is built per
+    /// request.
+    pub fn scratch(config: &OperationsConfig) -> Self {
+        Self::with_shards(config, 2)
+    }
+
+    fn with_shards(config: &OperationsConfig, shards: usize) -> Self {
         let limits = Limits {
             park_ttl: Duration::from_millis(config.park_ttl_ms),
             park_max: config.park_max,
@@ -287,14 +299,14 @@ impl OperationStore {
                     incoming,
                     due: BinaryHeap::new(),
                 }),
-                operations: sharded(),
-                index: sharded(),
-                seen: sharded(),
+                operations: DashMap::with_shard_amount(shards),
+                index: DashMap::with_shard_amount(shards),
+                seen: DashMap::with_shard_amount(shards),
                 digests: Digests::new(),
-                calls: sharded(),
-                upstream: sharded(),
-                cancels: DashMap::new(),
-                waiters: DashMap::new(),
+                calls: DashMap::with_shard_amount(shards),
+                upstream: DashMap::with_shard_amount(shards),
+                cancels: DashMap::with_shard_amount(shards.min(8)),
+                waiters: DashMap::with_shard_amount(shards.min(8)),
                 parked: AtomicUsize::new(0),
                 waiting: AtomicUsize::new(0),
                 parked_expired: AtomicU64::new(0),
@@ -711,6 +723,33 @@ impl OperationStore {
         (operations, more)
     }
 
+    /// Lets `upstream_key` find operation `id` (for a scratch store: a name the shared
+    /// store knows besides the one on the operation, such as Graph's `Location` id).
+    pub fn index_upstream(&self, upstream_key: &str, id: OperationId) {
+        if self.inner.operations.contains_key(&id) {
+            self.inner.upstream.insert(upstream_key.into(), id);
+        }
+    }
+
+    /// Every operation, with its revision (for a scratch store: what to write back).
+    pub fn snapshots(&self) -> Vec<Operation> {
+        self.inner
+            .operations
+            .iter()
+            .map(|entry| Operation::clone(entry.value()))
+            .collect()
+    }
+
+    /// Every call's kept events (for a scratch store: those this transition added).
+    pub fn timelines(&self) -> Vec<(CallRef, Vec<EventRecord>)> {
+        self.inner
+            .calls
+            .iter()
+            .filter(|entry| !entry.events.is_empty())
+            .map(|entry| (entry.key().clone(), entry.events.iter().cloned().collect()))
+            .collect()
+    }
+
     /// The events kept for a call (those naming no operation, and expired parked ones).
     pub fn call_events(&self, call: &CallRef) -> Option<Vec<EventRecord>> {
         self.inner
@@ -1115,10 +1154,6 @@ const UPSTREAM_FAILURE_PREFIX: &str = "Upstream";
 /// milliseconds. More, smaller shards keep those stalls short.
 const SHARDS: usize = 128;
 
-fn sharded<K: Eq + std::hash::Hash, V>() -> DashMap<K, V> {
-    DashMap::with_shard_amount(SHARDS)
-}
-
 /// Decrements `counter` when dropped.
 struct CounterGuard<'a>(&'a AtomicUsize);
 
@@ -1133,7 +1168,8 @@ fn scopeguard(counter: &AtomicUsize) -> CounterGuard<'_> {
 }
 
 impl ListFilter {
-    fn matches(&self, op: &Operation) -> bool {
+    /// Whether `op` passes the filter (and the paging cursor).
+    pub fn matches(&self, op: &Operation) -> bool {
         let call_matches = match &op.call {
             CallRef::CallConnection(id) => {
                 self.call_id.is_none()

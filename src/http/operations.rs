@@ -198,9 +198,9 @@ pub(crate) async fn get_operation(
     let operation = match query.wait {
         Some(seconds) if seconds > 0 => {
             let wait = Duration::from_secs(seconds).min(limits.max_wait);
-            service.wait(operation_id, wait).await
+            service.wait(operation_id, wait).await?
         }
-        _ => service.get(operation_id),
+        _ => service.get(operation_id).await?,
     }
     .ok_or_else(unknown)?;
     Ok(operation_response(operation, limits.retry_after_secs))
@@ -331,7 +331,7 @@ pub(crate) async fn list_operations(
         kind: query.kind.as_deref().map(OperationKind::from_name),
         before,
     };
-    let (value, more) = service.list(&filter, page_size);
+    let (value, more) = service.list(&filter, page_size).await?;
     let next_link = match value.last() {
         Some(last) if more => Some(next_link(&query, page_size, last.id)),
         _ => None,
@@ -378,9 +378,8 @@ pub(crate) async fn list_call_events(
 ) -> Result<axum::Json<Page<EventRecord>>, ApiError> {
     check_call_id(&call_connection_id, "callConnectionId")?;
     let value = service
-        .store()
         .call_events(&CallRef::CallConnection(call_connection_id))
-        .unwrap_or_default();
+        .await?;
     Ok(axum::Json(Page {
         value,
         next_link: None,
@@ -407,9 +406,8 @@ pub(crate) async fn list_graph_call_events(
 ) -> Result<axum::Json<Page<EventRecord>>, ApiError> {
     check_call_id(&call_id, "callId")?;
     let value = service
-        .store()
         .call_events(&CallRef::Call(ids::canonical(&call_id).into_owned()))
-        .unwrap_or_default();
+        .await?;
     Ok(axum::Json(Page {
         value,
         next_link: None,

@@ -35,7 +35,11 @@ pub async fn serve(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
+        .header_read_timeout(header_read_timeout)
+        // A client that shuts down its sending side once its request is out still gets the
+        // answer (without this, hyper drops a request whose handler is still awaiting the
+        // store when the client's FIN arrives).
+        .half_close(true);
     let connections = TaskTracker::new();
     loop {
         let accepted = tokio::select! {

@@ -61,6 +61,12 @@ impl TestApp {
         config.graph.retry.max_delay_ms = 100;
         config.emulator.listen = "127.0.0.1:0".parse().unwrap();
         config.store.location = "memory".to_owned();
+        // `CALLOPS_TEST_REDIS=redis://…` runs every in-process test on a shared store (each
+        // app under its own key prefix), as `.ci/run` does a second time.
+        if let Ok(url) = std::env::var("CALLOPS_TEST_REDIS") {
+            config.store.location = url;
+            config.store.redis_prefix = format!("test-{}", uuid::Uuid::new_v4());
+        }
         // Callback tokens: verified against the emulator's keys, as against ACS's and Graph's.
         config.callbacks.acs.openid_url = format!(
             "http://{emulator_address}{}",

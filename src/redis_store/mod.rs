@@ -1,0 +1,896 @@
+//! The shared store: every replica of a deployment keeps operations, the (call, context)
+//! index, parked callbacks, event ids seen and call timelines in one Redis (`CALLOPS_STORE=
+//! redis://…` or `rediss://…`). Redis is the truth; a replica keeps nothing between
+//! requests but long-poll waiters.
+//!
+//! Every change is a *transition* ([`RedisStore::transact`]): read what it needs (a few
+//! pipelined commands), load that into a [`OperationStore::scratch`], run the same store
+//! code as the in-memory backend on it, and write back what changed with one script
+//! (`commit.lua`) that first checks nothing it read has changed since (revisions, index
+//! entries, parks) and that no event id in it was seen meanwhile. A conflict reruns the
+//! transition on fresh reads; a seen event id makes it a duplicate. So two replicas given
+//! the same callback apply it once, and racing callbacks never regress an operation.
+//!
+//! Settling publishes the operation's id; every replica subscribes and wakes its long polls
+//! ([`RedisStore::run_notices`]). Pub/sub keeps nothing for a disconnected subscriber, so
+//! long polls also re-read every `store.redis_poll_ms` and after the subscription comes
+//! back. [`RedisStore::run_sweeper`] times out operations past their callback deadline and
+//! moves expired parked callbacks to their call's events; retention is Redis's own expiry.
+//!
+//! Hand-written rather than an ORM or a generic cache crate: the compare-and-set spans
+//! several keys chosen by the domain (context, park, upstream id, event id), which only a
+//! script can check and write atomically.
+
+mod keys;
+mod plan;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use time::OffsetDateTime;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{OperationsConfig, RedisUrl, StoreConfig};
+use crate::correlation::IncomingEvent;
+use crate::metrics::Metrics;
+use crate::operation::{CallRef, EventEffect, EventRecord, Operation, OperationId};
+use crate::store::{
+    FINAL_STATUSES, ISSUED_KINDS, ListFilter, OperationStore, Restored, StoreStats,
+};
+
+use keys::Keys;
+pub use keys::context_name;
+pub use plan::Outcome;
+use plan::{ContextRead, Lifetimes, Read};
+
+/// How often a transition is rerun when what it read keeps changing under it.
+const MAX_ATTEMPTS: u32 = 32;
+/// Most operations (or parks) one sweep tick handles; the rest wait for the next tick.
+const SWEEP_BATCH: isize = 200;
+/// Most ids one list request looks at (expired ones and filtered-out ones included).
+const LIST_SCAN_MAX: usize = 10_000;
+
+/// Why the shared store could not answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RedisStoreError {
+    #[error("Redis: {0}")]
+    Redis(Arc<redis::RedisError>),
+    #[error("Redis did not answer within {0} ms")]
+    Timeout(u64),
+    #[error("the records kept changing under this request ({0} attempts); try again")]
+    Contended(u32),
+    #[error("a record could not be serialized: {0}")]
+    Serialize(Arc<serde_json::Error>),
+    #[error("Redis answered the commit with {0:?}")]
+    Unexpected(String),
+}
+
+impl From<redis::RedisError> for RedisStoreError {
+    fn from(error: redis::RedisError) -> Self {
+        Self::Redis(Arc::new(error))
+    }
+}
+
+impl From<serde_json::Error> for RedisStoreError {
+    fn from(error: serde_json::Error) -> Self {
+        Self::Serialize(Arc::new(error))
+    }
+}
+
+/// How a transition ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Committed<T> {
+    /// Written (or nothing to write); the work's result.
+    Done(T),
+    /// An event id in it had been seen: nothing was written.
+    Duplicate,
+}
+
+/// What a transition reads before it runs.
+#[derive(Debug, Default, Clone)]
+pub struct Want {
+    pub operations: Vec<OperationId>,
+    /// (call, context) names ([`context_name`]): their holder and parked events.
+    pub contexts: Vec<String>,
+    /// Upstream ids, in `upstream_key` form.
+    pub upstream: Vec<Box<str>>,
+    /// Calls whose every operation is read (cancels, a call's end).
+    pub calls: Vec<CallRef>,
+}
+
+impl Want {
+    pub fn operation(id: OperationId) -> Self {
+        Self {
+            operations: vec![id],
+            ..Self::default()
+        }
+    }
+
+    pub fn context(call: &CallRef, context: &str) -> Self {
+        Self {
+            contexts: vec![context_name(call, context)],
+            ..Self::default()
+        }
+    }
+
+    /// What delivering `event` may touch; `whole_call` adds every operation of its call.
+    pub fn event(event: &IncomingEvent, whole_call: bool) -> Self {
+        let mut want = Self::default();
+        if let Some((call, context)) = event.names() {
+            want.contexts.push(context_name(call, context));
+        }
+        if let Some(upstream_id) = &event.upstream_id {
+            want.upstream.push(upstream_id.key().into());
+        }
+        if let (true, Some(call)) = (whole_call, &event.call) {
+            want.calls.push(call.clone());
+        }
+        want
+    }
+}
+
+/// A cheap handle to the shared store.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: redis::Client,
+    connection: ConnectionManager,
+    keys: Keys,
+    lifetimes: Lifetimes,
+    operations: OperationsConfig,
+    script: redis::Script,
+    reader: redis::Script,
+    timeout: Duration,
+    poll: Duration,
+    metrics: Metrics,
+    waiters: DashMap<OperationId, Arc<Notify>>,
+    counters: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    waiting: AtomicUsize,
+    /// Last counted by the sweep.
+    operations: AtomicUsize,
+    parked: AtomicUsize,
+    parked_expired: AtomicU64,
+    started: [AtomicU64; 2],
+    settled: [[AtomicU64; 3]; 2],
+    conflicts: AtomicU64,
+}
+
+impl RedisStore {
+    /// Connects (failing if Redis cannot be reached within the timeout).
+    pub async fn connect(
+        url: &RedisUrl,
+        store: &StoreConfig,
+        operations: &OperationsConfig,
+        metrics: Metrics,
+    ) -> Result<Self, RedisStoreError> {
+        let client = redis::Client::open(url.expose())?;
+        let timeout = Duration::from_millis(store.redis_timeout_ms);
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(timeout)
+            .set_response_timeout(timeout)
+            .set_number_of_retries(2)
+            .set_max_delay(1000);
+        let connection = tokio::time::timeout(
+            timeout * 2,
+            ConnectionManager::new_with_config(client.clone(), config),
+        )
+        .await
+        .map_err(|_| RedisStoreError::Timeout(store.redis_timeout_ms * 2))??;
+        let store = Self {
+            inner: Arc::new(Inner {
+                client,
+                connection,
+                keys: Keys::new(&store.redis_prefix),
+                lifetimes: Lifetimes {
+                    retention: Duration::from_secs(operations.retention_secs),
+                    dedupe: Duration::from_secs(operations.dedupe_ttl_secs),
+                    park: Duration::from_millis(operations.park_ttl_ms),
+                    timeouts: operations.callback_timeouts.clone(),
+                    timeline_max: operations.call_events_max,
+                },
+                operations: operations.clone(),
+                script: redis::Script::new(include_str!("commit.lua")),
+                reader: redis::Script::new(include_str!("read.lua")),
+                timeout,
+                poll: Duration::from_millis(store.redis_poll_ms),
+                metrics,
+                waiters: DashMap::new(),
+                counters: Counters::default(),
+            }),
+        };
+        store.probe().await?;
+        Ok(store)
+    }
+
+    /// One command, bounded by the configured timeout.
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        pipeline: redis::Pipeline,
+    ) -> Result<T, RedisStoreError> {
+        let mut connection = self.inner.connection.clone();
+        match tokio::time::timeout(
+            self.inner.timeout,
+            pipeline.query_async::<T>(&mut connection),
+        )
+        .await
+        {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(RedisStoreError::Timeout(self.timeout_ms())),
+        }
+    }
+
+    fn timeout_ms(&self) -> u64 {
+        u64::try_from(self.inner.timeout.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether Redis answers now.
+    pub async fn probe(&self) -> Result<(), RedisStoreError> {
+        let pong: (String,) = self
+            .query({
+                let mut pipe = redis::pipe();
+                pipe.cmd("PING");
+                pipe
+            })
+            .await?;
+        if pong.0 == "PONG" {
+            Ok(())
+        } else {
+            Err(RedisStoreError::Unexpected(pong.0))
+        }
+    }
+
+    /// Runs `work` on a scratch store holding what `want` names, as Redis has it now, and
+    /// writes back what it changed, atomically; reruns it (on fresh reads) while something
+    /// it read changes under it. `work` notes what the scratch store cannot tell (event ids
+    /// delivered, events parked) in the [`Outcome`].
+    pub async fn transact<T>(
+        &self,
+        want: &Want,
+        mut work: impl FnMut(&OperationStore, &mut Outcome) -> T,
+    ) -> Result<Committed<T>, RedisStoreError> {
+        for attempt in 0..MAX_ATTEMPTS {
+            if attempt > 0 {
+                self.inner
+                    .counters
+                    .conflicts
+                    .fetch_add(1, Ordering::Relaxed);
+                // Spread replicas retrying the same records apart.
+                let jitter = rand::random_range(0..=u64::from(attempt.min(8)) * 500);
+                tokio::time::sleep(Duration::from_micros(jitter)).await;
+            }
+            let (read, restored) = self.read(want).await?;
+            let now = OffsetDateTime::now_utc();
+            let scratch = OperationStore::scratch(&self.inner.operations);
+            scratch.restore(restored, tokio::time::Instant::now(), now);
+            for (upstream, holder) in &read.upstream {
+                if let Some(id) = holder.as_deref().and_then(OperationId::parse) {
+                    scratch.index_upstream(upstream, id);
+                }
+            }
+            let mut outcome = Outcome::default();
+            let value = work(&scratch, &mut outcome);
+            outcome.operations = scratch.snapshots();
+            outcome.timelines = scratch.timelines();
+            match self.commit(&read, &outcome, now).await? {
+                Verdict::Written => return Ok(Committed::Done(value)),
+                Verdict::Duplicate => return Ok(Committed::Duplicate),
+                Verdict::Conflict => {}
+            }
+        }
+        Err(RedisStoreError::Contended(MAX_ATTEMPTS))
+    }
+
+    /// Writes `outcome` if nothing in `read` changed since.
+    async fn commit(
+        &self,
+        read: &Read,
+        outcome: &Outcome,
+        now: OffsetDateTime,
+    ) -> Result<Verdict, RedisStoreError> {
+        let inner = &self.inner;
+        let plan = plan::plan(&inner.keys, &inner.lifetimes, read, outcome, now)?;
+        if plan.is_empty() {
+            return Ok(Verdict::Written);
+        }
+        let argument = plan.to_json();
+        let started = std::time::Instant::now();
+        let mut connection = inner.connection.clone();
+        let mut invocation = inner.script.key(inner.keys.all());
+        invocation.arg(&argument);
+        let answer: String =
+            match tokio::time::timeout(inner.timeout, invocation.invoke_async(&mut connection))
+                .await
+            {
+                Ok(answer) => answer?,
+                Err(_) => return Err(RedisStoreError::Timeout(self.timeout_ms())),
+            };
+        inner.metrics.store_commit(1, started.elapsed());
+        match answer.as_str() {
+            "ok" => {
+                self.count(read, outcome);
+                for id in plan.settled() {
+                    if let Some(id) = OperationId::parse(id) {
+                        self.wake(id);
+                    }
+                }
+                Ok(Verdict::Written)
+            }
+            "dup" => Ok(Verdict::Duplicate),
+            "conflict" => Ok(Verdict::Conflict),
+            _ => Err(RedisStoreError::Unexpected(answer)),
+        }
+    }
+
+    /// Counts operations started and settled by this replica.
+    fn count(&self, read: &Read, outcome: &Outcome) {
+        let counters = &self.inner.counters;
+        for op in &outcome.operations {
+            if !read.operations.contains_key(&op.id) {
+                // Until the sweep counts the store again.
+                counters.operations.fetch_add(1, Ordering::Relaxed);
+            }
+            let Some(kind) = ISSUED_KINDS.iter().position(|k| *k == op.kind) else {
+                continue;
+            };
+            let before = read.operations.get(&op.id);
+            if before.is_none() {
+                counters.started[kind].fetch_add(1, Ordering::Relaxed);
+            }
+            let was_settled = before.is_some_and(|(_, settled)| *settled);
+            if let (false, Some(status)) = (
+                was_settled,
+                FINAL_STATUSES.iter().position(|s| *s == op.status),
+            ) {
+                counters.settled[kind][status].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Reads what `want` names, in one round trip (`read.lua`).
+    async fn read(&self, want: &Want) -> Result<(Read, Restored), RedisStoreError> {
+        let inner = &self.inner;
+        let keys = &inner.keys;
+        let argument = serde_json::json!({
+            "ctx": want
+                .contexts
+                .iter()
+                .map(|name| [keys.context(name), keys.parked(name)])
+                .collect::<Vec<_>>(),
+            "up": want.upstream.iter().map(|key| keys.upstream(key)).collect::<Vec<_>>(),
+            "calls": want.calls.iter().map(|call| keys.call(call)).collect::<Vec<_>>(),
+            "ops": want.operations.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "op": keys.operation_prefix(),
+        })
+        .to_string();
+        let mut connection = inner.connection.clone();
+        let mut invocation = inner.reader.key(keys.all());
+        invocation.arg(&argument);
+        type Answer = (
+            Vec<Option<String>>,
+            Vec<Vec<String>>,
+            Vec<Option<String>>,
+            Vec<(String, String, String)>,
+        );
+        let (holders, parks, upstream, operations): Answer =
+            match tokio::time::timeout(inner.timeout, invocation.invoke_async(&mut connection))
+                .await
+            {
+                Ok(answer) => answer?,
+                Err(_) => return Err(RedisStoreError::Timeout(self.timeout_ms())),
+            };
+        let mut read = Read::default();
+        let mut restored = Restored::default();
+        let wall_now = OffsetDateTime::now_utc();
+        for ((name, holder), parked) in want.contexts.iter().zip(holders).zip(parks) {
+            read.contexts.insert(
+                name.clone(),
+                ContextRead {
+                    holder,
+                    parked: parked.len(),
+                },
+            );
+            for json in parked {
+                match serde_json::from_str::<IncomingEvent>(&json) {
+                    // Parked "now": the sweep expires parks, not the scratch store.
+                    Ok(event) => restored.parked.push((event, wall_now)),
+                    Err(error) => {
+                        tracing::error!(%error, "a parked callback in Redis is unreadable; skipped")
+                    }
+                }
+            }
+        }
+        for (key, holder) in want.upstream.iter().zip(upstream) {
+            read.upstream.insert(key.to_string(), holder);
+        }
+        for (id, revision, doc) in operations {
+            if let Some(operation) = parse_operation(&id, &revision, &doc) {
+                read.operations.insert(
+                    operation.id,
+                    (operation.revision, operation.status.is_terminal()),
+                );
+                restored.operations.push(operation);
+            }
+        }
+        Ok((read, restored))
+    }
+
+    /// The operations with these ids, as stored (`None` for those that are not).
+    async fn operations(
+        &self,
+        ids: &[OperationId],
+    ) -> Result<Vec<Option<Operation>>, RedisStoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = &self.inner.keys;
+        let answers: Vec<(Option<String>, Option<String>)> = self
+            .query({
+                let mut pipe = redis::pipe();
+                for id in ids {
+                    pipe.cmd("HMGET")
+                        .arg(keys.operation(*id))
+                        .arg("rev")
+                        .arg("doc");
+                }
+                pipe
+            })
+            .await?;
+        Ok(answers
+            .into_iter()
+            .zip(ids)
+            .map(|((revision, doc), id)| parse_operation(&id.to_string(), &revision?, &doc?))
+            .collect())
+    }
+
+    /// One operation as stored.
+    pub async fn get(&self, id: OperationId) -> Result<Option<Operation>, RedisStoreError> {
+        Ok(self.operations(&[id]).await?.pop().flatten())
+    }
+
+    /// Waits until the operation settles (woken by the settle notice, re-reading every
+    /// `redis_poll_ms` in case a notice was lost), `timeout` passes or `stop` is cancelled.
+    pub async fn wait_settled(
+        &self,
+        id: OperationId,
+        timeout: Duration,
+        stop: &CancellationToken,
+    ) -> Result<Option<Operation>, RedisStoreError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let waiting = Waiting::new(self, id);
+        loop {
+            let notified = waiting.notify().notified();
+            tokio::pin!(notified);
+            // Registered before the read, so a notice between the read and the wait counts.
+            notified.as_mut().enable();
+            let operation = self.get(id).await?;
+            let settled = operation.as_ref().is_none_or(|op| op.status.is_terminal());
+            if settled || tokio::time::Instant::now() >= deadline || stop.is_cancelled() {
+                return Ok(operation);
+            }
+            let next_read = (tokio::time::Instant::now() + self.inner.poll).min(deadline);
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep_until(next_read) => {}
+                () = stop.cancelled() => {}
+            }
+        }
+    }
+
+    fn wake(&self, id: OperationId) {
+        if let Some(notify) = self.inner.waiters.get(&id) {
+            notify.notify_waiters();
+        }
+    }
+
+    fn wake_all(&self) {
+        for entry in &self.inner.waiters {
+            entry.value().notify_waiters();
+        }
+    }
+
+    /// Operations matching `filter`, newest first, at most `limit`, and whether more follow.
+    pub async fn list(
+        &self,
+        filter: &ListFilter,
+        limit: usize,
+    ) -> Result<(Vec<Operation>, bool), RedisStoreError> {
+        let keys = &self.inner.keys;
+        let mut upper = match filter.before {
+            Some(before) => format!("({before}"),
+            None => "+".to_owned(),
+        };
+        let mut found = Vec::new();
+        let mut scanned = 0;
+        let batch = (limit + 1).clamp(16, 500);
+        while scanned < LIST_SCAN_MAX {
+            let (ids,): (Vec<String>,) = self
+                .query({
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("ZREVRANGEBYLEX")
+                        .arg(keys.all())
+                        .arg(&upper)
+                        .arg("-")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(batch);
+                    pipe
+                })
+                .await?;
+            let Some(last) = ids.last() else { break };
+            upper = format!("({last}");
+            scanned += ids.len();
+            let parsed: Vec<OperationId> =
+                ids.iter().filter_map(|id| OperationId::parse(id)).collect();
+            let operations = self.operations(&parsed).await?;
+            let mut expired = Vec::new();
+            for (id, operation) in parsed.iter().zip(operations) {
+                match operation {
+                    Some(operation) if filter.matches(&operation) => found.push(operation),
+                    Some(_) => {}
+                    None => expired.push(id.to_string()),
+                }
+                if found.len() > limit {
+                    break;
+                }
+            }
+            self.forget_ids(expired).await;
+            if found.len() > limit || ids.len() < batch {
+                break;
+            }
+        }
+        let more = found.len() > limit;
+        found.truncate(limit);
+        Ok((found, more))
+    }
+
+    /// Drops ids of expired operations from the list index (best effort).
+    async fn forget_ids(&self, expired: Vec<String>) {
+        if expired.is_empty() {
+            return;
+        }
+        let keys = &self.inner.keys;
+        let removed: Result<(), _> = self
+            .query({
+                let mut pipe = redis::pipe();
+                pipe.cmd("ZREM").arg(keys.all()).arg(&expired).ignore();
+                pipe
+            })
+            .await;
+        if let Err(error) = removed {
+            tracing::debug!(%error, "expired ids stay in the list index until the next try");
+        }
+    }
+
+    /// The events kept for a call.
+    pub async fn call_events(&self, call: &CallRef) -> Result<Vec<EventRecord>, RedisStoreError> {
+        let key = self.inner.keys.timeline(call);
+        let (events,): (Vec<String>,) = self
+            .query({
+                let mut pipe = redis::pipe();
+                pipe.cmd("LRANGE").arg(&key).arg(0).arg(-1);
+                pipe
+            })
+            .await?;
+        Ok(events
+            .iter()
+            .filter_map(|json| serde_json::from_str(json).ok())
+            .collect())
+    }
+
+    /// This replica's counters (operations and parks: the whole store, as last counted).
+    pub fn stats(&self) -> StoreStats {
+        let counters = &self.inner.counters;
+        StoreStats {
+            operations: counters.operations.load(Ordering::Relaxed),
+            parked: counters.parked.load(Ordering::Relaxed),
+            waiting: counters.waiting.load(Ordering::Relaxed),
+            parked_expired: counters.parked_expired.load(Ordering::Relaxed),
+            parked_overflow: 0,
+            started: counters
+                .started
+                .each_ref()
+                .map(|n| n.load(Ordering::Relaxed)),
+            settled: counters
+                .settled
+                .each_ref()
+                .map(|row| row.each_ref().map(|n| n.load(Ordering::Relaxed))),
+        }
+    }
+
+    /// Transitions rerun because what they read changed meanwhile.
+    pub fn conflicts(&self) -> u64 {
+        self.inner.counters.conflicts.load(Ordering::Relaxed)
+    }
+
+    /// Listens for settle notices until `stop`, waking long polls; reconnects with backoff,
+    /// and wakes every long poll after a reconnect (they re-read what they missed).
+    pub async fn run_notices(self, stop: CancellationToken) {
+        let channel = self.inner.keys.settled_channel();
+        let mut backoff = Duration::from_millis(100);
+        let mut was_down = false;
+        loop {
+            let subscribed = async {
+                let mut pubsub =
+                    tokio::time::timeout(self.inner.timeout, self.inner.client.get_async_pubsub())
+                        .await
+                        .map_err(|_| RedisStoreError::Timeout(self.timeout_ms()))??;
+                pubsub.subscribe(&channel).await?;
+                Ok::<_, RedisStoreError>(pubsub)
+            };
+            let mut pubsub = tokio::select! {
+                () = stop.cancelled() => return,
+                subscribed = subscribed => match subscribed {
+                    Ok(pubsub) => pubsub,
+                    Err(error) => {
+                        if !was_down {
+                            tracing::warn!(%error, "settle notices: cannot subscribe; long polls re-read every redis_poll_ms until it is back");
+                        }
+                        was_down = true;
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                },
+            };
+            if was_down {
+                tracing::info!("settle notices: subscribed again");
+            }
+            backoff = Duration::from_millis(100);
+            // Whatever settled while we were not listening.
+            self.wake_all();
+            let mut messages = pubsub.on_message();
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    message = messages.next() => match message {
+                        Some(message) => {
+                            if let Ok(id) = message.get_payload::<String>()
+                                && let Some(id) = OperationId::parse(&id)
+                            {
+                                self.wake(id);
+                            }
+                        }
+                        None => break,
+                    },
+                }
+            }
+            tracing::warn!("settle notices: the subscription dropped; reconnecting");
+            was_down = true;
+        }
+    }
+
+    /// Every `interval` until `stop`: times out operations past their callback deadline,
+    /// expires parked callbacks, drops ids of expired operations from the list index and
+    /// counts what is stored. Every replica sweeps; the transitions make that safe.
+    pub async fn run_sweeper(self, interval: Duration, stop: CancellationToken) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            match self.sweep().await {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("the sweep reaches Redis again");
+                }
+                Ok(()) => {}
+                Err(error) if !failing => {
+                    failing = true;
+                    tracing::error!(%error, "the sweep cannot reach Redis; it retries every tick");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// One sweep tick.
+    pub async fn sweep(&self) -> Result<(), RedisStoreError> {
+        let keys = &self.inner.keys;
+        let now_ms = i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+            .unwrap_or(i64::MAX);
+        let (due, parks, oldest, operations, parked): (
+            Vec<String>,
+            Vec<String>,
+            Vec<String>,
+            usize,
+            usize,
+        ) = self
+            .query({
+                let mut pipe = redis::pipe();
+                for index in [keys.deadlines(), keys.park_due()] {
+                    pipe.cmd("ZRANGEBYSCORE")
+                        .arg(index)
+                        .arg("-inf")
+                        .arg(now_ms)
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(SWEEP_BATCH);
+                }
+                pipe.cmd("ZRANGE")
+                    .arg(keys.all())
+                    .arg(0)
+                    .arg(SWEEP_BATCH - 1);
+                pipe.cmd("ZCARD").arg(keys.all());
+                pipe.cmd("ZCARD").arg(keys.park_due());
+                pipe
+            })
+            .await?;
+        let counters = &self.inner.counters;
+        counters.operations.store(operations, Ordering::Relaxed);
+        for id in due.iter().filter_map(|id| OperationId::parse(id)) {
+            self.time_out(id).await?;
+        }
+        for name in &parks {
+            self.expire_park(name).await?;
+        }
+        counters
+            .parked
+            .store(parked.saturating_sub(parks.len()), Ordering::Relaxed);
+        // Expired operations leave the list index (oldest first).
+        let ids: Vec<OperationId> = oldest
+            .iter()
+            .filter_map(|id| OperationId::parse(id))
+            .collect();
+        let gone = self
+            .operations(&ids)
+            .await?
+            .iter()
+            .zip(&ids)
+            .filter(|(operation, _)| operation.is_none())
+            .map(|(_, id)| id.to_string())
+            .collect();
+        self.forget_ids(gone).await;
+        Ok(())
+    }
+
+    /// Fails `id` with `CallbackTimeout` if it is past its deadline and still unsettled.
+    async fn time_out(&self, id: OperationId) -> Result<(), RedisStoreError> {
+        let committed = self
+            .transact(&Want::operation(id), |scratch, _| {
+                let known = scratch.get(id).is_some();
+                let report = scratch.sweep(tokio::time::Instant::now(), OffsetDateTime::now_utc());
+                (known, !report.timed_out.is_empty())
+            })
+            .await?;
+        match committed {
+            Committed::Done((true, true)) => {
+                tracing::warn!(operation.id = %id, "no final callback in time: operation failed with CallbackTimeout");
+            }
+            Committed::Done((false, _)) => {
+                // Expired (or never stored): nothing to time out.
+                let key = self.inner.keys.deadlines();
+                let _: () = self
+                    .query({
+                        let mut pipe = redis::pipe();
+                        pipe.cmd("ZREM").arg(&key).arg(id.to_string()).ignore();
+                        pipe
+                    })
+                    .await?;
+            }
+            Committed::Done((true, false)) | Committed::Duplicate => {}
+        }
+        Ok(())
+    }
+
+    /// Moves the events parked under `name` (past the park window) to their call's events.
+    async fn expire_park(&self, name: &str) -> Result<(), RedisStoreError> {
+        let want = Want {
+            contexts: vec![name.to_owned()],
+            ..Want::default()
+        };
+        for _ in 0..MAX_ATTEMPTS {
+            let (read, restored) = self.read(&want).await?;
+            let mut outcome = Outcome {
+                parks_expired: vec![name.to_owned()],
+                ..Outcome::default()
+            };
+            let mut by_call: Vec<(CallRef, Vec<EventRecord>)> = Vec::new();
+            for (event, _) in &restored.parked {
+                tracing::warn!(
+                    event.id = event.id.as_deref().unwrap_or(""),
+                    event.r#type = %event.event_type,
+                    call.id = event.call.as_ref().map(CallRef::id).unwrap_or(""),
+                    operation.context = event.context.as_deref().unwrap_or(""),
+                    "parked callback expired: no operation with its context appeared; kept on the call's events"
+                );
+                let Some(call) = &event.call else { continue };
+                let record = event.record(EventEffect::Unmatched);
+                match by_call.iter_mut().find(|(known, _)| known == call) {
+                    Some((_, records)) => records.push(record),
+                    None => by_call.push((call.clone(), vec![record])),
+                }
+            }
+            outcome.timelines = by_call;
+            match self
+                .commit(&read, &outcome, OffsetDateTime::now_utc())
+                .await?
+            {
+                Verdict::Written => {
+                    self.inner
+                        .counters
+                        .parked_expired
+                        .fetch_add(restored.parked.len() as u64, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Verdict::Duplicate | Verdict::Conflict => {}
+            }
+        }
+        Err(RedisStoreError::Contended(MAX_ATTEMPTS))
+    }
+}
+
+/// What the commit script answered.
+enum Verdict {
+    Written,
+    Duplicate,
+    Conflict,
+}
+
+/// A long poll's place among the waiters: counted in while it lives, and its entry dropped
+/// when it was the last one waiting on the operation.
+struct Waiting<'a> {
+    store: &'a RedisStore,
+    id: OperationId,
+    notify: Option<Arc<Notify>>,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(store: &'a RedisStore, id: OperationId) -> Self {
+        let notify = store.inner.waiters.entry(id).or_default().clone();
+        store.inner.counters.waiting.fetch_add(1, Ordering::Relaxed);
+        Self {
+            store,
+            id,
+            notify: Some(notify),
+        }
+    }
+
+    fn notify(&self) -> &Notify {
+        self.notify
+            .as_deref()
+            .unwrap_or_else(|| unreachable!("taken only in drop"))
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let inner = &self.store.inner;
+        inner.counters.waiting.fetch_sub(1, Ordering::Relaxed);
+        drop(self.notify.take());
+        inner
+            .waiters
+            .remove_if(&self.id, |_, notify| Arc::strong_count(notify) == 1);
+    }
+}
+
+/// An operation as stored: its JSON, and its revision beside it.
+fn parse_operation(id: &str, revision: &str, doc: &str) -> Option<Operation> {
+    match serde_json::from_str::<Operation>(doc) {
+        Ok(mut operation) => {
+            operation.revision = revision.parse().unwrap_or(0);
+            Some(operation)
+        }
+        Err(error) => {
+            tracing::error!(operation.id = %id, %error, "an operation in Redis is unreadable; skipped");
+            None
+        }
+    }
+}

@@ -1,0 +1,509 @@
+//! What one transition writes to the shared store, and what it checks first: built from
+//! what the transition read ([`Read`]) and what the scratch store holds afterwards
+//! ([`Outcome`]), executed by `commit.lua` as one atomic script. Pure: no I/O.
+//!
+//! The checks make every transition a compare-and-set: each operation written must still
+//! be at the revision read (or absent, if new), each name claimed must still name what it
+//! named, each park cleared must still hold the events read, and no event id may have been
+//! seen meanwhile. Otherwise nothing is written and the transition runs again on fresh
+//! reads.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use super::keys::{Keys, context_name};
+use crate::config::CallbackTimeouts;
+use crate::correlation::{IncomingEvent, upstream_key};
+use crate::operation::{CallRef, EventRecord, Operation, OperationId};
+
+/// What a transition read from the shared store.
+#[derive(Debug, Default)]
+pub struct Read {
+    /// Operations read: revision, and whether they had settled.
+    pub operations: HashMap<OperationId, (u64, bool)>,
+    /// (call, context) names read: the holder's id (if any) and how many events were parked.
+    pub contexts: HashMap<String, ContextRead>,
+    /// Upstream ids read (in `upstream_key` form): the operation they named, if any.
+    pub upstream: HashMap<String, Option<String>>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ContextRead {
+    pub holder: Option<String>,
+    pub parked: usize,
+}
+
+/// What the scratch store holds after the transition, and what it did besides.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Every operation in the scratch store (unchanged ones are skipped).
+    pub operations: Vec<Operation>,
+    /// Event ids delivered.
+    pub seen: Vec<String>,
+    /// Events parked by this transition.
+    pub parked: Vec<IncomingEvent>,
+    /// (call, context) names whose parked events expired (moved to their call's events).
+    pub parks_expired: Vec<String>,
+    /// Events added to calls' timelines.
+    pub timelines: Vec<(CallRef, Vec<EventRecord>)>,
+    /// More upstream ids of an operation than the one it shows (Graph's `Location`).
+    pub upstream_ids: Vec<(String, OperationId)>,
+}
+
+/// How long things are kept.
+#[derive(Debug, Clone)]
+pub struct Lifetimes {
+    pub retention: Duration,
+    pub dedupe: Duration,
+    pub park: Duration,
+    pub timeouts: CallbackTimeouts,
+    pub timeline_max: usize,
+}
+
+impl Lifetimes {
+    /// How long a call's operation set and timeline live after their last change: as long
+    /// as an operation created now could (its deadline, then its retention).
+    fn call(&self) -> Duration {
+        let longest = [
+            self.timeouts.remove_participant_secs,
+            self.timeouts.cancel_media_processing_secs,
+            self.timeouts.observed_secs,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+        self.retention + Duration::from_secs(longest)
+    }
+}
+
+/// The script's argument.
+#[derive(Debug, Serialize)]
+pub struct Plan {
+    seen: Vec<String>,
+    seen_ttl: u64,
+    ops: Vec<OpWrite>,
+    claims: Vec<Claim>,
+    parked: Vec<ParkWrite>,
+    timelines: Vec<TimelineWrite>,
+    timeline_max: usize,
+    call_ttl: u64,
+    park_keep: u64,
+    all: String,
+    deadlines: String,
+    park_due: String,
+    channel: String,
+}
+
+#[derive(Debug, Serialize)]
+struct OpWrite {
+    key: String,
+    id: String,
+    /// The revision read, as text; empty for a new operation (it must not exist).
+    base: String,
+    rev: String,
+    doc: String,
+    ttl: u64,
+    /// Keys naming it (context, upstream id) whose expiry follows its own.
+    names: Vec<String>,
+    new: bool,
+    /// The call's operation set (added to when new).
+    call: String,
+    /// Callback deadline (unix ms) while unsettled, else 0.
+    deadline: i64,
+    /// Settled (or changed while settled): published, so long polls elsewhere wake.
+    settled: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Claim {
+    key: String,
+    /// When `check`: the id it must still hold (empty: none).
+    check: bool,
+    expect: String,
+    /// Written when not empty.
+    set: String,
+    ttl: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct ParkWrite {
+    key: String,
+    name: String,
+    /// The length it must still have, or -1.
+    expect: i64,
+    clear: bool,
+    push: Vec<String>,
+    due: i64,
+}
+
+#[derive(Debug, Serialize)]
+struct TimelineWrite {
+    key: String,
+    push: Vec<String>,
+}
+
+impl Plan {
+    /// True when the transition changed nothing (no script needed).
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+            && self.ops.is_empty()
+            && self.claims.is_empty()
+            && self.parked.is_empty()
+            && self.timelines.is_empty()
+    }
+
+    /// Operations this plan settles (for waking long polls here without waiting for
+    /// the published notice).
+    pub fn settled(&self) -> impl Iterator<Item = &str> {
+        self.ops
+            .iter()
+            .filter(|op| op.settled)
+            .map(|op| op.id.as_str())
+    }
+
+    /// The script's argument.
+    pub fn to_json(&self) -> String {
+        // Plain strings, numbers and booleans: serializing cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+fn unix_ms(at: OffsetDateTime) -> i64 {
+    i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+/// The plan for `outcome`, given what was `read`, at `now`.
+pub fn plan(
+    keys: &Keys,
+    lifetimes: &Lifetimes,
+    read: &Read,
+    outcome: &Outcome,
+    now: OffsetDateTime,
+) -> Result<Plan, serde_json::Error> {
+    let retention = millis(lifetimes.retention);
+    let call_ttl = millis(lifetimes.call());
+    let mut claims: BTreeMap<String, Claim> = BTreeMap::new();
+    let mut parked: BTreeMap<String, ParkWrite> = BTreeMap::new();
+    let mut ops = Vec::new();
+    for op in &outcome.operations {
+        let base = read.operations.get(&op.id);
+        if base.is_some_and(|(revision, _)| *revision == op.revision) {
+            continue;
+        }
+        let new = base.is_none();
+        let id = op.id.to_string();
+        let settled = op.status.is_terminal();
+        let deadline = op.created_date_time + lifetimes.timeouts.for_kind(&op.kind);
+        let ttl = if settled {
+            retention
+        } else {
+            millis(Duration::try_from(deadline - now).unwrap_or(Duration::ZERO)) + retention
+        };
+        let mut names = Vec::new();
+        if !op.context.is_empty() {
+            let name = context_name(&op.call, &op.context);
+            let key = keys.context(&name);
+            if new {
+                let seen = read.contexts.get(&name).cloned().unwrap_or_default();
+                claims.insert(
+                    key.clone(),
+                    Claim {
+                        key: key.clone(),
+                        check: true,
+                        expect: seen.holder.unwrap_or_default(),
+                        set: id.clone(),
+                        ttl,
+                    },
+                );
+                // The events parked under it were applied to it.
+                if seen.parked > 0 {
+                    parked.insert(
+                        name.clone(),
+                        ParkWrite {
+                            key: keys.parked(&name),
+                            name: name.clone(),
+                            expect: i64::try_from(seen.parked).unwrap_or(i64::MAX),
+                            clear: true,
+                            push: Vec::new(),
+                            due: 0,
+                        },
+                    );
+                }
+            }
+            names.push(key);
+        }
+        if let Some(shown) = &op.upstream_operation_id {
+            let upstream = upstream_key(shown);
+            let key = keys.upstream(&upstream);
+            let was = read.upstream.get(&*upstream);
+            claims.entry(key.clone()).or_insert(Claim {
+                key: key.clone(),
+                // A new operation found by this id alone must not race another replica
+                // observing the same id.
+                check: new,
+                expect: was.cloned().flatten().unwrap_or_default(),
+                set: id.clone(),
+                ttl,
+            });
+            names.push(key);
+        }
+        let mut doc = Vec::with_capacity(512);
+        serde_json::to_writer(&mut doc, op)?;
+        ops.push(OpWrite {
+            key: keys.operation(op.id),
+            base: base
+                .map(|(revision, _)| revision.to_string())
+                .unwrap_or_default(),
+            rev: op.revision.to_string(),
+            doc: String::from_utf8(doc).unwrap_or_default(),
+            ttl,
+            names,
+            new,
+            call: keys.call(&op.call),
+            deadline: if settled { 0 } else { unix_ms(deadline) },
+            settled,
+            id,
+        });
+    }
+    for (upstream, id) in &outcome.upstream_ids {
+        let key = keys.upstream(upstream);
+        claims.entry(key.clone()).or_insert(Claim {
+            key,
+            check: false,
+            expect: String::new(),
+            set: id.to_string(),
+            ttl: retention + call_ttl,
+        });
+    }
+    let park_due = unix_ms(now) + i64::try_from(millis(lifetimes.park)).unwrap_or(i64::MAX);
+    for event in &outcome.parked {
+        let Some((call, context)) = event.names() else {
+            continue;
+        };
+        let name = context_name(call, context);
+        let key = keys.context(&name);
+        // Parked only while nothing holds the name: it must still be so.
+        let holder = read
+            .contexts
+            .get(&name)
+            .and_then(|seen| seen.holder.clone())
+            .unwrap_or_default();
+        claims.entry(key.clone()).or_insert(Claim {
+            key,
+            check: true,
+            expect: holder,
+            set: String::new(),
+            ttl: 0,
+        });
+        parked
+            .entry(name.clone())
+            .or_insert_with(|| ParkWrite {
+                key: keys.parked(&name),
+                name: name.clone(),
+                expect: -1,
+                clear: false,
+                push: Vec::new(),
+                due: park_due,
+            })
+            .push
+            .push(serde_json::to_string(event)?);
+    }
+    for name in &outcome.parks_expired {
+        let seen = read.contexts.get(name).map_or(0, |seen| seen.parked);
+        parked.entry(name.clone()).or_insert_with(|| ParkWrite {
+            key: keys.parked(name),
+            name: name.clone(),
+            expect: i64::try_from(seen).unwrap_or(i64::MAX),
+            clear: true,
+            push: Vec::new(),
+            due: 0,
+        });
+    }
+    let mut timelines = Vec::new();
+    for (call, events) in &outcome.timelines {
+        let push = events
+            .iter()
+            .map(serde_json::to_string)
+            .collect::<Result<Vec<_>, _>>()?;
+        timelines.push(TimelineWrite {
+            key: keys.timeline(call),
+            push,
+        });
+    }
+    Ok(Plan {
+        seen: outcome.seen.iter().map(|id| keys.seen(id)).collect(),
+        seen_ttl: millis(lifetimes.dedupe),
+        ops,
+        claims: claims.into_values().collect(),
+        parked: parked.into_values().collect(),
+        timelines,
+        timeline_max: lifetimes.timeline_max.max(1),
+        call_ttl,
+        // Long enough for a sweep to move expired events to their call's timeline.
+        park_keep: millis(lifetimes.park) * 2 + 60_000,
+        all: keys.all(),
+        deadlines: keys.deadlines(),
+        park_due: keys.park_due(),
+        channel: keys.settled_channel(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::operation::{OperationKind, Transition};
+
+    fn lifetimes() -> Lifetimes {
+        let config = Config::embedded();
+        Lifetimes {
+            retention: Duration::from_secs(3600),
+            dedupe: Duration::from_secs(600),
+            park: Duration::from_secs(30),
+            timeouts: config.operations.callback_timeouts,
+            timeline_max: 100,
+        }
+    }
+
+    fn removal(context: &str) -> Operation {
+        Operation::new(
+            OperationKind::RemoveParticipant,
+            CallRef::CallConnection("call-1".into()),
+            context.into(),
+            OffsetDateTime::now_utc(),
+        )
+    }
+
+    #[test]
+    fn a_new_operation_claims_its_context_and_clears_what_was_parked_for_it() {
+        let keys = Keys::new("t");
+        let op = removal("ctx");
+        let name = context_name(&op.call, "ctx");
+        let mut read = Read::default();
+        read.contexts.insert(
+            name.clone(),
+            ContextRead {
+                holder: Some("old".into()),
+                parked: 2,
+            },
+        );
+        let outcome = Outcome {
+            operations: vec![op.clone()],
+            ..Outcome::default()
+        };
+        let plan = plan(
+            &keys,
+            &lifetimes(),
+            &read,
+            &outcome,
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+        assert_eq!(plan.ops.len(), 1);
+        assert!(plan.ops[0].new && plan.ops[0].base.is_empty() && !plan.ops[0].settled);
+        assert!(plan.ops[0].deadline > 0);
+        let claim = &plan.claims[0];
+        assert_eq!(claim.key, keys.context(&name));
+        assert!(claim.check);
+        assert_eq!(claim.expect, "old");
+        assert_eq!(claim.set, op.id.to_string());
+        assert_eq!(plan.parked.len(), 1);
+        assert!(plan.parked[0].clear);
+        assert_eq!(plan.parked[0].expect, 2);
+    }
+
+    #[test]
+    fn unchanged_operations_are_not_written_and_changed_ones_compare_their_revision() {
+        let keys = Keys::new("t");
+        let mut unchanged = removal("a");
+        unchanged.revision = 4;
+        let mut changed = removal("b");
+        changed.revision = 7;
+        let mut read = Read::default();
+        read.operations.insert(unchanged.id, (4, false));
+        read.operations.insert(changed.id, (6, false));
+        changed
+            .apply(
+                Transition::Succeeded { result: None },
+                OffsetDateTime::now_utc(),
+            )
+            .unwrap();
+        let outcome = Outcome {
+            operations: vec![unchanged, changed.clone()],
+            seen: vec!["event-1".into()],
+            ..Outcome::default()
+        };
+        let plan = plan(
+            &keys,
+            &lifetimes(),
+            &read,
+            &outcome,
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+        assert_eq!(plan.ops.len(), 1);
+        let op = &plan.ops[0];
+        assert_eq!(op.base, "6");
+        assert_eq!(op.rev, changed.revision.to_string());
+        assert!(op.settled && !op.new);
+        assert_eq!(op.deadline, 0);
+        assert_eq!(op.ttl, 3_600_000);
+        // An existing operation claims nothing: its revision guards it.
+        assert!(plan.claims.is_empty());
+        assert_eq!(plan.seen, vec![keys.seen("event-1")]);
+        assert_eq!(
+            plan.settled().collect::<Vec<_>>(),
+            vec![changed.id.to_string()]
+        );
+        let json: serde_json::Value = serde_json::from_str(&plan.to_json()).unwrap();
+        assert_eq!(json["ops"][0]["base"], "6");
+    }
+
+    #[test]
+    fn a_parked_event_checks_that_its_context_is_still_free() {
+        let keys = Keys::new("t");
+        let event = IncomingEvent {
+            id: Some("e".into()),
+            event_type: "RemoveParticipantSucceeded".into(),
+            call: Some(CallRef::CallConnection("call-1".into())),
+            context: Some("ctx".into()),
+            kind: OperationKind::RemoveParticipant,
+            upstream_id: None,
+            cancelled: false,
+            upstream_status: None,
+            transition: Some(Transition::Succeeded { result: None }),
+            received: OffsetDateTime::now_utc(),
+        };
+        let outcome = Outcome {
+            parked: vec![event.clone()],
+            seen: vec!["e".into()],
+            ..Outcome::default()
+        };
+        let plan = plan(
+            &keys,
+            &lifetimes(),
+            &Read::default(),
+            &outcome,
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+        let name = context_name(event.call.as_ref().unwrap(), "ctx");
+        assert_eq!(plan.claims.len(), 1);
+        assert!(plan.claims[0].check && plan.claims[0].expect.is_empty());
+        assert!(plan.claims[0].set.is_empty());
+        assert_eq!(plan.parked[0].key, keys.parked(&name));
+        assert_eq!(plan.parked[0].expect, -1);
+        let back: IncomingEvent = serde_json::from_str(&plan.parked[0].push[0]).unwrap();
+        assert_eq!(back, event);
+        assert!(!plan.is_empty());
+    }
+}
