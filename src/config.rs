@@ -1014,7 +1014,10 @@ mod tests {
             ..Config::embedded().store
         };
         let shown = format!("{config:?}");
-        assert!(!shown.contains("hunter2pw") && shown.contains("cache.example.net"), "{shown}");
+        assert!(
+            !shown.contains("hunter2pw") && shown.contains("cache.example.net"),
+            "{shown}"
+        );
         for bad in ["", "sqlite://", "redis://", "postgres://x"] {
             assert!(location(bad).is_err(), "{bad}");
         }

@@ -125,12 +125,10 @@ pub async fn run(
         }
         StoreLocation::Sqlite(path) => (open_store(path, &config.store, &store).await?, None),
     };
-    let recorder = recorder
-        .with_metrics(metrics.clone())
-        .with_retention(
-            Duration::from_secs(config.operations.retention_secs),
-            Duration::from_secs(config.operations.dedupe_ttl_secs),
-        );
+    let recorder = recorder.with_metrics(metrics.clone()).with_retention(
+        Duration::from_secs(config.operations.retention_secs),
+        Duration::from_secs(config.operations.dedupe_ttl_secs),
+    );
     let acs = AcsClient::new(
         &config.acs,
         connection,
@@ -140,10 +138,13 @@ pub async fn run(
     );
     tracing::info!(acs.endpoint = %acs.endpoint(), callback.url = %config.acs_callback_url(), "ACS client ready");
     tracing::info!(graph.base_url = %graph.base_url(), graph.token_url = %graph.tokens().token_url(), "Graph client ready");
+    let storage = service::Storage {
+        store: store.clone(),
+        recorder: recorder.clone(),
+        shared: shared.clone(),
+    };
     let service = OperationService::new(
-        store.clone(),
-        recorder.clone(),
-        shared.clone(),
+        storage,
         acs,
         graph,
         tasks.clone(),

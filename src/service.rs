@@ -31,9 +31,7 @@ use crate::operation::{
 };
 use crate::persistence::{Changes, Recorder};
 use crate::redis_store::{Committed, RedisStore, RedisStoreError, Want};
-use crate::store::{
-    ContextInUse, Delivery, ListFilter, OperationStore, StoreStats, SweepReport,
-};
+use crate::store::{ContextInUse, Delivery, ListFilter, OperationStore, StoreStats, SweepReport};
 use crate::trace_context::TraceParent;
 use crate::upstream::TransientError;
 
@@ -70,6 +68,14 @@ pub struct ServiceParts {
     tasks: TaskTracker,
     shutdown: CancellationToken,
     metrics: Metrics,
+}
+
+/// Where the service keeps state: the in-memory store and its journal, or (when `shared` is
+/// set) the store shared by every replica.
+pub struct Storage {
+    pub store: OperationStore,
+    pub recorder: Recorder,
+    pub shared: Option<RedisStore>,
 }
 
 /// Why an operation could not be started.
@@ -139,9 +145,11 @@ pub struct DeliverySummary {
 
 impl OperationService {
     pub fn new(
-        store: OperationStore,
-        recorder: Recorder,
-        shared: Option<RedisStore>,
+        Storage {
+            store,
+            recorder,
+            shared,
+        }: Storage,
         acs: AcsClient,
         graph: GraphClient,
         tasks: TaskTracker,
@@ -202,7 +210,11 @@ impl OperationService {
         let probe = async {
             match &self.shared {
                 Some(shared) => shared.probe().await.map_err(|error| error.to_string()),
-                None => self.recorder.probe().await.map_err(|error| error.to_string()),
+                None => self
+                    .recorder
+                    .probe()
+                    .await
+                    .map_err(|error| error.to_string()),
             }
         };
         match tokio::time::timeout(timeout, probe).await {
@@ -531,9 +543,12 @@ impl OperationService {
             let delivery = self.deliver("graph", incoming, now, &mut changes);
             summary.count(delivery);
             if let (Some((call, result)), false) = (ended, delivery == Delivery::Duplicate) {
-                let failed =
-                    self.store
-                        .end_call(&call, result, &call_terminated(), OffsetDateTime::now_utc());
+                let failed = self.store.end_call(
+                    &call,
+                    result,
+                    &call_terminated(),
+                    OffsetDateTime::now_utc(),
+                );
                 log_call_ended(&call, &failed);
                 changes.operations(failed);
             }

@@ -723,6 +723,14 @@ impl OperationStore {
         (operations, more)
     }
 
+    /// Lets `upstream_key` find operation `id` (for a scratch store: a name the shared
+    /// store knows besides the one on the operation, such as Graph's `Location` id).
+    pub fn index_upstream(&self, upstream_key: &str, id: OperationId) {
+        if self.inner.operations.contains_key(&id) {
+            self.inner.upstream.insert(upstream_key.into(), id);
+        }
+    }
+
     /// Every operation, with its revision (for a scratch store: what to write back).
     pub fn snapshots(&self) -> Vec<Operation> {
         self.inner

@@ -36,7 +36,7 @@ pub(crate) async fn get_health(
     State(callback_auth): State<CallbackAuthenticator>,
 ) -> axum::Json<serde_json::Value> {
     let stats = service.store_stats();
-    axum::Json(json!({
+    let mut health = json!({
         "status": "ok",
         "operations": stats.operations,
         "parkedCallbacks": stats.parked,
@@ -45,7 +45,12 @@ pub(crate) async fn get_health(
             "acs": callback_auth.rejected(CallbackSource::Acs),
             "graph": callback_auth.rejected(CallbackSource::Graph),
         },
-    }))
+    });
+    if let Some(shared) = service.shared_store() {
+        // Transitions rerun because another request (or replica) changed what they read.
+        health["storeConflicts"] = json!(shared.conflicts());
+    }
+    axum::Json(health)
 }
 
 /// Prometheus metrics in OpenMetrics text.

@@ -25,8 +25,9 @@ for _, parked in ipairs(plan.parked) do
 end
 
 -- 2. Writes.
+-- The dedupe records: SET NX with an expiry (checked above, inside this same script).
 for _, key in ipairs(plan.seen) do
-  redis.call('SET', key, '1', 'PX', plan.seen_ttl)
+  redis.call('SET', key, '1', 'NX', 'PX', plan.seen_ttl)
 end
 for _, op in ipairs(plan.ops) do
   redis.call('HSET', op.key, 'rev', op.rev, 'doc', op.doc)

@@ -35,6 +35,11 @@ impl Keys {
         self.key("op", &id.to_string())
     }
 
+    /// What [`Keys::operation`] puts before the id.
+    pub fn operation_prefix(&self) -> String {
+        self.key("op", "")
+    }
+
     /// The operation holding (call, context): its id.
     pub fn context(&self, name: &str) -> String {
         self.key("ctx", name)

@@ -24,7 +24,6 @@
 mod keys;
 mod plan;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -44,8 +43,8 @@ use crate::store::{
     FINAL_STATUSES, ISSUED_KINDS, ListFilter, OperationStore, Restored, StoreStats,
 };
 
-pub use keys::context_name;
 use keys::Keys;
+pub use keys::context_name;
 pub use plan::Outcome;
 use plan::{ContextRead, Lifetimes, Read};
 
@@ -148,6 +147,7 @@ struct Inner {
     lifetimes: Lifetimes,
     operations: OperationsConfig,
     script: redis::Script,
+    reader: redis::Script,
     timeout: Duration,
     poll: Duration,
     metrics: Metrics,
@@ -202,6 +202,7 @@ impl RedisStore {
                 },
                 operations: operations.clone(),
                 script: redis::Script::new(include_str!("commit.lua")),
+                reader: redis::Script::new(include_str!("read.lua")),
                 timeout,
                 poll: Duration::from_millis(store.redis_poll_ms),
                 metrics,
@@ -261,7 +262,10 @@ impl RedisStore {
     ) -> Result<Committed<T>, RedisStoreError> {
         for attempt in 0..MAX_ATTEMPTS {
             if attempt > 0 {
-                self.inner.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+                self.inner
+                    .counters
+                    .conflicts
+                    .fetch_add(1, Ordering::Relaxed);
                 // Spread replicas retrying the same records apart.
                 let jitter = rand::random_range(0..=u64::from(attempt.min(8)) * 500);
                 tokio::time::sleep(Duration::from_micros(jitter)).await;
@@ -270,6 +274,11 @@ impl RedisStore {
             let now = OffsetDateTime::now_utc();
             let scratch = OperationStore::scratch(&self.inner.operations);
             scratch.restore(restored, tokio::time::Instant::now(), now);
+            for (upstream, holder) in &read.upstream {
+                if let Some(id) = holder.as_deref().and_then(OperationId::parse) {
+                    scratch.index_upstream(upstream, id);
+                }
+            }
             let mut outcome = Outcome::default();
             let value = work(&scratch, &mut outcome);
             outcome.operations = scratch.snapshots();
@@ -349,40 +358,42 @@ impl RedisStore {
         }
     }
 
-    /// Reads what `want` names: two round trips (names, then operations).
+    /// Reads what `want` names, in one round trip (`read.lua`).
     async fn read(&self, want: &Want) -> Result<(Read, Restored), RedisStoreError> {
-        let keys = &self.inner.keys;
-        let names: Vec<redis::Value> = if want.contexts.is_empty()
-            && want.upstream.is_empty()
-            && want.calls.is_empty()
-        {
-            Vec::new()
-        } else {
-            self.query({
-                let mut pipe = redis::pipe();
-                for name in &want.contexts {
-                    pipe.cmd("GET").arg(keys.context(name));
-                    pipe.cmd("LRANGE").arg(keys.parked(name)).arg(0).arg(-1);
-                }
-                for upstream in &want.upstream {
-                    pipe.cmd("GET").arg(keys.upstream(upstream));
-                }
-                for call in &want.calls {
-                    pipe.cmd("SMEMBERS").arg(keys.call(call));
-                }
-                pipe
-            })
-            .await?
-        };
+        let inner = &self.inner;
+        let keys = &inner.keys;
+        let argument = serde_json::json!({
+            "ctx": want
+                .contexts
+                .iter()
+                .map(|name| [keys.context(name), keys.parked(name)])
+                .collect::<Vec<_>>(),
+            "up": want.upstream.iter().map(|key| keys.upstream(key)).collect::<Vec<_>>(),
+            "calls": want.calls.iter().map(|call| keys.call(call)).collect::<Vec<_>>(),
+            "ops": want.operations.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "op": keys.operation_prefix(),
+        })
+        .to_string();
+        let mut connection = inner.connection.clone();
+        let mut invocation = inner.reader.key(keys.all());
+        invocation.arg(&argument);
+        type Answer = (
+            Vec<Option<String>>,
+            Vec<Vec<String>>,
+            Vec<Option<String>>,
+            Vec<(String, String, String)>,
+        );
+        let (holders, parks, upstream, operations): Answer =
+            match tokio::time::timeout(inner.timeout, invocation.invoke_async(&mut connection))
+                .await
+            {
+                Ok(answer) => answer?,
+                Err(_) => return Err(RedisStoreError::Timeout(self.timeout_ms())),
+            };
         let mut read = Read::default();
         let mut restored = Restored::default();
         let wall_now = OffsetDateTime::now_utc();
-        let mut ids: Vec<OperationId> = want.operations.clone();
-        let mut answers = names.into_iter();
-        for name in &want.contexts {
-            let holder: Option<String> = from_value(answers.next());
-            let parked: Vec<String> = from_value(answers.next());
-            ids.extend(holder.as_deref().and_then(OperationId::parse));
+        for ((name, holder), parked) in want.contexts.iter().zip(holders).zip(parks) {
             read.contexts.insert(
                 name.clone(),
                 ContextRead {
@@ -394,25 +405,21 @@ impl RedisStore {
                 match serde_json::from_str::<IncomingEvent>(&json) {
                     // Parked "now": the sweep expires parks, not the scratch store.
                     Ok(event) => restored.parked.push((event, wall_now)),
-                    Err(error) => tracing::error!(%error, "a parked callback in Redis is unreadable; skipped"),
+                    Err(error) => {
+                        tracing::error!(%error, "a parked callback in Redis is unreadable; skipped")
+                    }
                 }
             }
         }
-        for upstream in &want.upstream {
-            let holder: Option<String> = from_value(answers.next());
-            ids.extend(holder.as_deref().and_then(OperationId::parse));
-            read.upstream.insert(upstream.to_string(), holder);
+        for (key, holder) in want.upstream.iter().zip(upstream) {
+            read.upstream.insert(key.to_string(), holder);
         }
-        for _ in &want.calls {
-            let members: Vec<String> = from_value(answers.next());
-            ids.extend(members.iter().filter_map(|id| OperationId::parse(id)));
-        }
-        let mut unique = HashSet::new();
-        ids.retain(|id| unique.insert(*id));
-        for (id, operation) in ids.iter().zip(self.operations(&ids).await?) {
-            if let Some(operation) = operation {
-                read.operations
-                    .insert(*id, (operation.revision, operation.status.is_terminal()));
+        for (id, revision, doc) in operations {
+            if let Some(operation) = parse_operation(&id, &revision, &doc) {
+                read.operations.insert(
+                    operation.id,
+                    (operation.revision, operation.status.is_terminal()),
+                );
                 restored.operations.push(operation);
             }
         }
@@ -432,7 +439,10 @@ impl RedisStore {
             .query({
                 let mut pipe = redis::pipe();
                 for id in ids {
-                    pipe.cmd("HMGET").arg(keys.operation(*id)).arg("rev").arg("doc");
+                    pipe.cmd("HMGET")
+                        .arg(keys.operation(*id))
+                        .arg("rev")
+                        .arg("doc");
                 }
                 pipe
             })
@@ -440,19 +450,7 @@ impl RedisStore {
         Ok(answers
             .into_iter()
             .zip(ids)
-            .map(|((revision, doc), id)| {
-                let (revision, doc) = (revision?, doc?);
-                match serde_json::from_str::<Operation>(&doc) {
-                    Ok(mut operation) => {
-                        operation.revision = revision.parse().unwrap_or(0);
-                        Some(operation)
-                    }
-                    Err(error) => {
-                        tracing::error!(operation.id = %id, %error, "an operation in Redis is unreadable; skipped");
-                        None
-                    }
-                }
-            })
+            .map(|((revision, doc), id)| parse_operation(&id.to_string(), &revision?, &doc?))
             .collect())
     }
 
@@ -533,7 +531,8 @@ impl RedisStore {
             let Some(last) = ids.last() else { break };
             upper = format!("({last}");
             scanned += ids.len();
-            let parsed: Vec<OperationId> = ids.iter().filter_map(|id| OperationId::parse(id)).collect();
+            let parsed: Vec<OperationId> =
+                ids.iter().filter_map(|id| OperationId::parse(id)).collect();
             let operations = self.operations(&parsed).await?;
             let mut expired = Vec::new();
             for (id, operation) in parsed.iter().zip(operations) {
@@ -599,7 +598,10 @@ impl RedisStore {
             waiting: counters.waiting.load(Ordering::Relaxed),
             parked_expired: counters.parked_expired.load(Ordering::Relaxed),
             parked_overflow: 0,
-            started: counters.started.each_ref().map(|n| n.load(Ordering::Relaxed)),
+            started: counters
+                .started
+                .each_ref()
+                .map(|n| n.load(Ordering::Relaxed)),
             settled: counters
                 .settled
                 .each_ref()
@@ -620,12 +622,10 @@ impl RedisStore {
         let mut was_down = false;
         loop {
             let subscribed = async {
-                let mut pubsub = tokio::time::timeout(
-                    self.inner.timeout,
-                    self.inner.client.get_async_pubsub(),
-                )
-                .await
-                .map_err(|_| RedisStoreError::Timeout(self.timeout_ms()))??;
+                let mut pubsub =
+                    tokio::time::timeout(self.inner.timeout, self.inner.client.get_async_pubsub())
+                        .await
+                        .map_err(|_| RedisStoreError::Timeout(self.timeout_ms()))??;
                 pubsub.subscribe(&channel).await?;
                 Ok::<_, RedisStoreError>(pubsub)
             };
@@ -704,9 +704,8 @@ impl RedisStore {
     /// One sweep tick.
     pub async fn sweep(&self) -> Result<(), RedisStoreError> {
         let keys = &self.inner.keys;
-        let now_ms =
-            i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
-                .unwrap_or(i64::MAX);
+        let now_ms = i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+            .unwrap_or(i64::MAX);
         let (due, parks, oldest, operations, parked): (
             Vec<String>,
             Vec<String>,
@@ -725,7 +724,10 @@ impl RedisStore {
                         .arg(0)
                         .arg(SWEEP_BATCH);
                 }
-                pipe.cmd("ZRANGE").arg(keys.all()).arg(0).arg(SWEEP_BATCH - 1);
+                pipe.cmd("ZRANGE")
+                    .arg(keys.all())
+                    .arg(0)
+                    .arg(SWEEP_BATCH - 1);
                 pipe.cmd("ZCARD").arg(keys.all());
                 pipe.cmd("ZCARD").arg(keys.park_due());
                 pipe
@@ -743,7 +745,10 @@ impl RedisStore {
             .parked
             .store(parked.saturating_sub(parks.len()), Ordering::Relaxed);
         // Expired operations leave the list index (oldest first).
-        let ids: Vec<OperationId> = oldest.iter().filter_map(|id| OperationId::parse(id)).collect();
+        let ids: Vec<OperationId> = oldest
+            .iter()
+            .filter_map(|id| OperationId::parse(id))
+            .collect();
         let gone = self
             .operations(&ids)
             .await?
@@ -761,8 +766,7 @@ impl RedisStore {
         let committed = self
             .transact(&Want::operation(id), |scratch, _| {
                 let known = scratch.get(id).is_some();
-                let report =
-                    scratch.sweep(tokio::time::Instant::now(), OffsetDateTime::now_utc());
+                let report = scratch.sweep(tokio::time::Instant::now(), OffsetDateTime::now_utc());
                 (known, !report.timed_out.is_empty())
             })
             .await?;
@@ -860,7 +864,9 @@ impl<'a> Waiting<'a> {
     }
 
     fn notify(&self) -> &Notify {
-        self.notify.as_deref().unwrap_or_else(|| unreachable!("taken only in drop"))
+        self.notify
+            .as_deref()
+            .unwrap_or_else(|| unreachable!("taken only in drop"))
     }
 }
 
@@ -875,9 +881,16 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// A pipeline answer as `T`, or `T::default()` when absent or of another type.
-fn from_value<T: redis::FromRedisValue + Default>(value: Option<redis::Value>) -> T {
-    value
-        .and_then(|value| redis::from_redis_value(&value).ok())
-        .unwrap_or_default()
+/// An operation as stored: its JSON, and its revision beside it.
+fn parse_operation(id: &str, revision: &str, doc: &str) -> Option<Operation> {
+    match serde_json::from_str::<Operation>(doc) {
+        Ok(mut operation) => {
+            operation.revision = revision.parse().unwrap_or(0);
+            Some(operation)
+        }
+        Err(error) => {
+            tracing::error!(operation.id = %id, %error, "an operation in Redis is unreadable; skipped");
+            None
+        }
+    }
 }

@@ -260,7 +260,9 @@ pub fn plan(
         serde_json::to_writer(&mut doc, op)?;
         ops.push(OpWrite {
             key: keys.operation(op.id),
-            base: base.map(|(revision, _)| revision.to_string()).unwrap_or_default(),
+            base: base
+                .map(|(revision, _)| revision.to_string())
+                .unwrap_or_default(),
             rev: op.revision.to_string(),
             doc: String::from_utf8(doc).unwrap_or_default(),
             ttl,
@@ -398,7 +400,14 @@ mod tests {
             operations: vec![op.clone()],
             ..Outcome::default()
         };
-        let plan = plan(&keys, &lifetimes(), &read, &outcome, OffsetDateTime::now_utc()).unwrap();
+        let plan = plan(
+            &keys,
+            &lifetimes(),
+            &read,
+            &outcome,
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
         assert_eq!(plan.ops.len(), 1);
         assert!(plan.ops[0].new && plan.ops[0].base.is_empty() && !plan.ops[0].settled);
         assert!(plan.ops[0].deadline > 0);
@@ -433,7 +442,14 @@ mod tests {
             seen: vec!["event-1".into()],
             ..Outcome::default()
         };
-        let plan = plan(&keys, &lifetimes(), &read, &outcome, OffsetDateTime::now_utc()).unwrap();
+        let plan = plan(
+            &keys,
+            &lifetimes(),
+            &read,
+            &outcome,
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
         assert_eq!(plan.ops.len(), 1);
         let op = &plan.ops[0];
         assert_eq!(op.base, "6");
@@ -444,7 +460,10 @@ mod tests {
         // An existing operation claims nothing: its revision guards it.
         assert!(plan.claims.is_empty());
         assert_eq!(plan.seen, vec![keys.seen("event-1")]);
-        assert_eq!(plan.settled().collect::<Vec<_>>(), vec![changed.id.to_string()]);
+        assert_eq!(
+            plan.settled().collect::<Vec<_>>(),
+            vec![changed.id.to_string()]
+        );
         let json: serde_json::Value = serde_json::from_str(&plan.to_json()).unwrap();
         assert_eq!(json["ops"][0]["base"], "6");
     }

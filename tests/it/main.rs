@@ -12,6 +12,7 @@ mod hostile_input;
 mod metrics;
 mod openapi;
 mod operations;
+mod redis;
 mod removal;
 mod secrets;
 mod shutdown;
