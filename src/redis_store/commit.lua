@@ -1,5 +1,6 @@
 -- callops: one transition of the shared store, all or nothing.
--- ARGV[1] is the plan (JSON, built by plan.rs); KEYS[1] only routes the script (every key
+-- ARGV[1] is the plan (JSON, built by plan.rs), ARGV[2..] the operations' JSON (each
+-- plan.ops entry names its own by index); KEYS[1] only routes the script (every key
 -- shares the prefix's hash tag, so a cluster keeps them in one slot).
 -- Returns 'dup' (an event id was seen before: nothing written), 'conflict' (something read
 -- for this transition changed since: nothing written, read again), or 'ok'.
@@ -30,8 +31,9 @@ for _, key in ipairs(plan.seen) do
   redis.call('SET', key, '1', 'NX', 'PX', plan.seen_ttl)
 end
 for _, op in ipairs(plan.ops) do
-  redis.call('HSET', op.key, 'rev', op.rev, 'doc', op.doc)
+  redis.call('HSET', op.key, 'rev', op.rev, 'doc', ARGV[op.doc])
   redis.call('PEXPIRE', op.key, op.ttl)
+  redis.call('ZADD', plan.expiries, plan.now + op.ttl, op.id)
   -- The names that find it live as long as it does (if they still name it).
   for _, name in ipairs(op.names) do
     if redis.call('GET', name) == op.id then redis.call('PEXPIRE', name, op.ttl) end

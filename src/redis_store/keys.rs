@@ -75,6 +75,11 @@ impl Keys {
         self.key("index", "all")
     }
 
+    /// Every operation id by when its record expires (unix ms).
+    pub fn expiries(&self) -> String {
+        self.key("index", "expiries")
+    }
+
     /// Unsettled operations by callback deadline (unix ms).
     pub fn deadlines(&self) -> String {
         self.key("index", "deadlines")

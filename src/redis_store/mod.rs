@@ -309,6 +309,9 @@ impl RedisStore {
         let mut connection = inner.connection.clone();
         let mut invocation = inner.script.key(inner.keys.all());
         invocation.arg(&argument);
+        for document in plan.documents() {
+            invocation.arg(document);
+        }
         let answer: String =
             match tokio::time::timeout(inner.timeout, invocation.invoke_async(&mut connection))
                 .await
@@ -565,6 +568,7 @@ impl RedisStore {
             .query({
                 let mut pipe = redis::pipe();
                 pipe.cmd("ZREM").arg(keys.all()).arg(&expired).ignore();
+                pipe.cmd("ZREM").arg(keys.expiries()).arg(&expired).ignore();
                 pipe
             })
             .await;
@@ -706,7 +710,7 @@ impl RedisStore {
         let keys = &self.inner.keys;
         let now_ms = i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
             .unwrap_or(i64::MAX);
-        let (due, parks, oldest, operations, parked): (
+        let (due, parks, expired, operations, parked): (
             Vec<String>,
             Vec<String>,
             Vec<String>,
@@ -715,7 +719,7 @@ impl RedisStore {
         ) = self
             .query({
                 let mut pipe = redis::pipe();
-                for index in [keys.deadlines(), keys.park_due()] {
+                for index in [keys.deadlines(), keys.park_due(), keys.expiries()] {
                     pipe.cmd("ZRANGEBYSCORE")
                         .arg(index)
                         .arg("-inf")
@@ -724,10 +728,6 @@ impl RedisStore {
                         .arg(0)
                         .arg(SWEEP_BATCH);
                 }
-                pipe.cmd("ZRANGE")
-                    .arg(keys.all())
-                    .arg(0)
-                    .arg(SWEEP_BATCH - 1);
                 pipe.cmd("ZCARD").arg(keys.all());
                 pipe.cmd("ZCARD").arg(keys.park_due());
                 pipe
@@ -744,20 +744,27 @@ impl RedisStore {
         counters
             .parked
             .store(parked.saturating_sub(parks.len()), Ordering::Relaxed);
-        // Expired operations leave the list index (oldest first).
-        let ids: Vec<OperationId> = oldest
-            .iter()
-            .filter_map(|id| OperationId::parse(id))
-            .collect();
-        let gone = self
-            .operations(&ids)
-            .await?
-            .iter()
-            .zip(&ids)
-            .filter(|(operation, _)| operation.is_none())
-            .map(|(_, id)| id.to_string())
-            .collect();
-        self.forget_ids(gone).await;
+        // Operations past their expiry leave the list index once Redis has dropped them
+        // (one rewritten since has a later expiry, and is looked at again then). An id
+        // never comes back, so one gone now stays gone.
+        if !expired.is_empty() {
+            let exists: Vec<bool> = self
+                .query({
+                    let mut pipe = redis::pipe();
+                    for id in &expired {
+                        pipe.cmd("EXISTS")
+                            .arg(format!("{}{id}", keys.operation_prefix()));
+                    }
+                    pipe
+                })
+                .await?;
+            let gone = expired
+                .into_iter()
+                .zip(exists)
+                .filter_map(|(id, exists)| (!exists).then_some(id))
+                .collect();
+            self.forget_ids(gone).await;
+        }
         Ok(())
     }
 

@@ -92,6 +92,10 @@ pub struct Plan {
     call_ttl: u64,
     park_keep: u64,
     all: String,
+    /// Every operation id by when its record expires (unix ms): the sweep drops expired
+    /// ids from `all`.
+    expiries: String,
+    now: i64,
     deadlines: String,
     park_due: String,
     channel: String,
@@ -104,7 +108,10 @@ struct OpWrite {
     /// The revision read, as text; empty for a new operation (it must not exist).
     base: String,
     rev: String,
-    doc: String,
+    /// Its JSON is the script's argument at this index (not inside the plan: no escaping).
+    doc: usize,
+    #[serde(skip)]
+    json: Vec<u8>,
     ttl: u64,
     /// Keys naming it (context, upstream id) whose expiry follows its own.
     names: Vec<String>,
@@ -164,10 +171,15 @@ impl Plan {
             .map(|op| op.id.as_str())
     }
 
-    /// The script's argument.
+    /// The script's first argument.
     pub fn to_json(&self) -> String {
         // Plain strings, numbers and booleans: serializing cannot fail.
         serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The script's other arguments: the operations' JSON, in the order `doc` names them.
+    pub fn documents(&self) -> impl Iterator<Item = &[u8]> {
+        self.ops.iter().map(|op| op.json.as_slice())
     }
 }
 
@@ -264,7 +276,9 @@ pub fn plan(
                 .map(|(revision, _)| revision.to_string())
                 .unwrap_or_default(),
             rev: op.revision.to_string(),
-            doc: String::from_utf8(doc).unwrap_or_default(),
+            // ARGV[1] is the plan; documents follow.
+            doc: ops.len() + 2,
+            json: doc,
             ttl,
             names,
             new,
@@ -351,6 +365,8 @@ pub fn plan(
         // Long enough for a sweep to move expired events to their call's timeline.
         park_keep: millis(lifetimes.park) * 2 + 60_000,
         all: keys.all(),
+        expiries: keys.expiries(),
+        now: unix_ms(now),
         deadlines: keys.deadlines(),
         park_due: keys.park_due(),
         channel: keys.settled_channel(),
@@ -466,6 +482,10 @@ mod tests {
         );
         let json: serde_json::Value = serde_json::from_str(&plan.to_json()).unwrap();
         assert_eq!(json["ops"][0]["base"], "6");
+        // The document travels as its own argument (ARGV[2]), not escaped in the plan.
+        assert_eq!(json["ops"][0]["doc"], 2);
+        let document: Operation = serde_json::from_slice(plan.documents().next().unwrap()).unwrap();
+        assert_eq!(document.status, changed.status);
     }
 
     #[test]

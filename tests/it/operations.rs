@@ -208,3 +208,36 @@ async fn health_answers() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["status"], "ok");
 }
+
+#[tokio::test]
+async fn settled_operations_past_retention_leave_reads_lists_and_counts() {
+    let app = TestApp::spawn_with(|config| {
+        config.operations.retention_secs = 1;
+        config.operations.sweep_interval_ms = 50;
+    })
+    .await;
+    let started = app
+        .remove("call-retired", silent(), Some("ctx-retired"))
+        .await;
+    let id = started["id"].as_str().unwrap().to_owned();
+    let event = crate::support::remove_event("ev-retired", "call-retired", "ctx-retired", true);
+    let summary = app.callback(&event).await;
+    assert_eq!(summary["matched"], 1, "{summary}");
+    assert_eq!(
+        app.get_json(&format!("/v1/operations/{id}")).await["status"],
+        "Succeeded"
+    );
+    // The sweep alone (no list request meanwhile) retires it and its count.
+    crate::support::within(async {
+        loop {
+            let gone = app.get(&format!("/v1/operations/{id}")).await.status() == 404;
+            let health: Value = app.get_json("/healthz").await;
+            if gone && health["operations"] == 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(app.list("callConnectionId=call-retired").await.is_empty());
+}
