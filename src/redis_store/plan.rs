@@ -236,20 +236,20 @@ pub fn plan(
                         ttl,
                     },
                 );
-                // The events parked under it were applied to it.
-                if seen.parked > 0 {
-                    parked.insert(
-                        name.clone(),
-                        ParkWrite {
-                            key: keys.parked(&name),
-                            name: name.clone(),
-                            expect: i64::try_from(seen.parked).unwrap_or(i64::MAX),
-                            clear: true,
-                            push: Vec::new(),
-                            due: 0,
-                        },
-                    );
-                }
+                // The events parked under it were applied to it: they are cleared, and
+                // there must be no others (even when none were read: one parked since
+                // would otherwise be orphaned).
+                parked.insert(
+                    name.clone(),
+                    ParkWrite {
+                        key: keys.parked(&name),
+                        name: name.clone(),
+                        expect: i64::try_from(seen.parked).unwrap_or(i64::MAX),
+                        clear: true,
+                        push: Vec::new(),
+                        due: 0,
+                    },
+                );
             }
             names.push(key);
         }
@@ -435,6 +435,19 @@ mod tests {
         assert_eq!(plan.parked.len(), 1);
         assert!(plan.parked[0].clear);
         assert_eq!(plan.parked[0].expect, 2);
+
+        // Nothing parked when read: the park must still be empty at the commit.
+        read.contexts.insert(name.clone(), ContextRead::default());
+        let plan = super::plan(
+            &keys,
+            &lifetimes(),
+            &read,
+            &outcome,
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+        assert_eq!(plan.parked.len(), 1);
+        assert_eq!(plan.parked[0].expect, 0);
     }
 
     #[test]

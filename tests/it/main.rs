@@ -15,5 +15,6 @@ mod operations;
 mod redis;
 mod removal;
 mod secrets;
+mod shared_races;
 mod shutdown;
 mod support;

@@ -1,0 +1,119 @@
+//! Two in-process replicas on one Redis (one key prefix), driven with seeded random
+//! interleavings of creations and callbacks: duplicates delivered to both replicas, callbacks
+//! that overtake their operation's creation (parked on one replica, claimed by a creation on
+//! the other), and the upstream's own answer racing them. Every operation must end as its
+//! final callback says, list that callback once, and be listed once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+
+use crate::redis::RedisServer;
+use crate::support::{TestApp, remove_event, silent, within};
+
+const OPERATIONS: usize = 24;
+
+async fn replicas(url: &str) -> [Arc<TestApp>; 2] {
+    let prefix = format!("races-{}", uuid::Uuid::new_v4());
+    let spawn = || {
+        TestApp::spawn_with(|config| {
+            config.store.location = url.to_owned();
+            config.store.redis_prefix = prefix.clone();
+        })
+    };
+    [Arc::new(spawn().await), Arc::new(spawn().await)]
+}
+
+#[tokio::test]
+async fn random_interleavings_over_two_replicas_settle_every_operation_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(redis) = RedisServer::start(dir.path()).await else {
+        return;
+    };
+    // `CALLOPS_RACE_SEEDS=FIRST..LAST` runs more interleavings than the default three.
+    let seeds = std::env::var("CALLOPS_RACE_SEEDS")
+        .ok()
+        .and_then(|range| {
+            let (first, last) = range.split_once("..")?;
+            Some(first.parse::<u64>().ok()?..last.parse::<u64>().ok()?)
+        })
+        .unwrap_or(1..4);
+    for seed in seeds {
+        let apps = replicas(&redis.url()).await;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut tasks = Vec::new();
+        let mut expected = Vec::new();
+        for i in 0..OPERATIONS {
+            let call = format!("call-race-{seed}-{}", i % 4);
+            let context = format!("ctx-race-{seed}-{i}");
+            let succeeded = rng.random_bool(0.5);
+            let event = remove_event(&format!("ev-race-{seed}-{i}"), &call, &context, succeeded);
+            expected.push((call.clone(), context.clone(), succeeded));
+            // The creation, on either replica, after 0–6 ms.
+            let creator = Arc::clone(&apps[rng.random_range(0..2)]);
+            let delay = Duration::from_micros(rng.random_range(0..6000));
+            let (create_call, create_context) = (call.clone(), context.clone());
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let created = creator
+                    .remove(&create_call, silent(), Some(&create_context))
+                    .await;
+                assert_eq!(created["context"], create_context.as_str(), "{created}");
+            }));
+            // The callback, 1–3 times, to either replica, each after 0–8 ms: before or after
+            // the creation (then parked), sometimes at the same moment on both.
+            for _ in 0..rng.random_range(1..=3) {
+                let app = Arc::clone(&apps[rng.random_range(0..2)]);
+                let delay = Duration::from_micros(rng.random_range(0..8000));
+                let event = event.clone();
+                tasks.push(tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let summary = app.callback(&event).await;
+                    let counted: u64 = ["matched", "duplicates", "parked"]
+                        .iter()
+                        .map(|field| summary[*field].as_u64().unwrap())
+                        .sum();
+                    assert_eq!(counted, 1, "{summary}");
+                }));
+            }
+        }
+        within(async {
+            for task in tasks {
+                task.await.unwrap();
+            }
+        })
+        .await;
+        for (call, context, succeeded) in &expected {
+            let wanted = if *succeeded { "Succeeded" } else { "Failed" };
+            // Listed once, whichever replica is asked; settled as its callback said, with
+            // the callback recorded once.
+            for app in &apps {
+                let listed = app
+                    .list(&format!("callConnectionId={call}&context={context}"))
+                    .await;
+                assert_eq!(listed.len(), 1, "seed {seed} {context}: {listed:?}");
+                let operation = app
+                    .operation_until(listed[0]["id"].as_str().unwrap(), |op| {
+                        op["status"] != "Running" && op["status"] != "NotStarted"
+                    })
+                    .await;
+                assert_eq!(operation["status"], wanted, "seed {seed}: {operation}");
+                let applied: Vec<&Value> = operation["events"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|event| event["id"].as_str().unwrap().starts_with("ev-race"))
+                    .collect();
+                assert_eq!(applied.len(), 1, "seed {seed}: {operation}");
+                assert_eq!(
+                    applied[0]["effect"],
+                    json!("applied"),
+                    "seed {seed}: {operation}"
+                );
+            }
+        }
+    }
+}
