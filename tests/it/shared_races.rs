@@ -117,3 +117,53 @@ async fn random_interleavings_over_two_replicas_settle_every_operation_once() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_graph_cancel_on_a_is_settled_by_notifications_delivered_twice_to_b() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(redis) = RedisServer::start(dir.path()).await else {
+        return;
+    };
+    let [a, b] = replicas(&redis.url()).await;
+    // A's Graph (its emulator) notifies B; both trust the same development signing keys.
+    a.emulator.graph().set_callback_url(
+        format!("http://{}/callbacks/graph", b.address)
+            .parse()
+            .unwrap(),
+    );
+    let call = "4f1e0a00-6a1b-4c2d-8e3f-0123456789ab";
+    a.queue_media(call, "playPrompt", "welcome").await;
+    a.queue_media(call, "recordResponse", "voicemail").await;
+    // Graph answers "running": the cancel settles on its own notification, on B.
+    let script = callops::emulator::graph::GraphScript {
+        cancel_status: callops::emulator::graph::CancelStatus::Running,
+        duplicates: 1,
+        ..Default::default()
+    };
+    let accepted = a.cancel(call, script, Some("stop")).await;
+    let id = accepted["id"].as_str().unwrap();
+    let cancel = a
+        .operation_until(id, |op| {
+            op["status"] == "Succeeded"
+                && op["cancelledOperations"]
+                    .as_array()
+                    .is_some_and(|c| c.len() == 2)
+        })
+        .await;
+    // Each notification was applied once (its redelivery is a duplicate).
+    let applied = cancel["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|event| event["effect"] == "applied")
+        .count();
+    assert_eq!(applied, 1, "{cancel}");
+    for (replica, context) in [(&a, "welcome"), (&b, "voicemail")] {
+        let prompts = replica.list(&format!("context={context}")).await;
+        assert_eq!(prompts.len(), 1, "{prompts:?}");
+        assert_eq!(prompts[0]["status"], "Failed", "{prompts:?}");
+        assert_eq!(prompts[0]["error"]["code"], "OperationCanceled");
+        assert_eq!(prompts[0]["events"].as_array().unwrap().len(), 1);
+    }
+    assert_eq!(b.list(&format!("callId={call}")).await.len(), 3);
+}
