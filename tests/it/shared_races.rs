@@ -167,3 +167,36 @@ async fn a_graph_cancel_on_a_is_settled_by_notifications_delivered_twice_to_b() 
     }
     assert_eq!(b.list(&format!("callId={call}")).await.len(), 3);
 }
+
+#[tokio::test]
+async fn an_operation_whose_replica_stopped_is_timed_out_by_another_and_a_late_callback_still_wins()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let Some(redis) = RedisServer::start(dir.path()).await else {
+        return;
+    };
+    let url = redis.url();
+    let prefix = format!("timeout-{}", uuid::Uuid::new_v4());
+    let spawn = || {
+        TestApp::spawn_with(|config| {
+            config.store.location = url.clone();
+            config.store.redis_prefix = prefix.clone();
+            config.operations.callback_timeouts.remove_participant_secs = 1;
+            config.operations.sweep_interval_ms = 50;
+        })
+    };
+    let (a, b) = (spawn().await, spawn().await);
+    let started = a
+        .remove("call-orphaned", silent(), Some("ctx-orphaned"))
+        .await;
+    let id = started["id"].as_str().unwrap().to_owned();
+    // A stops (its sweeper with it) before the deadline.
+    a.shutdown.cancel();
+    let timed_out = b.operation_until(&id, |op| op["status"] == "Failed").await;
+    assert_eq!(timed_out["error"]["code"], "CallbackTimeout", "{timed_out}");
+    let late = remove_event("ev-late", "call-orphaned", "ctx-orphaned", true);
+    assert_eq!(b.callback(&late).await["matched"], 1);
+    let settled = b.get_json(&format!("/v1/operations/{id}")).await;
+    assert_eq!(settled["status"], "Succeeded", "{settled}");
+    assert_eq!(settled["late"], true, "{settled}");
+}
