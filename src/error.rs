@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::service::{StartError, StoreError};
+use crate::telemetry::LogBudget;
 
 /// An error answered to a client.
 #[derive(Debug, thiserror::Error)]
@@ -105,8 +106,19 @@ impl From<StartError> for ApiError {
 impl From<StoreError> for ApiError {
     /// The store cannot answer now (a shared store unreachable): 503, so the client retries.
     fn from(error: StoreError) -> Self {
-        tracing::warn!(%error, "store unavailable");
+        log_store_failure(&error);
         Self::Unavailable(format!("the store is unavailable: {error}"))
+    }
+}
+
+/// Logs that the store could not serve a request: at most ten lines a second as errors
+/// (an outage fails every request), the rest at debug.
+pub fn log_store_failure(error: &dyn std::fmt::Display) {
+    static BUDGET: LogBudget = LogBudget::new();
+    if BUDGET.allow() {
+        tracing::error!(%error, "the store is unavailable; answered 503");
+    } else {
+        tracing::debug!(%error, "the store is unavailable; answered 503");
     }
 }
 

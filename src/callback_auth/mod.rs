@@ -24,6 +24,7 @@ use url::Url;
 
 use crate::config::{CallbackAuth, CallbacksConfig};
 use crate::metrics::Metrics;
+use crate::telemetry::LogBudget;
 use keys::KeyCache;
 use token::TokenRules;
 
@@ -223,7 +224,7 @@ impl CallbackAuthenticator {
             Err(error) => {
                 self.inner.rejected[source.index()].fetch_add(1, Ordering::Relaxed);
                 self.inner.metrics.callback_refused(source.as_str());
-                if self.inner.warnings.allow(unix_second()) {
+                if self.inner.warnings.allow() {
                     tracing::warn!(callback.source = source.as_str(), reason = %error, "callback refused");
                 } else {
                     tracing::debug!(callback.source = source.as_str(), reason = %error, "callback refused");
@@ -274,48 +275,6 @@ impl CallbackAuthenticator {
     }
 }
 
-/// At most [`LogBudget::PER_SECOND`] refusals a second are logged as warnings (the rest at
-/// debug, all of them counted), so a flood of bad callbacks cannot flood the logs.
-#[derive(Default)]
-struct LogBudget {
-    /// The current second in the high bits, warnings written in it in the low 16.
-    state: AtomicU64,
-}
-
-impl LogBudget {
-    const PER_SECOND: u64 = 10;
-
-    fn allow(&self, second: u64) -> bool {
-        let mut state = self.state.load(Ordering::Relaxed);
-        loop {
-            let (at, used) = (state >> 16, state & 0xffff);
-            let next = if at == second {
-                if used >= Self::PER_SECOND {
-                    return false;
-                }
-                state + 1
-            } else {
-                (second << 16) | 1
-            };
-            match self.state.compare_exchange_weak(
-                state,
-                next,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return true,
-                Err(current) => state = current,
-            }
-        }
-    }
-}
-
-fn unix_second() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs())
-}
-
 /// Compares the `secret` query parameter with the expected digest in constant time.
 fn check_secret(expected: &[u8; 32], query: Option<&str>) -> Result<(), AuthError> {
     let presented = query.and_then(|query| {
@@ -337,14 +296,6 @@ fn check_secret(expected: &[u8; 32], query: Option<&str>) -> Result<(), AuthErro
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn refusals_are_warned_about_at_most_ten_times_a_second() {
-        let budget = LogBudget::default();
-        let allowed = (0..100).filter(|_| budget.allow(1_000)).count();
-        assert_eq!(allowed, 10);
-        assert!(budget.allow(1_001), "a new second, a new budget");
-    }
 
     #[test]
     fn the_secret_must_match_exactly() {

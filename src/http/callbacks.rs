@@ -102,7 +102,7 @@ async fn authenticated_body(
 
 /// The callback's effects could not be made durable: 503, so the platform retries.
 fn not_stored(error: crate::service::DeliveryError) -> ApiError {
-    tracing::error!(%error, "callback not acknowledged");
+    crate::error::log_store_failure(&format_args!("callback not acknowledged: {error}"));
     ApiError::Unavailable(error.to_string())
 }
 
