@@ -155,6 +155,9 @@ pub struct StoreConfig {
     /// database. Keys carry it as a hash tag (`{prefix}`), so on a cluster they share one
     /// slot and every transition stays one atomic script.
     pub redis_prefix: String,
+    /// Redis over TLS (`rediss://`): a PEM file of the CA certificates to trust instead of
+    /// the public roots (a Redis with a private CA). Empty: the public (webpki) roots.
+    pub redis_ca_file: String,
 }
 
 impl std::fmt::Debug for StoreConfig {
@@ -166,6 +169,7 @@ impl std::fmt::Debug for StoreConfig {
             .field("redis_timeout_ms", &self.redis_timeout_ms)
             .field("redis_poll_ms", &self.redis_poll_ms)
             .field("redis_prefix", &self.redis_prefix)
+            .field("redis_ca_file", &self.redis_ca_file)
             .finish()
     }
 }

@@ -68,6 +68,11 @@ pub enum RedisStoreError {
     Serialize(Arc<serde_json::Error>),
     #[error("Redis answered the commit with {0:?}")]
     Unexpected(String),
+    #[error("cannot read store.redis_ca_file {path}: {error}")]
+    CaFile {
+        path: String,
+        error: Arc<std::io::Error>,
+    },
 }
 
 impl From<redis::RedisError> for RedisStoreError {
@@ -175,13 +180,32 @@ impl RedisStore {
         operations: &OperationsConfig,
         metrics: Metrics,
     ) -> Result<Self, RedisStoreError> {
-        let client = redis::Client::open(url.expose())?;
+        let client = if store.redis_ca_file.is_empty() {
+            redis::Client::open(url.expose())?
+        } else {
+            let root_cert = tokio::fs::read(&store.redis_ca_file)
+                .await
+                .map_err(|error| RedisStoreError::CaFile {
+                    path: store.redis_ca_file.clone(),
+                    error: Arc::new(error),
+                })?;
+            let certificates = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            };
+            redis::Client::build_with_tls(url.expose(), certificates)?
+        };
         let timeout = Duration::from_millis(store.redis_timeout_ms);
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(timeout)
             .set_response_timeout(timeout)
             .set_number_of_retries(2)
             .set_max_delay(1000);
+        // One plain connection first: its error says what is wrong (refused, a certificate
+        // not trusted, a wrong password), where the manager would only retry until timeout.
+        tokio::time::timeout(timeout, client.get_multiplexed_async_connection())
+            .await
+            .map_err(|_| RedisStoreError::Timeout(store.redis_timeout_ms))??;
         let connection = tokio::time::timeout(
             timeout * 2,
             ConnectionManager::new_with_config(client.clone(), config),

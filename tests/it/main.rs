@@ -13,6 +13,7 @@ mod metrics;
 mod openapi;
 mod operations;
 mod redis;
+mod redis_tls;
 mod removal;
 mod secrets;
 mod shared_races;

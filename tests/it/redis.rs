@@ -23,7 +23,7 @@ use crate::support::{SOON, remove_event, silent, within};
 
 /// Whether `redis-server` can run here: when it cannot, fails under `CI` and otherwise says
 /// the test is skipped.
-fn redis_server_available() -> bool {
+pub(crate) fn redis_server_available() -> bool {
     let found = Command::new("redis-server")
         .arg("--version")
         .stdout(Stdio::null())
