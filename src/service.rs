@@ -513,14 +513,13 @@ impl OperationService {
         delivery
     }
 
-    /// Applies one Graph notification delivery; returns once its effects are durable.
+    /// Applies one Graph notification delivery; returns once its effects are durable. On a
+    /// shared store each event is its own transition (so a redelivered event is a
+    /// duplicate alone), written before the next; otherwise all are committed together.
     pub async fn deliver_graph(
         &self,
         events: Vec<GraphEvent>,
     ) -> Result<DeliverySummary, DeliveryError> {
-        if let Some(shared) = &self.shared {
-            return self.deliver_graph_shared(shared, events).await;
-        }
         let now = tokio::time::Instant::now();
         let mut summary = DeliverySummary::default();
         let mut changes = self.recorder.changes();
@@ -540,17 +539,31 @@ impl OperationService {
             };
             // Only a call's end needs the call after the event is handed over.
             let ended = call_ended.map(|result| (call.clone(), result));
-            let delivery = self.deliver("graph", incoming, now, &mut changes);
+            let (delivery, failed) = match &self.shared {
+                Some(shared) => {
+                    self.deliver_shared(shared, "graph", incoming, ended.clone())
+                        .await?
+                }
+                None => {
+                    let delivery = self.deliver("graph", incoming, now, &mut changes);
+                    let failed = match &ended {
+                        Some((call, result)) if delivery != Delivery::Duplicate => {
+                            self.store.end_call(
+                                call,
+                                result.clone(),
+                                &call_terminated(),
+                                OffsetDateTime::now_utc(),
+                            )
+                        }
+                        _ => Vec::new(),
+                    };
+                    changes.operations(failed.iter().copied());
+                    (delivery, failed)
+                }
+            };
             summary.count(delivery);
-            if let (Some((call, result)), false) = (ended, delivery == Delivery::Duplicate) {
-                let failed = self.store.end_call(
-                    &call,
-                    result,
-                    &call_terminated(),
-                    OffsetDateTime::now_utc(),
-                );
+            if let Some((call, _)) = ended.filter(|_| delivery != Delivery::Duplicate) {
                 log_call_ended(&call, &failed);
-                changes.operations(failed);
             }
         }
         self.metrics.callbacks_delivered("graph", &summary);
@@ -558,14 +571,12 @@ impl OperationService {
         Ok(summary)
     }
 
-    /// Applies one ACS callback delivery; returns once its effects are durable.
+    /// Applies one ACS callback delivery; returns once its effects are durable (as
+    /// [`OperationService::deliver_graph`]).
     pub async fn deliver_acs(
         &self,
         events: Vec<AcsEvent>,
     ) -> Result<DeliverySummary, DeliveryError> {
-        if let Some(shared) = &self.shared {
-            return self.deliver_acs_shared(shared, events).await;
-        }
         let now = tokio::time::Instant::now();
         let received = OffsetDateTime::now_utc();
         let mut summary = DeliverySummary::default();
@@ -582,73 +593,14 @@ impl OperationService {
                 );
                 continue;
             }
-            summary.count(self.deliver("acs", incoming, now, &mut changes));
+            let delivery = match &self.shared {
+                Some(shared) => self.deliver_shared(shared, "acs", incoming, None).await?.0,
+                None => self.deliver("acs", incoming, now, &mut changes),
+            };
+            summary.count(delivery);
         }
         self.metrics.callbacks_delivered("acs", &summary);
         self.recorder.commit(&self.store, changes).await?;
-        Ok(summary)
-    }
-
-    /// Applies ACS events to the shared store, one transition each (an event id seen
-    /// before makes only its own event a duplicate); returns once all are written.
-    async fn deliver_acs_shared(
-        &self,
-        shared: &RedisStore,
-        events: Vec<AcsEvent>,
-    ) -> Result<DeliverySummary, DeliveryError> {
-        let received = OffsetDateTime::now_utc();
-        let mut summary = DeliverySummary::default();
-        for event in events {
-            let incoming = event.into_incoming(received);
-            summary.received += 1;
-            if incoming.call.is_none() {
-                summary.unmatched += 1;
-                tracing::warn!(
-                    event.id = incoming.id.as_deref().unwrap_or(""),
-                    event.r#type = %incoming.event_type,
-                    "callback names no call connection (no data.callConnectionId, no source); not kept"
-                );
-                continue;
-            }
-            let (delivery, _) = self.deliver_shared(shared, "acs", incoming, None).await?;
-            summary.count(delivery);
-        }
-        self.metrics.callbacks_delivered("acs", &summary);
-        Ok(summary)
-    }
-
-    /// As [`OperationService::deliver_acs_shared`], for Graph notifications (a call's end
-    /// fails its unsettled operations in the same transition).
-    async fn deliver_graph_shared(
-        &self,
-        shared: &RedisStore,
-        events: Vec<GraphEvent>,
-    ) -> Result<DeliverySummary, DeliveryError> {
-        let mut summary = DeliverySummary::default();
-        for GraphEvent {
-            incoming,
-            call_ended,
-        } in events
-        {
-            summary.received += 1;
-            let Some(call) = &incoming.call else {
-                summary.unmatched += 1;
-                tracing::warn!(
-                    event.r#type = %incoming.event_type,
-                    "notification names no call (no resourceUrl or resource); not kept"
-                );
-                continue;
-            };
-            let ended = call_ended.map(|result| (call.clone(), result));
-            let (delivery, failed) = self
-                .deliver_shared(shared, "graph", incoming, ended.clone())
-                .await?;
-            summary.count(delivery);
-            if let Some((call, _)) = ended.filter(|_| delivery != Delivery::Duplicate) {
-                log_call_ended(&call, &failed);
-            }
-        }
-        self.metrics.callbacks_delivered("graph", &summary);
         Ok(summary)
     }
 

@@ -390,6 +390,10 @@ mod tests {
         }
     }
 
+    fn plan_now(keys: &Keys, read: &Read, outcome: &Outcome) -> Plan {
+        plan(keys, &lifetimes(), read, outcome, OffsetDateTime::now_utc()).unwrap()
+    }
+
     fn removal(context: &str) -> Operation {
         Operation::new(
             OperationKind::RemoveParticipant,
@@ -416,14 +420,7 @@ mod tests {
             operations: vec![op.clone()],
             ..Outcome::default()
         };
-        let plan = plan(
-            &keys,
-            &lifetimes(),
-            &read,
-            &outcome,
-            OffsetDateTime::now_utc(),
-        )
-        .unwrap();
+        let plan = plan_now(&keys, &read, &outcome);
         assert_eq!(plan.ops.len(), 1);
         assert!(plan.ops[0].new && plan.ops[0].base.is_empty() && !plan.ops[0].settled);
         assert!(plan.ops[0].deadline > 0);
@@ -438,14 +435,7 @@ mod tests {
 
         // Nothing parked when read: the park must still be empty at the commit.
         read.contexts.insert(name.clone(), ContextRead::default());
-        let plan = super::plan(
-            &keys,
-            &lifetimes(),
-            &read,
-            &outcome,
-            OffsetDateTime::now_utc(),
-        )
-        .unwrap();
+        let plan = plan_now(&keys, &read, &outcome);
         assert_eq!(plan.parked.len(), 1);
         assert_eq!(plan.parked[0].expect, 0);
     }
@@ -471,14 +461,7 @@ mod tests {
             seen: vec!["event-1".into()],
             ..Outcome::default()
         };
-        let plan = plan(
-            &keys,
-            &lifetimes(),
-            &read,
-            &outcome,
-            OffsetDateTime::now_utc(),
-        )
-        .unwrap();
+        let plan = plan_now(&keys, &read, &outcome);
         assert_eq!(plan.ops.len(), 1);
         let op = &plan.ops[0];
         assert_eq!(op.base, "6");
@@ -521,14 +504,7 @@ mod tests {
             seen: vec!["e".into()],
             ..Outcome::default()
         };
-        let plan = plan(
-            &keys,
-            &lifetimes(),
-            &Read::default(),
-            &outcome,
-            OffsetDateTime::now_utc(),
-        )
-        .unwrap();
+        let plan = plan_now(&keys, &Read::default(), &outcome);
         let name = context_name(event.call.as_ref().unwrap(), "ctx");
         assert_eq!(plan.claims.len(), 1);
         assert!(plan.claims[0].check && plan.claims[0].expect.is_empty());
