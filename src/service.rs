@@ -666,14 +666,20 @@ impl OperationService {
         })
     }
 
+    /// Operations matching `filter`, newest first, at most `limit`, and where the next page
+    /// starts (before that id) when more may follow.
     pub async fn list(
         &self,
         filter: &ListFilter,
         limit: usize,
-    ) -> Result<(Vec<Operation>, bool), StoreError> {
+    ) -> Result<(Vec<Operation>, Option<OperationId>), StoreError> {
         match &self.shared {
             Some(shared) => Ok(shared.list(filter, limit).await?),
-            None => Ok(self.store.list(filter, limit)),
+            None => {
+                let (operations, more) = self.store.list(filter, limit);
+                let next = operations.last().filter(|_| more).map(|last| last.id);
+                Ok((operations, next))
+            }
         }
     }
 }

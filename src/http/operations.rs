@@ -331,11 +331,8 @@ pub(crate) async fn list_operations(
         kind: query.kind.as_deref().map(OperationKind::from_name),
         before,
     };
-    let (value, more) = service.list(&filter, page_size).await?;
-    let next_link = match value.last() {
-        Some(last) if more => Some(next_link(&query, page_size, last.id)),
-        _ => None,
-    };
+    let (value, next) = service.list(&filter, page_size).await?;
+    let next_link = next.map(|before| next_link(&query, page_size, before));
     Ok(axum::Json(Page { value, next_link }))
 }
 

@@ -527,42 +527,81 @@ impl RedisStore {
         }
     }
 
-    /// Operations matching `filter`, newest first, at most `limit`, and whether more follow.
+    /// Operations matching `filter`, newest first, at most `limit`, and where the next page
+    /// starts (before this id), if anything may follow. Filtered by call, the call's own set
+    /// is read (exact, whatever the store holds); otherwise the list index is scanned, at
+    /// most [`LIST_SCAN_MAX`] ids per page: a page that filters most of them out may come
+    /// back short (even empty), with the next page's start after the ids it looked at.
     pub async fn list(
         &self,
         filter: &ListFilter,
         limit: usize,
-    ) -> Result<(Vec<Operation>, bool), RedisStoreError> {
+    ) -> Result<(Vec<Operation>, Option<OperationId>), RedisStoreError> {
         let keys = &self.inner.keys;
+        let call = match (&filter.call_connection_id, &filter.call_id) {
+            (Some(id), _) => Some(CallRef::CallConnection(id.clone())),
+            (None, Some(id)) => Some(CallRef::Call(id.clone())),
+            (None, None) => None,
+        };
+        let mut candidates: Option<std::vec::IntoIter<OperationId>> = None;
+        if let Some(call) = &call {
+            let (members,): (Vec<String>,) = self
+                .query({
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("SMEMBERS").arg(keys.call(call));
+                    pipe
+                })
+                .await?;
+            let mut ids: Vec<OperationId> = members
+                .iter()
+                .filter_map(|id| OperationId::parse(id))
+                .filter(|id| filter.before.is_none_or(|before| *id < before))
+                .collect();
+            ids.sort_unstable_by(|a, b| b.cmp(a));
+            candidates = Some(ids.into_iter());
+        }
         let mut upper = match filter.before {
             Some(before) => format!("({before}"),
             None => "+".to_owned(),
         };
         let mut found = Vec::new();
         let mut scanned = 0;
+        let mut last_scanned = None;
         let batch = (limit + 1).clamp(16, 500);
-        while scanned < LIST_SCAN_MAX {
-            let (ids,): (Vec<String>,) = self
-                .query({
-                    let mut pipe = redis::pipe();
-                    pipe.cmd("ZREVRANGEBYLEX")
-                        .arg(keys.all())
-                        .arg(&upper)
-                        .arg("-")
-                        .arg("LIMIT")
-                        .arg(0)
-                        .arg(batch);
-                    pipe
-                })
-                .await?;
-            let Some(last) = ids.last() else { break };
-            upper = format!("({last}");
+        loop {
+            let ids: Vec<OperationId> = match &mut candidates {
+                Some(candidates) => candidates.by_ref().take(batch).collect(),
+                None if scanned >= LIST_SCAN_MAX => {
+                    // Looked at enough for one page: the next one goes on from here.
+                    found.truncate(limit);
+                    return Ok((found, last_scanned));
+                }
+                None => {
+                    let (ids,): (Vec<String>,) = self
+                        .query({
+                            let mut pipe = redis::pipe();
+                            pipe.cmd("ZREVRANGEBYLEX")
+                                .arg(keys.all())
+                                .arg(&upper)
+                                .arg("-")
+                                .arg("LIMIT")
+                                .arg(0)
+                                .arg(batch);
+                            pipe
+                        })
+                        .await?;
+                    if let Some(last) = ids.last() {
+                        upper = format!("({last}");
+                    }
+                    ids.iter().filter_map(|id| OperationId::parse(id)).collect()
+                }
+            };
+            let Some(&last) = ids.last() else { break };
             scanned += ids.len();
-            let parsed: Vec<OperationId> =
-                ids.iter().filter_map(|id| OperationId::parse(id)).collect();
-            let operations = self.operations(&parsed).await?;
+            last_scanned = Some(last);
+            let operations = self.operations(&ids).await?;
             let mut expired = Vec::new();
-            for (id, operation) in parsed.iter().zip(operations) {
+            for (id, operation) in ids.iter().zip(operations) {
                 match operation {
                     Some(operation) if filter.matches(&operation) => found.push(operation),
                     Some(_) => {}
@@ -572,14 +611,17 @@ impl RedisStore {
                     break;
                 }
             }
-            self.forget_ids(expired).await;
+            if call.is_none() {
+                self.forget_ids(expired).await;
+            }
             if found.len() > limit || ids.len() < batch {
                 break;
             }
         }
         let more = found.len() > limit;
         found.truncate(limit);
-        Ok((found, more))
+        let next = found.last().filter(|_| more).map(|last| last.id);
+        Ok((found, next))
     }
 
     /// Drops ids of expired operations from the list index (best effort).
