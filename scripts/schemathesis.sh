@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Property-based API testing: builds callops, starts it on a free loopback port (memory store,
-# in-process emulator, an API key), and runs schemathesis against its own /openapi.json.
+# or SCHEMATHESIS_STORE=redis://… for a shared one; in-process emulator, an API key), and runs
+# schemathesis against its own /openapi.json.
 # Exits non-zero on any failure. The callback routes (/callbacks/*) are excluded: they need a
 # JWT signed by the platform. `positive_data_acceptance` is excluded: the schema cannot say
 # every semantic rule (a participant identifier needs exactly one way of naming someone).
@@ -16,7 +17,7 @@ base="http://127.0.0.1:${port}"
 key="schemathesis-key-0123456789abcdef"
 log="$(mktemp)"
 
-CALLOPS_STORE=memory \
+CALLOPS_STORE="${SCHEMATHESIS_STORE:-memory}" \
 CALLOPS_LISTEN="127.0.0.1:${port}" \
 CALLOPS_EMULATOR__LISTEN=127.0.0.1:0 \
 CALLOPS_API_KEYS="$key" \
