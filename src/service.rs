@@ -861,24 +861,7 @@ pub async fn run_sweeper(
         if let Err(error) = recorder.commit(&store, changes).await {
             tracing::error!(%error, "the sweep's changes could not be stored; the next sweep retries what is still due");
         }
-        for event in &report.expired {
-            tracing::warn!(
-                event.id = event.id.as_deref().unwrap_or(""),
-                event.r#type = %event.event_type,
-                call.id = event.call.as_ref().map(CallRef::id).unwrap_or(""),
-                operation.context = event.context.as_deref().unwrap_or(""),
-                "parked callback expired: no operation with its context appeared; kept on the call's events"
-            );
-        }
-        for id in &report.timed_out {
-            tracing::warn!(operation.id = %id, "no final callback in time: operation failed with CallbackTimeout");
-        }
-        if !report.removed_operations.is_empty() {
-            tracing::debug!(
-                count = report.removed_operations.len(),
-                "retired settled operations"
-            );
-        }
+        crate::telemetry::log_sweep(&report);
     }
 }
 

@@ -139,7 +139,7 @@ struct Agenda {
 }
 
 /// `at` in Unix milliseconds, rounded up (an entry is never due before its time).
-fn unix_millis(at: OffsetDateTime) -> i64 {
+pub(crate) fn unix_millis(at: OffsetDateTime) -> i64 {
     let nanos = at.unix_timestamp_nanos();
     i64::try_from(nanos.div_euclid(1_000_000) + i128::from(nanos.rem_euclid(1_000_000) != 0))
         .unwrap_or(i64::MAX)
@@ -229,6 +229,9 @@ pub struct Restored {
     pub seen: Vec<(String, OffsetDateTime)>,
     /// Parked events and when they were parked, in arrival order.
     pub parked: Vec<(IncomingEvent, OffsetDateTime)>,
+    /// More names of operations by upstream id ([`upstream_key`] form) than the one each
+    /// shows (Graph's `Location` id), where the record keeps them.
+    pub upstream: Vec<(String, OperationId)>,
 }
 
 /// Filters of the list endpoint.
@@ -417,6 +420,11 @@ impl OperationStore {
             }
             self.add_to_call(&operation);
             self.insert_operation(operation);
+        }
+        for (upstream_id, id) in restored.upstream {
+            if inner.operations.contains_key(&id) {
+                inner.upstream.insert(upstream_id.into(), id);
+            }
         }
         let age = |at: OffsetDateTime| Duration::try_from(wall_now - at).unwrap_or(Duration::ZERO);
         let since = |age: Duration| now.checked_sub(age).unwrap_or(now);
@@ -721,14 +729,6 @@ impl OperationStore {
             .filter_map(|id| self.get(id))
             .collect();
         (operations, more)
-    }
-
-    /// Lets `upstream_key` find operation `id` (for a scratch store: a name the shared
-    /// store knows besides the one on the operation, such as Graph's `Location` id).
-    pub fn index_upstream(&self, upstream_key: &str, id: OperationId) {
-        if self.inner.operations.contains_key(&id) {
-            self.inner.upstream.insert(upstream_key.into(), id);
-        }
     }
 
     /// Every operation, with its revision (for a scratch store: what to write back).
@@ -2307,6 +2307,8 @@ mod tests {
                         wall - time::Duration::hours(1),
                     ),
                 ],
+                // A second name the operation does not show (Graph's `Location` id).
+                upstream: vec![("location2".to_owned(), running.id)],
             },
             now,
             wall,
@@ -2334,6 +2336,14 @@ mod tests {
         };
         assert!(matches!(
             after.deliver(by_id, now),
+            Delivery::Matched { id, .. } if id == running.id
+        ));
+        let by_location = IncomingEvent {
+            upstream_id: Some(UpstreamId::new("LOCATION-2")),
+            ..event("e-location", "c1", None, succeeded())
+        };
+        assert!(matches!(
+            after.deliver(by_location, now),
             Delivery::Matched { id, .. } if id == running.id
         ));
         // The parked callback settles its operation when it appears.

@@ -40,7 +40,7 @@ use crate::correlation::IncomingEvent;
 use crate::metrics::Metrics;
 use crate::operation::{CallRef, EventEffect, EventRecord, Operation, OperationId};
 use crate::store::{
-    FINAL_STATUSES, ISSUED_KINDS, ListFilter, OperationStore, Restored, StoreStats,
+    FINAL_STATUSES, ISSUED_KINDS, ListFilter, OperationStore, Restored, StoreStats, SweepReport,
 };
 
 use keys::Keys;
@@ -298,11 +298,6 @@ impl RedisStore {
             let now = OffsetDateTime::now_utc();
             let scratch = OperationStore::scratch(&self.inner.operations);
             scratch.restore(restored, tokio::time::Instant::now(), now);
-            for (upstream, holder) in &read.upstream {
-                if let Some(id) = holder.as_deref().and_then(OperationId::parse) {
-                    scratch.index_upstream(upstream, id);
-                }
-            }
             let mut outcome = Outcome::default();
             let value = work(&scratch, &mut outcome);
             outcome.operations = scratch.snapshots();
@@ -348,9 +343,7 @@ impl RedisStore {
             "ok" => {
                 self.count(read, outcome);
                 for id in plan.settled() {
-                    if let Some(id) = OperationId::parse(id) {
-                        self.wake(id);
-                    }
+                    self.wake(id);
                 }
                 Ok(Verdict::Written)
             }
@@ -439,6 +432,10 @@ impl RedisStore {
             }
         }
         for (key, holder) in want.upstream.iter().zip(upstream) {
+            // The name may be one the operation does not show (Graph's `Location` id).
+            if let Some(id) = holder.as_deref().and_then(OperationId::parse) {
+                restored.upstream.push((key.to_string(), id));
+            }
             read.upstream.insert(key.to_string(), holder);
         }
         for (id, revision, doc) in operations {
@@ -774,8 +771,7 @@ impl RedisStore {
     /// One sweep tick.
     pub async fn sweep(&self) -> Result<(), RedisStoreError> {
         let keys = &self.inner.keys;
-        let now_ms = i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
-            .unwrap_or(i64::MAX);
+        let now_ms = crate::store::unix_millis(OffsetDateTime::now_utc());
         let (due, parks, expired, operations, parked): (
             Vec<String>,
             Vec<String>,
@@ -840,13 +836,11 @@ impl RedisStore {
             .transact(&Want::operation(id), |scratch, _| {
                 let known = scratch.get(id).is_some();
                 let report = scratch.sweep(tokio::time::Instant::now(), OffsetDateTime::now_utc());
-                (known, !report.timed_out.is_empty())
+                (known, report)
             })
             .await?;
         match committed {
-            Committed::Done((true, true)) => {
-                tracing::warn!(operation.id = %id, "no final callback in time: operation failed with CallbackTimeout");
-            }
+            Committed::Done((true, report)) => crate::telemetry::log_sweep(&report),
             Committed::Done((false, _)) => {
                 // Expired (or never stored): nothing to time out.
                 let key = self.inner.keys.deadlines();
@@ -858,7 +852,7 @@ impl RedisStore {
                     })
                     .await?;
             }
-            Committed::Done((true, false)) | Committed::Duplicate => {}
+            Committed::Duplicate => {}
         }
         Ok(())
     }
@@ -877,13 +871,6 @@ impl RedisStore {
             };
             let mut by_call: Vec<(CallRef, Vec<EventRecord>)> = Vec::new();
             for (event, _) in &restored.parked {
-                tracing::warn!(
-                    event.id = event.id.as_deref().unwrap_or(""),
-                    event.r#type = %event.event_type,
-                    call.id = event.call.as_ref().map(CallRef::id).unwrap_or(""),
-                    operation.context = event.context.as_deref().unwrap_or(""),
-                    "parked callback expired: no operation with its context appeared; kept on the call's events"
-                );
                 let Some(call) = &event.call else { continue };
                 let record = event.record(EventEffect::Unmatched);
                 match by_call.iter_mut().find(|(known, _)| known == call) {
@@ -901,6 +888,12 @@ impl RedisStore {
                         .counters
                         .parked_expired
                         .fetch_add(restored.parked.len() as u64, Ordering::Relaxed);
+                    // Logged once written, as the in-memory sweep logs them.
+                    let expired = restored.parked.into_iter().map(|(event, _)| event);
+                    crate::telemetry::log_sweep(&SweepReport {
+                        expired: expired.collect(),
+                        ..SweepReport::default()
+                    });
                     return Ok(());
                 }
                 Verdict::Duplicate | Verdict::Conflict => {}

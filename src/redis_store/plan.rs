@@ -18,6 +18,7 @@ use super::keys::{Keys, context_name};
 use crate::config::CallbackTimeouts;
 use crate::correlation::{IncomingEvent, upstream_key};
 use crate::operation::{CallRef, EventRecord, Operation, OperationId};
+use crate::store::unix_millis;
 
 /// What a transition read from the shared store.
 #[derive(Debug, Default)]
@@ -105,6 +106,8 @@ pub struct Plan {
 struct OpWrite {
     key: String,
     id: String,
+    #[serde(skip)]
+    operation: OperationId,
     /// The revision read, as text; empty for a new operation (it must not exist).
     base: String,
     rev: String,
@@ -164,11 +167,11 @@ impl Plan {
 
     /// Operations this plan settles (for waking long polls here without waiting for
     /// the published notice).
-    pub fn settled(&self) -> impl Iterator<Item = &str> {
+    pub fn settled(&self) -> impl Iterator<Item = OperationId> + '_ {
         self.ops
             .iter()
             .filter(|op| op.settled)
-            .map(|op| op.id.as_str())
+            .map(|op| op.operation)
     }
 
     /// The script's first argument.
@@ -187,10 +190,6 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
         .max(1)
-}
-
-fn unix_ms(at: OffsetDateTime) -> i64 {
-    i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
 /// The plan for `outcome`, given what was `read`, at `now`.
@@ -283,9 +282,10 @@ pub fn plan(
             names,
             new,
             call: keys.call(&op.call),
-            deadline: if settled { 0 } else { unix_ms(deadline) },
+            deadline: if settled { 0 } else { unix_millis(deadline) },
             settled,
             id,
+            operation: op.id,
         });
     }
     for (upstream, id) in &outcome.upstream_ids {
@@ -298,7 +298,7 @@ pub fn plan(
             ttl: retention + call_ttl,
         });
     }
-    let park_due = unix_ms(now) + i64::try_from(millis(lifetimes.park)).unwrap_or(i64::MAX);
+    let park_due = unix_millis(now) + i64::try_from(millis(lifetimes.park)).unwrap_or(i64::MAX);
     for event in &outcome.parked {
         let Some((call, context)) = event.names() else {
             continue;
@@ -366,7 +366,7 @@ pub fn plan(
         park_keep: millis(lifetimes.park) * 2 + 60_000,
         all: keys.all(),
         expiries: keys.expiries(),
-        now: unix_ms(now),
+        now: unix_millis(now),
         deadlines: keys.deadlines(),
         park_due: keys.park_due(),
         channel: keys.settled_channel(),
@@ -472,10 +472,7 @@ mod tests {
         // An existing operation claims nothing: its revision guards it.
         assert!(plan.claims.is_empty());
         assert_eq!(plan.seen, vec![keys.seen("event-1")]);
-        assert_eq!(
-            plan.settled().collect::<Vec<_>>(),
-            vec![changed.id.to_string()]
-        );
+        assert_eq!(plan.settled().collect::<Vec<_>>(), vec![changed.id]);
         let json: serde_json::Value = serde_json::from_str(&plan.to_json()).unwrap();
         assert_eq!(json["ops"][0]["base"], "6");
         // The document travels as its own argument (ARGV[2]), not escaped in the plan.

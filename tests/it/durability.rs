@@ -6,10 +6,9 @@ use std::path::PathBuf;
 use callops::config::Config;
 use callops::emulator::Emulator;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 use crate::binary::{Process, callops, free_port, until_up};
-use crate::support::{remove_event, silent, within};
+use crate::support::{remove_event, serve_emulator, silent, within};
 
 /// An emulator in this process and a `callops` child process on a SQLite file.
 struct Deployment {
@@ -24,11 +23,7 @@ struct Deployment {
 impl Deployment {
     async fn new(name: &str) -> Self {
         let config = Config::embedded();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let emulator_url = format!("http://{}", listener.local_addr().unwrap());
-        let emulator = Emulator::new(&config.emulator);
-        let stop = CancellationToken::new();
-        tokio::spawn(emulator.clone().serve(listener, stop.clone()));
+        let (emulator, emulator_url, stop_emulator) = serve_emulator(&config).await;
         let dir = std::env::temp_dir().join(format!(
             "callops-durability-{name}-{}",
             uuid::Uuid::new_v4()
@@ -39,7 +34,7 @@ impl Deployment {
             port: free_port(),
             db: dir.join("callops.db"),
             http: reqwest::Client::new(),
-            _stop_emulator: stop.drop_guard(),
+            _stop_emulator: stop_emulator,
         }
     }
 

@@ -16,10 +16,9 @@ use callops::config::Config;
 use callops::emulator::Emulator;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
 
 use crate::binary::{Process, free_port};
-use crate::support::{SOON, remove_event, silent, within};
+use crate::support::{SOON, remove_event, serve_emulator, silent, within};
 
 /// Whether `redis-server` can run here: when it cannot, fails under `CI` and otherwise says
 /// the test is skipped.
@@ -234,11 +233,7 @@ impl Cluster {
             .unwrap();
         let redis = RedisServer::start(&dir.path().join("redis")).await?;
         let config = Config::embedded();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let emulator_url = format!("http://{}", listener.local_addr().unwrap());
-        let emulator = Emulator::new(&config.emulator);
-        let stop = CancellationToken::new();
-        tokio::spawn(emulator.clone().serve(listener, stop.clone()));
+        let (emulator, emulator_url, stop_emulator) = serve_emulator(&config).await;
         let mut cluster = Self {
             emulator,
             emulator_url,
@@ -249,7 +244,7 @@ impl Cluster {
                 .build()
                 .unwrap(),
             dir: Some(dir),
-            _stop_emulator: stop.drop_guard(),
+            _stop_emulator: stop_emulator,
         };
         for (name, env) in ["a", "b"].into_iter().zip(envs) {
             let port = free_port();
@@ -768,7 +763,45 @@ fn check_one_applied(i: usize, operation: &Value) {
     assert_eq!(other["effect"], "ignored", "#{i}: {operation}");
 }
 
+/// A removal started through the API, the callback that settles it, and whether that
+/// callback says it succeeded.
+type Removal = (String, Value, bool);
+
 impl Cluster {
+    /// `count` removals `call-{tag}-{i}` / `ctx-{tag}-{i}`, started on A and B in turn, each
+    /// with its callback (`evt-{tag}-{i}`, succeeded when `succeeds(i)`).
+    async fn removals(
+        &self,
+        tag: &str,
+        count: usize,
+        succeeds: impl Fn(usize) -> bool,
+    ) -> Vec<Removal> {
+        let mut removals = Vec::with_capacity(count);
+        for i in 0..count {
+            let (call, context) = (format!("call-{tag}-{i}"), format!("ctx-{tag}-{i}"));
+            let id = self.remove(i % 2, &call, &context).await;
+            let event = remove_event(&format!("evt-{tag}-{i}"), &call, &context, succeeds(i));
+            removals.push((id, event, succeeds(i)));
+        }
+        removals
+    }
+
+    /// Asserts that replica `index` reads removal #`i` settled as its callback says, with
+    /// that callback listed once.
+    async fn settled_once(&self, index: usize, i: usize, (id, event, succeeded): &Removal) {
+        let operation = self.operation(index, id).await;
+        assert_eq!(
+            operation["status"],
+            settles_as(*succeeded),
+            "#{i}: {operation}"
+        );
+        assert_eq!(
+            event_ids(&operation),
+            [event[0]["id"].as_str().unwrap()],
+            "#{i}: {operation}"
+        );
+    }
+
     /// Waits until the emulator has received the removal for `call`.
     async fn emulator_requests(&self, call: &str) {
         let path = format!("/calling/callConnections/{call}/participants:remove");
@@ -795,13 +828,7 @@ async fn a_replica_killed_mid_flight_loses_nothing_acknowledged() {
         return;
     };
     const OPERATIONS: usize = 50;
-    let mut operations = Vec::new();
-    for i in 0..OPERATIONS {
-        let (call, context) = (format!("call-kill-{i}"), format!("ctx-kill-{i}"));
-        let id = cluster.remove(i % 2, &call, &context).await;
-        let event = remove_event(&format!("evt-kill-{i}"), &call, &context, i % 4 != 0);
-        operations.push((id, event, i % 4 != 0));
-    }
+    let operations = cluster.removals("kill", OPERATIONS, |i| i % 4 != 0).await;
 
     // Callbacks to A and B on four streams, and more operations created on A, while A is
     // SIGKILLed.
@@ -891,18 +918,7 @@ async fn a_replica_killed_mid_flight_loses_nothing_acknowledged() {
     // Every acknowledged callback has settled its operation, once.
     for (i, status) in &outcomes {
         if *status == Some(200) {
-            let (id, event, succeeded) = &operations[*i];
-            let operation = cluster.operation(1, id).await;
-            assert_eq!(
-                operation["status"],
-                settles_as(*succeeded),
-                "#{i}: {operation}"
-            );
-            assert_eq!(
-                event_ids(&operation),
-                [event[0]["id"].as_str().unwrap()],
-                "#{i}"
-            );
+            cluster.settled_once(1, *i, &operations[*i]).await;
         }
     }
     // The platform retries the rest, on B: everything settles, each event listed once.
@@ -917,18 +933,8 @@ async fn a_replica_killed_mid_flight_loses_nothing_acknowledged() {
             );
         }
     }
-    for (i, (id, event, succeeded)) in operations.iter().enumerate() {
-        let operation = cluster.operation(1, id).await;
-        assert_eq!(
-            operation["status"],
-            settles_as(*succeeded),
-            "#{i}: {operation}"
-        );
-        assert_eq!(
-            event_ids(&operation),
-            [event[0]["id"].as_str().unwrap()],
-            "#{i}"
-        );
+    for (i, removal) in operations.iter().enumerate() {
+        cluster.settled_once(1, i, removal).await;
     }
 }
 
@@ -987,13 +993,7 @@ async fn redis_sigkilled_and_restarted_mid_run_loses_nothing_acknowledged() {
         return;
     };
     const OPERATIONS: usize = 40;
-    let mut operations = Vec::new();
-    for i in 0..OPERATIONS {
-        let (call, context) = (format!("call-aof-{i}"), format!("ctx-aof-{i}"));
-        let id = cluster.remove(i % 2, &call, &context).await;
-        let event = remove_event(&format!("evt-aof-{i}"), &call, &context, i % 3 != 0);
-        operations.push((id, event, i % 3 != 0));
-    }
+    let operations = cluster.removals("aof", OPERATIONS, |i| i % 3 != 0).await;
 
     // Each callback goes to A or B, and is retried there until it is acknowledged.
     let acknowledged = Arc::new(AtomicUsize::new(0));
@@ -1049,19 +1049,9 @@ async fn redis_sigkilled_and_restarted_mid_run_loses_nothing_acknowledged() {
         .unwrap();
     assert!(acknowledged_while_down < OPERATIONS, "not mid-run");
 
-    for (i, (id, event, succeeded)) in operations.iter().enumerate() {
+    for (i, removal) in operations.iter().enumerate() {
         for replica in [0, 1] {
-            let operation = cluster.operation(replica, id).await;
-            assert_eq!(
-                operation["status"],
-                settles_as(*succeeded),
-                "#{i}: {operation}"
-            );
-            assert_eq!(
-                event_ids(&operation),
-                [event[0]["id"].as_str().unwrap()],
-                "#{i}"
-            );
+            cluster.settled_once(replica, i, removal).await;
         }
     }
 }

@@ -166,6 +166,34 @@ async fn a_graph_cancel_on_a_is_settled_by_notifications_delivered_twice_to_b() 
         assert_eq!(prompts[0]["events"].as_array().unwrap().len(), 1);
     }
     assert_eq!(b.list(&format!("callId={call}")).await.len(), 3);
+    // Every notification reached B (twice), none A: A read what B wrote.
+    let (on_a, on_b) = (graph_events(&a).await, graph_events(&b).await);
+    assert_eq!(on_a, (0, 0), "graph events on A");
+    assert!(
+        on_b.0 >= 3 && on_b.1 == on_b.0,
+        "graph events on B (applied, duplicates): {on_b:?}"
+    );
+}
+
+/// Graph notification events a replica took, from its `/metrics`: (first deliveries,
+/// duplicates).
+async fn graph_events(app: &TestApp) -> (u64, u64) {
+    let text = app.get("/metrics").await.text().await.unwrap();
+    let (mut first, mut duplicates) = (0, 0);
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("callops_callbacks_total{source=\"graph\",outcome=\"")
+        else {
+            continue;
+        };
+        let (outcome, value) = rest.split_once("\"} ").unwrap();
+        let value: u64 = value.trim().parse().unwrap();
+        match outcome {
+            "duplicate" => duplicates += value,
+            "refused" => {}
+            _ => first += value,
+        }
+    }
+    (first, duplicates)
 }
 
 #[tokio::test]

@@ -14,6 +14,17 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// An emulator of its own on 127.0.0.1:0, for tests that run `callops` as a child process:
+/// the emulator, its URL, and a guard that stops it when dropped.
+pub async fn serve_emulator(config: &Config) -> (Emulator, String, tokio_util::sync::DropGuard) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let emulator = Emulator::new(&config.emulator);
+    let stop = CancellationToken::new();
+    tokio::spawn(emulator.clone().serve(listener, stop.clone()));
+    (emulator, url, stop.drop_guard())
+}
+
 /// Generous bound for anything that should happen "soon".
 pub const SOON: Duration = Duration::from_secs(10);
 

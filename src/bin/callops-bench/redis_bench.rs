@@ -335,14 +335,7 @@ async fn ingest(
         eprintln!("  redis-server started {rewrites} append-only file rewrite(s) during the run");
     }
     let rate = result.rate();
-    let exhausted = if result.exhausted {
-        format!(
-            "; pool of {count} ran out after {:.1} s",
-            result.window.as_secs_f64()
-        )
-    } else {
-        String::new()
-    };
+    let exhausted = scenarios::exhausted_note(&result, count);
     eprintln!("  {} req/s, {cpu}{exhausted}", report::rate(rate));
     let conflicts = match (conflicts_before, conflicts(&children).await?) {
         (Some(before), Some(after)) => {

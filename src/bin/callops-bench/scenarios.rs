@@ -293,6 +293,18 @@ impl IngestConfig {
     }
 }
 
+/// "; pool of N ran out after S s" when the row ended early, else nothing.
+pub fn exhausted_note(result: &loadgen::RunResult, count: usize) -> String {
+    if result.exhausted {
+        format!(
+            "; pool of {count} ran out after {:.1} s",
+            result.window.as_secs_f64()
+        )
+    } else {
+        String::new()
+    }
+}
+
 pub fn print_errors(what: &str, result: &loadgen::RunResult) {
     if result.errors > 0 || result.unmatched > 0 {
         eprintln!(
@@ -446,14 +458,7 @@ pub async fn ingest(bench: &Bench, config: IngestConfig, bare: Option<f64>) -> a
     let rate = result.rate();
     let ratio = bare.map(|bare| rate / bare);
     let p99 = result.latencies.value_at_quantile(0.99);
-    let exhausted = if result.exhausted {
-        format!(
-            "; pool of {count} ran out after {:.1} s",
-            result.window.as_secs_f64()
-        )
-    } else {
-        String::new()
-    };
+    let exhausted = exhausted_note(&result, count);
     eprintln!("  {} req/s, {cpu}{exhausted}", report::rate(rate));
     let clean = result.errors == 0 && result.unmatched == 0;
     let mut other = format!(
