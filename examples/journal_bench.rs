@@ -17,7 +17,7 @@ use std::error::Error;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use callops::journal::{Batch, Journal, SqliteOptions};
+use callops::store::journal::{Batch, Journal, SqliteOptions};
 use rand::Rng;
 
 const DEFAULT_WRITERS: [usize; 3] = [1, 32, 256];
@@ -153,7 +153,7 @@ async fn run(run: Run) -> Result<(), Box<dyn Error>> {
                     journal.write(batch).await?;
                     latencies.push(sent.elapsed());
                 }
-                Ok::<_, callops::journal::JournalError>(latencies)
+                Ok::<_, callops::store::journal::JournalError>(latencies)
             })
         })
         .collect();

@@ -16,6 +16,18 @@ use url::Url;
 
 use crate::acs::connection_string::{ConnectionString, ConnectionStringError};
 
+/// The query parameter carrying the optional callback secret.
+pub const SECRET_PARAMETER: &str = "secret";
+
+/// Decodes the emulator's base64 access key.
+pub fn decode_key(text: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .ok()
+        .filter(|key| !key.is_empty())
+}
+
 /// The compiled-in defaults.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -652,8 +664,7 @@ impl Config {
         if callbacks.key_fetch_timeout_ms == 0 {
             return invalid("callbacks.key_fetch_timeout_ms", "must be at least 1");
         }
-        if self.emulator.enabled && crate::emulator::decode_key(&self.emulator.access_key).is_none()
-        {
+        if self.emulator.enabled && decode_key(&self.emulator.access_key).is_none() {
             return invalid("emulator.access_key", "must be non-empty base64");
         }
         Ok(())
@@ -679,8 +690,7 @@ impl Config {
             .expect("a relative path joins any http URL");
         let secret = self.callbacks.secret.expose_secret();
         if !secret.is_empty() {
-            url.query_pairs_mut()
-                .append_pair(crate::callback_auth::SECRET_PARAMETER, secret);
+            url.query_pairs_mut().append_pair(SECRET_PARAMETER, secret);
         }
         SecretUrl(url)
     }

@@ -10,7 +10,9 @@
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::operation::{CallRef, EventEffect, EventRecord, Operation, OperationKind, Transition};
+use crate::operation::{
+    CallRef, EventEffect, EventRecord, Operation, OperationId, OperationKind, Transition,
+};
 
 /// The kind of an event that reports on "an operation" without saying which kind (Graph's
 /// generic `commsOperation`): it applies to whatever operation it names.
@@ -143,6 +145,59 @@ pub fn apply(operation: &mut Operation, event: &IncomingEvent) -> EventEffect {
     }
     operation.record(event.record(effect));
     effect
+}
+
+/// What happened to a delivered event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Its id was seen before; nothing changed.
+    Duplicate,
+    /// It reached a known operation.
+    Matched {
+        id: OperationId,
+        effect: EventEffect,
+    },
+    /// Its operation is not known yet; it waits (bounded in time and count).
+    Parked,
+    /// It created an observed operation.
+    Observed { id: OperationId },
+    /// It names no operation; it was kept on its call's timeline.
+    CallEvent,
+    /// The park was full (it was kept on its call's timeline), or the event names no call
+    /// at all (the caller logs it).
+    Unmatched,
+}
+
+/// How many events of a delivery ended which way.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct DeliverySummary {
+    pub received: usize,
+    pub matched: usize,
+    pub duplicates: usize,
+    pub parked: usize,
+    pub observed: usize,
+    pub unmatched: usize,
+}
+
+impl DeliverySummary {
+    pub fn count(&mut self, delivery: Delivery) {
+        match delivery {
+            Delivery::Duplicate => self.duplicates += 1,
+            Delivery::Matched { id, effect } => {
+                self.matched += 1;
+                tracing::debug!(operation.id = %id, ?effect, "callback matched");
+            }
+            Delivery::Parked => self.parked += 1,
+            Delivery::Observed { .. } => self.observed += 1,
+            Delivery::CallEvent => {}
+            Delivery::Unmatched => {
+                self.unmatched += 1;
+                tracing::warn!(
+                    "park full: a callback for an unknown operation was kept on its call's events only"
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::service::{StartError, StoreError};
+use crate::service::StartError;
+use crate::store::StoreError;
 use crate::telemetry::LogBudget;
 
 /// An error answered to a client.

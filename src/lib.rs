@@ -17,11 +17,8 @@ pub mod error;
 pub mod graph;
 pub mod healthcheck;
 pub mod http;
-pub mod journal;
 pub mod metrics;
 pub mod operation;
-pub mod persistence;
-pub mod redis_store;
 pub mod service;
 pub mod store;
 pub mod telemetry;
@@ -40,18 +37,15 @@ use tokio_util::task::TaskTracker;
 use crate::acs::client::AcsClient;
 use crate::acs::connection_string::ConnectionString;
 use crate::callback_auth::{CallbackAuthenticator, IssuerSettings};
-use crate::config::{CallbackAuth, CallbackIssuerConfig, Config, StoreConfig, StoreLocation};
+use crate::config::{CallbackAuth, CallbackIssuerConfig, Config};
 use crate::emulator::Emulator;
 use crate::emulator::callback_signing;
 use crate::graph::client::GraphClient;
 use crate::graph::token::TokenProvider;
 use crate::http::{ApiLimits, AppState};
-use crate::journal::{Journal, SqliteOptions};
 use crate::metrics::Metrics;
-use crate::persistence::Recorder;
-use crate::redis_store::RedisStore;
 use crate::service::OperationService;
-use crate::store::OperationStore;
+use crate::store::Storage;
 
 /// How long background work (upstream requests in flight) may take to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -75,7 +69,7 @@ pub async fn run(
         (Some(connection), _) => connection,
         (None, Some(endpoint)) => {
             tracing::info!(emulator.endpoint = %endpoint, "no ACS connection string configured: ACS requests go to the in-process emulator");
-            let key = emulator::decode_key(&config.emulator.access_key)
+            let key = config::decode_key(&config.emulator.access_key)
                 .context("emulator.access_key is not base64")?;
             ConnectionString::new(endpoint.clone(), key)
         }
@@ -107,28 +101,7 @@ pub async fn run(
     };
     let graph_http = http_client(Duration::from_millis(config.graph.request_timeout_ms))?;
     let graph = graph_client(&config, emulator.as_ref(), graph_http, metrics.clone())?;
-    let store = OperationStore::new(&config.operations);
-    let (recorder, shared) = match config.store.location()? {
-        StoreLocation::Redis(url) => {
-            let shared =
-                RedisStore::connect(&url, &config.store, &config.operations, metrics.clone())
-                    .await
-                    .with_context(|| format!("connecting to Redis at {url} (CALLOPS_STORE)"))?;
-            tracing::info!(store.url = %url, "shared store (Redis) connected: replicas on the same store serve one deployment");
-            (Recorder::memory(), Some(shared))
-        }
-        StoreLocation::Memory => {
-            tracing::warn!(
-                "the store is in memory (CALLOPS_STORE=memory): operations and callbacks are lost at every restart"
-            );
-            (Recorder::memory(), None)
-        }
-        StoreLocation::Sqlite(path) => (open_store(path, &config.store, &store).await?, None),
-    };
-    let recorder = recorder.with_metrics(metrics.clone()).with_retention(
-        Duration::from_secs(config.operations.retention_secs),
-        Duration::from_secs(config.operations.dedupe_ttl_secs),
-    );
+    let storage = Storage::open(&config, metrics.clone()).await?;
     let acs = AcsClient::new(
         &config.acs,
         connection,
@@ -138,13 +111,8 @@ pub async fn run(
     );
     tracing::info!(acs.endpoint = %acs.endpoint(), callback.url = %config.acs_callback_url(), "ACS client ready");
     tracing::info!(graph.base_url = %graph.base_url(), graph.token_url = %graph.tokens().token_url(), "Graph client ready");
-    let storage = service::Storage {
-        store: store.clone(),
-        recorder: recorder.clone(),
-        shared: shared.clone(),
-    };
     let service = OperationService::new(
-        storage,
+        storage.clone(),
         acs,
         graph,
         tasks.clone(),
@@ -152,21 +120,7 @@ pub async fn run(
         metrics.clone(),
     );
     let sweep_interval = Duration::from_millis(config.operations.sweep_interval_ms.max(10));
-    match shared {
-        Some(shared) => {
-            tasks.spawn(shared.clone().run_notices(shutdown.clone()));
-            tasks.spawn(shared.run_sweeper(sweep_interval, shutdown.clone()));
-        }
-        None => {
-            tasks.spawn(service::run_sweeper(
-                store,
-                recorder.clone(),
-                Duration::from_secs(config.operations.dedupe_ttl_secs),
-                sweep_interval,
-                shutdown.clone(),
-            ));
-        }
-    }
+    storage.spawn_background(&tasks, sweep_interval, &shutdown);
     let state = AppState {
         service,
         callback_auth,
@@ -205,7 +159,7 @@ pub async fn run(
         tracing::warn!("background work did not finish within the shutdown grace period");
     }
     // Everything acknowledged is already committed; this waits for the last writes.
-    recorder.journal().close().await;
+    storage.close().await;
     tracing::info!("callops stopped");
     Ok(())
 }
@@ -315,49 +269,6 @@ fn callback_authenticator(
     Ok(CallbackAuthenticator::new(
         callbacks, acs, graph, http, metrics,
     ))
-}
-
-/// Opens the SQLite store at `path` and loads what it holds into `store`.
-async fn open_store(
-    path: std::path::PathBuf,
-    config: &StoreConfig,
-    store: &OperationStore,
-) -> anyhow::Result<Recorder> {
-    let options = SqliteOptions {
-        max_batch_records: config.max_batch_records,
-        synchronous_full: config.synchronous_full,
-    };
-    let opened = path.clone();
-    let (journal, loaded) = tokio::task::spawn_blocking(move || {
-        let journal = Journal::open_sqlite(&opened, options)?;
-        let loaded = journal.load()?;
-        anyhow::Ok((journal, loaded))
-    })
-    .await
-    .context("opening the store")?
-    .with_context(|| format!("opening the store at {} (CALLOPS_STORE)", path.display()))?;
-    let restored = persistence::restored(loaded);
-    tracing::info!(
-        store.path = %path.display(),
-        operations = restored.operations.len(),
-        seen = restored.seen.len(),
-        parked = restored.parked.len(),
-        "durable store opened"
-    );
-    let unparked = store.restore(
-        restored,
-        tokio::time::Instant::now(),
-        time::OffsetDateTime::now_utc(),
-    );
-    let recorder = Recorder::durable(journal);
-    // Parked events that expired while callops was down, or were applied at load.
-    let mut changes = recorder.changes();
-    changes.unparked(unparked.iter().map(|id| Some(id.as_str())));
-    recorder
-        .commit(store, changes)
-        .await
-        .context("cleaning up the store")?;
-    Ok(recorder)
 }
 
 /// Starts the in-process emulator (ACS and Graph) and returns its endpoint.

@@ -19,9 +19,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::operation::{OperationKind, OperationStatus};
-use crate::service::DeliverySummary;
-use crate::store::{FINAL_STATUSES, ISSUED_KINDS};
+use crate::correlation::DeliverySummary;
+use crate::operation::{FINAL_STATUSES, ISSUED_KINDS, OperationKind, OperationStatus};
 
 /// The content type of [`Metrics::encode`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

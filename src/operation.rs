@@ -466,6 +466,19 @@ pub fn next_status(
     })
 }
 
+/// The kinds callops issues, in the order of the store's `started` and `settled` counts.
+pub const ISSUED_KINDS: [OperationKind; 2] = [
+    OperationKind::RemoveParticipant,
+    OperationKind::CancelMediaProcessing,
+];
+
+/// The final statuses, in the order of the store's `settled` rows.
+pub const FINAL_STATUSES: [OperationStatus; 3] = [
+    OperationStatus::Succeeded,
+    OperationStatus::Failed,
+    OperationStatus::Canceled,
+];
+
 #[cfg(test)]
 mod serde_tests {
     use time::macros::datetime;

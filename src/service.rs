@@ -20,18 +20,19 @@ use uuid::Uuid;
 use crate::acs::client::{AcsClient, AcsError, RemoveParticipant, Repeatability};
 use crate::acs::events::AcsEvent;
 use crate::acs::identifier::{CommunicationIdentifier, IdentifierError};
-use crate::correlation::{IncomingEvent, upstream_key};
+use crate::correlation::{Delivery, DeliverySummary};
 use crate::graph::client::{CancelAnswer, GraphClient, GraphError};
 use crate::graph::ids;
 use crate::graph::notifications::GraphEvent;
-use crate::journal::{JournalError, JournalStats};
 use crate::metrics::{self, EventOutcome, Metrics};
 use crate::operation::{
     CallRef, Operation, OperationError, OperationId, OperationKind, ResultInfo, Transition,
 };
-use crate::persistence::{Changes, Recorder};
-use crate::redis_store::{Committed, RedisStore, RedisStoreError, Want};
-use crate::store::{ContextInUse, Delivery, ListFilter, OperationStore, StoreStats, SweepReport};
+use crate::store::journal::JournalStats;
+use crate::store::{
+    ContextInUse, CreateError, Delivered, Inbound, ListFilter, Storage, StoreError, StoreStats,
+    UpstreamAnswer,
+};
 use crate::trace_context::TraceParent;
 use crate::upstream::TransientError;
 
@@ -58,24 +59,12 @@ impl std::ops::Deref for OperationService {
 
 /// What an [`OperationService`] is made of.
 pub struct ServiceParts {
-    /// The in-memory store (and its journal); unused when `shared` is set.
-    store: OperationStore,
-    recorder: Recorder,
-    /// The store shared by every replica (Redis): the truth when set.
-    shared: Option<RedisStore>,
+    storage: Storage,
     acs: AcsClient,
     graph: GraphClient,
     tasks: TaskTracker,
     shutdown: CancellationToken,
     metrics: Metrics,
-}
-
-/// Where the service keeps state: the in-memory store and its journal, or (when `shared` is
-/// set) the store shared by every replica.
-pub struct Storage {
-    pub store: OperationStore,
-    pub recorder: Recorder,
-    pub shared: Option<RedisStore>,
 }
 
 /// Why an operation could not be started.
@@ -94,24 +83,12 @@ pub enum StartError {
     Store(#[from] StoreError),
 }
 
-/// The store could not take or give a record now (the client or sender should retry).
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StoreError {
-    #[error(transparent)]
-    Journal(#[from] JournalError),
-    #[error(transparent)]
-    Shared(#[from] RedisStoreError),
-}
-
-impl From<JournalError> for StartError {
-    fn from(error: JournalError) -> Self {
-        Self::Store(error.into())
-    }
-}
-
-impl From<RedisStoreError> for StartError {
-    fn from(error: RedisStoreError) -> Self {
-        Self::Store(error.into())
+impl From<CreateError> for StartError {
+    fn from(error: CreateError) -> Self {
+        match error {
+            CreateError::Conflict(conflict) => Self::Conflict(conflict),
+            CreateError::Store(error) => Self::Store(error),
+        }
     }
 }
 
@@ -120,36 +97,9 @@ impl From<RedisStoreError> for StartError {
 #[error("the callback could not be stored: {0}")]
 pub struct DeliveryError(#[from] StoreError);
 
-impl From<JournalError> for DeliveryError {
-    fn from(error: JournalError) -> Self {
-        Self(error.into())
-    }
-}
-
-impl From<RedisStoreError> for DeliveryError {
-    fn from(error: RedisStoreError) -> Self {
-        Self(error.into())
-    }
-}
-
-/// How many events of a delivery ended which way.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
-pub struct DeliverySummary {
-    pub received: usize,
-    pub matched: usize,
-    pub duplicates: usize,
-    pub parked: usize,
-    pub observed: usize,
-    pub unmatched: usize,
-}
-
 impl OperationService {
     pub fn new(
-        Storage {
-            store,
-            recorder,
-            shared,
-        }: Storage,
+        storage: Storage,
         acs: AcsClient,
         graph: GraphClient,
         tasks: TaskTracker,
@@ -158,9 +108,7 @@ impl OperationService {
     ) -> Self {
         Self {
             parts: Arc::new(ServiceParts {
-                store,
-                recorder,
-                shared,
+                storage,
                 acs,
                 graph,
                 tasks,
@@ -172,7 +120,7 @@ impl OperationService {
 
     /// The journal's totals (zero in memory).
     pub fn journal_stats(&self) -> JournalStats {
-        self.recorder.journal().stats()
+        self.storage.journal_stats()
     }
 
     /// How many Graph access tokens were requested.
@@ -183,15 +131,12 @@ impl OperationService {
     /// The store's counters (for a shared store: this replica's, and the store's sizes as
     /// last counted).
     pub fn store_stats(&self) -> StoreStats {
-        match &self.shared {
-            Some(shared) => shared.stats(),
-            None => self.store.stats(),
-        }
+        self.storage.stats()
     }
 
-    /// The shared store, when there is one.
-    pub fn shared_store(&self) -> Option<&RedisStore> {
-        self.shared.as_ref()
+    /// Transitions of a shared store that lost a race and were rerun.
+    pub fn store_conflicts(&self) -> Option<u64> {
+        self.storage.conflicts()
     }
 
     /// The events kept for a call.
@@ -199,23 +144,16 @@ impl OperationService {
         &self,
         call: &CallRef,
     ) -> Result<Vec<crate::operation::EventRecord>, StoreError> {
-        match &self.shared {
-            Some(shared) => Ok(shared.call_events(call).await?),
-            None => Ok(self.store.call_events(call).unwrap_or_default()),
-        }
+        self.storage.call_events(call).await
     }
 
     /// Whether the store can commit now, within `timeout`.
     pub async fn store_ready(&self, timeout: Duration) -> Result<(), String> {
         let probe = async {
-            match &self.shared {
-                Some(shared) => shared.probe().await.map_err(|error| error.to_string()),
-                None => self
-                    .recorder
-                    .probe()
-                    .await
-                    .map_err(|error| error.to_string()),
-            }
+            self.storage
+                .probe()
+                .await
+                .map_err(|error| error.to_string())
         };
         match tokio::time::timeout(timeout, probe).await {
             Ok(Ok(())) => Ok(()),
@@ -239,13 +177,12 @@ impl OperationService {
         let participant = participant.normalize()?;
         let context =
             context_or_generated(operation_context, MAX_CONTEXT_LEN).ok_or(StartError::Context)?;
-        let operation = self
-            .create(
-                OperationKind::RemoveParticipant,
-                CallRef::CallConnection(call_connection_id.clone()),
-                &context,
-            )
-            .await?;
+        let operation = Operation::new(
+            OperationKind::RemoveParticipant,
+            CallRef::CallConnection(call_connection_id.clone()),
+            context.clone(),
+            OffsetDateTime::now_utc(),
+        );
         let id = operation.id;
         let request = RemoveParticipant {
             call_connection_id,
@@ -260,40 +197,9 @@ impl OperationService {
         .await
     }
 
-    /// Creates the record (before anything is sent upstream) and names it in the span. In
-    /// a shared store it is written here (claiming its context there); in memory,
-    /// [`OperationService::launch`] writes it.
-    async fn create(
-        &self,
-        kind: OperationKind,
-        call: CallRef,
-        context: &str,
-    ) -> Result<Operation, StartError> {
-        let operation = Operation::new(kind, call, context.to_owned(), OffsetDateTime::now_utc());
-        let operation = match &self.shared {
-            Some(shared) => {
-                let want = Want::context(&operation.call, &operation.context);
-                let created = shared
-                    .transact(&want, |scratch, _| scratch.create(operation.clone()))
-                    .await?;
-                match created {
-                    Committed::Done(created) => created?,
-                    // A new operation carries no event id.
-                    Committed::Duplicate => {
-                        return Err(RedisStoreError::Unexpected("dup".to_owned()).into());
-                    }
-                }
-            }
-            None => self.store.create(operation)?,
-        };
-        tracing::Span::current().record("operation.id", tracing::field::display(operation.id));
-        Ok(operation)
-    }
-
-    /// Makes the new record durable, then sends it upstream (`dispatch`), on one tracked
-    /// task: the caller's `202` waits for the commit only, and a client that goes away
-    /// meanwhile cannot leave a stored operation unsent. If the commit fails, the operation
-    /// fails in memory too (so its context is free again) and nothing is sent.
+    /// Creates the record (durable before anything is sent upstream), then sends it
+    /// (`dispatch`), on one tracked task: the caller's `202` waits for the commit only,
+    /// and a client that goes away meanwhile cannot leave a stored operation unsent.
     async fn launch<F, Fut>(
         &self,
         operation: Operation,
@@ -303,95 +209,45 @@ impl OperationService {
         F: FnOnce(OperationService) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        if self.shared.is_some() {
-            // Already written by `create`.
-            self.tasks.spawn(dispatch(self.clone()));
-            tracing::info!("operation created");
-            return Ok(operation);
-        }
-        let id = operation.id;
-        let mut changes = self.recorder.changes();
-        changes.operation(id);
-        // Callbacks parked for it were applied: they are no longer parked.
-        changes.unparked(operation.events.iter().map(|event| event.id.as_deref()));
-        let (committed, outcome) = tokio::sync::oneshot::channel();
+        tracing::Span::current().record("operation.id", tracing::field::display(operation.id));
+        let (created, outcome) = tokio::sync::oneshot::channel();
         let service = self.clone();
         let span = tracing::Span::current();
         self.tasks.spawn(async move {
-            let result = service.recorder.commit(&service.store, changes).await;
+            let result = service.storage.create(operation).await;
             let stored = result.is_ok();
-            if let Err(error) = &result {
+            if let Err(CreateError::Store(error)) = &result {
                 let _entered = span.enter();
                 tracing::error!(%error, "the new operation could not be stored; not sent");
-                let failed = Transition::Failed {
-                    result: None,
-                    error: OperationError {
-                        code: "StoreUnavailable".to_owned(),
-                        message: format!("the operation could not be stored: {error}"),
-                    },
-                };
-                service
-                    .store
-                    .transition(id, failed, OffsetDateTime::now_utc());
             }
-            let _ = committed.send(result);
+            let _ = created.send(result);
             if stored {
                 dispatch(service).await;
             }
         });
         match outcome.await {
-            Ok(Ok(())) => {
+            Ok(Ok(operation)) => {
                 tracing::info!("operation created");
                 Ok(operation)
             }
             Ok(Err(error)) => Err(error.into()),
-            Err(_) => Err(StartError::from(JournalError::Closed)),
+            Err(_) => Err(StartError::Store(StoreError::Journal(
+                crate::store::journal::JournalError::Closed,
+            ))),
         }
     }
 
-    /// Applies an upstream answer: what it said of the operation (Graph: its ids, the
-    /// first shown, and status), then `transition`; writes it (nobody waits on it: a
-    /// failure is logged).
+    /// Applies an upstream answer and writes it (nobody waits on it: a failure is logged).
     async fn apply_answer(
         &self,
         id: OperationId,
-        upstream: Option<(Vec<String>, Option<String>)>,
+        upstream: Option<UpstreamAnswer>,
         transition: Transition,
     ) {
-        let apply = |store: &OperationStore| {
-            if let Some((upstream_ids, status)) = &upstream {
-                let upstream_ids: Vec<&str> = upstream_ids.iter().map(String::as_str).collect();
-                store.record_upstream(id, &upstream_ids, status.as_deref());
-            }
-            store.transition(id, transition.clone(), OffsetDateTime::now_utc());
-        };
-        let stored = match &self.shared {
-            Some(shared) => shared
-                .transact(&Want::operation(id), |scratch, outcome| {
-                    apply(scratch);
-                    // Every name Graph gave it finds it (the first is on the operation).
-                    if let Some((upstream_ids, _)) = &upstream {
-                        outcome.upstream_ids.extend(
-                            upstream_ids
-                                .iter()
-                                .skip(1)
-                                .map(|upstream_id| (upstream_key(upstream_id).into(), id)),
-                        );
-                    }
-                })
-                .await
-                .map(drop)
-                .map_err(StoreError::from),
-            None => {
-                apply(&self.store);
-                let mut changes = self.recorder.changes();
-                changes.operation(id);
-                self.recorder
-                    .commit(&self.store, changes)
-                    .await
-                    .map_err(StoreError::from)
-            }
-        };
+        let stored = self
+            .storage
+            .record_answer(id, upstream, transition, OffsetDateTime::now_utc())
+            .await;
         if let Err(error) = stored {
             tracing::error!(operation.id = %id, %error, "an upstream answer could not be stored");
         }
@@ -420,13 +276,12 @@ impl OperationService {
     ) -> Result<Operation, StartError> {
         let context = context_or_generated(client_context, MAX_CLIENT_CONTEXT_LEN)
             .ok_or(StartError::ClientContext)?;
-        let operation = self
-            .create(
-                OperationKind::CancelMediaProcessing,
-                CallRef::Call(ids::canonical(&call_id).into_owned()),
-                &context,
-            )
-            .await?;
+        let operation = Operation::new(
+            OperationKind::CancelMediaProcessing,
+            CallRef::Call(ids::canonical(&call_id).into_owned()),
+            context.clone(),
+            OffsetDateTime::now_utc(),
+        );
         let id = operation.id;
         self.launch(operation, move |service| async move {
             service
@@ -460,7 +315,10 @@ impl OperationService {
                     upstream.status = answer.status.as_deref().unwrap_or(""),
                     "Graph took cancelMediaProcessing"
                 );
-                let upstream = Some((upstream_ids, answer.status.clone()));
+                let upstream = Some(UpstreamAnswer {
+                    ids: upstream_ids,
+                    status: answer.status.clone(),
+                });
                 (upstream, cancel_answer_transition(answer))
             }
             Err(error) => {
@@ -471,58 +329,13 @@ impl OperationService {
         self.apply_answer(id, upstream, transition).await;
     }
 
-    /// Hands `incoming` to the store and notes what it changed.
-    fn deliver(
-        &self,
-        source: &'static str,
-        incoming: IncomingEvent,
-        now: tokio::time::Instant,
-        changes: &mut Changes,
-    ) -> Delivery {
-        let counters = self.metrics.event_counters(source, &incoming.event_type);
-        let call = incoming.cancelled.then(|| incoming.call.clone()).flatten();
-        let seen = changes
-            .is_durable()
-            .then(|| (incoming.id.clone(), incoming.received));
-        // A parked event is written from the store's hands, so nothing is copied otherwise.
-        let delivery = self
-            .store
-            .deliver_noting(incoming, now, &mut |event| changes.parked(event));
-        metrics::count_event(&counters, event_outcome(delivery));
-        match (seen, delivery) {
-            (Some((Some(id), received)), Delivery::Matched { .. } | Delivery::Observed { .. }) => {
-                changes.seen_on_operation(id, received);
-            }
-            (
-                Some((Some(id), received)),
-                Delivery::Parked | Delivery::CallEvent | Delivery::Unmatched,
-            ) => {
-                changes.seen(id, received);
-            }
-            _ => {}
-        }
-        match delivery {
-            Delivery::Matched { id, .. } | Delivery::Observed { id } => changes.operation(id),
-            Delivery::Parked | Delivery::Duplicate | Delivery::CallEvent | Delivery::Unmatched => {}
-        }
-        // A cancelled operation is listed on a cancel of its call.
-        if let (Some(call), Delivery::Matched { .. } | Delivery::Observed { .. }) = (call, delivery)
-        {
-            changes.operations(self.store.cancels_on(&call));
-        }
-        delivery
-    }
-
-    /// Applies one Graph notification delivery; returns once its effects are durable. On a
-    /// shared store each event is its own transition (so a redelivered event is a
-    /// duplicate alone), written before the next; otherwise all are committed together.
+    /// Applies one Graph notification delivery; returns once its effects are durable.
     pub async fn deliver_graph(
         &self,
         events: Vec<GraphEvent>,
     ) -> Result<DeliverySummary, DeliveryError> {
-        let now = tokio::time::Instant::now();
         let mut summary = DeliverySummary::default();
-        let mut changes = self.recorder.changes();
+        let mut inbound = Vec::with_capacity(events.len());
         for GraphEvent {
             incoming,
             call_ended,
@@ -539,48 +352,20 @@ impl OperationService {
             };
             // Only a call's end needs the call after the event is handed over.
             let ended = call_ended.map(|result| (call.clone(), result));
-            let (delivery, failed) = match &self.shared {
-                Some(shared) => {
-                    self.deliver_shared(shared, "graph", incoming, ended.clone())
-                        .await?
-                }
-                None => {
-                    let delivery = self.deliver("graph", incoming, now, &mut changes);
-                    let failed = match &ended {
-                        Some((call, result)) if delivery != Delivery::Duplicate => {
-                            self.store.end_call(
-                                call,
-                                result.clone(),
-                                &call_terminated(),
-                                OffsetDateTime::now_utc(),
-                            )
-                        }
-                        _ => Vec::new(),
-                    };
-                    changes.operations(failed.iter().copied());
-                    (delivery, failed)
-                }
-            };
-            summary.count(delivery);
-            if let Some((call, _)) = ended.filter(|_| delivery != Delivery::Duplicate) {
-                log_call_ended(&call, &failed);
-            }
+            inbound.push(Inbound { incoming, ended });
         }
-        self.metrics.callbacks_delivered("graph", &summary);
-        self.recorder.commit(&self.store, changes).await?;
+        self.deliver("graph", inbound, &mut summary).await?;
         Ok(summary)
     }
 
-    /// Applies one ACS callback delivery; returns once its effects are durable (as
-    /// [`OperationService::deliver_graph`]).
+    /// Applies one ACS callback delivery; returns once its effects are durable.
     pub async fn deliver_acs(
         &self,
         events: Vec<AcsEvent>,
     ) -> Result<DeliverySummary, DeliveryError> {
-        let now = tokio::time::Instant::now();
         let received = OffsetDateTime::now_utc();
         let mut summary = DeliverySummary::default();
-        let mut changes = self.recorder.changes();
+        let mut inbound = Vec::with_capacity(events.len());
         for event in events {
             let incoming = event.into_incoming(received);
             summary.received += 1;
@@ -593,61 +378,49 @@ impl OperationService {
                 );
                 continue;
             }
-            let delivery = match &self.shared {
-                Some(shared) => self.deliver_shared(shared, "acs", incoming, None).await?.0,
-                None => self.deliver("acs", incoming, now, &mut changes),
-            };
-            summary.count(delivery);
+            inbound.push(Inbound {
+                incoming,
+                ended: None,
+            });
         }
-        self.metrics.callbacks_delivered("acs", &summary);
-        self.recorder.commit(&self.store, changes).await?;
+        self.deliver("acs", inbound, &mut summary).await?;
         Ok(summary)
     }
 
-    /// One event as one transition of the shared store: read what it may touch (its
-    /// context, its upstream id, and for a cancel or a call's end every operation of the
-    /// call), deliver it there, write back what changed unless its id was seen.
-    async fn deliver_shared(
+    /// Hands `inbound` to the store, counting what became of each event as it is known.
+    async fn deliver(
         &self,
-        shared: &RedisStore,
         source: &'static str,
-        incoming: IncomingEvent,
-        ended: Option<(CallRef, Option<ResultInfo>)>,
-    ) -> Result<(Delivery, Vec<OperationId>), DeliveryError> {
-        let counters = self.metrics.event_counters(source, &incoming.event_type);
-        let want = Want::event(&incoming, incoming.cancelled || ended.is_some());
-        let now = tokio::time::Instant::now();
-        let committed = shared
-            .transact(&want, |scratch, outcome| {
-                outcome.seen.extend(incoming.id.clone());
-                let delivery = scratch.deliver_noting(incoming.clone(), now, &mut |event| {
-                    outcome.parked.push(event.clone());
-                });
-                let failed = match &ended {
-                    Some((call, result)) => scratch.end_call(
-                        call,
-                        result.clone(),
-                        &call_terminated(),
-                        OffsetDateTime::now_utc(),
-                    ),
-                    None => Vec::new(),
-                };
-                (delivery, failed)
+        inbound: Vec<Inbound>,
+        summary: &mut DeliverySummary,
+    ) -> Result<(), StoreError> {
+        let counted: Vec<_> = inbound
+            .iter()
+            .map(|event| {
+                let counters = self
+                    .metrics
+                    .event_counters(source, &event.incoming.event_type);
+                let ended = event.ended.as_ref().map(|(call, _)| call.clone());
+                (counters, ended)
             })
-            .await?;
-        let (delivery, failed) = match committed {
-            Committed::Done(done) => done,
-            Committed::Duplicate => (Delivery::Duplicate, Vec::new()),
-        };
-        metrics::count_event(&counters, event_outcome(delivery));
-        Ok((delivery, failed))
+            .collect();
+        let delivered = self
+            .storage
+            .deliver(inbound, &mut |index, delivered: &Delivered| {
+                let (counters, ended) = &counted[index];
+                metrics::count_event(counters, event_outcome(delivered.delivery));
+                summary.count(delivered.delivery);
+                if let (Some(call), false) = (ended, delivered.delivery == Delivery::Duplicate) {
+                    log_call_ended(call, &delivered.failed);
+                }
+            })
+            .await;
+        self.metrics.callbacks_delivered(source, summary);
+        delivered
     }
 
     pub async fn get(&self, id: OperationId) -> Result<Option<Operation>, StoreError> {
-        match &self.shared {
-            Some(shared) => Ok(shared.get(id).await?),
-            None => Ok(self.store.get(id)),
-        }
+        self.storage.get(id).await
     }
 
     /// Waits for the operation to settle, at most `timeout`; shutdown ends the wait early
@@ -657,13 +430,7 @@ impl OperationService {
         id: OperationId,
         timeout: Duration,
     ) -> Result<Option<Operation>, StoreError> {
-        if let Some(shared) = &self.shared {
-            return Ok(shared.wait_settled(id, timeout, &self.shutdown).await?);
-        }
-        Ok(tokio::select! {
-            operation = self.store.wait_settled(id, timeout) => operation,
-            _ = self.shutdown.cancelled() => self.store.get(id),
-        })
+        self.storage.wait(id, timeout, &self.shutdown).await
     }
 
     /// Operations matching `filter`, newest first, at most `limit`, and where the next page
@@ -673,14 +440,7 @@ impl OperationService {
         filter: &ListFilter,
         limit: usize,
     ) -> Result<(Vec<Operation>, Option<OperationId>), StoreError> {
-        match &self.shared {
-            Some(shared) => Ok(shared.list(filter, limit).await?),
-            None => {
-                let (operations, more) = self.store.list(filter, limit);
-                let next = operations.last().filter(|_| more).map(|last| last.id);
-                Ok((operations, next))
-            }
-        }
+        self.storage.list(filter, limit).await
     }
 }
 
@@ -693,14 +453,6 @@ fn event_outcome(delivery: Delivery) -> EventOutcome {
         Delivery::Observed { .. } => EventOutcome::Observed,
         Delivery::Unmatched => EventOutcome::Unmatched,
         Delivery::CallEvent => EventOutcome::Call,
-    }
-}
-
-/// Why the operations of an ended call failed.
-fn call_terminated() -> OperationError {
-    OperationError {
-        code: "CallTerminated".to_owned(),
-        message: "the call ended before the operation finished".to_owned(),
     }
 }
 
@@ -719,27 +471,6 @@ fn context_or_generated(given: Option<String>, max: usize) -> Option<String> {
         Some(context) if context.is_empty() || context.chars().count() > max => None,
         Some(context) => Some(context),
         None => Some(Uuid::new_v4().to_string()),
-    }
-}
-
-impl DeliverySummary {
-    fn count(&mut self, delivery: Delivery) {
-        match delivery {
-            Delivery::Duplicate => self.duplicates += 1,
-            Delivery::Matched { id, effect } => {
-                self.matched += 1;
-                tracing::debug!(operation.id = %id, ?effect, "callback matched");
-            }
-            Delivery::Parked => self.parked += 1,
-            Delivery::Observed { .. } => self.observed += 1,
-            Delivery::CallEvent => {}
-            Delivery::Unmatched => {
-                self.unmatched += 1;
-                tracing::warn!(
-                    "park full: a callback for an unknown operation was kept on its call's events only"
-                );
-            }
-        }
     }
 }
 
@@ -838,44 +569,4 @@ fn unavailable(upstream: &str, attempts: u32, last: &TransientError) -> Transiti
             ),
         },
     }
-}
-
-/// Expires parked callbacks, duplicate records and old operations until `shutdown`.
-pub async fn run_sweeper(
-    store: OperationStore,
-    recorder: Recorder,
-    dedupe_ttl: Duration,
-    interval: Duration,
-    shutdown: CancellationToken,
-) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        let wall_now = OffsetDateTime::now_utc();
-        let report = store.sweep(tokio::time::Instant::now(), wall_now);
-        let changes = sweep_changes(&recorder, &report, wall_now - dedupe_ttl);
-        if let Err(error) = recorder.commit(&store, changes).await {
-            tracing::error!(%error, "the sweep's changes could not be stored; the next sweep retries what is still due");
-        }
-        crate::telemetry::log_sweep(&report);
-    }
-}
-
-/// What a sweep changed: timed-out operations, retired ones, expired parked events, and
-/// event ids past the dedupe window.
-fn sweep_changes(
-    recorder: &Recorder,
-    report: &SweepReport,
-    seen_before: OffsetDateTime,
-) -> Changes {
-    let mut changes = recorder.changes();
-    changes.operations(report.timed_out.iter().copied());
-    changes.removed(report.removed_operations.iter().copied());
-    changes.unparked(report.expired.iter().map(|event| event.id.as_deref()));
-    changes.seen_expired_before(seen_before);
-    changes
 }

@@ -32,30 +32,6 @@ pub fn init_for_test() {
         .try_init();
 }
 
-/// Logs what a sweep did (whichever store it swept): expired parked callbacks and timed-out
-/// operations as warnings, retired operations at debug.
-pub fn log_sweep(report: &crate::store::SweepReport) {
-    use crate::operation::CallRef;
-    for event in &report.expired {
-        tracing::warn!(
-            event.id = event.id.as_deref().unwrap_or(""),
-            event.r#type = %event.event_type,
-            call.id = event.call.as_ref().map(CallRef::id).unwrap_or(""),
-            operation.context = event.context.as_deref().unwrap_or(""),
-            "parked callback expired: no operation with its context appeared; kept on the call's events"
-        );
-    }
-    for id in &report.timed_out {
-        tracing::warn!(operation.id = %id, "no final callback in time: operation failed with CallbackTimeout");
-    }
-    if !report.removed_operations.is_empty() {
-        tracing::debug!(
-            count = report.removed_operations.len(),
-            "retired settled operations"
-        );
-    }
-}
-
 /// At most [`LogBudget::PER_SECOND`] lines a second for one kind of repeated event (a
 /// refused callback, a store that cannot be reached); the caller logs the rest at debug, so
 /// a flood cannot flood the logs. Lock-free.

@@ -22,14 +22,11 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use url::Url;
 
-use crate::config::{CallbackAuth, CallbacksConfig};
+use crate::config::{CallbackAuth, CallbacksConfig, SECRET_PARAMETER};
 use crate::metrics::Metrics;
 use crate::telemetry::LogBudget;
 use keys::KeyCache;
 use token::TokenRules;
-
-/// The query parameter carrying the optional callback secret.
-pub const SECRET_PARAMETER: &str = "secret";
 
 /// Which platform a callback claims to come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

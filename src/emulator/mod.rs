@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::acs::signing;
-use crate::config::{EmulatedOutcome, EmulatorConfig};
+use crate::config::{EmulatedOutcome, EmulatorConfig, decode_key};
 use crate::emulator::callback_signing::{CallbackSigner, SignerSettings};
 
 pub use script::{Outcome, Reject, ResultInformation, Script};
@@ -45,14 +45,6 @@ const MAX_RECORDED: usize = 10_000;
 
 /// Largest clock skew accepted in `x-ms-date`, as ACS allows.
 const MAX_DATE_SKEW: Duration = Duration::from_secs(15 * 60);
-
-/// Decodes the emulator's base64 access key.
-pub fn decode_key(text: &str) -> Option<Vec<u8>> {
-    STANDARD
-        .decode(text.trim())
-        .ok()
-        .filter(|key| !key.is_empty())
-}
 
 /// Shared emulator state: key, scripts, the request log.
 #[derive(Clone)]

@@ -10,10 +10,11 @@ use time::OffsetDateTime;
 
 use crate::acs::events;
 use crate::callback_auth::{AuthError, CallbackAuthenticator, CallbackSource, Verified};
+use crate::correlation::DeliverySummary;
 use crate::error::{ApiError, ErrorBody};
 use crate::graph::notifications;
 use crate::http::AppState;
-use crate::service::{DeliverySummary, OperationService};
+use crate::service::OperationService;
 
 pub fn router() -> Router<AppState> {
     Router::new()

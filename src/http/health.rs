@@ -46,9 +46,9 @@ pub(crate) async fn get_health(
             "graph": callback_auth.rejected(CallbackSource::Graph),
         },
     });
-    if let Some(shared) = service.shared_store() {
+    if let Some(conflicts) = service.store_conflicts() {
         // Transitions rerun because another request (or replica) changed what they read.
-        health["storeConflicts"] = json!(shared.conflicts());
+        health["storeConflicts"] = json!(conflicts);
     }
     axum::Json(health)
 }

@@ -37,7 +37,7 @@ use crate::http::{callbacks, health, operations};
         health::get_metrics,
         get_openapi,
     ),
-    components(schemas(crate::error::ErrorBody, crate::service::DeliverySummary)),
+    components(schemas(crate::error::ErrorBody, crate::correlation::DeliverySummary)),
     modifiers(&SecuritySchemes),
     tags(
         (name = "acs", description = "Azure Communication Services call automation"),

@@ -18,8 +18,8 @@ use uuid::Uuid;
 
 use callops::config::{Config, EmulatorConfig};
 use callops::emulator::{Emulator, Script, callback_signing};
-use callops::journal::{Journal, SqliteOptions};
 use callops::operation::OperationStatus;
+use callops::store::journal::{Journal, SqliteOptions};
 
 use crate::child::{Child, Server};
 use crate::events::OpSpec;
@@ -535,7 +535,7 @@ async fn count_durable(db: &Path, ids: &[&String]) -> anyhow::Result<usize> {
         let journal = Journal::open_sqlite(&db, SqliteOptions::default())
             .with_context(|| format!("opening {}", db.display()))?;
         let loaded = journal.load()?;
-        let restored = callops::persistence::restored(loaded);
+        let restored = callops::store::restored(loaded);
         let statuses: HashMap<String, OperationStatus> = restored
             .operations
             .iter()

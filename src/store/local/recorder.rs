@@ -16,10 +16,10 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use crate::correlation::IncomingEvent;
-use crate::journal::{Batch, Journal, JournalError, Loaded};
 use crate::metrics::Metrics;
 use crate::operation::{Operation, OperationId};
-use crate::store::{OperationStore, Restored};
+use crate::store::journal::{Batch, Journal, JournalError, Loaded};
+use crate::store::tracker::{OperationStore, Restored};
 
 /// Writes changes to the journal (or nowhere, for the memory store).
 #[derive(Clone, Debug)]
@@ -163,10 +163,6 @@ impl Recorder {
         self
     }
 
-    pub fn is_durable(&self) -> bool {
-        self.durable
-    }
-
     pub fn journal(&self) -> &Journal {
         &self.journal
     }
@@ -291,7 +287,7 @@ fn key_of_event_id(id: &str) -> u64 {
     let mut bytes = [0u8; 8];
     bytes.copy_from_slice(&digest[..8]);
     // SQLite integers are signed: keep the key positive, and off the probe's.
-    (u64::from_be_bytes(bytes) >> 1).max(crate::journal::PROBE_SEQ + 1)
+    (u64::from_be_bytes(bytes) >> 1).max(crate::store::journal::PROBE_SEQ + 1)
 }
 
 fn unix_ms(at: OffsetDateTime) -> i64 {
@@ -310,9 +306,9 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
-    use crate::journal::SqliteOptions;
+    use crate::correlation::Delivery;
     use crate::operation::{CallRef, OperationKind, OperationStatus, Transition};
-    use crate::store::Delivery;
+    use crate::store::journal::SqliteOptions;
 
     fn removal(call: &str, context: &str, now: OffsetDateTime) -> Operation {
         Operation::new(

@@ -18,7 +18,7 @@ use super::keys::{Keys, context_name};
 use crate::config::CallbackTimeouts;
 use crate::correlation::{IncomingEvent, upstream_key};
 use crate::operation::{CallRef, EventRecord, Operation, OperationId};
-use crate::store::unix_millis;
+use crate::store::tracker::unix_millis;
 
 /// What a transition read from the shared store.
 #[derive(Debug, Default)]

@@ -24,10 +24,11 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::{CallbackTimeouts, OperationsConfig};
-use crate::correlation::{self, IncomingEvent, UpstreamId, upstream_key};
+use crate::correlation::{self, Delivery, IncomingEvent, UpstreamId, upstream_key};
 use crate::operation::{
-    CALLBACK_TIMEOUT, CallRef, CancelledOperation, EventEffect, EventRecord, Operation,
-    OperationError, OperationId, OperationKind, OperationStatus, ResultInfo, Transition,
+    CALLBACK_TIMEOUT, CallRef, CancelledOperation, EventEffect, EventRecord, FINAL_STATUSES,
+    ISSUED_KINDS, Operation, OperationError, OperationId, OperationKind, OperationStatus,
+    ResultInfo, Transition,
 };
 
 /// A cheap handle to the shared tracker.
@@ -68,19 +69,6 @@ struct Inner {
     settled: [[AtomicU64; 3]; 2],
     limits: Limits,
 }
-
-/// The kinds callops issues, in the order of [`StoreStats::started`] and `settled`.
-pub const ISSUED_KINDS: [OperationKind; 2] = [
-    OperationKind::RemoveParticipant,
-    OperationKind::CancelMediaProcessing,
-];
-
-/// The final statuses, in the order of [`StoreStats::settled`]'s rows.
-pub const FINAL_STATUSES: [OperationStatus; 3] = [
-    OperationStatus::Succeeded,
-    OperationStatus::Failed,
-    OperationStatus::Canceled,
-];
 
 struct Limits {
     park_ttl: Duration,
@@ -139,7 +127,7 @@ struct Agenda {
 }
 
 /// `at` in Unix milliseconds, rounded up (an entry is never due before its time).
-pub(crate) fn unix_millis(at: OffsetDateTime) -> i64 {
+pub fn unix_millis(at: OffsetDateTime) -> i64 {
     let nanos = at.unix_timestamp_nanos();
     i64::try_from(nanos.div_euclid(1_000_000) + i128::from(nanos.rem_euclid(1_000_000) != 0))
         .unwrap_or(i64::MAX)
@@ -181,27 +169,6 @@ impl CallTimeline {
             updated: at,
         }
     }
-}
-
-/// What happened to a delivered event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
-    /// Its id was seen before; nothing changed.
-    Duplicate,
-    /// It reached a known operation.
-    Matched {
-        id: OperationId,
-        effect: EventEffect,
-    },
-    /// Its operation is not known yet; it waits (bounded in time and count).
-    Parked,
-    /// It created an observed operation.
-    Observed { id: OperationId },
-    /// It names no operation; it was kept on its call's timeline.
-    CallEvent,
-    /// The park was full (it was kept on its call's timeline), or the event names no call
-    /// at all (the caller logs it).
-    Unmatched,
 }
 
 /// A client-supplied context already names a running operation on the same call.
@@ -2376,9 +2343,9 @@ mod tests {
 }
 
 #[cfg(test)]
-#[path = "store_graph_tests.rs"]
+#[path = "tracker_graph_tests.rs"]
 mod graph_tests;
 
 #[cfg(test)]
-#[path = "store_prop_tests.rs"]
+#[path = "tracker_prop_tests.rs"]
 mod prop_tests;

@@ -748,7 +748,7 @@ mod tests {
         let path = dir.path().join("journal.db");
         let mut child = Command::new(std::env::current_exe().expect("test binary"))
             .args([
-                "journal::sqlite::tests::crash_child",
+                "store::journal::sqlite::tests::crash_child",
                 "--exact",
                 "--nocapture",
                 "--test-threads=1",

@@ -21,7 +21,9 @@
 //! several keys chosen by the domain (context, park, upstream id, event id), which only a
 //! script can check and write atomically.
 
+pub mod error;
 mod keys;
+mod ops;
 mod plan;
 
 use std::sync::Arc;
@@ -38,10 +40,14 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{OperationsConfig, RedisUrl, StoreConfig};
 use crate::correlation::IncomingEvent;
 use crate::metrics::Metrics;
-use crate::operation::{CallRef, EventEffect, EventRecord, Operation, OperationId};
-use crate::store::{
-    FINAL_STATUSES, ISSUED_KINDS, ListFilter, OperationStore, Restored, StoreStats, SweepReport,
+use crate::operation::{
+    CallRef, EventEffect, EventRecord, FINAL_STATUSES, ISSUED_KINDS, Operation, OperationId,
 };
+use crate::store::seam::log_sweep;
+use crate::store::tracker::{
+    ListFilter, OperationStore, Restored, StoreStats, SweepReport, unix_millis,
+};
+pub use error::RedisStoreError;
 
 use keys::Keys;
 pub use keys::context_name;
@@ -54,38 +60,6 @@ const MAX_ATTEMPTS: u32 = 32;
 const SWEEP_BATCH: isize = 200;
 /// Most ids one list request looks at (expired ones and filtered-out ones included).
 const LIST_SCAN_MAX: usize = 10_000;
-
-/// Why the shared store could not answer.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum RedisStoreError {
-    #[error("Redis: {0}")]
-    Redis(Arc<redis::RedisError>),
-    #[error("Redis did not answer within {0} ms")]
-    Timeout(u64),
-    #[error("the records kept changing under this request ({0} attempts); try again")]
-    Contended(u32),
-    #[error("a record could not be serialized: {0}")]
-    Serialize(Arc<serde_json::Error>),
-    #[error("Redis answered the commit with {0:?}")]
-    Unexpected(String),
-    #[error("cannot read store.redis_ca_file {path}: {error}")]
-    CaFile {
-        path: String,
-        error: Arc<std::io::Error>,
-    },
-}
-
-impl From<redis::RedisError> for RedisStoreError {
-    fn from(error: redis::RedisError) -> Self {
-        Self::Redis(Arc::new(error))
-    }
-}
-
-impl From<serde_json::Error> for RedisStoreError {
-    fn from(error: serde_json::Error) -> Self {
-        Self::Serialize(Arc::new(error))
-    }
-}
 
 /// How a transition ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -771,7 +745,7 @@ impl RedisStore {
     /// One sweep tick.
     pub async fn sweep(&self) -> Result<(), RedisStoreError> {
         let keys = &self.inner.keys;
-        let now_ms = crate::store::unix_millis(OffsetDateTime::now_utc());
+        let now_ms = unix_millis(OffsetDateTime::now_utc());
         let (due, parks, expired, operations, parked): (
             Vec<String>,
             Vec<String>,
@@ -840,7 +814,7 @@ impl RedisStore {
             })
             .await?;
         match committed {
-            Committed::Done((true, report)) => crate::telemetry::log_sweep(&report),
+            Committed::Done((true, report)) => log_sweep(&report),
             Committed::Done((false, _)) => {
                 // Expired (or never stored): nothing to time out.
                 let key = self.inner.keys.deadlines();
@@ -890,7 +864,7 @@ impl RedisStore {
                         .fetch_add(restored.parked.len() as u64, Ordering::Relaxed);
                     // Logged once written, as the in-memory sweep logs them.
                     let expired = restored.parked.into_iter().map(|(event, _)| event);
-                    crate::telemetry::log_sweep(&SweepReport {
+                    log_sweep(&SweepReport {
                         expired: expired.collect(),
                         ..SweepReport::default()
                     });

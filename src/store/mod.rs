@@ -1,0 +1,205 @@
+//! The storage wing: every backend behind one seam, [`Storage`]. The service asks it to
+//! create, record an upstream answer, deliver events, read, wait, list and probe, and never
+//! learns which backend it has.
+//!
+//! Backends: `local` (the in-process [`OperationStore`] with its journal, in memory or on
+//! SQLite) and `redis` (the store shared by every replica). A new backend is one module
+//! here and one [`Backend`] variant. The commit rule for all of them: a change is durable
+//! before anyone (a client's 2xx, a long poll, a read) sees it.
+
+pub mod journal;
+mod local;
+pub mod redis;
+mod seam;
+mod tracker;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, StoreLocation};
+use crate::metrics::Metrics;
+use crate::operation::{CallRef, EventRecord, Operation, OperationId, Transition};
+use journal::JournalStats;
+use local::LocalStore;
+use redis::RedisStore;
+
+pub use local::restored;
+pub use seam::{CreateError, Delivered, Inbound, StoreError, UpstreamAnswer};
+pub use tracker::{ContextInUse, ListFilter, OperationStore, Restored, StoreStats, SweepReport};
+
+/// Where the service keeps its state. A cheap handle.
+#[derive(Clone)]
+pub struct Storage {
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    /// This process's memory, with a journal (none, or SQLite) behind it.
+    Local(LocalStore),
+    /// Redis, shared by every replica of a deployment.
+    Shared(RedisStore),
+}
+
+impl Storage {
+    /// Opens the store `config.store` names, restoring what it holds.
+    pub async fn open(config: &Config, metrics: Metrics) -> anyhow::Result<Self> {
+        let backend = match config.store.location()? {
+            StoreLocation::Redis(url) => {
+                let shared = RedisStore::connect(&url, &config.store, &config.operations, metrics)
+                    .await
+                    .with_context(|| format!("connecting to Redis at {url} (CALLOPS_STORE)"))?;
+                tracing::info!(store.url = %url, "shared store (Redis) connected: replicas on the same store serve one deployment");
+                Backend::Shared(shared)
+            }
+            StoreLocation::Memory => {
+                tracing::warn!(
+                    "the store is in memory (CALLOPS_STORE=memory): operations and callbacks are lost at every restart"
+                );
+                Backend::Local(LocalStore::memory(config, metrics))
+            }
+            StoreLocation::Sqlite(path) => {
+                Backend::Local(LocalStore::open_sqlite(path, config, metrics).await?)
+            }
+        };
+        Ok(Self { backend })
+    }
+
+    /// Adds `operation` (claiming its call and context) and makes it durable.
+    pub async fn create(&self, operation: Operation) -> Result<Operation, CreateError> {
+        match &self.backend {
+            Backend::Local(local) => local.create(operation).await,
+            Backend::Shared(shared) => shared.create(operation).await,
+        }
+    }
+
+    /// Applies what the upstream answered (`upstream`, then `transition`) and writes it.
+    pub async fn record_answer(
+        &self,
+        id: OperationId,
+        upstream: Option<UpstreamAnswer>,
+        transition: Transition,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Local(local) => local.record_answer(id, upstream, transition, now).await,
+            Backend::Shared(shared) => shared.record_answer(id, upstream, transition, now).await,
+        }
+    }
+
+    /// Delivers `events` in order and returns once their effects are durable; `observe`
+    /// hears each one's fate (by its index) as it is known.
+    pub async fn deliver(
+        &self,
+        events: Vec<Inbound>,
+        observe: &mut (dyn FnMut(usize, &Delivered) + Send),
+    ) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Local(local) => local.deliver(events, observe).await,
+            Backend::Shared(shared) => shared.deliver(events, observe).await,
+        }
+    }
+
+    pub async fn get(&self, id: OperationId) -> Result<Option<Operation>, StoreError> {
+        match &self.backend {
+            Backend::Local(local) => Ok(local.get(id)),
+            Backend::Shared(shared) => Ok(shared.get(id).await?),
+        }
+    }
+
+    /// Waits for the operation to settle, at most `timeout` or until `shutdown`.
+    pub async fn wait(
+        &self,
+        id: OperationId,
+        timeout: Duration,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Operation>, StoreError> {
+        match &self.backend {
+            Backend::Local(local) => Ok(local.wait(id, timeout, shutdown).await),
+            Backend::Shared(shared) => Ok(shared.wait_settled(id, timeout, shutdown).await?),
+        }
+    }
+
+    /// Operations matching `filter`, newest first, at most `limit`, and where the next
+    /// page starts when more may follow.
+    pub async fn list(
+        &self,
+        filter: &ListFilter,
+        limit: usize,
+    ) -> Result<(Vec<Operation>, Option<OperationId>), StoreError> {
+        match &self.backend {
+            Backend::Local(local) => Ok(local.list(filter, limit)),
+            Backend::Shared(shared) => Ok(shared.list(filter, limit).await?),
+        }
+    }
+
+    /// The events kept for a call.
+    pub async fn call_events(&self, call: &CallRef) -> Result<Vec<EventRecord>, StoreError> {
+        match &self.backend {
+            Backend::Local(local) => Ok(local.call_events(call)),
+            Backend::Shared(shared) => Ok(shared.call_events(call).await?),
+        }
+    }
+
+    /// Succeeds when the store can commit now.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Local(local) => Ok(local.probe().await?),
+            Backend::Shared(shared) => Ok(shared.probe().await?),
+        }
+    }
+
+    /// The store's counters (on a shared store: this replica's, and its sizes as last
+    /// counted).
+    pub fn stats(&self) -> StoreStats {
+        match &self.backend {
+            Backend::Local(local) => local.stats(),
+            Backend::Shared(shared) => shared.stats(),
+        }
+    }
+
+    /// The journal's totals (zero where there is none).
+    pub fn journal_stats(&self) -> JournalStats {
+        match &self.backend {
+            Backend::Local(local) => local.journal_stats(),
+            Backend::Shared(_) => JournalStats::default(),
+        }
+    }
+
+    /// Transitions that lost a race and were rerun (a shared store only).
+    pub fn conflicts(&self) -> Option<u64> {
+        match &self.backend {
+            Backend::Local(_) => None,
+            Backend::Shared(shared) => Some(shared.conflicts()),
+        }
+    }
+
+    /// Starts the store's own work (sweeps, and for a shared store its notices) on `tasks`.
+    pub fn spawn_background(
+        &self,
+        tasks: &TaskTracker,
+        interval: Duration,
+        shutdown: &CancellationToken,
+    ) {
+        match &self.backend {
+            Backend::Local(local) => {
+                tasks.spawn(local.clone().run_sweeper(interval, shutdown.clone()));
+            }
+            Backend::Shared(shared) => {
+                tasks.spawn(shared.clone().run_notices(shutdown.clone()));
+                tasks.spawn(shared.clone().run_sweeper(interval, shutdown.clone()));
+            }
+        }
+    }
+
+    /// Waits for the last writes (everything acknowledged is already committed).
+    pub async fn close(&self) {
+        if let Backend::Local(local) = &self.backend {
+            local.close().await;
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! Why the shared store could not answer.
+
+use std::sync::Arc;
+
+/// Why the shared store could not answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RedisStoreError {
+    #[error("Redis: {0}")]
+    Redis(Arc<redis::RedisError>),
+    #[error("Redis did not answer within {0} ms")]
+    Timeout(u64),
+    #[error("the records kept changing under this request ({0} attempts); try again")]
+    Contended(u32),
+    #[error("a record could not be serialized: {0}")]
+    Serialize(Arc<serde_json::Error>),
+    #[error("Redis answered the commit with {0:?}")]
+    Unexpected(String),
+    #[error("cannot read store.redis_ca_file {path}: {error}")]
+    CaFile {
+        path: String,
+        error: Arc<std::io::Error>,
+    },
+}
+
+impl From<redis::RedisError> for RedisStoreError {
+    fn from(error: redis::RedisError) -> Self {
+        Self::Redis(Arc::new(error))
+    }
+}
+
+impl From<serde_json::Error> for RedisStoreError {
+    fn from(error: serde_json::Error) -> Self {
+        Self::Serialize(Arc::new(error))
+    }
+}
