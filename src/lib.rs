@@ -113,6 +113,7 @@ pub async fn run(
     tracing::info!(graph.base_url = %graph.base_url(), graph.token_url = %graph.tokens().token_url(), "Graph client ready");
     let service = OperationService::new(
         storage.clone(),
+        dispatch_budget(&config),
         acs,
         graph,
         tasks.clone(),
@@ -121,6 +122,11 @@ pub async fn run(
     );
     let sweep_interval = Duration::from_millis(config.operations.sweep_interval_ms.max(10));
     storage.spawn_background(&tasks, sweep_interval, &shutdown);
+    tasks.spawn(
+        service
+            .clone()
+            .run_redispatch(sweep_interval.max(Duration::from_millis(250))),
+    );
     let state = AppState {
         service,
         callback_auth,
@@ -162,6 +168,13 @@ pub async fn run(
     storage.close().await;
     tracing::info!("callops stopped");
     Ok(())
+}
+
+/// The longest one upstream request may take with its retries, and a margin.
+fn dispatch_budget(config: &Config) -> Duration {
+    let acs = config.acs.retry.total_timeout_ms + config.acs.request_timeout().as_millis() as u64;
+    let graph = config.graph.retry.total_timeout_ms + config.graph.request_timeout_ms;
+    Duration::from_millis(acs.max(graph)) + Duration::from_secs(5)
 }
 
 /// True unless `public_url` is plainly a loopback URL on another port than `listen` (then

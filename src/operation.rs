@@ -288,6 +288,25 @@ pub enum EventEffect {
     Unmatched,
 }
 
+/// What callops sends upstream for an operation it issued, as much as a restart needs to
+/// send it again: the same request, so the upstream can tell it is a repeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "request")]
+pub enum PendingRequest {
+    /// ACS Remove Participant; ACS recognises a repeat by the repeatability pair.
+    #[serde(rename_all = "camelCase")]
+    RemoveParticipant {
+        /// The CommunicationIdentifierModel sent.
+        participant: serde_json::Value,
+        repeatability_request_id: Uuid,
+        /// IMF-fixdate of the first attempt.
+        repeatability_first_sent: String,
+    },
+    /// Graph cancelMediaProcessing; the call id as the client gave it.
+    #[serde(rename_all = "camelCase")]
+    CancelMediaProcessing { call_id: String },
+}
+
 /// An operation: what was asked, of which call, and how far it has got.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -306,6 +325,11 @@ pub struct Operation {
     pub created_date_time: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     pub last_updated_date_time: OffsetDateTime,
+    /// The request still owed to the upstream, kept in the record (never shown by the API)
+    /// until the upstream answers, so a restart sends it again as the same request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
+    pub pending: Option<Box<PendingRequest>>,
     /// Boxed, like `error`: most operations in memory have neither yet, and inline they
     /// would make every operation 120 bytes larger.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -336,6 +360,12 @@ pub struct Operation {
 }
 
 impl Operation {
+    /// The operation as the API shows it: without what is kept for the store alone.
+    pub fn public(mut self) -> Self {
+        self.pending = None;
+        self
+    }
+
     /// A new operation in `NotStarted`, created before anything is sent upstream.
     pub fn new(kind: OperationKind, call: CallRef, context: String, now: OffsetDateTime) -> Self {
         Self {
@@ -346,6 +376,7 @@ impl Operation {
             call,
             created_date_time: now,
             last_updated_date_time: now,
+            pending: None,
             result: None,
             error: None,
             upstream_operation_id: None,
@@ -387,6 +418,7 @@ impl Operation {
         }
         self.status = next;
         self.last_updated_date_time = now;
+
         self.revision += 1;
         match transition {
             Transition::Accepted | Transition::Started => {}
@@ -397,6 +429,11 @@ impl Operation {
                 self.result = result.map(Box::new);
                 self.error = Some(Box::new(error));
             }
+        }
+        // Any other move means the request reached the upstream (or never will); a
+        // timeout only says no callback came, so the request is still owed.
+        if !self.timed_out() {
+            self.pending = None;
         }
         Ok(next)
     }

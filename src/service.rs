@@ -26,7 +26,8 @@ use crate::graph::ids;
 use crate::graph::notifications::GraphEvent;
 use crate::metrics::{self, EventOutcome, Metrics};
 use crate::operation::{
-    CallRef, Operation, OperationError, OperationId, OperationKind, ResultInfo, Transition,
+    CallRef, Operation, OperationError, OperationId, OperationKind, PendingRequest, ResultInfo,
+    Transition,
 };
 use crate::store::journal::JournalStats;
 use crate::store::{
@@ -60,6 +61,9 @@ impl std::ops::Deref for OperationService {
 /// What an [`OperationService`] is made of.
 pub struct ServiceParts {
     storage: Storage,
+    /// The longest an upstream request (with its retries) may take: how long a replica
+    /// holds a request it is sending before another may send it again.
+    dispatch_budget: Duration,
     acs: AcsClient,
     graph: GraphClient,
     tasks: TaskTracker,
@@ -100,6 +104,7 @@ pub struct DeliveryError(#[from] StoreError);
 impl OperationService {
     pub fn new(
         storage: Storage,
+        dispatch_budget: Duration,
         acs: AcsClient,
         graph: GraphClient,
         tasks: TaskTracker,
@@ -109,6 +114,7 @@ impl OperationService {
         Self {
             parts: Arc::new(ServiceParts {
                 storage,
+                dispatch_budget,
                 acs,
                 graph,
                 tasks,
@@ -177,18 +183,24 @@ impl OperationService {
         let participant = participant.normalize()?;
         let context =
             context_or_generated(operation_context, MAX_CONTEXT_LEN).ok_or(StartError::Context)?;
-        let operation = Operation::new(
+        let mut operation = Operation::new(
             OperationKind::RemoveParticipant,
             CallRef::CallConnection(call_connection_id.clone()),
             context.clone(),
             OffsetDateTime::now_utc(),
         );
         let id = operation.id;
+        let repeatability = Repeatability::new();
+        operation.pending = Some(Box::new(PendingRequest::RemoveParticipant {
+            participant: serde_json::to_value(&participant).unwrap_or_default(),
+            repeatability_request_id: repeatability.request_id,
+            repeatability_first_sent: repeatability.first_sent.clone(),
+        }));
         let request = RemoveParticipant {
             call_connection_id,
             participant,
             operation_context: context,
-            repeatability: Repeatability::new(),
+            repeatability,
             traceparent,
         };
         self.launch(operation, move |service| async move {
@@ -228,7 +240,7 @@ impl OperationService {
         match outcome.await {
             Ok(Ok(operation)) => {
                 tracing::info!("operation created");
-                Ok(operation)
+                Ok(operation.public())
             }
             Ok(Err(error)) => Err(error.into()),
             Err(_) => Err(StartError::Store(StoreError::Journal(
@@ -276,12 +288,15 @@ impl OperationService {
     ) -> Result<Operation, StartError> {
         let context = context_or_generated(client_context, MAX_CLIENT_CONTEXT_LEN)
             .ok_or(StartError::ClientContext)?;
-        let operation = Operation::new(
+        let mut operation = Operation::new(
             OperationKind::CancelMediaProcessing,
             CallRef::Call(ids::canonical(&call_id).into_owned()),
             context.clone(),
             OffsetDateTime::now_utc(),
         );
+        operation.pending = Some(Box::new(PendingRequest::CancelMediaProcessing {
+            call_id: call_id.clone(),
+        }));
         let id = operation.id;
         self.launch(operation, move |service| async move {
             service
@@ -420,7 +435,7 @@ impl OperationService {
     }
 
     pub async fn get(&self, id: OperationId) -> Result<Option<Operation>, StoreError> {
-        self.storage.get(id).await
+        Ok(self.storage.get(id).await?.map(Operation::public))
     }
 
     /// Waits for the operation to settle, at most `timeout`; shutdown ends the wait early
@@ -430,7 +445,8 @@ impl OperationService {
         id: OperationId,
         timeout: Duration,
     ) -> Result<Option<Operation>, StoreError> {
-        self.storage.wait(id, timeout, &self.shutdown).await
+        let operation = self.storage.wait(id, timeout, &self.shutdown).await?;
+        Ok(operation.map(Operation::public))
     }
 
     /// Operations matching `filter`, newest first, at most `limit`, and where the next page
@@ -440,7 +456,79 @@ impl OperationService {
         filter: &ListFilter,
         limit: usize,
     ) -> Result<(Vec<Operation>, Option<OperationId>), StoreError> {
-        self.storage.list(filter, limit).await
+        let (operations, next) = self.storage.list(filter, limit).await?;
+        Ok((
+            operations.into_iter().map(Operation::public).collect(),
+            next,
+        ))
+    }
+
+    /// Sends again, every `interval` until shutdown, the requests of operations that were
+    /// acknowledged but never answered (a process that stopped while sending them), as the
+    /// same requests.
+    pub async fn run_redispatch(self, interval: Duration) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let lease = self.dispatch_budget;
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            match self.storage.claim_unsent(lease).await {
+                Ok(owed) => {
+                    for operation in owed {
+                        self.redispatch(operation);
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "unsent operations could not be read; retried next tick");
+                }
+            }
+        }
+    }
+
+    /// Sends `operation`'s pending request again on a tracked task.
+    fn redispatch(&self, operation: Operation) {
+        let Some(pending) = operation.pending else {
+            return;
+        };
+        let id = operation.id;
+        tracing::info!(operation.id = %id, "sending again a request acknowledged but never answered");
+        let service = self.clone();
+        match *pending {
+            PendingRequest::RemoveParticipant {
+                participant,
+                repeatability_request_id,
+                repeatability_first_sent,
+            } => {
+                let (CallRef::CallConnection(call_connection_id), Ok(participant)) = (
+                    operation.call,
+                    serde_json::from_value::<CommunicationIdentifier>(participant),
+                ) else {
+                    tracing::error!(operation.id = %id, "a stored request could not be read; not sent again");
+                    return;
+                };
+                let request = RemoveParticipant {
+                    call_connection_id,
+                    participant,
+                    operation_context: operation.context,
+                    repeatability: Repeatability {
+                        request_id: repeatability_request_id,
+                        first_sent: repeatability_first_sent,
+                    },
+                    traceparent: None,
+                };
+                self.tasks
+                    .spawn(async move { service.dispatch(id, request).await });
+            }
+            PendingRequest::CancelMediaProcessing { call_id } => {
+                let context = operation.context;
+                self.tasks.spawn(async move {
+                    service.dispatch_cancel(id, call_id, context, None).await;
+                });
+            }
+        }
     }
 }
 

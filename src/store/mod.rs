@@ -104,6 +104,17 @@ impl Storage {
         }
     }
 
+    /// Operations acknowledged to a client whose request no upstream has answered, and
+    /// that no other process is sending now: the caller sends each again. On a shared
+    /// store, one replica claims each for `lease` (whoever created it holds it that long
+    /// from its creation).
+    pub async fn claim_unsent(&self, lease: Duration) -> Result<Vec<Operation>, StoreError> {
+        match &self.backend {
+            Backend::Local(local) => Ok(local.claim_unsent()),
+            Backend::Shared(shared) => Ok(shared.claim_unsent(lease).await?),
+        }
+    }
+
     pub async fn get(&self, id: OperationId) -> Result<Option<Operation>, StoreError> {
         match &self.backend {
             Backend::Local(local) => Ok(local.get(id)),

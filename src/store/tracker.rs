@@ -491,6 +491,15 @@ impl OperationStore {
         }
     }
 
+    /// The upstream answered the operation's request: it is no longer owed.
+    pub fn answered(&self, id: OperationId) {
+        if let Some(mut op) = self.inner.operations.get_mut(&id)
+            && op.pending.take().is_some()
+        {
+            op.revision += 1;
+        }
+    }
+
     /// The call ended: every operation on it that has not settled fails with `error`
     /// (and `result`, the call's own account). Returns their ids.
     pub fn end_call(

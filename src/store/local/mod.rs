@@ -5,6 +5,7 @@
 mod recorder;
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -29,6 +30,8 @@ pub(super) struct LocalStore {
     store: OperationStore,
     recorder: Recorder,
     dedupe_ttl: Duration,
+    /// Operations loaded at start whose request no upstream answered; handed out once.
+    unsent: Arc<Mutex<Vec<Operation>>>,
 }
 
 impl LocalStore {
@@ -52,6 +55,7 @@ impl LocalStore {
             store,
             recorder,
             dedupe_ttl: Duration::from_secs(operations.dedupe_ttl_secs),
+            unsent: Arc::default(),
         }
     }
 
@@ -82,6 +86,13 @@ impl LocalStore {
             parked = restored.parked.len(),
             "durable store opened"
         );
+        // One process per file, so nothing else is sending these now.
+        let unsent: Vec<Operation> = restored
+            .operations
+            .iter()
+            .filter(|operation| operation.pending.is_some())
+            .cloned()
+            .collect();
         let store = OperationStore::new(&config.operations);
         let unparked = store.restore(
             restored,
@@ -89,6 +100,7 @@ impl LocalStore {
             OffsetDateTime::now_utc(),
         );
         let local = Self::new(store, Recorder::durable(journal), config, metrics);
+        *local.unsent.lock().unwrap_or_else(PoisonError::into_inner) = unsent;
         // Parked events that expired while callops was down, or were applied at load.
         let mut changes = local.recorder.changes();
         changes.unparked(unparked.iter().map(|id| Some(id.as_str())));
@@ -138,6 +150,7 @@ impl LocalStore {
             self.store
                 .record_upstream(id, &ids, upstream.status.as_deref());
         }
+        self.store.answered(id);
         self.store.transition(id, transition, now);
         let mut changes = self.recorder.changes();
         changes.operation(id);
@@ -206,6 +219,10 @@ impl LocalStore {
             changes.operations(self.store.cancels_on(&call));
         }
         delivery
+    }
+
+    pub(super) fn claim_unsent(&self) -> Vec<Operation> {
+        std::mem::take(&mut *self.unsent.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     pub(super) fn get(&self, id: OperationId) -> Option<Operation> {

@@ -85,6 +85,16 @@ impl Keys {
         self.key("index", "deadlines")
     }
 
+    /// Operations whose request no upstream answered yet, by creation time (unix ms).
+    pub fn unsent(&self) -> String {
+        self.key("index", "unsent")
+    }
+
+    /// Present while a replica is sending the operation's request.
+    pub fn lease(&self, id: OperationId) -> String {
+        self.key("lease", &id.to_string())
+    }
+
     /// Names of (call, context) with parked events, by when they expire (unix ms).
     pub fn park_due(&self) -> String {
         self.key("index", "parked")

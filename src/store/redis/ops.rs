@@ -1,11 +1,17 @@
 //! The seam's changes as shared-store transitions: each reads what it may touch, runs the
 //! same tracker code on a scratch store, and commits what changed (see [`RedisStore::transact`]).
 
+use std::time::Duration;
+
 use time::OffsetDateTime;
 
 use super::{Committed, RedisStore, RedisStoreError, Want};
 use crate::correlation::{Delivery, upstream_key};
 use crate::operation::{Operation, OperationId, Transition};
+use crate::store::tracker::unix_millis;
+
+/// Most unsent operations one claim looks at.
+const CLAIM_BATCH: usize = 100;
 use crate::store::seam::{
     CreateError, Delivered, Inbound, StoreError, UpstreamAnswer, call_terminated,
 };
@@ -14,6 +20,22 @@ impl RedisStore {
     /// Adds `operation`, claiming its context in Redis.
     pub(crate) async fn create(&self, operation: Operation) -> Result<Operation, CreateError> {
         let want = Want::context(&operation.call, &operation.context);
+        // Listed before it exists, so a replica dying after the commit leaves it findable;
+        // an entry whose creation failed is dropped by the claim.
+        if operation.pending.is_some() {
+            let keys = &self.inner.keys;
+            let _: () = self
+                .query({
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("ZADD")
+                        .arg(keys.unsent())
+                        .arg(unix_millis(operation.created_date_time))
+                        .arg(operation.id.to_string())
+                        .ignore();
+                    pipe
+                })
+                .await?;
+        }
         let created = self
             .transact(&want, |scratch, _| scratch.create(operation.clone()))
             .await?;
@@ -44,10 +66,90 @@ impl RedisStore {
                         .map(|upstream_id| (upstream_key(upstream_id).into(), id)),
                 );
             }
+            scratch.answered(id);
             scratch.transition(id, transition.clone(), now);
         })
         .await?;
+        self.forget_unsent(&[id]).await?;
         Ok(())
+    }
+
+    /// Claims, for `lease`, operations listed as unsent for longer than `lease`.
+    pub(crate) async fn claim_unsent(
+        &self,
+        lease: Duration,
+    ) -> Result<Vec<Operation>, RedisStoreError> {
+        let keys = &self.inner.keys;
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        let before = unix_millis(OffsetDateTime::now_utc()).saturating_sub(lease_ms);
+        let listed: Vec<String> = self
+            .query({
+                let mut pipe = redis::pipe();
+                pipe.cmd("ZRANGEBYSCORE")
+                    .arg(keys.unsent())
+                    .arg("-inf")
+                    .arg(before)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(CLAIM_BATCH);
+                pipe
+            })
+            .await
+            .map(|(listed,): (Vec<String>,)| listed)?;
+        let ids: Vec<OperationId> = listed
+            .iter()
+            .filter_map(|id| OperationId::parse(id))
+            .collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let claimed: Vec<Option<String>> = self
+            .query({
+                let mut pipe = redis::pipe();
+                for id in &ids {
+                    pipe.cmd("SET")
+                        .arg(keys.lease(*id))
+                        .arg(1)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(lease_ms.max(1));
+                }
+                pipe
+            })
+            .await?;
+        let claimed: Vec<OperationId> = ids
+            .into_iter()
+            .zip(claimed)
+            .filter_map(|(id, won)| won.map(|_| id))
+            .collect();
+        let mut owed = Vec::new();
+        let mut done = Vec::new();
+        for (id, operation) in claimed.iter().zip(self.operations(&claimed).await?) {
+            match operation {
+                Some(operation) if operation.pending.is_some() => owed.push(operation),
+                _ => done.push(*id),
+            }
+        }
+        self.forget_unsent(&done).await?;
+        Ok(owed)
+    }
+
+    async fn forget_unsent(&self, ids: &[OperationId]) -> Result<(), RedisStoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let keys = &self.inner.keys;
+        self.query({
+            let mut pipe = redis::pipe();
+            let mut zrem = redis::cmd("ZREM");
+            zrem.arg(keys.unsent());
+            for id in ids {
+                zrem.arg(id.to_string());
+            }
+            pipe.add_command(zrem).ignore();
+            pipe
+        })
+        .await
     }
 
     /// One transition per event, each written before the next, so a redelivered event is
