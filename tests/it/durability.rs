@@ -2,6 +2,7 @@
 //! at the worst moments, restarted on the same file.
 
 use std::path::PathBuf;
+use std::process::Stdio;
 
 use callops::config::Config;
 use callops::emulator::Emulator;
@@ -49,11 +50,20 @@ impl Deployment {
 
     /// As [`Deployment::start`], with more environment variables.
     async fn start_with(&self, more: &[(&str, String)]) -> Process {
+        let mut env = self.env(self.port);
+        env.extend_from_slice(more);
+        let process = callops(&[], &env);
+        until_up(&self.http, &format!("{}/healthz", self.base())).await;
+        process
+    }
+
+    /// The environment of a callops on the store file, listening on `port`.
+    fn env(&self, port: u16) -> Vec<(&'static str, String)> {
         let config = Config::embedded();
         let emulator = &self.emulator_url;
-        let mut env = vec![
-            ("CALLOPS_LISTEN", format!("127.0.0.1:{}", self.port)),
-            ("CALLOPS_PUBLIC_URL", self.base()),
+        vec![
+            ("CALLOPS_LISTEN", format!("127.0.0.1:{port}")),
+            ("CALLOPS_PUBLIC_URL", format!("http://127.0.0.1:{port}")),
             ("CALLOPS_STORE", format!("sqlite://{}", self.db.display())),
             (
                 "CALLOPS_ACS_CONNECTION_STRING",
@@ -74,11 +84,7 @@ impl Deployment {
                 config.emulator.acs_resource_id.clone(),
             ),
             ("CALLOPS_EMULATOR__LISTEN", "127.0.0.1:0".to_owned()),
-        ];
-        env.extend_from_slice(more);
-        let process = callops(&[], &env);
-        until_up(&self.http, &format!("{}/healthz", self.base())).await;
-        process
+        ]
     }
 
     async fn remove(&self, call: &str, context: &str) -> String {
@@ -322,4 +328,57 @@ async fn retired_operations_leave_the_disk_too() {
         .await
         .unwrap();
     assert_eq!(response.status(), 404);
+}
+
+#[tokio::test]
+async fn a_second_process_on_the_same_file_is_refused_and_a_sigkilled_holder_leaves_no_lock() {
+    let deployment = Deployment::new("lock").await;
+    let first = deployment.start().await;
+    let holder = first.0.id();
+    let id = deployment.remove("call-lock", "ctx-lock").await;
+    deployment.until_status(&id, "Running").await;
+
+    // Another port, the same file: it must stop at once, naming the file and the holder.
+    let second = within(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_callops"))
+            .envs(deployment.env(free_port()))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{}: {stderr}", second.status);
+    assert!(
+        stderr.contains(&format!(
+            "the store file {} is in use by another callops process (pid {holder})",
+            deployment.db.display()
+        )),
+        "{stderr}"
+    );
+    // The holder still serves, and its store still commits.
+    let ready: Value = deployment
+        .until_answered("/readyz", 200)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["checks"]["store"], "ok", "{ready}");
+    deployment.until_status(&id, "Running").await;
+
+    // The OS released the lock with the killed process: a restart on the file works.
+    kill(first);
+    let _restarted = deployment.start().await;
+    let ready: Value = deployment
+        .until_answered("/readyz", 200)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["checks"]["store"], "ok", "{ready}");
+    let operation = deployment.operation(&id).await;
+    assert_eq!(operation["status"], "Running", "{operation}");
 }

@@ -17,6 +17,7 @@
 //! seen inserts, seen expiry, parked upserts, unparked deletes). Batches are applied in the
 //! order they were handed over, each one whole, even when they share a transaction.
 
+mod lock;
 mod sqlite;
 
 use std::collections::HashSet;
@@ -173,6 +174,20 @@ pub enum JournalError {
         #[source]
         source: Arc<std::io::Error>,
     },
+    /// Another journal, normally in another process, holds this database file's lock (see
+    /// [`Journal::open_sqlite`]); `pid` is the holder's, when its lock file names it.
+    #[error(
+        "the store file {} is in use by another callops process ({}); one process per file",
+        path.display(),
+        pid.map_or_else(|| "pid unknown".to_owned(), |pid| format!("pid {pid}"))
+    )]
+    InUse { path: PathBuf, pid: Option<u32> },
+    #[error("cannot lock the journal database through {}: {source}", path.display())]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: Arc<std::io::Error>,
+    },
     #[error("the journal path {} is a directory; it must name a database file", path.display())]
     IsDirectory { path: PathBuf },
     #[error("cannot open the journal database {}: {source}", path.display())]
@@ -234,6 +249,10 @@ impl Journal {
     /// Opens (creating the file and its parent directories) an SQLite database in WAL mode,
     /// creates the schema if missing (its version is `PRAGMA user_version`; a newer one is
     /// refused), and starts the writer thread. Blocking: meant for start-up.
+    ///
+    /// One process per file: the journal holds an OS lock on `<path>.lock` (which names its
+    /// PID) until it is closed or dropped; an open while another journal holds it fails at
+    /// once with [`JournalError::InUse`].
     pub fn open_sqlite(path: &Path, options: SqliteOptions) -> Result<Self, JournalError> {
         sqlite::Writer::open(path, options)
             .map(|writer| Self::with_backend(Backend::Sqlite(writer)))

@@ -26,6 +26,7 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
+use super::lock::StoreLock;
 use super::{Batch, JournalError, JournalStats, Loaded, SqliteOptions};
 
 /// The schema this build writes; a database with a higher `user_version` is refused.
@@ -76,6 +77,9 @@ pub(super) struct Writer {
     path: PathBuf,
     requests: mpsc::Sender<Request>,
     counters: Arc<Counters>,
+    /// Held by the handle, not the thread, so that dropping the last handle releases it at
+    /// once; `close` releases it once the connection is closed.
+    lock: StoreLock,
 }
 
 enum Request {
@@ -125,6 +129,8 @@ impl Writer {
                 source: Arc::new(source),
             })?;
         }
+        // Before SQLite touches the file: a second process must not even create the schema.
+        let lock = StoreLock::acquire(path)?;
         let conn = prepare(path, options, busy_timeout)?;
         let (requests, queue) = mpsc::channel();
         let counters = Arc::new(Counters::default());
@@ -138,6 +144,7 @@ impl Writer {
             path: path.to_owned(),
             requests,
             counters,
+            lock,
         })
     }
 
@@ -167,6 +174,7 @@ impl Writer {
             // An error means the writer was already gone (an earlier close): closed too.
             let _ = closed.await;
         }
+        self.lock.release();
     }
 
     pub(super) fn stats(&self) -> JournalStats {
@@ -828,6 +836,42 @@ mod tests {
             vec![("kept".to_owned(), b"{}".to_vec(), 1)]
         );
         journal.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_second_open_of_the_same_file_is_refused_until_the_first_is_closed_or_dropped() {
+        let dir = temp_dir();
+        let path = dir.path().join("journal.db");
+        let pid = std::process::id();
+        let first = open(&path);
+        let error = Journal::open_sqlite(&path, SqliteOptions::default())
+            .expect_err("a second open of the same file");
+        assert!(
+            matches!(&error, JournalError::InUse { path: held, pid: Some(holder) }
+                if *held == path && *holder == pid),
+            "{error:?}"
+        );
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "the store file {} is in use by another callops process (pid {pid}); one \
+                 process per file",
+                path.display()
+            )
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("journal.db.lock")).expect("lock file"),
+            format!("{pid}\n")
+        );
+
+        // Closed, with another handle still alive: released.
+        let other_handle = first.clone();
+        first.close().await;
+        let second = open(&path);
+        drop(other_handle);
+        // Dropped without close: released too.
+        drop(second);
+        open(&path).close().await;
     }
 
     #[tokio::test]
