@@ -485,9 +485,11 @@ impl OperationService {
             .is_durable()
             .then(|| (incoming.id.clone(), incoming.received));
         // A parked event is written from the store's hands, so nothing is copied otherwise.
-        let delivery = self
-            .store
-            .deliver_noting(incoming, now, &mut |event| changes.parked(event));
+        let delivery = self.store.deliver_noting(incoming, now, &mut |noted| {
+            if let crate::store::Noted::Parked(event) = noted {
+                changes.parked(event);
+            }
+        });
         metrics::count_event(&counters, event_outcome(delivery));
         match (seen, delivery) {
             (Some((Some(id), received)), Delivery::Matched { .. } | Delivery::Observed { .. }) => {
@@ -620,8 +622,10 @@ impl OperationService {
         let committed = shared
             .transact(&want, |scratch, outcome| {
                 outcome.seen.extend(incoming.id.clone());
-                let delivery = scratch.deliver_noting(incoming.clone(), now, &mut |event| {
-                    outcome.parked.push(event.clone());
+                let delivery = scratch.deliver_noting(incoming.clone(), now, &mut |noted| {
+                    if let crate::store::Noted::Parked(event) = noted {
+                        outcome.parked.push(event.clone());
+                    }
                 });
                 let failed = match &ended {
                     Some((call, result)) => scratch.end_call(
