@@ -278,10 +278,23 @@ pub struct OperationsConfig {
     pub dedupe_ttl_secs: u64,
     pub retention_secs: u64,
     pub call_events_max: usize,
+    /// An operation's timeline keeps its first `events_first` and last `events_last` events.
+    pub events_first: usize,
+    pub events_last: usize,
     pub sweep_interval_ms: u64,
     pub page_size: usize,
     pub page_size_max: usize,
     pub callback_timeouts: CallbackTimeouts,
+}
+
+impl OperationsConfig {
+    /// How many events an operation's timeline keeps.
+    pub fn event_bound(&self) -> crate::operation::EventBound {
+        crate::operation::EventBound {
+            first: self.events_first,
+            last: self.events_last,
+        }
+    }
 }
 
 /// How long an operation waits for its final callback before it fails with
@@ -639,6 +652,12 @@ impl Config {
                 "must be between 1 and operations.page_size_max",
             );
         }
+        if self.operations.events_last == 0 {
+            return invalid(
+                "operations.events_last",
+                "must be at least 1 (the newest event is always kept)",
+            );
+        }
         let callbacks = &self.callbacks;
         for (field, issuer) in [
             ("callbacks.acs (CALLOPS_ACS_CALLBACK_*)", &callbacks.acs),
@@ -837,6 +856,29 @@ mod tests {
         );
         let cs = config.acs.connection().unwrap().unwrap();
         assert_eq!(cs.endpoint.as_str(), "https://r.communication.azure.com/");
+    }
+
+    #[test]
+    fn the_event_timeline_bound_comes_from_the_environment_and_keeps_one_at_least() {
+        use crate::operation::EventBound;
+        assert_eq!(
+            Config::embedded().operations.event_bound(),
+            EventBound {
+                first: 10,
+                last: 40
+            }
+        );
+        let config = load_with_env(&[
+            ("CALLOPS_OPERATIONS__EVENTS_FIRST", "0"),
+            ("CALLOPS_OPERATIONS__EVENTS_LAST", "5"),
+        ])
+        .unwrap();
+        assert_eq!(
+            config.operations.event_bound(),
+            EventBound { first: 0, last: 5 }
+        );
+        let err = load_with_env(&[("CALLOPS_OPERATIONS__EVENTS_LAST", "0")]).unwrap_err();
+        assert!(err.contains("operations.events_last"), "{err}");
     }
 
     #[test]

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::operation::{
-    CallRef, EventEffect, EventRecord, Operation, OperationId, OperationKind, Transition,
+    CallRef, EventBound, EventEffect, EventRecord, Operation, OperationId, OperationKind,
+    Transition,
 };
 
 /// The kind of an event that reports on "an operation" without saying which kind (Graph's
@@ -120,13 +121,20 @@ impl IncomingEvent {
         operation.upstream_operation_id = self.upstream_id.as_ref().map(|id| id.shown().into());
         // An observed operation is running from its first sign of life.
         let _ = operation.apply(Transition::Started, self.received);
-        apply(&mut operation, self);
+        // The first event on an empty timeline: no bound drops anything.
+        apply(&mut operation, self, EventBound { first: 0, last: 1 });
         operation
     }
 }
 
-/// Records `event` on `operation` and applies it when it reports on the operation's kind.
-pub fn apply(operation: &mut Operation, event: &IncomingEvent) -> EventEffect {
+/// Records `event` on `operation` (within `bound`) and applies it when it reports on the
+/// operation's kind. Returns its effect, and the event dropped from the timeline to make room
+/// ([`Operation::record`]).
+pub fn apply(
+    operation: &mut Operation,
+    event: &IncomingEvent,
+    bound: EventBound,
+) -> (EventEffect, Option<EventRecord>) {
     let effect = match &event.transition {
         Some(transition) if event.reports_on(operation) => {
             match operation.apply(transition.clone(), event.received) {
@@ -143,8 +151,8 @@ pub fn apply(operation: &mut Operation, event: &IncomingEvent) -> EventEffect {
     if let (Some(status), true) = (&event.upstream_status, describes) {
         operation.upstream_status = Some(status.as_str().into());
     }
-    operation.record(event.record(effect));
-    effect
+    let evicted = operation.record(event.record(effect), bound);
+    (effect, evicted)
 }
 
 /// What happened to a delivered event.
@@ -206,6 +214,11 @@ mod tests {
 
     use crate::operation::{OperationError, OperationStatus, ResultInfo};
 
+    const BOUND: EventBound = EventBound {
+        first: 10,
+        last: 40,
+    };
+
     fn operation() -> Operation {
         Operation::new(
             OperationKind::RemoveParticipant,
@@ -257,9 +270,10 @@ mod tests {
     #[test]
     fn own_kind_events_settle_and_are_recorded() {
         let mut op = operation();
-        let effect = apply(
+        let (effect, _) = apply(
             &mut op,
             &event(OperationKind::RemoveParticipant, Some(failed())),
+            BOUND,
         );
         assert_eq!(effect, EventEffect::Applied);
         assert_eq!(op.status, OperationStatus::Failed);
@@ -274,13 +288,15 @@ mod tests {
         apply(
             &mut op,
             &event(OperationKind::RemoveParticipant, Some(failed())),
+            BOUND,
         );
-        let effect = apply(
+        let (effect, _) = apply(
             &mut op,
             &event(
                 OperationKind::RemoveParticipant,
                 Some(Transition::Succeeded { result: None }),
             ),
+            BOUND,
         );
         assert_eq!(effect, EventEffect::Ignored);
         assert_eq!(op.status, OperationStatus::Failed);
@@ -291,9 +307,10 @@ mod tests {
     fn other_kinds_are_only_recorded() {
         let mut op = operation();
         let play = OperationKind::Observed("play".into());
-        let effect = apply(
+        let (effect, _) = apply(
             &mut op,
             &event(play, Some(Transition::Succeeded { result: None })),
+            BOUND,
         );
         assert_eq!(effect, EventEffect::Recorded);
         assert_eq!(op.status, OperationStatus::NotStarted);

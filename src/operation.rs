@@ -351,8 +351,13 @@ pub struct Operation {
     /// notifications arrived.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cancelled_operations: Vec<CancelledOperation>,
-    /// Every callback event that arrived for this operation, in arrival order.
+    /// The callback events that arrived for this operation, in arrival order: the first
+    /// and the last ones ([`EventBound`]), `eventsOmitted` more between them.
     pub events: Vec<EventRecord>,
+    /// How many events arrived between the first and the last ones kept in `events`, and
+    /// were dropped.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub events_omitted: u64,
     /// Bumped by every change: the durable store keeps the snapshot with the highest
     /// revision, whatever order concurrent writers reach it in. Not part of the API.
     #[serde(skip)]
@@ -384,6 +389,7 @@ impl Operation {
             late: false,
             cancelled_operations: Vec::new(),
             events: Vec::new(),
+            events_omitted: 0,
             revision: 0,
         }
     }
@@ -438,17 +444,46 @@ impl Operation {
         Ok(next)
     }
 
-    /// Adds `event` to the timeline.
-    pub fn record(&mut self, event: EventRecord) {
+    /// Adds `event` to the timeline. When the timeline is full (`bound`), the oldest of the
+    /// last events is dropped, counted in `events_omitted` and returned: its id is no longer
+    /// listed here, so a caller that rebuilds the duplicate filter from the timeline must keep
+    /// it elsewhere. At most one event is dropped per call, so a timeline kept under a larger
+    /// bound does not shrink, but does not grow either.
+    pub fn record(&mut self, event: EventRecord, bound: EventBound) -> Option<EventRecord> {
         self.last_updated_date_time = event.received_date_time;
+        self.revision += 1;
         // Most operations hear one event: the first takes one place rather than Vec's
         // default first step of four.
         if self.events.capacity() == 0 {
             self.events.reserve_exact(1);
         }
+        let evicted = (self.events.len() >= bound.kept()).then(|| {
+            self.events_omitted += 1;
+            // Shifts the last events down one place: O(`bound.last`), a few dozen moves.
+            self.events.remove(bound.first)
+        });
         self.events.push(event);
-        self.revision += 1;
+        evicted
     }
+}
+
+/// How many events an operation's timeline keeps: the `first` that arrived and the `last`
+/// (at least one, the newest); those between are counted, not kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventBound {
+    pub first: usize,
+    pub last: usize,
+}
+
+impl EventBound {
+    /// The most events kept.
+    pub fn kept(self) -> usize {
+        self.first.saturating_add(self.last.max(1))
+    }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Something that happened to an operation.
@@ -565,12 +600,16 @@ mod serde_tests {
             context: "welcome".to_owned(),
             upstream_operation_id: None,
         });
-        cancel.record(EventRecord {
-            event_type: "cancelMediaProcessingOperation.deleted".into(),
-            id: Some("sha256:abc".to_owned()),
-            received_date_time: at,
-            effect: EventEffect::Applied,
-        });
+        cancel.record(
+            EventRecord {
+                event_type: "cancelMediaProcessingOperation.deleted".into(),
+                id: Some("sha256:abc".to_owned()),
+                received_date_time: at,
+                effect: EventEffect::Applied,
+            },
+            EventBound { first: 1, last: 1 },
+        );
+        cancel.events_omitted = 3;
         let removal = Operation::new(
             OperationKind::RemoveParticipant,
             CallRef::CallConnection("18dea47f".to_owned()),
@@ -771,7 +810,97 @@ mod tests {
         assert!(json.get("error").is_none());
         assert!(json.get("late").is_none());
         assert!(json.get("cancelledOperations").is_none());
+        assert!(json.get("eventsOmitted").is_none());
         let back: Operation = serde_json::from_value(json).unwrap();
+        assert_eq!(back, op);
+    }
+
+    fn numbered(n: usize) -> EventRecord {
+        EventRecord {
+            event_type: event_type("Microsoft.Communication.PlayStarted"),
+            id: Some(format!("e{n}")),
+            received_date_time: OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(n as i64),
+            effect: EventEffect::Recorded,
+        }
+    }
+
+    fn ids(events: &[EventRecord]) -> Vec<&str> {
+        events.iter().filter_map(|e| e.id.as_deref()).collect()
+    }
+
+    fn observed() -> Operation {
+        Operation::new(
+            OperationKind::Observed("play".into()),
+            CallRef::CallConnection("c".into()),
+            "ctx".into(),
+            OffsetDateTime::UNIX_EPOCH,
+        )
+    }
+
+    #[test]
+    fn the_first_and_last_events_are_kept_and_those_between_counted() {
+        let bound = EventBound { first: 2, last: 3 };
+        let mut op = observed();
+        let evicted: Vec<EventRecord> = (0..10)
+            .filter_map(|n| op.record(numbered(n), bound))
+            .collect();
+        assert_eq!(ids(&op.events), ["e0", "e1", "e7", "e8", "e9"]);
+        assert_eq!(op.events_omitted, 5);
+        assert_eq!(ids(&evicted), ["e2", "e3", "e4", "e5", "e6"]);
+        assert_eq!(op.revision, 10);
+        assert_eq!(op.last_updated_date_time, numbered(9).received_date_time);
+        // The first event still takes one place only.
+        let mut one = observed();
+        assert_eq!(one.record(numbered(0), bound), None);
+        assert_eq!(one.events.capacity(), 1);
+    }
+
+    #[test]
+    fn no_first_events_keeps_the_last_and_no_last_keeps_the_newest() {
+        let mut op = observed();
+        for n in 0..5 {
+            op.record(numbered(n), EventBound { first: 0, last: 2 });
+        }
+        assert_eq!(ids(&op.events), ["e3", "e4"]);
+        assert_eq!(op.events_omitted, 3);
+        let mut op = observed();
+        for n in 0..5 {
+            op.record(numbered(n), EventBound { first: 1, last: 0 });
+        }
+        assert_eq!(ids(&op.events), ["e0", "e4"]);
+        assert_eq!(op.events_omitted, 3);
+    }
+
+    #[test]
+    fn a_timeline_kept_under_a_larger_bound_does_not_grow() {
+        let mut op = observed();
+        for n in 0..6 {
+            op.record(numbered(n), EventBound { first: 3, last: 3 });
+        }
+        let evicted = op.record(numbered(6), EventBound { first: 1, last: 1 });
+        assert_eq!(evicted.as_ref().and_then(|e| e.id.as_deref()), Some("e1"));
+        assert_eq!(ids(&op.events), ["e0", "e2", "e3", "e4", "e5", "e6"]);
+        assert_eq!(op.events_omitted, 1);
+    }
+
+    #[test]
+    fn events_omitted_is_shown_only_when_some_were() {
+        let mut op = observed();
+        let bound = EventBound { first: 1, last: 1 };
+        op.record(numbered(0), bound);
+        op.record(numbered(1), bound);
+        assert!(
+            serde_json::to_value(&op)
+                .unwrap()
+                .get("eventsOmitted")
+                .is_none()
+        );
+        op.record(numbered(2), bound);
+        let json = serde_json::to_value(&op).unwrap();
+        assert_eq!(json["eventsOmitted"], 1);
+        assert_eq!(json["events"].as_array().unwrap().len(), 2);
+        let mut back: Operation = serde_json::from_value(json).unwrap();
+        back.revision = op.revision;
         assert_eq!(back, op);
     }
 }

@@ -424,7 +424,11 @@ mod tests {
             "x".into(),
             OffsetDateTime::UNIX_EPOCH,
         );
-        crate::correlation::apply(&mut op, &event);
+        crate::correlation::apply(
+            &mut op,
+            &event,
+            crate::operation::EventBound { first: 1, last: 1 },
+        );
         assert_eq!(op.status, OperationStatus::Succeeded);
     }
 

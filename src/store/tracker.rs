@@ -26,9 +26,9 @@ use tokio::time::Instant;
 use crate::config::{CallbackTimeouts, OperationsConfig};
 use crate::correlation::{self, Delivery, IncomingEvent, UpstreamId, upstream_key};
 use crate::operation::{
-    CALLBACK_TIMEOUT, CallRef, CancelledOperation, EventEffect, EventRecord, FINAL_STATUSES,
-    ISSUED_KINDS, Operation, OperationError, OperationId, OperationKind, OperationStatus,
-    ResultInfo, Transition,
+    CALLBACK_TIMEOUT, CallRef, CancelledOperation, EventBound, EventEffect, EventRecord,
+    FINAL_STATUSES, ISSUED_KINDS, Operation, OperationError, OperationId, OperationKind,
+    OperationStatus, ResultInfo, Transition,
 };
 
 /// A cheap handle to the shared tracker.
@@ -76,6 +76,7 @@ struct Limits {
     dedupe_ttl: Duration,
     retention: Duration,
     call_events_max: usize,
+    events: EventBound,
     timeouts: CallbackTimeouts,
 }
 
@@ -171,6 +172,20 @@ impl CallTimeline {
     }
 }
 
+/// What a delivery or a creation hands to its caller as it happens, besides its answer, so
+/// that the caller can keep a durable copy without copying every event.
+#[derive(Debug)]
+pub enum Noted<'a> {
+    /// The event was parked.
+    Parked(&'a IncomingEvent),
+    /// This earlier event was dropped from `operation`'s timeline to make room
+    /// ([`EventBound`]): the operation no longer lists its id.
+    Evicted {
+        operation: OperationId,
+        record: EventRecord,
+    },
+}
+
 /// A client-supplied context already names a running operation on the same call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("operation {0} with the same context is still running on this call")]
@@ -259,6 +274,7 @@ impl OperationStore {
             dedupe_ttl: Duration::from_secs(config.dedupe_ttl_secs),
             retention: Duration::from_secs(config.retention_secs),
             call_events_max: config.call_events_max.max(1),
+            events: config.event_bound(),
             timeouts: config.callback_timeouts.clone(),
         };
         let (schedule, incoming) = mpsc::channel();
@@ -290,8 +306,20 @@ impl OperationStore {
 
     /// Adds a new operation, claims its (call, context) and applies the callbacks parked
     /// for it. Fails when the context names a running operation on the same call.
-    pub fn create(&self, mut operation: Operation) -> Result<Operation, ContextInUse> {
+    pub fn create(&self, operation: Operation) -> Result<Operation, ContextInUse> {
+        self.create_noting(operation, &mut |_| {})
+    }
+
+    /// As [`OperationStore::create`], and hands to `note` the parked callbacks that did not
+    /// stay on the operation's timeline ([`Noted::Evicted`]): they are no longer parked
+    /// either.
+    pub fn create_noting(
+        &self,
+        mut operation: Operation,
+        note: &mut dyn FnMut(Noted<'_>),
+    ) -> Result<Operation, ContextInUse> {
         let inner = &self.inner;
+        let mut evicted = Vec::new();
         let id = operation.id;
         let key = inner.digests.operation(&operation);
         // Everything happens under the key's index entry: a callback for this key waits for
@@ -316,7 +344,9 @@ impl OperationStore {
                     inner.parked.fetch_sub(parked.len(), Ordering::Relaxed);
                     let before = operation.status;
                     for parked in parked.iter() {
-                        correlation::apply(&mut operation, &parked.event);
+                        let (_, dropped) =
+                            correlation::apply(&mut operation, &parked.event, inner.limits.events);
+                        evicted.extend(dropped);
                     }
                     self.count_settled(&operation.kind, before, operation.status);
                 }
@@ -333,6 +363,12 @@ impl OperationStore {
                 .entry(operation.call.clone())
                 .or_default()
                 .push((id, operation.created_date_time));
+        }
+        for record in evicted {
+            note(Noted::Evicted {
+                operation: id,
+                record,
+            });
         }
         // Nobody can wait on an id that was unknown until now: no one to wake.
         Ok(operation)
@@ -425,7 +461,7 @@ impl OperationStore {
                                 && op.events.iter().any(|record| record.id == event.id)
                         });
                         if !listed {
-                            self.apply_to(id, &event);
+                            self.apply_to(id, &event, &mut |_| {});
                         }
                         unparked.extend(event.id);
                     }
@@ -549,13 +585,13 @@ impl OperationStore {
         self.deliver_noting(event, now, &mut |_| {})
     }
 
-    /// As [`OperationStore::deliver`], and hands the event to `parked` when it is parked
-    /// (so the caller can keep a durable copy without copying every event).
+    /// As [`OperationStore::deliver`], and hands `note` the event when it is parked, and
+    /// the event its operation's timeline dropped to make room for it, if any.
     pub fn deliver_noting(
         &self,
         event: IncomingEvent,
         now: Instant,
-        parked: &mut dyn FnMut(&IncomingEvent),
+        note: &mut dyn FnMut(Noted<'_>),
     ) -> Delivery {
         let inner = &self.inner;
         if let Some(event_id) = &event.id {
@@ -574,9 +610,9 @@ impl OperationStore {
             .upstream_id
             .as_ref()
             .and_then(|upstream_id| inner.upstream.get(upstream_id.key()).map(|id| *id));
-        let delivery = match known.and_then(|id| self.apply_to(id, &event)) {
+        let delivery = match known.and_then(|id| self.apply_to(id, &event, note)) {
             Some(delivery) => delivery,
-            None => self.deliver_by_context(event, now, parked),
+            None => self.deliver_by_context(event, now, note),
         };
         if let Some((call, at)) = cancelled_at
             && let Delivery::Matched { id, .. } | Delivery::Observed { id } = delivery
@@ -590,7 +626,7 @@ impl OperationStore {
         &self,
         event: IncomingEvent,
         now: Instant,
-        parked: &mut dyn FnMut(&IncomingEvent),
+        note: &mut dyn FnMut(Noted<'_>),
     ) -> Delivery {
         let inner = &self.inner;
         let Some(digest) = inner.digests.event(&event) else {
@@ -599,7 +635,7 @@ impl OperationStore {
                 return Delivery::Unmatched;
             };
             if let (Some(upstream_id), false) = (&event.upstream_id, event.should_park()) {
-                return self.observe_by_upstream_id(call, upstream_id, &event);
+                return self.observe_by_upstream_id(call, upstream_id, &event, note);
             }
             self.push_call_event(&event, EventEffect::Recorded);
             return Delivery::CallEvent;
@@ -610,7 +646,7 @@ impl OperationStore {
             .get(&digest)
             .and_then(|slot| slot.operation_id());
         if let Some(id) = known
-            && let Some(delivery) = self.apply_to(id, &event)
+            && let Some(delivery) = self.apply_to(id, &event, note)
         {
             return delivery;
         }
@@ -621,10 +657,12 @@ impl OperationStore {
                     if inner.operations.contains_key(&id) {
                         drop(occupied);
                         // Created between the read above and this entry: apply it there.
-                        return self.apply_to(id, &event).unwrap_or(Delivery::Unmatched);
+                        return self
+                            .apply_to(id, &event, note)
+                            .unwrap_or(Delivery::Unmatched);
                     }
                     // The operation was retired; the context is free again.
-                    match self.settle_unknown(&event, now, parked) {
+                    match self.settle_unknown(&event, now, note) {
                         Ok((slot, delivery)) => {
                             occupied.insert(slot);
                             delivery
@@ -641,12 +679,12 @@ impl OperationStore {
                     if !self.reserve_park(&event) {
                         return Delivery::Unmatched;
                     }
-                    parked(&event);
+                    note(Noted::Parked(&event));
                     events.push(ParkedEvent { event, at: now });
                     Delivery::Parked
                 }
             },
-            Entry::Vacant(vacant) => match self.settle_unknown(&event, now, parked) {
+            Entry::Vacant(vacant) => match self.settle_unknown(&event, now, note) {
                 Ok((slot, delivery)) => {
                     vacant.insert(slot);
                     delivery
@@ -857,20 +895,20 @@ impl OperationStore {
     }
 
     /// For an event naming an unknown operation: the slot to put in the index (parked
-    /// events, handed to `parked` too, or a new observed operation) with its delivery, or
+    /// events, handed to `note` too, or a new observed operation) with its delivery, or
     /// the delivery when nothing is stored.
     fn settle_unknown(
         &self,
         event: &IncomingEvent,
         now: Instant,
-        parked: &mut dyn FnMut(&IncomingEvent),
+        note: &mut dyn FnMut(Noted<'_>),
     ) -> Result<(Slot, Delivery), Delivery> {
         let (call, context) = event.names().ok_or(Delivery::Unmatched)?;
         if event.should_park() {
             if !self.reserve_park(event) {
                 return Err(Delivery::Unmatched);
             }
-            parked(event);
+            note(Noted::Parked(event));
             let slot = Slot::Parked(Box::new(vec![ParkedEvent {
                 event: event.clone(),
                 at: now,
@@ -894,6 +932,7 @@ impl OperationStore {
         call: &CallRef,
         upstream_id: &UpstreamId,
         event: &IncomingEvent,
+        note: &mut dyn FnMut(Noted<'_>),
     ) -> Delivery {
         let inner = &self.inner;
         // Lock order: an `upstream` entry, then an `operations` entry.
@@ -901,7 +940,8 @@ impl OperationStore {
             Entry::Occupied(occupied) => {
                 let id = *occupied.get();
                 drop(occupied);
-                self.apply_to(id, event).unwrap_or(Delivery::Unmatched)
+                self.apply_to(id, event, note)
+                    .unwrap_or(Delivery::Unmatched)
             }
             Entry::Vacant(vacant) => {
                 let operation = event.observed_operation(call, "");
@@ -926,11 +966,16 @@ impl OperationStore {
         true
     }
 
-    fn apply_to(&self, id: OperationId, event: &IncomingEvent) -> Option<Delivery> {
-        let (effect, settled, learned_id) = {
+    fn apply_to(
+        &self,
+        id: OperationId,
+        event: &IncomingEvent,
+        note: &mut dyn FnMut(Noted<'_>),
+    ) -> Option<Delivery> {
+        let (effect, evicted, settled, learned_id) = {
             let mut op = self.inner.operations.get_mut(&id)?;
             let before = op.status;
-            let effect = correlation::apply(&mut op, event);
+            let (effect, evicted) = correlation::apply(&mut op, event, self.inner.limits.events);
             self.count_settled(&op.kind, before, op.status);
             // Found by context, the event tells the operation's upstream id: keep it, so
             // later notifications naming only the id find the operation too.
@@ -943,10 +988,17 @@ impl OperationStore {
             };
             (
                 effect,
+                evicted,
                 effect == EventEffect::Applied && op.status.is_terminal(),
                 learned_id,
             )
         };
+        if let Some(record) = evicted {
+            note(Noted::Evicted {
+                operation: id,
+                record,
+            });
+        }
         if let Some(key) = learned_id {
             self.inner.upstream.insert(key.into(), id);
         }
@@ -2333,21 +2385,65 @@ mod tests {
         let store = store();
         let mut noted = Vec::new();
         let now = Instant::now();
+        let mut note = |noted_now: Noted<'_>| {
+            if let Noted::Parked(e) = noted_now {
+                noted.push(e.id.clone().unwrap());
+            }
+        };
         for event in [
             event("p1", "c1", Some("later"), succeeded()),
             event("p2", "c1", Some("later"), failed()),
         ] {
-            let delivery =
-                store.deliver_noting(event, now, &mut |e| noted.push(e.id.clone().unwrap()));
+            let delivery = store.deliver_noting(event, now, &mut note);
             assert_eq!(delivery, Delivery::Parked);
         }
         let op = store.create(removal("c1", "now")).unwrap();
         let delivery =
-            store.deliver_noting(event("m1", "c1", Some("now"), succeeded()), now, &mut |e| {
-                noted.push(e.id.clone().unwrap())
-            });
+            store.deliver_noting(event("m1", "c1", Some("now"), succeeded()), now, &mut note);
         assert!(matches!(delivery, Delivery::Matched { id, .. } if id == op.id));
         assert_eq!(noted, ["p1", "p2"]);
+    }
+
+    /// A chatty upstream: 10 000 distinct events on one operation's context, the first 60
+    /// parked before it exists.
+    #[test]
+    fn an_operation_keeps_its_first_and_last_events_and_hands_over_the_rest() {
+        let config = config();
+        let bound = config.event_bound();
+        let store = OperationStore::new(&config);
+        let now = Instant::now();
+        let ids: Vec<String> = (0..10_000).map(|n| format!("e{n}")).collect();
+        let mut evicted = Vec::new();
+        let mut note = |noted: Noted<'_>| match noted {
+            Noted::Evicted { record, .. } => evicted.push(record.id.unwrap()),
+            Noted::Parked(_) => {}
+        };
+        for id in &ids[..60] {
+            let parked = store.deliver_noting(event(id, "c1", Some("ctx"), None), now, &mut note);
+            assert_eq!(parked, Delivery::Parked);
+        }
+        let op = store
+            .create_noting(removal("c1", "ctx"), &mut note)
+            .unwrap();
+        assert_eq!(op.events.len(), bound.first + bound.last);
+        for id in &ids[60..] {
+            let delivery = store.deliver_noting(event(id, "c1", Some("ctx"), None), now, &mut note);
+            assert!(matches!(delivery, Delivery::Matched { id, .. } if id == op.id));
+        }
+        let op = store.get(op.id).unwrap();
+        let kept = bound.first + bound.last;
+        assert_eq!(op.events.len(), kept);
+        assert_eq!(op.events_omitted, (ids.len() - kept) as u64);
+        let listed: Vec<&str> = op.events.iter().filter_map(|e| e.id.as_deref()).collect();
+        assert_eq!(listed[..bound.first], ids[..bound.first]);
+        assert_eq!(listed[bound.first..], ids[ids.len() - bound.last..]);
+        // Every other id was handed over, once, in arrival order.
+        assert_eq!(evicted, ids[bound.first..ids.len() - bound.last]);
+        // The duplicate filter is not the timeline.
+        assert_eq!(
+            store.deliver(event("e500", "c1", Some("ctx"), None), now),
+            Delivery::Duplicate
+        );
     }
 }
 

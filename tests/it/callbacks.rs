@@ -176,3 +176,42 @@ async fn malformed_callbacks_are_refused_with_400() {
         .await;
     assert_eq!(response.status(), 413);
 }
+
+#[tokio::test]
+async fn a_chatty_operation_keeps_its_first_and_last_events_and_still_drops_duplicates() {
+    let app = TestApp::spawn().await;
+    let (call, context) = ("call-chatty", "ctx-chatty");
+    let started = app.remove(call, silent(), Some(context)).await;
+    let id = started["id"].as_str().unwrap();
+    let ids: Vec<String> = (0..200).map(|n| format!("ev-chatty-{n}")).collect();
+    for batch in ids.chunks(20) {
+        let events: Vec<Value> = batch
+            .iter()
+            .map(|event_id| remove_event(event_id, call, context, true)[0].clone())
+            .collect();
+        let summary = app.callback(&Value::Array(events)).await;
+        assert_eq!(summary["matched"], 20, "{summary}");
+    }
+    let operation = app.get_json(&format!("/v1/operations/{id}")).await;
+    let listed = |operation: &Value| -> Vec<String> {
+        operation["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let expected: Vec<String> = [&ids[..10], &ids[160..]].concat();
+    assert_eq!(listed(&operation), expected);
+    assert_eq!(operation["eventsOmitted"], 150, "{operation}");
+    assert_eq!(operation["events"][0]["effect"], "applied");
+
+    // An event no longer on the timeline is still remembered.
+    let again = app
+        .callback(&remove_event(&ids[100], call, context, true))
+        .await;
+    assert_eq!(again["duplicates"], 1, "{again}");
+    let unchanged = app.get_json(&format!("/v1/operations/{id}")).await;
+    assert_eq!(unchanged["eventsOmitted"], 150, "{unchanged}");
+    assert_eq!(listed(&unchanged), expected);
+}

@@ -118,9 +118,11 @@ impl LocalStore {
     /// Adds `operation` and commits it. If the commit fails, the operation fails in memory
     /// too (so its context is free again).
     pub(super) async fn create(&self, operation: Operation) -> Result<Operation, CreateError> {
-        let operation = self.store.create(operation)?;
-        let id = operation.id;
         let mut changes = self.recorder.changes();
+        let operation = self
+            .store
+            .create_noting(operation, &mut |noted| changes.noted(noted))?;
+        let id = operation.id;
         changes.operation(id);
         // Callbacks parked for it were applied: they are no longer parked.
         changes.unparked(operation.events.iter().map(|event| event.id.as_deref()));
@@ -196,7 +198,7 @@ impl LocalStore {
         // A parked event is written from the store's hands, so nothing is copied otherwise.
         let delivery = self
             .store
-            .deliver_noting(incoming, now, &mut |event| changes.parked(event));
+            .deliver_noting(incoming, now, &mut |noted| changes.noted(noted));
         match (seen, delivery) {
             (Some((Some(id), received)), Delivery::Matched { .. } | Delivery::Observed { .. }) => {
                 changes.seen_on_operation(id, received);

@@ -19,7 +19,7 @@ use crate::correlation::IncomingEvent;
 use crate::metrics::Metrics;
 use crate::operation::{Operation, OperationId};
 use crate::store::journal::{Batch, Journal, JournalError, Loaded};
-use crate::store::tracker::{OperationStore, Restored};
+use crate::store::tracker::{Noted, OperationStore, Restored};
 
 /// Writes changes to the journal (or nowhere, for the memory store).
 #[derive(Clone, Debug)]
@@ -114,6 +114,21 @@ impl Changes {
         match serde_json::to_vec(event) {
             Ok(json) => self.parked.push((key, json, unix_ms(event.received))),
             Err(error) => tracing::error!(%error, "a parked event could not be serialized"),
+        }
+    }
+
+    /// What the store handed over while it worked: a parked event to keep, or an event
+    /// dropped from a bounded timeline (its id is then remembered on its own, and no
+    /// longer parked if it was).
+    pub fn noted(&mut self, noted: Noted<'_>) {
+        match noted {
+            Noted::Parked(event) => self.parked(event),
+            Noted::Evicted { record, .. } => {
+                if let Some(id) = record.id {
+                    self.unparked([Some(id.as_str())]);
+                    self.seen(id, record.received_date_time);
+                }
+            }
         }
     }
 

@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use super::{Committed, RedisStore, RedisStoreError, Want};
 use crate::correlation::{Delivery, upstream_key};
 use crate::operation::{Operation, OperationId, Transition};
-use crate::store::tracker::unix_millis;
+use crate::store::tracker::{Noted, unix_millis};
 
 /// Most unsent operations one claim looks at.
 const CLAIM_BATCH: usize = 100;
@@ -165,8 +165,11 @@ impl RedisStore {
             let committed = self
                 .transact(&want, |scratch, outcome| {
                     outcome.seen.extend(incoming.id.clone());
-                    let delivery = scratch.deliver_noting(incoming.clone(), now, &mut |event| {
-                        outcome.parked.push(event.clone());
+                    let delivery = scratch.deliver_noting(incoming.clone(), now, &mut |noted| {
+                        // Evicted ids stay remembered: Redis keeps every seen id on its own.
+                        if let Noted::Parked(event) = noted {
+                            outcome.parked.push(event.clone());
+                        }
                     });
                     let failed = match &ended {
                         Some((call, result)) => scratch.end_call(
