@@ -362,9 +362,18 @@ pub struct Operation {
     /// revision, whatever order concurrent writers reach it in. Not part of the API.
     #[serde(skip)]
     pub revision: u64,
+    /// One more than the highest revision known to be durable (0: none yet): readers of
+    /// a journaled store show the operation only once this passes `revision`.
+    #[serde(skip)]
+    pub durable: u64,
 }
 
 impl Operation {
+    /// True when every change to it is durable.
+    pub fn is_durable(&self) -> bool {
+        self.durable > self.revision
+    }
+
     /// The operation as the API shows it: without what is kept for the store alone.
     pub fn public(mut self) -> Self {
         self.pending = None;
@@ -391,6 +400,7 @@ impl Operation {
             events: Vec::new(),
             events_omitted: 0,
             revision: 0,
+            durable: 0,
         }
     }
 

@@ -117,7 +117,7 @@ impl Storage {
 
     pub async fn get(&self, id: OperationId) -> Result<Option<Operation>, StoreError> {
         match &self.backend {
-            Backend::Local(local) => Ok(local.get(id)),
+            Backend::Local(local) => local.get(id).await,
             Backend::Shared(shared) => Ok(shared.get(id).await?),
         }
     }
@@ -130,7 +130,7 @@ impl Storage {
         shutdown: &CancellationToken,
     ) -> Result<Option<Operation>, StoreError> {
         match &self.backend {
-            Backend::Local(local) => Ok(local.wait(id, timeout, shutdown).await),
+            Backend::Local(local) => local.wait(id, timeout, shutdown).await,
             Backend::Shared(shared) => Ok(shared.wait_settled(id, timeout, shutdown).await?),
         }
     }
@@ -143,7 +143,7 @@ impl Storage {
         limit: usize,
     ) -> Result<(Vec<Operation>, Option<OperationId>), StoreError> {
         match &self.backend {
-            Backend::Local(local) => Ok(local.list(filter, limit)),
+            Backend::Local(local) => local.list(filter, limit).await,
             Backend::Shared(shared) => Ok(shared.list(filter, limit).await?),
         }
     }

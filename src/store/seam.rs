@@ -14,6 +14,9 @@ pub enum StoreError {
     Journal(#[from] JournalError),
     #[error(transparent)]
     Shared(#[from] RedisStoreError),
+    /// A change the reader would see has not reached the journal in time.
+    #[error("the latest change is not yet durable; try again")]
+    NotDurable,
 }
 
 /// Why an operation could not be created.

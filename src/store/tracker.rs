@@ -527,6 +527,13 @@ impl OperationStore {
         }
     }
 
+    /// Revision `revision` of the operation is durable.
+    pub fn mark_durable(&self, id: OperationId, revision: u64) {
+        if let Some(mut op) = self.inner.operations.get_mut(&id) {
+            op.durable = op.durable.max(revision + 1);
+        }
+    }
+
     /// The upstream answered the operation's request: it is no longer owed.
     pub fn answered(&self, id: OperationId) {
         if let Some(mut op) = self.inner.operations.get_mut(&id)

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use time::OffsetDateTime;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::journal::{Journal, JournalError, JournalStats, SqliteOptions};
@@ -32,7 +33,12 @@ pub(super) struct LocalStore {
     dedupe_ttl: Duration,
     /// Operations loaded at start whose request no upstream answered; handed out once.
     unsent: Arc<Mutex<Vec<Operation>>>,
+    /// Woken after every commit: readers of a change not yet durable wait for it.
+    committed: Arc<Notify>,
 }
+
+/// The longest a reader waits for a change it would see to become durable.
+const DURABLE_WAIT: Duration = Duration::from_secs(5);
 
 impl LocalStore {
     /// Keeps nothing across restarts.
@@ -56,6 +62,7 @@ impl LocalStore {
             recorder,
             dedupe_ttl: Duration::from_secs(operations.dedupe_ttl_secs),
             unsent: Arc::default(),
+            committed: Arc::default(),
         }
     }
 
@@ -112,7 +119,35 @@ impl LocalStore {
     }
 
     async fn commit(&self, changes: Changes) -> Result<(), JournalError> {
-        self.recorder.commit(&self.store, changes).await
+        let committed = self.recorder.commit(&self.store, changes).await;
+        self.committed.notify_waiters();
+        committed
+    }
+
+    /// What `read` gives once every change it shows is durable: a reader never sees what
+    /// a crash could take back.
+    async fn durable<T>(
+        &self,
+        read: impl Fn() -> T,
+        is_durable: impl Fn(&T) -> bool,
+    ) -> Result<T, StoreError> {
+        if !self.recorder.is_durable() {
+            return Ok(read());
+        }
+        let deadline = tokio::time::Instant::now() + DURABLE_WAIT;
+        loop {
+            let notified = self.committed.notified();
+            tokio::pin!(notified);
+            // Registered before the read, so a commit between the two is not missed.
+            notified.as_mut().enable();
+            let value = read();
+            if is_durable(&value) {
+                return Ok(value);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(StoreError::NotDurable);
+            }
+        }
     }
 
     /// Adds `operation` and commits it. If the commit fails, the operation fails in memory
@@ -227,8 +262,8 @@ impl LocalStore {
         std::mem::take(&mut *self.unsent.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    pub(super) fn get(&self, id: OperationId) -> Option<Operation> {
-        self.store.get(id)
+    pub(super) async fn get(&self, id: OperationId) -> Result<Option<Operation>, StoreError> {
+        self.durable(|| self.store.get(id), all_durable).await
     }
 
     pub(super) async fn wait(
@@ -236,21 +271,27 @@ impl LocalStore {
         id: OperationId,
         timeout: Duration,
         shutdown: &CancellationToken,
-    ) -> Option<Operation> {
+    ) -> Result<Option<Operation>, StoreError> {
         tokio::select! {
-            operation = self.store.wait_settled(id, timeout) => operation,
-            _ = shutdown.cancelled() => self.store.get(id),
+            _ = self.store.wait_settled(id, timeout) => {}
+            _ = shutdown.cancelled() => {}
         }
+        self.get(id).await
     }
 
-    pub(super) fn list(
+    pub(super) async fn list(
         &self,
         filter: &ListFilter,
         limit: usize,
-    ) -> (Vec<Operation>, Option<OperationId>) {
-        let (operations, more) = self.store.list(filter, limit);
+    ) -> Result<(Vec<Operation>, Option<OperationId>), StoreError> {
+        let (operations, more) = self
+            .durable(
+                || self.store.list(filter, limit),
+                |(operations, _)| operations.iter().all(Operation::is_durable),
+            )
+            .await?;
         let next = operations.last().filter(|_| more).map(|last| last.id);
-        (operations, next)
+        Ok((operations, next))
     }
 
     pub(super) fn call_events(&self, call: &CallRef) -> Vec<EventRecord> {
@@ -301,5 +342,73 @@ impl LocalStore {
         changes.unparked(report.expired.iter().map(|event| event.id.as_deref()));
         changes.seen_expired_before(seen_before);
         changes
+    }
+}
+
+fn all_durable(operation: &Option<Operation>) -> bool {
+    operation.as_ref().is_none_or(Operation::is_durable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::operation::{OperationKind, OperationStatus};
+
+    async fn open(dir: &tempfile::TempDir) -> LocalStore {
+        let config = Config::embedded();
+        LocalStore::open_sqlite(dir.path().join("callops.db"), &config, Metrics::new())
+            .await
+            .expect("open the store")
+    }
+
+    #[tokio::test]
+    async fn a_reader_sees_a_change_only_once_it_is_committed() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let local = open(&dir).await;
+        let operation = Operation::new(
+            OperationKind::RemoveParticipant,
+            CallRef::CallConnection("call".into()),
+            "ctx".into(),
+            OffsetDateTime::now_utc(),
+        );
+        let id = local.create(operation).await.expect("created").id;
+        // Changed in memory, not yet committed.
+        local
+            .store
+            .transition(id, Transition::Accepted, OffsetDateTime::now_utc());
+        let reader = tokio::spawn({
+            let local = local.clone();
+            async move { local.get(id).await }
+        });
+        let listed = {
+            let local = local.clone();
+            tokio::spawn(async move { local.list(&ListFilter::default(), 10).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(
+            !reader.is_finished() && !listed.is_finished(),
+            "a change not yet durable was shown"
+        );
+        let mut changes = local.recorder.changes();
+        changes.operation(id);
+        local.commit(changes).await.expect("committed");
+        let read = tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .expect("the reader answers once the change is committed")
+            .expect("reader task")
+            .expect("read")
+            .expect("the operation");
+        assert_eq!(read.status, OperationStatus::Running);
+        let (listed, _) = tokio::time::timeout(Duration::from_secs(5), listed)
+            .await
+            .expect("the list answers once the change is committed")
+            .expect("list task")
+            .expect("list");
+        assert_eq!(listed[0].status, OperationStatus::Running);
+        // What was committed is what a restart finds.
+        local.close().await;
+        let reopened = open(&dir).await;
+        let restored = reopened.get(id).await.expect("read").expect("restored");
+        assert_eq!(restored.status, OperationStatus::Running);
     }
 }

@@ -8,8 +8,8 @@
 //! callback before its 2xx. With the memory store, nothing is collected or written.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -30,10 +30,27 @@ pub struct Recorder {
     /// The size of the last snapshot serialized, shared by every clone: the next one's
     /// buffer starts that large (plus some slack), so it is allocated once, not grown.
     snapshot_size: Arc<AtomicUsize>,
+    /// Operations whose last commit failed: written again with every commit until one
+    /// succeeds, so a later acknowledgement (a redelivered duplicate's) covers them too.
+    unwritten: Arc<Unwritten>,
     /// Event ids recorded on an operation are not written as separate `seen` rows: the
     /// operation's snapshot lists them, and [`restored`] rebuilds the duplicate filter from
     /// it. True unless operations may be retired before their event ids expire.
     ids_on_operations: bool,
+}
+
+#[derive(Debug, Default)]
+struct Unwritten {
+    any: AtomicBool,
+    operations: Mutex<BTreeSet<OperationId>>,
+}
+
+impl Unwritten {
+    fn ids(&self) -> MutexGuard<'_, BTreeSet<OperationId>> {
+        self.operations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// The buffer a snapshot is serialized into starts at least this large.
@@ -149,6 +166,7 @@ impl Recorder {
             durable: false,
             metrics: Metrics::new(),
             snapshot_size: Arc::default(),
+            unwritten: Arc::default(),
             ids_on_operations: false,
         }
     }
@@ -160,8 +178,14 @@ impl Recorder {
             durable: true,
             metrics: Metrics::new(),
             snapshot_size: Arc::default(),
+            unwritten: Arc::default(),
             ids_on_operations: false,
         }
+    }
+
+    /// True when commits reach a journal (and readers wait for them).
+    pub fn is_durable(&self) -> bool {
+        self.durable
     }
 
     /// With `retention` (of settled operations) at least `dedupe_ttl` (of event ids), an
@@ -202,11 +226,18 @@ impl Recorder {
     pub async fn commit(
         &self,
         store: &OperationStore,
-        changes: Changes,
+        mut changes: Changes,
     ) -> Result<(), JournalError> {
         if !self.durable {
             return Ok(());
         }
+        let retried: Vec<OperationId> = if self.unwritten.any.load(Ordering::Acquire) {
+            self.unwritten.ids().iter().copied().collect()
+        } else {
+            Vec::new()
+        };
+        changes.operations.extend(retried.iter().copied());
+        let mut written_revisions = Vec::with_capacity(changes.operations.len());
         let mut batch = Batch {
             removed_operations: changes.removed.iter().map(ToString::to_string).collect(),
             seen: changes.seen,
@@ -227,6 +258,7 @@ impl Recorder {
             match snapshot {
                 Some(Ok((json, revision))) => {
                     self.snapshot_size.store(json.len(), Ordering::Relaxed);
+                    written_revisions.push((id, revision));
                     batch.operations.push((id.to_string(), json, revision));
                 }
                 Some(Err(error)) => {
@@ -241,6 +273,27 @@ impl Recorder {
         let (records, started) = (batch.len(), std::time::Instant::now());
         let written = self.journal.write(batch).await;
         self.metrics.store_commit(records, started.elapsed());
+        match &written {
+            Ok(()) => {
+                for (id, revision) in written_revisions {
+                    store.mark_durable(id, u64::try_from(revision).unwrap_or_default());
+                }
+                if !retried.is_empty() {
+                    let mut unwritten = self.unwritten.ids();
+                    for id in &retried {
+                        unwritten.remove(id);
+                    }
+                    self.unwritten
+                        .any
+                        .store(!unwritten.is_empty(), Ordering::Release);
+                }
+            }
+            Err(_) => {
+                let mut unwritten = self.unwritten.ids();
+                unwritten.extend(written_revisions.into_iter().map(|(id, _)| id));
+                self.unwritten.any.store(true, Ordering::Release);
+            }
+        }
         written
     }
 }
@@ -252,6 +305,7 @@ pub fn restored(loaded: Loaded) -> Restored {
         match serde_json::from_slice::<Operation>(&json) {
             Ok(mut operation) => {
                 operation.revision = u64::try_from(revision).unwrap_or_default();
+                operation.durable = operation.revision + 1;
                 restored.operations.push(operation);
             }
             Err(error) => {
