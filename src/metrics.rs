@@ -19,8 +19,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::correlation::DeliverySummary;
-use crate::operation::{FINAL_STATUSES, ISSUED_KINDS, OperationKind, OperationStatus};
+use crate::correlation::{DeliverySummary, IncomingEvent};
+use crate::operation::{CallRef, FINAL_STATUSES, ISSUED_KINDS, OperationKind, OperationStatus};
 
 /// The content type of [`Metrics::encode`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -129,6 +129,9 @@ const MAX_EVENT_TYPES: usize = 256;
 /// The counters of one event type, one per [`EventOutcome`].
 pub type EventCounters = Arc<[Counter; 6]>;
 
+/// The index of `unmatched` in [`CALLBACK_OUTCOMES`].
+const UNMATCHED: usize = 4;
+
 /// The index of `refused` in [`CALLBACK_OUTCOMES`].
 const REFUSED: usize = 5;
 
@@ -230,6 +233,19 @@ impl Metrics {
                 counter.inc_by(count as u64);
             }
         }
+    }
+
+    /// Counts a parked callback whose operation never appeared as unmatched.
+    pub fn parked_expired(&self, event: &IncomingEvent) {
+        let source = match event.call {
+            Some(CallRef::Call(_)) => "graph",
+            _ => "acs",
+        };
+        self.callbacks_of(source)[UNMATCHED].inc();
+        count_event(
+            &self.event_counters(source, &event.event_type),
+            EventOutcome::Unmatched,
+        );
     }
 
     /// Counts one refused callback request from `source`.

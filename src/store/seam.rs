@@ -2,6 +2,7 @@
 //! and what comes out, and how a sweep's report is logged.
 
 use crate::correlation::{Delivery, IncomingEvent};
+use crate::metrics::Metrics;
 use crate::operation::{CallRef, OperationError, OperationId, ResultInfo};
 use crate::store::journal::JournalError;
 use crate::store::redis::error::RedisStoreError;
@@ -72,10 +73,11 @@ pub(crate) fn call_terminated() -> OperationError {
     }
 }
 
-/// Logs what a sweep did (whichever store it swept): expired parked callbacks and timed-out
-/// operations as warnings, retired operations at debug.
-pub(crate) fn log_sweep(report: &SweepReport) {
+/// Logs and counts what a sweep did (whichever store it swept): expired parked callbacks
+/// (counted as unmatched) and timed-out operations as warnings, retired operations at debug.
+pub(crate) fn report_sweep(report: &SweepReport, metrics: &Metrics) {
     for event in &report.expired {
+        metrics.parked_expired(event);
         tracing::warn!(
             event.id = event.id.as_deref().unwrap_or(""),
             event.r#type = %event.event_type,

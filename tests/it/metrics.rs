@@ -159,3 +159,40 @@ async fn a_durable_store_reports_its_commits() {
     assert!(value("callops_store_records_total") >= 1.0, "{text}");
     assert!(value("callops_store_largest_batch") >= 1.0, "{text}");
 }
+
+#[tokio::test]
+async fn a_parked_callback_that_expires_is_counted_as_unmatched_and_kept_on_its_call() {
+    let app = TestApp::spawn_with(|config| {
+        config.operations.park_ttl_ms = 100;
+        config.operations.sweep_interval_ms = 20;
+    })
+    .await;
+    let parked = app
+        .callback(&remove_event("ev-lost", "call-lost", "ctx-nobody", true))
+        .await;
+    assert_eq!(parked["parked"], 1, "{parked}");
+    let http = reqwest::Client::new();
+    let series = r#"callops_callbacks_total{source="acs",outcome="unmatched"}"#;
+    let deadline = tokio::time::Instant::now() + SOON;
+    loop {
+        let text = scrape(&http, &app.url("/metrics")).await;
+        if sample(&text, series).as_deref() == Some("1") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the expired park was not counted as unmatched: {:?}",
+            sample(&text, series)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let events = app
+        .get_json("/v1/acs/callConnections/call-lost/events")
+        .await;
+    let kept = events["value"].as_array().expect("events");
+    assert!(
+        kept.iter()
+            .any(|event| event["id"] == "ev-lost" && event["effect"] == "unmatched"),
+        "the expired park is not on its call's events: {events}"
+    );
+}

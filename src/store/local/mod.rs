@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::journal::{Journal, JournalError, JournalStats, SqliteOptions};
 use super::seam::{
-    CreateError, Delivered, Inbound, StoreError, UpstreamAnswer, call_terminated, log_sweep,
+    CreateError, Delivered, Inbound, StoreError, UpstreamAnswer, call_terminated, report_sweep,
 };
 use super::tracker::{ListFilter, OperationStore, StoreStats, SweepReport};
 use crate::config::Config;
@@ -35,6 +35,7 @@ pub(super) struct LocalStore {
     unsent: Arc<Mutex<Vec<Operation>>>,
     /// Woken after every commit: readers of a change not yet durable wait for it.
     committed: Arc<Notify>,
+    metrics: Metrics,
 }
 
 /// The longest a reader waits for a change it would see to become durable.
@@ -53,7 +54,7 @@ impl LocalStore {
 
     fn new(store: OperationStore, recorder: Recorder, config: &Config, metrics: Metrics) -> Self {
         let operations = &config.operations;
-        let recorder = recorder.with_metrics(metrics).with_retention(
+        let recorder = recorder.with_metrics(metrics.clone()).with_retention(
             Duration::from_secs(operations.retention_secs),
             Duration::from_secs(operations.dedupe_ttl_secs),
         );
@@ -63,6 +64,7 @@ impl LocalStore {
             dedupe_ttl: Duration::from_secs(operations.dedupe_ttl_secs),
             unsent: Arc::default(),
             committed: Arc::default(),
+            metrics,
         }
     }
 
@@ -329,7 +331,7 @@ impl LocalStore {
             if let Err(error) = self.commit(changes).await {
                 tracing::error!(%error, "the sweep's changes could not be stored; the next sweep retries what is still due");
             }
-            log_sweep(&report);
+            report_sweep(&report, &self.metrics);
         }
     }
 

@@ -43,7 +43,7 @@ use crate::metrics::Metrics;
 use crate::operation::{
     CallRef, EventEffect, EventRecord, FINAL_STATUSES, ISSUED_KINDS, Operation, OperationId,
 };
-use crate::store::seam::log_sweep;
+use crate::store::seam::report_sweep;
 use crate::store::tracker::{
     ListFilter, OperationStore, Restored, StoreStats, SweepReport, unix_millis,
 };
@@ -814,7 +814,7 @@ impl RedisStore {
             })
             .await?;
         match committed {
-            Committed::Done((true, report)) => log_sweep(&report),
+            Committed::Done((true, report)) => report_sweep(&report, &self.inner.metrics),
             Committed::Done((false, _)) => {
                 // Expired (or never stored): nothing to time out.
                 let key = self.inner.keys.deadlines();
@@ -864,10 +864,13 @@ impl RedisStore {
                         .fetch_add(restored.parked.len() as u64, Ordering::Relaxed);
                     // Logged once written, as the in-memory sweep logs them.
                     let expired = restored.parked.into_iter().map(|(event, _)| event);
-                    log_sweep(&SweepReport {
-                        expired: expired.collect(),
-                        ..SweepReport::default()
-                    });
+                    report_sweep(
+                        &SweepReport {
+                            expired: expired.collect(),
+                            ..SweepReport::default()
+                        },
+                        &self.inner.metrics,
+                    );
                     return Ok(());
                 }
                 Verdict::Duplicate | Verdict::Conflict => {}
