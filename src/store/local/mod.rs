@@ -303,3 +303,6 @@ impl LocalStore {
         changes
     }
 }
+
+#[cfg(test)]
+mod restart_tests;
