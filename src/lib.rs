@@ -173,7 +173,8 @@ pub async fn run(
 /// The longest one upstream request may take with its retries, and a margin.
 fn dispatch_budget(config: &Config) -> Duration {
     let acs = config.acs.retry.total_timeout_ms + config.acs.request_timeout().as_millis() as u64;
-    let graph = config.graph.retry.total_timeout_ms + config.graph.request_timeout_ms;
+    // A Graph attempt may fetch a token first, under the same timeout.
+    let graph = config.graph.retry.total_timeout_ms + 2 * config.graph.request_timeout_ms;
     Duration::from_millis(acs.max(graph)) + Duration::from_secs(5)
 }
 

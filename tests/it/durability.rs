@@ -1,15 +1,18 @@
 //! Nothing acknowledged is lost: the `callops` binary on a SQLite store, killed with SIGKILL
 //! at the worst moments, restarted on the same file.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Stdio;
 
+use std::time::Duration;
+
 use callops::config::Config;
-use callops::emulator::Emulator;
+use callops::emulator::{Emulator, RecordedRequest, Script};
 use serde_json::{Value, json};
 
 use crate::binary::{Process, callops, free_port, until_up};
-use crate::support::{remove_event, serve_emulator, silent, within};
+use crate::support::{SOON, remove_event, serve_emulator, silent, within};
 
 /// An emulator in this process and a `callops` child process on a SQLite file.
 struct Deployment {
@@ -88,7 +91,12 @@ impl Deployment {
     }
 
     async fn remove(&self, call: &str, context: &str) -> String {
-        self.emulator.set_script(call, silent());
+        self.remove_scripted(call, context, silent()).await
+    }
+
+    /// Starts a removal on `call` that the emulator answers as `script` says; returns its id.
+    async fn remove_scripted(&self, call: &str, context: &str, script: Script) -> String {
+        self.emulator.set_script(call, script);
         let response = self
             .http
             .post(format!(
@@ -101,9 +109,11 @@ impl Deployment {
             .unwrap();
         assert_eq!(response.status(), 202);
         let operation: Value = response.json().await.unwrap();
+        assert_not_pending(&operation);
         operation["id"].as_str().unwrap().to_owned()
     }
 
+    /// `GET /v1/operations/{id}`, answered 200 (and never showing the request still owed).
     async fn operation(&self, id: &str) -> Value {
         let response = self
             .http
@@ -112,7 +122,36 @@ impl Deployment {
             .await
             .unwrap();
         assert_eq!(response.status(), 200, "operation {id}");
-        response.json().await.unwrap()
+        let operation = response.json().await.unwrap();
+        assert_not_pending(&operation);
+        operation
+    }
+
+    /// The removal requests the emulator has received for `call`, in arrival order.
+    fn requests(&self, call: &str) -> Vec<RecordedRequest> {
+        let path = format!("/calling/callConnections/{call}/participants:remove");
+        self.emulator
+            .requests()
+            .into_iter()
+            .filter(|request| request.path_and_query.starts_with(&path))
+            .collect()
+    }
+
+    /// Waits (bounded) until the emulator has received `count` removal requests for `call`.
+    async fn until_requests(&self, call: &str, count: usize) -> Vec<RecordedRequest> {
+        soon(
+            &format!("the emulator receiving {count} removal request(s) for {call}"),
+            async {
+                loop {
+                    let requests = self.requests(call);
+                    if requests.len() >= count {
+                        return requests;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+        )
+        .await
     }
 
     /// Delivers a signed callback; returns the delivery summary.
@@ -149,17 +188,55 @@ impl Deployment {
     }
 
     async fn until_status(&self, id: &str, status: &str) -> Value {
-        within(async {
+        let last = std::sync::Mutex::new(Value::Null);
+        let found = tokio::time::timeout(SOON, async {
             loop {
                 let operation = self.operation(id).await;
                 if operation["status"] == status {
                     return operation;
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                *last.lock().unwrap() = operation;
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
-        .await
+        .await;
+        found.unwrap_or_else(|_| {
+            panic!(
+                "operation {id} did not become {status} within {SOON:?}; last seen {}",
+                last.lock().unwrap()
+            )
+        })
     }
+}
+
+/// The API never shows the request an operation still owes the upstream.
+fn assert_not_pending(operation: &Value) {
+    assert!(
+        operation.get("pending").is_none(),
+        "the API showed the request still owed (`pending`): {operation}"
+    );
+}
+
+/// As [`within`], naming what did not happen in time.
+async fn soon<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(SOON, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {SOON:?} waiting for {what}"))
+}
+
+/// A request's `Repeatability-Request-ID` and `Repeatability-First-Sent`.
+fn repeatability(request: &RecordedRequest) -> (String, String) {
+    let header = |name: &str| {
+        request
+            .headers
+            .get(name)
+            .unwrap_or_else(|| panic!("a removal request without {name}: {request:?}"))
+            .clone()
+    };
+    (
+        header("repeatability-request-id"),
+        header("repeatability-first-sent"),
+    )
 }
 
 impl Drop for Deployment {
@@ -381,4 +458,165 @@ async fn a_second_process_on_the_same_file_is_refused_and_a_sigkilled_holder_lea
     assert_eq!(ready["checks"]["store"], "ok", "{ready}");
     let operation = deployment.operation(&id).await;
     assert_eq!(operation["status"], "Running", "{operation}");
+}
+
+/// A removal that ACS answers 503 (with `Retry-After: 1`) three times, then accepts.
+fn unavailable_three_times() -> Script {
+    Script {
+        fail_first: vec![503, 503, 503],
+        retry_after_secs: Some(1.0),
+        ..Script::default()
+    }
+}
+
+#[tokio::test]
+async fn a_removal_killed_while_retrying_is_sent_again_after_restart_as_the_same_request() {
+    let deployment = Deployment::new("resend").await;
+    let server = deployment.start().await;
+    deployment.until_answered("/readyz", 200).await;
+    let call = "call-resend";
+    let id = deployment
+        .remove_scripted(call, "ctx-resend", unavailable_three_times())
+        .await;
+    // ACS answered the first attempt 503: callops waits a second before the next.
+    let first = deployment.until_requests(call, 1).await.remove(0);
+    assert_eq!(first.status, 503, "the first attempt was not answered 503");
+    let operation = deployment.operation(&id).await;
+    assert_eq!(
+        operation["status"], "NotStarted",
+        "the removal was not still unanswered when callops was killed: {operation}"
+    );
+    kill(server);
+    let before_restart = deployment.requests(call);
+    assert!(
+        before_restart.iter().all(|request| request.status == 503),
+        "ACS accepted the removal before callops was killed: not mid-retry"
+    );
+
+    let _server = deployment.start().await;
+    let operation = deployment.until_status(&id, "Succeeded").await;
+    let requests = deployment.requests(call);
+    assert!(
+        requests.len() > before_restart.len(),
+        "the restarted callops did not send the removal again ({} request(s) in all)",
+        requests.len()
+    );
+    assert_eq!(
+        requests
+            .iter()
+            .filter(|request| request.status == 202)
+            .count(),
+        1,
+        "ACS did not accept the removal exactly once: {requests:?}"
+    );
+    for (n, request) in requests.iter().enumerate() {
+        assert_eq!(
+            repeatability(request),
+            repeatability(&first),
+            "attempt {n} was not sent with the first attempt's repeatability pair"
+        );
+        assert_eq!(
+            request.body, first.body,
+            "attempt {n} was not the same request as the first"
+        );
+    }
+    assert_eq!(
+        operation["events"][0]["type"], "Microsoft.Communication.RemoveParticipantSucceeded",
+        "the operation was not settled by the emulator's callback: {operation}"
+    );
+}
+
+#[tokio::test]
+async fn removals_each_killed_right_after_their_202_are_all_sent_and_settle_after_restart() {
+    const N: usize = 10;
+    let deployment = Deployment::new("batch").await;
+    let call = |i: usize| format!("call-batch-{i}");
+    // While callops is killed and restarted, ACS answers every attempt 503: nothing is
+    // answered before the last restart.
+    let unavailable = Script {
+        fail_first: vec![503; 64],
+        retry_after_secs: Some(2.0),
+        ..Script::default()
+    };
+    let mut ids = Vec::with_capacity(N);
+    for i in 0..N {
+        let server = deployment.start().await;
+        ids.push(
+            deployment
+                .remove_scripted(&call(i), &format!("ctx-batch-{i}"), unavailable.clone())
+                .await,
+        );
+        kill(server);
+    }
+    let answered: Vec<RecordedRequest> = deployment
+        .emulator
+        .requests()
+        .into_iter()
+        .filter(|request| request.status != 503)
+        .collect();
+    assert!(
+        answered.is_empty(),
+        "ACS answered removals before the last restart: {answered:?}"
+    );
+    // ACS is back: the next attempt of each is accepted and called back.
+    let sent_before: Vec<Vec<RecordedRequest>> =
+        (0..N).map(|i| deployment.requests(&call(i))).collect();
+    for i in 0..N {
+        deployment.emulator.set_script(&call(i), Script::default());
+    }
+
+    let _server = deployment.start().await;
+    for (i, id) in ids.iter().enumerate() {
+        let operation = deployment.until_status(id, "Succeeded").await;
+        let requests = deployment.requests(&call(i));
+        let accepted: Vec<&RecordedRequest> = requests
+            .iter()
+            .filter(|request| request.status == 202)
+            .collect();
+        assert_eq!(
+            accepted.len(),
+            1,
+            "removal #{i} did not reach ACS exactly once after the restart: {requests:?}"
+        );
+        let pairs: BTreeSet<(String, String)> = requests.iter().map(repeatability).collect();
+        assert_eq!(
+            pairs.len(),
+            1,
+            "removal #{i} was not sent with one repeatability pair throughout: {pairs:?}"
+        );
+        assert!(
+            requests.len() > sent_before[i].len(),
+            "removal #{i} was not sent again after the restart"
+        );
+        assert_eq!(
+            operation["events"][0]["type"], "Microsoft.Communication.RemoveParticipantSucceeded",
+            "removal #{i} was not settled by the emulator's callback: {operation}"
+        );
+    }
+    // The list never shows the request owed, and nothing is left unstarted.
+    let page: Value = deployment
+        .http
+        .get(format!(
+            "{}/v1/operations?maxpagesize=100",
+            deployment.base()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed = page["value"].as_array().expect("a page of operations");
+    assert_eq!(
+        listed.len(),
+        N,
+        "the list did not show every removal: {page}"
+    );
+    for operation in listed {
+        assert_not_pending(operation);
+        assert_ne!(
+            operation["status"], "NotStarted",
+            "an operation was left NotStarted: {operation}"
+        );
+    }
 }

@@ -370,7 +370,19 @@ impl Cluster {
 
     /// Starts a silent removal on replica `index`; checks the 202 and returns the id.
     async fn remove(&self, index: usize, call: &str, context: &str) -> String {
-        self.emulator.set_script(call, silent());
+        self.remove_scripted(index, call, context, silent()).await
+    }
+
+    /// Starts a removal on replica `index` that the emulator answers as `script` says;
+    /// checks the 202 and returns the id.
+    async fn remove_scripted(
+        &self,
+        index: usize,
+        call: &str,
+        context: &str,
+        script: callops::emulator::Script,
+    ) -> String {
+        self.emulator.set_script(call, script);
         let response = self
             .http
             .post(format!(
@@ -1126,4 +1138,221 @@ async fn deployments_under_different_prefixes_share_a_redis_without_seeing_each_
     let summary = cluster.callback(0, &event).await;
     assert_eq!(summary["matched"], 1, "{summary}");
     cluster.until_status(0, &id, "Succeeded").await;
+}
+
+/// Upstream retries and per-attempt deadlines small enough that the dispatch budget (the
+/// longest a replica may take to send a request, retries included, plus 5 s) is 7 s.
+const SMALL_BUDGET: &[(&str, &str)] = &[
+    ("CALLOPS_ACS__RETRY__TOTAL_TIMEOUT_MS", "1500"),
+    ("CALLOPS_ACS__REQUEST_TIMEOUT_MS", "500"),
+    ("CALLOPS_GRAPH__RETRY__TOTAL_TIMEOUT_MS", "1500"),
+    ("CALLOPS_GRAPH__REQUEST_TIMEOUT_MS", "500"),
+];
+const BUDGET: Duration = Duration::from_secs(7);
+
+impl Cluster {
+    /// The removal requests the emulator has received for `call`, in arrival order.
+    fn removal_requests(&self, call: &str) -> Vec<callops::emulator::RecordedRequest> {
+        let path = format!("/calling/callConnections/{call}/participants:remove");
+        self.emulator
+            .requests()
+            .into_iter()
+            .filter(|request| request.path_and_query.starts_with(&path))
+            .collect()
+    }
+
+    /// Waits until the emulator has received `count` removal requests for `call`, at most
+    /// `limit`.
+    async fn until_removal_requests(
+        &self,
+        call: &str,
+        count: usize,
+        limit: Duration,
+    ) -> Vec<callops::emulator::RecordedRequest> {
+        tokio::time::timeout(limit, async {
+            loop {
+                let requests = self.removal_requests(call);
+                if requests.len() >= count {
+                    return requests;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the emulator did not receive {count} removal request(s) for {call} within {limit:?}; it got {}",
+                self.removal_requests(call).len()
+            )
+        })
+    }
+
+    /// How many operations the shared store lists as still owed to the upstream.
+    async fn unsent(&self) -> String {
+        self.redis
+            .command(&["ZCARD", "{callops}:index:unsent"])
+            .await
+            .expect("Redis answering ZCARD")
+    }
+}
+
+/// A request's `Repeatability-Request-ID` and `Repeatability-First-Sent`.
+fn repeatability(request: &callops::emulator::RecordedRequest) -> (String, String) {
+    let header = |name: &str| {
+        request
+            .headers
+            .get(name)
+            .unwrap_or_else(|| panic!("a removal request without {name}: {request:?}"))
+            .clone()
+    };
+    (
+        header("repeatability-request-id"),
+        header("repeatability-first-sent"),
+    )
+}
+
+#[tokio::test]
+async fn a_removal_whose_replica_died_while_retrying_is_sent_again_once_by_another() {
+    let Some(mut cluster) = Cluster::start(SMALL_BUDGET).await else {
+        return;
+    };
+    let call = "call-orphan";
+    // ACS answers the first attempt 503 and asks for a second's wait: A is killed in it.
+    let script = callops::emulator::Script {
+        fail_first: vec![503],
+        retry_after_secs: Some(1.0),
+        ..Default::default()
+    };
+    let id = cluster.remove_scripted(0, call, "ctx-orphan", script).await;
+    let created = Instant::now();
+    let first = cluster
+        .until_removal_requests(call, 1, SOON)
+        .await
+        .remove(0);
+    assert_eq!(first.status, 503, "the first attempt was not answered 503");
+    cluster.kill(0);
+    assert_eq!(
+        cluster.removal_requests(call).len(),
+        1,
+        "A sent its retry before it was killed: not mid-retry"
+    );
+    let operation = cluster.operation(1, &id).await;
+    assert_eq!(
+        operation["status"], "NotStarted",
+        "the removal was answered before A was killed: {operation}"
+    );
+    assert!(
+        operation.get("pending").is_none(),
+        "the API showed the request still owed: {operation}"
+    );
+    // A comes back at once: two replicas may now claim the orphan.
+    cluster.spawn(0, SMALL_BUDGET);
+    cluster.until_up(0).await;
+
+    let requests = cluster.until_removal_requests(call, 2, BUDGET + SOON).await;
+    assert!(
+        created.elapsed() >= BUDGET - Duration::from_secs(1),
+        "the removal was sent again {:?} after its creation, before the dispatch budget ({BUDGET:?}) passed",
+        created.elapsed()
+    );
+    assert_eq!(
+        requests[1].status, 202,
+        "the removal sent again was not accepted"
+    );
+    assert_eq!(
+        repeatability(&requests[1]),
+        repeatability(&first),
+        "the removal was not sent again with its repeatability pair"
+    );
+    assert_eq!(
+        requests[1].body, first.body,
+        "the removal sent again was not the same request"
+    );
+    for replica in [0, 1] {
+        let operation = cluster.until_status(replica, &id, "Succeeded").await;
+        assert!(
+            operation.get("pending").is_none(),
+            "the API showed the request still owed: {operation}"
+        );
+    }
+    // Answered: nothing is left to send, and it was sent again once (not once per replica).
+    soon("the answered removal leaving index:unsent", async {
+        while cluster.unsent().await != ":0" {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let requests = cluster.removal_requests(call);
+    assert_eq!(
+        requests.len(),
+        2,
+        "the removal was not sent again exactly once: {requests:?}"
+    );
+}
+
+#[tokio::test]
+async fn with_both_replicas_alive_a_removal_is_never_sent_again() {
+    let Some(cluster) = Cluster::start(SMALL_BUDGET).await else {
+        return;
+    };
+    // One removal on each replica, accepted without a callback (the test delivers it, once
+    // the answer is recorded); A's is first answered 503, and retried by A itself a second
+    // later, while B looks for orphans four times a second.
+    let retried = callops::emulator::Script {
+        fail_first: vec![503],
+        retry_after_secs: Some(1.0),
+        ..silent()
+    };
+    let removals = [
+        (0, "call-alive-a", "ctx-alive-a", retried, 2),
+        (1, "call-alive-b", "ctx-alive-b", silent(), 1),
+    ];
+    let mut ids = Vec::new();
+    for (replica, call, context, script, _) in removals.clone() {
+        ids.push(
+            cluster
+                .remove_scripted(replica, call, context, script)
+                .await,
+        );
+    }
+    let created = Instant::now();
+    for id in &ids {
+        cluster.until_status(0, id, "Running").await;
+        cluster.until_status(1, id, "Running").await;
+    }
+    // Answered: no longer listed as owed (the entry goes right after the answer's commit).
+    tokio::time::timeout(Duration::from_secs(2), async {
+        while cluster.unsent().await != ":0" {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("answered removals were still listed as owed (index:unsent)"));
+    for (id, (replica, call, context, _, _)) in ids.iter().zip(removals.clone()) {
+        let event = remove_event(&format!("evt-{call}"), call, context, true);
+        let summary = cluster.callback(1 - replica, &event).await;
+        assert_eq!(
+            summary["matched"], 1,
+            "the callback for {call} did not match: {summary}"
+        );
+        cluster.until_status(replica, id, "Succeeded").await;
+    }
+    // Past the dispatch budget, with a few claim rounds on both replicas: nobody sent
+    // anything again. (This wait proves a negative: nothing more may happen.)
+    tokio::time::sleep_until((created + BUDGET + Duration::from_secs(1)).into()).await;
+    for (_, call, _, _, sent) in removals {
+        let requests = cluster.removal_requests(call);
+        assert_eq!(
+            requests.len(),
+            sent,
+            "the removal on {call} was not sent exactly {sent} time(s): {requests:?}"
+        );
+        let pairs: std::collections::BTreeSet<(String, String)> =
+            requests.iter().map(repeatability).collect();
+        assert_eq!(
+            pairs.len(),
+            1,
+            "the removal on {call} was sent with more than one repeatability pair"
+        );
+    }
 }

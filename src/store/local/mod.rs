@@ -109,6 +109,16 @@ impl LocalStore {
             OffsetDateTime::now_utc(),
         );
         let local = Self::new(store, Recorder::durable(journal), config, metrics);
+        // A parked callback applied at restore may have moved one already.
+        let unsent = unsent
+            .into_iter()
+            .filter(|owed| {
+                local
+                    .store
+                    .read(owed.id, |operation| operation.pending.is_some())
+                    .unwrap_or(false)
+            })
+            .collect();
         *local.unsent.lock().unwrap_or_else(PoisonError::into_inner) = unsent;
         // Parked events that expired while callops was down, or were applied at load.
         let mut changes = local.recorder.changes();
@@ -347,6 +357,7 @@ impl LocalStore {
     }
 }
 
+<<<<<<< HEAD
 fn all_durable(operation: &Option<Operation>) -> bool {
     operation.as_ref().is_none_or(Operation::is_durable)
 }
@@ -414,3 +425,7 @@ mod tests {
         assert_eq!(restored.status, OperationStatus::Running);
     }
 }
+=======
+#[cfg(test)]
+mod restart_tests;
+>>>>>>> redispatch-tests
