@@ -357,7 +357,6 @@ impl LocalStore {
     }
 }
 
-<<<<<<< HEAD
 fn all_durable(operation: &Option<Operation>) -> bool {
     operation.as_ref().is_none_or(Operation::is_durable)
 }
@@ -425,7 +424,6 @@ mod tests {
         assert_eq!(restored.status, OperationStatus::Running);
     }
 }
-=======
+
 #[cfg(test)]
 mod restart_tests;
->>>>>>> redispatch-tests

@@ -415,10 +415,10 @@ impl Run {
     }
 
     /// Every operation created is there as the model says, and none went back.
-    fn check(&mut self, store: &LocalStore, after: &str) {
+    async fn check(&mut self, store: &LocalStore, after: &str) {
         for (op, model) in self.model.ops.iter().enumerate() {
             let Some(model) = model else { continue };
-            let stored = store.get(model.id).unwrap_or_else(|| {
+            let stored = store.get(model.id).await.expect("read").unwrap_or_else(|| {
                 panic!(
                     "operation #{op} ({}), acknowledged, is gone {after}",
                     model.id
@@ -553,11 +553,11 @@ async fn run_case(steps: Vec<Step>, ids_on_operations: bool) {
                     store.claim_unsent().is_empty(),
                     "operations were handed out a second time {after}"
                 );
-                run.check(&store, &after);
+                run.check(&store, &after).await;
                 run.redeliver_all(&store).await;
             }
         }
-        run.check(&store, &after);
+        run.check(&store, &after).await;
     }
     store.close().await;
 }
