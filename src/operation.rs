@@ -712,17 +712,29 @@ mod serde_tests {
             EventBound { first: 1, last: 1 },
         );
         cancel.events_omitted = 3;
-        let removal = Operation::new(
+        let mut removal = Operation::new(
             OperationKind::RemoveParticipant,
             CallRef::CallConnection("18dea47f".to_owned()),
             String::new(),
             at,
         );
+        removal.pending = Some(Box::new(PendingRequest::RemoveParticipant {
+            participant: serde_json::json!({"rawId": "8:acs:bob"}),
+            repeatability_request_id: Uuid::nil(),
+            repeatability_first_sent: "Mon, 23 Nov 2026 10:00:00 GMT".to_owned(),
+        }));
         for operation in [cancel, removal] {
             let json = serde_json::to_vec(&operation).unwrap();
             let mut back: Operation = serde_json::from_slice(&json).unwrap();
             // The revision is stored beside the JSON.
             assert_eq!(back.revision, 0);
+            back.revision = operation.revision;
+            assert_eq!(back, operation);
+            // The journal's form: the same, with the events kept apart.
+            let json = serde_json::to_vec(&operation.without_events()).unwrap();
+            let mut back: Operation = serde_json::from_slice(&json).unwrap();
+            assert!(back.events.is_empty());
+            back.events.clone_from(&operation.events);
             back.revision = operation.revision;
             assert_eq!(back, operation);
         }

@@ -122,7 +122,8 @@ pub(super) struct Writer {
 
 enum Request {
     Write {
-        batch: Batch,
+        /// Boxed: a batch is large beside the other requests.
+        batch: Box<Batch>,
         reply: oneshot::Sender<Result<(), JournalError>>,
     },
     /// A std channel: `load` is a blocking call, possibly made inside a runtime, where a
@@ -193,7 +194,10 @@ impl Writer {
     pub(super) async fn write(&self, batch: Batch) -> Result<(), JournalError> {
         let (reply, answer) = oneshot::channel();
         self.requests
-            .send(Request::Write { batch, reply })
+            .send(Request::Write {
+                batch: Box::new(batch),
+                reply,
+            })
             .map_err(|_| JournalError::WriterStopped)?;
         answer.await.map_err(|_| JournalError::WriterStopped)?
     }
@@ -337,7 +341,7 @@ fn check_version(conn: &Connection, path: &Path) -> Result<i64, JournalError> {
 
 /// A batch waiting for its transaction.
 struct Pending {
-    batch: Batch,
+    batch: Box<Batch>,
     reply: oneshot::Sender<Result<(), JournalError>>,
 }
 
@@ -578,7 +582,7 @@ mod tests {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
 
-    use super::super::{Backend, Journal};
+    use super::super::{Backend, Journal, OperationEvents};
     use super::*;
 
     fn temp_dir() -> tempfile::TempDir {
@@ -686,6 +690,106 @@ mod tests {
         // Loading again gives the same.
         assert_eq!(reopened.load().expect("second load"), expected);
         reopened.close().await;
+    }
+
+    fn events(
+        operation: &str,
+        revision: i64,
+        added: &[u64],
+        evicted: Option<(u64, u64)>,
+    ) -> OperationEvents {
+        OperationEvents {
+            operation: operation.to_owned(),
+            revision,
+            replace: false,
+            added: added
+                .iter()
+                .map(|n| (*n, format!("e{n}").into_bytes()))
+                .collect(),
+            evicted,
+        }
+    }
+
+    /// Events are written with a snapshot at least as new as the stored one, once; a range
+    /// is forgotten; an operation's removal takes them along; call events are trimmed and
+    /// retired by sequence number.
+    #[tokio::test]
+    async fn events_go_with_their_snapshot_and_leave_with_their_operation() {
+        let dir = temp_dir();
+        let path = dir.path().join("journal.db");
+        let journal = open(&path);
+        let loaded_events = |journal: &Journal| -> Vec<(String, u64)> {
+            let loaded = journal.load().expect("load");
+            loaded
+                .events
+                .into_iter()
+                .map(|(op, n, _)| (op, n))
+                .collect()
+        };
+        journal
+            .write(Batch {
+                operations: vec![op("a", "{}", 5), op("b", "{}", 1)],
+                events: vec![
+                    events("a", 5, &[0, 1, 2, 3], None),
+                    events("b", 1, &[0], None),
+                ],
+                ..Batch::default()
+            })
+            .await
+            .expect("write");
+        // A stale commit (revision 4) lands late: neither its snapshot nor its events count.
+        journal
+            .write(Batch {
+                operations: vec![op("a", "{}", 4)],
+                events: vec![events("a", 4, &[9], Some((0, 4)))],
+                ..Batch::default()
+            })
+            .await
+            .expect("write");
+        // Written again (harmless), one more, and 1..3 dropped from the middle.
+        journal
+            .write(Batch {
+                operations: vec![op("a", "{}", 6)],
+                events: vec![events("a", 6, &[3, 4], Some((1, 3)))],
+                ..Batch::default()
+            })
+            .await
+            .expect("write");
+        let expected = [("a", 0), ("a", 3), ("a", 4), ("b", 0)];
+        let expected: Vec<(String, u64)> = expected
+            .iter()
+            .map(|(op, n)| ((*op).to_owned(), *n))
+            .collect();
+        assert_eq!(loaded_events(&journal), expected);
+        // Events of an operation not stored (removed) are not written.
+        journal
+            .write(Batch {
+                removed_operations: vec!["b".to_owned()],
+                events: vec![events("gone", 1, &[0], None)],
+                call_events: vec![
+                    ("acs:c".to_owned(), 3, b"c3".to_vec()),
+                    ("acs:c".to_owned(), 4, b"c4".to_vec()),
+                    ("acs:c".to_owned(), 5, b"c5".to_vec()),
+                    ("acs:d".to_owned(), 6, b"d6".to_vec()),
+                ],
+                call_events_kept_from: vec![("acs:c".to_owned(), 4)],
+                ..Batch::default()
+            })
+            .await
+            .expect("write");
+        assert_eq!(loaded_events(&journal), expected[..3].to_vec());
+        journal
+            .write(Batch {
+                retired_calls: vec![("acs:d".to_owned(), 6), ("acs:c".to_owned(), 4)],
+                ..Batch::default()
+            })
+            .await
+            .expect("write");
+        assert_eq!(
+            journal.load().expect("load").call_events,
+            vec![("acs:c".to_owned(), 5, b"c5".to_vec())]
+        );
+        journal.close().await;
     }
 
     #[tokio::test]
