@@ -62,6 +62,8 @@ struct Inner {
 pub struct Snapshot {
     pub operations_in_memory: u64,
     pub parked_callbacks: u64,
+    /// Parked callbacks whose operation never appeared, moved to their call's events.
+    pub parked_callbacks_expired: u64,
     pub long_poll_waiters: u64,
     pub store_transactions: u64,
     pub store_records: u64,
@@ -385,6 +387,12 @@ impl Collector for SnapshotCollector {
             "Callbacks parked for an operation not created yet",
             s.parked_callbacks,
         )?;
+        counter(
+            &mut encoder,
+            "parked_callbacks_expired",
+            "Parked callbacks whose operation never appeared within the park window (kept on their call's events)",
+            s.parked_callbacks_expired,
+        )?;
         gauge(
             &mut encoder,
             "long_poll_waiters",
@@ -511,6 +519,7 @@ mod tests {
             "callops_store_commit_records_sum 4.0",
             "callops_operations_in_memory 7",
             "callops_parked_callbacks 0",
+            "callops_parked_callbacks_expired_total 0",
             "callops_long_poll_waiters 0",
             "callops_store_transactions_total 0",
             "callops_store_records_total 0",

@@ -366,6 +366,10 @@ pub struct Operation {
     /// a journaled store show the operation only once this passes `revision`.
     #[serde(skip)]
     pub durable: u64,
+    /// How many of the events that arrived ([`Operation::events_total`]) the durable store
+    /// has written: a commit writes only those after. Not part of the API.
+    #[serde(skip)]
+    pub events_written: u64,
 }
 
 impl Operation {
@@ -401,6 +405,68 @@ impl Operation {
             events_omitted: 0,
             revision: 0,
             durable: 0,
+            events_written: 0,
+        }
+    }
+
+    /// Every event that arrived: those kept and those omitted.
+    pub fn events_total(&self) -> u64 {
+        self.events.len() as u64 + self.events_omitted
+    }
+
+    /// The place in the operation's whole history (from 0) of the kept event at `index`,
+    /// for a timeline kept under `bound`: the first ones are where they arrived, the others
+    /// come after those omitted. Stable while the event is kept, whatever arrives later.
+    pub fn event_ordinal(&self, index: usize, bound: EventBound) -> u64 {
+        if index < bound.first {
+            index as u64
+        } else {
+            index as u64 + self.events_omitted
+        }
+    }
+
+    /// The operation as the journal keeps it: everything but its events (listed empty),
+    /// which are kept one by one. Serializes from `self` without a copy.
+    pub fn without_events(&self) -> impl Serialize + '_ {
+        // No `..`: a new field on `Operation` must be placed here too.
+        let Self {
+            id,
+            kind,
+            status,
+            context,
+            call,
+            created_date_time,
+            last_updated_date_time,
+            pending,
+            result,
+            error,
+            upstream_operation_id,
+            upstream_status,
+            late,
+            cancelled_operations,
+            events: _,
+            events_omitted,
+            revision: _,
+            durable: _,
+            events_written: _,
+        } = self;
+        WithoutEvents {
+            id,
+            kind,
+            status,
+            context,
+            call,
+            created_date_time: *created_date_time,
+            last_updated_date_time: *last_updated_date_time,
+            pending: pending.as_deref(),
+            result: result.as_deref(),
+            error: error.as_deref(),
+            upstream_operation_id: upstream_operation_id.as_deref(),
+            upstream_status: upstream_status.as_deref(),
+            late: *late,
+            cancelled_operations,
+            events: &[],
+            events_omitted: *events_omitted,
         }
     }
 
@@ -477,6 +543,39 @@ impl Operation {
     }
 }
 
+/// [`Operation`]'s serialized form with its events left out ([`Operation::without_events`]).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WithoutEvents<'a> {
+    id: &'a OperationId,
+    kind: &'a OperationKind,
+    status: &'a OperationStatus,
+    context: &'a str,
+    #[serde(flatten)]
+    call: &'a CallRef,
+    #[serde(with = "time::serde::rfc3339")]
+    created_date_time: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    last_updated_date_time: OffsetDateTime,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pending: Option<&'a PendingRequest>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<&'a ResultInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a OperationError>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_operation_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_status: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    late: bool,
+    #[serde(skip_serializing_if = "is_empty")]
+    cancelled_operations: &'a [CancelledOperation],
+    events: &'a [EventRecord],
+    #[serde(skip_serializing_if = "is_zero")]
+    events_omitted: u64,
+}
+
 /// How many events an operation's timeline keeps: the `first` that arrived and the `last`
 /// (at least one, the newest); those between are counted, not kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -490,6 +589,10 @@ impl EventBound {
     pub fn kept(self) -> usize {
         self.first.saturating_add(self.last.max(1))
     }
+}
+
+fn is_empty<T>(items: &&[T]) -> bool {
+    items.is_empty()
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -620,17 +723,29 @@ mod serde_tests {
             EventBound { first: 1, last: 1 },
         );
         cancel.events_omitted = 3;
-        let removal = Operation::new(
+        let mut removal = Operation::new(
             OperationKind::RemoveParticipant,
             CallRef::CallConnection("18dea47f".to_owned()),
             String::new(),
             at,
         );
+        removal.pending = Some(Box::new(PendingRequest::RemoveParticipant {
+            participant: serde_json::json!({"rawId": "8:acs:bob"}),
+            repeatability_request_id: Uuid::nil(),
+            repeatability_first_sent: "Mon, 23 Nov 2026 10:00:00 GMT".to_owned(),
+        }));
         for operation in [cancel, removal] {
             let json = serde_json::to_vec(&operation).unwrap();
             let mut back: Operation = serde_json::from_slice(&json).unwrap();
             // The revision is stored beside the JSON.
             assert_eq!(back.revision, 0);
+            back.revision = operation.revision;
+            assert_eq!(back, operation);
+            // The journal's form: the same, with the events kept apart.
+            let json = serde_json::to_vec(&operation.without_events()).unwrap();
+            let mut back: Operation = serde_json::from_slice(&json).unwrap();
+            assert!(back.events.is_empty());
+            back.events.clone_from(&operation.events);
             back.revision = operation.revision;
             assert_eq!(back, operation);
         }

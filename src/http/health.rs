@@ -75,6 +75,7 @@ pub(crate) async fn get_metrics(
     let snapshot = Snapshot {
         operations_in_memory: store.operations as u64,
         parked_callbacks: store.parked as u64,
+        parked_callbacks_expired: store.parked_expired,
         long_poll_waiters: store.waiting as u64,
         store_transactions: journal.transactions,
         store_records: journal.records,

@@ -63,6 +63,9 @@ struct Inner {
     waiting: AtomicUsize,
     parked_expired: AtomicU64,
     parked_overflow: AtomicU64,
+    /// The next call event's sequence number, for every call: a timeline dropped by the
+    /// sweep and started again never reuses one, so the record tells them apart.
+    call_event_seq: AtomicU64,
     /// Operations created, by [`ISSUED_KINDS`] index.
     started: [AtomicU64; 2],
     /// Operations settled, by [`ISSUED_KINDS`] and [`FINAL_STATUSES`] index.
@@ -78,6 +81,9 @@ struct Limits {
     call_events_max: usize,
     events: EventBound,
     timeouts: CallbackTimeouts,
+    /// A scratch store (`scratch`) leaves expired parked events to the shared store's own
+    /// sweep: at `restore` it drops them instead of moving them to their call's timeline.
+    scratch: bool,
 }
 
 /// A 128-bit keyed digest standing in for a string key: two SipHashes under this process's
@@ -157,7 +163,8 @@ struct ParkedEvent {
 /// append-only on the request path; the sweep drops settled ones, so settling an operation
 /// never touches it.
 struct CallTimeline {
-    events: VecDeque<EventRecord>,
+    /// With their sequence numbers.
+    events: VecDeque<(u64, EventRecord)>,
     open: Vec<OperationId>,
     updated: OffsetDateTime,
 }
@@ -184,6 +191,42 @@ pub enum Noted<'a> {
         operation: OperationId,
         record: EventRecord,
     },
+    /// `record` was added to `call`'s timeline under sequence number `seq`; the timeline
+    /// now keeps the events from `kept_from` on.
+    CallEvent {
+        call: &'a CallRef,
+        seq: u64,
+        kept_from: u64,
+        record: &'a EventRecord,
+    },
+}
+
+/// An event added to a call's timeline, as [`Noted::CallEvent`] tells it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallEventAdded {
+    pub call: CallRef,
+    pub seq: u64,
+    pub kept_from: u64,
+    pub record: EventRecord,
+}
+
+impl CallEventAdded {
+    fn from_noted(noted: Noted<'_>) -> Option<Self> {
+        match noted {
+            Noted::CallEvent {
+                call,
+                seq,
+                kept_from,
+                record,
+            } => Some(Self {
+                call: call.clone(),
+                seq,
+                kept_from,
+                record: record.clone(),
+            }),
+            Noted::Parked(_) | Noted::Evicted { .. } => None,
+        }
+    }
 }
 
 /// A client-supplied context already names a running operation on the same call.
@@ -200,6 +243,10 @@ pub struct SweepReport {
     pub removed_operations: Vec<OperationId>,
     /// Operations that heard no final callback in time and failed with `CallbackTimeout`.
     pub timed_out: Vec<OperationId>,
+    /// What the expired parked events became on their calls' timelines.
+    pub call_events: Vec<CallEventAdded>,
+    /// Idle call timelines dropped, each with the last sequence number it had used.
+    pub retired_calls: Vec<(CallRef, u64)>,
 }
 
 /// What a restarted store starts from: the durable record.
@@ -214,6 +261,18 @@ pub struct Restored {
     /// More names of operations by upstream id ([`upstream_key`] form) than the one each
     /// shows (Graph's `Location` id), where the record keeps them.
     pub upstream: Vec<(String, OperationId)>,
+    /// Calls' timelines: their events with their sequence numbers, oldest first.
+    pub call_events: Vec<(CallRef, Vec<(u64, EventRecord)>)>,
+}
+
+/// What [`OperationStore::restore`] changed in what it was given.
+#[derive(Debug, Default)]
+pub struct RestoreReport {
+    /// Ids of the parked events no longer parked (applied to their operation, or expired).
+    pub unparked: Vec<String>,
+    /// Parked events that expired while nothing ran, moved to their call's timeline (and
+    /// counted) as the sweep does: `expired` and `call_events` are set.
+    pub swept: SweepReport,
 }
 
 /// Filters of the list endpoint.
@@ -256,7 +315,7 @@ impl Slot {
 impl OperationStore {
     /// An empty store bounded by `config`.
     pub fn new(config: &OperationsConfig) -> Self {
-        Self::with_shards(config, SHARDS)
+        Self::with_shards(config, SHARDS, false)
     }
 
     /// A small store for one transition of a shared store (`redis_store`): loaded with the
@@ -264,10 +323,10 @@ impl OperationStore {
     /// read back ([`OperationStore::snapshots`]) and dropped. Few shards: it is built per
     /// request.
     pub fn scratch(config: &OperationsConfig) -> Self {
-        Self::with_shards(config, 2)
+        Self::with_shards(config, 2, true)
     }
 
-    fn with_shards(config: &OperationsConfig, shards: usize) -> Self {
+    fn with_shards(config: &OperationsConfig, shards: usize, scratch: bool) -> Self {
         let limits = Limits {
             park_ttl: Duration::from_millis(config.park_ttl_ms),
             park_max: config.park_max,
@@ -276,6 +335,7 @@ impl OperationStore {
             call_events_max: config.call_events_max.max(1),
             events: config.event_bound(),
             timeouts: config.callback_timeouts.clone(),
+            scratch,
         };
         let (schedule, incoming) = mpsc::channel();
         Self {
@@ -297,6 +357,7 @@ impl OperationStore {
                 waiting: AtomicUsize::new(0),
                 parked_expired: AtomicU64::new(0),
                 parked_overflow: AtomicU64::new(0),
+                call_event_seq: AtomicU64::new(0),
                 started: Default::default(),
                 settled: Default::default(),
                 limits,
@@ -378,17 +439,34 @@ impl OperationStore {
     /// entries, upstream ids, cancels and open lists), the duplicate filter and the parked
     /// events that have not expired (`now` / `wall_now` convert their ages).
     ///
-    /// Returns the ids of the parked events that are no longer parked (expired, or applied
-    /// to their operation), for the caller to drop from the record.
+    /// Parked events past the park window are moved to their call's timeline (effect
+    /// `unmatched`) and counted, as the sweep does, except in a scratch store, which drops
+    /// them. The report says which parked events are no longer parked and which expired,
+    /// for the caller to record and log.
     pub fn restore(
         &self,
         restored: Restored,
         now: Instant,
         wall_now: OffsetDateTime,
-    ) -> Vec<String> {
-        let mut unparked = Vec::new();
+    ) -> RestoreReport {
+        let mut report = RestoreReport::default();
+        let unparked = &mut report.unparked;
         let inner = &self.inner;
         let limits = &inner.limits;
+        let mut next_seq = 0;
+        for (call, events) in restored.call_events {
+            let Some(updated) = events.last().map(|(_, record)| record.received_date_time) else {
+                continue;
+            };
+            let skip = events.len().saturating_sub(limits.call_events_max);
+            next_seq = events
+                .iter()
+                .fold(next_seq, |next, (seq, _)| next.max(seq + 1));
+            let mut timeline = CallTimeline::new(updated);
+            timeline.events = events.into_iter().skip(skip).collect();
+            inner.calls.insert(call, timeline);
+        }
+        inner.call_event_seq.fetch_max(next_seq, Ordering::Relaxed);
         let mut operations = restored.operations;
         // Oldest first (ids are time-ordered): a later operation takes its context's index
         // entry unless an earlier one is still running there.
@@ -441,14 +519,21 @@ impl OperationStore {
         }
         for (event, at) in restored.parked {
             let age = age(at);
-            let Some(key) = inner
-                .digests
-                .event(&event)
-                .filter(|_| age < limits.park_ttl)
-            else {
+            let Some(key) = inner.digests.event(&event) else {
                 unparked.extend(event.id);
                 continue;
             };
+            if age >= limits.park_ttl {
+                unparked.extend(event.id.clone());
+                if !limits.scratch {
+                    let swept = &mut report.swept;
+                    self.push_call_event(&event, EventEffect::Unmatched, &mut |noted| {
+                        swept.call_events.extend(CallEventAdded::from_noted(noted));
+                    });
+                    swept.expired.push(event);
+                }
+                continue;
+            }
             match inner.index.entry(key) {
                 Entry::Occupied(mut occupied) => match occupied.get_mut() {
                     Slot::Operation(id) => {
@@ -482,7 +567,15 @@ impl OperationStore {
                 }
             }
         }
-        unparked
+        inner
+            .parked_expired
+            .fetch_add(report.swept.expired.len() as u64, Ordering::Relaxed);
+        report
+    }
+
+    /// How many events an operation's timeline keeps.
+    pub fn event_bound(&self) -> EventBound {
+        self.inner.limits.events
     }
 
     /// Applies an upstream answer (accepted, rejected) to an operation.
@@ -527,10 +620,14 @@ impl OperationStore {
         }
     }
 
-    /// Revision `revision` of the operation is durable.
-    pub fn mark_durable(&self, id: OperationId, revision: u64) {
+    /// Revision `revision` of the operation is durable, and with it `events_total` of its
+    /// events when the commit wrote events (never lowered: commits may finish out of order).
+    pub fn mark_durable(&self, id: OperationId, revision: u64, events_total: Option<u64>) {
         if let Some(mut op) = self.inner.operations.get_mut(&id) {
             op.durable = op.durable.max(revision + 1);
+            if let Some(total) = events_total {
+                op.events_written = op.events_written.max(total);
+            }
         }
     }
 
@@ -644,7 +741,7 @@ impl OperationStore {
             if let (Some(upstream_id), false) = (&event.upstream_id, event.should_park()) {
                 return self.observe_by_upstream_id(call, upstream_id, &event, note);
             }
-            self.push_call_event(&event, EventEffect::Recorded);
+            self.push_call_event(&event, EventEffect::Recorded, note);
             return Delivery::CallEvent;
         };
         // Fast path: a shared read of the index, then one operation entry.
@@ -683,7 +780,7 @@ impl OperationStore {
                 // While callbacks wait under this key, every event for it waits with them,
                 // so that they are applied in arrival order when the operation appears.
                 Slot::Parked(events) => {
-                    if !self.reserve_park(&event) {
+                    if !self.reserve_park(&event, note) {
                         return Delivery::Unmatched;
                     }
                     note(Noted::Parked(&event));
@@ -767,16 +864,22 @@ impl OperationStore {
             .calls
             .iter()
             .filter(|entry| !entry.events.is_empty())
-            .map(|entry| (entry.key().clone(), entry.events.iter().cloned().collect()))
+            .map(|entry| {
+                let events = entry.events.iter().map(|(_, record)| record.clone());
+                (entry.key().clone(), events.collect())
+            })
             .collect()
     }
 
     /// The events kept for a call (those naming no operation, and expired parked ones).
     pub fn call_events(&self, call: &CallRef) -> Option<Vec<EventRecord>> {
-        self.inner
-            .calls
-            .get(call)
-            .map(|timeline| timeline.events.iter().cloned().collect())
+        self.inner.calls.get(call).map(|timeline| {
+            timeline
+                .events
+                .iter()
+                .map(|(_, record)| record.clone())
+                .collect()
+        })
     }
 
     /// Current counters.
@@ -823,9 +926,13 @@ impl OperationStore {
         inner
             .parked_expired
             .fetch_add(expired as u64, Ordering::Relaxed);
+        let mut call_events = Vec::new();
         for event in &report.expired {
-            self.push_call_event(event, EventEffect::Unmatched);
+            self.push_call_event(event, EventEffect::Unmatched, &mut |noted| {
+                call_events.extend(CallEventAdded::from_noted(noted));
+            });
         }
+        report.call_events = call_events;
 
         inner
             .seen
@@ -892,9 +999,13 @@ impl OperationStore {
         }
         due.extend(later);
         drop(agenda);
-        inner
-            .calls
-            .retain(|_, timeline| timeline.updated >= cutoff || !timeline.open.is_empty());
+        inner.calls.retain(|call, timeline| {
+            let keep = timeline.updated >= cutoff || !timeline.open.is_empty();
+            if let (false, Some((last, _))) = (keep, timeline.events.back()) {
+                report.retired_calls.push((call.clone(), *last));
+            }
+            keep
+        });
         inner
             .waiters
             .retain(|id, _| inner.operations.contains_key(id));
@@ -912,7 +1023,7 @@ impl OperationStore {
     ) -> Result<(Slot, Delivery), Delivery> {
         let (call, context) = event.names().ok_or(Delivery::Unmatched)?;
         if event.should_park() {
-            if !self.reserve_park(event) {
+            if !self.reserve_park(event, note) {
                 return Err(Delivery::Unmatched);
             }
             note(Noted::Parked(event));
@@ -962,12 +1073,12 @@ impl OperationStore {
     }
 
     /// Takes a place in the park, or records the event on its call when the park is full.
-    fn reserve_park(&self, event: &IncomingEvent) -> bool {
+    fn reserve_park(&self, event: &IncomingEvent, note: &mut dyn FnMut(Noted<'_>)) -> bool {
         let inner = &self.inner;
         if inner.parked.fetch_add(1, Ordering::Relaxed) >= inner.limits.park_max {
             inner.parked.fetch_sub(1, Ordering::Relaxed);
             inner.parked_overflow.fetch_add(1, Ordering::Relaxed);
-            self.push_call_event(event, EventEffect::Unmatched);
+            self.push_call_event(event, EventEffect::Unmatched, note);
             return false;
         }
         true
@@ -1070,7 +1181,14 @@ impl OperationStore {
             .unwrap_or_default()
     }
 
-    fn push_call_event(&self, event: &IncomingEvent, effect: EventEffect) {
+    /// Adds `event` to its call's timeline and tells `note` (under the timeline's entry, so
+    /// the notes of one call come in sequence order).
+    fn push_call_event(
+        &self,
+        event: &IncomingEvent,
+        effect: EventEffect,
+        note: &mut dyn FnMut(Noted<'_>),
+    ) {
         let Some(call) = &event.call else {
             return;
         };
@@ -1083,7 +1201,16 @@ impl OperationStore {
         if timeline.events.len() >= max {
             timeline.events.pop_front();
         }
-        timeline.events.push_back(event.record(effect));
+        let seq = self.inner.call_event_seq.fetch_add(1, Ordering::Relaxed);
+        let record = event.record(effect);
+        let kept_from = timeline.events.front().map_or(seq, |(first, _)| *first);
+        note(Noted::CallEvent {
+            call,
+            seq,
+            kept_from,
+            record: &record,
+        });
+        timeline.events.push_back((seq, record));
         timeline.updated = event.received;
     }
 
@@ -2326,7 +2453,9 @@ mod tests {
             .filter_map(|id| before.get(id))
             .collect();
         let after = store();
-        let unparked = after.restore(
+        let kept_call = CallRef::CallConnection("c4".to_owned());
+        let kept_event = event("e-call", "c4", None, None).record(EventEffect::Recorded);
+        let report = after.restore(
             Restored {
                 operations: operations.clone(),
                 seen: vec![
@@ -2344,12 +2473,31 @@ mod tests {
                 ],
                 // A second name the operation does not show (Graph's `Location` id).
                 upstream: vec![("location2".to_owned(), running.id)],
+                call_events: vec![(kept_call.clone(), vec![(7, kept_event.clone())])],
             },
             now,
             wall,
         );
-        // The stale parked event is dropped, and reported so the record drops it too.
-        assert_eq!(unparked, ["e-stale"]);
+        assert_eq!(after.call_events(&kept_call), Some(vec![kept_event]));
+        // The stale parked event is moved to its call's timeline as the sweep would, counted,
+        // and reported so the record moves it too; call event numbers carry on.
+        assert_eq!(report.unparked, ["e-stale"]);
+        let stale_call = CallRef::CallConnection("c3".to_owned());
+        let on_call = after.call_events(&stale_call).unwrap();
+        assert_eq!(on_call.len(), 1);
+        assert_eq!(on_call[0].id.as_deref(), Some("e-stale"));
+        assert_eq!(on_call[0].effect, EventEffect::Unmatched);
+        assert_eq!(report.swept.expired.len(), 1);
+        assert_eq!(
+            report.swept.call_events,
+            [CallEventAdded {
+                call: stale_call,
+                seq: 8,
+                kept_from: 8,
+                record: on_call[0].clone(),
+            }]
+        );
+        assert_eq!(after.stats().parked_expired, 1);
         for op in &operations {
             assert_eq!(after.get(op.id).as_ref(), Some(op), "{op:?}");
         }
@@ -2423,7 +2571,7 @@ mod tests {
         let mut evicted = Vec::new();
         let mut note = |noted: Noted<'_>| match noted {
             Noted::Evicted { record, .. } => evicted.push(record.id.unwrap()),
-            Noted::Parked(_) => {}
+            Noted::Parked(_) | Noted::CallEvent { .. } => {}
         };
         for id in &ids[..60] {
             let parked = store.deliver_noting(event(id, "c1", Some("ctx"), None), now, &mut note);

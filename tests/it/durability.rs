@@ -620,3 +620,64 @@ async fn removals_each_killed_right_after_their_202_are_all_sent_and_settle_afte
         );
     }
 }
+
+#[tokio::test]
+async fn a_parked_callback_that_expired_while_callops_was_down_is_kept_on_its_call() {
+    let deployment = Deployment::new("park-expired").await;
+    let env = [
+        ("CALLOPS_OPERATIONS__PARK_TTL_MS", "300".to_owned()),
+        // No sweep while it runs: the park expires while callops is down.
+        ("CALLOPS_OPERATIONS__SWEEP_INTERVAL_MS", "600000".to_owned()),
+    ];
+    let server = deployment.start_with(&env).await;
+    let event = remove_event("evt-orphan", "call-orphan", "ctx-orphan", true);
+    let summary = deployment.callback(&event).await;
+    assert_eq!(summary["parked"], 1, "{summary}");
+    kill(server);
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+
+    let call_events = async || -> Value {
+        let response = deployment
+            .http
+            .get(format!(
+                "{}/v1/acs/callConnections/call-orphan/events",
+                deployment.base()
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.json::<Value>().await.unwrap()["value"].clone()
+    };
+    let expired_total = async || -> String {
+        let metrics = deployment
+            .http
+            .get(format!("{}/metrics", deployment.base()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("callops_parked_callbacks_expired_total "))
+            .unwrap_or_else(|| panic!("no expired count in\n{metrics}"))
+            .to_owned()
+    };
+    let server = deployment.start_with(&env).await;
+    let events = call_events().await;
+    assert_eq!(events.as_array().map(Vec::len), Some(1), "{events}");
+    assert_eq!(events[0]["id"], "evt-orphan", "{events}");
+    assert_eq!(events[0]["effect"], "unmatched", "{events}");
+    assert_eq!(expired_total().await, "1");
+    kill(server);
+
+    // Recorded as a call event, no longer parked: the next start finds it there, and
+    // expires nothing again.
+    let _server = deployment.start_with(&env).await;
+    let events = call_events().await;
+    assert_eq!(events.as_array().map(Vec::len), Some(1), "{events}");
+    assert_eq!(events[0]["id"], "evt-orphan", "{events}");
+    assert_eq!(expired_total().await, "0");
+}

@@ -1267,7 +1267,8 @@ async fn a_removal_whose_replica_died_while_retrying_is_sent_again_once_by_anoth
     // Each test replica has its own callback URL; behind one public URL they would agree.
     let without_callback = |body: &serde_json::Value| {
         let mut body = body.clone();
-        body.as_object_mut().map(|body| body.remove("operationCallbackUri"));
+        body.as_object_mut()
+            .map(|body| body.remove("operationCallbackUri"));
         body
     };
     assert_eq!(

@@ -535,7 +535,8 @@ async fn count_durable(db: &Path, ids: &[&String]) -> anyhow::Result<usize> {
         let journal = Journal::open_sqlite(&db, SqliteOptions::default())
             .with_context(|| format!("opening {}", db.display()))?;
         let loaded = journal.load()?;
-        let restored = callops::store::restored(loaded);
+        let restored =
+            callops::store::restored(loaded, Config::embedded().operations.event_bound());
         let statuses: HashMap<String, OperationStatus> = restored
             .operations
             .iter()

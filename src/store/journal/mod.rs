@@ -13,9 +13,10 @@
 //! (group commit), so one `fsync` acknowledges many writes.
 //!
 //! Semantics of a [`Batch`]: all or nothing, durable when [`Journal::write`] returns `Ok`,
-//! and applied in the order its parts are listed (operations upserts, removed operations,
-//! seen inserts, seen expiry, parked upserts, unparked deletes). Batches are applied in the
-//! order they were handed over, each one whole, even when they share a transaction.
+//! and applied in the order its parts are listed (operations upserts, their events, removed
+//! operations with theirs, seen inserts, seen expiry, parked upserts, unparked deletes, call
+//! events, retired calls). Batches are applied in the order they were handed over, each one
+//! whole, even when they share a transaction.
 
 mod lock;
 mod sqlite;
@@ -45,6 +46,30 @@ pub struct Batch {
     pub parked: Vec<(u64, Vec<u8>, i64)>,
     /// Parked callbacks applied or expired.
     pub unparked: Vec<u64>,
+    /// Operations' events, written once each: skipped for an operation whose stored
+    /// snapshot has a higher revision than the one given (a later commit wrote them).
+    pub events: Vec<OperationEvents>,
+    /// Events added to calls' timelines: (call key, sequence number, JSON). Insert-or-ignore.
+    pub call_events: Vec<(String, u64, Vec<u8>)>,
+    /// Forget a call's events before a sequence number: (call key, first kept).
+    pub call_events_kept_from: Vec<(String, u64)>,
+    /// Forget calls' timelines: (call key, last sequence number they used).
+    pub retired_calls: Vec<(String, u64)>,
+}
+
+/// What a commit writes of one operation's events.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct OperationEvents {
+    /// The operation id, as in [`Batch::operations`].
+    pub operation: String,
+    /// The revision of the snapshot these events go with.
+    pub revision: i64,
+    /// Drop every stored event first (they are written again, renumbered).
+    pub replace: bool,
+    /// New events: (ordinal, JSON). Insert-or-ignore.
+    pub added: Vec<(u64, Vec<u8>)>,
+    /// Events dropped from the timeline: the ordinals `from..to` are forgotten.
+    pub evicted: Option<(u64, u64)>,
 }
 
 impl Batch {
@@ -54,7 +79,8 @@ impl Batch {
     }
 
     /// The number of records: one per upsert, removal, seen id, parked and unparked
-    /// callback, plus one for a seen expiry.
+    /// callback, event added, call event and retired call, plus one for a seen expiry and
+    /// one per range of events forgotten.
     pub fn len(&self) -> usize {
         self.operations.len()
             + self.removed_operations.len()
@@ -62,6 +88,18 @@ impl Batch {
             + usize::from(self.seen_expired_before.is_some())
             + self.parked.len()
             + self.unparked.len()
+            + self
+                .events
+                .iter()
+                .map(|events| {
+                    events.added.len()
+                        + usize::from(events.evicted.is_some())
+                        + usize::from(events.replace)
+                })
+                .sum::<usize>()
+            + self.call_events.len()
+            + self.call_events_kept_from.len()
+            + self.retired_calls.len()
     }
 
     /// Appends `other`, a batch meant to be applied after this one, so that applying the
@@ -101,6 +139,11 @@ impl Batch {
         };
         self.parked.extend(other.parked);
         self.unparked.extend(other.unparked);
+        self.events.extend(other.events);
+        self.call_events.extend(other.call_events);
+        self.call_events_kept_from
+            .extend(other.call_events_kept_from);
+        self.retired_calls.extend(other.retired_calls);
     }
 }
 
@@ -116,6 +159,10 @@ pub struct Loaded {
     pub seen: Vec<(String, i64)>,
     /// (sequence number, JSON, parked-at unix ms), in sequence order.
     pub parked: Vec<(u64, Vec<u8>, i64)>,
+    /// Operations' events: (operation id, ordinal, JSON), by id then ordinal.
+    pub events: Vec<(String, u64, Vec<u8>)>,
+    /// Calls' events: (call key, sequence number, JSON), by call then sequence number.
+    pub call_events: Vec<(String, u64, Vec<u8>)>,
 }
 
 /// How an SQLite journal writes.
@@ -208,6 +255,16 @@ pub enum JournalError {
         supported: i64,
     },
     #[error(
+        "cannot migrate the journal database {} from schema version {from}: {source}",
+        path.display()
+    )]
+    Migrate {
+        path: PathBuf,
+        from: i64,
+        #[source]
+        source: Arc<rusqlite::Error>,
+    },
+    #[error(
         "the journal database {} cannot use write-ahead logging (journal_mode stays {mode:?}); \
          put it on a local file system",
         path.display()
@@ -219,7 +276,7 @@ pub enum JournalError {
     Write(#[source] Arc<rusqlite::Error>),
     #[error("journal read failed: {0}")]
     Read(#[source] Arc<rusqlite::Error>),
-    #[error("parked callback sequence number {0} is larger than the journal can store (i64::MAX)")]
+    #[error("sequence number or ordinal {0} is larger than the journal can store (i64::MAX)")]
     SequenceOutOfRange(u64),
 }
 
@@ -292,11 +349,24 @@ impl Journal {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(JournalError::Closed);
         }
+        let events = batch.events.iter().flat_map(|events| {
+            let added = events.added.iter().map(|(ordinal, _)| ordinal);
+            added.chain(events.evicted.iter().map(|(_, to)| to))
+        });
+        let calls = batch.call_events.iter().map(|(_, seq, _)| seq).chain(
+            batch
+                .call_events_kept_from
+                .iter()
+                .chain(&batch.retired_calls)
+                .map(|(_, seq)| seq),
+        );
         if let Some(&seq) = batch
             .parked
             .iter()
             .map(|(seq, ..)| seq)
             .chain(&batch.unparked)
+            .chain(events)
+            .chain(calls)
             .find(|&&seq| i64::try_from(seq).is_err())
         {
             return Err(JournalError::SequenceOutOfRange(seq));
@@ -406,6 +476,7 @@ mod tests {
             seen_expired_before: Some(10),
             parked: vec![(1, b"p1".to_vec(), 1)],
             unparked: vec![2],
+            ..Batch::default()
         };
         let second = Batch {
             operations: vec![op("c", "2", 2), op("a", "2", 2)],
@@ -414,6 +485,7 @@ mod tests {
             seen_expired_before: Some(5),
             parked: vec![(2, b"p2".to_vec(), 2)],
             unparked: vec![1],
+            ..Batch::default()
         };
         first.merge(second);
         // "a" upserted twice (the later wins when applied in order), "b" upserted then removed,

@@ -15,6 +15,19 @@
 //! - `seen(event_id TEXT PRIMARY KEY, at_ms INTEGER) WITHOUT ROWID`, indexed on `at_ms` for
 //!   the expiry: small rows, looked up by their key only.
 //! - `parked(seq INTEGER PRIMARY KEY, body BLOB, at_ms INTEGER)`: `seq` is the rowid itself.
+//! - `events(operation TEXT, ordinal INTEGER, body BLOB, PRIMARY KEY (operation, ordinal))
+//!   WITHOUT ROWID`: an operation's events, one row each, written once as they arrive (the
+//!   operation's `body` lists none), so a callback's cost does not grow with the timeline.
+//!   `ordinal` is the caller's; a range of them is deleted when events are dropped from the
+//!   middle of a timeline, and all of an operation's with the operation. Written only along
+//!   with a snapshot at least as new as the stored one.
+//! - `call_events(call TEXT, seq INTEGER, body BLOB, PRIMARY KEY (call, seq)) WITHOUT ROWID`:
+//!   calls' timelines, append-only, trimmed from the front.
+//!
+//! Version 1 (before `events` and `call_events`) kept each operation's events inside its
+//! `body`; such a file is migrated at open, in the transaction that sets the version: each
+//! body's events become rows (ordinals 0, 1, ...: the caller renumbers at load what does not
+//! fit its bound) and the body is rewritten without them.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,14 +36,14 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use rusqlite::types::Type;
-use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
 use super::lock::StoreLock;
 use super::{Batch, JournalError, JournalStats, Loaded, SqliteOptions};
 
 /// The schema this build writes; a database with a higher `user_version` is refused.
-pub(super) const SCHEMA_VERSION: i64 = 1;
+pub(super) const SCHEMA_VERSION: i64 = 2;
 
 /// How long a statement waits for a lock held by another connection (another process on
 /// the same file, or a reader checkpointing) before failing.
@@ -55,12 +68,34 @@ CREATE TABLE IF NOT EXISTS parked (
     body BLOB NOT NULL,
     at_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS events (
+    operation TEXT NOT NULL,
+    ordinal INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (operation, ordinal)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS call_events (
+    call TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (call, seq)
+) WITHOUT ROWID;
 ";
 
 const UPSERT_OPERATION: &str = "INSERT INTO operations (id, body, revision) VALUES (?1, ?2, ?3) \
      ON CONFLICT (id) DO UPDATE SET body = excluded.body, revision = excluded.revision \
      WHERE excluded.revision >= operations.revision";
 const DELETE_OPERATION: &str = "DELETE FROM operations WHERE id = ?1";
+const SELECT_REVISION: &str = "SELECT revision FROM operations WHERE id = ?1";
+const INSERT_EVENT: &str =
+    "INSERT OR IGNORE INTO events (operation, ordinal, body) VALUES (?1, ?2, ?3)";
+const DELETE_EVENTS: &str = "DELETE FROM events WHERE operation = ?1";
+const DELETE_EVENT_RANGE: &str =
+    "DELETE FROM events WHERE operation = ?1 AND ordinal >= ?2 AND ordinal < ?3";
+const INSERT_CALL_EVENT: &str =
+    "INSERT OR IGNORE INTO call_events (call, seq, body) VALUES (?1, ?2, ?3)";
+const TRIM_CALL_EVENTS: &str = "DELETE FROM call_events WHERE call = ?1 AND seq < ?2";
+const RETIRE_CALL: &str = "DELETE FROM call_events WHERE call = ?1 AND seq <= ?2";
 const INSERT_SEEN: &str = "INSERT OR IGNORE INTO seen (event_id, at_ms) VALUES (?1, ?2)";
 const EXPIRE_SEEN: &str = "DELETE FROM seen WHERE at_ms < ?1";
 const UPSERT_PARKED: &str = "INSERT INTO parked (seq, body, at_ms) VALUES (?1, ?2, ?3) \
@@ -71,6 +106,9 @@ const COMMIT: &str = "COMMIT";
 const SELECT_OPERATIONS: &str = "SELECT id, body, revision FROM operations ORDER BY id";
 const SELECT_SEEN: &str = "SELECT event_id, at_ms FROM seen ORDER BY at_ms, event_id";
 const SELECT_PARKED: &str = "SELECT seq, body, at_ms FROM parked ORDER BY seq";
+const SELECT_EVENTS: &str =
+    "SELECT operation, ordinal, body FROM events ORDER BY operation, ordinal";
+const SELECT_CALL_EVENTS: &str = "SELECT call, seq, body FROM call_events ORDER BY call, seq";
 
 /// The handle's side of the writer thread.
 pub(super) struct Writer {
@@ -84,7 +122,8 @@ pub(super) struct Writer {
 
 enum Request {
     Write {
-        batch: Batch,
+        /// Boxed: a batch is large beside the other requests.
+        batch: Box<Batch>,
         reply: oneshot::Sender<Result<(), JournalError>>,
     },
     /// A std channel: `load` is a blocking call, possibly made inside a runtime, where a
@@ -155,7 +194,10 @@ impl Writer {
     pub(super) async fn write(&self, batch: Batch) -> Result<(), JournalError> {
         let (reply, answer) = oneshot::channel();
         self.requests
-            .send(Request::Write { batch, reply })
+            .send(Request::Write {
+                batch: Box::new(batch),
+                reply,
+            })
             .map_err(|_| JournalError::WriterStopped)?;
         answer.await.map_err(|_| JournalError::WriterStopped)?
     }
@@ -231,13 +273,52 @@ fn prepare(
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(open_error)?;
-    if check_version(&tx, path)? < SCHEMA_VERSION {
+    let found = check_version(&tx, path)?;
+    if found < SCHEMA_VERSION {
         tx.execute_batch(SCHEMA).map_err(open_error)?;
+        if found == 1 {
+            migrate_v1(&tx).map_err(|source| JournalError::Migrate {
+                path: path.to_owned(),
+                from: found,
+                source: Arc::new(source),
+            })?;
+        }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(open_error)?;
     }
     tx.commit().map_err(open_error)?;
     Ok(conn)
+}
+
+/// Version 1 to 2: every operation's events move from its body to `events` rows. A body
+/// that is not a JSON object with an `events` array is left as it is (the load reports it).
+fn migrate_v1(tx: &Connection) -> rusqlite::Result<()> {
+    let bodies = tx
+        .prepare("SELECT id, body FROM operations")?
+        .query_map([], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, Vec<u8>>(1)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut insert = tx.prepare(INSERT_EVENT)?;
+    let mut update = tx.prepare("UPDATE operations SET body = ?2 WHERE id = ?1")?;
+    let to_json = |value: &serde_json::Value| {
+        serde_json::to_vec(value).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+    };
+    for (id, body) in bodies {
+        let Ok(serde_json::Value::Object(mut fields)) = serde_json::from_slice(&body) else {
+            continue;
+        };
+        let Some(serde_json::Value::Array(events)) =
+            fields.insert("events".to_owned(), serde_json::Value::Array(Vec::new()))
+        else {
+            continue;
+        };
+        for (ordinal, event) in (0_i64..).zip(&events) {
+            insert.execute(params![id, ordinal, to_json(event)?])?;
+        }
+        update.execute(params![id, to_json(&serde_json::Value::Object(fields))?])?;
+    }
+    Ok(())
 }
 
 /// The database's schema version, refusing a newer one than this build knows.
@@ -260,7 +341,7 @@ fn check_version(conn: &Connection, path: &Path) -> Result<i64, JournalError> {
 
 /// A batch waiting for its transaction.
 struct Pending {
-    batch: Batch,
+    batch: Box<Batch>,
     reply: oneshot::Sender<Result<(), JournalError>>,
 }
 
@@ -376,10 +457,37 @@ fn apply(tx: &Connection, batch: &Batch) -> rusqlite::Result<()> {
             upsert.execute(params![id, body, revision])?;
         }
     }
+    for events in &batch.events {
+        let stored: Option<i64> = tx
+            .prepare_cached(SELECT_REVISION)?
+            .query_row([&events.operation], |row| row.get(0))
+            .optional()?;
+        // No snapshot (removed), or a newer one: a later commit has these events.
+        if stored.is_none_or(|stored| stored > events.revision) {
+            continue;
+        }
+        if events.replace {
+            tx.prepare_cached(DELETE_EVENTS)?
+                .execute([&events.operation])?;
+        }
+        let mut insert = tx.prepare_cached(INSERT_EVENT)?;
+        for (ordinal, body) in &events.added {
+            insert.execute(params![events.operation, sequence(*ordinal)?, body])?;
+        }
+        if let Some((from, to)) = events.evicted {
+            tx.prepare_cached(DELETE_EVENT_RANGE)?.execute(params![
+                events.operation,
+                sequence(from)?,
+                sequence(to)?
+            ])?;
+        }
+    }
     if !batch.removed_operations.is_empty() {
         let mut delete = tx.prepare_cached(DELETE_OPERATION)?;
+        let mut delete_events = tx.prepare_cached(DELETE_EVENTS)?;
         for id in &batch.removed_operations {
             delete.execute([id])?;
+            delete_events.execute([id])?;
         }
     }
     if !batch.seen.is_empty() {
@@ -403,7 +511,32 @@ fn apply(tx: &Connection, batch: &Batch) -> rusqlite::Result<()> {
             delete.execute([sequence(*seq)?])?;
         }
     }
+    if !batch.call_events.is_empty() {
+        let mut insert = tx.prepare_cached(INSERT_CALL_EVENT)?;
+        for (call, seq, body) in &batch.call_events {
+            insert.execute(params![call, sequence(*seq)?, body])?;
+        }
+    }
+    if !batch.call_events_kept_from.is_empty() {
+        let mut trim = tx.prepare_cached(TRIM_CALL_EVENTS)?;
+        for (call, seq) in &batch.call_events_kept_from {
+            trim.execute(params![call, sequence(*seq)?])?;
+        }
+    }
+    if !batch.retired_calls.is_empty() {
+        let mut retire = tx.prepare_cached(RETIRE_CALL)?;
+        for (call, seq) in &batch.retired_calls {
+            retire.execute(params![call, sequence(*seq)?])?;
+        }
+    }
     Ok(())
+}
+
+/// A stored sequence number or ordinal, which `sequence` wrote.
+fn unsigned(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<u64> {
+    let value: i64 = row.get(index)?;
+    u64::try_from(value)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(index, Type::Integer, Box::new(e)))
 }
 
 /// A sequence number as SQLite stores it (`Journal::write` refuses larger ones up front).
@@ -424,19 +557,23 @@ fn load(conn: &mut Connection) -> rusqlite::Result<Loaded> {
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let parked = tx
         .prepare_cached(SELECT_PARKED)?
-        .query_map([], |row| {
-            let seq: i64 = row.get(0)?;
-            let seq = u64::try_from(seq).map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(0, Type::Integer, Box::new(e))
-            })?;
-            Ok((seq, row.get(1)?, row.get(2)?))
-        })?
+        .query_map([], |row| Ok((unsigned(row, 0)?, row.get(1)?, row.get(2)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let events = tx
+        .prepare_cached(SELECT_EVENTS)?
+        .query_map([], |row| Ok((row.get(0)?, unsigned(row, 1)?, row.get(2)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let call_events = tx
+        .prepare_cached(SELECT_CALL_EVENTS)?
+        .query_map([], |row| Ok((row.get(0)?, unsigned(row, 1)?, row.get(2)?)))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     tx.commit()?;
     Ok(Loaded {
         operations,
         seen,
         parked,
+        events,
+        call_events,
     })
 }
 
@@ -445,7 +582,7 @@ mod tests {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
 
-    use super::super::{Backend, Journal};
+    use super::super::{Backend, Journal, OperationEvents};
     use super::*;
 
     fn temp_dir() -> tempfile::TempDir {
@@ -546,12 +683,113 @@ mod tests {
             ],
             seen: vec![("e5".to_owned(), 10), ("e3".to_owned(), 300)],
             parked: vec![(1, b"p1".to_vec(), 10), (3, b"p3-again".to_vec(), 30)],
+            ..Loaded::default()
         };
         let reopened = open(&path);
         assert_eq!(reopened.load().expect("load after reopening"), expected);
         // Loading again gives the same.
         assert_eq!(reopened.load().expect("second load"), expected);
         reopened.close().await;
+    }
+
+    fn events(
+        operation: &str,
+        revision: i64,
+        added: &[u64],
+        evicted: Option<(u64, u64)>,
+    ) -> OperationEvents {
+        OperationEvents {
+            operation: operation.to_owned(),
+            revision,
+            replace: false,
+            added: added
+                .iter()
+                .map(|n| (*n, format!("e{n}").into_bytes()))
+                .collect(),
+            evicted,
+        }
+    }
+
+    /// Events are written with a snapshot at least as new as the stored one, once; a range
+    /// is forgotten; an operation's removal takes them along; call events are trimmed and
+    /// retired by sequence number.
+    #[tokio::test]
+    async fn events_go_with_their_snapshot_and_leave_with_their_operation() {
+        let dir = temp_dir();
+        let path = dir.path().join("journal.db");
+        let journal = open(&path);
+        let loaded_events = |journal: &Journal| -> Vec<(String, u64)> {
+            let loaded = journal.load().expect("load");
+            loaded
+                .events
+                .into_iter()
+                .map(|(op, n, _)| (op, n))
+                .collect()
+        };
+        journal
+            .write(Batch {
+                operations: vec![op("a", "{}", 5), op("b", "{}", 1)],
+                events: vec![
+                    events("a", 5, &[0, 1, 2, 3], None),
+                    events("b", 1, &[0], None),
+                ],
+                ..Batch::default()
+            })
+            .await
+            .expect("write");
+        // A stale commit (revision 4) lands late: neither its snapshot nor its events count.
+        journal
+            .write(Batch {
+                operations: vec![op("a", "{}", 4)],
+                events: vec![events("a", 4, &[9], Some((0, 4)))],
+                ..Batch::default()
+            })
+            .await
+            .expect("write");
+        // Written again (harmless), one more, and 1..3 dropped from the middle.
+        journal
+            .write(Batch {
+                operations: vec![op("a", "{}", 6)],
+                events: vec![events("a", 6, &[3, 4], Some((1, 3)))],
+                ..Batch::default()
+            })
+            .await
+            .expect("write");
+        let expected = [("a", 0), ("a", 3), ("a", 4), ("b", 0)];
+        let expected: Vec<(String, u64)> = expected
+            .iter()
+            .map(|(op, n)| ((*op).to_owned(), *n))
+            .collect();
+        assert_eq!(loaded_events(&journal), expected);
+        // Events of an operation not stored (removed) are not written.
+        journal
+            .write(Batch {
+                removed_operations: vec!["b".to_owned()],
+                events: vec![events("gone", 1, &[0], None)],
+                call_events: vec![
+                    ("acs:c".to_owned(), 3, b"c3".to_vec()),
+                    ("acs:c".to_owned(), 4, b"c4".to_vec()),
+                    ("acs:c".to_owned(), 5, b"c5".to_vec()),
+                    ("acs:d".to_owned(), 6, b"d6".to_vec()),
+                ],
+                call_events_kept_from: vec![("acs:c".to_owned(), 4)],
+                ..Batch::default()
+            })
+            .await
+            .expect("write");
+        assert_eq!(loaded_events(&journal), expected[..3].to_vec());
+        journal
+            .write(Batch {
+                retired_calls: vec![("acs:d".to_owned(), 6), ("acs:c".to_owned(), 4)],
+                ..Batch::default()
+            })
+            .await
+            .expect("write");
+        assert_eq!(
+            journal.load().expect("load").call_events,
+            vec![("acs:c".to_owned(), 5, b"c5".to_vec())]
+        );
+        journal.close().await;
     }
 
     #[tokio::test]
@@ -888,15 +1126,15 @@ mod tests {
             matches!(
                 error,
                 JournalError::NewerSchema {
-                    found: 2,
-                    supported: 1,
+                    found: 3,
+                    supported: 2,
                     ..
                 }
             ),
             "{error:?}"
         );
         let message = error.to_string();
-        assert!(message.contains("schema version 2"), "{message}");
+        assert!(message.contains("schema version 3"), "{message}");
         assert!(message.contains("refusing to open it"), "{message}");
         assert!(message.contains(&path.display().to_string()), "{message}");
     }

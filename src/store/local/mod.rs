@@ -87,7 +87,7 @@ impl LocalStore {
         .await
         .context("opening the store")?
         .with_context(|| format!("opening the store at {} (CALLOPS_STORE)", path.display()))?;
-        let restored = restored(loaded);
+        let restored = restored(loaded, config.operations.event_bound());
         tracing::info!(
             store.path = %path.display(),
             operations = restored.operations.len(),
@@ -102,8 +102,14 @@ impl LocalStore {
             .filter(|operation| operation.pending.is_some())
             .cloned()
             .collect();
+        let renumbered: Vec<OperationId> = restored
+            .operations
+            .iter()
+            .filter(|operation| operation.events_written < operation.events_total())
+            .map(|operation| operation.id)
+            .collect();
         let store = OperationStore::new(&config.operations);
-        let unparked = store.restore(
+        let report = store.restore(
             restored,
             tokio::time::Instant::now(),
             OffsetDateTime::now_utc(),
@@ -120,13 +126,19 @@ impl LocalStore {
             })
             .collect();
         *local.unsent.lock().unwrap_or_else(PoisonError::into_inner) = unsent;
-        // Parked events that expired while callops was down, or were applied at load.
+        // Parked events that expired while callops was down (now on their calls' timelines),
+        // or were applied at load; events stored under another numbering.
         let mut changes = local.recorder.changes();
-        changes.unparked(unparked.iter().map(|id| Some(id.as_str())));
+        changes.unparked(report.unparked.iter().map(|id| Some(id.as_str())));
+        changes.replace_events(renumbered);
+        for added in &report.swept.call_events {
+            changes.call_event(&added.call, added.seq, added.kept_from, &added.record);
+        }
         local
             .commit(changes)
             .await
             .context("cleaning up the store")?;
+        report_sweep(&report.swept, &local.metrics);
         Ok(local)
     }
 
@@ -345,13 +357,17 @@ impl LocalStore {
         }
     }
 
-    /// What a sweep changed: timed-out operations, retired ones, expired parked events, and
-    /// event ids past the dedupe window.
+    /// What a sweep changed: timed-out operations, retired ones, expired parked events (now
+    /// call events), retired call timelines, and event ids past the dedupe window.
     fn sweep_changes(&self, report: &SweepReport, seen_before: OffsetDateTime) -> Changes {
         let mut changes = self.recorder.changes();
         changes.operations(report.timed_out.iter().copied());
         changes.removed(report.removed_operations.iter().copied());
         changes.unparked(report.expired.iter().map(|event| event.id.as_deref()));
+        for added in &report.call_events {
+            changes.call_event(&added.call, added.seq, added.kept_from, &added.record);
+        }
+        changes.retired_calls(&report.retired_calls);
         changes.seen_expired_before(seen_before);
         changes
     }

@@ -1,13 +1,14 @@
 //! The bridge between the in-memory store (the hot index) and the journal (the durable
 //! record): it turns what a request changed into one journal batch (operation snapshots
-//! with their revisions, event ids seen, parked events), and the journal's contents back
+//! with their revisions but without their events, the events that arrived since the last
+//! commit, event ids seen, parked events, call events), and the journal's contents back
 //! into a store at start.
 //!
 //! Callers collect a [`Changes`] while they work on the store, then [`Recorder::commit`]
 //! it and answer only once that returned: an operation is durable before its 202, a
 //! callback before its 2xx. With the memory store, nothing is collected or written.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -17,8 +18,8 @@ use time::OffsetDateTime;
 
 use crate::correlation::IncomingEvent;
 use crate::metrics::Metrics;
-use crate::operation::{Operation, OperationId};
-use crate::store::journal::{Batch, Journal, JournalError, Loaded};
+use crate::operation::{CallRef, EventBound, EventRecord, Operation, OperationId};
+use crate::store::journal::{Batch, Journal, JournalError, Loaded, OperationEvents};
 use crate::store::tracker::{Noted, OperationStore, Restored};
 
 /// Writes changes to the journal (or nowhere, for the memory store).
@@ -64,11 +65,16 @@ pub struct Changes {
     durable: bool,
     ids_on_operations: bool,
     operations: BTreeSet<OperationId>,
+    /// Operations whose stored events are all written again (renumbered at start).
+    replace_events: BTreeSet<OperationId>,
     removed: Vec<OperationId>,
     seen: Vec<(String, i64)>,
     parked: Vec<(u64, Vec<u8>, i64)>,
     unparked: Vec<u64>,
     seen_expired_before: Option<i64>,
+    call_events: Vec<(String, u64, Vec<u8>)>,
+    call_events_kept_from: Vec<(String, u64)>,
+    retired_calls: Vec<(String, u64)>,
 }
 
 impl Changes {
@@ -83,6 +89,44 @@ impl Changes {
     pub fn operations(&mut self, ids: impl IntoIterator<Item = OperationId>) {
         if self.durable {
             self.operations.extend(ids);
+        }
+    }
+
+    /// Operations whose stored events do not match their timeline (written under another
+    /// bound, or unreadable): all their events are written again, and no others kept.
+    pub fn replace_events(&mut self, ids: impl IntoIterator<Item = OperationId>) {
+        if self.durable {
+            for id in ids {
+                self.operations.insert(id);
+                self.replace_events.insert(id);
+            }
+        }
+    }
+
+    /// An event was added to `call`'s timeline as `seq`, which now keeps the events from
+    /// `kept_from` on.
+    pub fn call_event(&mut self, call: &CallRef, seq: u64, kept_from: u64, record: &EventRecord) {
+        if !self.durable {
+            return;
+        }
+        match serde_json::to_vec(record) {
+            Ok(json) => {
+                let key = call_key(call);
+                self.call_events_kept_from.push((key.clone(), kept_from));
+                self.call_events.push((key, seq, json));
+            }
+            Err(error) => tracing::error!(%error, "a call event could not be serialized"),
+        }
+    }
+
+    /// Calls' idle timelines were dropped, each with the last sequence number it used.
+    pub fn retired_calls<'a>(&mut self, calls: impl IntoIterator<Item = &'a (CallRef, u64)>) {
+        if self.durable {
+            self.retired_calls.extend(
+                calls
+                    .into_iter()
+                    .map(|(call, last)| (call_key(call), *last)),
+            );
         }
     }
 
@@ -134,12 +178,18 @@ impl Changes {
         }
     }
 
-    /// What the store handed over while it worked: a parked event to keep, or an event
+    /// What the store handed over while it worked: a parked event to keep, an event
     /// dropped from a bounded timeline (its id is then remembered on its own, and no
-    /// longer parked if it was).
+    /// longer parked if it was), or an event added to a call's timeline.
     pub fn noted(&mut self, noted: Noted<'_>) {
         match noted {
             Noted::Parked(event) => self.parked(event),
+            Noted::CallEvent {
+                call,
+                seq,
+                kept_from,
+                record,
+            } => self.call_event(call, seq, kept_from, record),
             Noted::Evicted { record, .. } => {
                 if let Some(id) = record.id {
                     self.unparked([Some(id.as_str())]);
@@ -237,28 +287,40 @@ impl Recorder {
             Vec::new()
         };
         changes.operations.extend(retried.iter().copied());
-        let mut written_revisions = Vec::with_capacity(changes.operations.len());
         let mut batch = Batch {
             removed_operations: changes.removed.iter().map(ToString::to_string).collect(),
             seen: changes.seen,
             seen_expired_before: changes.seen_expired_before,
             parked: changes.parked,
             unparked: changes.unparked,
+            call_events: changes.call_events,
+            call_events_kept_from: changes.call_events_kept_from,
+            retired_calls: changes.retired_calls,
             ..Batch::default()
         };
         batch.operations.reserve_exact(changes.operations.len());
+        let bound = store.event_bound();
+        // (operation, revision, events total) to note as durable once committed.
+        let mut written = Vec::with_capacity(changes.operations.len());
         for id in changes.operations {
             // Serialized under the entry's read lock: no copy of the operation.
             let capacity = (self.snapshot_size.load(Ordering::Relaxed) + SNAPSHOT_SLACK)
                 .max(MIN_SNAPSHOT_CAPACITY);
+            let replace = changes.replace_events.contains(&id);
             let snapshot = store.read(id, |operation| {
                 let mut json = Vec::with_capacity(capacity);
-                serde_json::to_writer(&mut json, operation).map(|()| (json, revision(operation)))
+                serde_json::to_writer(&mut json, &operation.without_events())?;
+                let events = new_events(operation, bound, replace)?;
+                Ok::<_, serde_json::Error>((json, revision(operation), events))
             });
             match snapshot {
-                Some(Ok((json, revision))) => {
+                Some(Ok((json, revision, events))) => {
                     self.snapshot_size.store(json.len(), Ordering::Relaxed);
-                    written_revisions.push((id, revision));
+                    let events_total = events.map(|(events, total)| {
+                        batch.events.push(OperationEvents { revision, ..events });
+                        total
+                    });
+                    written.push((id, revision, events_total));
                     batch.operations.push((id.to_string(), json, revision));
                 }
                 Some(Err(error)) => {
@@ -271,12 +333,13 @@ impl Recorder {
             return Ok(());
         }
         let (records, started) = (batch.len(), std::time::Instant::now());
-        let written = self.journal.write(batch).await;
+        let result = self.journal.write(batch).await;
         self.metrics.store_commit(records, started.elapsed());
-        match &written {
+        match &result {
             Ok(()) => {
-                for (id, revision) in written_revisions {
-                    store.mark_durable(id, u64::try_from(revision).unwrap_or_default());
+                for (id, revision, events_total) in written {
+                    let revision = u64::try_from(revision).unwrap_or_default();
+                    store.mark_durable(id, revision, events_total);
                 }
                 if !retried.is_empty() {
                     let mut unwritten = self.unwritten.ids();
@@ -290,22 +353,104 @@ impl Recorder {
             }
             Err(_) => {
                 let mut unwritten = self.unwritten.ids();
-                unwritten.extend(written_revisions.into_iter().map(|(id, _)| id));
+                unwritten.extend(written.into_iter().map(|(id, _, _)| id));
                 self.unwritten.any.store(true, Ordering::Release);
             }
         }
-        written
+        result
+    }
+}
+
+/// The events of `operation` the journal does not have yet (all of them when `replace`),
+/// with the range of those dropped from the middle, and the events total they bring the
+/// record to; `None` when there are none.
+fn new_events(
+    operation: &Operation,
+    bound: EventBound,
+    replace: bool,
+) -> serde_json::Result<Option<(OperationEvents, u64)>> {
+    let written = if replace { 0 } else { operation.events_written };
+    let total = operation.events_total();
+    if total <= written && !replace {
+        return Ok(None);
+    }
+    let mut added = Vec::new();
+    for (index, event) in operation.events.iter().enumerate().rev() {
+        let ordinal = operation.event_ordinal(index, bound);
+        if ordinal < written {
+            break;
+        }
+        added.push((ordinal, serde_json::to_vec(event)?));
+    }
+    added.reverse();
+    let first = bound.first as u64;
+    let evicted = (operation.events_omitted > 0).then(|| (first, first + operation.events_omitted));
+    let events = OperationEvents {
+        operation: operation.id.to_string(),
+        revision: 0,
+        replace,
+        added,
+        evicted,
+    };
+    Ok(Some((events, total)))
+}
+
+/// A call as the journal names it.
+fn call_key(call: &CallRef) -> String {
+    match call {
+        CallRef::CallConnection(id) => format!("acs:{id}"),
+        CallRef::Call(id) => format!("graph:{id}"),
+    }
+}
+
+fn call_of_key(key: &str) -> Option<CallRef> {
+    if let Some(id) = key.strip_prefix("acs:") {
+        Some(CallRef::CallConnection(id.to_owned()))
+    } else {
+        key.strip_prefix("graph:")
+            .map(|id| CallRef::Call(id.to_owned()))
     }
 }
 
 /// The journal's contents as the store takes them; unreadable rows are logged and skipped.
-pub fn restored(loaded: Loaded) -> Restored {
+///
+/// Each operation gets its events back in order. One whose stored ordinals are not those
+/// its timeline has under `bound` (written under another bound, by schema version 1, or
+/// with an unreadable event) is restored with `events_written` below its events total:
+/// the caller has its events written again ([`Changes::replace_events`]).
+pub fn restored(loaded: Loaded, bound: EventBound) -> Restored {
     let mut restored = Restored::default();
+    let mut events = loaded.events.into_iter().peekable();
     for (id, json, revision) in loaded.operations {
+        // Both are in id order; rows of an operation that is not stored are skipped.
+        while events.next_if(|(of, ..)| *of < id).is_some() {}
+        let mut rows = Vec::new();
+        while let Some((_, ordinal, body)) = events.next_if(|(of, ..)| *of == id) {
+            rows.push((ordinal, body));
+        }
         match serde_json::from_slice::<Operation>(&json) {
             Ok(mut operation) => {
                 operation.revision = u64::try_from(revision).unwrap_or_default();
                 operation.durable = operation.revision + 1;
+                let mut numbered = true;
+                for (ordinal, body) in rows {
+                    match serde_json::from_slice::<EventRecord>(&body) {
+                        Ok(event) => {
+                            let index = operation.events.len();
+                            numbered &= operation.event_ordinal(index, bound) == ordinal;
+                            operation.events.push(event);
+                        }
+                        Err(error) => {
+                            numbered = false;
+                            tracing::error!(operation.id = %id, %error, "a stored event could not be read; skipped");
+                        }
+                    }
+                }
+                operation.events_written = if numbered {
+                    operation.events_total()
+                } else {
+                    0
+                };
                 restored.operations.push(operation);
             }
             Err(error) => {
@@ -339,6 +484,28 @@ pub fn restored(loaded: Loaded) -> Restored {
     // Arrival order.
     parked.sort_by_key(|(event, _)| event.received);
     restored.parked = parked;
+    let mut calls: BTreeMap<String, Vec<(u64, EventRecord)>> = BTreeMap::new();
+    for (key, seq, json) in loaded.call_events {
+        match serde_json::from_slice::<EventRecord>(&json) {
+            Ok(event) => calls.entry(key).or_default().push((seq, event)),
+            Err(error) => {
+                tracing::error!(call = key, %error, "a stored call event could not be read; skipped")
+            }
+        }
+    }
+    restored.call_events = calls
+        .into_iter()
+        .filter_map(|(key, events)| match call_of_key(&key) {
+            Some(call) => Some((call, events)),
+            None => {
+                tracing::error!(
+                    call = key,
+                    "stored call events name no known platform; skipped"
+                );
+                None
+            }
+        })
+        .collect();
     restored
 }
 
@@ -375,9 +542,67 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
+    use crate::config::OperationsConfig;
     use crate::correlation::Delivery;
     use crate::operation::{CallRef, OperationKind, OperationStatus, Transition};
     use crate::store::journal::SqliteOptions;
+
+    /// Commits without waiting for the disk: these tests commit thousands of times.
+    const FAST: SqliteOptions = SqliteOptions {
+        max_batch_records: 4096,
+        synchronous_full: false,
+    };
+
+    /// Delivers `events` and commits what they changed, as the local store does.
+    async fn deliver(store: &OperationStore, recorder: &Recorder, events: Vec<IncomingEvent>) {
+        let mut changes = recorder.changes();
+        for event in events {
+            let delivery =
+                store.deliver_noting(event, Instant::now(), &mut |noted| changes.noted(noted));
+            if let Delivery::Matched { id, .. } | Delivery::Observed { id } = delivery {
+                changes.operation(id);
+            }
+        }
+        recorder.commit(store, changes).await.unwrap();
+    }
+
+    /// A store restored from the journal at `path` as `open_sqlite` does it (events stored
+    /// under another numbering written again), with its recorder.
+    async fn reopen(
+        path: &std::path::Path,
+        config: &OperationsConfig,
+    ) -> (OperationStore, Recorder) {
+        let journal = Journal::open_sqlite(path, FAST).unwrap();
+        let restored = restored(journal.load().unwrap(), config.event_bound());
+        let renumbered: Vec<OperationId> = restored
+            .operations
+            .iter()
+            .filter(|op| op.events_written < op.events_total())
+            .map(|op| op.id)
+            .collect();
+        let store = OperationStore::new(config);
+        store.restore(restored, Instant::now(), OffsetDateTime::now_utc());
+        let recorder = Recorder::durable(journal);
+        let mut changes = recorder.changes();
+        changes.replace_events(renumbered);
+        recorder.commit(&store, changes).await.unwrap();
+        (store, recorder)
+    }
+
+    fn count(path: &std::path::Path, sql: &str) -> i64 {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        conn.query_row(sql, [], |row| row.get(0)).unwrap()
+    }
+
+    fn call_event(id: &str, call: &str, received: OffsetDateTime) -> IncomingEvent {
+        IncomingEvent {
+            context: None,
+            event_type: "Microsoft.Communication.CallConnected".to_owned(),
+            kind: OperationKind::Observed("call".into()),
+            transition: None,
+            ..event(id, call, "", received)
+        }
+    }
 
     fn removal(call: &str, context: &str, now: OffsetDateTime) -> Operation {
         Operation::new(
@@ -432,7 +657,7 @@ mod tests {
                 .unwrap();
             assert_eq!(loaded.seen.len(), rows, "retention {retention}");
             let fresh = OperationStore::new(&config);
-            fresh.restore(restored(loaded), Instant::now(), now);
+            fresh.restore(restored(loaded, config.event_bound()), Instant::now(), now);
             assert_eq!(
                 fresh.deliver(event("e1", "c1", "ctx", now), Instant::now()),
                 Delivery::Duplicate,
@@ -468,7 +693,7 @@ mod tests {
         journal.close().await;
 
         let reopened = Journal::open_sqlite(&path, SqliteOptions::default()).unwrap();
-        let restored = restored(reopened.load().unwrap());
+        let restored = restored(reopened.load().unwrap(), config.event_bound());
         assert_eq!(restored.operations.len(), 1);
         assert_eq!(restored.operations[0], store.get(created.id).unwrap());
         assert_eq!(restored.operations[0].status, OperationStatus::Succeeded);
@@ -480,7 +705,12 @@ mod tests {
 
         // Applying the parked event at creation unparks it in the record.
         let fresh = OperationStore::new(&config);
-        assert!(fresh.restore(restored, Instant::now(), now).is_empty());
+        assert!(
+            fresh
+                .restore(restored, Instant::now(), now)
+                .unparked
+                .is_empty()
+        );
         let second = fresh.create(removal("c2", "early", now)).unwrap();
         assert_eq!(second.status, OperationStatus::Succeeded);
         let recorder = Recorder::durable(reopened.clone());
@@ -490,6 +720,249 @@ mod tests {
         recorder.commit(&fresh, changes).await.unwrap();
         assert!(reopened.load().unwrap().parked.is_empty());
         reopened.close().await;
+    }
+
+    /// Each event is written once, as it arrives; those dropped from the middle of the
+    /// timeline are deleted; a restart gives back the same operation and call events, and
+    /// carries on numbering where the record left off.
+    #[tokio::test]
+    async fn events_are_appended_and_a_restart_gives_back_the_same_timelines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("callops.db");
+        let config = Config::embedded().operations;
+        let bound = config.event_bound();
+        let recorder = Recorder::durable(Journal::open_sqlite(&path, FAST).unwrap());
+        let store = OperationStore::new(&config);
+        let now = OffsetDateTime::now_utc();
+        let created = store.create(removal("c1", "ctx", now)).unwrap();
+        let mut changes = recorder.changes();
+        changes.operation(created.id);
+        recorder.commit(&store, changes).await.unwrap();
+        for n in 0..70 {
+            deliver(
+                &store,
+                &recorder,
+                vec![event(&format!("e{n}"), "c1", "ctx", now)],
+            )
+            .await;
+        }
+        // Several events in one commit, one of them for the call alone.
+        let mut events: Vec<_> = (70..75)
+            .map(|n| event(&format!("e{n}"), "c1", "ctx", now))
+            .collect();
+        events.push(call_event("call-1", "c1", now));
+        deliver(&store, &recorder, events).await;
+        let call = CallRef::CallConnection("c1".to_owned());
+        let before = store.get(created.id).unwrap();
+        assert_eq!(before.events_omitted, 75 - bound.kept() as u64);
+        assert_eq!(
+            count(&path, "SELECT count(*) FROM events"),
+            bound.kept() as i64
+        );
+        assert_eq!(count(&path, "SELECT count(*) FROM call_events"), 1);
+        recorder.journal().close().await;
+
+        let (after, recorder) = reopen(&path, &config).await;
+        assert_eq!(after.get(created.id).as_ref(), Some(&before));
+        assert_eq!(after.call_events(&call), store.call_events(&call));
+        // And again after more events, on the restored store.
+        for n in 75..80 {
+            deliver(
+                &after,
+                &recorder,
+                vec![event(&format!("e{n}"), "c1", "ctx", now)],
+            )
+            .await;
+        }
+        deliver(&after, &recorder, vec![call_event("call-2", "c1", now)]).await;
+        let before = after.get(created.id).unwrap();
+        recorder.journal().close().await;
+        let (again, recorder) = reopen(&path, &config).await;
+        let restored = again.get(created.id).unwrap();
+        assert_eq!(restored, before);
+        let ids = |op: &Operation| -> Vec<String> {
+            op.events.iter().filter_map(|e| e.id.clone()).collect()
+        };
+        let expected: Vec<String> = (0..bound.first)
+            .chain(80 - bound.last..80)
+            .map(|n| format!("e{n}"))
+            .collect();
+        assert_eq!(ids(&restored), expected);
+        let on_call: Vec<_> = again.call_events(&call).unwrap();
+        assert_eq!(on_call.len(), 2);
+        assert_eq!(on_call[1].id.as_deref(), Some("call-2"));
+        // The body lists no events.
+        let body = recorder.journal().load().unwrap().operations[0].1.clone();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["events"], serde_json::json!([]));
+        recorder.journal().close().await;
+    }
+
+    /// A timeline written under one bound and restored under another is renumbered, and
+    /// carries on from there, through further restarts.
+    #[tokio::test]
+    async fn events_written_under_another_bound_are_renumbered() {
+        for (first, last) in [(5, 20), (20, 60), (0, 1)] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("callops.db");
+            let config = Config::embedded().operations;
+            let recorder = Recorder::durable(Journal::open_sqlite(&path, FAST).unwrap());
+            let store = OperationStore::new(&config);
+            let now = OffsetDateTime::now_utc();
+            let created = store.create(removal("c1", "ctx", now)).unwrap();
+            for n in 0..60 {
+                deliver(
+                    &store,
+                    &recorder,
+                    vec![event(&format!("e{n}"), "c1", "ctx", now)],
+                )
+                .await;
+            }
+            let before = store.get(created.id).unwrap();
+            recorder.journal().close().await;
+
+            let mut other = config.clone();
+            other.events_first = first;
+            other.events_last = last;
+            let (after, recorder) = reopen(&path, &other).await;
+            assert_eq!(
+                after.get(created.id).as_ref(),
+                Some(&before),
+                "{first}/{last}"
+            );
+            for n in 60..130 {
+                deliver(
+                    &after,
+                    &recorder,
+                    vec![event(&format!("e{n}"), "c1", "ctx", now)],
+                )
+                .await;
+            }
+            let before = after.get(created.id).unwrap();
+            recorder.journal().close().await;
+            let (again, recorder) = reopen(&path, &other).await;
+            assert_eq!(again.get(created.id), Some(before), "{first}/{last}");
+            recorder.journal().close().await;
+        }
+    }
+
+    /// A file written by schema version 1 (events inside the operation's body, no events
+    /// tables) is migrated at open, and gives back everything it held.
+    #[tokio::test]
+    async fn a_version_1_file_is_migrated_at_open() {
+        const V1_SCHEMA: &str = "
+            CREATE TABLE operations (id TEXT PRIMARY KEY, body BLOB NOT NULL, revision INTEGER NOT NULL);
+            CREATE TABLE seen (event_id TEXT PRIMARY KEY, at_ms INTEGER NOT NULL) WITHOUT ROWID;
+            CREATE INDEX seen_at_ms ON seen (at_ms);
+            CREATE TABLE parked (seq INTEGER PRIMARY KEY, body BLOB NOT NULL, at_ms INTEGER NOT NULL);
+            PRAGMA user_version = 1;
+        ";
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("callops.db");
+        let config = Config::embedded().operations;
+        // Operations as version 1 kept them: one with a few events, one with a timeline
+        // that dropped events from its middle.
+        let store = OperationStore::new(&config);
+        let now = OffsetDateTime::now_utc();
+        let few = store.create(removal("c1", "few", now)).unwrap();
+        let many = store.create(removal("c1", "many", now)).unwrap();
+        for n in 0..3 {
+            store.deliver(event(&format!("f{n}"), "c1", "few", now), Instant::now());
+        }
+        for n in 0..80 {
+            store.deliver(event(&format!("m{n}"), "c1", "many", now), Instant::now());
+        }
+        let early = event("p1", "c2", "early", now);
+        {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            conn.execute_batch(V1_SCHEMA).unwrap();
+            for id in [few.id, many.id] {
+                let op = store.get(id).unwrap();
+                conn.execute(
+                    "INSERT INTO operations (id, body, revision) VALUES (?1, ?2, ?3)",
+                    rusqlite::params![
+                        id.to_string(),
+                        serde_json::to_vec(&op).unwrap(),
+                        revision(&op)
+                    ],
+                )
+                .unwrap();
+            }
+            conn.execute(
+                "INSERT INTO seen (event_id, at_ms) VALUES ('p1', ?1)",
+                [unix_ms(now)],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO parked (seq, body, at_ms) VALUES (?1, ?2, ?3)",
+                rusqlite::params![
+                    parked_key(&early).unwrap() as i64,
+                    serde_json::to_vec(&early).unwrap(),
+                    unix_ms(now)
+                ],
+            )
+            .unwrap();
+        }
+
+        let (after, recorder) = reopen(&path, &config).await;
+        for id in [few.id, many.id] {
+            let mut expected = store.get(id).unwrap();
+            expected.events_written = expected.events_total();
+            assert_eq!(after.get(id), Some(expected));
+        }
+        assert_eq!(after.stats().parked, 1);
+        assert_eq!(
+            after.deliver(event("f1", "c1", "few", now), Instant::now()),
+            Delivery::Duplicate
+        );
+        assert_eq!(count(&path, "PRAGMA user_version"), 2);
+        assert_eq!(count(&path, "SELECT count(*) FROM events"), 3 + 50);
+        recorder.journal().close().await;
+        // And once more, now as version 2.
+        let (again, recorder) = reopen(&path, &config).await;
+        assert_eq!(again.get(many.id), after.get(many.id));
+        recorder.journal().close().await;
+    }
+
+    /// The cost of a callback does not grow with its operation's history: after 10 000
+    /// events the operation's row is as small as after the first few, and the events table
+    /// holds only the first and last events.
+    #[tokio::test]
+    async fn ten_thousand_events_on_one_operation_keep_its_row_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("callops.db");
+        let config = Config::embedded().operations;
+        let bound = config.event_bound();
+        let recorder = Recorder::durable(Journal::open_sqlite(&path, FAST).unwrap());
+        let store = OperationStore::new(&config);
+        let now = OffsetDateTime::now_utc();
+        let created = store.create(removal("c1", "ctx", now)).unwrap();
+        let body_size = || count(&path, "SELECT length(body) FROM operations");
+        let mut sizes = Vec::new();
+        for n in 0..10_000 {
+            deliver(
+                &store,
+                &recorder,
+                vec![event(&format!("e{n}"), "c1", "ctx", now)],
+            )
+            .await;
+            if [0, 99, 9_999].contains(&n) {
+                sizes.push(body_size());
+            }
+        }
+        // The size differs only by the digits of `eventsOmitted`.
+        assert!(sizes.iter().all(|size| *size < 600), "{sizes:?}");
+        assert!(sizes[2] - sizes[0] <= 24, "{sizes:?}");
+        assert_eq!(
+            count(&path, "SELECT count(*) FROM events"),
+            bound.kept() as i64
+        );
+        let op = store.get(created.id).unwrap();
+        assert_eq!(op.events_omitted, 10_000 - bound.kept() as u64);
+        recorder.journal().close().await;
+        let (after, recorder) = reopen(&path, &config).await;
+        assert_eq!(after.get(created.id), Some(op));
+        recorder.journal().close().await;
     }
 
     #[test]
