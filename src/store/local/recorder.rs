@@ -908,6 +908,7 @@ mod tests {
         for id in [few.id, many.id] {
             let mut expected = store.get(id).unwrap();
             expected.events_written = expected.events_total();
+            expected.durable = expected.revision + 1;
             assert_eq!(after.get(id), Some(expected));
         }
         assert_eq!(after.stats().parked, 1);
