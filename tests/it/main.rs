@@ -19,3 +19,4 @@ mod secrets;
 mod shared_races;
 mod shutdown;
 mod support;
+mod upgrade;
