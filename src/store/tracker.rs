@@ -322,7 +322,7 @@ impl OperationStore {
     /// few records a request touches, changed by the same code as the hot store, then
     /// read back ([`OperationStore::snapshots`]) and dropped. Few shards: it is built per
     /// request.
-    pub fn scratch(config: &OperationsConfig) -> Self {
+    pub(in crate::store) fn scratch(config: &OperationsConfig) -> Self {
         Self::with_shards(config, 2, true)
     }
 
@@ -850,7 +850,7 @@ impl OperationStore {
     }
 
     /// Every operation, with its revision (for a scratch store: what to write back).
-    pub fn snapshots(&self) -> Vec<Operation> {
+    pub(in crate::store) fn snapshots(&self) -> Vec<Operation> {
         self.inner
             .operations
             .iter()
@@ -859,7 +859,7 @@ impl OperationStore {
     }
 
     /// Every call's kept events (for a scratch store: those this transition added).
-    pub fn timelines(&self) -> Vec<(CallRef, Vec<EventRecord>)> {
+    pub(in crate::store) fn timelines(&self) -> Vec<(CallRef, Vec<EventRecord>)> {
         self.inner
             .calls
             .iter()

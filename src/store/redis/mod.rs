@@ -50,8 +50,8 @@ use crate::store::tracker::{
 pub use error::RedisStoreError;
 
 use keys::Keys;
-pub use keys::context_name;
-pub use plan::Outcome;
+pub(crate) use keys::context_name;
+pub(crate) use plan::Outcome;
 use plan::{ContextRead, Lifetimes, Read};
 
 /// How often a transition is rerun when what it read keeps changing under it.
