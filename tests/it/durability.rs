@@ -169,6 +169,18 @@ impl Deployment {
     }
 
     /// Polls `GET path` until it answers `status` (bounded).
+    /// `/readyz` once it answers 200, its store check `ok`.
+    async fn ready(&self) -> Value {
+        let ready: Value = self
+            .until_answered("/readyz", 200)
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(ready["checks"]["store"], "ok", "{ready}");
+        ready
+    }
+
     async fn until_answered(&self, path: &str, status: u16) -> reqwest::Response {
         within(async {
             loop {
@@ -258,13 +270,7 @@ async fn an_operation_sent_upstream_survives_sigkill_and_its_callback_settles_it
     let deployment = Deployment::new("sent").await;
     let server = deployment.start().await;
     // Ready: the store commits and the callback keys are loaded.
-    let ready: Value = deployment
-        .until_answered("/readyz", 200)
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(ready["checks"]["store"], "ok", "{ready}");
+    let ready = deployment.ready().await;
     assert_eq!(ready["checks"]["callbackKeys"]["acs"], "ok", "{ready}");
     let id = deployment.remove("call-kill-1", "ctx-kill-1").await;
     // ACS accepted it: it is Running, and its callback has not come yet.
@@ -437,25 +443,13 @@ async fn a_second_process_on_the_same_file_is_refused_and_a_sigkilled_holder_lea
         "{stderr}"
     );
     // The holder still serves, and its store still commits.
-    let ready: Value = deployment
-        .until_answered("/readyz", 200)
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(ready["checks"]["store"], "ok", "{ready}");
+    deployment.ready().await;
     deployment.until_status(&id, "Running").await;
 
     // The OS released the lock with the killed process: a restart on the file works.
     kill(first);
     let _restarted = deployment.start().await;
-    let ready: Value = deployment
-        .until_answered("/readyz", 200)
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(ready["checks"]["store"], "ok", "{ready}");
+    deployment.ready().await;
     let operation = deployment.operation(&id).await;
     assert_eq!(operation["status"], "Running", "{operation}");
 }
