@@ -191,19 +191,11 @@ impl DeliverySummary {
     pub fn count(&mut self, delivery: Delivery) {
         match delivery {
             Delivery::Duplicate => self.duplicates += 1,
-            Delivery::Matched { id, effect } => {
-                self.matched += 1;
-                tracing::debug!(operation.id = %id, ?effect, "callback matched");
-            }
+            Delivery::Matched { .. } => self.matched += 1,
             Delivery::Parked => self.parked += 1,
             Delivery::Observed { .. } => self.observed += 1,
             Delivery::CallEvent => {}
-            Delivery::Unmatched => {
-                self.unmatched += 1;
-                tracing::warn!(
-                    "park full: a callback for an unknown operation was kept on its call's events only"
-                );
-            }
+            Delivery::Unmatched => self.unmatched += 1,
         }
     }
 }

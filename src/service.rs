@@ -425,6 +425,7 @@ impl OperationService {
                 let (counters, ended) = &counted[index];
                 metrics::count_event(counters, event_outcome(delivered.delivery));
                 summary.count(delivered.delivery);
+                log_delivery(delivered.delivery);
                 if let (Some(call), false) = (ended, delivered.delivery == Delivery::Duplicate) {
                     log_call_ended(call, &delivered.failed);
                 }
@@ -541,6 +542,21 @@ fn event_outcome(delivery: Delivery) -> EventOutcome {
         Delivery::Observed { .. } => EventOutcome::Observed,
         Delivery::Unmatched => EventOutcome::Unmatched,
         Delivery::CallEvent => EventOutcome::Call,
+    }
+}
+
+fn log_delivery(delivery: Delivery) {
+    match delivery {
+        Delivery::Matched { id, effect } => {
+            tracing::debug!(operation.id = %id, ?effect, "callback matched");
+        }
+        Delivery::Unmatched => tracing::warn!(
+            "park full: a callback for an unknown operation was kept on its call's events only"
+        ),
+        Delivery::Duplicate
+        | Delivery::Parked
+        | Delivery::Observed { .. }
+        | Delivery::CallEvent => {}
     }
 }
 
