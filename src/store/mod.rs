@@ -10,6 +10,7 @@
 pub mod journal;
 mod local;
 pub mod redis;
+pub mod schema;
 mod seam;
 mod tracker;
 
