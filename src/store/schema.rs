@@ -41,6 +41,13 @@ impl SchemaStatus {
     }
 }
 
+impl SchemaStatus {
+    /// What was found and what was done, once the steps ran.
+    pub fn applied(&self) -> String {
+        self.to_string().replacen("would migrate:", "migrated:", 1)
+    }
+}
+
 impl fmt::Display for SchemaStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.found {
