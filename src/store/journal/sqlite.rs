@@ -306,7 +306,7 @@ fn prepare(
     conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)
         .map_err(open_error)?;
     let found = check_version(&conn, path)?;
-    if found >= 1 && found < SCHEMA_VERSION {
+    if (1..SCHEMA_VERSION).contains(&found) {
         backup(&conn, path, found)?;
     }
     // Checked again under the write lock (another connection may have written meanwhile).
