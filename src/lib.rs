@@ -18,6 +18,7 @@ pub mod graph;
 pub mod healthcheck;
 pub mod http;
 pub mod metrics;
+pub mod migrate;
 pub mod operation;
 pub mod service;
 pub mod store;

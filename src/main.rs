@@ -1,5 +1,6 @@
 //! The `callops` binary: `serve` (the default) runs the service, `emulator` runs the ACS
-//! emulator alone, `healthcheck` probes a running service (for container health checks).
+//! emulator alone, `healthcheck` probes a running service (for container health checks),
+//! `migrate [--check]` brings the store to this build's layout (or says what it would do).
 //! Only wiring: configuration, logging, binding, signals.
 
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use callops::config::Config;
 use callops::emulator::Emulator;
 use callops::emulator::callback_signing;
 use callops::healthcheck::{self, HealthcheckArgs};
+use callops::migrate::{self, MigrateArgs};
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +44,10 @@ enum Command {
     /// GET the running service's /healthz (on CALLOPS_LISTEN) once: exit 0 on a 2xx, 1
     /// otherwise, with a one-line reason. For container health checks.
     Healthcheck(HealthcheckArgs),
+    /// Migrate the configured store (CALLOPS_STORE) to this build's layout version, then
+    /// exit; with --check, only print its version, this build's and the steps that would
+    /// run (read-only; works while a server runs).
+    Migrate(MigrateArgs),
 }
 
 #[tokio::main]
@@ -55,6 +61,9 @@ async fn main() -> anyhow::Result<ExitCode> {
     }
     let config = config.context("invalid configuration")?;
     callops::telemetry::init(config.log.format);
+    if let Command::Migrate(args) = &command {
+        return Ok(migrate::main(args, &config).await);
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     match command {
@@ -95,7 +104,7 @@ async fn main() -> anyhow::Result<ExitCode> {
                 .await
                 .context("serving the emulator")?;
         }
-        Command::Healthcheck(_) => unreachable!("answered above"),
+        Command::Healthcheck(_) | Command::Migrate(_) => unreachable!("answered above"),
     }
     Ok(ExitCode::SUCCESS)
 }

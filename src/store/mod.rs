@@ -10,6 +10,7 @@
 pub mod journal;
 mod local;
 pub mod redis;
+pub mod schema;
 mod seam;
 mod tracker;
 
@@ -26,6 +27,7 @@ use crate::operation::{CallRef, EventRecord, Operation, OperationId, Transition}
 use journal::JournalStats;
 use local::LocalStore;
 use redis::RedisStore;
+use schema::SchemaStatus;
 
 pub use local::restored;
 pub use seam::{CreateError, Delivered, Inbound, StoreError, UpstreamAnswer};
@@ -67,6 +69,69 @@ impl Storage {
             }
         };
         Ok(Self { backend })
+    }
+
+    /// The layout version of the store `config.store` names beside this build's, and the
+    /// steps a start would run; reads only: nothing is migrated, created or locked (a
+    /// running server may hold the store). `None` for a store in memory.
+    pub async fn schema_status(config: &Config) -> anyhow::Result<Option<SchemaStatus>> {
+        match config.store.location()? {
+            StoreLocation::Memory => Ok(None),
+            StoreLocation::Sqlite(path) => {
+                let status = tokio::task::spawn_blocking(move || {
+                    journal::Journal::sqlite_status(&path)
+                        .with_context(|| format!("reading the store at {}", path.display()))
+                })
+                .await
+                .context("reading the store")??;
+                Ok(Some(status))
+            }
+            StoreLocation::Redis(url) => {
+                let shared = RedisStore::connect_unmigrated(
+                    &url,
+                    &config.store,
+                    &config.operations,
+                    Metrics::new(),
+                )
+                .await
+                .with_context(|| format!("connecting to Redis at {url} (CALLOPS_STORE)"))?;
+                let status = shared
+                    .layout_status()
+                    .await
+                    .with_context(|| format!("reading the layout version at {url}"))?;
+                Ok(Some(status))
+            }
+        }
+    }
+
+    /// Brings the store `config.store` names to this build's version (as a start would,
+    /// backups included) and closes it; the status it had before. `None` for memory.
+    pub async fn migrate(config: &Config) -> anyhow::Result<Option<SchemaStatus>> {
+        let Some(before) = Self::schema_status(config).await? else {
+            return Ok(None);
+        };
+        match config.store.location()? {
+            StoreLocation::Memory => {}
+            StoreLocation::Sqlite(path) => {
+                let options = journal::SqliteOptions {
+                    max_batch_records: config.store.max_batch_records,
+                    synchronous_full: config.store.synchronous_full,
+                };
+                let journal = tokio::task::spawn_blocking(move || {
+                    journal::Journal::open_sqlite(&path, options)
+                        .with_context(|| format!("migrating the store at {}", path.display()))
+                })
+                .await
+                .context("migrating the store")??;
+                journal.close().await;
+            }
+            StoreLocation::Redis(url) => {
+                RedisStore::connect(&url, &config.store, &config.operations, Metrics::new())
+                    .await
+                    .with_context(|| format!("migrating the shared store at {url}"))?;
+            }
+        }
+        Ok(Some(before))
     }
 
     /// Adds `operation` (claiming its call and context) and makes it durable.

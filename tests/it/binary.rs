@@ -269,3 +269,101 @@ fn a_short_api_key_stops_the_start_without_showing_it() {
     assert!(!stderr.contains(short), "{stderr}");
     assert!(!stderr.contains("long-enough-key"), "{stderr}");
 }
+
+/// `callops migrate` on the environment's store (`CALLOPS_STORE`), with `args`.
+fn migrate(store: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_callops"))
+        .arg("migrate")
+        .args(args)
+        .env("CALLOPS_STORE", store)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn user_version(path: &std::path::Path) -> i64 {
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
+    rusqlite::Connection::open_with_flags(path, flags)
+        .unwrap()
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .unwrap()
+}
+
+/// `migrate --check` on a copy of the previous release's SQLite file says what it would do
+/// and changes nothing; `migrate` then migrates it, with a backup beside it.
+#[test]
+fn migrate_check_reports_a_v1_sqlite_file_and_migrate_applies_it_with_a_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("callops.db");
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/upgrade/v1-sqlite/callops.db"
+        ),
+        &db,
+    )
+    .unwrap();
+
+    let (ok, stdout, stderr) = migrate(&db, &["--check"]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("store version: 1\n"), "{stdout}");
+    assert!(stdout.contains("this build's version: 2\n"), "{stdout}");
+    assert!(stdout.contains("would migrate:\n  1 -> 2: "), "{stdout}");
+    assert_eq!(user_version(&db), 1);
+    let backups = |dir: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("callops.db.v1-backup-"))
+            .collect()
+    };
+    assert!(backups(dir.path()).is_empty());
+
+    let (ok, stdout, stderr) = migrate(&db, &[]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("migrated:\n  1 -> 2: "), "{stdout}");
+    assert_eq!(user_version(&db), 2);
+    let found = backups(dir.path());
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        stdout.contains(&found[0]),
+        "the backup is not logged: {stdout}"
+    );
+    assert_eq!(user_version(&dir.path().join(&found[0])), 1);
+
+    let (ok, stdout, _) = migrate(&db, &["--check"]);
+    assert!(ok && stdout.contains("up to date"), "{stdout}");
+}
+
+/// A file from a newer build: `--check` exits 1 saying so, `migrate` refuses it naming both
+/// versions; the file is left as it is.
+#[test]
+fn migrate_refuses_a_store_newer_than_this_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("callops.db");
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .pragma_update(None, "user_version", 7)
+        .unwrap();
+    let (ok, stdout, _) = migrate(&db, &["--check"]);
+    assert!(!ok, "{stdout}");
+    assert!(stdout.contains("store version: 7"), "{stdout}");
+    assert!(
+        stdout.contains("newer than this build: refused"),
+        "{stdout}"
+    );
+    let (ok, stdout, stderr) = migrate(&db, &[]);
+    assert!(!ok, "{stdout}");
+    assert!(stderr.contains("schema version 7"), "{stderr}");
+    assert!(stderr.contains("newer than version 2"), "{stderr}");
+    assert_eq!(user_version(&db), 7);
+
+    let (ok, stdout, _) = migrate(std::path::Path::new("memory"), &["--check"]);
+    assert!(ok && stdout.contains("nothing to migrate"), "{stdout}");
+}

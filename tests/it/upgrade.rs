@@ -499,3 +499,184 @@ async fn redis_a_park_that_expired_while_down_is_unmatched_on_its_call() {
     assert_park_expired_while_down(&app, &expected("v1-redis")).await;
     stop(app).await;
 }
+
+/// `{callops}:schema`, as the fixture's Redis has it.
+async fn layout_version(redis: &FixtureRedis) -> Option<String> {
+    redis
+        .query(redis::cmd("GET").arg(format!("{{{REDIS_PREFIX}}}:schema")))
+        .await
+        .unwrap()
+}
+
+async fn migration_lock_held(redis: &FixtureRedis) -> bool {
+    let held: u64 = redis
+        .query(redis::cmd("EXISTS").arg(format!("{{{REDIS_PREFIX}}}:migrating")))
+        .await
+        .unwrap();
+    held > 0
+}
+
+/// The previous release wrote no layout version: this build finds its keys, takes the
+/// store as version 1, and leaves it at version 2.
+#[tokio::test]
+async fn redis_the_previous_release_store_is_at_layout_version_2_after_a_start() {
+    let Some(redis) = FixtureRedis::start().await else {
+        return;
+    };
+    assert_eq!(layout_version(&redis).await, None);
+    let app = start(&redis.url(), TEN_YEARS_SECS * 1000).await;
+    assert_eq!(layout_version(&redis).await.as_deref(), Some("2"));
+    assert!(!migration_lock_held(&redis).await);
+    stop(app).await;
+}
+
+/// An empty store gets this build's version; a store from a newer build is refused, naming
+/// both versions, and left as it is.
+#[tokio::test]
+async fn redis_an_empty_store_gets_version_2_and_a_newer_one_is_refused() {
+    let Some(redis) = FixtureRedis::start().await else {
+        return;
+    };
+    let open = |prefix: &str| {
+        let mut config = Config::embedded();
+        config.store.location = redis.url();
+        config.store.redis_prefix = prefix.to_owned();
+        async move {
+            callops::store::Storage::open(&config, callops::metrics::Metrics::new())
+                .await
+                .map(drop)
+        }
+    };
+    open("empty").await.expect("an empty store");
+    let version: Option<String> = redis
+        .query(redis::cmd("GET").arg("{empty}:schema"))
+        .await
+        .unwrap();
+    assert_eq!(version.as_deref(), Some("2"));
+
+    let () = redis
+        .query(
+            redis::cmd("SET")
+                .arg(format!("{{{REDIS_PREFIX}}}:schema"))
+                .arg(99),
+        )
+        .await
+        .unwrap();
+    let error = open(REDIS_PREFIX)
+        .await
+        .expect_err("a store from a newer build");
+    let message = format!("{error:#}");
+    assert!(message.contains("layout version 99"), "{message}");
+    assert!(message.contains("newer than version 2"), "{message}");
+    assert_eq!(layout_version(&redis).await.as_deref(), Some("99"));
+}
+
+/// Two replicas of this build start at once on the previous release's store: one migrates
+/// it (the step is logged once across both), the other waits for it; both then serve, the
+/// lock is gone and the store is at version 2.
+#[tokio::test]
+async fn redis_two_replicas_starting_at_once_on_an_old_store_migrate_it_once() {
+    let Some(redis) = FixtureRedis::start().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let replicas: Vec<(u16, PathBuf, crate::binary::Process)> = (0..2)
+        .map(|i| {
+            let port = free_port();
+            let log_path = dir.path().join(format!("replica-{i}.log"));
+            let log = std::fs::File::create(&log_path).unwrap();
+            let child = Command::new(env!("CARGO_BIN_EXE_callops"))
+                .env("RUST_LOG", "callops=info")
+                .env("NO_COLOR", "1")
+                .env("CALLOPS_LISTEN", format!("127.0.0.1:{port}"))
+                .env("CALLOPS_PUBLIC_URL", format!("http://127.0.0.1:{port}"))
+                .env("CALLOPS_STORE", redis.url())
+                .env("CALLOPS_EMULATOR__LISTEN", "127.0.0.1:0")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            (port, log_path, crate::binary::Process(child))
+        })
+        .collect();
+    for (port, log, _) in &replicas {
+        let url = format!("http://127.0.0.1:{port}/healthz");
+        within(async {
+            loop {
+                if let Ok(response) = http.get(&url).send().await
+                    && response.status() == 200
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let text = std::fs::read_to_string(log).unwrap();
+        assert!(text.contains("callops listening"), "{text}");
+    }
+    let migrated: usize = replicas
+        .iter()
+        .map(|(_, log, _)| {
+            std::fs::read_to_string(log)
+                .unwrap()
+                .matches("shared store (Redis) migrated")
+                .count()
+        })
+        .sum();
+    assert_eq!(migrated, 1, "the migration step ran {migrated} times");
+    assert_eq!(layout_version(&redis).await.as_deref(), Some("2"));
+    assert!(!migration_lock_held(&redis).await);
+}
+
+/// While another replica holds the migration lock on an old store, a start waits (it has
+/// not returned, so nothing is served); once that replica has set the version and let the
+/// lock go, the start completes without migrating again.
+#[tokio::test]
+async fn redis_a_start_waits_while_another_replica_migrates() {
+    let Some(redis) = FixtureRedis::start().await else {
+        return;
+    };
+    let lock = format!("{{{REDIS_PREFIX}}}:migrating");
+    let () = redis
+        .query(
+            redis::cmd("SET")
+                .arg(&lock)
+                .arg("another-replica")
+                .arg("PX")
+                .arg(30_000),
+        )
+        .await
+        .unwrap();
+    let mut config = Config::embedded();
+    config.store.location = redis.url();
+    config.store.redis_prefix = REDIS_PREFIX.to_owned();
+    let opening = tokio::spawn(async move {
+        callops::store::Storage::open(&config, callops::metrics::Metrics::new())
+            .await
+            .map(drop)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !opening.is_finished(),
+        "the start did not wait for the lock"
+    );
+    assert_eq!(layout_version(&redis).await, None);
+
+    let () = redis
+        .query(
+            redis::cmd("SET")
+                .arg(format!("{{{REDIS_PREFIX}}}:schema"))
+                .arg(2),
+        )
+        .await
+        .unwrap();
+    let _: u64 = redis.query(redis::cmd("DEL").arg(&lock)).await.unwrap();
+    within(opening)
+        .await
+        .unwrap()
+        .expect("the start once the other replica is done");
+    assert_eq!(layout_version(&redis).await.as_deref(), Some("2"));
+}

@@ -265,6 +265,15 @@ pub enum JournalError {
         source: Arc<rusqlite::Error>,
     },
     #[error(
+        "cannot back up the journal database before migrating it (to {}): {source}",
+        path.display()
+    )]
+    Backup {
+        path: PathBuf,
+        #[source]
+        source: Arc<rusqlite::Error>,
+    },
+    #[error(
         "the journal database {} cannot use write-ahead logging (journal_mode stays {mode:?}); \
          put it on a local file system",
         path.display()
@@ -304,8 +313,9 @@ impl Journal {
     }
 
     /// Opens (creating the file and its parent directories) an SQLite database in WAL mode,
-    /// creates the schema if missing (its version is `PRAGMA user_version`; a newer one is
-    /// refused), and starts the writer thread. Blocking: meant for start-up.
+    /// creates the schema if missing, or migrates an older one after backing it up beside
+    /// it (its version is `PRAGMA user_version`; a newer one is refused), and starts the
+    /// writer thread. Blocking: meant for start-up.
     ///
     /// One process per file: the journal holds an OS lock on `<path>.lock` (which names its
     /// PID) until it is closed or dropped; an open while another journal holds it fails at
@@ -313,6 +323,13 @@ impl Journal {
     pub fn open_sqlite(path: &Path, options: SqliteOptions) -> Result<Self, JournalError> {
         sqlite::Writer::open(path, options)
             .map(|writer| Self::with_backend(Backend::Sqlite(writer)))
+    }
+
+    /// The schema version of the SQLite database at `path` beside this build's, and the
+    /// migration steps opening it would run; read-only (no lock taken, nothing created, so a
+    /// running server may hold the file). Blocking.
+    pub fn sqlite_status(path: &Path) -> Result<crate::store::schema::SchemaStatus, JournalError> {
+        sqlite::status(path)
     }
 
     fn with_backend(backend: Backend) -> Self {

@@ -24,10 +24,13 @@
 //! - `call_events(call TEXT, seq INTEGER, body BLOB, PRIMARY KEY (call, seq)) WITHOUT ROWID`:
 //!   calls' timelines, append-only, trimmed from the front.
 //!
-//! Version 1 (before `events` and `call_events`) kept each operation's events inside its
-//! `body`; such a file is migrated at open, in the transaction that sets the version: each
-//! body's events become rows (ordinals 0, 1, ...: the caller renumbers at load what does not
-//! fit its bound) and the body is rewritten without them.
+//! Migrations: [`MIGRATIONS`], numbered steps applied in order at open, in the transaction
+//! that sets the version; a new file (version 0) gets the schema directly. Before an
+//! existing file is migrated, a consistent copy of it is written beside it (`VACUUM INTO
+//! '<file>.v<old>-backup-<unix seconds>'`). Version 1 (before `events` and `call_events`)
+//! kept each operation's events inside its `body`; step 2 makes them rows (ordinals 0, 1,
+//! ...: the caller renumbers at load what does not fit its bound) and rewrites the body
+//! without them.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,14 +39,32 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use rusqlite::types::Type;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{
+    Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
+};
 use tokio::sync::oneshot;
 
 use super::lock::StoreLock;
 use super::{Batch, JournalError, JournalStats, Loaded, SqliteOptions};
+use crate::store::schema::{SchemaStatus, Step};
+
+/// One numbered step: from the version before `to` to `to`, inside the open transaction.
+pub(super) struct Migration {
+    pub(super) to: i64,
+    pub(super) what: &'static str,
+    pub(super) run: fn(&Transaction<'_>) -> rusqlite::Result<()>,
+}
+
+/// Every step, in order. A new file gets [`SCHEMA`] directly, at the last step's version.
+pub(super) const MIGRATIONS: &[Migration] = &[Migration {
+    to: 2,
+    what: "operations' events move out of their bodies into rows of their own (tables \
+           events and call_events)",
+    run: migrate_v1,
+}];
 
 /// The schema this build writes; a database with a higher `user_version` is refused.
-pub(super) const SCHEMA_VERSION: i64 = 2;
+pub(super) const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].to;
 
 /// How long a statement waits for a lock held by another connection (another process on
 /// the same file, or a reader checkpointing) before failing.
@@ -68,6 +89,22 @@ CREATE TABLE IF NOT EXISTS parked (
     body BLOB NOT NULL,
     at_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS events (
+    operation TEXT NOT NULL,
+    ordinal INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (operation, ordinal)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS call_events (
+    call TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (call, seq)
+) WITHOUT ROWID;
+";
+
+/// What version 2 added, as step 2 creates it.
+const V2_TABLES: &str = "
 CREATE TABLE IF NOT EXISTS events (
     operation TEXT NOT NULL,
     ordinal INTEGER NOT NULL,
@@ -268,21 +305,28 @@ fn prepare(
         .map_err(open_error)?;
     conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)
         .map_err(open_error)?;
-    // Another process may have created the schema since the check: check again under the
-    // write lock.
+    let found = check_version(&conn, path)?;
+    if (1..SCHEMA_VERSION).contains(&found) {
+        backup(&conn, path, found)?;
+    }
+    // Checked again under the write lock (another connection may have written meanwhile).
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(open_error)?;
     let found = check_version(&tx, path)?;
-    if found < SCHEMA_VERSION {
+    if found == 0 {
         tx.execute_batch(SCHEMA).map_err(open_error)?;
-        if found == 1 {
-            migrate_v1(&tx).map_err(|source| JournalError::Migrate {
+    } else {
+        for step in MIGRATIONS.iter().filter(|step| step.to > found) {
+            (step.run)(&tx).map_err(|source| JournalError::Migrate {
                 path: path.to_owned(),
                 from: found,
                 source: Arc::new(source),
             })?;
+            tracing::info!(store.path = %path.display(), from = found, to = step.to, step = step.what, "journal migration step applied");
         }
+    }
+    if found < SCHEMA_VERSION {
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(open_error)?;
     }
@@ -290,9 +334,58 @@ fn prepare(
     Ok(conn)
 }
 
+/// A consistent copy of the database, as it is at `version`, beside it; its path.
+fn backup(conn: &Connection, path: &Path, version: i64) -> Result<PathBuf, JournalError> {
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs());
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".v{version}-backup-{seconds}"));
+    let target = PathBuf::from(name);
+    conn.execute("VACUUM INTO ?1", [target.to_string_lossy()])
+        .map_err(|source| JournalError::Backup {
+            path: target.clone(),
+            source: Arc::new(source),
+        })?;
+    tracing::info!(
+        backup = %target.display(),
+        store.path = %path.display(),
+        from = version,
+        to = SCHEMA_VERSION,
+        "journal backed up before its migration; restore it (with the previous release) to roll back"
+    );
+    Ok(target)
+}
+
+/// The version of the database at `path`, read-only (no lock taken, nothing created or
+/// migrated), and the steps an open would run. A missing file is a new one.
+pub(super) fn status(path: &Path) -> Result<SchemaStatus, JournalError> {
+    let steps = MIGRATIONS.iter().map(|step| Step {
+        to: step.to,
+        what: step.what,
+    });
+    if !path.exists() {
+        return Ok(SchemaStatus::new(None, SCHEMA_VERSION, steps));
+    }
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(|source| JournalError::Open {
+        path: path.to_owned(),
+        source: Arc::new(source),
+    })?;
+    let found: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(|source| JournalError::Open {
+            path: path.to_owned(),
+            source: Arc::new(source),
+        })?;
+    let found = (found > 0).then_some(found);
+    Ok(SchemaStatus::new(found, SCHEMA_VERSION, steps))
+}
+
 /// Version 1 to 2: every operation's events move from its body to `events` rows. A body
 /// that is not a JSON object with an `events` array is left as it is (the load reports it).
-fn migrate_v1(tx: &Connection) -> rusqlite::Result<()> {
+fn migrate_v1(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(V2_TABLES)?;
     let bodies = tx
         .prepare("SELECT id, body FROM operations")?
         .query_map([], |row| {
@@ -1135,8 +1228,115 @@ mod tests {
         );
         let message = error.to_string();
         assert!(message.contains("schema version 3"), "{message}");
+        assert!(message.contains("newer than version 2"), "{message}");
         assert!(message.contains("refusing to open it"), "{message}");
         assert!(message.contains(&path.display().to_string()), "{message}");
+    }
+
+    /// A version 1 file: operations with their events inside the body.
+    fn write_v1(path: &Path) {
+        let conn = Connection::open(path).expect("create");
+        conn.execute_batch(
+            "CREATE TABLE operations (id TEXT PRIMARY KEY, body BLOB NOT NULL, revision INTEGER NOT NULL);
+             CREATE TABLE seen (event_id TEXT PRIMARY KEY, at_ms INTEGER NOT NULL) WITHOUT ROWID;
+             CREATE INDEX seen_at_ms ON seen (at_ms);
+             CREATE TABLE parked (seq INTEGER PRIMARY KEY, body BLOB NOT NULL, at_ms INTEGER NOT NULL);
+             INSERT INTO operations VALUES ('a', CAST('{\"events\":[{\"n\":1},{\"n\":2}]}' AS BLOB), 3);
+             INSERT INTO seen VALUES ('e1', 10);
+             PRAGMA user_version = 1;",
+        )
+        .expect("version 1 schema");
+    }
+
+    fn backups(dir: &Path) -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .expect("read dir")
+            .map(|entry| entry.expect("entry").path())
+            .filter(|path| path.to_string_lossy().contains("-backup-"))
+            .collect()
+    }
+
+    fn user_version(conn: &Connection) -> i64 {
+        conn.pragma_query_value(None, "user_version", |row| row.get(0))
+            .expect("user_version")
+    }
+
+    #[tokio::test]
+    async fn a_version_1_file_is_backed_up_then_migrated() {
+        let dir = temp_dir();
+        let path = dir.path().join("journal.db");
+        write_v1(&path);
+        let before = Journal::sqlite_status(&path).expect("status");
+        assert_eq!((before.found, before.current), (Some(1), SCHEMA_VERSION));
+        assert_eq!(before.steps.iter().map(|s| s.to).collect::<Vec<_>>(), [2]);
+
+        let journal = open(&path);
+        let loaded = journal.load().expect("load");
+        assert_eq!(
+            loaded.operations,
+            vec![("a".to_owned(), br#"{"events":[]}"#.to_vec(), 3)]
+        );
+        assert_eq!(loaded.events.len(), 2);
+        journal.close().await;
+
+        let found = backups(dir.path());
+        assert_eq!(found.len(), 1, "{found:?}");
+        let name = found[0].file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("journal.db.v1-backup-"), "{name}");
+        let backup = Connection::open(&found[0]).expect("open the backup");
+        assert_eq!(user_version(&backup), 1);
+        let body: Vec<u8> = backup
+            .query_row("SELECT body FROM operations WHERE id = 'a'", [], |row| {
+                row.get(0)
+            })
+            .expect("the old row");
+        assert_eq!(body, br#"{"events":[{"n":1},{"n":2}]}"#);
+        let seen: i64 = backup
+            .query_row("SELECT count(*) FROM seen", [], |row| row.get(0))
+            .expect("seen");
+        assert_eq!(seen, 1);
+        assert_eq!(user_version(&Connection::open(&path).unwrap()), 2);
+        let after = Journal::sqlite_status(&path).expect("status");
+        assert_eq!((after.found, after.steps.len()), (Some(2), 0));
+
+        // Opened again: up to date, no second backup.
+        open(&path).close().await;
+        assert_eq!(backups(dir.path()).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_new_file_makes_no_backup() {
+        let dir = temp_dir();
+        let path = dir.path().join("journal.db");
+        let status = Journal::sqlite_status(&path).expect("status of a missing file");
+        assert_eq!((status.found, status.steps.len()), (None, 0));
+        assert!(!path.exists(), "the status created the file");
+        open(&path).close().await;
+        assert!(backups(dir.path()).is_empty());
+        assert_eq!(
+            user_version(&Connection::open(&path).unwrap()),
+            SCHEMA_VERSION
+        );
+    }
+
+    #[tokio::test]
+    async fn the_status_reads_a_file_another_journal_holds_and_changes_nothing() {
+        let dir = temp_dir();
+        let path = dir.path().join("journal.db");
+        write_v1(&path);
+        let status = Journal::sqlite_status(&path).expect("status");
+        assert_eq!(status.found, Some(1));
+        assert_eq!(user_version(&Connection::open(&path).unwrap()), 1);
+        let journal = open(&path);
+        let status = Journal::sqlite_status(&path).expect("status while held");
+        assert_eq!(status.found, Some(2));
+        journal.close().await;
+    }
+
+    #[test]
+    fn the_schema_version_is_the_last_steps() {
+        assert_eq!(SCHEMA_VERSION, MIGRATIONS.last().unwrap().to);
+        assert!(MIGRATIONS.windows(2).all(|pair| pair[0].to < pair[1].to));
     }
 
     #[tokio::test]

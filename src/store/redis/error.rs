@@ -15,6 +15,18 @@ pub enum RedisStoreError {
     Serialize(Arc<serde_json::Error>),
     #[error("Redis answered the commit with {0:?}")]
     Unexpected(String),
+    #[error(
+        "the shared store has layout version {found}, newer than version {supported} that \
+         this build of callops knows; refusing to start (run a newer callops)"
+    )]
+    NewerLayout { found: i64, supported: i64 },
+    #[error("the shared store's layout version is not a number: {0:?}")]
+    BadLayout(String),
+    #[error(
+        "another replica has been migrating the shared store for {secs} s (lock {key}); \
+         giving up"
+    )]
+    MigrationWait { key: String, secs: u64 },
     #[error("cannot read store.redis_ca_file {path}: {error}")]
     CaFile {
         path: String,

@@ -100,6 +100,16 @@ impl Keys {
         self.key("index", "parked")
     }
 
+    /// The store's layout version (absent in the layout of version 1).
+    pub fn schema(&self) -> String {
+        format!("{}schema", self.head)
+    }
+
+    /// Held (a random token, with an expiry) by the replica migrating the store.
+    pub fn migrating(&self) -> String {
+        format!("{}migrating", self.head)
+    }
+
     /// The pub/sub channel carrying the ids of operations that settled.
     pub fn settled_channel(&self) -> String {
         self.key("settled", "")
@@ -155,9 +165,12 @@ mod tests {
             keys.upstream("abc"),
             keys.call(&call),
             keys.all(),
+            keys.schema(),
         ] {
             assert!(key.starts_with("{callops}:"), "{key}");
         }
+        assert_eq!(keys.schema(), "{callops}:schema");
+        assert_eq!(keys.migrating(), "{callops}:migrating");
         // The same strings on another kind of call, or split differently, are other names.
         let graph = CallRef::Call("c1".into());
         assert_ne!(context_name(&graph, "x"), context_name(&call, "x"));

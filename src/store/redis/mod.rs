@@ -25,6 +25,7 @@ pub mod error;
 mod keys;
 mod ops;
 mod plan;
+mod schema;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -53,6 +54,7 @@ use keys::Keys;
 pub(crate) use keys::context_name;
 pub(crate) use plan::Outcome;
 use plan::{ContextRead, Lifetimes, Read};
+pub use schema::LAYOUT_VERSION;
 
 /// How often a transition is rerun when what it read keeps changing under it.
 const MAX_ATTEMPTS: u32 = 32;
@@ -147,8 +149,22 @@ struct Counters {
 }
 
 impl RedisStore {
-    /// Connects (failing if Redis cannot be reached within the timeout).
+    /// Connects (failing if Redis cannot be reached within the timeout) and brings the
+    /// store's layout to this build's: returns once it is (see [`schema`]), so nothing is
+    /// served meanwhile.
     pub async fn connect(
+        url: &RedisUrl,
+        store: &StoreConfig,
+        operations: &OperationsConfig,
+        metrics: Metrics,
+    ) -> Result<Self, RedisStoreError> {
+        let connected = Self::connect_unmigrated(url, store, operations, metrics).await?;
+        connected.migrate_layout().await?;
+        Ok(connected)
+    }
+
+    /// Connects without looking at the layout version (for `callops migrate --check`).
+    pub async fn connect_unmigrated(
         url: &RedisUrl,
         store: &StoreConfig,
         operations: &OperationsConfig,
