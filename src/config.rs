@@ -16,6 +16,9 @@ use url::Url;
 
 use crate::acs::connection_string::{ConnectionString, ConnectionStringError};
 
+/// The directory of the default store file, created when missing (any other must exist).
+pub const DEFAULT_DATA_DIR: &str = "data";
+
 /// The query parameter carrying the optional callback secret.
 pub const SECRET_PARAMETER: &str = "secret";
 
@@ -246,24 +249,44 @@ pub enum StoreLocation {
 
 impl StoreConfig {
     /// The parsed location.
+    /// Only the accepted forms: a mistyped one (`memroy`, `redis:/host`, `sqlite:/x.db`)
+    /// is refused rather than taken for a file name.
     pub fn location(&self) -> Result<StoreLocation, ConfigError> {
         let text = self.location.trim();
-        let path = text.strip_prefix("sqlite://").unwrap_or(text);
-        match text {
-            "memory" => Ok(StoreLocation::Memory),
-            _ if text.starts_with("redis://") || text.starts_with("rediss://") => {
-                match url::Url::parse(text) {
-                    Ok(url) if url.host_str().is_some_and(|host| !host.is_empty()) => {
-                        Ok(StoreLocation::Redis(RedisUrl(text.to_owned())))
-                    }
-                    _ => Err(ConfigError::Store(redacted_location(text))),
-                }
-            }
-            _ if path.is_empty() || text.contains("://") && !text.starts_with("sqlite://") => {
-                Err(ConfigError::Store(redacted_location(text)))
-            }
-            _ => Ok(StoreLocation::Sqlite(path.into())),
+        let refused = || Err(ConfigError::Store(redacted_location(text)));
+        if text == "memory" {
+            return Ok(StoreLocation::Memory);
         }
+        if text.starts_with("redis://") || text.starts_with("rediss://") {
+            return match url::Url::parse(text) {
+                Ok(url) if url.host_str().is_some_and(|host| !host.is_empty()) => {
+                    Ok(StoreLocation::Redis(RedisUrl(text.to_owned())))
+                }
+                _ => refused(),
+            };
+        }
+        if let Some(path) = text.strip_prefix("sqlite://") {
+            return if path.is_empty() || path.ends_with('/') {
+                refused()
+            } else {
+                Ok(StoreLocation::Sqlite(path.into()))
+            };
+        }
+        // A bare path must name a database file, and must not start like a URL scheme.
+        let looks_like_scheme = text
+            .split_once(':')
+            .is_some_and(|(head, _)| !head.is_empty() && !head.contains('/'));
+        let file_name = std::path::Path::new(text)
+            .file_name()
+            .and_then(|name| name.to_str())
+            .unwrap_or("");
+        let database = [".db", ".sqlite", ".sqlite3"]
+            .iter()
+            .any(|suffix| file_name.len() > suffix.len() && file_name.ends_with(suffix));
+        if looks_like_scheme || !database {
+            return refused();
+        }
+        Ok(StoreLocation::Sqlite(text.into()))
     }
 }
 
@@ -497,7 +520,7 @@ pub enum ConfigError {
     #[error("CALLOPS_ACS_CONNECTION_STRING (acs.connection_string) is invalid: {0}")]
     ConnectionString(#[from] ConnectionStringError),
     #[error(
-        "CALLOPS_STORE (store.location) = {0:?} is not supported; expected \"memory\", a SQLite file path, sqlite://PATH, or redis://HOST[:PORT][/DB] (rediss:// for TLS)"
+        "CALLOPS_STORE (store.location) = {0:?} is not supported; expected \"memory\", a SQLite file path ending in .db, .sqlite or .sqlite3, sqlite://PATH, or redis://HOST[:PORT][/DB] (rediss:// for TLS)"
     )]
     Store(String),
     #[error("CALLOPS_PUBLIC_URL (http.public_url) = {0:?} must be an http(s) URL with a host")]
@@ -1061,6 +1084,27 @@ mod tests {
             location("rediss://cache.example.net:10000").unwrap(),
             StoreLocation::Redis(_)
         ));
+        for mistyped in [
+            "memroy",
+            "redis:/127.0.0.1:6379",
+            "redis//127.0.0.1:6379",
+            "sqlite:/var/lib/x.db",
+            "sqlite://",
+            "data/",
+            "data/callops",
+            "c:callops.db",
+            "https://example.com/x.db",
+        ] {
+            let error = location(mistyped).unwrap_err().to_string();
+            assert!(
+                error.contains("memory") && error.contains("redis://"),
+                "{mistyped}: {error}"
+            );
+        }
+        assert_eq!(
+            location("/var/lib/callops/state.sqlite3").unwrap(),
+            StoreLocation::Sqlite("/var/lib/callops/state.sqlite3".into())
+        );
         let shown = format!("{:?}", location("redis://:hunter2pw@h:1").unwrap());
         assert!(!shown.contains("hunter2pw"), "{shown}");
         let error = location("redis://:hunter2pw@").unwrap_err().to_string();

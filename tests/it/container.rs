@@ -168,9 +168,9 @@ fn assert_only_the_store_in(data: &Path) {
 #[tokio::test]
 async fn starts_from_the_environment_alone_in_an_empty_working_directory() {
     let cwd = tempfile::tempdir().unwrap();
+    // An empty volume: its mount point exists.
     let data = tempfile::tempdir().unwrap();
-    // The data directory does not exist yet: callops creates it (a fresh volume is empty).
-    let data = data.path().join("data");
+    let data = data.path().to_owned();
     let mut server = start_and_remove(cwd.path(), &data).await;
     let _ = server.0.kill();
     let _ = server.0.wait();
@@ -235,4 +235,53 @@ async fn an_unwritable_store_location_stops_the_start_with_a_clear_message() {
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_store_in_a_missing_directory_or_a_mistyped_store_stops_the_start() {
+    let cwd = tempfile::tempdir().unwrap();
+    let missing = cwd.path().join("no-such-dir");
+    for (store, expected) in [
+        (
+            missing.join("callops.db").display().to_string(),
+            missing.display().to_string(),
+        ),
+        ("memroy".to_owned(), "redis://".to_owned()),
+        (
+            "redis:/127.0.0.1:6379".to_owned(),
+            "sqlite://PATH".to_owned(),
+        ),
+    ] {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_callops"));
+        command.current_dir(cwd.path()).env_clear();
+        for (name, value) in container_env(free_port(), Path::new(&store)) {
+            command.env(name, value);
+        }
+        let output = within(command.output()).await.unwrap();
+        assert_eq!(output.status.code(), Some(1), "{store}: {output:?}");
+        let stderr = text(&output.stderr);
+        assert!(
+            stderr.contains(&expected) && stderr.contains("CALLOPS_STORE"),
+            "{store}: {stderr}"
+        );
+    }
+    assert!(!missing.exists(), "the missing directory was created");
+    assert!(files(cwd.path()).is_empty(), "{:?}", files(cwd.path()));
+}
+
+#[tokio::test]
+async fn the_default_data_directory_is_created_when_missing() {
+    let cwd = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut env = container_env(port, Path::new("data/callops.db"));
+    env.retain(|(name, _)| *name != "CALLOPS_STORE");
+    let mut server = start_in(cwd.path(), &env);
+    until_up(
+        &reqwest::Client::new(),
+        &format!("http://127.0.0.1:{port}/healthz"),
+    )
+    .await;
+    let _ = server.0.kill();
+    let _ = server.0.wait();
+    assert!(cwd.path().join("data").join("callops.db").exists());
 }

@@ -32,6 +32,7 @@ impl Deployment {
             "callops-durability-{name}-{}",
             uuid::Uuid::new_v4()
         ));
+        std::fs::create_dir_all(&dir).unwrap();
         Self {
             emulator,
             emulator_url,

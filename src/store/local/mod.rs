@@ -4,7 +4,7 @@
 
 mod recorder;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use super::seam::{
     CreateError, Delivered, Inbound, StoreError, UpstreamAnswer, call_terminated, report_sweep,
 };
 use super::tracker::{ListFilter, OperationStore, StoreStats, SweepReport};
-use crate::config::Config;
+use crate::config::{Config, DEFAULT_DATA_DIR};
 use crate::correlation::{Delivery, IncomingEvent};
 use crate::metrics::Metrics;
 use crate::operation::{CallRef, EventRecord, Operation, OperationError, OperationId, Transition};
@@ -80,6 +80,17 @@ impl LocalStore {
         };
         let opened = path.clone();
         let (journal, loaded) = tokio::task::spawn_blocking(move || {
+            // A mistyped directory is refused rather than created; only the default is made.
+            if let Some(parent) = opened.parent().filter(|parent| {
+                !parent.as_os_str().is_empty()
+                    && *parent != Path::new(DEFAULT_DATA_DIR)
+                    && !parent.exists()
+            }) {
+                anyhow::bail!(
+                    "the directory {} does not exist; create it, or choose another CALLOPS_STORE (only the default {DEFAULT_DATA_DIR}/ is created)",
+                    parent.display()
+                );
+            }
             let journal = Journal::open_sqlite(&opened, options)?;
             let loaded = journal.load()?;
             anyhow::Ok((journal, loaded))
