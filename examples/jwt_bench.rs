@@ -89,6 +89,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let config = CallbacksConfig {
         auth: CallbackAuth::Jwt,
         leeway_secs: 30,
+        max_token_lifetime_secs: 86_400,
         key_refresh_min_interval_secs: 300,
         key_max_age_secs: 86_400,
         key_fetch_timeout_ms: 5_000,

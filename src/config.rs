@@ -406,6 +406,8 @@ pub struct RetryConfig {
 pub struct CallbacksConfig {
     pub auth: CallbackAuth,
     pub leeway_secs: u64,
+    /// Tokens living longer than this (`exp − iat`) are refused.
+    pub max_token_lifetime_secs: u64,
     pub key_refresh_min_interval_secs: u64,
     pub key_max_age_secs: u64,
     pub key_fetch_timeout_ms: u64,
@@ -420,6 +422,7 @@ impl std::fmt::Debug for CallbacksConfig {
         f.debug_struct("CallbacksConfig")
             .field("auth", &self.auth)
             .field("leeway_secs", &self.leeway_secs)
+            .field("max_token_lifetime_secs", &self.max_token_lifetime_secs)
             .field(
                 "key_refresh_min_interval_secs",
                 &self.key_refresh_min_interval_secs,

@@ -92,6 +92,8 @@ pub enum AuthError {
     Expired,
     #[error("the token is not valid yet (nbf)")]
     NotYetValid,
+    #[error("the token's lifetime is longer than callbacks.max_token_lifetime_secs")]
+    LifetimeTooLong,
     #[error("the token's issuer is not an accepted issuer")]
     Issuer,
     #[error("the token's audience is not the configured audience")]
@@ -164,6 +166,7 @@ impl CallbackAuthenticator {
                 &settings.issuers,
                 &settings.audience,
                 config.leeway_secs,
+                config.max_token_lifetime_secs,
                 require_tenant,
             ),
         };

@@ -27,6 +27,8 @@ pub struct TokenRules {
     issuers: Vec<String>,
     audience: String,
     leeway_secs: i64,
+    /// The longest lifetime accepted: `exp − iat`, or `exp − now` without `iat`.
+    max_lifetime_secs: i64,
     /// Graph tokens carry the tenant id (`tid`).
     require_tenant: bool,
 }
@@ -66,6 +68,8 @@ struct Claims<'a> {
     exp: Option<NumericDate>,
     #[serde(default)]
     nbf: Option<NumericDate>,
+    #[serde(default)]
+    iat: Option<NumericDate>,
     #[serde(borrow, default)]
     iss: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -129,12 +133,19 @@ impl<'de> Deserialize<'de> for NumericDate {
 
 impl TokenRules {
     /// RS256 only; `iss` one of `issuers`, `aud` = `audience`, `exp` and `nbf` checked
-    /// with `leeway_secs` of clock skew.
-    pub fn new(issuers: &[String], audience: &str, leeway_secs: u64, require_tenant: bool) -> Self {
+    /// with `leeway_secs` of clock skew, a lifetime of at most `max_lifetime_secs`.
+    pub fn new(
+        issuers: &[String],
+        audience: &str,
+        leeway_secs: u64,
+        max_lifetime_secs: u64,
+        require_tenant: bool,
+    ) -> Self {
         Self {
             issuers: issuers.to_vec(),
             audience: audience.to_owned(),
             leeway_secs: i64::try_from(leeway_secs).unwrap_or(i64::MAX),
+            max_lifetime_secs: i64::try_from(max_lifetime_secs).unwrap_or(i64::MAX),
             require_tenant,
         }
     }
@@ -182,6 +193,12 @@ impl TokenRules {
             .is_some_and(|nbf| nbf.ceil > now.saturating_add(self.leeway_secs))
         {
             return Err(AuthError::NotYetValid);
+        }
+        // A stolen token that never expires is refused however well it is signed.
+        let start = claims.iat.map_or(now, |iat| iat.floor);
+        if exp.floor.saturating_sub(start) > self.max_lifetime_secs.saturating_add(self.leeway_secs)
+        {
+            return Err(AuthError::LifetimeTooLong);
         }
         if !self.issuers.iter().any(|issuer| issuer == iss) {
             return Err(AuthError::Issuer);
@@ -287,6 +304,7 @@ mod tests {
             &["https://acscallautomation.communication.azure.com".to_owned()],
             "resource",
             30,
+            86_400,
             false,
         )
     }
@@ -299,6 +317,7 @@ mod tests {
             ],
             "bot",
             30,
+            86_400,
             true,
         )
     }
@@ -355,6 +374,7 @@ mod tests {
             ],
             "0efc74f7-41c3-47a4-8775-7259bfef4241",
             30,
+            86_400,
             true,
         );
         assert!(rules.check(&signer.sign(&claims), &key(&signer)).is_ok());
@@ -377,6 +397,15 @@ mod tests {
             (with(acs.clone(), "exp", Value::Null), "exp"),
             (with(acs.clone(), "aud", Value::Null), "aud"),
             (with(acs.clone(), "iss", Value::Null), "iss"),
+            (with(acs.clone(), "exp", json!(1e30)), "lifetime"),
+            (
+                with(
+                    with(acs.clone(), "iat", json!(now - 90_000)),
+                    "exp",
+                    json!(now + 60),
+                ),
+                "lifetime",
+            ),
         ];
         for (claims, reason) in cases {
             let error = acs_rules().check(&signer.sign(&claims), &key).unwrap_err();
@@ -569,13 +598,13 @@ mod tests {
             let error = check(claims.clone()).unwrap_err();
             assert!(error.to_string().contains(reason), "{error} for {claims}");
         }
-        // A far future expiry is fine.
-        assert!(
+        // A far future expiry is read (not an overflow), and refused as too long a lifetime.
+        assert!(matches!(
             check(format!(
                 r#"{{{iss},"aud":"resource","exp":18446744073709551615}}"#
-            ))
-            .is_ok()
-        );
+            )),
+            Err(AuthError::LifetimeTooLong)
+        ));
         // The header, too: a repeated alg, a kid that is not a string.
         let repeated_alg = r#"{"alg":"RS256","alg":"none","kid":"callops-emulator-1"}"#;
         let numeric_kid = r#"{"alg":"RS256","kid":1}"#;

@@ -52,6 +52,10 @@ fn bad_authorizations(signer: &CallbackSigner, claims: &Value) -> Vec<(&'static 
             bearer(signer.sign(&with(claims.clone(), "exp", Value::Null))),
         ),
         (
+            "valid for ever",
+            bearer(signer.sign(&with(claims.clone(), "exp", json!(1e30)))),
+        ),
+        (
             "unknown key",
             bearer(signer.sign_with_second_key("callops-emulator-2", claims)),
         ),
