@@ -15,11 +15,50 @@ pub fn init(format: LogFormat) {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let result = match format {
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => builder.fmt_fields(escaped_fields()).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
     // A subscriber installed earlier (tests) wins.
     let _ = result;
+}
+
+/// Text-format fields with every value escaped: values come from outside (event types and
+/// ids, contexts), and a newline, an ANSI escape or a NUL in one must not forge a log line.
+/// A value holding a space or `=` is quoted, so it cannot pass for another field either.
+pub fn escaped_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static {
+    use tracing_subscriber::field::MakeExt;
+    tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
+        let text = format!("{value:?}");
+        if field.name() != "message" {
+            write!(writer, "{field}=")?;
+        }
+        write_escaped(writer, &text, field.name() != "message")
+    })
+    .delimited(" ")
+}
+
+fn write_escaped(out: &mut dyn std::fmt::Write, text: &str, quote: bool) -> std::fmt::Result {
+    let quoted = quote
+        && !(text.len() >= 2 && text.starts_with('"') && text.ends_with('"'))
+        && text.contains([' ', '=', '"']);
+    if quoted {
+        out.write_char('"')?;
+    }
+    for c in text.chars() {
+        match c {
+            '\n' => out.write_str("\\n")?,
+            '\r' => out.write_str("\\r")?,
+            '\t' => out.write_str("\\t")?,
+            '"' if quoted => out.write_str("\\\"")?,
+            '\\' if quoted => out.write_str("\\\\")?,
+            c if c.is_control() => write!(out, "\\u{{{:x}}}", u32::from(c))?,
+            c => out.write_char(c)?,
+        }
+    }
+    if quoted {
+        out.write_char('"')?;
+    }
+    Ok(())
 }
 
 /// A subscriber for tests: the test writer, installed at most once.
@@ -96,5 +135,50 @@ mod log_budget_tests {
         let allowed = (0..100).filter(|_| budget.allow_at(1_000)).count();
         assert_eq!(allowed, 10);
         assert!(budget.allow_at(1_001), "a new second, a new budget");
+    }
+}
+
+#[cfg(test)]
+mod escape_tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_value_from_outside_cannot_forge_a_log_line() {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .fmt_fields(escaped_fields())
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let forged = "x\n2026-01-01T00:00:00Z ERROR forged\u{1b}[31m\0 level=ERROR";
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(event.r#type = %forged, event.id = ?forged, "callback names no call");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(!text.contains(['\u{1b}', '\0']), "{text:?}");
+        assert!(
+            text.contains(
+                r#"event.type="x\n2026-01-01T00:00:00Z ERROR forged\u{1b}[31m\u{0} level=ERROR""#
+            ),
+            "{text}"
+        );
     }
 }
