@@ -20,7 +20,7 @@ use uuid::Uuid;
 use crate::acs::client::{AcsClient, AcsError, RemoveParticipant, Repeatability};
 use crate::acs::events::AcsEvent;
 use crate::acs::identifier::{CommunicationIdentifier, IdentifierError};
-use crate::correlation::{Delivery, DeliverySummary};
+use crate::correlation::{Delivery, DeliverySummary, IncomingEvent};
 use crate::graph::client::{CancelAnswer, GraphClient, GraphError};
 use crate::graph::ids;
 use crate::graph::notifications::GraphEvent;
@@ -34,6 +34,7 @@ use crate::store::{
     ContextInUse, CreateError, Delivered, Inbound, ListFilter, Storage, StoreError, StoreStats,
     UpstreamAnswer,
 };
+use crate::telemetry::LogBudget;
 use crate::trace_context::TraceParent;
 use crate::upstream::TransientError;
 
@@ -351,6 +352,7 @@ impl OperationService {
     ) -> Result<DeliverySummary, DeliveryError> {
         let mut summary = DeliverySummary::default();
         let mut inbound = Vec::with_capacity(events.len());
+        let mut nameless = Nameless::default();
         for GraphEvent {
             incoming,
             call_ended,
@@ -359,16 +361,14 @@ impl OperationService {
             summary.received += 1;
             let Some(call) = &incoming.call else {
                 summary.unmatched += 1;
-                tracing::warn!(
-                    event.r#type = %incoming.event_type,
-                    "notification names no call (no resourceUrl or resource); not kept"
-                );
+                nameless.note(&incoming);
                 continue;
             };
             // Only a call's end needs the call after the event is handed over.
             let ended = call_ended.map(|result| (call.clone(), result));
             inbound.push(Inbound { incoming, ended });
         }
+        nameless.log("notifications name no call (no resourceUrl or resource); not kept");
         self.deliver("graph", inbound, &mut summary).await?;
         Ok(summary)
     }
@@ -381,16 +381,13 @@ impl OperationService {
         let received = OffsetDateTime::now_utc();
         let mut summary = DeliverySummary::default();
         let mut inbound = Vec::with_capacity(events.len());
+        let mut nameless = Nameless::default();
         for event in events {
             let incoming = event.into_incoming(received);
             summary.received += 1;
             if incoming.call.is_none() {
                 summary.unmatched += 1;
-                tracing::warn!(
-                    event.id = incoming.id.as_deref().unwrap_or(""),
-                    event.r#type = %incoming.event_type,
-                    "callback names no call connection (no data.callConnectionId, no source); not kept"
-                );
+                nameless.note(&incoming);
                 continue;
             }
             inbound.push(Inbound {
@@ -398,6 +395,9 @@ impl OperationService {
                 ended: None,
             });
         }
+        nameless.log(
+            "callback events name no call connection (no data.callConnectionId, no source); not kept",
+        );
         self.deliver("acs", inbound, &mut summary).await?;
         Ok(summary)
     }
@@ -409,6 +409,8 @@ impl OperationService {
         inbound: Vec<Inbound>,
         summary: &mut DeliverySummary,
     ) -> Result<(), StoreError> {
+        // Events naming no call were counted unmatched already, and logged by the caller.
+        let unnamed = summary.unmatched;
         let counted: Vec<_> = inbound
             .iter()
             .map(|event| {
@@ -425,13 +427,22 @@ impl OperationService {
                 let (counters, ended) = &counted[index];
                 metrics::count_event(counters, event_outcome(delivered.delivery));
                 summary.count(delivered.delivery);
-                log_delivery(delivered.delivery);
+                if let Delivery::Matched { id, effect } = delivered.delivery {
+                    tracing::debug!(operation.id = %id, ?effect, "callback matched");
+                }
                 if let (Some(call), false) = (ended, delivered.delivery == Delivery::Duplicate) {
                     log_call_ended(call, &delivered.failed);
                 }
             })
             .await;
         self.metrics.callbacks_delivered(source, summary);
+        let full = summary.unmatched - unnamed;
+        if full > 0 && WARNINGS.allow() {
+            tracing::warn!(
+                events = full,
+                "park full: callbacks for unknown operations were kept on their call's events only"
+            );
+        }
         delivered
     }
 
@@ -545,18 +556,38 @@ fn event_outcome(delivery: Delivery) -> EventOutcome {
     }
 }
 
-fn log_delivery(delivery: Delivery) {
-    match delivery {
-        Delivery::Matched { id, effect } => {
-            tracing::debug!(operation.id = %id, ?effect, "callback matched");
+/// Warnings a flood of callbacks could multiply: at most [`LogBudget::PER_SECOND`] a second
+/// for all requests, and one line per request whatever it holds.
+static WARNINGS: LogBudget = LogBudget::new();
+
+/// Events of one request that name no call: counted, logged once with the first one's
+/// type and id.
+#[derive(Default)]
+struct Nameless {
+    count: usize,
+    first: Option<(String, Option<String>)>,
+}
+
+impl Nameless {
+    fn note(&mut self, incoming: &IncomingEvent) {
+        self.count += 1;
+        if self.first.is_none() {
+            self.first = Some((incoming.event_type.clone(), incoming.id.clone()));
         }
-        Delivery::Unmatched => tracing::warn!(
-            "park full: a callback for an unknown operation was kept on its call's events only"
-        ),
-        Delivery::Duplicate
-        | Delivery::Parked
-        | Delivery::Observed { .. }
-        | Delivery::CallEvent => {}
+    }
+
+    fn log(self, what: &'static str) {
+        let Some((event_type, id)) = self.first else {
+            return;
+        };
+        if WARNINGS.allow() {
+            tracing::warn!(
+                events = self.count,
+                first.r#type = %event_type,
+                first.id = id.as_deref().unwrap_or(""),
+                "{what}"
+            );
+        }
     }
 }
 

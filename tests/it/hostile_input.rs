@@ -733,3 +733,28 @@ async fn a_body_that_never_finishes_is_408_with_the_error_body() {
     assert_eq!(body["error"]["code"], "RequestTimeout");
     assert!(started.elapsed() >= Duration::from_millis(1900));
 }
+
+#[tokio::test]
+async fn a_flood_of_nameless_events_costs_a_few_log_lines() {
+    let (captured, _guard) = crate::support::capture_logs();
+    let app = TestApp::spawn().await;
+    let events = 20_000;
+    let acs = format!("[{}]", vec!["{}"; events].join(","));
+    let summary = app.callback(&serde_json::from_str(&acs).unwrap()).await;
+    assert_eq!(summary["unmatched"], events, "{summary}");
+    let graph = format!(r#"{{"value":[{}]}}"#, vec!["{}"; events].join(","));
+    let (status, summary) = app.notify("application/json", graph).await;
+    assert_eq!(status, 202, "{summary}");
+    assert_eq!(summary["unmatched"], events, "{summary}");
+    let logs = captured.text();
+    let warnings = logs.lines().filter(|line| line.contains("WARN")).count();
+    assert!(
+        (1..=4).contains(&warnings),
+        "{warnings} warning lines for two requests:\n{}",
+        logs.lines()
+            .filter(|line| line.contains("WARN"))
+            .take(5)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
