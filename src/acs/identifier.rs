@@ -15,6 +15,10 @@ pub struct CommunicationIdentifier {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(
+        pattern = r"^(4:.+|8:[^:]+:.+|28:.+)$",
+        example = "8:acs:resource_user"
+    )]
     pub raw_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub communication_user: Option<CommunicationUser>,
@@ -30,6 +34,11 @@ pub struct CommunicationIdentifier {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CommunicationUser {
+    #[schema(
+        pattern = r"^8:[^:\s]+:\S.*$",
+        max_length = 1024,
+        example = "8:acs:resource_user"
+    )]
     pub id: String,
 }
 
@@ -71,6 +80,10 @@ pub enum IdentifierError {
     TooLong(&'static str),
     #[error("participantToRemove: its other members take more than {MAX_OTHER_LEN} bytes of JSON")]
     OtherTooLarge,
+    #[error(
+        "{0} is not a Communication Services identifier (8:acs:…, 8:orgid:…, 8:teamsvisitor:…, 4:+1…, 28:…)"
+    )]
+    Malformed(&'static str),
 }
 
 const MAX_ID_LEN: usize = 1024;
@@ -84,6 +97,18 @@ const KNOWN_KINDS: [&str; 4] = [
     "microsoftTeamsUser",
     "microsoftTeamsApp",
 ];
+
+/// The shapes of a raw id: `4:<phone>`, `8:<scope>:<id>` (ACS users, Teams users and
+/// visitors), `28:<id>` or `28:<cloud>:<id>` (Teams apps).
+fn is_raw_id(raw_id: &str) -> bool {
+    match raw_id.split_once(':') {
+        Some(("4" | "28", rest)) => !rest.trim().is_empty(),
+        Some(("8", rest)) => rest
+            .split_once(':')
+            .is_some_and(|(scope, id)| !scope.is_empty() && !id.trim().is_empty()),
+        _ => false,
+    }
+}
 
 impl CommunicationIdentifier {
     /// A `communicationUser` identifier for `id` (an `8:acs:...` id).
@@ -118,6 +143,18 @@ impl CommunicationIdentifier {
                 return Err(IdentifierError::Empty);
             }
             return Ok(self);
+        }
+        if let Some(raw_id) = &self.raw_id
+            && !is_raw_id(raw_id)
+        {
+            return Err(IdentifierError::Malformed("participantToRemove.rawId"));
+        }
+        if let Some(user) = &self.communication_user
+            && !(user.id.starts_with("8:") && is_raw_id(&user.id))
+        {
+            return Err(IdentifierError::Malformed(
+                "participantToRemove.communicationUser.id",
+            ));
         }
         if present.is_empty() {
             let raw_id = self.raw_id.clone().ok_or(IdentifierError::Empty)?;
@@ -190,6 +227,7 @@ impl CommunicationIdentifier {
     }
 
     /// Infers the typed member from a raw id, as the SDKs' `identifier_from_raw_id` does.
+    /// `raw_id` has passed [`is_raw_id`].
     fn fill_member_from_raw_id(&mut self, raw_id: &str) {
         if let Some(value) = raw_id.strip_prefix("4:") {
             self.phone_number = Some(PhoneNumber {
@@ -360,5 +398,28 @@ mod tests {
             serde_json::json!({"kind": "teamsExtensionUser", "teamsExtensionUser": {"userId": "u".repeat(5000)}}),
             IdentifierError::OtherTooLarge,
         );
+        for raw_id in [
+            "hello", "8:acs", "8::x", "8:acs: ", "4:", "28:", "9:acs:x", ":x",
+        ] {
+            check(
+                serde_json::json!({ "rawId": raw_id }),
+                IdentifierError::Malformed("participantToRemove.rawId"),
+            );
+        }
+        check(
+            serde_json::json!({"communicationUser": {"id": "bob"}}),
+            IdentifierError::Malformed("participantToRemove.communicationUser.id"),
+        );
+        for raw_id in [
+            "8:acs:r_x",
+            "4:+14255550123",
+            "8:teamsvisitor:v",
+            "28:orgid:app",
+            "28:app",
+        ] {
+            let id: CommunicationIdentifier =
+                serde_json::from_value(serde_json::json!({ "rawId": raw_id })).unwrap();
+            assert!(id.normalize().is_ok(), "{raw_id}");
+        }
     }
 }

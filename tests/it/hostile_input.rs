@@ -758,3 +758,19 @@ async fn a_flood_of_nameless_events_costs_a_few_log_lines() {
             .join("\n")
     );
 }
+
+#[tokio::test]
+async fn a_participant_that_is_no_identifier_is_400_naming_the_field() {
+    let app = TestApp::spawn().await;
+    let path = "/v1/acs/callConnections/call-raw/participants:remove";
+    let response = app
+        .post_json(path, &removal(json!({"rawId": "hello"})))
+        .await;
+    bad_request(response, "participantToRemove.rawId").await;
+    let response = app
+        .post_json(path, &removal(json!({"communicationUser": {"id": "bob"}})))
+        .await;
+    bad_request(response, "participantToRemove.communicationUser.id").await;
+    let listed = app.list("").await;
+    assert!(listed.is_empty(), "a refused removal was kept: {listed:?}");
+}
