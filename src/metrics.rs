@@ -200,6 +200,17 @@ impl Metrics {
             "Records in one committed change set",
             commit_records.clone(),
         );
+        // Every series a dashboard or alert names exists from the start, at zero.
+        for upstream in ["acs", "graph"] {
+            drop(upstream_retries.get_or_create(&[("upstream", upstream.into())]));
+            drop(upstream_duration.get_or_create(&[("upstream", upstream.into())]));
+            for status in ["ok", "rejected", "transport_error"] {
+                drop(
+                    upstream_requests
+                        .get_or_create(&[("upstream", upstream.into()), ("status", status.into())]),
+                );
+            }
+        }
         let snapshot = Arc::new(Mutex::new(Snapshot::default()));
         registry.register_collector(Box::new(SnapshotCollector(snapshot.clone())));
         Self {
@@ -338,6 +349,57 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut text, &self.inner.registry)?;
         Ok(text)
     }
+}
+
+/// The content type of [`to_prometheus_text`]'s output.
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// OpenMetrics text as the classic Prometheus text format (0.0.4), for scrapers that ask for
+/// it: counters' families named by their `_total` samples, no `# UNIT`, `# EOF` or `_created`.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ")
+            && let Some((name, kind)) = rest.split_once(' ')
+        {
+            match kind {
+                "counter" => {
+                    counters.insert(name.to_owned());
+                    out.push_str(&format!("# TYPE {name}_total counter\n"));
+                }
+                "unknown" => out.push_str(&format!("# TYPE {name} untyped\n")),
+                _ => out.push_str(&format!("{line}\n")),
+            }
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ")
+            && let Some((name, help)) = rest.split_once(' ')
+        {
+            // A family's HELP comes before its TYPE: look ahead by name.
+            let is_counter = openmetrics.contains(&format!("# TYPE {name} counter"));
+            let shown = if is_counter {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            };
+            out.push_str(&format!("# HELP {shown} {help}\n"));
+            continue;
+        }
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let sample = line.split(['{', ' ']).next().unwrap_or("");
+        if sample
+            .strip_suffix("_created")
+            .is_some_and(|family| counters.contains(family))
+        {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// Issued kinds by name; every observed kind is `observed` (its names come from callbacks).

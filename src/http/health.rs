@@ -69,6 +69,7 @@ pub(crate) async fn get_metrics(
     State(metrics): State<Metrics>,
     State(service): State<OperationService>,
     State(callback_auth): State<CallbackAuthenticator>,
+    headers: axum::http::HeaderMap,
 ) -> Response {
     let store = service.store_stats();
     let journal = service.journal_stats();
@@ -87,7 +88,18 @@ pub(crate) async fn get_metrics(
         operations_started: store.started,
         operations_settled: store.settled,
     };
+    // OpenMetrics unless the scraper asks for the classic text format only.
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("");
+    let classic = accept.contains("text/plain") && !accept.contains("application/openmetrics-text");
     match metrics.encode(snapshot) {
+        Ok(text) if classic => (
+            [(header::CONTENT_TYPE, metrics::PROMETHEUS_CONTENT_TYPE)],
+            metrics::to_prometheus_text(&text),
+        )
+            .into_response(),
         Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }

@@ -196,3 +196,44 @@ async fn a_parked_callback_that_expires_is_counted_as_unmatched_and_kept_on_its_
         "the expired park is not on its call's events: {events}"
     );
 }
+
+#[tokio::test]
+async fn every_series_exists_from_the_start_and_the_classic_format_is_served_on_request() {
+    let app = TestApp::spawn().await;
+    let http = reqwest::Client::new();
+    let text = scrape(&http, &app.url("/metrics")).await;
+    for series in [
+        r#"callops_upstream_retries_total{upstream="acs"}"#,
+        r#"callops_upstream_retries_total{upstream="graph"}"#,
+        r#"callops_upstream_requests_total{upstream="acs",status="ok"}"#,
+        r#"callops_callbacks_total{source="graph",outcome="refused"}"#,
+    ] {
+        assert_eq!(sample(&text, series).as_deref(), Some("0"), "{series}");
+    }
+    assert!(text.trim_end().ends_with("# EOF"), "OpenMetrics by default");
+
+    let response = http
+        .get(app.url("/metrics"))
+        .header("accept", "text/plain; version=0.0.4")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let classic = response.text().await.unwrap();
+    assert!(!classic.contains("# EOF"), "{classic}");
+    assert!(
+        classic.contains("# TYPE callops_callbacks_total counter"),
+        "{classic}"
+    );
+    assert_eq!(
+        sample(
+            &classic,
+            r#"callops_upstream_retries_total{upstream="acs"}"#
+        )
+        .as_deref(),
+        Some("0")
+    );
+}
