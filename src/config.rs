@@ -147,6 +147,8 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     pub format: LogFormat,
+    /// One `info` line per HTTP request (method, route, status, latency, request id).
+    pub access: bool,
 }
 
 #[derive(Clone, Deserialize)]

@@ -139,7 +139,7 @@ pub async fn run(
             page_size_max: config.operations.page_size_max,
         },
     };
-    let app = http::router(state, &config.http)?;
+    let app = http::router(state, &config.http, config.log.access)?;
     let listen = listener.local_addr()?;
     if emulator.is_some() && !reaches(&config.http.public_url, listen) {
         tracing::warn!(

@@ -78,14 +78,22 @@ pub fn init_for_test() {
 pub struct LogBudget {
     /// The current second in the high bits, warnings written in it in the low 16.
     state: AtomicU64,
+    /// Lines a second (0: [`LogBudget::PER_SECOND`]).
+    limit: u64,
 }
 
 impl LogBudget {
     pub const PER_SECOND: u64 = 10;
 
     pub const fn new() -> Self {
+        Self::per_second(Self::PER_SECOND)
+    }
+
+    /// At most `limit` lines a second (below 65 536).
+    pub const fn per_second(limit: u64) -> Self {
         Self {
             state: AtomicU64::new(0),
+            limit,
         }
     }
 
@@ -99,7 +107,7 @@ impl LogBudget {
         loop {
             let (at, used) = (state >> 16, state & 0xffff);
             let next = if at == second {
-                if used >= Self::PER_SECOND {
+                if used >= self.limit.max(1) {
                     return false;
                 }
                 state + 1

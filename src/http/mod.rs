@@ -12,7 +12,7 @@ pub mod serve;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, FromRef};
+use axum::extract::{DefaultBodyLimit, FromRef, MatchedPath};
 use axum::http::{HeaderName, Request, StatusCode, header};
 use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
@@ -28,6 +28,7 @@ use crate::error::{ApiError, error_response};
 use crate::http::api_keys::ApiKeys;
 use crate::metrics::Metrics;
 use crate::service::OperationService;
+use crate::telemetry::LogBudget;
 
 /// The request id header, set when absent and echoed on the response.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-ms-request-id");
@@ -55,7 +56,10 @@ pub struct ApiLimits {
 
 /// The whole application. The client API (`/v1`) sits behind the API keys of `http`, when
 /// any are configured; health and callbacks do not.
-pub fn router(state: AppState, http: &HttpConfig) -> Result<Router, ConfigError> {
+/// At most this many access-log lines a second; a flood is counted, not written.
+static ACCESS_LOG: LogBudget = LogBudget::per_second(100);
+
+pub fn router(state: AppState, http: &HttpConfig, access_log: bool) -> Result<Router, ConfigError> {
     let keys = http.api_keys()?;
     if keys.is_empty() {
         tracing::warn!(
@@ -78,22 +82,39 @@ pub fn router(state: AppState, http: &HttpConfig) -> Result<Router, ConfigError>
         .map_request(drop_unusable_request_id)
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .layer(
-            TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
-                let header = |name| {
-                    request
-                        .headers()
-                        .get(name)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                };
-                tracing::info_span!(
-                    "http",
-                    method = %request.method(),
-                    path = %request.uri().path(),
-                    request.id = %header(REQUEST_ID),
-                    client_request.id = %header(CLIENT_REQUEST_ID),
-                )
-            }),
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request<_>| {
+                    let header = |name| {
+                        request
+                            .headers()
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                    };
+                    let route = request
+                        .extensions()
+                        .get::<MatchedPath>()
+                        .map_or("", MatchedPath::as_str);
+                    tracing::info_span!(
+                        "http",
+                        method = %request.method(),
+                        route = %route,
+                        path = %request.uri().path(),
+                        request.id = %header(REQUEST_ID),
+                        client_request.id = %header(CLIENT_REQUEST_ID),
+                    )
+                })
+                .on_response(
+                    move |response: &Response, latency: std::time::Duration, _: &tracing::Span| {
+                        if access_log && ACCESS_LOG.allow() {
+                            tracing::info!(
+                                status = response.status().as_u16(),
+                                latency_us = latency.as_micros() as u64,
+                                "request"
+                            );
+                        }
+                    },
+                ),
         )
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(edge::EdgeLayer {

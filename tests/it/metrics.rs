@@ -237,3 +237,43 @@ async fn every_series_exists_from_the_start_and_the_classic_format_is_served_on_
         Some("0")
     );
 }
+
+#[tokio::test]
+async fn each_request_writes_one_access_line_unless_turned_off() {
+    let (captured, _guard) = crate::support::capture_logs();
+    let app = TestApp::spawn().await;
+    let http = reqwest::Client::new();
+    let url = app.url("/v1/operations/01a24905-bf34-749c-97b2-5ceae54455c2");
+    let response = http
+        .get(&url)
+        .header("x-ms-client-request-id", "access-log-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let logs = captured.text();
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains("access-log-1") && line.contains("request"))
+        .filter(|line| line.contains(" INFO "))
+        .collect();
+    assert_eq!(lines.len(), 1, "{logs}");
+    let line = lines[0];
+    for part in [
+        "route=/v1/operations/{id}",
+        "status=404",
+        "latency_us=",
+        "method=GET",
+    ] {
+        assert!(line.contains(part), "{part} missing: {line}");
+    }
+
+    let (captured, _guard) = crate::support::capture_logs();
+    let quiet = TestApp::spawn_with(|config| config.log.access = false).await;
+    http.get(quiet.url("/healthz")).send().await.unwrap();
+    assert!(
+        !captured.text().contains("latency_us"),
+        "{}",
+        captured.text()
+    );
+}
