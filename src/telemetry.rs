@@ -74,12 +74,17 @@ pub fn init_for_test() {
 /// At most [`LogBudget::PER_SECOND`] lines a second for one kind of repeated event (a
 /// refused callback, a store that cannot be reached); the caller logs the rest at debug, so
 /// a flood cannot flood the logs. Lock-free.
-#[derive(Default)]
 pub struct LogBudget {
     /// The current second in the high bits, warnings written in it in the low 16.
     state: AtomicU64,
-    /// Lines a second (0: [`LogBudget::PER_SECOND`]).
+    /// Lines a second.
     limit: u64,
+}
+
+impl Default for LogBudget {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl LogBudget {
@@ -107,7 +112,7 @@ impl LogBudget {
         loop {
             let (at, used) = (state >> 16, state & 0xffff);
             let next = if at == second {
-                if used >= self.limit.max(1) {
+                if used >= self.limit {
                     return false;
                 }
                 state + 1
