@@ -11,15 +11,33 @@ const DEFAULT_FILTER: &str = "callops=info,tower_http=info";
 
 /// Installs the global subscriber.
 pub fn init(format: LogFormat) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    use std::io::IsTerminal;
+    let (filter, refused) = filter_from(std::env::var("RUST_LOG").ok().as_deref());
+    // Colours only for a person at a terminal, never into a file or a log collector.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
     let result = match format {
         LogFormat::Text => builder.fmt_fields(escaped_fields()).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
     // A subscriber installed earlier (tests) wins.
-    let _ = result;
+    if result.is_ok()
+        && let Some(error) = refused
+    {
+        tracing::warn!(%error, default = DEFAULT_FILTER, "RUST_LOG is not a valid filter; the default is used");
+    }
+}
+
+/// The filter `RUST_LOG` asks for, or the default and why the asked one was refused.
+fn filter_from(rust_log: Option<&str>) -> (EnvFilter, Option<String>) {
+    match rust_log.map(str::trim).filter(|text| !text.is_empty()) {
+        None => (EnvFilter::new(DEFAULT_FILTER), None),
+        Some(text) => match EnvFilter::try_new(text) {
+            Ok(filter) => (filter, None),
+            Err(error) => (EnvFilter::new(DEFAULT_FILTER), Some(error.to_string())),
+        },
+    }
 }
 
 /// Text-format fields with every value escaped: values come from outside (event types and
@@ -141,6 +159,18 @@ fn unix_second() -> u64 {
 #[cfg(test)]
 mod log_budget_tests {
     use super::*;
+
+    #[test]
+    fn an_invalid_rust_log_is_named_and_the_default_used() {
+        assert!(filter_from(Some("callops=debug")).1.is_none());
+        assert!(filter_from(None).1.is_none());
+        let (filter, refused) = filter_from(Some("callops=loud"));
+        assert!(refused.is_some());
+        assert_eq!(
+            filter.to_string(),
+            EnvFilter::new(DEFAULT_FILTER).to_string()
+        );
+    }
 
     #[test]
     fn at_most_ten_lines_a_second() {

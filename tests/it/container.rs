@@ -285,3 +285,40 @@ async fn the_default_data_directory_is_created_when_missing() {
     let _ = server.0.wait();
     assert!(cwd.path().join("data").join("callops.db").exists());
 }
+
+#[tokio::test]
+async fn logs_into_a_pipe_have_no_colours_and_an_invalid_rust_log_is_named() {
+    let cwd = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_callops"));
+    command
+        .current_dir(cwd.path())
+        .env_clear()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for (name, value) in container_env(port, Path::new("memory")) {
+        command.env(name, value);
+    }
+    command
+        .env("CALLOPS_LOG_FORMAT", "text")
+        .env("RUST_LOG", "callops=loud");
+    let child = command.spawn().unwrap();
+    until_up(
+        &reqwest::Client::new(),
+        &format!("http://127.0.0.1:{port}/healthz"),
+    )
+    .await;
+    let pid = child.id().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let output = within(child.wait_with_output()).await.unwrap();
+    let stdout = text(&output.stdout);
+    assert!(
+        stdout.contains("RUST_LOG is not a valid filter"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains('\u{1b}'), "colours in a pipe: {stdout:?}");
+}
