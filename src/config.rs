@@ -809,6 +809,25 @@ fn raw_env(names: &[&str]) -> Option<String> {
         .map(|value| value.to_string_lossy().into_owned())
 }
 
+/// `CALLOPS_*` variables among `names` that set nothing: not an alias, not `SECTION__FIELD`
+/// (those are checked against the fields), not the config file's. A typo such as
+/// `CALLOPS_LISTENN` would otherwise be ignored without a word.
+pub fn unknown_env<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+    names
+        .into_iter()
+        .filter(|name| {
+            let Some(key) = name.strip_prefix("CALLOPS_") else {
+                return false;
+            };
+            !(key.contains("__")
+                || key == "CONFIG"
+                || key.starts_with("TEST_")
+                || API_KEYS_ENV.contains(name)
+                || ENV_ALIASES.iter().any(|(alias, _)| *alias == key))
+        })
+        .collect()
+}
+
 /// `CALLOPS_*` variables: the documented aliases, and `SECTION__FIELD` for everything else
 /// (but [`API_KEYS_ENV`]).
 fn env_provider() -> Env {
@@ -1061,6 +1080,21 @@ mod tests {
         assert!(!err.contains(spaced), "{err}");
         let err = load_with_env(&[("CALLOPS_HTTP__HEADER_READ_TIMEOUT_SECS", "0")]).unwrap_err();
         assert!(err.contains("http.header_read_timeout_secs"), "{err}");
+    }
+
+    #[test]
+    fn unknown_callops_variables_are_found() {
+        let names = [
+            "CALLOPS_LISTENN",
+            "CALLOPS_LISTEN",
+            "CALLOPS_STORE",
+            "CALLOPS_OPERATIONS__MAX_WAIT_SECS",
+            "CALLOPS_API_KEYS",
+            "CALLOPS_CONFIG",
+            "CALLOPS_TEST_REDIS",
+            "PATH",
+        ];
+        assert_eq!(unknown_env(names), ["CALLOPS_LISTENN"]);
     }
 
     #[test]

@@ -61,6 +61,15 @@ async fn main() -> anyhow::Result<ExitCode> {
     }
     let config = config.context("invalid configuration")?;
     callops::telemetry::init(config.log.format);
+    let names: Vec<String> = std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .collect();
+    for name in callops::config::unknown_env(names.iter().map(String::as_str)) {
+        tracing::warn!(
+            variable = name,
+            "not a callops setting; ignored (see the configuration table in the README)"
+        );
+    }
     if let Command::Migrate(args) = &command {
         return Ok(migrate::main(args, &config).await);
     }

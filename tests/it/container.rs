@@ -287,7 +287,7 @@ async fn the_default_data_directory_is_created_when_missing() {
 }
 
 #[tokio::test]
-async fn logs_into_a_pipe_have_no_colours_and_an_invalid_rust_log_is_named() {
+async fn logs_into_a_pipe_have_no_colours_and_name_an_invalid_rust_log_and_unknown_variables() {
     let cwd = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_callops"));
@@ -302,7 +302,8 @@ async fn logs_into_a_pipe_have_no_colours_and_an_invalid_rust_log_is_named() {
     }
     command
         .env("CALLOPS_LOG_FORMAT", "text")
-        .env("RUST_LOG", "callops=loud");
+        .env("RUST_LOG", "callops=loud")
+        .env("CALLOPS_LISTENN", "127.0.0.1:1");
     let child = command.spawn().unwrap();
     until_up(
         &reqwest::Client::new(),
@@ -321,4 +322,8 @@ async fn logs_into_a_pipe_have_no_colours_and_an_invalid_rust_log_is_named() {
         "{stdout}"
     );
     assert!(!stdout.contains('\u{1b}'), "colours in a pipe: {stdout:?}");
+    assert!(
+        stdout.contains("CALLOPS_LISTENN") && stdout.contains("not a callops setting"),
+        "{stdout}"
+    );
 }
