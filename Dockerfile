@@ -30,9 +30,12 @@ USER 65532:65532
 # Only /data is written (the SQLite store and its -wal/-shm files); the rest of the
 # filesystem may be read-only. A relative CALLOPS_STORE also lands in the volume.
 WORKDIR /data
+# The emulator is off: an image started without its ACS and Graph settings refuses to start
+# rather than serve "healthy" against a stand-in (-e CALLOPS_EMULATOR__ENABLED=true to try it).
 ENV CALLOPS_LISTEN=0.0.0.0:8080 \
     CALLOPS_STORE=/data/callops.db \
-    CALLOPS_LOG_FORMAT=json
+    CALLOPS_LOG_FORMAT=json \
+    CALLOPS_EMULATOR__ENABLED=false
 VOLUME /data
 EXPOSE 8080
 # Docker and Compose use this; Azure Container Apps and Kubernetes ignore it and use their own

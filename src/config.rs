@@ -543,11 +543,11 @@ pub enum ConfigError {
         problem: &'static str,
     },
     #[error(
-        "acs.connection_string is empty and the emulator is disabled; set CALLOPS_ACS_CONNECTION_STRING=endpoint=https://<resource>.communication.azure.com/;accesskey=<base64 key>"
+        "acs.connection_string is empty and the emulator is disabled; set CALLOPS_ACS_CONNECTION_STRING=endpoint=https://<resource>.communication.azure.com/;accesskey=<base64 key> (or CALLOPS_EMULATOR__ENABLED=true to try the built-in emulator)"
     )]
     NoUpstream,
     #[error(
-        "Graph has no app credentials and the emulator is disabled; set CALLOPS_GRAPH_TENANT_ID, CALLOPS_GRAPH_CLIENT_ID and CALLOPS_GRAPH_CLIENT_SECRET"
+        "Graph has no app credentials and the emulator is disabled; set CALLOPS_GRAPH_TENANT_ID, CALLOPS_GRAPH_CLIENT_ID and CALLOPS_GRAPH_CLIENT_SECRET (or CALLOPS_EMULATOR__ENABLED=true to try the built-in emulator)"
     )]
     NoGraph,
     #[error(

@@ -327,3 +327,71 @@ async fn logs_into_a_pipe_have_no_colours_and_name_an_invalid_rust_log_and_unkno
         "{stdout}"
     );
 }
+
+/// The `ENV` settings of the image's final stage, as the Dockerfile gives them.
+fn image_env() -> Vec<(String, String)> {
+    let dockerfile =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    let mut env = Vec::new();
+    let mut lines = dockerfile
+        .lines()
+        .skip_while(|line| !line.starts_with("ENV "));
+    while let Some(line) = lines.next() {
+        let setting = line
+            .trim_start_matches("ENV ")
+            .trim()
+            .trim_end_matches('\\')
+            .trim();
+        let (name, value) = setting.split_once('=').unwrap();
+        env.push((name.to_owned(), value.to_owned()));
+        if !line.trim_end().ends_with('\\') {
+            break;
+        }
+    }
+    env
+}
+
+#[tokio::test]
+async fn the_image_refuses_to_start_without_azure_settings_unless_the_emulator_is_asked_for() {
+    let env = image_env();
+    assert!(
+        env.contains(&("CALLOPS_EMULATOR__ENABLED".to_owned(), "false".to_owned())),
+        "{env:?}"
+    );
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let start = |emulator: Option<&str>| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_callops"));
+        command
+            .current_dir(data.path())
+            .env_clear()
+            .kill_on_drop(true);
+        for (name, value) in &env {
+            command.env(name, value);
+        }
+        command
+            .env("CALLOPS_LISTEN", format!("127.0.0.1:{port}"))
+            .env("CALLOPS_PUBLIC_URL", format!("http://127.0.0.1:{port}"))
+            .env("CALLOPS_STORE", data.path().join("callops.db"))
+            .env("CALLOPS_EMULATOR__LISTEN", "127.0.0.1:0");
+        if let Some(enabled) = emulator {
+            command.env("CALLOPS_EMULATOR__ENABLED", enabled);
+        }
+        command
+    };
+    let output = within(start(None).output()).await.unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("CALLOPS_ACS_CONNECTION_STRING")
+            && stderr.contains("CALLOPS_EMULATOR__ENABLED=true"),
+        "{stderr}"
+    );
+    let mut server = start(Some("true")).spawn().unwrap();
+    until_up(
+        &reqwest::Client::new(),
+        &format!("http://127.0.0.1:{port}/healthz"),
+    )
+    .await;
+    server.kill().await.unwrap();
+}
