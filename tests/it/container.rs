@@ -333,10 +333,10 @@ fn image_env() -> Vec<(String, String)> {
     let dockerfile =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
     let mut env = Vec::new();
-    let mut lines = dockerfile
+    let lines = dockerfile
         .lines()
         .skip_while(|line| !line.starts_with("ENV "));
-    while let Some(line) = lines.next() {
+    for line in lines {
         let setting = line
             .trim_start_matches("ENV ")
             .trim()
