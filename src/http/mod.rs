@@ -104,6 +104,9 @@ pub fn router(state: AppState, http: &HttpConfig, access_log: bool) -> Result<Ro
                         client_request.id = %header(CLIENT_REQUEST_ID),
                     )
                 })
+                // A 5xx is in the access line; the store's own failure is logged within a budget
+                // where it happens, so the layer's own error line per 5xx would double it.
+                .on_failure(())
                 .on_response(
                     move |response: &Response, latency: std::time::Duration, _: &tracing::Span| {
                         if access_log && ACCESS_LOG.allow() {

@@ -283,6 +283,7 @@ async fn with_auth_none_unsigned_callbacks_are_accepted() {
 
 #[tokio::test]
 async fn while_no_keys_can_be_loaded_callbacks_are_answered_503_so_they_are_retried() {
+    let (captured, _guard) = crate::support::capture_logs();
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -306,6 +307,14 @@ async fn while_no_keys_can_be_loaded_callbacks_are_answered_503_so_they_are_retr
     assert!(message.contains("ACS callback signing keys"), "{message}");
     assert_eq!(body["checks"]["callbackKeys"]["graph"], "ok", "{body}");
     assert_eq!(body["checks"]["store"], "ok", "{body}");
+    // Not being ready is no server error: no ERROR line for the 503s.
+    let logs = captured.text();
+    assert!(
+        !logs
+            .lines()
+            .any(|line| line.contains(" ERROR ") && line.contains("503")),
+        "{logs}"
+    );
     // Graph's keys load fine: its callbacks are unaffected.
     let (status, _) = app
         .notify(
