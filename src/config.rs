@@ -516,14 +516,16 @@ pub enum EmulatedOutcome {
 /// A configuration that cannot be used, with what is expected instead.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// Unreadable or ill-typed; `hint` names the environment variable of the field.
-    #[error("{error}{hint}")]
+    /// Unreadable or ill-typed; `hint` names the environment variable of the field and the
+    /// form it expects.
+    #[error("{}{hint}", tidy(error))]
     Load {
         error: Box<figment::Error>,
         hint: String,
     },
+    /// The cause is in the message, not a source of its own, so it is printed once.
     #[error("CALLOPS_ACS_CONNECTION_STRING (acs.connection_string) is invalid: {0}")]
-    ConnectionString(#[from] ConnectionStringError),
+    ConnectionString(ConnectionStringError),
     #[error(
         "CALLOPS_STORE (store.location) = {0:?} is not supported; expected \"memory\", a SQLite file path ending in .db, .sqlite or .sqlite3, sqlite://PATH, or redis://HOST[:PORT][/DB] (rediss:// for TLS)"
     )]
@@ -560,6 +562,24 @@ pub enum ConfigError {
     AcsCallbackAudience,
 }
 
+impl From<ConnectionStringError> for ConfigError {
+    fn from(error: ConnectionStringError) -> Self {
+        Self::ConnectionString(error)
+    }
+}
+
+/// figment's message without its doubled quoting (`` expected `one of `a`, `b`` ``).
+fn tidy(error: &figment::Error) -> String {
+    let text = error.to_string();
+    match text.split_once("expected `one of ") {
+        Some((head, rest)) => match rest.split_once("``") {
+            Some((list, tail)) => format!("{head}expected one of {list}`{tail}"),
+            None => text,
+        },
+        None => text,
+    }
+}
+
 impl Config {
     /// Embedded defaults, then `path` (when given), then the environment.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
@@ -584,14 +604,24 @@ impl Config {
     pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
         let config: Self = figment.extract().map_err(|error| {
             let field = error.path.join(".").to_ascii_lowercase();
-            let hint = match ENV_ALIASES.iter().find(|(_, path)| *path == field) {
-                Some((alias, _)) => format!(" (environment variable CALLOPS_{alias})"),
-                None if !field.is_empty() => format!(
+            // Name the variable only when the value came from the environment.
+            let from_env = error
+                .metadata
+                .as_ref()
+                .is_some_and(|metadata| metadata.name.contains("environment"));
+            let mut hint = match ENV_ALIASES.iter().find(|(_, path)| *path == field) {
+                Some((alias, _)) if from_env => format!(" (environment variable CALLOPS_{alias})"),
+                None if from_env && !field.is_empty() => format!(
                     " (environment variable CALLOPS_{})",
                     field.replace('.', "__").to_ascii_uppercase()
                 ),
-                None => String::new(),
+                _ => String::new(),
             };
+            if field == "http.listen" {
+                hint.push_str(
+                    "; expected IP:PORT, e.g. 0.0.0.0:8080 or 127.0.0.1:8080 (a host name such as localhost is not resolved)",
+                );
+            }
             ConfigError::Load {
                 error: Box::new(error),
                 hint,
@@ -1080,6 +1110,27 @@ mod tests {
         assert!(!err.contains(spaced), "{err}");
         let err = load_with_env(&[("CALLOPS_HTTP__HEADER_READ_TIMEOUT_SECS", "0")]).unwrap_err();
         assert!(err.contains("http.header_read_timeout_secs"), "{err}");
+    }
+
+    #[test]
+    fn load_errors_name_the_expected_form_once() {
+        let err = load_with_env(&[("CALLOPS_LISTEN", "localhost:8080")]).unwrap_err();
+        assert!(
+            err.contains("CALLOPS_LISTEN") && err.contains("0.0.0.0:8080"),
+            "{err}"
+        );
+        let file = Figment::from(Toml::string(DEFAULT_TOML))
+            .merge(Toml::string("[http]\nlistn = \"x\"\n"));
+        let err = Config::from_figment(file).unwrap_err().to_string();
+        assert!(err.contains("expected one of `listen`"), "{err}");
+        assert!(
+            !err.contains("``") && !err.contains("CALLOPS_HTTP__LISTN"),
+            "{err}"
+        );
+        let err = ConfigError::from(
+            crate::acs::connection_string::ConnectionString::parse("endpoint=x").unwrap_err(),
+        );
+        assert!(std::error::Error::source(&err).is_none(), "{err}");
     }
 
     #[test]
