@@ -294,7 +294,12 @@ async fn start_emulator(
 ) -> anyhow::Result<url::Url> {
     let listener = TcpListener::bind(config.emulator.listen)
         .await
-        .with_context(|| format!("binding the emulator to {}", config.emulator.listen))?;
+        .with_context(|| {
+            format!(
+                "binding the emulator to {} (CALLOPS_EMULATOR__LISTEN, emulator.listen)",
+                config.emulator.listen
+            )
+        })?;
     let address = listener.local_addr()?;
     let endpoint = url::Url::parse(&format!("http://{address}/"))?;
     let emulator = Emulator::new(&config.emulator);

@@ -79,7 +79,12 @@ async fn main() -> anyhow::Result<ExitCode> {
         Command::Serve => {
             let listener = TcpListener::bind(config.http.listen)
                 .await
-                .with_context(|| format!("binding {}", config.http.listen))?;
+                .with_context(|| {
+                    format!(
+                        "binding {} (CALLOPS_LISTEN, http.listen; set it to a free address, e.g. CALLOPS_LISTEN=127.0.0.1:8081)",
+                        config.http.listen
+                    )
+                })?;
             callops::run(listener, config, shutdown).await?;
         }
         Command::Emulator { listen } => {

@@ -395,3 +395,22 @@ async fn the_image_refuses_to_start_without_azure_settings_unless_the_emulator_i
     .await;
     server.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_port_in_use_names_the_setting_to_change() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let cwd = tempfile::tempdir().unwrap();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_callops"));
+    command.current_dir(cwd.path()).env_clear();
+    for (name, value) in container_env(port, Path::new("memory")) {
+        command.env(name, value);
+    }
+    let output = within(command.output()).await.unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("CALLOPS_LISTEN") && stderr.contains(&port.to_string()),
+        "{stderr}"
+    );
+}
