@@ -11,6 +11,8 @@ pub mod serve;
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRef, MatchedPath};
 use axum::http::{HeaderName, Request, StatusCode, header};
@@ -57,7 +59,7 @@ pub struct ApiLimits {
 /// The whole application. The client API (`/v1`) sits behind the API keys of `http`, when
 /// any are configured; health and callbacks do not.
 /// At most this many access-log lines a second; a flood is counted, not written.
-static ACCESS_LOG: LogBudget = LogBudget::per_second(100);
+const ACCESS_LOG_PER_SECOND: u64 = 100;
 
 pub fn router(state: AppState, http: &HttpConfig, access_log: bool) -> Result<Router, ConfigError> {
     let keys = http.api_keys()?;
@@ -74,6 +76,7 @@ pub fn router(state: AppState, http: &HttpConfig, access_log: bool) -> Result<Ro
     // Outermost first: credentials are hidden from anything that logs headers; a client's
     // request id is kept only when it is a sane one, and one exists before the span that
     // logs it; the deadline and panic guard sit inside, so their answers carry the id too.
+    let access_budget = Arc::new(LogBudget::per_second(ACCESS_LOG_PER_SECOND));
     let middleware = ServiceBuilder::new()
         .layer(SetSensitiveRequestHeadersLayer::new([
             header::AUTHORIZATION,
@@ -109,7 +112,7 @@ pub fn router(state: AppState, http: &HttpConfig, access_log: bool) -> Result<Ro
                 .on_failure(())
                 .on_response(
                     move |response: &Response, latency: std::time::Duration, _: &tracing::Span| {
-                        if access_log && ACCESS_LOG.allow() {
+                        if access_log && access_budget.allow() {
                             tracing::info!(
                                 status = response.status().as_u16(),
                                 latency_us = latency.as_micros() as u64,
