@@ -22,6 +22,7 @@
 //! script can check and write atomically.
 
 pub mod error;
+mod event;
 mod keys;
 mod ops;
 mod plan;
@@ -129,6 +130,9 @@ struct Inner {
     operations: OperationsConfig,
     script: redis::Script,
     reader: redis::Script,
+    /// The common delivery's read and write (`event.rs`).
+    event_reader: redis::Script,
+    event_writer: redis::Script,
     timeout: Duration,
     poll: Duration,
     metrics: Metrics,
@@ -217,6 +221,8 @@ impl RedisStore {
                 operations: operations.clone(),
                 script: redis::Script::new(include_str!("commit.lua")),
                 reader: redis::Script::new(include_str!("read.lua")),
+                event_reader: redis::Script::new(include_str!("event_read.lua")),
+                event_writer: redis::Script::new(include_str!("event_commit.lua")),
                 timeout,
                 poll: Duration::from_millis(store.redis_poll_ms),
                 metrics,
@@ -276,13 +282,7 @@ impl RedisStore {
     ) -> Result<Committed<T>, RedisStoreError> {
         for attempt in 0..MAX_ATTEMPTS {
             if attempt > 0 {
-                self.inner
-                    .counters
-                    .conflicts
-                    .fetch_add(1, Ordering::Relaxed);
-                // Spread replicas retrying the same records apart.
-                let jitter = rand::random_range(0..=u64::from(attempt.min(8)) * 500);
-                tokio::time::sleep(Duration::from_micros(jitter)).await;
+                self.conflicted(attempt).await;
             }
             let (read, restored) = self.read(want).await?;
             let now = OffsetDateTime::now_utc();
@@ -345,26 +345,30 @@ impl RedisStore {
 
     /// Counts operations started and settled by this replica.
     fn count(&self, read: &Read, outcome: &Outcome) {
-        let counters = &self.inner.counters;
         for op in &outcome.operations {
-            if !read.operations.contains_key(&op.id) {
-                // Until the sweep counts the store again.
-                counters.operations.fetch_add(1, Ordering::Relaxed);
-            }
-            let Some(kind) = ISSUED_KINDS.iter().position(|k| *k == op.kind) else {
-                continue;
-            };
-            let before = read.operations.get(&op.id);
-            if before.is_none() {
-                counters.started[kind].fetch_add(1, Ordering::Relaxed);
-            }
-            let was_settled = before.is_some_and(|(_, settled)| *settled);
-            if let (false, Some(status)) = (
-                was_settled,
-                FINAL_STATUSES.iter().position(|s| *s == op.status),
-            ) {
-                counters.settled[kind][status].fetch_add(1, Ordering::Relaxed);
-            }
+            self.count_one(read.operations.get(&op.id), op);
+        }
+    }
+
+    /// Counts `op` as written, given what was read of it (revision, settled).
+    fn count_one(&self, before: Option<&(u64, bool)>, op: &Operation) {
+        let counters = &self.inner.counters;
+        if before.is_none() {
+            // Until the sweep counts the store again.
+            counters.operations.fetch_add(1, Ordering::Relaxed);
+        }
+        let Some(kind) = ISSUED_KINDS.iter().position(|k| *k == op.kind) else {
+            return;
+        };
+        if before.is_none() {
+            counters.started[kind].fetch_add(1, Ordering::Relaxed);
+        }
+        let was_settled = before.is_some_and(|(_, settled)| *settled);
+        if let (false, Some(status)) = (
+            was_settled,
+            FINAL_STATUSES.iter().position(|s| *s == op.status),
+        ) {
+            counters.settled[kind][status].fetch_add(1, Ordering::Relaxed);
         }
     }
 

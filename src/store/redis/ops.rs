@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use super::{Committed, RedisStore, RedisStoreError, Want};
-use crate::correlation::{Delivery, upstream_key};
-use crate::operation::{Operation, OperationId, Transition};
+use super::{Committed, RedisStore, RedisStoreError, Want, event};
+use crate::correlation::{Delivery, IncomingEvent, upstream_key};
+use crate::operation::{CallRef, Operation, OperationId, ResultInfo, Transition};
 use crate::store::tracker::{Noted, unix_millis};
 
 /// Most unsent operations one claim looks at.
@@ -153,45 +153,67 @@ impl RedisStore {
     }
 
     /// One transition per event, each written before the next, so a redelivered event is
-    /// a duplicate alone and a failure part-way leaves the rest to the redelivery.
+    /// a duplicate alone and a failure part-way leaves the rest to the redelivery. An event
+    /// for a known operation takes the common path (`event.rs`); anything else, or what
+    /// that path finds is not the common case, the general transition.
     pub(crate) async fn deliver(
         &self,
         events: Vec<Inbound>,
         observe: &mut (dyn FnMut(usize, &Delivered) + Send),
     ) -> Result<(), StoreError> {
         for (index, Inbound { incoming, ended }) in events.into_iter().enumerate() {
-            let want = Want::event(&incoming, incoming.cancelled || ended.is_some());
-            let now = tokio::time::Instant::now();
-            let committed = self
-                .transact(&want, |scratch, outcome| {
-                    outcome.seen.extend(incoming.id.clone());
-                    let delivery = scratch.deliver_noting(incoming.clone(), now, &mut |noted| {
-                        // Evicted ids stay remembered: Redis keeps every seen id on its own.
-                        if let Noted::Parked(event) = noted {
-                            outcome.parked.push(event.clone());
-                        }
-                    });
-                    let failed = match &ended {
-                        Some((call, result)) => scratch.end_call(
-                            call,
-                            result.clone(),
-                            &call_terminated(),
-                            OffsetDateTime::now_utc(),
-                        ),
-                        None => Vec::new(),
-                    };
-                    Delivered { delivery, failed }
-                })
-                .await?;
-            let delivered = match committed {
-                Committed::Done(done) => done,
-                Committed::Duplicate => Delivered {
-                    delivery: Delivery::Duplicate,
+            let common = if event::is_common(&incoming, ended.is_some()) {
+                self.deliver_common(&incoming).await?
+            } else {
+                None
+            };
+            let delivered = match common {
+                Some(delivery) => Delivered {
+                    delivery,
                     failed: Vec::new(),
                 },
+                None => self.deliver_general(incoming, ended).await?,
             };
             observe(index, &delivered);
         }
         Ok(())
+    }
+
+    /// Delivers one event by the general transition (on a scratch store).
+    pub(super) async fn deliver_general(
+        &self,
+        incoming: IncomingEvent,
+        ended: Option<(CallRef, Option<ResultInfo>)>,
+    ) -> Result<Delivered, RedisStoreError> {
+        let want = Want::event(&incoming, incoming.cancelled || ended.is_some());
+        let now = tokio::time::Instant::now();
+        let committed = self
+            .transact(&want, |scratch, outcome| {
+                outcome.seen.extend(incoming.id.clone());
+                let delivery = scratch.deliver_noting(incoming.clone(), now, &mut |noted| {
+                    // Evicted ids stay remembered: Redis keeps every seen id on its own.
+                    if let Noted::Parked(event) = noted {
+                        outcome.parked.push(event.clone());
+                    }
+                });
+                let failed = match &ended {
+                    Some((call, result)) => scratch.end_call(
+                        call,
+                        result.clone(),
+                        &call_terminated(),
+                        OffsetDateTime::now_utc(),
+                    ),
+                    None => Vec::new(),
+                };
+                Delivered { delivery, failed }
+            })
+            .await?;
+        Ok(match committed {
+            Committed::Done(done) => done,
+            Committed::Duplicate => Delivered {
+                delivery: Delivery::Duplicate,
+                failed: Vec::new(),
+            },
+        })
     }
 }

@@ -186,10 +186,40 @@ impl Plan {
     }
 }
 
-fn millis(duration: Duration) -> u64 {
+pub fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
         .max(1)
+}
+
+/// How long an operation's record is kept from `now`, and its callback deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kept {
+    /// Its record's time to live (ms): its deadline while unsettled, then its retention.
+    pub ttl: u64,
+    /// Callback deadline (unix ms) while unsettled, else 0.
+    pub deadline: i64,
+    pub settled: bool,
+}
+
+/// How long `op` (as it is after a transition at `now`) is kept.
+pub fn kept(lifetimes: &Lifetimes, op: &Operation, now: OffsetDateTime) -> Kept {
+    let retention = millis(lifetimes.retention);
+    let settled = op.status.is_terminal();
+    let deadline = op.created_date_time + lifetimes.timeouts.for_kind(&op.kind);
+    if settled {
+        Kept {
+            ttl: retention,
+            deadline: 0,
+            settled,
+        }
+    } else {
+        Kept {
+            ttl: millis(Duration::try_from(deadline - now).unwrap_or(Duration::ZERO)) + retention,
+            deadline: unix_millis(deadline),
+            settled,
+        }
+    }
 }
 
 /// The plan for `outcome`, given what was `read`, at `now`.
@@ -212,13 +242,11 @@ pub fn plan(
         }
         let new = base.is_none();
         let id = op.id.to_string();
-        let settled = op.status.is_terminal();
-        let deadline = op.created_date_time + lifetimes.timeouts.for_kind(&op.kind);
-        let ttl = if settled {
-            retention
-        } else {
-            millis(Duration::try_from(deadline - now).unwrap_or(Duration::ZERO)) + retention
-        };
+        let Kept {
+            ttl,
+            deadline,
+            settled,
+        } = kept(lifetimes, op, now);
         let mut names = Vec::new();
         if !op.context.is_empty() {
             let name = context_name(&op.call, &op.context);
@@ -282,7 +310,7 @@ pub fn plan(
             names,
             new,
             call: keys.call(&op.call),
-            deadline: if settled { 0 } else { unix_millis(deadline) },
+            deadline,
             settled,
             id,
             operation: op.id,
