@@ -1,7 +1,7 @@
 # callops container image: see docs/deploy.md.
 #
 #   docker build -t callops .
-#   docker run --rm -p 8080:8080 -v callops-data:/data callops
+#   docker run --rm -p 8080:8080 -v callops-data:/data -e CALLOPS_EMULATOR__ENABLED=true callops
 #
 # TLS: reqwest is built with its `rustls-tls` feature, which is `rustls-tls-webpki-roots`:
 # the Mozilla root certificates (the webpki-roots crate) are compiled into the binary and the
@@ -16,14 +16,19 @@ COPY . .
 # The default configuration (config/default.toml) and the emulator's development keys are
 # compiled in: the binary is the whole application. (Plain Dockerfile syntax, no BuildKit
 # cache mounts: any builder can run it.)
+# Stripped (-s): the release profile keeps line tables for profiling, which the image does
+# not need (about 105 MB unstripped, 17 MB stripped).
 RUN cargo build --release --locked --bin callops \
- && install -D -m 0755 target/release/callops /out/callops
+ && install -D -s -m 0755 target/release/callops /out/callops
 # The runtime image has no shell: its one writable directory is made here, owned by the
 # distroless `nonroot` user (65532). A new named volume mounted on /data starts as a copy.
 RUN install -d -o 65532 -g 65532 -m 0750 /out/data
 
 # glibc and libgcc (bookworm, as the builder), CA certificates, tzdata; no shell, no curl.
 FROM gcr.io/distroless/cc-debian12:nonroot
+LABEL org.opencontainers.image.title="callops" \
+      org.opencontainers.image.description="Call-control operations on Azure Communication Services and Microsoft Graph, with their callbacks correlated and their outcomes polled over HTTP" \
+      org.opencontainers.image.documentation="docs/deploy.md"
 COPY --from=builder /out/callops /usr/local/bin/callops
 COPY --from=builder --chown=65532:65532 /out/data /data
 USER 65532:65532
