@@ -27,8 +27,7 @@ RUN install -d -o 65532 -g 65532 -m 0750 /out/data
 # glibc and libgcc (bookworm, as the builder), CA certificates, tzdata; no shell, no curl.
 FROM gcr.io/distroless/cc-debian12:nonroot
 LABEL org.opencontainers.image.title="callops" \
-      org.opencontainers.image.description="Call-control operations on Azure Communication Services and Microsoft Graph, with their callbacks correlated and their outcomes polled over HTTP" \
-      org.opencontainers.image.documentation="docs/deploy.md"
+      org.opencontainers.image.description="Call-control operations on Azure Communication Services and Microsoft Graph, with their callbacks correlated and their outcomes polled over HTTP"
 COPY --from=builder /out/callops /usr/local/bin/callops
 COPY --from=builder --chown=65532:65532 /out/data /data
 USER 65532:65532
