@@ -367,3 +367,56 @@ fn migrate_refuses_a_store_newer_than_this_build() {
     let (ok, stdout, _) = migrate(std::path::Path::new("memory"), &["--check"]);
     assert!(ok && stdout.contains("nothing to migrate"), "{stdout}");
 }
+
+/// The resident memory of process `pid`, in kB.
+fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn bodies_dripped_a_byte_at_a_time_hold_little_memory() {
+    use tokio::io::AsyncWriteExt;
+    const CONNECTIONS: usize = 100;
+    const BYTES: usize = 200;
+    let port = free_port();
+    let server = callops(
+        &["serve"],
+        &[("CALLOPS_LISTEN", format!("127.0.0.1:{port}"))],
+    );
+    let http = reqwest::Client::new();
+    until_up(&http, &format!("http://127.0.0.1:{port}/healthz")).await;
+    let pid = server.0.id();
+    let before = rss_kb(pid);
+    let mut drips = tokio::task::JoinSet::new();
+    for _ in 0..CONNECTIONS {
+        drips.spawn(async move {
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let head = "POST /v1/acs/callConnections/x/participants:remove HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 262144\r\n\r\n";
+            stream.write_all(head.as_bytes()).await.unwrap();
+            for _ in 0..BYTES {
+                stream.write_all(b" ").await.unwrap();
+                stream.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // Held open, body unfinished, until the measurement is taken.
+            stream
+        });
+    }
+    let mut open = Vec::new();
+    while let Some(stream) = within(drips.join_next()).await {
+        open.push(stream.unwrap());
+    }
+    let during = rss_kb(pid);
+    drop(open);
+    let grown_mb = during.saturating_sub(before) / 1024;
+    // A pinned read buffer per byte would be tens of megabytes here (about 4 KB a byte).
+    assert!(
+        grown_mb < 24,
+        "{CONNECTIONS} connections dripping {BYTES} bytes each grew the server by {grown_mb} MB ({before} kB → {during} kB)"
+    );
+}
