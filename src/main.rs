@@ -67,7 +67,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     for name in callops::config::unknown_env(names.iter().map(String::as_str)) {
         tracing::warn!(
             variable = name,
-            "not a callops setting; ignored (see the configuration table in the README)"
+            "not a callops setting; ignored (see docs/configuration.md)"
         );
     }
     if let Command::Migrate(args) = &command {
