@@ -55,7 +55,8 @@ pub(super) struct Migration {
     pub(super) run: fn(&Transaction<'_>) -> rusqlite::Result<()>,
 }
 
-/// Every step, in order. A new file gets [`SCHEMA`] directly, at the last step's version.
+/// Every step, in order. A new file gets every table directly ([`V1_TABLES`],
+/// [`V2_TABLES`]), at the last step's version.
 pub(super) const MIGRATIONS: &[Migration] = &[Migration {
     to: 2,
     what: "operations' events move out of their bodies into rows of their own (tables \
@@ -73,7 +74,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Cap on the WAL file left behind after a checkpoint.
 const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
-const SCHEMA: &str = "
+/// The version-1 tables; a new file also gets [`V2_TABLES`].
+const V1_TABLES: &str = "
 CREATE TABLE IF NOT EXISTS operations (
     id TEXT PRIMARY KEY,
     body BLOB NOT NULL,
@@ -89,18 +91,6 @@ CREATE TABLE IF NOT EXISTS parked (
     body BLOB NOT NULL,
     at_ms INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS events (
-    operation TEXT NOT NULL,
-    ordinal INTEGER NOT NULL,
-    body BLOB NOT NULL,
-    PRIMARY KEY (operation, ordinal)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS call_events (
-    call TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    body BLOB NOT NULL,
-    PRIMARY KEY (call, seq)
-) WITHOUT ROWID;
 ";
 
 /// What version 2 added, as step 2 creates it.
@@ -315,7 +305,8 @@ fn prepare(
         .map_err(open_error)?;
     let found = check_version(&tx, path)?;
     if found == 0 {
-        tx.execute_batch(SCHEMA).map_err(open_error)?;
+        tx.execute_batch(V1_TABLES).map_err(open_error)?;
+        tx.execute_batch(V2_TABLES).map_err(open_error)?;
     } else {
         for step in MIGRATIONS.iter().filter(|step| step.to > found) {
             (step.run)(&tx).map_err(|source| JournalError::Migrate {
