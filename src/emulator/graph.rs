@@ -512,6 +512,7 @@ async fn record_request(
         headers,
         body,
         status: response.status().as_u16(),
+        repeat: false,
     });
     response
 }

@@ -81,7 +81,14 @@ pub struct RecordedRequest {
     pub body: Value,
     /// What the emulator answered.
     pub status: u16,
+    /// A repeat of a request already accepted (same repeatability id): answered as the first
+    /// was, and not acted on again, as ACS does.
+    pub repeat: bool,
 }
+
+/// Marks the answer to a repeat of an accepted request.
+#[derive(Clone, Copy)]
+struct Repeat;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -265,6 +272,7 @@ async fn remove_participant(
             .collect(),
         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
         status: response.status().as_u16(),
+        repeat: response.extensions().get::<Repeat>().is_some(),
     });
     response
 }
@@ -319,7 +327,9 @@ async fn handle_remove(
         && emulator.inner.accepted.contains_key(&request_id)
     {
         // A retry of an accepted request: same answer, no second callback.
-        return accepted(&context);
+        let mut response = accepted(&context);
+        response.extensions_mut().insert(Repeat);
+        return response;
     }
 
     let script = emulator

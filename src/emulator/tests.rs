@@ -571,6 +571,12 @@ async fn a_retry_of_an_accepted_request_calls_back_only_once() {
         "the retry calls back no more"
     );
     assert!(received.try_recv().is_err());
+    let repeats: Vec<bool> = emulator.requests().iter().map(|r| r.repeat).collect();
+    assert_eq!(
+        repeats,
+        [false, true],
+        "only the retry is recorded as a repeat"
+    );
     // Another request is another operation, with its own event.
     assert_eq!(
         status_of(&emulator, fresh(PATH, &body)).await,
