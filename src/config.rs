@@ -71,6 +71,50 @@ pub struct Config {
     pub graph: GraphConfig,
     pub callbacks: CallbacksConfig,
     pub emulator: EmulatorConfig,
+    pub stream: StreamConfig,
+    pub webhooks: WebhooksConfig,
+}
+
+/// The change feed and its live stream (`GET /v1/operations:stream`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    /// Changes are kept this long for a stream to resume from (`Last-Event-ID`) ...
+    pub retention_secs: u64,
+    /// ... and at most this many.
+    pub max_changes: usize,
+    /// An idle stream gets a comment line this often.
+    pub heartbeat_secs: u64,
+    /// A client this many changes behind the newest is dropped with a final event.
+    pub client_buffer: usize,
+    /// Open streams at most (more are refused with 503).
+    pub max_clients: usize,
+}
+
+/// Outbound webhook deliveries (subscriptions and per-operation `notify`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// A delivery is retried this long after it was created, then dead-lettered.
+    pub retry_total_secs: u64,
+    pub initial_delay_ms: u64,
+    pub max_delay_ms: u64,
+    /// One attempt's whole deadline (connect, send, read).
+    pub request_timeout_ms: u64,
+    /// At most this much of a response body is read (the rest is not waited for).
+    pub max_response_bytes: usize,
+    /// Attempts in flight to one endpoint (scheme, host, port) at most.
+    pub per_endpoint_concurrency: usize,
+    /// A subscription whose deliveries have failed, without a success, for this long is
+    /// disabled.
+    pub disable_after_secs: u64,
+    /// Targets may be `http` and private, loopback or link-local addresses (development
+    /// and tests). Off: `https` to public addresses only.
+    pub allow_private_targets: bool,
+    /// Finished deliveries (delivered or dead-lettered) are kept this long in the log.
+    pub log_retention_secs: u64,
+    /// Subscriptions at most.
+    pub max_subscriptions: usize,
 }
 
 #[derive(Clone, Deserialize)]
@@ -633,6 +677,19 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.store.location()?;
+        let positive = [
+            ("stream.max_changes / stream.client_buffer / stream.max_clients", self.stream.max_changes.min(self.stream.client_buffer).min(self.stream.max_clients) as u64),
+            ("stream.heartbeat_secs", self.stream.heartbeat_secs),
+            ("webhooks.request_timeout_ms", self.webhooks.request_timeout_ms),
+            ("webhooks.per_endpoint_concurrency", self.webhooks.per_endpoint_concurrency as u64),
+            ("webhooks.initial_delay_ms", self.webhooks.initial_delay_ms),
+        ];
+        if let Some((field, _)) = positive.iter().find(|(_, value)| *value == 0) {
+            return Err(ConfigError::Invalid {
+                field,
+                problem: "must be at least 1",
+            });
+        }
         if self.store.redis_timeout_ms == 0 || self.store.redis_poll_ms == 0 {
             return Err(ConfigError::Invalid {
                 field: "store.redis_timeout_ms / store.redis_poll_ms",

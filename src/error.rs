@@ -30,6 +30,9 @@ pub enum ApiError {
     /// A dependency is missing for now; the client should retry.
     #[error("{0}")]
     Unavailable(String),
+    /// This deployment does not offer the route (its store backend lacks it).
+    #[error("{0}")]
+    NotImplemented(String),
 }
 
 /// The error body of every error answer.
@@ -60,6 +63,7 @@ impl ApiError {
             }
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "Unauthorized"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
+            Self::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "NotImplemented"),
         }
     }
 }
@@ -107,8 +111,23 @@ impl From<StartError> for ApiError {
 impl From<StoreError> for ApiError {
     /// The store cannot answer now (a shared store unreachable): 503, so the client retries.
     fn from(error: StoreError) -> Self {
+        if let StoreError::Unsupported(what) = error {
+            return Self::NotImplemented(what.to_owned());
+        }
         log_store_failure(&error);
         Self::Unavailable(format!("the store is unavailable: {error}"))
+    }
+}
+
+impl From<crate::webhooks::WebhookError> for ApiError {
+    fn from(error: crate::webhooks::WebhookError) -> Self {
+        use crate::webhooks::WebhookError;
+        match error {
+            WebhookError::Store(error) => error.into(),
+            WebhookError::Invalid(message) => Self::BadRequest(message),
+            WebhookError::NotFound(message) => Self::NotFound(message),
+            WebhookError::Conflict(message) => Self::Conflict(message),
+        }
     }
 }
 

@@ -25,6 +25,7 @@ pub mod store;
 pub mod telemetry;
 pub mod trace_context;
 pub mod upstream;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -128,9 +129,14 @@ pub async fn run(
             .clone()
             .run_redispatch(sweep_interval.max(Duration::from_millis(250))),
     );
+    let webhooks = webhooks::Webhooks::new(storage.clone(), &config.webhooks, metrics.clone())?;
+    tasks.spawn(webhooks.clone().run(tasks.clone(), shutdown.clone()));
+    let stream = http::stream::StreamHub::new(&config.stream, shutdown.clone(), metrics.clone());
     let state = AppState {
         service,
         callback_auth,
+        webhooks,
+        stream,
         metrics,
         limits: ApiLimits {
             max_wait: Duration::from_secs(config.operations.max_wait_secs),

@@ -55,7 +55,24 @@ struct Inner {
     upstream_retries: Family<Labels1, Counter>,
     commit_duration: Histogram,
     commit_records: Histogram,
+    /// Webhook attempts by outcome, one counter per [`WEBHOOK_OUTCOMES`] entry.
+    webhook_attempts: [Counter; WEBHOOK_OUTCOMES.len()],
+    /// Open change streams.
+    stream_clients: prometheus_client::metrics::gauge::Gauge,
 }
+
+/// How a webhook attempt ended, for `callops_webhook_deliveries_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookOutcome {
+    /// A 2xx answered it.
+    Delivered = 0,
+    /// A transient failure; it is tried again later.
+    Retried = 1,
+    /// Dead-lettered: refused for good or out of retry time.
+    Failed = 2,
+}
+
+const WEBHOOK_OUTCOMES: [&str; 3] = ["delivered", "retried", "failed"];
 
 /// Values read at scrape time from the components that keep them.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
@@ -76,6 +93,10 @@ pub struct Snapshot {
     pub operations_started: [u64; 2],
     /// Operations settled, by [`ISSUED_KINDS`] index, then [`FINAL_STATUSES`] index.
     pub operations_settled: [[u64; 3]; 2],
+    /// Webhook deliveries waiting for an attempt.
+    pub webhook_pending: u64,
+    /// Age of the oldest of them.
+    pub webhook_oldest_pending_seconds: f64,
 }
 
 /// How an upstream attempt ended, for `callops_upstream_requests_total{status}`.
@@ -200,6 +221,20 @@ impl Metrics {
             "Records in one committed change set",
             commit_records.clone(),
         );
+        let webhook_family: Family<Labels1, Counter> = Family::default();
+        registry.register(
+            "webhook_deliveries",
+            "Webhook delivery attempts by outcome (delivered, retried, failed: dead-lettered)",
+            webhook_family.clone(),
+        );
+        let webhook_attempts = WEBHOOK_OUTCOMES
+            .map(|outcome| webhook_family.get_or_create_owned(&[("outcome", outcome.into())]));
+        let stream_clients = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(
+            "stream_clients",
+            "Open change streams (GET /v1/operations:stream)",
+            stream_clients.clone(),
+        );
         // Every series a dashboard or alert names exists from the start, at zero.
         for upstream in ["acs", "graph"] {
             drop(upstream_retries.get_or_create(&[("upstream", upstream.into())]));
@@ -226,8 +261,20 @@ impl Metrics {
                 upstream_retries,
                 commit_duration,
                 commit_records,
+                webhook_attempts,
+                stream_clients,
             }),
         }
+    }
+
+    /// Counts one webhook attempt.
+    pub fn webhook_attempt(&self, outcome: WebhookOutcome) {
+        self.inner.webhook_attempts[outcome as usize].inc();
+    }
+
+    /// A change stream opened (`1`) or closed (`-1`).
+    pub fn stream_clients(&self, delta: i64) {
+        self.inner.stream_clients.inc_by(delta);
     }
 
     /// Counts the outcomes of one callback delivery from `source` (`acs`, `graph`).
@@ -479,6 +526,19 @@ impl Collector for SnapshotCollector {
             "The most batches committed in one journal transaction",
             s.store_largest_batch,
         )?;
+        gauge(
+            &mut encoder,
+            "webhook_pending",
+            "Webhook deliveries waiting for an attempt (the retry queue)",
+            s.webhook_pending,
+        )?;
+        let oldest = ConstGauge::new(s.webhook_oldest_pending_seconds);
+        oldest.encode(encoder.encode_descriptor(
+            "webhook_oldest_pending_age_seconds",
+            "Age of the oldest webhook delivery waiting for an attempt (0: none)",
+            None,
+            oldest.metric_type(),
+        )?)?;
         let seconds = ConstCounter::new(s.store_commit_seconds);
         seconds.encode(encoder.encode_descriptor(
             "store_commit_seconds",

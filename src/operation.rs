@@ -370,6 +370,47 @@ pub struct Operation {
     /// has written: a commit writes only those after. Not part of the API.
     #[serde(skip)]
     pub events_written: u64,
+    /// Where the client asked to be told when the operation settles; kept in the record,
+    /// never shown (its secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
+    pub notify: Option<Box<NotifyTarget>>,
+    /// What the change feed has announced of it. Not part of the API.
+    #[serde(skip)]
+    pub announced: Announced,
+}
+
+/// The change feed's bookkeeping on an operation; not its state: two operations in the
+/// same state are equal whatever the feed has announced of them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Announced {
+    /// The revision at which the operation last settled or changed its outcome (0: never).
+    pub settled_revision: u64,
+    /// The last `settled_revision` announced.
+    pub settle: u64,
+    /// One more than the last revision announced (0: none).
+    pub change: u64,
+}
+
+impl PartialEq for Announced {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Announced {}
+
+/// A per-operation completion webhook: a URL (with the secret to sign for it), or a
+/// subscription whose URL and secret are used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum NotifyTarget {
+    Url {
+        url: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secret: Option<String>,
+    },
+    Subscription(String),
 }
 
 impl Operation {
@@ -381,6 +422,7 @@ impl Operation {
     /// The operation as the API shows it: without what is kept for the store alone.
     pub fn public(mut self) -> Self {
         self.pending = None;
+        self.notify = None;
         self
     }
 
@@ -406,6 +448,8 @@ impl Operation {
             revision: 0,
             durable: 0,
             events_written: 0,
+            notify: None,
+            announced: Announced::default(),
         }
     }
 
@@ -449,6 +493,8 @@ impl Operation {
             revision: _,
             durable: _,
             events_written: _,
+            notify,
+            announced: _,
         } = self;
         WithoutEvents {
             id,
@@ -467,6 +513,7 @@ impl Operation {
             cancelled_operations,
             events: &[],
             events_omitted: *events_omitted,
+            notify: notify.as_deref(),
         }
     }
 
@@ -498,10 +545,14 @@ impl Operation {
             self.late = true;
             self.error = None;
         }
+        let outcome_changed = next.is_terminal() && (next != self.status || reopened);
         self.status = next;
         self.last_updated_date_time = now;
 
         self.revision += 1;
+        if outcome_changed {
+            self.announced.settled_revision = self.revision;
+        }
         match transition {
             Transition::Accepted | Transition::Started => {}
             Transition::Succeeded { result } | Transition::Canceled { result } => {
@@ -574,6 +625,8 @@ struct WithoutEvents<'a> {
     events: &'a [EventRecord],
     #[serde(skip_serializing_if = "is_zero")]
     events_omitted: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notify: Option<&'a NotifyTarget>,
 }
 
 /// How many events an operation's timeline keeps: the `first` that arrived and the `last`

@@ -26,7 +26,7 @@ use crate::graph::ids;
 use crate::graph::notifications::GraphEvent;
 use crate::metrics::{self, EventOutcome, Metrics};
 use crate::operation::{
-    CallRef, Operation, OperationError, OperationId, OperationKind, PendingRequest, ResultInfo,
+    CallRef, NotifyTarget, Operation, OperationError, OperationId, OperationKind, PendingRequest, ResultInfo,
     Transition,
 };
 use crate::store::journal::JournalStats;
@@ -172,6 +172,11 @@ impl OperationService {
         }
     }
 
+    /// The store's change feed.
+    pub fn feed(&self) -> Result<&crate::store::feed::Feed, crate::store::StoreError> {
+        self.storage.feed()
+    }
+
     /// Creates a Remove Participant operation and sends it to ACS in the background.
     #[tracing::instrument(skip_all, fields(call.connection_id = %call_connection_id, operation.id))]
     pub async fn start_remove_participant(
@@ -180,6 +185,7 @@ impl OperationService {
         participant: CommunicationIdentifier,
         operation_context: Option<String>,
         traceparent: Option<TraceParent>,
+        notify: Option<NotifyTarget>,
     ) -> Result<Operation, StartError> {
         let participant = participant.normalize()?;
         let context =
@@ -190,6 +196,7 @@ impl OperationService {
             context.clone(),
             OffsetDateTime::now_utc(),
         );
+        operation.notify = notify.map(Box::new);
         let id = operation.id;
         let repeatability = Repeatability::new();
         operation.pending = Some(Box::new(PendingRequest::RemoveParticipant {
@@ -286,6 +293,7 @@ impl OperationService {
         call_id: String,
         client_context: Option<String>,
         traceparent: Option<TraceParent>,
+        notify: Option<NotifyTarget>,
     ) -> Result<Operation, StartError> {
         let context = context_or_generated(client_context, MAX_CLIENT_CONTEXT_LEN)
             .ok_or(StartError::ClientContext)?;
@@ -298,6 +306,7 @@ impl OperationService {
         operation.pending = Some(Box::new(PendingRequest::CancelMediaProcessing {
             call_id: call_id.clone(),
         }));
+        operation.notify = notify.map(Box::new);
         let id = operation.id;
         self.launch(operation, move |service| async move {
             service

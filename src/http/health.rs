@@ -69,9 +69,11 @@ pub(crate) async fn get_metrics(
     State(metrics): State<Metrics>,
     State(service): State<OperationService>,
     State(callback_auth): State<CallbackAuthenticator>,
+    State(webhooks): State<crate::webhooks::Webhooks>,
     headers: axum::http::HeaderMap,
 ) -> Response {
     let store = service.store_stats();
+    let (webhook_pending, webhook_oldest_pending_seconds) = webhooks.pending();
     let journal = service.journal_stats();
     let snapshot = Snapshot {
         operations_in_memory: store.operations as u64,
@@ -87,6 +89,8 @@ pub(crate) async fn get_metrics(
         graph_token_fetches: service.graph_token_fetches(),
         operations_started: store.started,
         operations_settled: store.settled,
+        webhook_pending,
+        webhook_oldest_pending_seconds,
     };
     // OpenMetrics unless the scraper asks for the classic text format only.
     let accept = headers

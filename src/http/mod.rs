@@ -8,6 +8,8 @@ pub mod health;
 pub mod openapi;
 pub mod operations;
 pub mod serve;
+pub mod stream;
+pub mod subscriptions;
 
 use std::time::Duration;
 
@@ -30,7 +32,9 @@ use crate::error::{ApiError, error_response};
 use crate::http::api_keys::ApiKeys;
 use crate::metrics::Metrics;
 use crate::service::OperationService;
+use crate::http::stream::StreamHub;
 use crate::telemetry::LogBudget;
+use crate::webhooks::Webhooks;
 
 /// The request id header, set when absent and echoed on the response.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-ms-request-id");
@@ -45,6 +49,8 @@ pub struct AppState {
     pub callback_auth: CallbackAuthenticator,
     pub metrics: Metrics,
     pub limits: ApiLimits,
+    pub webhooks: Webhooks,
+    pub stream: StreamHub,
 }
 
 /// Bounds of the client API.
@@ -136,6 +142,8 @@ pub fn router(state: AppState, http: &HttpConfig, access_log: bool) -> Result<Ro
     // The key check wraps the whole of /v1, its own 404 and 405 included: without a key,
     // nothing under /v1 is revealed.
     let client_api = operations::router()
+        .route("/operations:stream", axum::routing::get(stream::stream_operations))
+        .merge(subscriptions::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(from_fn_with_state(

@@ -16,11 +16,13 @@ use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorBody};
 use crate::graph::ids;
 use crate::http::{ApiLimits, AppState};
 use crate::operation::{
-    CallRef, EventRecord, Operation, OperationId, OperationKind, OperationStatus,
+    CallRef, EventRecord, NotifyTarget, Operation, OperationId, OperationKind, OperationStatus,
 };
 use crate::service::{MAX_CONTEXT_LEN, OperationService};
 use crate::store::ListFilter;
 use crate::trace_context::{TRACEPARENT, TraceParent};
+use crate::webhooks::Webhooks;
+use crate::webhooks::signing::SigningKey;
 
 /// The longest call id accepted in a path or filter.
 const MAX_CALL_ID_LEN: usize = 256;
@@ -56,6 +58,55 @@ pub(crate) struct RemoveParticipantIn {
     /// Unique per call among running operations; generated when absent.
     #[schema(min_length = 1, max_length = 512)]
     operation_context: Option<String>,
+    notify: Option<NotifyIn>,
+}
+
+/// Where to POST the operation once it settles (and again if a late callback changes its
+/// outcome): a URL, with an optional `whsec_` secret to sign with, or a subscription.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct NotifyIn {
+    /// `https` (http and private addresses only where allowed).
+    #[schema(max_length = 2048)]
+    url: Option<String>,
+    /// `whsec_` + base64 of 24 to 64 bytes; the deliveries are unsigned without it.
+    secret: Option<String>,
+    /// A subscription whose URL and secret are used instead.
+    subscription_id: Option<String>,
+}
+
+/// The `notify` member as the operation keeps it, once checked.
+fn notify_target(
+    notify: Option<NotifyIn>,
+    webhooks: &Webhooks,
+) -> Result<Option<NotifyTarget>, ApiError> {
+    let Some(notify) = notify else {
+        return Ok(None);
+    };
+    match (notify.url, notify.subscription_id) {
+        (Some(url), None) => {
+            webhooks
+                .check_url(&url)
+                .map_err(|error| ApiError::BadRequest(format!("notify.{error}")))?;
+            if let Some(secret) = &notify.secret {
+                SigningKey::parse(secret)
+                    .map_err(|error| ApiError::BadRequest(format!("notify.secret: {error}")))?;
+            }
+            Ok(Some(NotifyTarget::Url {
+                url,
+                secret: notify.secret,
+            }))
+        }
+        (None, Some(id)) if notify.secret.is_none() => {
+            webhooks.subscription(&id).map_err(|_| {
+                ApiError::BadRequest(format!("notify.subscriptionId: {id:.64} does not exist"))
+            })?;
+            Ok(Some(NotifyTarget::Subscription(id)))
+        }
+        _ => Err(ApiError::BadRequest(
+            "notify: give url (and optionally secret), or subscriptionId".to_owned(),
+        )),
+    }
 }
 
 #[utoipa::path(
@@ -83,18 +134,21 @@ pub(crate) struct RemoveParticipantIn {
 )]
 pub(crate) async fn create_removal(
     State(service): State<OperationService>,
+    State(webhooks): State<Webhooks>,
     State(limits): State<ApiLimits>,
     ApiPath(call_connection_id): ApiPath<String>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<RemoveParticipantIn>,
 ) -> Result<Response, ApiError> {
     check_call_id(&call_connection_id, "callConnectionId")?;
+    let notify = notify_target(body.notify, &webhooks)?;
     let operation = service
         .start_remove_participant(
             call_connection_id,
             body.participant_to_remove,
             body.operation_context,
             traceparent(&headers),
+            notify,
         )
         .await?;
     Ok(accepted(operation, limits.retry_after_secs))
@@ -107,6 +161,7 @@ pub(crate) struct CancelMediaProcessingIn {
     /// Unique per call among running operations; generated when absent.
     #[schema(min_length = 1, max_length = 256)]
     client_context: Option<String>,
+    notify: Option<NotifyIn>,
 }
 
 #[utoipa::path(
@@ -134,14 +189,21 @@ pub(crate) struct CancelMediaProcessingIn {
 )]
 pub(crate) async fn create_cancel(
     State(service): State<OperationService>,
+    State(webhooks): State<Webhooks>,
     State(limits): State<ApiLimits>,
     ApiPath(call_id): ApiPath<String>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<CancelMediaProcessingIn>,
 ) -> Result<Response, ApiError> {
     check_call_id(&call_id, "callId")?;
+    let notify = notify_target(body.notify, &webhooks)?;
     let operation = service
-        .start_cancel_media_processing(call_id, body.client_context, traceparent(&headers))
+        .start_cancel_media_processing(
+            call_id,
+            body.client_context,
+            traceparent(&headers),
+            notify,
+        )
         .await?;
     Ok(accepted(operation, limits.retry_after_secs))
 }
@@ -295,21 +357,16 @@ pub(crate) async fn list_operations(
     State(limits): State<ApiLimits>,
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<axum::Json<Page<Operation>>, ApiError> {
-    let status = match &query.status {
-        Some(text) => Some(OperationStatus::parse(text).ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "status: {text:.64} is not one of NotStarted, Running, Succeeded, Failed, Canceled"
-            ))
-        })?),
-        None => None,
-    };
     let before = match &query.skip_token {
         Some(token) => Some(parse_operation_id(token, "skipToken").map_err(|_| {
             ApiError::BadRequest("skipToken: not a token from nextLink".to_owned())
         })?),
         None => None,
     };
-    check_filters(&query)?;
+    let filter = ListFilter {
+        before,
+        ..list_filter(&query)?
+    };
     let page_size = match query.max_page_size {
         Some(0) => {
             return Err(ApiError::BadRequest(
@@ -319,7 +376,23 @@ pub(crate) async fn list_operations(
         Some(size) => size.min(limits.page_size_max),
         None => limits.page_size,
     };
-    let filter = ListFilter {
+    let (value, next) = service.list(&filter, page_size).await?;
+    let next_link = next.map(|before| next_link(&query, page_size, before));
+    Ok(axum::Json(Page { value, next_link }))
+}
+
+/// The filters of a list (or stream) query, checked; no paging cursor.
+pub(crate) fn list_filter(query: &ListQuery) -> Result<ListFilter, ApiError> {
+    let status = match &query.status {
+        Some(text) => Some(OperationStatus::parse(text).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "status: {text:.64} is not one of NotStarted, Running, Succeeded, Failed, Canceled"
+            ))
+        })?),
+        None => None,
+    };
+    check_filters(query)?;
+    Ok(ListFilter {
         context: query.context.clone(),
         call_connection_id: query.call_connection_id.clone(),
         // Graph spells call ids two ways; the store keeps the canonical one.
@@ -329,11 +402,42 @@ pub(crate) async fn list_operations(
             .map(|id| ids::canonical(id).into_owned()),
         status,
         kind: query.kind.as_deref().map(OperationKind::from_name),
-        before,
-    };
-    let (value, next) = service.list(&filter, page_size).await?;
-    let next_link = next.map(|before| next_link(&query, page_size, before));
-    Ok(axum::Json(Page { value, next_link }))
+        before: None,
+    })
+}
+
+/// The list's filters without its paging (the stream's query).
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct FilterQuery {
+    /// Operations with this context (empty: those reported without one).
+    #[param(max_length = 512)]
+    context: Option<String>,
+    #[param(min_length = 1, max_length = 256, pattern = r"^[A-Za-z0-9._~:-]+$")]
+    call_connection_id: Option<String>,
+    #[param(min_length = 1, max_length = 256, pattern = r"^[A-Za-z0-9._~:-]+$")]
+    call_id: Option<String>,
+    /// One of `NotStarted`, `Running`, `Succeeded`, `Failed`, `Canceled` (any case).
+    #[param(value_type = Option<OperationStatus>)]
+    status: Option<String>,
+    /// E.g. `removeParticipant`: letters and digits.
+    #[param(min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9]+$")]
+    kind: Option<String>,
+}
+
+impl FilterQuery {
+    /// The filter it names, checked as the list checks it.
+    pub(crate) fn filter(self) -> Result<ListFilter, ApiError> {
+        list_filter(&ListQuery {
+            context: self.context,
+            call_connection_id: self.call_connection_id,
+            call_id: self.call_id,
+            status: self.status,
+            kind: self.kind,
+            ..ListQuery::default()
+        })
+    }
 }
 
 fn next_link(query: &ListQuery, page_size: usize, last: OperationId) -> String {

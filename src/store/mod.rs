@@ -7,8 +7,10 @@
 //! here and one [`Backend`] variant. The commit rule for all of them: a change is durable
 //! before anyone (a client's 2xx, a long poll, a read) sees it.
 
+pub mod feed;
 pub mod journal;
 mod local;
+pub mod outbox;
 pub mod redis;
 pub mod schema;
 mod seam;
@@ -24,7 +26,9 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, StoreLocation};
 use crate::metrics::Metrics;
 use crate::operation::{CallRef, EventRecord, Operation, OperationId, Transition};
-use journal::JournalStats;
+use feed::Feed;
+use journal::{Document, JournalStats};
+use outbox::Outbox;
 use local::LocalStore;
 use redis::RedisStore;
 use schema::SchemaStatus;
@@ -210,6 +214,38 @@ impl Storage {
         match &self.backend {
             Backend::Local(local) => local.list(filter, limit).await,
             Backend::Shared(shared) => Ok(shared.list(filter, limit).await?),
+        }
+    }
+
+    /// The change feed: every committed change of an operation, numbered, kept for the
+    /// stream's window.
+    pub fn feed(&self) -> Result<&Feed, StoreError> {
+        match &self.backend {
+            Backend::Local(local) => Ok(local.feed()),
+            Backend::Shared(_) => Err(StoreError::Unsupported(
+                "the change feed and webhooks need a local store (memory or SQLite)",
+            )),
+        }
+    }
+
+    /// The webhook subscriptions and deliveries, as committed.
+    pub fn outbox(&self) -> Result<&Outbox, StoreError> {
+        match &self.backend {
+            Backend::Local(local) => Ok(local.outbox()),
+            Backend::Shared(_) => Err(StoreError::Unsupported(
+                "the change feed and webhooks need a local store (memory or SQLite)",
+            )),
+        }
+    }
+
+    /// Writes subscriptions or delivery updates; returns once they are durable (and in
+    /// [`Storage::outbox`]).
+    pub async fn write_documents(&self, documents: Vec<Document>) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Local(local) => local.write_documents(documents).await,
+            Backend::Shared(_) => Err(StoreError::Unsupported(
+                "the change feed and webhooks need a local store (memory or SQLite)",
+            )),
         }
     }
 

@@ -18,6 +18,9 @@ pub enum StoreError {
     /// A change the reader would see has not reached the journal in time.
     #[error("the latest change is not yet durable; try again")]
     NotDurable,
+    /// This backend does not offer it.
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 /// Why an operation could not be created.

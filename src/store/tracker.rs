@@ -631,6 +631,22 @@ impl OperationStore {
         }
     }
 
+    /// The operation's state for the change feed, if it changed since the feed last took
+    /// it: a copy (events included), its revision, and whether it settled (or changed its
+    /// outcome) since. Marks both as announced, so concurrent commits announce each once.
+    pub fn claim_change(&self, id: OperationId) -> Option<(Operation, u64, bool)> {
+        let mut op = self.inner.operations.get_mut(&id)?;
+        let revision = op.revision;
+        let announced = &mut op.announced;
+        if announced.change > revision {
+            return None;
+        }
+        announced.change = revision + 1;
+        let settled = announced.settled_revision > announced.settle;
+        announced.settle = announced.settled_revision;
+        Some(((**op).clone(), op.revision, settled))
+    }
+
     /// The upstream answered the operation's request: it is no longer owed.
     pub fn answered(&self, id: OperationId) {
         if let Some(mut op) = self.inner.operations.get_mut(&id)

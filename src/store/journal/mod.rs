@@ -24,7 +24,7 @@ mod sqlite;
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -55,7 +55,35 @@ pub struct Batch {
     pub call_events_kept_from: Vec<(String, u64)>,
     /// Forget calls' timelines: (call key, last sequence number they used).
     pub retired_calls: Vec<(String, u64)>,
+    /// Change-feed rows: (unix ms, body). The journal numbers them (one more than the last
+    /// number it gave) in the transaction that writes them, and hands them to the sink.
+    pub changes: Vec<(i64, Vec<u8>)>,
+    /// Forget change rows numbered up to this one.
+    pub changes_expired_through: Option<u64>,
+    /// Documents (subscriptions, outbox deliveries) written or deleted.
+    pub documents: Vec<Document>,
 }
+
+/// A keyed document: upserted with a body, deleted without one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Document {
+    pub kind: &'static str,
+    pub id: String,
+    pub body: Option<Vec<u8>>,
+}
+
+/// What a transaction committed of the feed and the documents, handed to the [`Sink`] in
+/// commit order (by the writer thread, or the memory journal under its lock), whether or
+/// not the writer is still waiting for its answer.
+#[derive(Debug, Default)]
+pub struct Committed {
+    /// (change number, unix ms, body), in number order.
+    pub changes: Vec<(u64, i64, Vec<u8>)>,
+    pub documents: Vec<Document>,
+}
+
+/// Hears every commit's [`Committed`]. Must not block.
+pub type Sink = Arc<dyn Fn(Committed) + Send + Sync>;
 
 /// What a commit writes of one operation's events.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -100,6 +128,9 @@ impl Batch {
             + self.call_events.len()
             + self.call_events_kept_from.len()
             + self.retired_calls.len()
+            + self.changes.len()
+            + usize::from(self.changes_expired_through.is_some())
+            + self.documents.len()
     }
 
     /// Appends `other`, a batch meant to be applied after this one, so that applying the
@@ -144,6 +175,23 @@ impl Batch {
         self.call_events_kept_from
             .extend(other.call_events_kept_from);
         self.retired_calls.extend(other.retired_calls);
+        self.changes.extend(other.changes);
+        self.changes_expired_through = self
+            .changes_expired_through
+            .max(other.changes_expired_through);
+        self.documents.extend(other.documents);
+    }
+
+    /// Moves the feed rows (numbered from `next`) and documents out, for the sink; the
+    /// number after the last one.
+    pub(crate) fn take_committed(&mut self, next: u64, into: &mut Committed) -> u64 {
+        let mut number = next;
+        for (at_ms, body) in self.changes.drain(..) {
+            into.changes.push((number, at_ms, body));
+            number += 1;
+        }
+        into.documents.append(&mut self.documents);
+        number
     }
 }
 
@@ -163,6 +211,12 @@ pub struct Loaded {
     pub events: Vec<(String, u64, Vec<u8>)>,
     /// Calls' events: (call key, sequence number, JSON), by call then sequence number.
     pub call_events: Vec<(String, u64, Vec<u8>)>,
+    /// Change-feed rows: (number, unix ms, body), in number order.
+    pub changes: Vec<(u64, i64, Vec<u8>)>,
+    /// Documents: (kind, id, body), by kind then id.
+    pub documents: Vec<(String, String, Vec<u8>)>,
+    /// The highest change number ever given (0: none).
+    pub last_change: u64,
 }
 
 /// How an SQLite journal writes.
@@ -299,6 +353,11 @@ struct Inner {
     backend: Backend,
     /// Set by `close`: later writes fail at once.
     closed: AtomicBool,
+    /// Where committed feed rows and documents go (shared with the writer thread).
+    sink: Arc<OnceLock<Sink>>,
+    /// The memory journal's next change number; held while its sink runs, so rows reach
+    /// the sink in number order.
+    memory_next: Mutex<u64>,
 }
 
 enum Backend {
@@ -309,7 +368,7 @@ enum Backend {
 impl Journal {
     /// Keeps nothing: `write` returns at once, `load` is empty.
     pub fn memory() -> Self {
-        Self::with_backend(Backend::Memory)
+        Self::with_backend(Backend::Memory, Arc::default())
     }
 
     /// Opens (creating the file and its parent directories) an SQLite database in WAL mode,
@@ -321,8 +380,9 @@ impl Journal {
     /// PID) until it is closed or dropped; an open while another journal holds it fails at
     /// once with [`JournalError::InUse`].
     pub fn open_sqlite(path: &Path, options: SqliteOptions) -> Result<Self, JournalError> {
-        sqlite::Writer::open(path, options)
-            .map(|writer| Self::with_backend(Backend::Sqlite(writer)))
+        let sink: Arc<OnceLock<Sink>> = Arc::default();
+        sqlite::Writer::open(path, options, Arc::clone(&sink))
+            .map(|writer| Self::with_backend(Backend::Sqlite(writer), sink))
     }
 
     /// The schema version of the SQLite database at `path` beside this build's, and the
@@ -332,13 +392,26 @@ impl Journal {
         sqlite::status(path)
     }
 
-    fn with_backend(backend: Backend) -> Self {
+    fn with_backend(backend: Backend, sink: Arc<OnceLock<Sink>>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 backend,
                 closed: AtomicBool::new(false),
+                sink,
+                memory_next: Mutex::new(1),
             }),
         }
+    }
+
+    /// Sets where committed feed rows and documents go (once; later calls are ignored),
+    /// and the memory journal's first change number.
+    pub fn set_sink(&self, sink: Sink, next_change: u64) {
+        *self
+            .inner
+            .memory_next
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = next_change.max(1);
+        let _ = self.inner.sink.set(sink);
     }
 
     /// Everything stored, as of every write acknowledged before it.
@@ -389,7 +462,22 @@ impl Journal {
             return Err(JournalError::SequenceOutOfRange(seq));
         }
         match &self.inner.backend {
-            Backend::Memory => Ok(()),
+            Backend::Memory => {
+                if let Some(sink) = self.inner.sink.get()
+                    && !(batch.changes.is_empty() && batch.documents.is_empty())
+                {
+                    let mut batch = batch;
+                    let mut committed = Committed::default();
+                    let mut next = self
+                        .inner
+                        .memory_next
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    *next = batch.take_committed(*next, &mut committed);
+                    sink(committed);
+                }
+                Ok(())
+            }
             Backend::Sqlite(writer) => writer.write(batch).await.map_err(|e| self.gone(e)),
         }
     }

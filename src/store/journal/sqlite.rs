@@ -33,7 +33,7 @@
 //! without them.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -45,7 +45,7 @@ use rusqlite::{
 use tokio::sync::oneshot;
 
 use super::lock::StoreLock;
-use super::{Batch, JournalError, JournalStats, Loaded, SqliteOptions};
+use super::{Batch, Committed, JournalError, JournalStats, Loaded, Sink, SqliteOptions};
 use crate::store::schema::{SchemaStatus, Step};
 
 /// One numbered step: from the version before `to` to `to`, inside the open transaction.
@@ -57,12 +57,19 @@ pub(super) struct Migration {
 
 /// Every step, in order. A new file gets every table directly ([`V1_TABLES`],
 /// [`V2_TABLES`]), at the last step's version.
-pub(super) const MIGRATIONS: &[Migration] = &[Migration {
-    to: 2,
-    what: "operations' events move out of their bodies into rows of their own (tables \
-           events and call_events)",
-    run: migrate_v1,
-}];
+pub(super) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        to: 2,
+        what: "operations' events move out of their bodies into rows of their own (tables \
+               events and call_events)",
+        run: migrate_v1,
+    },
+    Migration {
+        to: 3,
+        what: "the change feed and the webhook documents (tables changes and documents)",
+        run: migrate_v2,
+    },
+];
 
 /// The schema this build writes; a database with a higher `user_version` is refused.
 pub(super) const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].to;
@@ -109,6 +116,29 @@ CREATE TABLE IF NOT EXISTS call_events (
 ) WITHOUT ROWID;
 ";
 
+/// What version 3 added, as step 3 creates it.
+const V3_TABLES: &str = "
+CREATE TABLE IF NOT EXISTS changes (
+    id INTEGER PRIMARY KEY,
+    at_ms INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS documents (
+    kind TEXT NOT NULL,
+    id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (kind, id)
+) WITHOUT ROWID;
+";
+
+const INSERT_CHANGE: &str = "INSERT INTO changes (id, at_ms, body) VALUES (?1, ?2, ?3)";
+const EXPIRE_CHANGES: &str = "DELETE FROM changes WHERE id <= ?1";
+const LAST_CHANGE: &str = "SELECT COALESCE(MAX(id), 0) FROM changes";
+const UPSERT_DOCUMENT: &str = "INSERT INTO documents (kind, id, body) VALUES (?1, ?2, ?3) \
+     ON CONFLICT (kind, id) DO UPDATE SET body = excluded.body";
+const DELETE_DOCUMENT: &str = "DELETE FROM documents WHERE kind = ?1 AND id = ?2";
+const SELECT_CHANGES: &str = "SELECT id, at_ms, body FROM changes ORDER BY id";
+const SELECT_DOCUMENTS: &str = "SELECT kind, id, body FROM documents ORDER BY kind, id";
 const UPSERT_OPERATION: &str = "INSERT INTO operations (id, body, revision) VALUES (?1, ?2, ?3) \
      ON CONFLICT (id) DO UPDATE SET body = excluded.body, revision = excluded.revision \
      WHERE excluded.revision >= operations.revision";
@@ -172,14 +202,19 @@ struct Counters {
 }
 
 impl Writer {
-    pub(super) fn open(path: &Path, options: SqliteOptions) -> Result<Self, JournalError> {
-        Self::open_with(path, options, BUSY_TIMEOUT)
+    pub(super) fn open(
+        path: &Path,
+        options: SqliteOptions,
+        sink: Arc<OnceLock<Sink>>,
+    ) -> Result<Self, JournalError> {
+        Self::open_with(path, options, BUSY_TIMEOUT, sink)
     }
 
     fn open_with(
         path: &Path,
         options: SqliteOptions,
         busy_timeout: Duration,
+        sink: Arc<OnceLock<Sink>>,
     ) -> Result<Self, JournalError> {
         if path.is_dir() {
             return Err(JournalError::IsDirectory {
@@ -198,13 +233,23 @@ impl Writer {
         // Before SQLite touches the file: a second process must not even create the schema.
         let lock = StoreLock::acquire(path)?;
         let conn = prepare(path, options, busy_timeout)?;
+        let last: i64 = conn
+            .query_row(LAST_CHANGE, [], |row| row.get(0))
+            .map_err(|source| JournalError::Open {
+                path: path.to_owned(),
+                source: Arc::new(source),
+            })?;
+        let feed = FeedState {
+            next: u64::try_from(last).unwrap_or(0) + 1,
+            sink,
+        };
         let (requests, queue) = mpsc::channel();
         let counters = Arc::new(Counters::default());
         let max_records = options.max_batch_records.max(1);
         let thread_counters = Arc::clone(&counters);
         std::thread::Builder::new()
             .name("callops-journal".to_owned())
-            .spawn(move || run(conn, &queue, max_records, &thread_counters))
+            .spawn(move || run(conn, &queue, max_records, &thread_counters, feed))
             .map_err(|e| JournalError::Spawn(Arc::new(e)))?;
         Ok(Self {
             path: path.to_owned(),
@@ -307,6 +352,7 @@ fn prepare(
     if found == 0 {
         tx.execute_batch(V1_TABLES).map_err(open_error)?;
         tx.execute_batch(V2_TABLES).map_err(open_error)?;
+        tx.execute_batch(V3_TABLES).map_err(open_error)?;
     } else {
         for step in MIGRATIONS.iter().filter(|step| step.to > found) {
             (step.run)(&tx).map_err(|source| JournalError::Migrate {
@@ -405,6 +451,11 @@ fn migrate_v1(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Version 2 to 3: the change feed and the documents start empty.
+fn migrate_v2(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(V3_TABLES)
+}
+
 /// The database's schema version, refusing a newer one than this build knows.
 fn check_version(conn: &Connection, path: &Path) -> Result<i64, JournalError> {
     let found: i64 = conn
@@ -429,12 +480,20 @@ struct Pending {
     reply: oneshot::Sender<Result<(), JournalError>>,
 }
 
+/// The writer thread's side of the change feed.
+struct FeedState {
+    /// The number the next change row gets.
+    next: u64,
+    sink: Arc<OnceLock<Sink>>,
+}
+
 /// The writer thread: until a close, or until every handle is dropped.
 fn run(
     mut conn: Connection,
     queue: &mpsc::Receiver<Request>,
     max_records: usize,
     counters: &Counters,
+    mut feed: FeedState,
 ) {
     // A request taken from the queue that does not fit in the current group.
     let mut carried: Option<Request> = None;
@@ -466,7 +525,7 @@ fn run(
                         Err(_) => break,
                     }
                 }
-                commit(&mut conn, group, records, counters);
+                commit(&mut conn, group, records, counters, &mut feed);
             }
             Request::Load(reply) => {
                 // The caller may have given up waiting: nothing to do then.
@@ -484,13 +543,31 @@ fn run(
 }
 
 /// Writes `group` in one transaction and answers every waiter.
-fn commit(conn: &mut Connection, group: Vec<Pending>, records: usize, counters: &Counters) {
+fn commit(
+    conn: &mut Connection,
+    mut group: Vec<Pending>,
+    records: usize,
+    counters: &Counters,
+    feed: &mut FeedState,
+) {
     let result = if records == 0 {
         // Only empty batches (barriers): nothing to write, everything before them is committed.
         Ok(())
     } else {
         let started = Instant::now();
-        let result = write_group(conn, &group);
+        let result = write_group(conn, &group, feed.next);
+        if result.is_ok() {
+            // Numbered as `apply` numbered them; the sink gets them in that order.
+            let mut committed = Committed::default();
+            for pending in &mut group {
+                feed.next = pending.batch.take_committed(feed.next, &mut committed);
+            }
+            if let Some(sink) = feed.sink.get()
+                && !(committed.changes.is_empty() && committed.documents.is_empty())
+            {
+                sink(committed);
+            }
+        }
         let elapsed = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         counters.commit_nanos.fetch_add(elapsed, Ordering::Relaxed);
         let batches = group.len() as u64;
@@ -519,11 +596,12 @@ fn commit(conn: &mut Connection, group: Vec<Pending>, records: usize, counters: 
 ///
 /// `BEGIN` and `COMMIT` are cached statements like the others (a `rusqlite::Transaction`
 /// would parse both anew for every transaction).
-fn write_group(conn: &mut Connection, group: &[Pending]) -> rusqlite::Result<()> {
+fn write_group(conn: &mut Connection, group: &[Pending], first: u64) -> rusqlite::Result<()> {
     conn.prepare_cached(BEGIN_WRITE)?.execute([])?;
+    let mut next = first;
     let written = group
         .iter()
-        .try_for_each(|pending| apply(conn, &pending.batch))
+        .try_for_each(|pending| apply(conn, &pending.batch, &mut next))
         .and_then(|()| conn.prepare_cached(COMMIT)?.execute([]).map(drop));
     if written.is_err() && !conn.is_autocommit() {
         // Still in the transaction (a failed statement, or a COMMIT that could not finish):
@@ -534,7 +612,7 @@ fn write_group(conn: &mut Connection, group: &[Pending]) -> rusqlite::Result<()>
 }
 
 /// One batch, its parts in the documented order.
-fn apply(tx: &Connection, batch: &Batch) -> rusqlite::Result<()> {
+fn apply(tx: &Connection, batch: &Batch, next_change: &mut u64) -> rusqlite::Result<()> {
     if !batch.operations.is_empty() {
         let mut upsert = tx.prepare_cached(UPSERT_OPERATION)?;
         for (id, body, revision) in &batch.operations {
@@ -613,6 +691,27 @@ fn apply(tx: &Connection, batch: &Batch) -> rusqlite::Result<()> {
             retire.execute(params![call, sequence(*seq)?])?;
         }
     }
+    if !batch.changes.is_empty() {
+        let mut insert = tx.prepare_cached(INSERT_CHANGE)?;
+        for (at_ms, body) in &batch.changes {
+            insert.execute(params![sequence(*next_change)?, at_ms, body])?;
+            *next_change += 1;
+        }
+    }
+    if let Some(through) = batch.changes_expired_through {
+        tx.prepare_cached(EXPIRE_CHANGES)?
+            .execute([sequence(through)?])?;
+    }
+    for document in &batch.documents {
+        match &document.body {
+            Some(body) => tx
+                .prepare_cached(UPSERT_DOCUMENT)?
+                .execute(params![document.kind, document.id, body])?,
+            None => tx
+                .prepare_cached(DELETE_DOCUMENT)?
+                .execute(params![document.kind, document.id])?,
+        };
+    }
     Ok(())
 }
 
@@ -651,13 +750,27 @@ fn load(conn: &mut Connection) -> rusqlite::Result<Loaded> {
         .prepare_cached(SELECT_CALL_EVENTS)?
         .query_map([], |row| Ok((row.get(0)?, unsigned(row, 1)?, row.get(2)?)))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
+    let changes = tx
+        .prepare_cached(SELECT_CHANGES)?
+        .query_map([], |row| Ok((unsigned(row, 0)?, row.get(1)?, row.get(2)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let documents = tx
+        .prepare_cached(SELECT_DOCUMENTS)?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let last_change = tx
+        .prepare_cached(LAST_CHANGE)?
+        .query_row([], |row| unsigned(row, 0))?;
     tx.commit()?;
     Ok(Loaded {
+        last_change,
         operations,
         seen,
         parked,
         events,
         call_events,
+        changes,
+        documents,
     })
 }
 
@@ -1117,9 +1230,9 @@ mod tests {
     async fn a_failed_transaction_answers_every_waiter_and_the_writer_carries_on() {
         let dir = temp_dir();
         let path = dir.path().join("journal.db");
-        let writer = Writer::open_with(&path, SqliteOptions::default(), Duration::from_millis(20))
+        let writer = Writer::open_with(&path, SqliteOptions::default(), Duration::from_millis(20), Arc::default())
             .expect("open");
-        let journal = Journal::with_backend(Backend::Sqlite(writer));
+        let journal = Journal::with_backend(Backend::Sqlite(writer), Arc::default());
         // Another connection holds the write lock: the writer's transactions fail as busy.
         let blocker = Connection::open(&path).expect("second connection");
         blocker
@@ -1210,16 +1323,16 @@ mod tests {
             matches!(
                 error,
                 JournalError::NewerSchema {
-                    found: 3,
-                    supported: 2,
+                    found: 4,
+                    supported: 3,
                     ..
                 }
             ),
             "{error:?}"
         );
         let message = error.to_string();
-        assert!(message.contains("schema version 3"), "{message}");
-        assert!(message.contains("newer than version 2"), "{message}");
+        assert!(message.contains("schema version 4"), "{message}");
+        assert!(message.contains("newer than version 3"), "{message}");
         assert!(message.contains("refusing to open it"), "{message}");
         assert!(message.contains(&path.display().to_string()), "{message}");
     }
@@ -1259,7 +1372,7 @@ mod tests {
         write_v1(&path);
         let before = Journal::sqlite_status(&path).expect("status");
         assert_eq!((before.found, before.current), (Some(1), SCHEMA_VERSION));
-        assert_eq!(before.steps.iter().map(|s| s.to).collect::<Vec<_>>(), [2]);
+        assert_eq!(before.steps.iter().map(|s| s.to).collect::<Vec<_>>(), [2, 3]);
 
         let journal = open(&path);
         let loaded = journal.load().expect("load");
@@ -1286,9 +1399,9 @@ mod tests {
             .query_row("SELECT count(*) FROM seen", [], |row| row.get(0))
             .expect("seen");
         assert_eq!(seen, 1);
-        assert_eq!(user_version(&Connection::open(&path).unwrap()), 2);
+        assert_eq!(user_version(&Connection::open(&path).unwrap()), SCHEMA_VERSION);
         let after = Journal::sqlite_status(&path).expect("status");
-        assert_eq!((after.found, after.steps.len()), (Some(2), 0));
+        assert_eq!((after.found, after.steps.len()), (Some(SCHEMA_VERSION), 0));
 
         // Opened again: up to date, no second backup.
         open(&path).close().await;
@@ -1320,7 +1433,7 @@ mod tests {
         assert_eq!(user_version(&Connection::open(&path).unwrap()), 1);
         let journal = open(&path);
         let status = Journal::sqlite_status(&path).expect("status while held");
-        assert_eq!(status.found, Some(2));
+        assert_eq!(status.found, Some(SCHEMA_VERSION));
         journal.close().await;
     }
 

@@ -13,7 +13,9 @@ use time::OffsetDateTime;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::journal::{Journal, JournalError, JournalStats, SqliteOptions};
+use super::feed::Feed;
+use super::journal::{Committed, Document, Journal, JournalError, JournalStats, Sink, SqliteOptions};
+use super::outbox::{self, Outbox};
 use super::seam::{
     CreateError, Delivered, Inbound, StoreError, UpstreamAnswer, call_terminated, report_sweep,
 };
@@ -36,6 +38,10 @@ pub(super) struct LocalStore {
     /// Woken after every commit: readers of a change not yet durable wait for it.
     committed: Arc<Notify>,
     metrics: Metrics,
+    feed: Feed,
+    outbox: Outbox,
+    /// Finished webhook deliveries are forgotten this long after their last attempt.
+    delivery_log_retention: Duration,
 }
 
 /// The longest a reader waits for a change it would see to become durable.
@@ -49,15 +55,40 @@ impl LocalStore {
             Recorder::memory(),
             config,
             metrics,
+            Stored::default(),
         )
     }
 
-    fn new(store: OperationStore, recorder: Recorder, config: &Config, metrics: Metrics) -> Self {
+    fn new(
+        store: OperationStore,
+        recorder: Recorder,
+        config: &Config,
+        metrics: Metrics,
+        stored: Stored,
+    ) -> Self {
         let operations = &config.operations;
-        let recorder = recorder.with_metrics(metrics.clone()).with_retention(
-            Duration::from_secs(operations.retention_secs),
-            Duration::from_secs(operations.dedupe_ttl_secs),
+        let feed = Feed::new(
+            Duration::from_secs(config.stream.retention_secs),
+            config.stream.max_changes,
         );
+        feed.restore(stored.changes, stored.last_change);
+        let outbox = Outbox::new(Duration::from_secs(config.webhooks.retry_total_secs));
+        outbox.restore(stored.documents);
+        let recorder = recorder
+            .with_metrics(metrics.clone())
+            .with_retention(
+                Duration::from_secs(operations.retention_secs),
+                Duration::from_secs(operations.dedupe_ttl_secs),
+            )
+            .with_outbox(outbox.clone());
+        let sink: Sink = {
+            let (feed, outbox) = (feed.clone(), outbox.clone());
+            Arc::new(move |committed: Committed| {
+                outbox.apply(committed.documents);
+                feed.push(committed.changes);
+            })
+        };
+        recorder.journal().set_sink(sink, stored.last_change + 1);
         Self {
             store,
             recorder,
@@ -65,6 +96,9 @@ impl LocalStore {
             unsent: Arc::default(),
             committed: Arc::default(),
             metrics,
+            feed,
+            outbox,
+            delivery_log_retention: Duration::from_secs(config.webhooks.log_retention_secs),
         }
     }
 
@@ -98,6 +132,12 @@ impl LocalStore {
         .await
         .context("opening the store")?
         .with_context(|| format!("opening the store at {} (CALLOPS_STORE)", path.display()))?;
+        let mut loaded = loaded;
+        let stored = Stored {
+            changes: std::mem::take(&mut loaded.changes),
+            documents: std::mem::take(&mut loaded.documents),
+            last_change: loaded.last_change,
+        };
         let restored = restored(loaded, config.operations.event_bound());
         tracing::info!(
             store.path = %path.display(),
@@ -125,7 +165,7 @@ impl LocalStore {
             tokio::time::Instant::now(),
             OffsetDateTime::now_utc(),
         );
-        let local = Self::new(store, Recorder::durable(journal), config, metrics);
+        let local = Self::new(store, Recorder::durable(journal), config, metrics, stored);
         // A parked callback applied at restore may have moved one already.
         let unsent = unsent
             .into_iter()
@@ -293,6 +333,21 @@ impl LocalStore {
         delivery
     }
 
+    pub(super) fn feed(&self) -> &Feed {
+        &self.feed
+    }
+
+    pub(super) fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// Writes `documents` (subscriptions, delivery updates) and returns once durable.
+    pub(super) async fn write_documents(&self, documents: Vec<Document>) -> Result<(), StoreError> {
+        let mut changes = self.recorder.changes();
+        changes.documents(documents);
+        Ok(self.commit(changes).await?)
+    }
+
     pub(super) fn claim_unsent(&self) -> Vec<Operation> {
         std::mem::take(&mut *self.unsent.lock().unwrap_or_else(PoisonError::into_inner))
     }
@@ -380,8 +435,23 @@ impl LocalStore {
         }
         changes.retired_calls(&report.retired_calls);
         changes.seen_expired_before(seen_before);
+        changes.changes_expired_through(self.feed.expire(OffsetDateTime::now_utc()));
+        let log_before = OffsetDateTime::now_utc() - self.delivery_log_retention;
+        changes.documents(self.outbox.finished_before(log_before).into_iter().map(|id| Document {
+            kind: outbox::DELIVERY,
+            id,
+            body: None,
+        }));
         changes
     }
+}
+
+/// What the journal held of the change feed and the documents at start.
+#[derive(Default)]
+struct Stored {
+    changes: Vec<(u64, i64, Vec<u8>)>,
+    documents: Vec<(String, String, Vec<u8>)>,
+    last_change: u64,
 }
 
 fn all_durable(operation: &Option<Operation>) -> bool {

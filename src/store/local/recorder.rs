@@ -19,7 +19,9 @@ use time::OffsetDateTime;
 use crate::correlation::IncomingEvent;
 use crate::metrics::Metrics;
 use crate::operation::{CallRef, EventBound, EventRecord, Operation, OperationId};
-use crate::store::journal::{Batch, Journal, JournalError, Loaded, OperationEvents};
+use crate::store::feed;
+use crate::store::journal::{Batch, Document, Journal, JournalError, Loaded, OperationEvents};
+use crate::store::outbox::{Delivery, Outbox};
 use crate::store::tracker::{Noted, OperationStore, Restored};
 
 /// Writes changes to the journal (or nowhere, for the memory store).
@@ -38,6 +40,9 @@ pub struct Recorder {
     /// operation's snapshot lists them, and [`restored`] rebuilds the duplicate filter from
     /// it. True unless operations may be retired before their event ids expire.
     ids_on_operations: bool,
+    /// Where each commit's changes create their webhook deliveries; with it, every commit
+    /// (durable or not) writes change-feed rows.
+    outbox: Option<Outbox>,
 }
 
 #[derive(Debug, Default)]
@@ -63,6 +68,8 @@ const SNAPSHOT_SLACK: usize = 256;
 #[derive(Debug, Default)]
 pub struct Changes {
     durable: bool,
+    /// Changed operations are collected for the change feed (even when not durable).
+    feed: bool,
     ids_on_operations: bool,
     operations: BTreeSet<OperationId>,
     /// Operations whose stored events are all written again (renumbered at start).
@@ -75,21 +82,33 @@ pub struct Changes {
     call_events: Vec<(String, u64, Vec<u8>)>,
     call_events_kept_from: Vec<(String, u64)>,
     retired_calls: Vec<(String, u64)>,
+    changes_expired_through: Option<u64>,
+    documents: Vec<Document>,
 }
 
 impl Changes {
+    /// Documents (subscriptions, deliveries) to write with these changes.
+    pub fn documents(&mut self, documents: impl IntoIterator<Item = Document>) {
+        self.documents.extend(documents);
+    }
+
     /// An operation changed: its snapshot is written at commit.
     pub fn operation(&mut self, id: OperationId) {
-        if self.durable {
+        if self.durable || self.feed {
             self.operations.insert(id);
         }
     }
 
     /// Operations changed.
     pub fn operations(&mut self, ids: impl IntoIterator<Item = OperationId>) {
-        if self.durable {
+        if self.durable || self.feed {
             self.operations.extend(ids);
         }
+    }
+
+    /// Change-feed rows older than this number were dropped from the window.
+    pub fn changes_expired_through(&mut self, through: u64) {
+        self.changes_expired_through = (through > 0).then_some(through);
     }
 
     /// Operations whose stored events do not match their timeline (written under another
@@ -218,6 +237,7 @@ impl Recorder {
             snapshot_size: Arc::default(),
             unwritten: Arc::default(),
             ids_on_operations: false,
+            outbox: None,
         }
     }
 
@@ -230,6 +250,7 @@ impl Recorder {
             snapshot_size: Arc::default(),
             unwritten: Arc::default(),
             ids_on_operations: false,
+            outbox: None,
         }
     }
 
@@ -243,6 +264,13 @@ impl Recorder {
     /// needs no row of its own: one B-tree page less to write per callback.
     pub fn with_retention(mut self, retention: Duration, dedupe_ttl: Duration) -> Self {
         self.ids_on_operations = retention >= dedupe_ttl;
+        self
+    }
+
+    /// The recorder, writing change-feed rows and creating `outbox` deliveries with every
+    /// commit.
+    pub fn with_outbox(mut self, outbox: Outbox) -> Self {
+        self.outbox = Some(outbox);
         self
     }
 
@@ -265,6 +293,7 @@ impl Recorder {
     pub fn changes(&self) -> Changes {
         Changes {
             durable: self.durable,
+            feed: self.outbox.is_some(),
             ids_on_operations: self.ids_on_operations,
             ..Changes::default()
         }
@@ -279,7 +308,15 @@ impl Recorder {
         mut changes: Changes,
     ) -> Result<(), JournalError> {
         if !self.durable {
-            return Ok(());
+            let mut batch = Batch {
+                documents: changes.documents,
+                ..Batch::default()
+            };
+            self.note_changes(store, &changes.operations, &mut batch);
+            if batch.is_empty() {
+                return Ok(());
+            }
+            return self.journal.write(batch).await;
         }
         let retried: Vec<OperationId> = if self.unwritten.any.load(Ordering::Acquire) {
             self.unwritten.ids().iter().copied().collect()
@@ -296,8 +333,11 @@ impl Recorder {
             call_events: changes.call_events,
             call_events_kept_from: changes.call_events_kept_from,
             retired_calls: changes.retired_calls,
+            changes_expired_through: changes.changes_expired_through,
+            documents: changes.documents,
             ..Batch::default()
         };
+        self.note_changes(store, &changes.operations, &mut batch);
         batch.operations.reserve_exact(changes.operations.len());
         let bound = store.event_bound();
         // (operation, revision, events total) to note as durable once committed.
@@ -358,6 +398,38 @@ impl Recorder {
             }
         }
         result
+    }
+}
+
+impl Recorder {
+    /// Adds a change-feed row for each operation in `ids` that changed since the feed last
+    /// took it, and the webhook deliveries the change causes: in the same batch, so a
+    /// change and its deliveries are committed together.
+    fn note_changes(&self, store: &OperationStore, ids: &BTreeSet<OperationId>, batch: &mut Batch) {
+        let Some(outbox) = &self.outbox else {
+            return;
+        };
+        let now = OffsetDateTime::now_utc();
+        let at_ms = unix_ms(now);
+        for id in ids {
+            let Some((mut operation, revision, settled)) = store.claim_change(*id) else {
+                continue;
+            };
+            let notify = operation.notify.take();
+            let operation = operation.public();
+            let json = match serde_json::to_string(&operation) {
+                Ok(json) => json,
+                Err(error) => {
+                    tracing::error!(operation.id = %id, %error, "an operation could not be serialized for the change feed");
+                    continue;
+                }
+            };
+            batch.changes.push((at_ms, feed::row(revision, settled, &json)));
+            let deliveries = outbox.deliveries_for(&operation, notify.as_deref(), settled, &json, now);
+            batch
+                .documents
+                .extend(deliveries.iter().map(Delivery::document));
+        }
     }
 }
 
