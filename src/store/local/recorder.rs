@@ -988,10 +988,10 @@ mod tests {
             after.deliver(event("f1", "c1", "few", now), Instant::now()),
             Delivery::Duplicate
         );
-        assert_eq!(count(&path, "PRAGMA user_version"), 2);
+        assert_eq!(count(&path, "PRAGMA user_version"), 3);
         assert_eq!(count(&path, "SELECT count(*) FROM events"), 3 + 50);
         recorder.journal().close().await;
-        // And once more, now as version 2.
+        // And once more, now at the current version.
         let (again, recorder) = reopen(&path, &config).await;
         assert_eq!(again.get(many.id), after.get(many.id));
         recorder.journal().close().await;
