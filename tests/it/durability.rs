@@ -677,3 +677,76 @@ async fn a_parked_callback_that_expired_while_callops_was_down_is_kept_on_its_ca
     assert_eq!(events[0]["id"], "evt-orphan", "{events}");
     assert_eq!(expired_total().await, "0");
 }
+
+/// A subscription's deliveries survive a SIGKILL while attempts are in flight: after the
+/// restart every settled removal reaches the receiver, signed, each under the one
+/// webhook-id it was first sent with.
+#[tokio::test]
+async fn webhook_deliveries_survive_sigkill_mid_delivery_under_the_same_webhook_id() {
+    use crate::receiver::{Mode, Receiver};
+    let receiver = Receiver::start(Mode::Hang).await;
+    let deployment = Deployment::new("webhooks").await;
+    let env = [
+        ("CALLOPS_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "true".to_owned()),
+        ("CALLOPS_WEBHOOKS__REQUEST_TIMEOUT_MS", "5000".to_owned()),
+        ("CALLOPS_WEBHOOKS__INITIAL_DELAY_MS", "50".to_owned()),
+        ("CALLOPS_WEBHOOKS__MAX_DELAY_MS", "200".to_owned()),
+    ];
+    let server = deployment.start_with(&env).await;
+    let response = deployment
+        .http
+        .post(format!("{}/v1/subscriptions", deployment.base()))
+        .json(&json!({"url": receiver.url(), "eventTypes": ["operation.settled"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let subscription: Value = response.json().await.unwrap();
+    receiver.trust(subscription["secret"].as_str().unwrap());
+    let mut expected = BTreeSet::new();
+    for n in 0..5 {
+        let (call, context) = (format!("call-wh-{n}"), format!("ctx-wh-{n}"));
+        let id = deployment.remove(&call, &context).await;
+        deployment.until_status(&id, "Running").await;
+        let event = remove_event(&format!("evt-wh-{n}"), &call, &context, true);
+        deployment.callback(&event).await;
+        expected.insert(id);
+    }
+    // Attempts are in flight (the receiver holds them) when callops is killed.
+    soon("attempts reaching the receiver", async {
+        while receiver.received().len() < 4 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let before: BTreeSet<String> = receiver.received().into_iter().map(|r| r.id).collect();
+    kill(server);
+    receiver.set_mode(Mode::Accept);
+    let _server = deployment.start_with(&env).await;
+    soon("every settled removal delivered after the restart", async {
+        loop {
+            let delivered: BTreeSet<String> = receiver
+                .deduplicated()
+                .values()
+                .map(|r| r.body["data"]["id"].as_str().unwrap().to_owned())
+                .collect();
+            if delivered == expected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let mut ids_per_operation: std::collections::BTreeMap<String, BTreeSet<String>> =
+        std::collections::BTreeMap::new();
+    for received in receiver.received() {
+        assert_eq!(received.verified, Some(true), "{received:?}");
+        ids_per_operation
+            .entry(received.body["data"]["id"].as_str().unwrap().to_owned())
+            .or_default()
+            .insert(received.id);
+    }
+    assert!(ids_per_operation.values().all(|ids| ids.len() == 1), "{ids_per_operation:?}");
+    let after: BTreeSet<String> = receiver.deduplicated().keys().cloned().collect();
+    assert!(before.is_subset(&after), "a message was sent again under another id");
+}
