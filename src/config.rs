@@ -678,10 +678,22 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         self.store.location()?;
         let positive = [
-            ("stream.max_changes / stream.client_buffer / stream.max_clients", self.stream.max_changes.min(self.stream.client_buffer).min(self.stream.max_clients) as u64),
+            (
+                "stream.max_changes / stream.client_buffer / stream.max_clients",
+                self.stream
+                    .max_changes
+                    .min(self.stream.client_buffer)
+                    .min(self.stream.max_clients) as u64,
+            ),
             ("stream.heartbeat_secs", self.stream.heartbeat_secs),
-            ("webhooks.request_timeout_ms", self.webhooks.request_timeout_ms),
-            ("webhooks.per_endpoint_concurrency", self.webhooks.per_endpoint_concurrency as u64),
+            (
+                "webhooks.request_timeout_ms",
+                self.webhooks.request_timeout_ms,
+            ),
+            (
+                "webhooks.per_endpoint_concurrency",
+                self.webhooks.per_endpoint_concurrency as u64,
+            ),
             ("webhooks.initial_delay_ms", self.webhooks.initial_delay_ms),
         ];
         if let Some((field, _)) = positive.iter().find(|(_, value)| *value == 0) {

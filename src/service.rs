@@ -26,8 +26,8 @@ use crate::graph::ids;
 use crate::graph::notifications::GraphEvent;
 use crate::metrics::{self, EventOutcome, Metrics};
 use crate::operation::{
-    CallRef, NotifyTarget, Operation, OperationError, OperationId, OperationKind, PendingRequest, ResultInfo,
-    Transition,
+    CallRef, NotifyTarget, Operation, OperationError, OperationId, OperationKind, PendingRequest,
+    ResultInfo, Transition,
 };
 use crate::store::journal::JournalStats;
 use crate::store::{

@@ -30,9 +30,9 @@ use crate::callback_auth::CallbackAuthenticator;
 use crate::config::{ConfigError, HttpConfig};
 use crate::error::{ApiError, error_response};
 use crate::http::api_keys::ApiKeys;
+use crate::http::stream::StreamHub;
 use crate::metrics::Metrics;
 use crate::service::OperationService;
-use crate::http::stream::StreamHub;
 use crate::telemetry::LogBudget;
 use crate::webhooks::Webhooks;
 
@@ -142,7 +142,10 @@ pub fn router(state: AppState, http: &HttpConfig, access_log: bool) -> Result<Ro
     // The key check wraps the whole of /v1, its own 404 and 405 included: without a key,
     // nothing under /v1 is revealed.
     let client_api = operations::router()
-        .route("/operations:stream", axum::routing::get(stream::stream_operations))
+        .route(
+            "/operations:stream",
+            axum::routing::get(stream::stream_operations),
+        )
         .merge(subscriptions::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -11,7 +11,7 @@ use utoipa::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 
 use crate::http::AppState;
-use crate::http::{callbacks, health, operations};
+use crate::http::{callbacks, health, operations, stream, subscriptions};
 
 /// The document.
 #[derive(OpenApi)]
@@ -30,6 +30,16 @@ use crate::http::{callbacks, health, operations};
         operations::list_operations,
         operations::list_call_events,
         operations::list_graph_call_events,
+        stream::stream_operations,
+        subscriptions::create_subscription,
+        subscriptions::list_subscriptions,
+        subscriptions::get_subscription,
+        subscriptions::delete_subscription,
+        subscriptions::rotate_secret_doc,
+        subscriptions::enable_doc,
+        subscriptions::list_deliveries,
+        subscriptions::get_delivery,
+        subscriptions::redeliver,
         callbacks::receive_acs_callback,
         callbacks::receive_graph_callback,
         health::get_health,
@@ -43,6 +53,7 @@ use crate::http::{callbacks, health, operations};
         (name = "acs", description = "Azure Communication Services call automation"),
         (name = "graph", description = "Microsoft Graph calls"),
         (name = "operations", description = "Operations, whichever platform"),
+        (name = "webhooks", description = "Signed completion webhooks (Standard Webhooks): subscriptions and their delivery logs"),
         (name = "callbacks", description = "Callbacks from the platforms (bearer JWT they sign)"),
         (name = "health", description = "Probes, metrics and this document: no credentials"),
     )

@@ -198,12 +198,7 @@ pub(crate) async fn create_cancel(
     check_call_id(&call_id, "callId")?;
     let notify = notify_target(body.notify, &webhooks)?;
     let operation = service
-        .start_cancel_media_processing(
-            call_id,
-            body.client_context,
-            traceparent(&headers),
-            notify,
-        )
+        .start_cancel_media_processing(call_id, body.client_context, traceparent(&headers), notify)
         .await?;
     Ok(accepted(operation, limits.retry_after_secs))
 }

@@ -45,7 +45,11 @@ struct HubInner {
 }
 
 impl StreamHub {
-    pub fn new(config: &crate::config::StreamConfig, shutdown: CancellationToken, metrics: Metrics) -> Self {
+    pub fn new(
+        config: &crate::config::StreamConfig,
+        shutdown: CancellationToken,
+        metrics: Metrics,
+    ) -> Self {
         Self {
             inner: Arc::new(HubInner {
                 heartbeat: Duration::from_secs(config.heartbeat_secs),
@@ -224,4 +228,74 @@ fn change_event(change: &Change) -> Event {
         .id(change.id.to_string())
         .event(kind)
         .data(String::from_utf8_lossy(&change.json))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::operation::{CallRef, Operation, OperationKind};
+    use crate::store::feed;
+    use time::OffsetDateTime;
+
+    fn push(feed: &Feed, id: u64) {
+        let operation = Operation::new(
+            OperationKind::RemoveParticipant,
+            CallRef::CallConnection(format!("call-{id}")),
+            "ctx".into(),
+            OffsetDateTime::now_utc(),
+        );
+        let json = serde_json::to_string(&operation).unwrap();
+        let at_ms = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        feed.push(vec![(id, at_ms, feed::row(1, false, &json))]);
+    }
+
+    fn cursor(feed: &Feed, after: u64, client_buffer: u64) -> Cursor {
+        let config = crate::config::Config::embedded().stream;
+        let hub = StreamHub::new(&config, CancellationToken::new(), Metrics::new());
+        hub.inner.clients.fetch_add(1, Ordering::Relaxed);
+        Cursor {
+            feed: feed.clone(),
+            head: feed.subscribe(),
+            filter: ListFilter::default(),
+            position: after,
+            queue: VecDeque::new(),
+            client_buffer,
+            live: false,
+            shutdown: hub.inner.shutdown.clone(),
+            done: false,
+            _client: Client(Arc::clone(&hub.inner)),
+        }
+    }
+
+    fn rendered(event: Event) -> String {
+        format!("{event:?}")
+    }
+
+    #[tokio::test]
+    async fn a_client_that_falls_behind_once_live_is_dropped_with_a_final_event() {
+        let feed = Feed::new(Duration::from_secs(60), 1000);
+        push(&feed, 1);
+        // A replay of more than the buffer is fine: the client is not live yet.
+        for id in 2..=10 {
+            push(&feed, id);
+        }
+        let mut reader = cursor(&feed, 0, 3);
+        for _ in 1..=10 {
+            let event = tokio::time::timeout(Duration::from_secs(5), reader.next())
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(!rendered(event).contains("dropped"));
+        }
+        // Caught up: it waits for the next change, and is live from then on.
+        let waiting = tokio::time::timeout(Duration::from_millis(50), reader.next()).await;
+        assert!(waiting.is_err(), "no change: nothing to send");
+        for id in 11..=20 {
+            push(&feed, id);
+        }
+        let event = reader.next().await.unwrap();
+        let text = rendered(event);
+        assert!(text.contains("dropped"), "{text}");
+        assert!(reader.next().await.is_none(), "the stream ends after it");
+    }
 }

@@ -84,7 +84,10 @@ impl Feed {
     }
 
     fn ring(&self) -> MutexGuard<'_, Ring> {
-        self.inner.ring.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner
+            .ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Rows as the journal loaded them; `last` is the highest number it ever gave (rows up
@@ -138,7 +141,11 @@ impl Feed {
             let (id, operation) = (front.id, front.operation.id);
             ring.changes.pop_front();
             ring.expired_through = id;
-            if ring.latest.get(&operation).is_some_and(|(_, last)| *last == id) {
+            if ring
+                .latest
+                .get(&operation)
+                .is_some_and(|(_, last)| *last == id)
+            {
                 ring.latest.remove(&operation);
             }
         }
@@ -159,7 +166,10 @@ impl Feed {
         let ring = self.ring();
         if after < ring.expired_through {
             return Since::Gap {
-                oldest: ring.changes.front().map_or(ring.expired_through + 1, |c| c.id),
+                oldest: ring
+                    .changes
+                    .front()
+                    .map_or(ring.expired_through + 1, |c| c.id),
             };
         }
         let start = ring.changes.partition_point(|change| change.id <= after);
@@ -175,11 +185,6 @@ impl Feed {
             }
         }
         Since::Changes(found, position)
-    }
-
-    /// Changes kept now.
-    pub fn len(&self) -> usize {
-        self.ring().changes.len()
     }
 }
 
@@ -293,15 +298,34 @@ mod tests {
     fn an_id_older_than_the_window_is_a_gap() {
         let feed = Feed::new(Duration::from_secs(60), 2);
         let rows = (1..=4)
-            .map(|id| (id, now_ms(), row(1, false, &op_json(&operation(&id.to_string())))))
+            .map(|id| {
+                (
+                    id,
+                    now_ms(),
+                    row(1, false, &op_json(&operation(&id.to_string()))),
+                )
+            })
             .collect();
         feed.push(rows);
-        assert!(matches!(feed.since(1, &ListFilter::default(), 10), Since::Gap { oldest: 3 }));
-        assert!(matches!(feed.since(2, &ListFilter::default(), 10), Since::Changes(ref c, 4) if c.len() == 2));
+        assert!(matches!(
+            feed.since(1, &ListFilter::default(), 10),
+            Since::Gap { oldest: 3 }
+        ));
+        assert!(
+            matches!(feed.since(2, &ListFilter::default(), 10), Since::Changes(ref c, 4) if c.len() == 2)
+        );
         // Restored with rows from 10 on: the ids before were dropped.
         let restored = Feed::new(Duration::from_secs(60), 100);
-        restored.restore(vec![(10, now_ms(), row(1, false, &op_json(&operation("x"))))], 10);
-        assert!(matches!(restored.since(5, &ListFilter::default(), 10), Since::Gap { .. }));
-        assert!(matches!(restored.since(9, &ListFilter::default(), 10), Since::Changes(ref c, 10) if c.len() == 1));
+        restored.restore(
+            vec![(10, now_ms(), row(1, false, &op_json(&operation("x"))))],
+            10,
+        );
+        assert!(matches!(
+            restored.since(5, &ListFilter::default(), 10),
+            Since::Gap { .. }
+        ));
+        assert!(
+            matches!(restored.since(9, &ListFilter::default(), 10), Since::Changes(ref c, 10) if c.len() == 1)
+        );
     }
 }

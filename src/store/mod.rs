@@ -28,8 +28,8 @@ use crate::metrics::Metrics;
 use crate::operation::{CallRef, EventRecord, Operation, OperationId, Transition};
 use feed::Feed;
 use journal::{Document, JournalStats};
-use outbox::Outbox;
 use local::LocalStore;
+use outbox::Outbox;
 use redis::RedisStore;
 use schema::SchemaStatus;
 

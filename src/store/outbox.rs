@@ -10,7 +10,9 @@ use time::OffsetDateTime;
 use tokio::sync::Notify;
 use utoipa::ToSchema;
 
-use crate::operation::{CallRef, NotifyTarget, Operation, OperationId, OperationKind, OperationStatus};
+use crate::operation::{
+    CallRef, NotifyTarget, Operation, OperationId, OperationKind, OperationStatus,
+};
 use crate::store::journal::Document;
 
 /// Document kinds in the journal.
@@ -48,9 +50,9 @@ impl SubscriptionFilter {
             .as_deref()
             .is_none_or(|kind| OperationKind::from_name(kind) == operation.kind)
             && self.status.is_none_or(|status| status == operation.status)
-            && self.call_connection_id.as_deref().is_none_or(|id| {
-                matches!(&operation.call, CallRef::CallConnection(call) if call == id)
-            })
+            && self.call_connection_id.as_deref().is_none_or(
+                |id| matches!(&operation.call, CallRef::CallConnection(call) if call == id),
+            )
             && self
                 .call_id
                 .as_deref()
@@ -224,7 +226,9 @@ impl Outbox {
                             .subscriptions
                             .insert(subscription.id.clone(), subscription);
                     }
-                    Err(error) => tracing::error!(%error, "a stored subscription could not be read"),
+                    Err(error) => {
+                        tracing::error!(%error, "a stored subscription could not be read")
+                    }
                 },
                 (SUBSCRIPTION, None) => {
                     self.inner.subscriptions.remove(&document.id);
@@ -326,7 +330,9 @@ impl Outbox {
         for entry in self.inner.deliveries.iter() {
             if entry.status == DeliveryStatus::Pending {
                 count += 1;
-                oldest = Some(oldest.map_or(entry.created_date_time, |o| o.min(entry.created_date_time)));
+                oldest = Some(
+                    oldest.map_or(entry.created_date_time, |o| o.min(entry.created_date_time)),
+                );
             }
         }
         (count, oldest)
@@ -370,8 +376,17 @@ impl Outbox {
         now: OffsetDateTime,
     ) -> Vec<Delivery> {
         let mut deliveries = Vec::new();
-        let deadline = now + self.inner.retry_total.get().copied().unwrap_or(time::Duration::DAY);
-        let new = |event_type: &str, subscription: Option<String>, url: Option<String>, secret: Option<String>| Delivery {
+        let deadline = now
+            + self
+                .inner
+                .retry_total
+                .get()
+                .copied()
+                .unwrap_or(time::Duration::DAY);
+        let new = |event_type: &str,
+                   subscription: Option<String>,
+                   url: Option<String>,
+                   secret: Option<String>| Delivery {
             id: format!("msg_{}", uuid::Uuid::now_v7().simple()),
             subscription,
             url,
@@ -400,7 +415,12 @@ impl Outbox {
         if settled {
             match notify {
                 Some(NotifyTarget::Url { url, secret }) => {
-                    deliveries.push(new(OPERATION_SETTLED, None, Some(url.clone()), secret.clone()));
+                    deliveries.push(new(
+                        OPERATION_SETTLED,
+                        None,
+                        Some(url.clone()),
+                        secret.clone(),
+                    ));
                 }
                 Some(NotifyTarget::Subscription(id)) => {
                     deliveries.push(new(OPERATION_SETTLED, Some(id.clone()), None, None));

@@ -76,7 +76,11 @@ const MAX_ERROR_LEN: usize = 256;
 impl Webhooks {
     /// The sender's HTTP client: a short timeout, no redirects, and (unless private targets
     /// are allowed) a resolver that drops private addresses.
-    pub fn new(storage: Storage, config: &WebhooksConfig, metrics: Metrics) -> anyhow::Result<Self> {
+    pub fn new(
+        storage: Storage,
+        config: &WebhooksConfig,
+        metrics: Metrics,
+    ) -> anyhow::Result<Self> {
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("callops-webhooks/", env!("CARGO_PKG_VERSION")))
             .timeout(Duration::from_millis(config.request_timeout_ms))
@@ -216,12 +220,17 @@ impl Webhooks {
         };
         let (count, oldest) = outbox.pending();
         let age = oldest.map_or(0.0, |oldest| {
-            (OffsetDateTime::now_utc() - oldest).as_seconds_f64().max(0.0)
+            (OffsetDateTime::now_utc() - oldest)
+                .as_seconds_f64()
+                .max(0.0)
         });
         (count as u64, age)
     }
 
-    async fn write(&self, documents: Vec<crate::store::journal::Document>) -> Result<(), WebhookError> {
+    async fn write(
+        &self,
+        documents: Vec<crate::store::journal::Document>,
+    ) -> Result<(), WebhookError> {
         Ok(self.inner.storage.write_documents(documents).await?)
     }
 
@@ -364,7 +373,12 @@ impl Webhooks {
 
     /// The subscription with its health after an attempt, when that changed: failing since
     /// the first failure after a success, disabled once failing longer than configured.
-    fn health_change(&self, id: &str, delivered: bool, now: OffsetDateTime) -> Option<Subscription> {
+    fn health_change(
+        &self,
+        id: &str,
+        delivered: bool,
+        now: OffsetDateTime,
+    ) -> Option<Subscription> {
         let mut subscription = self.inner.storage.outbox().ok()?.subscription(id)?;
         let disable_after = time::Duration::seconds(
             i64::try_from(self.inner.config.disable_after_secs).unwrap_or(i64::MAX),
@@ -378,8 +392,7 @@ impl Webhooks {
                 let since = since
                     .format(&time::format_description::well_known::Rfc3339)
                     .unwrap_or_default();
-                subscription.disabled_reason =
-                    Some(format!("every delivery failed since {since}"));
+                subscription.disabled_reason = Some(format!("every delivery failed since {since}"));
                 tracing::warn!(subscription.id = %id, "webhook subscription disabled: its endpoint keeps failing");
             }
             (false, Some(_)) => return None,
@@ -405,9 +418,7 @@ impl Webhooks {
         self.inner
             .endpoints
             .entry(key)
-            .or_insert_with(|| {
-                Arc::new(Semaphore::new(self.inner.config.per_endpoint_concurrency))
-            })
+            .or_insert_with(|| Arc::new(Semaphore::new(self.inner.config.per_endpoint_concurrency)))
             .clone()
     }
 
@@ -445,7 +456,12 @@ impl Webhooks {
         } else {
             let body = read_bounded(response, self.inner.config.max_response_bytes).await;
             let text = String::from_utf8_lossy(&body);
-            Some(format!("HTTP {}: {:.*}", status.as_u16(), MAX_ERROR_LEN, text.trim()))
+            Some(format!(
+                "HTTP {}: {:.*}",
+                status.as_u16(),
+                MAX_ERROR_LEN,
+                text.trim()
+            ))
         };
         Ok(Answer {
             status: status.as_u16(),
@@ -483,7 +499,11 @@ fn classify(status: u16) -> Verdict {
 
 /// The delay before attempt `attempts + 1`: exponential from `initial_delay_ms` with
 /// jitter, capped at `max_delay_ms`; a receiver's `Retry-After` when longer (capped too).
-fn backoff(config: &WebhooksConfig, attempts: u32, retry_after: Option<Duration>) -> time::Duration {
+fn backoff(
+    config: &WebhooksConfig,
+    attempts: u32,
+    retry_after: Option<Duration>,
+) -> time::Duration {
     let max = Duration::from_millis(config.max_delay_ms.max(config.initial_delay_ms));
     let delay = backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(config.initial_delay_ms))
@@ -527,7 +547,8 @@ fn describe(error: reqwest::Error) -> String {
             cause = inner.to_string();
             source = inner.source();
         }
-        format!("connection failed: {cause:.*}", MAX_ERROR_LEN)
+        let max = MAX_ERROR_LEN;
+        format!("connection failed: {cause:.max$}")
     } else {
         format!("request failed: {:.*}", MAX_ERROR_LEN, error.without_url())
     }

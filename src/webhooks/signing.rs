@@ -78,7 +78,9 @@ mod tests {
         headers.insert("webhook-timestamp", timestamp.to_string().parse().unwrap());
         headers.insert("webhook-signature", signature.parse().unwrap());
         let verifier = standardwebhooks::Webhook::new(&secret).expect("the crate takes the secret");
-        verifier.verify(body, &headers).expect("the crate verifies our signature");
+        verifier
+            .verify(body, &headers)
+            .expect("the crate verifies our signature");
         let mut tampered = body.to_vec();
         tampered[0] = b' ';
         assert!(verifier.verify(&tampered, &headers).is_err());
@@ -86,7 +88,13 @@ mod tests {
 
     #[test]
     fn malformed_secrets_are_refused() {
-        for secret in ["", "whsec_", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_!!!", "whsec_AAAA"] {
+        for secret in [
+            "",
+            "whsec_",
+            "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "whsec_!!!",
+            "whsec_AAAA",
+        ] {
             assert_eq!(SigningKey::parse(secret).err(), Some(BadSecret), "{secret}");
         }
     }

@@ -124,8 +124,14 @@ mod tests {
     fn only_https_to_public_addresses_unless_allowed() {
         assert!(check_url("https://hooks.example.com/x", false).is_ok());
         assert!(check_url("https://93.184.216.34/x", false).is_ok());
-        assert_eq!(check_url("http://hooks.example.com/x", false), Err(TargetError::Scheme));
-        assert_eq!(check_url("ftp://hooks.example.com/x", true), Err(TargetError::Scheme));
+        assert_eq!(
+            check_url("http://hooks.example.com/x", false),
+            Err(TargetError::Scheme)
+        );
+        assert_eq!(
+            check_url("ftp://hooks.example.com/x", true),
+            Err(TargetError::Scheme)
+        );
         assert_eq!(check_url("not a url", false), Err(TargetError::Malformed));
         assert_eq!(
             check_url("https://user:pw@hooks.example.com/", false),

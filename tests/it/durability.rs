@@ -746,7 +746,13 @@ async fn webhook_deliveries_survive_sigkill_mid_delivery_under_the_same_webhook_
             .or_default()
             .insert(received.id);
     }
-    assert!(ids_per_operation.values().all(|ids| ids.len() == 1), "{ids_per_operation:?}");
+    assert!(
+        ids_per_operation.values().all(|ids| ids.len() == 1),
+        "{ids_per_operation:?}"
+    );
     let after: BTreeSet<String> = receiver.deduplicated().keys().cloned().collect();
-    assert!(before.is_subset(&after), "a message was sent again under another id");
+    assert!(
+        before.is_subset(&after),
+        "a message was sent again under another id"
+    );
 }

@@ -70,7 +70,9 @@ impl SseClient {
                         if !event.data.is_empty() {
                             event.data.push('\n');
                         }
-                        event.data.push_str(value.strip_prefix(' ').unwrap_or(value));
+                        event
+                            .data
+                            .push_str(value.strip_prefix(' ').unwrap_or(value));
                         any = true;
                     }
                 }
@@ -114,12 +116,12 @@ async fn every_change_is_an_event_and_a_resumed_stream_misses_nothing() {
     let mut first = SseClient::open(&app.http, &url, None).await;
     let mut started = Vec::new();
     for n in 0..3 {
-        let operation = app.remove(&format!("s-call-{n}"), Script::default(), None).await;
+        let operation = app
+            .remove(&format!("s-call-{n}"), Script::default(), None)
+            .await;
         started.push(operation["id"].as_str().unwrap().to_owned());
     }
-    let events = first
-        .until(|events| settled_ids(events).len() == 3)
-        .await;
+    let events = first.until(|events| settled_ids(events).len() == 3).await;
     assert_eq!(settled_ids(&events), started.iter().cloned().collect());
     // Ids increase; each event names its change and carries the operation as GET shows it.
     let ids: Vec<u64> = events
@@ -127,7 +129,11 @@ async fn every_change_is_an_event_and_a_resumed_stream_misses_nothing() {
         .map(|e| e.id.as_deref().unwrap().parse().unwrap())
         .collect();
     assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "{ids:?}");
-    let last_settled = events.iter().rev().find(|e| e.event == "operation.settled").unwrap();
+    let last_settled = events
+        .iter()
+        .rev()
+        .find(|e| e.event == "operation.settled")
+        .unwrap();
     let id = last_settled.json()["id"].as_str().unwrap().to_owned();
     let shown = app.get_json(&format!("/v1/operations/{id}")).await;
     assert_eq!(last_settled.json(), shown);
@@ -137,21 +143,30 @@ async fn every_change_is_an_event_and_a_resumed_stream_misses_nothing() {
     // While disconnected: more removals (and a Graph cancel, which the filter leaves out).
     let mut missed = Vec::new();
     for n in 3..6 {
-        let operation = app.remove(&format!("s-call-{n}"), Script::default(), None).await;
+        let operation = app
+            .remove(&format!("s-call-{n}"), Script::default(), None)
+            .await;
         missed.push(operation["id"].as_str().unwrap().to_owned());
     }
     let cancel = app
-        .cancel("3fa85f64-5717-4562-b3fc-2c963f66afa6", Default::default(), None)
+        .cancel(
+            "3fa85f64-5717-4562-b3fc-2c963f66afa6",
+            Default::default(),
+            None,
+        )
         .await;
     for id in &missed {
-        app.operation_until(id, |op| op["status"] == "Succeeded").await;
+        app.operation_until(id, |op| op["status"] == "Succeeded")
+            .await;
     }
     let mut resumed = SseClient::open(&app.http, &url, Some(&last_seen)).await;
-    let replayed = resumed
-        .until(|events| settled_ids(events).len() == 3)
-        .await;
+    let replayed = resumed.until(|events| settled_ids(events).len() == 3).await;
     assert_eq!(settled_ids(&replayed), missed.iter().cloned().collect());
-    assert!(replayed.iter().all(|e| e.json()["kind"] == "removeParticipant"));
+    assert!(
+        replayed
+            .iter()
+            .all(|e| e.json()["kind"] == "removeParticipant")
+    );
     assert!(replayed.iter().all(|e| e.json()["id"] != cancel["id"]));
     assert!(
         replayed
@@ -171,7 +186,9 @@ async fn every_change_is_an_event_and_a_resumed_stream_misses_nothing() {
 async fn an_id_older_than_the_window_gets_a_reset_then_what_is_kept() {
     let app = TestApp::spawn_with(|config| config.stream.max_changes = 4).await;
     for n in 0..4 {
-        let operation = app.remove(&format!("w-call-{n}"), Script::default(), None).await;
+        let operation = app
+            .remove(&format!("w-call-{n}"), Script::default(), None)
+            .await;
         app.operation_until(operation["id"].as_str().unwrap(), |op| {
             op["status"] == "Succeeded"
         })
@@ -198,7 +215,12 @@ async fn bad_stream_requests_get_clear_errors() {
         .unwrap();
     assert_eq!(bad_id.status(), 400);
     let body: Value = bad_id.json().await.unwrap();
-    assert!(body["error"]["message"].as_str().unwrap().contains("Last-Event-ID"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Last-Event-ID")
+    );
     let bad_filter = app.get("/v1/operations:stream?status=Exploded").await;
     assert_eq!(bad_filter.status(), 400);
     let unknown = app.get("/v1/operations:stream?maxpagesize=3").await;

@@ -72,7 +72,10 @@ async fn a_subscription_shows_its_secret_once_and_can_rotate_it() {
         .await
         .unwrap();
     assert_eq!(deleted.status(), 204);
-    assert_eq!(app.get(&format!("/v1/subscriptions/{id}")).await.status(), 404);
+    assert_eq!(
+        app.get(&format!("/v1/subscriptions/{id}")).await.status(),
+        404
+    );
 }
 
 #[tokio::test]
@@ -89,11 +92,31 @@ async fn bad_subscriptions_and_notify_members_are_refused_with_the_field_named()
         }
     };
     // Outbound safety: https only, no private addresses (not allowed by default).
-    check(json!({"url": "http://hooks.example.com/", "eventTypes": ["operation.settled"]}), "url").await;
-    check(json!({"url": "https://10.0.0.8/", "eventTypes": ["operation.settled"]}), "url").await;
-    check(json!({"url": "https://169.254.169.254/", "eventTypes": ["operation.settled"]}), "url").await;
-    check(json!({"url": "https://hooks.example.com/", "eventTypes": ["operation.exploded"]}), "eventTypes").await;
-    check(json!({"url": "https://hooks.example.com/", "eventTypes": []}), "eventTypes").await;
+    check(
+        json!({"url": "http://hooks.example.com/", "eventTypes": ["operation.settled"]}),
+        "url",
+    )
+    .await;
+    check(
+        json!({"url": "https://10.0.0.8/", "eventTypes": ["operation.settled"]}),
+        "url",
+    )
+    .await;
+    check(
+        json!({"url": "https://169.254.169.254/", "eventTypes": ["operation.settled"]}),
+        "url",
+    )
+    .await;
+    check(
+        json!({"url": "https://hooks.example.com/", "eventTypes": ["operation.exploded"]}),
+        "eventTypes",
+    )
+    .await;
+    check(
+        json!({"url": "https://hooks.example.com/", "eventTypes": []}),
+        "eventTypes",
+    )
+    .await;
     check(json!({"url": "https://hooks.example.com/", "eventTypes": ["operation.settled"], "filter": {"color": "red"}}), "color").await;
     for notify in [
         json!({"url": "http://127.0.0.1:9/"}),
@@ -109,11 +132,27 @@ async fn bad_subscriptions_and_notify_members_are_refused_with_the_field_named()
             .await;
         assert_eq!(response.status(), 400, "{notify}");
         let error: Value = response.json().await.unwrap();
-        assert!(error["error"]["message"].as_str().unwrap().contains("notify"), "{error}");
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("notify"),
+            "{error}"
+        );
     }
-    assert_eq!(app.get("/v1/subscriptions/sub_nope/deliveries").await.status(), 404);
-    assert_eq!(app.get("/v1/subscriptions/not%20an%20id").await.status(), 400);
-    let unknown_verb = app.post_json("/v1/subscriptions/sub_x:explode", &json!({})).await;
+    assert_eq!(
+        app.get("/v1/subscriptions/sub_nope/deliveries")
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(
+        app.get("/v1/subscriptions/not%20an%20id").await.status(),
+        400
+    );
+    let unknown_verb = app
+        .post_json("/v1/subscriptions/sub_x:explode", &json!({}))
+        .await;
     assert_eq!(unknown_verb.status(), 404);
 }
 
@@ -124,11 +163,18 @@ async fn bad_subscriptions_and_notify_members_are_refused_with_the_field_named()
 async fn every_settled_operation_is_delivered_signed_through_receiver_outages() {
     let receiver = Receiver::start(Mode::Status(503)).await;
     let app = TestApp::spawn_with(quick_webhooks).await;
-    let subscription = subscribe(&app, &receiver.url(), json!({"eventTypes": ["operation.settled"]})).await;
+    let subscription = subscribe(
+        &app,
+        &receiver.url(),
+        json!({"eventTypes": ["operation.settled"]}),
+    )
+    .await;
     receiver.trust(subscription["secret"].as_str().unwrap());
     let mut expected = BTreeSet::new();
     for n in 0..4 {
-        let removal = app.remove(&format!("wh-call-{n}"), Script::default(), None).await;
+        let removal = app
+            .remove(&format!("wh-call-{n}"), Script::default(), None)
+            .await;
         expected.insert(removal["id"].as_str().unwrap().to_owned());
     }
     for n in 0..2 {
@@ -161,21 +207,37 @@ async fn every_settled_operation_is_delivered_signed_through_receiver_outages() 
         assert_eq!(received.verified, Some(true), "{received:?}");
         assert_eq!(received.body["type"], "operation.settled");
         let operation = received.body["data"]["id"].as_str().unwrap().to_owned();
-        ids_per_operation.entry(operation).or_default().insert(received.id.clone());
+        ids_per_operation
+            .entry(operation)
+            .or_default()
+            .insert(received.id.clone());
     }
-    assert_eq!(ids_per_operation.keys().cloned().collect::<BTreeSet<_>>(), expected);
-    assert!(ids_per_operation.values().all(|ids| ids.len() == 1), "{ids_per_operation:?}");
+    assert_eq!(
+        ids_per_operation.keys().cloned().collect::<BTreeSet<_>>(),
+        expected
+    );
+    assert!(
+        ids_per_operation.values().all(|ids| ids.len() == 1),
+        "{ids_per_operation:?}"
+    );
     for (id, received) in receiver.deduplicated() {
         let operation_id = received.body["data"]["id"].as_str().unwrap();
-        let shown = app.get_json(&format!("/v1/operations/{operation_id}")).await;
+        let shown = app
+            .get_json(&format!("/v1/operations/{operation_id}"))
+            .await;
         assert_eq!(received.body["data"], shown, "{id}");
     }
     // The attempt log shows the failures before the success.
     let sub_id = subscription["id"].as_str().unwrap();
-    let log = app.get_json(&format!("/v1/subscriptions/{sub_id}/deliveries")).await;
+    let log = app
+        .get_json(&format!("/v1/subscriptions/{sub_id}/deliveries"))
+        .await;
     let deliveries = log["value"].as_array().unwrap();
     assert_eq!(deliveries.len(), expected.len());
-    assert!(deliveries.iter().all(|d| d["status"] == "delivered"), "{log}");
+    assert!(
+        deliveries.iter().all(|d| d["status"] == "delivered"),
+        "{log}"
+    );
     let errors: Vec<&str> = deliveries
         .iter()
         .flat_map(|d| d["attempts"].as_array().unwrap())
@@ -183,10 +245,16 @@ async fn every_settled_operation_is_delivered_signed_through_receiver_outages() 
         .collect();
     assert!(errors.iter().any(|e| e.contains("503")), "{errors:?}");
     assert!(errors.iter().any(|e| e.contains("timed out")), "{errors:?}");
-    assert!(errors.iter().any(|e| e.contains("connection")), "{errors:?}");
+    assert!(
+        errors.iter().any(|e| e.contains("connection")),
+        "{errors:?}"
+    );
     // Metrics count the outcomes.
     let metrics = app.get("/metrics").await.text().await.unwrap();
-    assert!(metrics.contains("callops_webhook_deliveries_total{outcome=\"delivered\"} 6"), "{metrics}");
+    assert!(
+        metrics.contains("callops_webhook_deliveries_total{outcome=\"delivered\"} 6"),
+        "{metrics}"
+    );
     assert!(metrics.contains("callops_webhook_pending 0"), "{metrics}");
 }
 
@@ -208,7 +276,10 @@ async fn notify_posts_the_settled_operation_signed_with_its_own_secret() {
         .await;
     assert_eq!(response.status(), 202);
     let accepted: Value = response.json().await.unwrap();
-    assert!(accepted.get("notify").is_none(), "the secret is never shown: {accepted}");
+    assert!(
+        accepted.get("notify").is_none(),
+        "the secret is never shown: {accepted}"
+    );
     let id = accepted["id"].as_str().unwrap();
     wait_for(|| !receiver.received().is_empty()).await;
     let shown = app.wait_operation(id, 5).await;
@@ -242,7 +313,8 @@ async fn notify_posts_the_settled_operation_signed_with_its_own_secret() {
 }
 
 #[tokio::test]
-async fn a_delivery_past_its_window_is_dead_lettered_redelivered_on_request_and_the_subscription_disabled() {
+async fn a_delivery_past_its_window_is_dead_lettered_redelivered_on_request_and_the_subscription_disabled()
+ {
     let receiver = Receiver::start(Mode::Status(500)).await;
     let app = TestApp::spawn_with(|config| {
         quick_webhooks(config);
@@ -251,7 +323,12 @@ async fn a_delivery_past_its_window_is_dead_lettered_redelivered_on_request_and_
         config.webhooks.disable_after_secs = 0;
     })
     .await;
-    let subscription = subscribe(&app, &receiver.url(), json!({"eventTypes": ["operation.settled"]})).await;
+    let subscription = subscribe(
+        &app,
+        &receiver.url(),
+        json!({"eventTypes": ["operation.settled"]}),
+    )
+    .await;
     let sub_id = subscription["id"].as_str().unwrap().to_owned();
     app.remove("dead-call", Script::default(), None).await;
     let log_path = format!("/v1/subscriptions/{sub_id}/deliveries");
@@ -274,7 +351,9 @@ async fn a_delivery_past_its_window_is_dead_lettered_redelivered_on_request_and_
 
     // Enabled again and redelivered: the same webhook-id arrives and is accepted.
     receiver.set_mode(Mode::Accept);
-    let enabled = app.post_json(&format!("/v1/subscriptions/{sub_id}:enable"), &json!({})).await;
+    let enabled = app
+        .post_json(&format!("/v1/subscriptions/{sub_id}:enable"), &json!({}))
+        .await;
     assert_eq!(enabled.status(), 200);
     let delivery_id = dead["id"].as_str().unwrap();
     let queued = app
@@ -294,6 +373,9 @@ async fn a_delivery_past_its_window_is_dead_lettered_redelivered_on_request_and_
     .await;
     assert!(log["attempts"].as_array().unwrap().last().unwrap()["statusCode"] == 204);
     let metrics = app.get("/metrics").await.text().await.unwrap();
-    assert!(metrics.contains("callops_webhook_deliveries_total{outcome=\"failed\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("callops_webhook_deliveries_total{outcome=\"failed\"} 1"),
+        "{metrics}"
+    );
     let _ = SOON;
 }

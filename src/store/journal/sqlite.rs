@@ -33,9 +33,9 @@
 //! without them.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use rusqlite::types::Type;
@@ -704,9 +704,11 @@ fn apply(tx: &Connection, batch: &Batch, next_change: &mut u64) -> rusqlite::Res
     }
     for document in &batch.documents {
         match &document.body {
-            Some(body) => tx
-                .prepare_cached(UPSERT_DOCUMENT)?
-                .execute(params![document.kind, document.id, body])?,
+            Some(body) => tx.prepare_cached(UPSERT_DOCUMENT)?.execute(params![
+                document.kind,
+                document.id,
+                body
+            ])?,
             None => tx
                 .prepare_cached(DELETE_DOCUMENT)?
                 .execute(params![document.kind, document.id])?,
@@ -1230,8 +1232,13 @@ mod tests {
     async fn a_failed_transaction_answers_every_waiter_and_the_writer_carries_on() {
         let dir = temp_dir();
         let path = dir.path().join("journal.db");
-        let writer = Writer::open_with(&path, SqliteOptions::default(), Duration::from_millis(20), Arc::default())
-            .expect("open");
+        let writer = Writer::open_with(
+            &path,
+            SqliteOptions::default(),
+            Duration::from_millis(20),
+            Arc::default(),
+        )
+        .expect("open");
         let journal = Journal::with_backend(Backend::Sqlite(writer), Arc::default());
         // Another connection holds the write lock: the writer's transactions fail as busy.
         let blocker = Connection::open(&path).expect("second connection");
@@ -1372,7 +1379,10 @@ mod tests {
         write_v1(&path);
         let before = Journal::sqlite_status(&path).expect("status");
         assert_eq!((before.found, before.current), (Some(1), SCHEMA_VERSION));
-        assert_eq!(before.steps.iter().map(|s| s.to).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(
+            before.steps.iter().map(|s| s.to).collect::<Vec<_>>(),
+            [2, 3]
+        );
 
         let journal = open(&path);
         let loaded = journal.load().expect("load");
@@ -1399,7 +1409,10 @@ mod tests {
             .query_row("SELECT count(*) FROM seen", [], |row| row.get(0))
             .expect("seen");
         assert_eq!(seen, 1);
-        assert_eq!(user_version(&Connection::open(&path).unwrap()), SCHEMA_VERSION);
+        assert_eq!(
+            user_version(&Connection::open(&path).unwrap()),
+            SCHEMA_VERSION
+        );
         let after = Journal::sqlite_status(&path).expect("status");
         assert_eq!((after.found, after.steps.len()), (Some(SCHEMA_VERSION), 0));
 

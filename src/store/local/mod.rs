@@ -14,7 +14,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::feed::Feed;
-use super::journal::{Committed, Document, Journal, JournalError, JournalStats, Sink, SqliteOptions};
+use super::journal::{
+    Committed, Document, Journal, JournalError, JournalStats, Sink, SqliteOptions,
+};
 use super::outbox::{self, Outbox};
 use super::seam::{
     CreateError, Delivered, Inbound, StoreError, UpstreamAnswer, call_terminated, report_sweep,
@@ -437,11 +439,16 @@ impl LocalStore {
         changes.seen_expired_before(seen_before);
         changes.changes_expired_through(self.feed.expire(OffsetDateTime::now_utc()));
         let log_before = OffsetDateTime::now_utc() - self.delivery_log_retention;
-        changes.documents(self.outbox.finished_before(log_before).into_iter().map(|id| Document {
-            kind: outbox::DELIVERY,
-            id,
-            body: None,
-        }));
+        changes.documents(
+            self.outbox
+                .finished_before(log_before)
+                .into_iter()
+                .map(|id| Document {
+                    kind: outbox::DELIVERY,
+                    id,
+                    body: None,
+                }),
+        );
         changes
     }
 }

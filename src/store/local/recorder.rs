@@ -424,8 +424,11 @@ impl Recorder {
                     continue;
                 }
             };
-            batch.changes.push((at_ms, feed::row(revision, settled, &json)));
-            let deliveries = outbox.deliveries_for(&operation, notify.as_deref(), settled, &json, now);
+            batch
+                .changes
+                .push((at_ms, feed::row(revision, settled, &json)));
+            let deliveries =
+                outbox.deliveries_for(&operation, notify.as_deref(), settled, &json, now);
             batch
                 .documents
                 .extend(deliveries.iter().map(Delivery::document));
