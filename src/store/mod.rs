@@ -37,6 +37,10 @@ pub use local::restored;
 pub use seam::{CreateError, Delivered, Inbound, StoreError, UpstreamAnswer};
 pub use tracker::{ContextInUse, ListFilter, OperationStore, Restored, StoreStats, SweepReport};
 
+/// Asked of a shared store opened without its change log (`callops migrate`).
+const NO_MIRROR: StoreError =
+    StoreError::Unsupported("the change log of the shared store is not loaded in this process");
+
 /// Where the service keeps its state. A cheap handle.
 #[derive(Clone)]
 pub struct Storage {
@@ -59,6 +63,10 @@ impl Storage {
                 let shared = RedisStore::connect(&url, &config.store, &config.operations, metrics)
                     .await
                     .with_context(|| format!("connecting to Redis at {url} (CALLOPS_STORE)"))?;
+                shared
+                    .open_mirror(&config.stream, &config.webhooks)
+                    .await
+                    .with_context(|| format!("loading the change log from Redis at {url}"))?;
                 tracing::info!(store.url = %url, "shared store (Redis) connected: replicas on the same store serve one deployment");
                 Backend::Shared(shared)
             }
@@ -218,13 +226,11 @@ impl Storage {
     }
 
     /// The change feed: every committed change of an operation, numbered, kept for the
-    /// stream's window.
+    /// stream's window (on a shared store, this replica's copy of the shared log).
     pub fn feed(&self) -> Result<&Feed, StoreError> {
         match &self.backend {
             Backend::Local(local) => Ok(local.feed()),
-            Backend::Shared(_) => Err(StoreError::Unsupported(
-                "the change feed and webhooks need a local store (memory or SQLite)",
-            )),
+            Backend::Shared(shared) => Ok(&shared.mirror().ok_or(NO_MIRROR)?.feed),
         }
     }
 
@@ -232,9 +238,7 @@ impl Storage {
     pub fn outbox(&self) -> Result<&Outbox, StoreError> {
         match &self.backend {
             Backend::Local(local) => Ok(local.outbox()),
-            Backend::Shared(_) => Err(StoreError::Unsupported(
-                "the change feed and webhooks need a local store (memory or SQLite)",
-            )),
+            Backend::Shared(shared) => Ok(&shared.mirror().ok_or(NO_MIRROR)?.outbox),
         }
     }
 
@@ -243,9 +247,25 @@ impl Storage {
     pub async fn write_documents(&self, documents: Vec<Document>) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Local(local) => local.write_documents(documents).await,
-            Backend::Shared(_) => Err(StoreError::Unsupported(
-                "the change feed and webhooks need a local store (memory or SQLite)",
-            )),
+            Backend::Shared(shared) => Ok(shared.write_documents(documents).await?),
+        }
+    }
+
+    /// True when this process may attempt webhook delivery `id` now: on a shared store, one
+    /// replica holds it for `ttl`; locally, always (one process per store).
+    pub async fn lease_delivery(&self, id: &str, ttl: Duration) -> Result<bool, StoreError> {
+        match &self.backend {
+            Backend::Local(_) => Ok(true),
+            Backend::Shared(shared) => Ok(shared.lease_delivery(id, ttl).await?),
+        }
+    }
+
+    /// Gives up the lease [`Storage::lease_delivery`] took, once the attempt's outcome is
+    /// stored (the lease's expiry covers a process that dies first).
+    pub async fn release_delivery(&self, id: &str) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Local(_) => Ok(()),
+            Backend::Shared(shared) => Ok(shared.release_delivery(id).await?),
         }
     }
 
@@ -302,6 +322,7 @@ impl Storage {
                 tasks.spawn(local.clone().run_sweeper(interval, shutdown.clone()));
             }
             Backend::Shared(shared) => {
+                tasks.spawn(shared.clone().run_log(shutdown.clone()));
                 tasks.spawn(shared.clone().run_notices(shutdown.clone()));
                 tasks.spawn(shared.clone().run_sweeper(interval, shutdown.clone()));
             }

@@ -70,6 +70,12 @@ const DUE_PER_PASS: usize = 512;
 /// The longest the sender sleeps between passes (a commit wakes it sooner).
 const MAX_IDLE: Duration = Duration::from_secs(1);
 
+/// A delivery's lease outlives its attempt (two timeouts) by this much.
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
+
+/// How often finished deliveries past their log retention are forgotten.
+const CLEANUP_EVERY: Duration = Duration::from_secs(60);
+
 /// How much of an error to keep in the attempt log.
 const MAX_ERROR_LEN: usize = 256;
 
@@ -243,18 +249,35 @@ impl Webhooks {
                 return;
             }
         };
+        let mut next_cleanup = tokio::time::Instant::now();
+        let lease = Duration::from_millis(self.inner.config.request_timeout_ms) * 2 + LEASE_MARGIN;
         loop {
             let now = OffsetDateTime::now_utc();
+            if tokio::time::Instant::now() >= next_cleanup {
+                next_cleanup += CLEANUP_EVERY;
+                self.forget_finished(&outbox, now).await;
+            }
             for delivery in outbox.due(now, DUE_PER_PASS) {
                 if !self.inner.in_flight.insert(delivery.id.clone()) {
                     continue;
+                }
+                // On a shared store, one replica attempts each delivery at a time.
+                match self.inner.storage.lease_delivery(&delivery.id, lease).await {
+                    Ok(true) => {}
+                    Ok(false) | Err(_) => {
+                        self.inner.in_flight.remove(&delivery.id);
+                        continue;
+                    }
                 }
                 let this = self.clone();
                 let stop = shutdown.clone();
                 tasks.spawn(async move {
                     let id = delivery.id.clone();
                     tokio::select! {
-                        () = this.attempt(delivery) => {}
+                        () = this.attempt(delivery) => {
+                            // An error leaves the lease to expire.
+                            let _ = this.inner.storage.release_delivery(&id).await;
+                        }
                         // Left pending: the next start attempts it again, same id.
                         () = stop.cancelled() => {}
                     }
@@ -272,6 +295,27 @@ impl Webhooks {
                 () = tokio::time::sleep(idle) => {}
                 () = shutdown.cancelled() => return,
             }
+        }
+    }
+
+    /// Forgets finished deliveries past `webhooks.log_retention_secs`.
+    async fn forget_finished(&self, outbox: &crate::store::outbox::Outbox, now: OffsetDateTime) {
+        let retention = time::Duration::seconds(
+            i64::try_from(self.inner.config.log_retention_secs).unwrap_or(i64::MAX / 2),
+        );
+        let forgotten: Vec<_> = outbox
+            .finished_before(now - retention)
+            .into_iter()
+            .map(|id| crate::store::journal::Document {
+                kind: crate::store::outbox::DELIVERY,
+                id,
+                body: None,
+            })
+            .collect();
+        if !forgotten.is_empty()
+            && let Err(error) = self.inner.storage.write_documents(forgotten).await
+        {
+            tracing::warn!(%error, "finished webhook deliveries could not be forgotten; retried later");
         }
     }
 

@@ -1364,3 +1364,94 @@ async fn with_both_replicas_alive_a_removal_is_never_sent_again() {
         );
     }
 }
+
+/// On a shared store, a subscription made on A hears every removal settled on either
+/// replica, each once per webhook-id (one replica attempts a delivery at a time, though
+/// both see it), signed; a stream open on A sees the changes made on B.
+#[tokio::test]
+async fn webhooks_and_the_stream_span_replicas() {
+    use crate::receiver::{Mode, Receiver};
+    use crate::stream::SseClient;
+    let env = [
+        ("CALLOPS_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "true"),
+        ("CALLOPS_WEBHOOKS__INITIAL_DELAY_MS", "20"),
+        ("CALLOPS_WEBHOOKS__MAX_DELAY_MS", "200"),
+        ("CALLOPS_WEBHOOKS__REQUEST_TIMEOUT_MS", "1000"),
+    ];
+    let Some(cluster) = Cluster::start(&env).await else {
+        return;
+    };
+    let receiver = Receiver::start(Mode::Status(503)).await;
+    let response = cluster
+        .http
+        .post(format!("{}/v1/subscriptions", cluster.base(0)))
+        .json(&json!({"url": receiver.url(), "eventTypes": ["operation.settled"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let subscription: Value = response.json().await.unwrap();
+    receiver.trust(subscription["secret"].as_str().unwrap());
+    let mut stream = SseClient::open(
+        &cluster.http,
+        &format!("{}/v1/operations:stream?status=Succeeded", cluster.base(0)),
+        None,
+    )
+    .await;
+    let mut expected = std::collections::BTreeSet::new();
+    for i in 0..8 {
+        let (call, context) = (format!("call-wh-{i}"), format!("ctx-wh-{i}"));
+        let id = cluster.remove(i % 2, &call, &context).await;
+        cluster.until_status(i % 2, &id, "Running").await;
+        cluster
+            .callback(
+                1 - i % 2,
+                &remove_event(&format!("evt-wh-{i}"), &call, &context, true),
+            )
+            .await;
+        expected.insert(id);
+    }
+    soon("failed attempts at the receiver", async {
+        while receiver.received().len() < 8 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    receiver.set_mode(Mode::Accept);
+    soon("every settled removal delivered", async {
+        loop {
+            let delivered: std::collections::BTreeSet<String> = receiver
+                .deduplicated()
+                .values()
+                .map(|r| r.body["data"]["id"].as_str().unwrap().to_owned())
+                .collect();
+            if delivered == expected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let mut ids = std::collections::BTreeMap::<String, std::collections::BTreeSet<String>>::new();
+    for received in receiver.received() {
+        assert_eq!(received.verified, Some(true), "{received:?}");
+        ids.entry(received.body["data"]["id"].as_str().unwrap().to_owned())
+            .or_default()
+            .insert(received.id);
+    }
+    assert!(ids.values().all(|ids| ids.len() == 1), "{ids:?}");
+    let events = stream
+        .until(|events| {
+            events
+                .iter()
+                .filter(|e| e.event == "operation.settled")
+                .count()
+                == expected.len()
+        })
+        .await;
+    let streamed: std::collections::BTreeSet<String> = events
+        .iter()
+        .map(|e| e.json()["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(streamed, expected);
+}

@@ -17,7 +17,7 @@ use super::feed::Feed;
 use super::journal::{
     Committed, Document, Journal, JournalError, JournalStats, Sink, SqliteOptions,
 };
-use super::outbox::{self, Outbox};
+use super::outbox::Outbox;
 use super::seam::{
     CreateError, Delivered, Inbound, StoreError, UpstreamAnswer, call_terminated, report_sweep,
 };
@@ -42,8 +42,6 @@ pub(super) struct LocalStore {
     metrics: Metrics,
     feed: Feed,
     outbox: Outbox,
-    /// Finished webhook deliveries are forgotten this long after their last attempt.
-    delivery_log_retention: Duration,
 }
 
 /// The longest a reader waits for a change it would see to become durable.
@@ -100,7 +98,6 @@ impl LocalStore {
             metrics,
             feed,
             outbox,
-            delivery_log_retention: Duration::from_secs(config.webhooks.log_retention_secs),
         }
     }
 
@@ -438,17 +435,6 @@ impl LocalStore {
         changes.retired_calls(&report.retired_calls);
         changes.seen_expired_before(seen_before);
         changes.changes_expired_through(self.feed.expire(OffsetDateTime::now_utc()));
-        let log_before = OffsetDateTime::now_utc() - self.delivery_log_retention;
-        changes.documents(
-            self.outbox
-                .finished_before(log_before)
-                .into_iter()
-                .map(|id| Document {
-                    kind: outbox::DELIVERY,
-                    id,
-                    body: None,
-                }),
-        );
         changes
     }
 }

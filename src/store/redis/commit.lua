@@ -1,6 +1,6 @@
 -- callops: one transition of the shared store, all or nothing.
 -- ARGV[1] is the plan (JSON, built by plan.rs), ARGV[2..] the operations' JSON (each
--- plan.ops entry names its own by index); KEYS[1] only routes the script (every key
+-- plan.ops entry names its own by index), then the change log's arguments (log.lua); KEYS[1] only routes the script (every key
 -- shares the prefix's hash tag, so a cluster keeps them in one slot).
 -- Returns 'dup' (an event id was seen before: nothing written), 'conflict' (something read
 -- for this transition changed since: nothing written, read again), or 'ok'.
@@ -69,4 +69,6 @@ for _, timeline in ipairs(plan.timelines) do
   redis.call('LTRIM', timeline.key, -plan.timeline_max, -1)
   redis.call('PEXPIRE', timeline.key, plan.call_ttl)
 end
+-- The change log after the operations' JSON (log.lua, prepended to this script).
+append_log(2 + #plan.ops)
 return 'ok'

@@ -158,7 +158,8 @@ impl RedisStore {
                 OffsetDateTime::now_utc(),
             )
             .map_err(|error| RedisStoreError::Unexpected(error.to_string()))?;
-            match self.commit_event(&write).await? {
+            let log = self.log_args(std::iter::once(&*operation), OffsetDateTime::now_utc());
+            match self.commit_event(&write, log).await? {
                 Verdict::Written => {
                     self.count_one(Some(&(base, was_settled)), &operation);
                     if write.settled {
@@ -200,6 +201,7 @@ impl RedisStore {
     pub(super) async fn commit_event(
         &self,
         write: &EventWrite,
+        log: Vec<Vec<u8>>,
     ) -> Result<Verdict, RedisStoreError> {
         let inner = &self.inner;
         let started = std::time::Instant::now();
@@ -208,6 +210,9 @@ impl RedisStore {
             invocation.key(key);
         }
         for arg in &write.args {
+            invocation.arg(arg.as_slice());
+        }
+        for arg in &log {
             invocation.arg(arg.as_slice());
         }
         let mut connection = inner.connection.clone();
@@ -520,7 +525,7 @@ mod tests {
             Delivery::Matched { .. }
         ));
         assert!(matches!(
-            store.commit_event(&write).await.unwrap(),
+            store.commit_event(&write, Vec::new()).await.unwrap(),
             Verdict::Conflict
         ));
         let stored = store.get(op.id).await.unwrap().unwrap();
@@ -557,7 +562,7 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(
-            store.commit_event(&write).await.unwrap(),
+            store.commit_event(&write, Vec::new()).await.unwrap(),
             Verdict::Conflict
         ));
         let () = redis::cmd("SET")
@@ -574,7 +579,7 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(
-            store.commit_event(&write).await.unwrap(),
+            store.commit_event(&write, Vec::new()).await.unwrap(),
             Verdict::Duplicate
         ));
         let stored = store.get(op.id).await.unwrap().unwrap();

@@ -5,7 +5,8 @@
 -- other names (its upstream id).
 -- ARGV: [1] id, [2] revision read, [3] new revision, [4] JSON, [5] ttl (ms), [6] when it
 -- expires (unix ms), [7] callback deadline (unix ms; '0' once settled), [8] the settle
--- channel ('' unless settled), [9] '1' with a seen key, [10] its ttl (ms).
+-- channel ('' unless settled), [9] '1' with a seen key, [10] its ttl (ms), [11..] the
+-- change log's (log.lua).
 -- Returns 'conflict' (the operation changed, or its context names another: nothing
 -- written, read again), 'dup' (the id was seen: nothing written) or 'ok'.
 local id = ARGV[1]
@@ -31,4 +32,6 @@ else
   redis.call('ZREM', KEYS[4], id)
 end
 if ARGV[8] ~= '' then redis.call('PUBLISH', ARGV[8], id) end
+-- The change log from ARGV[11] on (log.lua, prepended to this script).
+append_log(11)
 return 'ok'

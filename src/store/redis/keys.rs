@@ -110,6 +110,27 @@ impl Keys {
         format!("{}migrating", self.head)
     }
 
+    /// The change log: a stream of change-feed rows and document writes, numbered by
+    /// [`Keys::log_seq`], that every replica tails into its feed and outbox.
+    pub fn log(&self) -> String {
+        format!("{}log", self.head)
+    }
+
+    /// The last number given to a change-log entry.
+    pub fn log_seq(&self) -> String {
+        format!("{}log:seq", self.head)
+    }
+
+    /// A hash of documents (subscriptions, webhook deliveries): `<kind>:<id>` → JSON.
+    pub fn documents(&self) -> String {
+        format!("{}documents", self.head)
+    }
+
+    /// Present while a replica attempts the webhook delivery `id`.
+    pub fn delivery_lease(&self, id: &str) -> String {
+        self.key("lease", &format!("delivery:{id}"))
+    }
+
     /// The pub/sub channel carrying the ids of operations that settled.
     pub fn settled_channel(&self) -> String {
         self.key("settled", "")

@@ -24,6 +24,7 @@
 pub mod error;
 mod event;
 mod keys;
+mod mirror;
 mod ops;
 mod plan;
 mod schema;
@@ -138,6 +139,15 @@ struct Inner {
     metrics: Metrics,
     waiters: DashMap<OperationId, Arc<Notify>>,
     counters: Counters,
+    /// Writes documents alone (`log.lua`).
+    documents: redis::Script,
+    /// This replica's copy of the change log (`mirror.rs`), once opened.
+    mirror: std::sync::OnceLock<mirror::Mirror>,
+}
+
+/// A script with `log.lua`'s `append_log` before it.
+fn with_log(script: &str) -> String {
+    format!("{}\n{script}", include_str!("log.lua"))
 }
 
 #[derive(Default)]
@@ -219,10 +229,12 @@ impl RedisStore {
                     timeline_max: operations.call_events_max,
                 },
                 operations: operations.clone(),
-                script: redis::Script::new(include_str!("commit.lua")),
+                script: redis::Script::new(&with_log(include_str!("commit.lua"))),
                 reader: redis::Script::new(include_str!("read.lua")),
                 event_reader: redis::Script::new(include_str!("event_read.lua")),
-                event_writer: redis::Script::new(include_str!("event_commit.lua")),
+                event_writer: redis::Script::new(&with_log(include_str!("event_commit.lua"))),
+                documents: redis::Script::new(&with_log("append_log(1)\nreturn 'ok'")),
+                mirror: std::sync::OnceLock::new(),
                 timeout,
                 poll: Duration::from_millis(store.redis_poll_ms),
                 metrics,
@@ -320,6 +332,14 @@ impl RedisStore {
         invocation.arg(&argument);
         for document in plan.documents() {
             invocation.arg(document);
+        }
+        let written: Vec<OperationId> = plan.written().collect();
+        let logged = outcome
+            .operations
+            .iter()
+            .filter(|op| written.contains(&op.id));
+        for arg in self.log_args(logged, now) {
+            invocation.arg(arg);
         }
         let answer: String =
             match tokio::time::timeout(inner.timeout, invocation.invoke_async(&mut connection))

@@ -174,6 +174,11 @@ impl Plan {
             .map(|op| op.operation)
     }
 
+    /// Operations this plan writes.
+    pub fn written(&self) -> impl Iterator<Item = OperationId> + '_ {
+        self.ops.iter().map(|op| op.operation)
+    }
+
     /// The script's first argument.
     pub fn to_json(&self) -> String {
         // Plain strings, numbers and booleans: serializing cannot fail.

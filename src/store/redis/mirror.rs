@@ -1,0 +1,334 @@
+//! The change log on a shared store, and this replica's copy of it. Every transition that
+//! changes operations appends their change-feed rows and the webhook deliveries they cause
+//! to one stream (`log.lua`, in the same script as the change), numbered by an `INCR`;
+//! documents are also kept whole in a hash. Each replica loads the hash and the stream at
+//! start and tails the stream (`XREAD BLOCK`) into its [`Feed`] and [`Outbox`], so every
+//! replica streams every change and sees every delivery. Which replica sends a delivery is
+//! decided by a lease ([`RedisStore::lease_delivery`]).
+
+use std::time::Duration;
+
+use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use super::{RedisStore, RedisStoreError};
+use crate::config::{StreamConfig, WebhooksConfig};
+use crate::operation::Operation;
+use crate::store::feed::{self, Feed};
+use crate::store::journal::Document;
+use crate::store::outbox::{self, Delivery, Outbox};
+use crate::store::tracker::unix_millis;
+
+/// This replica's copy of the change log.
+pub(in crate::store) struct Mirror {
+    pub feed: Feed,
+    pub outbox: Outbox,
+    /// The stream is trimmed to about this many entries.
+    cap: usize,
+    /// The stream entry the tail starts after.
+    start: String,
+}
+
+/// Entries read from the stream at a time.
+const READ_COUNT: usize = 512;
+
+impl RedisStore {
+    /// Loads the documents and the change log, and keeps them from then on (with
+    /// [`RedisStore::run_log`]). Once; later calls do nothing.
+    pub async fn open_mirror(
+        &self,
+        stream: &StreamConfig,
+        webhooks: &WebhooksConfig,
+    ) -> Result<(), RedisStoreError> {
+        let keys = &self.inner.keys;
+        let feed = Feed::new(
+            Duration::from_secs(stream.retention_secs),
+            stream.max_changes,
+        );
+        let outbox = Outbox::new(Duration::from_secs(webhooks.retry_total_secs));
+        let mut connection = self.inner.connection.clone();
+        let range: StreamRangeReply = self
+            .bounded(
+                redis::cmd("XRANGE")
+                    .arg(keys.log())
+                    .arg("-")
+                    .arg("+")
+                    .query_async(&mut connection),
+            )
+            .await?;
+        let last_seq: Option<u64> = self
+            .bounded(
+                redis::cmd("GET")
+                    .arg(keys.log_seq())
+                    .query_async(&mut connection),
+            )
+            .await?;
+        let documents: Vec<(String, Vec<u8>)> = self
+            .bounded(
+                redis::cmd("HGETALL")
+                    .arg(keys.documents())
+                    .query_async(&mut connection),
+            )
+            .await?;
+        outbox.restore(
+            documents
+                .into_iter()
+                .filter_map(|(field, body)| {
+                    let (kind, id) = field.split_once(':')?;
+                    Some((kind.to_owned(), id.to_owned(), body))
+                })
+                .collect(),
+        );
+        let start = range
+            .ids
+            .last()
+            .map_or_else(|| "0-0".to_owned(), |entry| entry.id.clone());
+        let rows = range.ids.iter().filter_map(change_row).collect();
+        feed.restore(rows, last_seq.unwrap_or(0));
+        let _ = self.inner.mirror.set(Mirror {
+            feed,
+            outbox,
+            // Document entries share the stream: room for them beside the changes.
+            cap: stream.max_changes.saturating_mul(2).max(1000),
+            start,
+        });
+        Ok(())
+    }
+
+    pub(in crate::store) fn mirror(&self) -> Option<&Mirror> {
+        self.inner.mirror.get()
+    }
+
+    /// Tails the change log into the mirror until `stop`, on a connection of its own (a
+    /// blocking read would hold up the shared one); reconnects with backoff.
+    pub async fn run_log(self, stop: CancellationToken) {
+        let Some(mirror) = self.mirror() else {
+            return;
+        };
+        let log = self.inner.keys.log();
+        let mut last = mirror.start.clone();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let connection = tokio::select! {
+                () = stop.cancelled() => return,
+                connection = self.inner.client.get_multiplexed_async_connection() => connection,
+            };
+            let mut connection = match connection {
+                Ok(connection) => connection,
+                Err(error) => {
+                    tracing::warn!(%error, "change log: cannot connect; retrying");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            loop {
+                let mut command = redis::cmd("XREAD");
+                command
+                    .arg("COUNT")
+                    .arg(READ_COUNT)
+                    .arg("BLOCK")
+                    .arg(1000)
+                    .arg("STREAMS")
+                    .arg(&log)
+                    .arg(&last);
+                let read = command.query_async::<Option<StreamReadReply>>(&mut connection);
+                let reply = tokio::select! {
+                    () = stop.cancelled() => return,
+                    reply = read => reply,
+                };
+                match reply {
+                    Ok(Some(reply)) => {
+                        for key in reply.keys {
+                            if let Some(newest) = key.ids.last() {
+                                last.clone_from(&newest.id);
+                            }
+                            apply(mirror, &key.ids);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, "change log: read failed; reconnecting");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The arguments `log.lua` takes for `operations` as a transition writes them: a
+    /// change row each and the deliveries each causes. Empty without a mirror.
+    pub(super) fn log_args<'a>(
+        &self,
+        operations: impl Iterator<Item = &'a Operation>,
+        now: OffsetDateTime,
+    ) -> Vec<Vec<u8>> {
+        let Some(mirror) = self.mirror() else {
+            return Vec::new();
+        };
+        let mut changes = Vec::new();
+        let mut deliveries: Vec<Delivery> = Vec::new();
+        for operation in operations {
+            // A copy freshly read from Redis: a settle recorded on it happened in this
+            // transition.
+            let settled = operation.announced.settled_revision > 0;
+            let notify = operation.notify.clone();
+            let public = operation.clone().public();
+            let Ok(json) = serde_json::to_string(&public) else {
+                continue;
+            };
+            changes.push(feed::row(public.revision, settled, &json));
+            deliveries.extend(mirror.outbox.deliveries_for(
+                &public,
+                notify.as_deref(),
+                settled,
+                &json,
+                now,
+            ));
+        }
+        let documents = deliveries.iter().map(Delivery::document).collect();
+        self.document_args(changes, documents, now)
+    }
+
+    fn document_args(
+        &self,
+        changes: Vec<Vec<u8>>,
+        documents: Vec<Document>,
+        now: OffsetDateTime,
+    ) -> Vec<Vec<u8>> {
+        let Some(mirror) = self.mirror() else {
+            return Vec::new();
+        };
+        if changes.is_empty() && documents.is_empty() {
+            return Vec::new();
+        }
+        let keys = &self.inner.keys;
+        let mut args = vec![
+            keys.log().into_bytes(),
+            keys.log_seq().into_bytes(),
+            keys.documents().into_bytes(),
+            mirror.cap.to_string().into_bytes(),
+            unix_millis(now).to_string().into_bytes(),
+            changes.len().to_string().into_bytes(),
+        ];
+        args.extend(changes);
+        for document in documents {
+            args.push(format!("{}:{}", document.kind, document.id).into_bytes());
+            args.push(document.body.unwrap_or_default());
+        }
+        args
+    }
+
+    /// Writes `documents` (and logs them for every replica); this replica's mirror has
+    /// them when this returns.
+    pub async fn write_documents(&self, documents: Vec<Document>) -> Result<(), RedisStoreError> {
+        let Some(mirror) = self.mirror() else {
+            return Ok(());
+        };
+        let args = self.document_args(Vec::new(), documents.clone(), OffsetDateTime::now_utc());
+        if args.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = self.inner.documents.key(self.inner.keys.log());
+        for arg in &args {
+            invocation.arg(arg.as_slice());
+        }
+        let mut connection = self.inner.connection.clone();
+        let _: String = self
+            .bounded(invocation.invoke_async(&mut connection))
+            .await?;
+        // The tail applies them again, in log order, with whatever came between.
+        mirror.outbox.apply(documents);
+        Ok(())
+    }
+
+    /// True when this replica may attempt delivery `id` now: no other holds it (`SET NX`
+    /// with an expiry of `ttl`).
+    pub async fn lease_delivery(&self, id: &str, ttl: Duration) -> Result<bool, RedisStoreError> {
+        let mut connection = self.inner.connection.clone();
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let taken: Option<String> = self
+            .bounded(
+                redis::cmd("SET")
+                    .arg(self.inner.keys.delivery_lease(id))
+                    .arg("1")
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl_ms)
+                    .query_async(&mut connection),
+            )
+            .await?;
+        Ok(taken.is_some())
+    }
+
+    /// Gives up delivery `id`'s lease (its attempt's outcome is stored).
+    pub async fn release_delivery(&self, id: &str) -> Result<(), RedisStoreError> {
+        let mut connection = self.inner.connection.clone();
+        let _: i64 = self
+            .bounded(
+                redis::cmd("DEL")
+                    .arg(self.inner.keys.delivery_lease(id))
+                    .query_async(&mut connection),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// `future`, within the configured timeout.
+    async fn bounded<T>(
+        &self,
+        future: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, RedisStoreError> {
+        match tokio::time::timeout(self.inner.timeout, future).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(RedisStoreError::Timeout(self.timeout_ms())),
+        }
+    }
+}
+
+/// A change row from a log entry: (number, unix ms, body); `None` for a document entry.
+fn change_row(entry: &StreamId) -> Option<(u64, i64, Vec<u8>)> {
+    if entry.get::<String>("t").as_deref() != Some("c") {
+        return None;
+    }
+    let number = entry.id.split('-').next()?.parse().ok()?;
+    let at_ms = entry.get::<i64>("at").unwrap_or(0);
+    Some((number, at_ms, entry.get::<Vec<u8>>("b")?))
+}
+
+/// Applies log entries, in order, to the mirror.
+fn apply(mirror: &Mirror, entries: &[StreamId]) {
+    let mut rows = Vec::new();
+    let mut documents = Vec::new();
+    for entry in entries {
+        if let Some(row) = change_row(entry) {
+            rows.push(row);
+            continue;
+        }
+        let Some(field) = entry.get::<String>("k") else {
+            continue;
+        };
+        let Some((kind, id)) = field.split_once(':') else {
+            continue;
+        };
+        let Some(kind) = [outbox::SUBSCRIPTION, outbox::DELIVERY]
+            .into_iter()
+            .find(|known| *known == kind)
+        else {
+            continue;
+        };
+        let body = entry.get::<Vec<u8>>("b").filter(|body| !body.is_empty());
+        documents.push(Document {
+            kind,
+            id: id.to_owned(),
+            body,
+        });
+    }
+    mirror.outbox.apply(documents);
+    mirror.feed.push(rows);
+}
