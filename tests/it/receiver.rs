@@ -3,7 +3,7 @@
 //! request's Standard Webhooks signature with the `standardwebhooks` crate and records
 //! what it accepted.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,6 +16,8 @@ use axum::routing::post;
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use crate::support::within;
 
 /// What the receiver does with the next requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +115,38 @@ impl Receiver {
 
     pub fn received(&self) -> Vec<Received> {
         self.shared.received.lock().unwrap().clone()
+    }
+
+    /// The operations whose delivery was accepted (`data.id` of each body).
+    pub fn operations_delivered(&self) -> BTreeSet<String> {
+        self.deduplicated()
+            .values()
+            .map(|r| r.body["data"]["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Waits (bounded) until the accepted deliveries name exactly `expected`.
+    pub async fn until_delivered(&self, expected: &BTreeSet<String>) {
+        within(async {
+            while self.operations_delivered() != *expected {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+
+    /// Checks every request was signed and verified, and that each operation came under
+    /// one webhook-id only, whatever the attempts; the ids per operation.
+    pub fn one_signed_id_per_operation(&self) -> BTreeMap<String, BTreeSet<String>> {
+        let mut ids: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for received in self.received() {
+            assert_eq!(received.verified, Some(true), "{received:?}");
+            ids.entry(received.body["data"]["id"].as_str().unwrap().to_owned())
+                .or_default()
+                .insert(received.id);
+        }
+        assert!(ids.values().all(|ids| ids.len() == 1), "{ids:?}");
+        ids
     }
 
     /// Accepted requests, deduplicated on `webhook-id` as a receiver would: id → first body.

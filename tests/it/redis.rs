@@ -1418,28 +1418,8 @@ async fn webhooks_and_the_stream_span_replicas() {
     })
     .await;
     receiver.set_mode(Mode::Accept);
-    soon("every settled removal delivered", async {
-        loop {
-            let delivered: std::collections::BTreeSet<String> = receiver
-                .deduplicated()
-                .values()
-                .map(|r| r.body["data"]["id"].as_str().unwrap().to_owned())
-                .collect();
-            if delivered == expected {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    let mut ids = std::collections::BTreeMap::<String, std::collections::BTreeSet<String>>::new();
-    for received in receiver.received() {
-        assert_eq!(received.verified, Some(true), "{received:?}");
-        ids.entry(received.body["data"]["id"].as_str().unwrap().to_owned())
-            .or_default()
-            .insert(received.id);
-    }
-    assert!(ids.values().all(|ids| ids.len() == 1), "{ids:?}");
+    receiver.until_delivered(&expected).await;
+    receiver.one_signed_id_per_operation();
     let events = stream
         .until(|events| {
             events
