@@ -14,6 +14,7 @@ use time::OffsetDateTime;
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiJson, ApiPath, ErrorBody};
+use crate::graph::ids;
 use crate::http::AppState;
 use crate::store::outbox::{Attempt, Delivery, DeliveryStatus, Subscription, SubscriptionFilter};
 use crate::webhooks::{NewSubscription, Webhooks};
@@ -169,10 +170,13 @@ pub(crate) async fn create_subscription(
     ApiJson(body): ApiJson<SubscriptionIn>,
 ) -> Result<Response, ApiError> {
     check_filter(&body.filter)?;
+    let mut filter = body.filter;
+    // Graph spells call ids two ways; operations keep the canonical one.
+    filter.call_id = filter.call_id.map(|id| ids::canonical(&id).into_owned());
     let subscription = webhooks
         .create_subscription(NewSubscription {
             url: body.url,
-            filter: body.filter,
+            filter,
             event_types: body.event_types,
         })
         .await?;

@@ -23,6 +23,11 @@
 //!   with a snapshot at least as new as the stored one.
 //! - `call_events(call TEXT, seq INTEGER, body BLOB, PRIMARY KEY (call, seq)) WITHOUT ROWID`:
 //!   calls' timelines, append-only, trimmed from the front.
+//! - `changes(id INTEGER PRIMARY KEY, at_ms INTEGER, body BLOB)`: the change feed; the
+//!   writer numbers rows in the transaction that writes them and hands them, committed, to
+//!   the sink in that order; trimmed from the front.
+//! - `documents(kind TEXT, id TEXT, body BLOB, PRIMARY KEY (kind, id)) WITHOUT ROWID`:
+//!   webhook subscriptions and deliveries, upserted and deleted by key.
 //!
 //! Migrations: [`MIGRATIONS`], numbered steps applied in order at open, in the transaction
 //! that sets the version; a new file (version 0) gets the schema directly. Before an
@@ -30,7 +35,7 @@
 //! '<file>.v<old>-backup-<unix seconds>'`). Version 1 (before `events` and `call_events`)
 //! kept each operation's events inside its `body`; step 2 makes them rows (ordinals 0, 1,
 //! ...: the caller renumbers at load what does not fit its bound) and rewrites the body
-//! without them.
+//! without them. Step 3 adds `changes` and `documents`, empty.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
