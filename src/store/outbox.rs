@@ -199,6 +199,8 @@ impl std::fmt::Debug for Outbox {
 struct Inner {
     subscriptions: DashMap<String, Subscription>,
     deliveries: DashMap<String, Delivery>,
+    /// Ids of the pending deliveries: the sender's passes look at these, not at the log.
+    pending: dashmap::DashSet<String>,
     /// Woken when a delivery is committed.
     added: Notify,
     /// The retry window new deliveries get.
@@ -235,12 +237,18 @@ impl Outbox {
                 }
                 (DELIVERY, Some(body)) => match serde_json::from_slice::<Delivery>(&body) {
                     Ok(delivery) => {
-                        added |= delivery.status == DeliveryStatus::Pending;
+                        if delivery.status == DeliveryStatus::Pending {
+                            added = true;
+                            self.inner.pending.insert(delivery.id.clone());
+                        } else {
+                            self.inner.pending.remove(&delivery.id);
+                        }
                         self.inner.deliveries.insert(delivery.id.clone(), delivery);
                     }
                     Err(error) => tracing::error!(%error, "a stored delivery could not be read"),
                 },
                 (DELIVERY, None) => {
+                    self.inner.pending.remove(&document.id);
                     self.inner.deliveries.remove(&document.id);
                 }
                 (kind, _) => tracing::warn!(document.kind = kind, "unknown document kind ignored"),
@@ -292,8 +300,8 @@ impl Outbox {
         self.inner.deliveries.get(id).map(|entry| entry.clone())
     }
 
-    /// A subscription's deliveries, newest first.
-    pub fn deliveries_of(&self, subscription: &str) -> Vec<Delivery> {
+    /// A subscription's deliveries, newest first, at most `limit`.
+    pub fn deliveries_of(&self, subscription: &str, limit: usize) -> Vec<Delivery> {
         let mut found: Vec<Delivery> = self
             .inner
             .deliveries
@@ -302,50 +310,54 @@ impl Outbox {
             .map(|entry| entry.clone())
             .collect();
         found.sort_by(|a, b| b.id.cmp(&a.id));
+        found.truncate(limit);
         found
     }
 
-    /// Pending deliveries due by `now`, oldest first, at most `limit`; and how many are
-    /// pending with the oldest one's creation.
+    /// `look` at every pending delivery, found through the pending index (nothing copied).
+    fn each_pending(&self, mut look: impl FnMut(&Delivery)) {
+        for id in self.inner.pending.iter() {
+            if let Some(delivery) = self.inner.deliveries.get(id.key())
+                && delivery.status == DeliveryStatus::Pending
+            {
+                look(&delivery);
+            }
+        }
+    }
+
+    /// Pending deliveries due by `now`, oldest first, at most `limit`.
     pub fn due(&self, now: OffsetDateTime, limit: usize) -> Vec<Delivery> {
-        let mut due: Vec<Delivery> = self
-            .inner
-            .deliveries
-            .iter()
-            .filter(|entry| {
-                entry.status == DeliveryStatus::Pending
-                    && entry.next_attempt_date_time.is_none_or(|at| at <= now)
-            })
-            .map(|entry| entry.clone())
-            .collect();
-        due.sort_by(|a, b| a.id.cmp(&b.id));
-        due.truncate(limit);
-        due
+        let mut due_ids = Vec::new();
+        self.each_pending(|delivery| {
+            if delivery.next_attempt_date_time.is_none_or(|at| at <= now) {
+                due_ids.push(delivery.id.clone());
+            }
+        });
+        due_ids.sort();
+        due_ids.truncate(limit);
+        due_ids.iter().filter_map(|id| self.delivery(id)).collect()
     }
 
     /// Pending deliveries, and the creation time of the oldest.
     pub fn pending(&self) -> (usize, Option<OffsetDateTime>) {
-        let mut count = 0;
-        let mut oldest: Option<OffsetDateTime> = None;
-        for entry in self.inner.deliveries.iter() {
-            if entry.status == DeliveryStatus::Pending {
-                count += 1;
-                oldest = Some(
-                    oldest.map_or(entry.created_date_time, |o| o.min(entry.created_date_time)),
-                );
-            }
-        }
+        let (mut count, mut oldest) = (0, None::<OffsetDateTime>);
+        self.each_pending(|delivery| {
+            count += 1;
+            let created = delivery.created_date_time;
+            oldest = Some(oldest.map_or(created, |o| o.min(created)));
+        });
         (count, oldest)
     }
 
     /// The earliest next attempt of a pending delivery.
     pub fn next_due(&self) -> Option<OffsetDateTime> {
-        self.inner
-            .deliveries
-            .iter()
-            .filter(|entry| entry.status == DeliveryStatus::Pending)
-            .filter_map(|entry| entry.next_attempt_date_time)
-            .min()
+        let mut next = None::<OffsetDateTime>;
+        self.each_pending(|delivery| {
+            if let Some(at) = delivery.next_attempt_date_time {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        });
+        next
     }
 
     /// Finished deliveries older than `before`, to forget.

@@ -632,9 +632,10 @@ impl OperationStore {
     }
 
     /// The operation's state for the change feed, if it changed since the feed last took
-    /// it: a copy (events included), its revision, and whether it settled (or changed its
-    /// outcome) since. Marks both as announced, so concurrent commits announce each once.
-    pub fn claim_change(&self, id: OperationId) -> Option<(Operation, u64, bool)> {
+    /// it: a copy (events included), its revision, whether it settled (or changed its
+    /// outcome) since, and the settle announced before (for [`OperationStore::unclaim_change`]).
+    /// Marks both as announced, so concurrent commits announce each once.
+    pub fn claim_change(&self, id: OperationId) -> Option<(Operation, u64, bool, u64)> {
         let mut op = self.inner.operations.get_mut(&id)?;
         let revision = op.revision;
         let announced = &mut op.announced;
@@ -643,8 +644,19 @@ impl OperationStore {
         }
         announced.change = revision + 1;
         let settled = announced.settled_revision > announced.settle;
+        let settle_before = announced.settle;
         announced.settle = announced.settled_revision;
-        Some(((**op).clone(), op.revision, settled))
+        Some(((**op).clone(), revision, settled, settle_before))
+    }
+
+    /// A commit that announced the operation's change failed: the next commit announces
+    /// it again (and its settle, when that commit announced one: `settle_before` is what
+    /// had been announced before it).
+    pub fn unclaim_change(&self, id: OperationId, settle_before: u64) {
+        if let Some(mut op) = self.inner.operations.get_mut(&id) {
+            op.announced.change = 0;
+            op.announced.settle = op.announced.settle.min(settle_before);
+        }
     }
 
     /// The upstream answered the operation's request: it is no longer owed.

@@ -70,6 +70,9 @@ const DUE_PER_PASS: usize = 512;
 /// The longest the sender sleeps between passes (a commit wakes it sooner).
 const MAX_IDLE: Duration = Duration::from_secs(1);
 
+/// The most deliveries a subscription's log lists (the newest).
+pub const DELIVERIES_LISTED: usize = 200;
+
 /// A delivery's lease outlives its attempt (two timeouts) by this much.
 const LEASE_MARGIN: Duration = Duration::from_secs(5);
 
@@ -190,7 +193,11 @@ impl Webhooks {
     /// A subscription's deliveries, newest first.
     pub fn deliveries(&self, subscription: &str) -> Result<Vec<Delivery>, WebhookError> {
         self.subscription(subscription)?;
-        Ok(self.inner.storage.outbox()?.deliveries_of(subscription))
+        Ok(self
+            .inner
+            .storage
+            .outbox()?
+            .deliveries_of(subscription, DELIVERIES_LISTED))
     }
 
     /// Sends a delivery again (same `webhook-id`), with a new retry window.

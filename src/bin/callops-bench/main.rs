@@ -10,6 +10,7 @@ mod loadgen;
 mod redis_bench;
 mod report;
 mod scenarios;
+mod webhooks_bench;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,7 +23,7 @@ use crate::scenarios::{Bench, INGEST_CONFIGS, Options};
 #[derive(Parser)]
 #[command(
     version,
-    about = "Benchmarks callops: callback ingest (against a bare axum server), the shared store on Redis, end to end, long-poll wake latency, memory per operation"
+    about = "Benchmarks callops: callback ingest (against a bare axum server), the shared store on Redis, end to end, long-poll wake latency, memory per operation, webhook delivery"
 )]
 struct Cli {
     /// Seconds each throughput measurement lasts (after the warm-up) [default: 10; --quick: 3].
@@ -82,6 +83,8 @@ enum Scenario {
     Wake,
     /// Bytes per tracked operation.
     Memory,
+    /// Webhook delivery throughput and settle → delivery latency.
+    Webhooks,
 }
 
 /// The servers under test (run by the benchmark itself).
@@ -149,6 +152,7 @@ async fn main() -> anyhow::Result<ExitCode> {
             Scenario::E2e,
             Scenario::Wake,
             Scenario::Memory,
+            Scenario::Webhooks,
         ]
     } else {
         cli.only
@@ -212,6 +216,10 @@ async fn main() -> anyhow::Result<ExitCode> {
             .await
             .map(|more| rows.extend(more));
         note(result, "memory");
+    }
+    if only.contains(&Scenario::Webhooks) {
+        let result = webhooks_bench::run(&bench, &mut rows).await;
+        note(result, "webhooks");
     }
     let options = bench.options.clone();
     bench.finish();

@@ -98,7 +98,13 @@ impl Bench {
     /// upstreams are, so the child starts no emulator of its own), callback tokens are
     /// verified against the emulator's keys (`jwt`) or not at all, nothing expires during
     /// a run.
-    fn callops_config(&self, name: &str, store: &str, jwt: bool) -> anyhow::Result<PathBuf> {
+    fn callops_config(
+        &self,
+        name: &str,
+        store: &str,
+        jwt: bool,
+        extra: &str,
+    ) -> anyhow::Result<PathBuf> {
         let e = &self.emulator_config;
         let emu = format!("http://{}", self.emulator_addr);
         let q = |text: &str| serde_json::to_string(text).expect("a string is JSON");
@@ -137,6 +143,7 @@ openid_url = {graph_openid}
 
 [emulator]
 enabled = false
+{extra}
 "#,
             store = q(store),
             acs = q(&format!("endpoint={emu}/;accesskey={}", e.access_key)),
@@ -156,7 +163,18 @@ enabled = false
     }
 
     pub async fn start_callops(&self, name: &str, store: &str, jwt: bool) -> anyhow::Result<Child> {
-        let config = self.callops_config(name, store, jwt)?;
+        self.start_callops_with(name, store, jwt, "").await
+    }
+
+    /// As [`Bench::start_callops`], with `extra` TOML sections.
+    pub async fn start_callops_with(
+        &self,
+        name: &str,
+        store: &str,
+        jwt: bool,
+        extra: &str,
+    ) -> anyhow::Result<Child> {
+        let config = self.callops_config(name, store, jwt, extra)?;
         Child::start(Server::Callops(&config), &self.workdir, name).await
     }
 
@@ -369,7 +387,7 @@ pub async fn measure_over(
 }
 
 /// Starts `op`'s removal through the API: its `202` answer.
-async fn start_removal(conn: &mut Conn, op: &OpSpec) -> anyhow::Result<loadgen::Answer> {
+pub async fn start_removal(conn: &mut Conn, op: &OpSpec) -> anyhow::Result<loadgen::Answer> {
     let answer = conn
         .send(
             Method::POST,
@@ -389,7 +407,7 @@ async fn start_removal(conn: &mut Conn, op: &OpSpec) -> anyhow::Result<loadgen::
 }
 
 /// The operation id in a `202` answer.
-fn operation_id(answer: &loadgen::Answer) -> anyhow::Result<String> {
+pub fn operation_id(answer: &loadgen::Answer) -> anyhow::Result<String> {
     let body: Value = serde_json::from_slice(&answer.body)?;
     body["id"]
         .as_str()

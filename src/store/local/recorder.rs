@@ -337,7 +337,7 @@ impl Recorder {
             documents: changes.documents,
             ..Batch::default()
         };
-        self.note_changes(store, &changes.operations, &mut batch);
+        let claimed = self.note_changes(store, &changes.operations, &mut batch);
         batch.operations.reserve_exact(changes.operations.len());
         let bound = store.event_bound();
         // (operation, revision, events total) to note as durable once committed.
@@ -395,6 +395,11 @@ impl Recorder {
                 let mut unwritten = self.unwritten.ids();
                 unwritten.extend(written.into_iter().map(|(id, _, _)| id));
                 self.unwritten.any.store(true, Ordering::Release);
+                // Their change rows and deliveries were not written either: announced again
+                // by the commit that writes them.
+                for (id, settle_before) in claimed {
+                    store.unclaim_change(id, settle_before);
+                }
             }
         }
         result
@@ -405,16 +410,24 @@ impl Recorder {
     /// Adds a change-feed row for each operation in `ids` that changed since the feed last
     /// took it, and the webhook deliveries the change causes: in the same batch, so a
     /// change and its deliveries are committed together.
-    fn note_changes(&self, store: &OperationStore, ids: &BTreeSet<OperationId>, batch: &mut Batch) {
+    fn note_changes(
+        &self,
+        store: &OperationStore,
+        ids: &BTreeSet<OperationId>,
+        batch: &mut Batch,
+    ) -> Vec<(OperationId, u64)> {
+        let mut claimed = Vec::new();
         let Some(outbox) = &self.outbox else {
-            return;
+            return claimed;
         };
         let now = OffsetDateTime::now_utc();
         let at_ms = unix_ms(now);
         for id in ids {
-            let Some((mut operation, revision, settled)) = store.claim_change(*id) else {
+            let Some((mut operation, revision, settled, settle_before)) = store.claim_change(*id)
+            else {
                 continue;
             };
+            claimed.push((*id, settle_before));
             let notify = operation.notify.take();
             let operation = operation.public();
             let json = match serde_json::to_string(&operation) {
@@ -433,6 +446,7 @@ impl Recorder {
                 .documents
                 .extend(deliveries.iter().map(Delivery::document));
         }
+        claimed
     }
 }
 
