@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use crate::operation::{Operation, OperationId};
+use crate::operation::{CallRef, Operation, OperationId, OperationKind, OperationStatus};
 use crate::store::tracker::ListFilter;
 
 /// One change as the journal stores it (the row's body).
@@ -31,7 +31,8 @@ pub struct Change {
     pub id: u64,
     pub at: OffsetDateTime,
     pub settled: bool,
-    /// The operation after the change, its events left out (for filtering).
+    /// What filters match on (id, kind, status, call, context) of the operation after the
+    /// change; nothing else of it is kept here.
     pub operation: Operation,
     /// The operation as `GET /v1/operations/{id}` shows it, as JSON.
     pub json: Bytes,
@@ -188,6 +189,18 @@ impl Feed {
     }
 }
 
+/// What a change's filters look at (the rest of the operation is skipped, not built).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Meta {
+    id: OperationId,
+    kind: OperationKind,
+    status: OperationStatus,
+    context: String,
+    call_connection_id: Option<String>,
+    call_id: Option<String>,
+}
+
 /// A change and its revision, from a journal row.
 fn parse(id: u64, at_ms: i64, body: &[u8]) -> Option<(Change, u64)> {
     let row: ChangeRow<'_> = match serde_json::from_slice(body) {
@@ -197,16 +210,23 @@ fn parse(id: u64, at_ms: i64, body: &[u8]) -> Option<(Change, u64)> {
             return None;
         }
     };
-    let mut operation: Operation = match serde_json::from_str(row.operation.get()) {
-        Ok(operation) => operation,
+    let meta: Meta = match serde_json::from_str(row.operation.get()) {
+        Ok(meta) => meta,
         Err(error) => {
             tracing::error!(change.id = id, %error, "a change row's operation could not be read; skipped");
             return None;
         }
     };
-    operation.events = Vec::new();
     let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000)
         .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let call = match (meta.call_connection_id, meta.call_id) {
+        (Some(id), _) => CallRef::CallConnection(id),
+        (None, Some(id)) => CallRef::Call(id),
+        (None, None) => CallRef::CallConnection(String::new()),
+    };
+    let mut operation = Operation::new(meta.kind, call, meta.context, at);
+    operation.id = meta.id;
+    operation.status = meta.status;
     let change = Change {
         id,
         at,
@@ -233,7 +253,6 @@ pub(crate) fn row(revision: u64, settled: bool, operation_json: &str) -> Vec<u8>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operation::{CallRef, OperationKind, OperationStatus};
 
     fn op_json(operation: &Operation) -> String {
         serde_json::to_string(operation).expect("json")

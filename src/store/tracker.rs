@@ -27,8 +27,8 @@ use crate::config::{CallbackTimeouts, OperationsConfig};
 use crate::correlation::{self, Delivery, IncomingEvent, UpstreamId, upstream_key};
 use crate::operation::{
     CALLBACK_TIMEOUT, CallRef, CancelledOperation, EventBound, EventEffect, EventRecord,
-    FINAL_STATUSES, ISSUED_KINDS, Operation, OperationError, OperationId, OperationKind,
-    OperationStatus, ResultInfo, Transition,
+    FINAL_STATUSES, ISSUED_KINDS, NotifyTarget, Operation, OperationError, OperationId,
+    OperationKind, OperationStatus, ResultInfo, Transition,
 };
 
 /// A cheap handle to the shared tracker.
@@ -632,10 +632,15 @@ impl OperationStore {
     }
 
     /// The operation's state for the change feed, if it changed since the feed last took
-    /// it: a copy (events included), its revision, whether it settled (or changed its
-    /// outcome) since, and the settle announced before (for [`OperationStore::unclaim_change`]).
+    /// it: `work` gets it as the API shows it (under its entry lock), its `notify`, its
+    /// revision and whether it settled (or changed its outcome) since; returns what `work`
+    /// made and the settle announced before (for [`OperationStore::unclaim_change`]).
     /// Marks both as announced, so concurrent commits announce each once.
-    pub fn claim_change(&self, id: OperationId) -> Option<(Operation, u64, bool, u64)> {
+    pub fn claim_change<T>(
+        &self,
+        id: OperationId,
+        work: impl FnOnce(&Operation, Option<&NotifyTarget>, u64, bool) -> T,
+    ) -> Option<(T, u64)> {
         let mut op = self.inner.operations.get_mut(&id)?;
         let revision = op.revision;
         let announced = &mut op.announced;
@@ -646,7 +651,13 @@ impl OperationStore {
         let settled = announced.settled_revision > announced.settle;
         let settle_before = announced.settle;
         announced.settle = announced.settled_revision;
-        Some(((**op).clone(), revision, settled, settle_before))
+        // Shown as the API shows it, without a copy: what it never shows is set aside.
+        let pending = op.pending.take();
+        let notify = op.notify.take();
+        let out = work(&op, notify.as_deref(), revision, settled);
+        op.pending = pending;
+        op.notify = notify;
+        Some((out, settle_before))
     }
 
     /// A commit that announced the operation's change failed: the next commit announces

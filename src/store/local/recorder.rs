@@ -423,28 +423,26 @@ impl Recorder {
         let now = OffsetDateTime::now_utc();
         let at_ms = unix_ms(now);
         for id in ids {
-            let Some((mut operation, revision, settled, settle_before)) = store.claim_change(*id)
-            else {
+            let claim = store.claim_change(*id, |operation, notify, revision, settled| {
+                let json = serde_json::to_string(operation)?;
+                let deliveries = outbox.deliveries_for(operation, notify, settled, &json, now);
+                Ok::<_, serde_json::Error>((feed::row(revision, settled, &json), deliveries))
+            });
+            let Some((made, settle_before)) = claim else {
                 continue;
             };
             claimed.push((*id, settle_before));
-            let notify = operation.notify.take();
-            let operation = operation.public();
-            let json = match serde_json::to_string(&operation) {
-                Ok(json) => json,
+            match made {
+                Ok((row, deliveries)) => {
+                    batch.changes.push((at_ms, row));
+                    batch
+                        .documents
+                        .extend(deliveries.iter().map(Delivery::document));
+                }
                 Err(error) => {
                     tracing::error!(operation.id = %id, %error, "an operation could not be serialized for the change feed");
-                    continue;
                 }
-            };
-            batch
-                .changes
-                .push((at_ms, feed::row(revision, settled, &json)));
-            let deliveries =
-                outbox.deliveries_for(&operation, notify.as_deref(), settled, &json, now);
-            batch
-                .documents
-                .extend(deliveries.iter().map(Delivery::document));
+            }
         }
         claimed
     }
