@@ -173,10 +173,10 @@ impl HttpBody for Compact {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
         let this = self.get_mut();
-        if let Some(slow) = &mut this.slow {
-            if slow.deadline.as_mut().poll(cx).is_ready() {
-                return this.cut_off(SlowBody::Deadline(this.bodies.deadline));
-            }
+        if let Some(slow) = &mut this.slow
+            && slow.deadline.as_mut().poll(cx).is_ready()
+        {
+            return this.cut_off(SlowBody::Deadline(this.bodies.deadline));
         }
         match Pin::new(&mut this.body).poll_frame(cx) {
             Poll::Pending => {
