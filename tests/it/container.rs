@@ -414,3 +414,43 @@ async fn a_port_in_use_names_the_setting_to_change() {
         "{stderr}"
     );
 }
+
+/// Runs callops in a private mount namespace (`unshare -rm`) whose `dir` is a 64 KiB tmpfs
+/// with `fill_kib` of it taken; `None` where unprivileged namespaces are not allowed.
+async fn start_on_a_full_disk(dir: &Path, fill_kib: u32) -> Option<Output> {
+    let script = format!(
+        "mount -t tmpfs -o size=64k tmpfs '{dir}' || exit 97; \
+         dd if=/dev/zero of='{dir}/fill' bs=1k count={fill_kib} 2>/dev/null; \
+         exec \"$0\"",
+        dir = dir.display()
+    );
+    let mut command = tokio::process::Command::new("unshare");
+    command
+        .args(["-rm", "sh", "-c", &script, env!("CARGO_BIN_EXE_callops")])
+        .env_clear();
+    for (name, value) in container_env(free_port(), &dir.join("callops.db")) {
+        command.env(name, value);
+    }
+    let output = within(command.output()).await.ok()?;
+    (output.status.code() != Some(97)).then_some(output)
+}
+
+#[tokio::test]
+async fn a_full_disk_at_start_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    // With the lock file written but no room for the database, and with room for its first
+    // pages but not its shared-memory file (SQLite's "disk I/O error").
+    for fill_kib in [60, 52] {
+        let Some(output) = start_on_a_full_disk(dir.path(), fill_kib).await else {
+            eprintln!("skipped: unprivileged mount namespaces (unshare -rm) are not allowed here");
+            return;
+        };
+        assert_eq!(output.status.code(), Some(1), "{output:?}");
+        let stderr = text(&output.stderr);
+        assert!(
+            stderr.contains("no space left on the device holding")
+                && stderr.contains("CALLOPS_STORE"),
+            "{fill_kib} KiB taken: {stderr}"
+        );
+    }
+}
