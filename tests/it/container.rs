@@ -454,3 +454,84 @@ async fn a_full_disk_at_start_is_named_as_such() {
         );
     }
 }
+
+/// The environment of the README's `VAR='value' … cargo run` snippet that follows `intro`,
+/// its placeholders filled with well-formed values.
+fn readme_snippet(intro: &str) -> Vec<(String, String)> {
+    let readme = include_str!("../../README.md");
+    let after = &readme[readme
+        .find(intro)
+        .expect("the README introduces the snippet")..];
+    let block = after
+        .split("```sh\n")
+        .nth(1)
+        .expect("a shell block follows");
+    let block = &block[..block.find("```").expect("the block ends")];
+    assert!(block.contains("cargo run"), "{block}");
+    let filled = block
+        .replace("<resource>", "example")
+        .replace("<base64 key>", "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=")
+        .replace(
+            "<immutable resource id>",
+            "5e1d4d5a-0d3c-4b57-9c0e-ca11095e0a7b",
+        )
+        .replace("<tenant id>", "6c1a9f2e-54a8-4b5b-9a4e-0d5f0f3e2a11")
+        .replace("<app id>", "0b9e4a33-3c3a-4d6e-8c1f-2b8d1f0a9e77")
+        .replace("<secret>", "a-client-secret");
+    assert!(!filled.contains('<'), "an unfilled placeholder: {filled}");
+    filled
+        .split_whitespace()
+        .filter_map(|word| word.split_once('='))
+        .filter(|(name, _)| name.starts_with("CALLOPS_"))
+        .map(|(name, value)| (name.to_owned(), value.trim_matches('\'').to_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_readme_real_azure_snippets_start_the_service() {
+    for intro in [
+        "To use a real ACS resource instead",
+        "To use Graph for real",
+    ] {
+        let snippet = readme_snippet(intro);
+        assert!(snippet.len() >= 2, "{intro}: {snippet:?}");
+        let port = free_port();
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_callops"));
+        command
+            .env_clear()
+            .env("CALLOPS_STORE", "memory")
+            .env("CALLOPS_LISTEN", format!("127.0.0.1:{port}"))
+            .env(
+                "CALLOPS_EMULATOR__LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (name, value) in &snippet {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().unwrap();
+        let http = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{port}/healthz");
+        let up = within(async {
+            loop {
+                if http.get(&url).send().await.is_ok() {
+                    break true;
+                }
+                if child.try_wait().unwrap().is_some() {
+                    break false;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        if !up {
+            let output = child.wait_with_output().await.unwrap();
+            panic!(
+                "{intro}: the snippet does not start: {}",
+                text(&output.stderr)
+            );
+        }
+    }
+}
