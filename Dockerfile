@@ -3,15 +3,24 @@
 #   docker build -t callops .
 #   docker run --rm -p 8080:8080 -v callops-data:/data -e CALLOPS_EMULATOR__ENABLED=true callops
 #
-# TLS: reqwest is built with its `rustls-tls` feature, which is `rustls-tls-webpki-roots`:
-# the Mozilla root certificates (the webpki-roots crate) are compiled into the binary and the
-# system store is not read. The runtime image needs no CA bundle for callops (distroless/cc
-# ships /etc/ssl/certs anyway, unused); a private or TLS-inspecting CA cannot be added there.
+# TLS: reqwest's rustls (on aws-lc-rs) verifies against the system trust store, which
+# distroless/cc ships in /etc/ssl/certs; a derived image may add a private CA there.
 
 ARG RUST_VERSION=1.95
 
-FROM rust:${RUST_VERSION}-bookworm AS builder
+# Dependencies are built in a layer of their own (cargo-chef's recipe holds only the
+# manifests and lock file), so a change to the sources rebuilds callops alone.
+FROM rust:${RUST_VERSION}-bookworm AS chef
+RUN cargo install --locked cargo-chef --version 0.1.78
 WORKDIR /src
+
+FROM chef AS planner
+COPY . .
+RUN cargo chef prepare --recipe-path recipe.json
+
+FROM chef AS builder
+COPY --from=planner /src/recipe.json recipe.json
+RUN cargo chef cook --release --locked --bin callops --recipe-path recipe.json
 COPY . .
 # The default configuration (config/default.toml) and the emulator's development keys are
 # compiled in: the binary is the whole application. (Plain Dockerfile syntax, no BuildKit
@@ -26,7 +35,12 @@ RUN install -d -o 65532 -g 65532 -m 0750 /out/data
 
 # glibc and libgcc (bookworm, as the builder), CA certificates, tzdata; no shell, no curl.
 FROM gcr.io/distroless/cc-debian12:nonroot
+ARG VERSION=0.1.0
+ARG REVISION=unknown
 LABEL org.opencontainers.image.title="callops" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="MIT" \
       org.opencontainers.image.description="Call-control operations on Azure Communication Services and Microsoft Graph, with their callbacks correlated and their outcomes polled over HTTP"
 COPY --from=builder /out/callops /usr/local/bin/callops
 COPY --from=builder --chown=65532:65532 /out/data /data

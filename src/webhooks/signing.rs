@@ -1,8 +1,8 @@
 //! Standard Webhooks signatures: `webhook-signature: v1,<base64 HMAC-SHA256 of
 //! "{webhook-id}.{webhook-timestamp}.{body}">`, keyed with the base64-decoded part of the
-//! secret after `whsec_`. HMAC from aws-lc-rs; the secret format is the specification's.
+//! secret after `whsec_`. HMAC from aws-lc-rs (`crate::crypto`); the secret format is the
+//! specification's.
 
-use aws_lc_rs::hmac;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
@@ -17,8 +17,8 @@ const SECRET_BYTES: usize = 32;
 #[error("a webhook secret is whsec_ followed by the base64 of 24 to 64 random bytes")]
 pub struct BadSecret;
 
-/// A secret ready to sign with.
-pub struct SigningKey(hmac::Key);
+/// A secret ready to sign with: its decoded key.
+pub struct SigningKey(Vec<u8>);
 
 impl SigningKey {
     /// From `whsec_<base64>`.
@@ -28,18 +28,17 @@ impl SigningKey {
         if !(24..=64).contains(&key.len()) {
             return Err(BadSecret);
         }
-        Ok(Self(hmac::Key::new(hmac::HMAC_SHA256, &key)))
+        Ok(Self(key))
     }
 
     /// The `webhook-signature` value for a message.
     pub fn sign(&self, id: &str, timestamp: i64, body: &[u8]) -> String {
-        let mut context = hmac::Context::with_key(&self.0);
-        context.update(id.as_bytes());
-        context.update(b".");
-        context.update(timestamp.to_string().as_bytes());
-        context.update(b".");
-        context.update(body);
-        format!("v1,{}", STANDARD.encode(context.sign().as_ref()))
+        let timestamp = timestamp.to_string();
+        let parts = [id.as_bytes(), b".", timestamp.as_bytes(), b".", body];
+        format!(
+            "v1,{}",
+            STANDARD.encode(crate::crypto::hmac_sha256(&self.0, parts))
+        )
     }
 }
 
