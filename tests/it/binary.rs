@@ -313,7 +313,7 @@ fn migrate_check_reports_a_v1_sqlite_file_and_migrate_applies_it_with_a_backup()
     let (ok, stdout, stderr) = migrate(&db, &["--check"]);
     assert!(ok, "{stdout}{stderr}");
     assert!(stdout.contains("store version: 1\n"), "{stdout}");
-    assert!(stdout.contains("this build's version: 2\n"), "{stdout}");
+    assert!(stdout.contains("this build's version: 3\n"), "{stdout}");
     assert!(stdout.contains("would migrate:\n  1 -> 2: "), "{stdout}");
     assert_eq!(user_version(&db), 1);
     let backups = |dir: &std::path::Path| -> Vec<String> {
@@ -328,7 +328,8 @@ fn migrate_check_reports_a_v1_sqlite_file_and_migrate_applies_it_with_a_backup()
     let (ok, stdout, stderr) = migrate(&db, &[]);
     assert!(ok, "{stdout}{stderr}");
     assert!(stdout.contains("migrated:\n  1 -> 2: "), "{stdout}");
-    assert_eq!(user_version(&db), 2);
+    assert!(stdout.contains("\n  2 -> 3: "), "{stdout}");
+    assert_eq!(user_version(&db), 3);
     let found = backups(dir.path());
     assert_eq!(found.len(), 1, "{found:?}");
     assert!(
@@ -361,7 +362,7 @@ fn migrate_refuses_a_store_newer_than_this_build() {
     let (ok, stdout, stderr) = migrate(&db, &[]);
     assert!(!ok, "{stdout}");
     assert!(stderr.contains("schema version 7"), "{stderr}");
-    assert!(stderr.contains("newer than version 2"), "{stderr}");
+    assert!(stderr.contains("newer than version 3"), "{stderr}");
     assert_eq!(user_version(&db), 7);
 
     let (ok, stdout, _) = migrate(std::path::Path::new("memory"), &["--check"]);
