@@ -220,10 +220,29 @@ fn bounded(mut message: String) -> String {
     message
 }
 
-/// `axum::Json` whose rejections are [`ApiError`]s.
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// `axum::Json` whose rejections are [`ApiError`]s, and whose body must be a JSON object
+/// (serde would otherwise take an array for a struct, field by field).
 pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let axum::Json(raw) =
+            axum::Json::<Box<serde_json::value::RawValue>>::from_request(request, state).await?;
+        if !raw.get().starts_with('{') {
+            return Err(Self::Rejection::BadRequest(
+                "invalid type: the body must be a JSON object".to_owned(),
+            ));
+        }
+        let axum::Json(value) = axum::Json::<T>::from_bytes(raw.get().as_bytes())?;
+        Ok(Self(value))
+    }
+}
 
 /// `axum::extract::Query` whose rejections are [`ApiError`]s.
 #[derive(FromRequestParts)]

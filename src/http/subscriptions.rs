@@ -6,14 +6,14 @@
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
-use crate::error::{ApiError, ApiJson, ApiPath, ErrorBody};
+use crate::error::{ApiError, ApiJson, ApiPath, ErrorBody, error_response};
 use crate::graph::ids;
 use crate::http::AppState;
 use crate::store::outbox::{Attempt, Delivery, DeliveryStatus, Subscription, SubscriptionFilter};
@@ -29,16 +29,11 @@ pub fn router() -> Router<AppState> {
             "/subscriptions",
             post(create_subscription).get(list_subscriptions),
         )
-        .route(
-            "/subscriptions/{id}",
-            get(get_subscription)
-                .delete(delete_subscription)
-                .post(act_on_subscription),
-        )
+        .route("/subscriptions/{id}", any(subscription_segment))
         .route("/subscriptions/{id}/deliveries", get(list_deliveries))
         .route(
             "/subscriptions/{id}/deliveries/{deliveryId}",
-            get(get_delivery).post(redeliver),
+            any(delivery_segment),
         )
 }
 
@@ -143,6 +138,62 @@ impl From<Delivery> for DeliveryOut {
     }
 }
 
+/// `/subscriptions/{id}`: GET and DELETE on an id, POST on `{id}:rotateSecret` and
+/// `{id}:enable`; any other method is a 405 naming what that path takes (the router sees one
+/// segment for both). Anything else after a `:` is part of the id (and refused as one).
+async fn subscription_segment(
+    method: Method,
+    state: State<Webhooks>,
+    ApiPath(segment): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let verb = matches!(
+        segment.rsplit_once(':'),
+        Some((_, "rotateSecret" | "enable"))
+    );
+    match (verb, method) {
+        (false, Method::GET | Method::HEAD) => get_subscription(state, ApiPath(segment))
+            .await
+            .map(IntoResponse::into_response),
+        (false, Method::DELETE) => delete_subscription(state, ApiPath(segment))
+            .await
+            .map(IntoResponse::into_response),
+        (true, Method::POST) => act_on_subscription(state, ApiPath(segment)).await,
+        (false, _) => Ok(not_allowed("GET,HEAD,DELETE")),
+        (true, _) => Ok(not_allowed("POST")),
+    }
+}
+
+/// `/subscriptions/{id}/deliveries/{deliveryId}`: GET on an id, POST on `{id}:redeliver`.
+async fn delivery_segment(
+    method: Method,
+    state: State<Webhooks>,
+    ApiPath(ids): ApiPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    let verb = ids.1.ends_with(":redeliver");
+    match (verb, method) {
+        (false, Method::GET | Method::HEAD) => get_delivery(state, ApiPath(ids))
+            .await
+            .map(IntoResponse::into_response),
+        (true, Method::POST) => redeliver(state, ApiPath(ids)).await,
+        (false, _) => Ok(not_allowed("GET,HEAD")),
+        (true, _) => Ok(not_allowed("POST")),
+    }
+}
+
+/// `405` with the error body and the methods the path takes.
+fn not_allowed(allow: &'static str) -> Response {
+    let mut response = error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "MethodNotAllowed",
+        "this method is not allowed on this route".to_owned(),
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
 /// A list: `value`.
 #[derive(Serialize, ToSchema)]
 pub(crate) struct List<T> {
@@ -160,6 +211,8 @@ pub(crate) struct List<T> {
         (status = 400, description = "Malformed input: the message names the field", body = ErrorBody),
         (status = 401, description = "No API key, or not a configured one (when keys are configured)", body = ErrorBody),
         (status = 409, description = "Too many subscriptions", body = ErrorBody),
+        (status = 413, description = "The body is larger than the limit", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
         (status = 501, description = "Not offered on this store backend", body = ErrorBody),
         (status = 503, description = "The store is unavailable; retry", body = ErrorBody)
     ),
@@ -301,7 +354,7 @@ pub(crate) async fn act_on_subscription(
     ApiPath(segment): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let (id, verb) = segment
-        .split_once(':')
+        .rsplit_once(':')
         .ok_or_else(|| ApiError::NotFound("no such route".to_owned()))?;
     check_id(id, "id")?;
     let (subscription, with_secret) = match verb {
@@ -390,7 +443,7 @@ pub(crate) async fn redeliver(
     ApiPath((id, segment)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     check_id(&id, "id")?;
-    let delivery = match segment.split_once(':') {
+    let delivery = match segment.rsplit_once(':') {
         Some((delivery, "redeliver")) => delivery,
         _ => return Err(ApiError::NotFound("no such route".to_owned())),
     };

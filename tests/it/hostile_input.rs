@@ -220,7 +220,7 @@ async fn malformed_json_and_wrong_types_are_400_naming_the_problem() {
         (REMOVE, "{", "EOF"),
         (REMOVE, "", "EOF"),
         (REMOVE, "null", "invalid type"),
-        (REMOVE, "[]", "invalid length"),
+        (REMOVE, "[]", "must be a JSON object"),
         (
             REMOVE,
             r#"{"participantToRemove": {"rawId": "8:acs:x"}} trailing"#,

@@ -153,7 +153,8 @@ async fn bad_subscriptions_and_notify_members_are_refused_with_the_field_named()
     let unknown_verb = app
         .post_json("/v1/subscriptions/sub_x:explode", &json!({}))
         .await;
-    assert_eq!(unknown_verb.status(), 404);
+    assert_eq!(unknown_verb.status(), 405);
+    assert_eq!(unknown_verb.headers()["allow"], "GET,HEAD,DELETE");
 }
 
 /// Every settled removal and cancel reaches the subscription exactly once per webhook-id,
