@@ -31,6 +31,26 @@ pub fn decode_key(text: &str) -> Option<Vec<u8>> {
         .filter(|key| !key.is_empty())
 }
 
+/// The Call Automation api-versions callops speaks: the stable ones and the previews the
+/// SDKs list. Remove Participant's path, headers, body and events are the same in all of
+/// them (the 2026-03-12 request is checked against the Python SDK 1.6.0's).
+pub const ACS_API_VERSIONS: [&str; 14] = [
+    "2023-03-06",
+    "2023-06-15-preview",
+    "2023-10-03-preview",
+    "2023-10-15",
+    "2024-04-15",
+    "2024-06-15-preview",
+    "2024-09-01-preview",
+    "2024-09-15",
+    "2024-11-15-preview",
+    "2025-03-30-preview",
+    "2025-05-15",
+    "2025-06-15",
+    "2025-08-15-preview",
+    "2026-03-12",
+];
+
 /// The compiled-in defaults.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -539,6 +559,11 @@ pub enum ConfigError {
         position: usize,
         problem: &'static str,
     },
+    #[error(
+        "CALLOPS_ACS_API_VERSION (acs.api_version) = {0:?} is not a Call Automation api-version callops knows; use one of {known}",
+        known = ACS_API_VERSIONS.join(", ")
+    )]
+    AcsApiVersion(String),
     #[error("{field} {problem}")]
     Invalid {
         field: &'static str,
@@ -686,8 +711,8 @@ impl Config {
             }
         }
         let invalid = |field, problem| Err(ConfigError::Invalid { field, problem });
-        if self.acs.api_version.trim().is_empty() {
-            return invalid("acs.api_version", "must not be empty (e.g. 2024-09-15)");
+        if !ACS_API_VERSIONS.contains(&self.acs.api_version.as_str()) {
+            return Err(ConfigError::AcsApiVersion(self.acs.api_version.clone()));
         }
         if self.acs.retry.max_attempts == 0 || self.graph.retry.max_attempts == 0 {
             return invalid("acs/graph.retry.max_attempts", "must be at least 1");
@@ -895,6 +920,31 @@ mod tests {
             Ok(())
         });
         result.unwrap()
+    }
+
+    #[test]
+    fn acs_api_versions_are_checked_at_start() {
+        for version in [
+            "2024-09-15",
+            "2025-05-15",
+            "2025-06-15",
+            "2026-03-12",
+            "2023-03-06",
+        ] {
+            let config = load_with_env(&[("CALLOPS_ACS_API_VERSION", version)]).unwrap();
+            assert_eq!(config.acs.api_version, version);
+        }
+        for version in ["", "2026-13-01", "latest"] {
+            let message = load_with_env(&[("CALLOPS_ACS_API_VERSION", version)]).unwrap_err();
+            assert!(message.contains("CALLOPS_ACS_API_VERSION"), "{message}");
+            assert!(
+                message.contains(
+                    "2024-09-15, 2024-11-15-preview, 2025-03-30-preview, 2025-05-15, 2025-06-15"
+                ),
+                "{message}"
+            );
+            assert!(message.contains("2026-03-12"), "{message}");
+        }
     }
 
     #[test]

@@ -169,6 +169,21 @@ pub struct ResultInfo {
     /// Graph's `completionReason`, e.g. `operationCanceled`, `stopToneDetected`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub completion_reason: Option<String>,
+    /// ACS: the SIP response behind the outcome, when the call leg gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sip_details: Option<Box<ResultDetails>>,
+    /// ACS: the Q.850 cause behind the outcome, when the network gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub q850_details: Option<Box<ResultDetails>>,
+}
+
+/// A protocol-level cause in an ACS `resultInformation` (`sipDetails`, `q850Details`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ResultDetails {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// The error code of an operation that heard no final callback in time. Unlike every
@@ -699,6 +714,11 @@ mod serde_tests {
             sub_code: Some(8508),
             message: Some("canceled".to_owned()),
             completion_reason: Some("operationCanceled".to_owned()),
+            sip_details: Some(Box::new(ResultDetails {
+                code: Some(487),
+                message: Some("Request Terminated".to_owned()),
+            })),
+            q850_details: None,
         }));
         cancel.error = Some(Box::new(OperationError {
             code: "OperationCanceled".to_owned(),

@@ -10,8 +10,11 @@ use serde::de::{self, Deserializer};
 
 use time::OffsetDateTime;
 
+use crate::acs::identifier::{CommunicationIdentifier, TeamsExtensionUser};
 use crate::correlation::IncomingEvent;
-use crate::operation::{CallRef, OperationError, OperationKind, ResultInfo, Transition};
+use crate::operation::{
+    CallRef, OperationError, OperationKind, ResultDetails, ResultInfo, Transition,
+};
 
 const TYPE_PREFIX: &str = "Microsoft.Communication.";
 
@@ -25,6 +28,9 @@ pub struct AcsEvent {
     pub call_connection_id: Option<String>,
     pub operation_context: Option<String>,
     pub result: Option<ResultInfo>,
+    /// `data.participant`'s raw id: given, or built from its typed member (a kind callops
+    /// does not know keeps its `rawId` only); never a reason to refuse the event.
+    pub participant: Option<String>,
 }
 
 /// Why a delivery could not be decoded.
@@ -148,6 +154,8 @@ struct EventDataIn {
     call_connection_id: Option<String>,
     operation_context: Option<String>,
     result_information: Option<ResultInformationIn>,
+    #[serde(default, deserialize_with = "lenient_participant")]
+    participant: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -158,6 +166,91 @@ struct ResultInformationIn {
     #[serde(default, deserialize_with = "lenient_int")]
     sub_code: Option<i64>,
     message: Option<String>,
+    #[serde(default, deserialize_with = "lenient_details")]
+    sip_details: Option<ResultDetails>,
+    #[serde(default, deserialize_with = "lenient_details")]
+    q850_details: Option<ResultDetails>,
+}
+
+/// `sipDetails` / `q850Details`: `{code, message}`, codes lenient as above.
+#[derive(Deserialize)]
+struct DetailsIn {
+    #[serde(default, deserialize_with = "lenient_int")]
+    code: Option<i64>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// A `sipDetails` or `q850Details` object; anything else (null, a wrong type) is `None`.
+fn lenient_details<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<ResultDetails>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Lenient {
+        Details(DetailsIn),
+        Other(de::IgnoredAny),
+    }
+    Ok(match Option::<Lenient>::deserialize(deserializer)? {
+        Some(Lenient::Details(DetailsIn { code, message }))
+            if code.is_some() || message.is_some() =>
+        {
+            Some(ResultDetails { code, message })
+        }
+        _ => None,
+    })
+}
+
+/// The members of a `CommunicationIdentifierModel` that give its raw id.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ParticipantIn {
+    raw_id: Option<String>,
+    communication_user: Option<IdIn>,
+    phone_number: Option<ValueIn>,
+    teams_extension_user: Option<TeamsExtensionUser>,
+}
+
+#[derive(Deserialize)]
+struct IdIn {
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct ValueIn {
+    value: String,
+}
+
+/// A participant's raw id: `rawId`, else built from the typed member the way the SDKs build
+/// it; unknown kinds and odd shapes never refuse the event.
+fn lenient_participant<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Lenient {
+        Participant(ParticipantIn),
+        Other(de::IgnoredAny),
+    }
+    let Some(Lenient::Participant(participant)) = Option::<Lenient>::deserialize(deserializer)?
+    else {
+        return Ok(None);
+    };
+    let raw_id = participant.raw_id.filter(|raw_id| !raw_id.is_empty());
+    Ok(raw_id.or_else(|| {
+        if let Some(user) = participant.communication_user {
+            return Some(user.id);
+        }
+        if let Some(phone) = participant.phone_number {
+            return Some(format!("4:{}", phone.value));
+        }
+        let user = participant.teams_extension_user?;
+        let identifier = CommunicationIdentifier {
+            teams_extension_user: Some(user),
+            ..CommunicationIdentifier::default()
+        };
+        identifier.normalize().ok()?.raw_id
+    }))
 }
 
 impl CloudEventIn {
@@ -166,6 +259,7 @@ impl CloudEventIn {
             call_connection_id: None,
             operation_context: None,
             result_information: None,
+            participant: None,
         });
         let call_connection_id = data
             .call_connection_id
@@ -180,8 +274,11 @@ impl CloudEventIn {
                 code: r.code,
                 sub_code: r.sub_code,
                 message: r.message,
+                sip_details: r.sip_details.map(Box::new),
+                q850_details: r.q850_details.map(Box::new),
                 ..ResultInfo::default()
             }),
+            participant: data.participant,
         }
     }
 }
@@ -319,6 +416,65 @@ mod tests {
             (result.code, result.sub_code, result.message),
             (Some(404), Some(8522), None)
         );
+    }
+
+    #[test]
+    fn sip_and_q850_details_are_kept() {
+        let body = br#"{"type":"Microsoft.Communication.RemoveParticipantFailed","data":{"resultInformation":{"code":487,"subCode":0,"message":"m","sipDetails":{"code":"487","message":"Request Terminated"},"q850Details":{"code":31,"message":"Normal, unspecified"}}}}"#;
+        let result = decode(body).unwrap()[0].result.clone().unwrap();
+        assert_eq!(
+            result.sip_details.as_deref(),
+            Some(&ResultDetails {
+                code: Some(487),
+                message: Some("Request Terminated".to_owned())
+            })
+        );
+        assert_eq!(result.q850_details.unwrap().code, Some(31));
+        // Odd shapes are dropped, not refused.
+        let body = br#"{"type":"x","data":{"resultInformation":{"code":200,"sipDetails":"487","q850Details":null}}}"#;
+        let result = decode(body).unwrap()[0].result.clone().unwrap();
+        assert_eq!((result.sip_details, result.q850_details), (None, None));
+    }
+
+    #[test]
+    fn participants_of_any_kind_are_kept_by_raw_id() {
+        let participant = |json: &str| {
+            let body = format!(
+                r#"{{"id":"e","type":"Microsoft.Communication.RemoveParticipantSucceeded","data":{{"callConnectionId":"c","participant":{json}}}}}"#
+            );
+            decode(body.as_bytes()).unwrap().remove(0).participant
+        };
+        let teams_extension = r#"{"kind":"teamsExtensionUser","teamsExtensionUser":{"userId":"u","tenantId":"t","resourceId":"r","cloud":"gcch"}}"#;
+        assert_eq!(
+            participant(teams_extension).as_deref(),
+            Some("8:gcch-acs:r_t_u")
+        );
+        assert_eq!(
+            participant(r#"{"rawId":"8:acs:r_t_u","kind":"teamsExtensionUser","teamsExtensionUser":{"userId":"u","tenantId":"t","resourceId":"r","cloud":"public"}}"#).as_deref(),
+            Some("8:acs:r_t_u")
+        );
+        // A kind from the future: its rawId is kept, its member ignored.
+        assert_eq!(
+            participant(
+                r#"{"kind":"holographicUser","rawId":"99:holo:x","holographicUser":{"x":[1]}}"#
+            )
+            .as_deref(),
+            Some("99:holo:x")
+        );
+        assert_eq!(participant(r#"{"kind":"holographicUser"}"#), None);
+        assert_eq!(participant("42"), None);
+        assert_eq!(participant(r#"{"communicationUser":{"id":5}}"#), None);
+    }
+
+    /// `version` and `publicEventType` are SDK model fields, not the REST spec's.
+    #[test]
+    fn version_and_public_event_type_are_not_required() {
+        let body = br#"[{"id":"e1","source":"calling/callConnections/c","type":"Microsoft.Communication.RemoveParticipantSucceeded","data":{"callConnectionId":"c","operationContext":"ctx","resultInformation":{"code":200,"subCode":0,"message":"ok"}}}]"#;
+        let events = decode(body).unwrap();
+        assert_eq!(events[0].operation_context.as_deref(), Some("ctx"));
+        let (kind, transition) = meaning(events[0].clone());
+        assert_eq!(kind, RemoveParticipant);
+        assert!(matches!(transition, Some(Transition::Succeeded { .. })));
     }
 
     #[test]

@@ -498,7 +498,7 @@ fn result_of(op: usize, event: usize, says: Says) -> Option<ResultInfo> {
         code: Some(code),
         sub_code: Some(i64::try_from(op * 100 + event).unwrap()),
         message: Some(format!("operation {op}, event {event}")),
-        completion_reason: None,
+        ..ResultInfo::default()
     })
 }
 
@@ -515,6 +515,7 @@ fn acs_event(
         call_connection_id: Some(call),
         operation_context: context,
         result,
+        participant: None,
     }
     .into_incoming(WALL0)
 }
