@@ -330,6 +330,14 @@ pub struct OperationsConfig {
     pub page_size: usize,
     pub page_size_max: usize,
     pub callback_timeouts: CallbackTimeouts,
+    /// At its callback deadline, ask the platform how an issued operation ended before
+    /// failing it with `CallbackTimeout`.
+    pub reconcile: bool,
+    /// How long the platform may take to answer that; then the operation times out.
+    pub reconcile_timeout_ms: u64,
+    /// After ACS's `CallDisconnected`, how long a call's unsettled removals wait for their
+    /// own event before they fail with `CallEnded`.
+    pub call_end_grace_ms: u64,
 }
 
 impl OperationsConfig {

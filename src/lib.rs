@@ -20,6 +20,7 @@ pub mod http;
 pub mod metrics;
 pub mod migrate;
 pub mod operation;
+pub mod reconcile;
 pub mod service;
 pub mod store;
 pub mod telemetry;
@@ -115,6 +116,7 @@ pub async fn run(
     let service = OperationService::new(
         storage.clone(),
         dispatch_budget(&config),
+        config.operations.callback_timeouts.clone(),
         acs,
         graph,
         tasks.clone(),
@@ -122,7 +124,9 @@ pub async fn run(
         metrics.clone(),
     );
     let sweep_interval = Duration::from_millis(config.operations.sweep_interval_ms.max(10));
-    storage.spawn_background(&tasks, sweep_interval, &shutdown);
+    let (reconcile_queue, reconcile_jobs) = tokio::sync::mpsc::channel(RECONCILE_QUEUE);
+    storage.spawn_background(&tasks, sweep_interval, &shutdown, reconcile_queue);
+    tasks.spawn(service.clone().run_reconciler(reconcile_jobs));
     tasks.spawn(
         service
             .clone()
@@ -170,6 +174,10 @@ pub async fn run(
     tracing::info!("callops stopped");
     Ok(())
 }
+
+/// Reconciliations waiting for the service: past this many, the sweep's surplus jobs are
+/// dropped and those operations time out as they would have without asking.
+const RECONCILE_QUEUE: usize = 10_000;
 
 /// The longest one upstream request may take with its retries, and a margin.
 fn dispatch_budget(config: &Config) -> Duration {

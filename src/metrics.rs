@@ -55,6 +55,8 @@ struct Inner {
     upstream_retries: Family<Labels1, Counter>,
     commit_duration: Histogram,
     commit_records: Histogram,
+    /// Reconciliations by (kind, outcome).
+    reconciliations: Family<Labels2, Counter>,
 }
 
 /// Values read at scrape time from the components that keep them.
@@ -200,6 +202,20 @@ impl Metrics {
             "Records in one committed change set",
             commit_records.clone(),
         );
+        let reconciliations: Family<Labels2, Counter> = Family::default();
+        registry.register(
+            "reconciliations",
+            "Operations past their callback deadline whose platform was asked, by kind and outcome (succeeded, still_pending, call_ended, call_terminated, unreachable; superseded: a callback settled it first)",
+            reconciliations.clone(),
+        );
+        for kind in ISSUED_KINDS {
+            for outcome in crate::reconcile::OUTCOMES {
+                drop(
+                    reconciliations
+                        .get_or_create(&[("kind", kind_label(&kind)), ("outcome", outcome.into())]),
+                );
+            }
+        }
         // Every series a dashboard or alert names exists from the start, at zero.
         for upstream in ["acs", "graph"] {
             drop(upstream_retries.get_or_create(&[("upstream", upstream.into())]));
@@ -226,6 +242,7 @@ impl Metrics {
                 upstream_retries,
                 commit_duration,
                 commit_records,
+                reconciliations,
             }),
         }
     }
@@ -259,6 +276,16 @@ impl Metrics {
             &self.event_counters(source, &event.event_type),
             EventOutcome::Unmatched,
         );
+    }
+
+    /// Counts one reconciliation of an operation of `kind` (an issued kind's name) that
+    /// ended with `outcome` (one of [`crate::reconcile::OUTCOMES`]).
+    pub fn reconciliation(&self, kind: &str, outcome: &'static str) {
+        let kind = kind_label(&OperationKind::from_name(kind));
+        self.inner
+            .reconciliations
+            .get_or_create(&[("kind", kind), ("outcome", outcome.into())])
+            .inc();
     }
 
     /// Counts one refused callback request from `source`.

@@ -1,4 +1,5 @@
-//! The outbound ACS client: Remove Participant, signed like the official SDK, retried safely.
+//! The outbound ACS client: Remove Participant, signed like the official SDK, retried safely,
+//! and the participant read a reconciliation asks (`participant`).
 //!
 //! Retries are safe because every attempt carries the same `Repeatability-Request-ID` /
 //! `Repeatability-First-Sent` pair, created once per operation by [`Repeatability::new`].
@@ -76,6 +77,24 @@ pub enum AcsError {
     },
 }
 
+/// Whether ACS still lists a participant on a call (`GET …/participants/{rawId}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParticipantReading {
+    Present,
+    /// The call is there, the participant is not.
+    Gone,
+    /// ACS does not know the call (any more).
+    CallGone,
+}
+
+/// What a path segment escapes: everything but the unreserved characters, as the SDKs'
+/// URL serializer does (`8:acs:x` → `8%3Aacs%3Ax`, `+` → `%2B`).
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// ACS Call Automation client.
 #[derive(Clone)]
 pub struct AcsClient {
@@ -150,6 +169,81 @@ impl AcsClient {
         }
     }
 
+    /// Whether ACS still lists `raw_id` on the call, as the SDK's `get_participant` asks
+    /// (`GET /calling/callConnections/{id}/participants/{rawId}`); a 404 is told apart (call
+    /// gone or participant gone) by reading the call (`GET /calling/callConnections/{id}`).
+    /// Transient failures are retried within `acs.retry`.
+    #[tracing::instrument(skip_all, fields(call.connection_id = %call_connection_id))]
+    pub async fn participant(
+        &self,
+        call_connection_id: &str,
+        raw_id: &str,
+    ) -> Result<ParticipantReading, AcsError> {
+        let participant = self.read_url(call_connection_id, Some(raw_id));
+        if self.found(&participant).await? {
+            return Ok(ParticipantReading::Present);
+        }
+        let call = self.read_url(call_connection_id, None);
+        Ok(if self.found(&call).await? {
+            ParticipantReading::Gone
+        } else {
+            ParticipantReading::CallGone
+        })
+    }
+
+    /// `GET url`: `true` on 200, `false` on 404, retried while transient.
+    async fn found(&self, url: &Url) -> Result<bool, AcsError> {
+        let result = upstream::with_retries(&self.retry, "acs", &self.metrics, || async {
+            let headers = self.signed_headers_for("GET", url, b"", None);
+            let response = self
+                .http
+                .get(url.clone())
+                .headers(headers)
+                .send()
+                .await
+                .map_err(AttemptError::transport)?;
+            match response.status() {
+                StatusCode::OK => Ok(true),
+                StatusCode::NOT_FOUND => Ok(false),
+                _ => Err(
+                    upstream::failure(response, |status, code, message| AcsError::Rejected {
+                        status,
+                        code,
+                        message,
+                    })
+                    .await,
+                ),
+            }
+        })
+        .await;
+        match result {
+            Ok(found) => Ok(found),
+            Err(Retried::Final(error)) => Err(error),
+            Err(Retried::Exhausted { attempts, last }) => {
+                Err(AcsError::Unavailable { attempts, last })
+            }
+        }
+    }
+
+    /// `…/calling/callConnections/{id}[/participants/{rawId}]?api-version=…`, each id
+    /// escaped as the SDK escapes it.
+    fn read_url(&self, call_connection_id: &str, raw_id: Option<&str>) -> Url {
+        let escape = |text| percent_encoding::utf8_percent_encode(text, SEGMENT).to_string();
+        let mut url = self.connection.endpoint.clone();
+        let mut path = url.path().trim_end_matches('/').to_owned();
+        path.push_str("/calling/callConnections/");
+        path.push_str(&escape(call_connection_id));
+        if let Some(raw_id) = raw_id {
+            path.push_str("/participants/");
+            path.push_str(&escape(raw_id));
+        }
+        url.set_path(&path);
+        url.query_pairs_mut()
+            .clear()
+            .append_pair("api-version", &self.api_version);
+        url
+    }
+
     fn remove_participant_url(&self, call_connection_id: &str) -> Url {
         let mut url = self.connection.endpoint.clone();
         url.path_segments_mut()
@@ -172,7 +266,7 @@ impl AcsClient {
         body: &[u8],
         request: &RemoveParticipant,
     ) -> Result<(), AttemptError<AcsError>> {
-        let mut headers = self.signed_headers(url, body, &request.repeatability);
+        let mut headers = self.signed_headers_for("POST", url, body, Some(&request.repeatability));
         if let Some(traceparent) = &request.traceparent {
             headers.insert(TRACEPARENT, traceparent.header_value().clone());
         }
@@ -199,7 +293,13 @@ impl AcsClient {
         )
     }
 
-    fn signed_headers(&self, url: &Url, body: &[u8], repeatability: &Repeatability) -> HeaderMap {
+    fn signed_headers_for(
+        &self,
+        method: &str,
+        url: &Url,
+        body: &[u8],
+        repeatability: Option<&Repeatability>,
+    ) -> HeaderMap {
         let host = match url.port() {
             Some(port) => format!("{}:{port}", url.host_str().unwrap_or_default()),
             None => url.host_str().unwrap_or_default().to_owned(),
@@ -207,7 +307,7 @@ impl AcsClient {
         let date = httpdate::fmt_http_date(std::time::SystemTime::now());
         let signed = signing::sign(
             self.connection.access_key(),
-            "POST",
+            method,
             &url[Position::BeforePath..],
             &host,
             &date,
@@ -218,16 +318,20 @@ impl AcsClient {
             let value = HeaderValue::from_str(value).expect("header values are ASCII");
             headers.insert(name, value);
         };
-        put("content-type", "application/json");
+        if !body.is_empty() {
+            put("content-type", "application/json");
+        }
         put("accept", "application/json");
         put("x-ms-date", &signed.date);
         put("x-ms-content-sha256", &signed.content_sha256);
         put("authorization", &signed.authorization);
-        put(
-            "repeatability-request-id",
-            &repeatability.request_id.to_string(),
-        );
-        put("repeatability-first-sent", &repeatability.first_sent);
+        if let Some(repeatability) = repeatability {
+            put(
+                "repeatability-request-id",
+                &repeatability.request_id.to_string(),
+            );
+            put("repeatability-first-sent", &repeatability.first_sent);
+        }
         put("x-ms-client-request-id", &Uuid::new_v4().to_string());
         put("x-ms-return-client-request-id", "true");
         headers
@@ -267,6 +371,21 @@ mod tests {
     }
 
     #[test]
+    fn reads_use_the_sdk_paths_with_ids_escaped() {
+        let client = make_client("https://res.communication.azure.com/");
+        let url = client.read_url("c/1", Some("4:+14255550123"));
+        assert_eq!(
+            &url[Position::BeforePath..],
+            "/calling/callConnections/c%2F1/participants/4%3A%2B14255550123?api-version=2024-09-15"
+        );
+        let url = client.read_url("c1", None);
+        assert_eq!(
+            &url[Position::BeforePath..],
+            "/calling/callConnections/c1?api-version=2024-09-15"
+        );
+    }
+
+    #[test]
     fn body_matches_the_sdk_body() {
         let fixture: serde_json::Value = serde_json::from_str(include_str!(
             "../../tests/fixtures/sdk-requests/acs_remove_participant.python-sdk-1.6.0.json"
@@ -288,7 +407,7 @@ mod tests {
         let client = make_client("http://127.0.0.1:18555/");
         let url = client.remove_participant_url("c1");
         let repeatability = Repeatability::new();
-        let headers = client.signed_headers(&url, b"{}", &repeatability);
+        let headers = client.signed_headers_for("POST", &url, b"{}", Some(&repeatability));
         let date = headers["x-ms-date"].to_str().unwrap();
         let want = signing::sign(
             &[b'0'; 32],

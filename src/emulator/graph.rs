@@ -129,6 +129,13 @@ pub struct GraphScript {
     pub empty_body: bool,
     /// Where this call's notifications go instead of the default callback URL.
     pub callback_uri: Option<String>,
+    /// The call has ended: `GET /communications/calls/{id}` answers 404.
+    pub call_ended: bool,
+    /// `GET /communications/calls/{id}` answers this status (e.g. 503) instead.
+    pub read_status: Option<u16>,
+    /// The cancel's own notification carries no `clientContext`: it names the cancel by
+    /// Graph's operation id alone.
+    pub notification_without_context: bool,
 }
 
 /// The status a cancel is answered with.
@@ -243,6 +250,7 @@ impl GraphEmulator {
                 "/v1.0/communications/calls/{callId}/cancelMediaProcessing",
                 post(cancel_media_processing),
             )
+            .route("/v1.0/communications/calls/{callId}", get(get_call))
             .route_layer(axum::middleware::from_fn_with_state(
                 self.clone(),
                 record_request,
@@ -732,11 +740,10 @@ async fn cancel_media_processing(
             .collect::<Vec<_>>();
         // Without a status in the answer the client waits for the cancel's own notification.
         if script.cancel_status == CancelStatus::Running || script.empty_body {
-            notifications.push(cancel_notification(
-                &call_id,
-                &cancel_id,
-                client_context.as_deref(),
-            ));
+            let named = client_context
+                .as_deref()
+                .filter(|_| !script.notification_without_context);
+            notifications.push(cancel_notification(&call_id, &cancel_id, named));
         }
         emulator.notify(&call_id, &script, notifications).await;
     }
@@ -751,6 +758,32 @@ async fn cancel_media_processing(
         "id": cancel_id,
     });
     with_location(axum::Json(out).into_response(), &location)
+}
+
+/// `GET /communications/calls/{id}`: the call, unless scripted ended (404).
+async fn get_call(
+    State(emulator): State<GraphEmulator>,
+    Path(call_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(fault) = emulator.check_bearer(&headers) {
+        return fault.into_response();
+    }
+    let call_id = canonical(&call_id).into_owned();
+    let script = emulator.script(&call_id);
+    if let Some(status) = script.read_status {
+        return transient_error(status, None);
+    }
+    if script.call_ended {
+        return graph_error(StatusCode::NOT_FOUND, "8522", "Call not found.");
+    }
+    axum::Json(json!({
+        "@odata.type": "#microsoft.graph.call",
+        "id": call_id,
+        "state": "established",
+        "direction": "incoming",
+    }))
+    .into_response()
 }
 
 /// The `clientContext` of an operation request; a Graph 400 when the body is not a JSON

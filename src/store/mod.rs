@@ -24,13 +24,16 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, StoreLocation};
 use crate::metrics::Metrics;
 use crate::operation::{CallRef, EventRecord, Operation, OperationId, Transition};
+use crate::reconcile::Conclusion;
 use journal::JournalStats;
 use local::LocalStore;
 use redis::RedisStore;
 use schema::SchemaStatus;
 
 pub use local::restored;
-pub use seam::{CreateError, Delivered, Inbound, StoreError, UpstreamAnswer};
+pub use seam::{
+    CallEnd, CreateError, Delivered, Inbound, ReconcileQueue, StoreError, UpstreamAnswer,
+};
 pub use tracker::{ContextInUse, ListFilter, OperationStore, Restored, StoreStats, SweepReport};
 
 /// Where the service keeps its state. A cheap handle.
@@ -156,6 +159,21 @@ impl Storage {
         }
     }
 
+    /// Applies what the platform said of an operation a sweep handed out to be reconciled,
+    /// by compare-and-set like every other change: not if something settled it meanwhile.
+    /// `Ok(true)` when applied.
+    pub async fn reconciled(
+        &self,
+        id: OperationId,
+        conclusion: &Conclusion,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        match &self.backend {
+            Backend::Local(local) => local.reconciled(id, conclusion, now).await,
+            Backend::Shared(shared) => Ok(shared.reconciled(id, conclusion, now).await?),
+        }
+    }
+
     /// Delivers `events` in order and returns once their effects are durable; `observe`
     /// hears each one's fate (by its index) as it is known.
     pub async fn deliver(
@@ -254,20 +272,31 @@ impl Storage {
         }
     }
 
-    /// Starts the store's own work (sweeps, and for a shared store its notices) on `tasks`.
+    /// Starts the store's own work (sweeps, and for a shared store its notices) on `tasks`;
+    /// operations to reconcile go to `reconcile` (on a shared store, each from the one
+    /// replica whose sweep marked it).
     pub fn spawn_background(
         &self,
         tasks: &TaskTracker,
         interval: Duration,
         shutdown: &CancellationToken,
+        reconcile: ReconcileQueue,
     ) {
         match &self.backend {
             Backend::Local(local) => {
-                tasks.spawn(local.clone().run_sweeper(interval, shutdown.clone()));
+                tasks.spawn(
+                    local
+                        .clone()
+                        .run_sweeper(interval, shutdown.clone(), reconcile),
+                );
             }
             Backend::Shared(shared) => {
                 tasks.spawn(shared.clone().run_notices(shutdown.clone()));
-                tasks.spawn(shared.clone().run_sweeper(interval, shutdown.clone()));
+                tasks.spawn(
+                    shared
+                        .clone()
+                        .run_sweeper(interval, shutdown.clone(), reconcile),
+                );
             }
         }
     }

@@ -26,10 +26,11 @@ use tokio::time::Instant;
 use crate::config::{CallbackTimeouts, OperationsConfig};
 use crate::correlation::{self, Delivery, IncomingEvent, UpstreamId, upstream_key};
 use crate::operation::{
-    CALLBACK_TIMEOUT, CallRef, CancelledOperation, EventBound, EventEffect, EventRecord,
-    FINAL_STATUSES, ISSUED_KINDS, Operation, OperationError, OperationId, OperationKind,
-    OperationStatus, ResultInfo, Transition,
+    CallRef, CancelledOperation, EventBound, EventEffect, EventRecord, FINAL_STATUSES,
+    ISSUED_KINDS, Operation, OperationError, OperationId, OperationKind, OperationStatus,
+    ResultInfo, SettleReason, Transition,
 };
+use crate::reconcile::{self, AtDeadline, Conclusion, ReconcileJob};
 
 /// A cheap handle to the shared tracker.
 #[derive(Clone)]
@@ -81,6 +82,9 @@ struct Limits {
     call_events_max: usize,
     events: EventBound,
     timeouts: CallbackTimeouts,
+    reconcile: bool,
+    reconcile_timeout: Duration,
+    call_end_grace: Duration,
     /// A scratch store (`scratch`) leaves expired parked events to the shared store's own
     /// sweep: at `restore` it drops them instead of moving them to their call's timeline.
     scratch: bool,
@@ -243,6 +247,12 @@ pub struct SweepReport {
     pub removed_operations: Vec<OperationId>,
     /// Operations that heard no final callback in time and failed with `CallbackTimeout`.
     pub timed_out: Vec<OperationId>,
+    /// Operations past their deadline that the platform is to be asked about now (marked
+    /// reconciling until `operations.reconcile_timeout_ms` from now).
+    pub reconcile: Vec<ReconcileJob>,
+    /// Operations whose call ended and that heard nothing within the grace period: failed
+    /// with `CallEnded`.
+    pub call_ended: Vec<OperationId>,
     /// What the expired parked events became on their calls' timelines.
     pub call_events: Vec<CallEventAdded>,
     /// Idle call timelines dropped, each with the last sequence number it had used.
@@ -335,6 +345,9 @@ impl OperationStore {
             call_events_max: config.call_events_max.max(1),
             events: config.event_bound(),
             timeouts: config.callback_timeouts.clone(),
+            reconcile: config.reconcile,
+            reconcile_timeout: Duration::from_millis(config.reconcile_timeout_ms),
+            call_end_grace: Duration::from_millis(config.call_end_grace_ms),
             scratch,
         };
         let (schedule, incoming) = mpsc::channel();
@@ -684,6 +697,70 @@ impl OperationStore {
         ended
     }
 
+    /// The call ended (ACS `CallDisconnected`) at `now`: its unsettled removals fail with
+    /// `CallEnded` after the grace period unless their own events come first (the sweep
+    /// does it). Returns their ids.
+    pub fn end_call_after_grace(&self, call: &CallRef, now: OffsetDateTime) -> Vec<OperationId> {
+        let at = now + self.inner.limits.call_end_grace;
+        let listed = self
+            .inner
+            .calls
+            .get(call)
+            .map(|timeline| timeline.open.clone())
+            .unwrap_or_default();
+        let mut marked = Vec::new();
+        for id in listed {
+            let due = self.inner.operations.get_mut(&id).and_then(|mut op| {
+                let waiting = !op.status.is_terminal()
+                    && op.kind == OperationKind::RemoveParticipant
+                    && op.settle_by.is_none();
+                waiting.then(|| {
+                    op.settle_by(at, SettleReason::CallEnded);
+                    self.next_look(&op, now)
+                })
+            });
+            if let Some(due) = due {
+                // The sweep looks at it then (its entry at the old deadline stays, harmless).
+                let _ = self.inner.schedule.send((due, id));
+                marked.push(id);
+            }
+        }
+        marked
+    }
+
+    /// Applies what the platform said of an operation the sweep handed out to be
+    /// reconciled ([`SweepReport::reconcile`]), unless something settled it meanwhile (a
+    /// callback, or the reconciliation's own timeout). `None` when the operation is gone;
+    /// else whether it was applied.
+    pub fn reconciled(
+        &self,
+        id: OperationId,
+        conclusion: &Conclusion,
+        now: OffsetDateTime,
+    ) -> Option<bool> {
+        let applied = {
+            let mut op = self.inner.operations.get_mut(&id)?;
+            let open =
+                !op.status.is_terminal() && op.settle_reason() == Some(SettleReason::Reconciling);
+            if !open {
+                return Some(false);
+            }
+            let before = op.status;
+            let transition = conclusion.transition.clone();
+            let applied = if conclusion.reconciled {
+                op.apply_reconciled(transition, now)
+            } else {
+                op.apply(transition, now)
+            };
+            self.count_settled(&op.kind, before, op.status);
+            applied.is_ok()
+        };
+        if applied {
+            self.wake(id);
+        }
+        Some(applied)
+    }
+
     /// Delivers one callback event: drops duplicates, then applies, parks or observes it.
     pub fn deliver(&self, event: IncomingEvent, now: Instant) -> Delivery {
         self.deliver_noting(event, now, &mut |_| {})
@@ -939,8 +1016,7 @@ impl OperationStore {
             .retain(|_, at| now.duration_since(*at) < limits.dedupe_ttl);
 
         let overdue = |op: &Operation| {
-            !op.status.is_terminal()
-                && op.created_date_time + limits.timeouts.for_kind(&op.kind) <= wall_now
+            !op.status.is_terminal() && op.deadline(limits.timeouts.for_kind(&op.kind)) <= wall_now
         };
         let cutoff = wall_now - limits.retention;
         let old = |op: &Operation| op.status.is_terminal() && op.last_updated_date_time < cutoff;
@@ -957,29 +1033,41 @@ impl OperationStore {
             && at <= now_millis
         {
             due.pop();
-            let timed_out = inner.operations.get_mut(&id).is_some_and(|mut op| {
+            let looked = inner.operations.get_mut(&id).and_then(|mut op| {
                 if !overdue(&op) {
-                    return false;
+                    return None;
                 }
-                let message = format!(
-                    "no final callback arrived within {} s; a later one still settles the operation (marked late)",
-                    limits.timeouts.for_kind(&op.kind).as_secs()
-                );
-                let failed = Transition::Failed {
-                    result: None,
-                    error: OperationError {
-                        code: CALLBACK_TIMEOUT.to_owned(),
-                        message,
-                    },
-                };
+                let timeout = limits.timeouts.for_kind(&op.kind);
+                let at_deadline = reconcile::at_deadline(&op, limits.reconcile);
                 let before = op.status;
-                let applied = op.apply(failed, wall_now).is_ok();
+                let applied = match at_deadline {
+                    AtDeadline::Reconcile => {
+                        // Asked outside the store; the answer comes back by `reconciled`.
+                        op.settle_by(wall_now + limits.reconcile_timeout, SettleReason::Reconciling);
+                        report.reconcile.push(reconcile::job(&op));
+                        return None;
+                    }
+                    AtDeadline::TimeOut => op.apply(reconcile::timed_out(timeout, ""), wall_now),
+                    AtDeadline::EndCall => op.apply_reconciled(
+                        reconcile::call_ended(
+                            "the call ended (CallDisconnected) and no outcome arrived within the grace period",
+                        ),
+                        wall_now,
+                    ),
+                };
                 self.count_settled(&op.kind, before, op.status);
-                applied
+                applied.is_ok().then_some(at_deadline)
             });
-            if timed_out {
-                self.wake(id);
-                report.timed_out.push(id);
+            match looked {
+                Some(AtDeadline::EndCall) => {
+                    self.wake(id);
+                    report.call_ended.push(id);
+                }
+                Some(_) => {
+                    self.wake(id);
+                    report.timed_out.push(id);
+                }
+                None => {}
             }
             match inner.operations.remove_if(&id, |_, op| old(op)) {
                 Some((_, op)) => {
@@ -1295,7 +1383,7 @@ impl OperationStore {
         unix_millis(if op.status.is_terminal() {
             op.last_updated_date_time + limits.retention
         } else {
-            let deadline = op.created_date_time + limits.timeouts.for_kind(&op.kind);
+            let deadline = op.deadline(limits.timeouts.for_kind(&op.kind));
             deadline.min(op.last_updated_date_time.max(now) + limits.retention)
         })
     }

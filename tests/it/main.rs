@@ -12,6 +12,7 @@ mod hostile_input;
 mod metrics;
 mod openapi;
 mod operations;
+mod reconcile;
 mod redis;
 mod redis_tls;
 mod removal;

@@ -15,13 +15,15 @@ use tokio_util::sync::CancellationToken;
 
 use super::journal::{Journal, JournalError, JournalStats, SqliteOptions};
 use super::seam::{
-    CreateError, Delivered, Inbound, StoreError, UpstreamAnswer, call_terminated, report_sweep,
+    CallEnd, CreateError, Delivered, Inbound, ReconcileQueue, StoreError, UpstreamAnswer,
+    call_terminated, queue_reconciliations, report_sweep,
 };
 use super::tracker::{ListFilter, OperationStore, StoreStats, SweepReport};
 use crate::config::{Config, DEFAULT_DATA_DIR};
 use crate::correlation::{Delivery, IncomingEvent};
 use crate::metrics::Metrics;
 use crate::operation::{CallRef, EventRecord, Operation, OperationError, OperationId, Transition};
+use crate::reconcile::Conclusion;
 pub use recorder::restored;
 use recorder::{Changes, Recorder};
 
@@ -229,6 +231,21 @@ impl LocalStore {
         Ok(self.commit(changes).await?)
     }
 
+    pub(super) async fn reconciled(
+        &self,
+        id: OperationId,
+        conclusion: &Conclusion,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let applied = self.store.reconciled(id, conclusion, now) == Some(true);
+        if applied {
+            let mut changes = self.recorder.changes();
+            changes.operation(id);
+            self.commit(changes).await?;
+        }
+        Ok(applied)
+    }
+
     /// Delivers every event, then commits them together.
     pub(super) async fn deliver(
         &self,
@@ -240,12 +257,23 @@ impl LocalStore {
         for (index, Inbound { incoming, ended }) in events.into_iter().enumerate() {
             let delivery = self.deliver_one(incoming, now, &mut changes);
             let failed = match &ended {
-                Some((call, result)) if delivery != Delivery::Duplicate => self.store.end_call(
-                    call,
-                    result.clone(),
-                    &call_terminated(),
-                    OffsetDateTime::now_utc(),
-                ),
+                Some(CallEnd {
+                    call, grace: true, ..
+                }) if delivery != Delivery::Duplicate => {
+                    let marked = self
+                        .store
+                        .end_call_after_grace(call, OffsetDateTime::now_utc());
+                    changes.operations(marked);
+                    Vec::new()
+                }
+                Some(CallEnd { call, result, .. }) if delivery != Delivery::Duplicate => {
+                    self.store.end_call(
+                        call,
+                        result.clone(),
+                        &call_terminated(),
+                        OffsetDateTime::now_utc(),
+                    )
+                }
                 _ => Vec::new(),
             };
             changes.operations(failed.iter().copied());
@@ -350,7 +378,12 @@ impl LocalStore {
     }
 
     /// Expires parked callbacks, duplicate records and old operations until `shutdown`.
-    pub(super) async fn run_sweeper(self, interval: Duration, shutdown: CancellationToken) {
+    pub(super) async fn run_sweeper(
+        self,
+        interval: Duration,
+        shutdown: CancellationToken,
+        reconcile: ReconcileQueue,
+    ) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -359,12 +392,13 @@ impl LocalStore {
                 _ = ticker.tick() => {}
             }
             let wall_now = OffsetDateTime::now_utc();
-            let report = self.store.sweep(tokio::time::Instant::now(), wall_now);
+            let mut report = self.store.sweep(tokio::time::Instant::now(), wall_now);
             let changes = self.sweep_changes(&report, wall_now - self.dedupe_ttl);
             if let Err(error) = self.commit(changes).await {
                 tracing::error!(%error, "the sweep's changes could not be stored; the next sweep retries what is still due");
             }
             report_sweep(&report, &self.metrics);
+            queue_reconciliations(&mut report, &reconcile);
         }
     }
 
@@ -373,6 +407,8 @@ impl LocalStore {
     fn sweep_changes(&self, report: &SweepReport, seen_before: OffsetDateTime) -> Changes {
         let mut changes = self.recorder.changes();
         changes.operations(report.timed_out.iter().copied());
+        changes.operations(report.call_ended.iter().copied());
+        changes.operations(report.reconcile.iter().map(|job| job.id));
         changes.removed(report.removed_operations.iter().copied());
         changes.unparked(report.expired.iter().map(|event| event.id.as_deref()));
         for added in &report.call_events {

@@ -45,7 +45,7 @@ use crate::metrics::Metrics;
 use crate::operation::{
     CallRef, EventEffect, EventRecord, FINAL_STATUSES, ISSUED_KINDS, Operation, OperationId,
 };
-use crate::store::seam::report_sweep;
+use crate::store::seam::{ReconcileQueue, queue_reconciliations, report_sweep};
 use crate::store::tracker::{
     ListFilter, OperationStore, Restored, StoreStats, SweepReport, unix_millis,
 };
@@ -738,7 +738,12 @@ impl RedisStore {
     /// Every `interval` until `stop`: times out operations past their callback deadline,
     /// expires parked callbacks, drops ids of expired operations from the list index and
     /// counts what is stored. Every replica sweeps; the transitions make that safe.
-    pub async fn run_sweeper(self, interval: Duration, stop: CancellationToken) {
+    pub async fn run_sweeper(
+        self,
+        interval: Duration,
+        stop: CancellationToken,
+        reconcile: ReconcileQueue,
+    ) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
@@ -747,7 +752,7 @@ impl RedisStore {
                 () = stop.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            match self.sweep().await {
+            match self.sweep(&reconcile).await {
                 Ok(()) if failing => {
                     failing = false;
                     tracing::info!("the sweep reaches Redis again");
@@ -763,7 +768,7 @@ impl RedisStore {
     }
 
     /// One sweep tick.
-    pub async fn sweep(&self) -> Result<(), RedisStoreError> {
+    pub async fn sweep(&self, reconcile: &ReconcileQueue) -> Result<(), RedisStoreError> {
         let keys = &self.inner.keys;
         let now_ms = unix_millis(OffsetDateTime::now_utc());
         let (due, parks, expired, operations, parked): (
@@ -792,7 +797,7 @@ impl RedisStore {
         let counters = &self.inner.counters;
         counters.operations.store(operations, Ordering::Relaxed);
         for id in due.iter().filter_map(|id| OperationId::parse(id)) {
-            self.time_out(id).await?;
+            self.time_out(id, reconcile).await?;
         }
         for name in &parks {
             self.expire_park(name).await?;
@@ -824,8 +829,14 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Fails `id` with `CallbackTimeout` if it is past its deadline and still unsettled.
-    async fn time_out(&self, id: OperationId) -> Result<(), RedisStoreError> {
+    /// Fails `id` with `CallbackTimeout` (or `CallEnded`) if it is past its time and still
+    /// unsettled, or marks it reconciling and hands it to `reconcile`: the commit checks the
+    /// revision read, so of the replicas sweeping it, only the one whose commit wins asks.
+    async fn time_out(
+        &self,
+        id: OperationId,
+        reconcile: &ReconcileQueue,
+    ) -> Result<(), RedisStoreError> {
         let committed = self
             .transact(&Want::operation(id), |scratch, _| {
                 let known = scratch.get(id).is_some();
@@ -834,7 +845,10 @@ impl RedisStore {
             })
             .await?;
         match committed {
-            Committed::Done((true, report)) => report_sweep(&report, &self.inner.metrics),
+            Committed::Done((true, mut report)) => {
+                report_sweep(&report, &self.inner.metrics);
+                queue_reconciliations(&mut report, reconcile);
+            }
             Committed::Done((false, _)) => {
                 // Expired (or never stored): nothing to time out.
                 let key = self.inner.keys.deadlines();

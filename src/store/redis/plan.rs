@@ -206,7 +206,7 @@ pub struct Kept {
 pub fn kept(lifetimes: &Lifetimes, op: &Operation, now: OffsetDateTime) -> Kept {
     let retention = millis(lifetimes.retention);
     let settled = op.status.is_terminal();
-    let deadline = op.created_date_time + lifetimes.timeouts.for_kind(&op.kind);
+    let deadline = op.deadline(lifetimes.timeouts.for_kind(&op.kind));
     if settled {
         Kept {
             ttl: retention,
