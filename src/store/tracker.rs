@@ -2095,6 +2095,114 @@ mod tests {
         assert!(store.create(removal("c1", "running")).is_ok());
     }
 
+    /// At its deadline a removal is handed out to be reconciled once, stays running while
+    /// the platform is asked, and takes the conclusion only while still reconciling.
+    #[test]
+    fn a_removal_is_reconciled_once_and_only_while_it_waits_for_the_answer() {
+        let store = store_with(|config| config.reconcile_timeout_ms = 30_000);
+        let t0 = OffsetDateTime::now_utc();
+        let at = |secs: i64| t0 + time::Duration::seconds(secs);
+        let mut asked = removal("c1", "asked");
+        asked.participant = Some("8:acs:bob".into());
+        let asked = store.create(asked).unwrap();
+        store.transition(asked.id, Transition::Accepted, t0);
+
+        let report = store.sweep(Instant::now(), at(241));
+        assert!(report.timed_out.is_empty());
+        assert_eq!(report.reconcile.len(), 1);
+        assert_eq!(
+            report.reconcile[0].participant.as_deref(),
+            Some("8:acs:bob")
+        );
+        let waiting = store.get(asked.id).unwrap();
+        assert_eq!(waiting.status, OperationStatus::Running);
+        assert_eq!(waiting.settle_reason(), Some(SettleReason::Reconciling));
+        let report = store.sweep(Instant::now(), at(250));
+        assert!(
+            report.reconcile.is_empty() && report.timed_out.is_empty(),
+            "asked once"
+        );
+
+        let gone = reconcile::conclude(
+            &OperationKind::RemoveParticipant,
+            reconcile::Reading::ParticipantGone,
+            Duration::from_secs(240),
+        );
+        assert_eq!(store.reconciled(asked.id, &gone, at(251)), Some(true));
+        let settled = store.get(asked.id).unwrap();
+        assert_eq!(settled.status, OperationStatus::Succeeded);
+        assert!(settled.reconciled && settled.settle_by.is_none());
+        assert_eq!(
+            store.reconciled(asked.id, &gone, at(252)),
+            Some(false),
+            "once"
+        );
+    }
+
+    #[test]
+    fn an_unanswered_reconciliation_times_out_and_a_callback_beats_an_answer() {
+        let store = store_with(|config| config.reconcile_timeout_ms = 30_000);
+        let t0 = OffsetDateTime::now_utc();
+        let at = |secs: i64| t0 + time::Duration::seconds(secs);
+        let mut slow = removal("c1", "slow");
+        slow.participant = Some("8:acs:bob".into());
+        let slow = store.create(slow).unwrap();
+        let mut beaten = removal("c1", "beaten");
+        beaten.participant = Some("8:acs:eve".into());
+        let beaten = store.create(beaten).unwrap();
+        assert_eq!(store.sweep(Instant::now(), at(241)).reconcile.len(), 2);
+
+        let report = store.sweep(Instant::now(), at(272));
+        assert_eq!(report.timed_out.len(), 2, "the answer did not come in time");
+        assert!(store.get(slow.id).unwrap().timed_out());
+        let gone = reconcile::conclude(
+            &OperationKind::RemoveParticipant,
+            reconcile::Reading::ParticipantGone,
+            Duration::from_secs(240),
+        );
+        assert_eq!(store.reconciled(slow.id, &gone, at(273)), Some(false));
+        assert!(store.get(slow.id).unwrap().timed_out());
+
+        // A real callback settles the other; a late answer changes nothing.
+        store.deliver(
+            event("e-real", "c1", Some("beaten"), failed()),
+            Instant::now(),
+        );
+        assert_eq!(store.reconciled(beaten.id, &gone, at(274)), Some(false));
+        let beaten = store.get(beaten.id).unwrap();
+        assert_eq!(beaten.status, OperationStatus::Failed);
+        assert!(beaten.late && !beaten.reconciled);
+    }
+
+    #[test]
+    fn a_call_end_settles_its_waiting_removals_after_the_grace_period() {
+        let store = store_with(|config| config.call_end_grace_ms = 5_000);
+        let t0 = OffsetDateTime::now_utc();
+        let at = |millis: i64| t0 + time::Duration::milliseconds(millis);
+        let waiting = store.create(removal("c1", "waiting")).unwrap();
+        let answered = store.create(removal("c1", "answered")).unwrap();
+        let elsewhere = store.create(removal("c2", "elsewhere")).unwrap();
+        let marked = store.end_call_after_grace(&call("c1"), t0);
+        assert_eq!(marked.len(), 2);
+        assert!(store.sweep(Instant::now(), at(4_900)).call_ended.is_empty());
+        store.deliver(
+            event("e-ok", "c1", Some("answered"), succeeded()),
+            Instant::now(),
+        );
+        let report = store.sweep(Instant::now(), at(5_100));
+        assert_eq!(report.call_ended, vec![waiting.id]);
+        let ended = store.get(waiting.id).unwrap();
+        assert_eq!(ended.error.as_ref().unwrap().code, "CallEnded");
+        assert!(ended.reconciled);
+        let answered = store.get(answered.id).unwrap();
+        assert_eq!(answered.status, OperationStatus::Succeeded);
+        assert!(!answered.reconciled);
+        assert_eq!(
+            store.get(elsewhere.id).unwrap().status,
+            OperationStatus::NotStarted
+        );
+    }
+
     #[test]
     fn a_callback_for_a_retired_operation_parks_like_any_unknown_one() {
         let store = store();

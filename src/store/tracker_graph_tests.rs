@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use super::*;
-use crate::operation::ResultInfo;
+use crate::operation::{CALLBACK_TIMEOUT, ResultInfo};
 
 fn store() -> OperationStore {
     OperationStore::new(&crate::config::Config::embedded().operations)
