@@ -124,6 +124,22 @@ impl Digests {
         let (call, context) = event.names()?;
         Some(self.context(call, context))
     }
+
+    /// The index key under which events naming an operation by its upstream id alone wait
+    /// for it (a different tuple from a context's, so the two never meet).
+    fn upstream_park(&self, key: &str) -> Digest {
+        self.of(("upstream-park", key))
+    }
+
+    /// Where `event` waits when its operation is unknown: under its (call, context), else,
+    /// for a kind callops issues named only by upstream id, under that id.
+    fn park(&self, event: &IncomingEvent) -> Option<Digest> {
+        self.event(event).or_else(|| {
+            let upstream_id = event.upstream_id.as_ref()?;
+            (event.call.is_some() && event.should_park())
+                .then(|| self.upstream_park(upstream_id.key()))
+        })
+    }
 }
 
 /// When to look at an operation again (Unix milliseconds), and which.
@@ -532,10 +548,27 @@ impl OperationStore {
         }
         for (event, at) in restored.parked {
             let age = age(at);
-            let Some(key) = inner.digests.event(&event) else {
+            let Some(key) = inner.digests.park(&event) else {
                 unparked.extend(event.id);
                 continue;
             };
+            // Parked under an upstream id that its operation has since been given.
+            let named = event
+                .names()
+                .is_none()
+                .then(|| event.upstream_id.as_ref())
+                .flatten()
+                .and_then(|upstream_id| inner.upstream.get(upstream_id.key()).map(|id| *id));
+            if let Some(id) = named {
+                let listed = inner.operations.get(&id).is_some_and(|op| {
+                    event.id.is_some() && op.events.iter().any(|record| record.id == event.id)
+                });
+                if !listed {
+                    self.apply_to(id, &event, &mut |_| {});
+                }
+                unparked.extend(event.id);
+                continue;
+            }
             if age >= limits.park_ttl {
                 unparked.extend(event.id.clone());
                 if !limits.scratch {
@@ -615,10 +648,18 @@ impl OperationStore {
     /// Records what the upstream's answer said of an operation: its own id (the first of
     /// `upstream_ids`, shown; every one of them finds the operation — Graph's answer may name
     /// it differently in its body and its `Location`), and its status as written (unless a
-    /// notification has already settled the operation).
-    pub fn record_upstream(&self, id: OperationId, upstream_ids: &[&str], status: Option<&str>) {
-        let Some(mut op) = self.inner.operations.get_mut(&id) else {
-            return;
+    /// notification has already settled the operation). Notifications that named it by one
+    /// of those ids before the answer came (parked) are applied now, in arrival order; their
+    /// ids are returned (no longer parked).
+    pub fn record_upstream(
+        &self,
+        id: OperationId,
+        upstream_ids: &[&str],
+        status: Option<&str>,
+    ) -> Vec<Option<String>> {
+        let inner = &self.inner;
+        let Some(mut op) = inner.operations.get_mut(&id) else {
+            return Vec::new();
         };
         if let Some(shown) = upstream_ids.first() {
             op.upstream_operation_id = Some((*shown).into());
@@ -628,9 +669,24 @@ impl OperationStore {
         }
         op.revision += 1;
         drop(op);
+        let mut unparked = Vec::new();
         for upstream_id in upstream_ids {
-            self.inner.upstream.insert(upstream_key(upstream_id), id);
+            let key = upstream_key(upstream_id);
+            // Known before the park is looked at: a notification parking now either sees
+            // the id or is in the park taken below (`park_by_upstream_id` holds the park's
+            // entry while it looks).
+            let digest = inner.digests.upstream_park(&key);
+            inner.upstream.insert(key, id);
+            let Some((_, Slot::Parked(events))) = inner.index.remove(&digest) else {
+                continue;
+            };
+            inner.parked.fetch_sub(events.len(), Ordering::Relaxed);
+            for parked in events.into_iter() {
+                self.apply_to(id, &parked.event, &mut |_| {});
+                unparked.push(parked.event.id);
+            }
         }
+        unparked
     }
 
     /// Revision `revision` of the operation is durable, and with it `events_total` of its
@@ -815,8 +871,15 @@ impl OperationStore {
                 // Neither call nor context: nothing to keep it on; the caller logs it.
                 return Delivery::Unmatched;
             };
-            if let (Some(upstream_id), false) = (&event.upstream_id, event.should_park()) {
-                return self.observe_by_upstream_id(call, upstream_id, &event, note);
+            match (&event.upstream_id, event.should_park()) {
+                (Some(upstream_id), false) => {
+                    return self.observe_by_upstream_id(call, upstream_id, &event, note);
+                }
+                (Some(upstream_id), true) => {
+                    let key = upstream_id.key().to_owned();
+                    return self.park_by_upstream_id(&key, event, now, note);
+                }
+                (None, _) => {}
             }
             self.push_call_event(&event, EventEffect::Recorded, note);
             return Delivery::CallEvent;
@@ -1158,6 +1221,45 @@ impl OperationStore {
                 Delivery::Observed { id }
             }
         }
+    }
+
+    /// A notification about a kind callops issues that names its operation only by an
+    /// upstream id nobody knows yet (Graph's answer to the cancel has not come): it waits
+    /// under that id for the answer ([`OperationStore::record_upstream`]).
+    fn park_by_upstream_id(
+        &self,
+        key: &str,
+        event: IncomingEvent,
+        now: Instant,
+        note: &mut dyn FnMut(Noted<'_>),
+    ) -> Delivery {
+        let inner = &self.inner;
+        // Lock order: the park's `index` entry, then `upstream`.
+        let entry = inner.index.entry(inner.digests.upstream_park(key));
+        if let Some(id) = inner.upstream.get(key).map(|id| *id) {
+            drop(entry);
+            return self
+                .apply_to(id, &event, note)
+                .unwrap_or(Delivery::Unmatched);
+        }
+        if !self.reserve_park(&event, note) {
+            return Delivery::Unmatched;
+        }
+        note(Noted::Parked(&event));
+        let parked = ParkedEvent { event, at: now };
+        match entry {
+            Entry::Occupied(mut occupied) => match occupied.get_mut() {
+                Slot::Parked(events) => events.push(parked),
+                // Never an operation under this key; make it a park.
+                Slot::Operation(_) => {
+                    occupied.insert(Slot::Parked(Box::new(vec![parked])));
+                }
+            },
+            Entry::Vacant(vacant) => {
+                vacant.insert(Slot::Parked(Box::new(vec![parked])));
+            }
+        }
+        Delivery::Parked
     }
 
     /// Takes a place in the park, or records the event on its call when the park is full.

@@ -284,3 +284,34 @@ async fn a_removal_event_within_the_grace_period_wins_over_the_call_end() {
     assert!(operation.get("reconciled").is_none(), "{operation}");
     assert!(operation.get("late").is_none(), "{operation}");
 }
+
+/// Graph's notification about the cancel names it only by Graph's operation id and comes
+/// before Graph's answer: it waits under that id and settles the cancel once the answer
+/// names it.
+#[tokio::test]
+async fn a_cancel_notification_before_graphs_answer_waits_for_the_answer() {
+    let app = TestApp::spawn().await;
+    let call = "6b000000-0000-4000-8000-0000000000ea";
+    let script = GraphScript {
+        cancel_status: CancelStatus::Running,
+        notifications_before_response: true,
+        notification_without_context: true,
+        ..GraphScript::default()
+    };
+    let started = app.cancel(call, script, Some("early-bird")).await;
+    let id = started["id"].as_str().unwrap();
+    let operation = app.operation_until(id, settled).await;
+    assert_eq!(operation["status"], "Succeeded", "{operation}");
+    assert!(operation.get("reconciled").is_none());
+    let events = operation["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "{operation}");
+    assert_eq!(events[0]["type"], "cancelMediaProcessingOperation.deleted");
+    assert_eq!(events[0]["effect"], "applied");
+    // It went nowhere else: no observed operation, nothing on the call's timeline.
+    assert_eq!(
+        app.list("callId=6b000000-0000-4000-8000-0000000000ea")
+            .await
+            .len(),
+        1
+    );
+}

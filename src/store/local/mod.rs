@@ -219,14 +219,16 @@ impl LocalStore {
         transition: Transition,
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
+        let mut changes = self.recorder.changes();
         if let Some(upstream) = &upstream {
             let ids: Vec<&str> = upstream.ids.iter().map(String::as_str).collect();
-            self.store
+            let unparked = self
+                .store
                 .record_upstream(id, &ids, upstream.status.as_deref());
+            changes.unparked(unparked.iter().map(Option::as_deref));
         }
         self.store.answered(id);
         self.store.transition(id, transition, now);
-        let mut changes = self.recorder.changes();
         changes.operation(id);
         Ok(self.commit(changes).await?)
     }

@@ -103,9 +103,7 @@ impl Want {
     /// What delivering `event` may touch; `whole_call` adds every operation of its call.
     pub fn event(event: &IncomingEvent, whole_call: bool) -> Self {
         let mut want = Self::default();
-        if let Some((call, context)) = event.names() {
-            want.contexts.push(context_name(call, context));
-        }
+        want.contexts.extend(keys::park_name(event));
         if let Some(upstream_id) = &event.upstream_id {
             want.upstream.push(upstream_id.key().into());
         }

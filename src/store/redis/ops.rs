@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
+use super::keys::upstream_park_name;
 use super::{Committed, RedisStore, RedisStoreError, Want, event};
 use crate::correlation::{Delivery, IncomingEvent, upstream_key};
 use crate::operation::{Operation, OperationId, Transition};
@@ -54,10 +55,19 @@ impl RedisStore {
         transition: Transition,
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
-        self.transact(&Want::operation(id), |scratch, outcome| {
+        let mut want = Want::operation(id);
+        // Notifications that named it by one of these ids before the answer came.
+        let parks: Vec<String> = upstream
+            .iter()
+            .flat_map(|upstream| &upstream.ids)
+            .map(|upstream_id| upstream_park_name(&upstream_key(upstream_id)))
+            .collect();
+        want.contexts.extend(parks.iter().cloned());
+        self.transact(&want, |scratch, outcome| {
             if let Some(upstream) = &upstream {
                 let ids: Vec<&str> = upstream.ids.iter().map(String::as_str).collect();
                 scratch.record_upstream(id, &ids, upstream.status.as_deref());
+                outcome.parks_applied.clone_from(&parks);
                 // Every name Graph gave it finds it (the first is on the operation).
                 outcome.upstream_ids.extend(
                     upstream
