@@ -9,8 +9,12 @@ use tokio::time::Instant;
 use super::*;
 use crate::operation::{CALLBACK_TIMEOUT, ResultInfo};
 
+/// A store that times operations out at their deadline (reconciliation is tested in
+/// `tracker.rs`).
 fn store() -> OperationStore {
-    OperationStore::new(&crate::config::Config::embedded().operations)
+    let mut config = crate::config::Config::embedded().operations;
+    config.reconcile = false;
+    OperationStore::new(&config)
 }
 
 fn call() -> CallRef {
