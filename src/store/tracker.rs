@@ -556,7 +556,7 @@ impl OperationStore {
             let named = event
                 .names()
                 .is_none()
-                .then(|| event.upstream_id.as_ref())
+                .then_some(event.upstream_id.as_ref())
                 .flatten()
                 .and_then(|upstream_id| inner.upstream.get(upstream_id.key()).map(|id| *id));
             if let Some(id) = named {

@@ -132,7 +132,8 @@ async fn the_operation_schema_shows_reconciled_and_the_result_details() {
     let app = TestApp::spawn().await;
     let document: Value = app.get_json("/openapi.json").await;
     let schemas = &document["components"]["schemas"];
-    let operation = &schemas["Operation"]["properties"];
+    // The call (`callConnectionId` or `callId`) is flattened in: the rest is the second part.
+    let operation = &schemas["Operation"]["allOf"][1]["properties"];
     assert_eq!(operation["reconciled"]["type"], "boolean", "{operation}");
     for hidden in ["participant", "settleBy", "pending"] {
         assert!(operation.get(hidden).is_none(), "{hidden} is not API");
@@ -141,9 +142,15 @@ async fn the_operation_schema_shows_reconciled_and_the_result_details() {
     assert!(result.get("sipDetails").is_some(), "{result}");
     assert!(result.get("q850Details").is_some(), "{result}");
     let details = &schemas["ResultDetails"]["properties"];
-    assert!(details.get("code").is_some() && details.get("message").is_some(), "{details}");
+    assert!(
+        details.get("code").is_some() && details.get("message").is_some(),
+        "{details}"
+    );
     let identifier = &schemas["CommunicationIdentifier"]["properties"];
-    assert!(identifier.get("teamsExtensionUser").is_some(), "{identifier}");
+    assert!(
+        identifier.get("teamsExtensionUser").is_some(),
+        "{identifier}"
+    );
     let user = &schemas["TeamsExtensionUser"]["required"];
     assert_eq!(
         user,
