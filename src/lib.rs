@@ -117,7 +117,7 @@ pub async fn run(
     let service = OperationService::new(
         storage.clone(),
         dispatch_budget(&config),
-        config.operations.callback_timeouts.clone(),
+        &config.operations,
         acs,
         graph,
         tasks.clone(),

@@ -22,7 +22,7 @@ use crate::acs::client::{
 };
 use crate::acs::events::AcsEvent;
 use crate::acs::identifier::{CommunicationIdentifier, IdentifierError};
-use crate::config::CallbackTimeouts;
+use crate::config::{CallbackTimeouts, OperationsConfig};
 use crate::correlation::{Delivery, DeliverySummary, IncomingEvent};
 use crate::graph::client::{CancelAnswer, GraphClient, GraphError};
 use crate::graph::ids;
@@ -74,6 +74,8 @@ pub struct ServiceParts {
     dispatch_budget: Duration,
     /// Named in the `CallbackTimeout` message of a reconciliation.
     callback_timeouts: CallbackTimeouts,
+    /// `operations.reconcile`: removals keep their participant to be asked about.
+    reconcile: bool,
     acs: AcsClient,
     graph: GraphClient,
     tasks: TaskTracker,
@@ -119,7 +121,7 @@ impl OperationService {
     pub fn new(
         storage: Storage,
         dispatch_budget: Duration,
-        callback_timeouts: CallbackTimeouts,
+        operations: &OperationsConfig,
         acs: AcsClient,
         graph: GraphClient,
         tasks: TaskTracker,
@@ -130,7 +132,8 @@ impl OperationService {
             parts: Arc::new(ServiceParts {
                 storage,
                 dispatch_budget,
-                callback_timeouts,
+                callback_timeouts: operations.callback_timeouts.clone(),
+                reconcile: operations.reconcile,
                 acs,
                 graph,
                 tasks,
@@ -206,7 +209,10 @@ impl OperationService {
             OffsetDateTime::now_utc(),
         );
         let id = operation.id;
-        operation.participant = participant.raw_id.as_deref().map(Into::into);
+        // Kept only to be asked about at the deadline (about 80 bytes per running removal).
+        if self.reconcile {
+            operation.participant = participant.raw_id.as_deref().map(Into::into);
+        }
         let repeatability = Repeatability::new();
         operation.pending = Some(Box::new(PendingRequest::RemoveParticipant {
             participant: serde_json::to_value(&participant).unwrap_or_default(),
