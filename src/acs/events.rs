@@ -201,56 +201,209 @@ fn lenient_details<'de, D: Deserializer<'de>>(
     })
 }
 
-/// The members of a `CommunicationIdentifierModel` that give its raw id.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ParticipantIn {
-    raw_id: Option<String>,
-    communication_user: Option<IdIn>,
-    phone_number: Option<ValueIn>,
-    teams_extension_user: Option<TeamsExtensionUser>,
-}
-
-#[derive(Deserialize)]
-struct IdIn {
-    id: String,
-}
-
-#[derive(Deserialize)]
-struct ValueIn {
-    value: String,
-}
-
-/// A participant's raw id: `rawId`, else built from the typed member the way the SDKs build
-/// it; unknown kinds and odd shapes never refuse the event.
+/// A participant's raw id: `rawId`, else built from its typed member the way the SDKs build
+/// it; unknown kinds and odd shapes never refuse the event. Read by a visitor rather than an
+/// untagged enum, so the callback path buffers nothing: members after a `rawId` are skipped.
 fn lenient_participant<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Lenient {
-        Participant(ParticipantIn),
-        Other(de::IgnoredAny),
+    deserializer.deserialize_any(ParticipantVisitor)
+}
+
+/// The members of a `CommunicationIdentifierModel` that give its raw id.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+enum Member {
+    RawId,
+    CommunicationUser,
+    PhoneNumber,
+    TeamsExtensionUser,
+    #[serde(other)]
+    Other,
+}
+
+struct ParticipantVisitor;
+
+impl<'de> de::Visitor<'de> for ParticipantVisitor {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a communication identifier")
     }
-    let Some(Lenient::Participant(participant)) = Option::<Lenient>::deserialize(deserializer)?
-    else {
-        return Ok(None);
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut raw_id: Option<String> = None;
+        let mut built: Option<String> = None;
+        while let Some(member) = map.next_key::<Member>()? {
+            match member {
+                Member::RawId if raw_id.is_none() => {
+                    raw_id = map
+                        .next_value::<Text>()?
+                        .0
+                        .filter(|raw_id| !raw_id.is_empty());
+                }
+                Member::CommunicationUser | Member::PhoneNumber | Member::TeamsExtensionUser
+                    if raw_id.is_none() && built.is_none() =>
+                {
+                    let fields = map.next_value::<TextFields>()?.0;
+                    built = raw_id_of(&member, &fields);
+                }
+                _ => {
+                    map.next_value::<de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(raw_id.or(built))
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+/// The raw id a typed member gives, from its string fields.
+fn raw_id_of(member: &Member, fields: &[(String, String)]) -> Option<String> {
+    let field = |name: &str| {
+        fields
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.clone())
     };
-    let raw_id = participant.raw_id.filter(|raw_id| !raw_id.is_empty());
-    Ok(raw_id.or_else(|| {
-        if let Some(user) = participant.communication_user {
-            return Some(user.id);
+    match member {
+        Member::CommunicationUser => field("id"),
+        Member::PhoneNumber => field("value").map(|value| format!("4:{value}")),
+        Member::TeamsExtensionUser => {
+            let identifier = CommunicationIdentifier {
+                teams_extension_user: Some(TeamsExtensionUser {
+                    user_id: field("userId")?,
+                    tenant_id: field("tenantId")?,
+                    resource_id: field("resourceId")?,
+                    cloud: field("cloud"),
+                }),
+                ..CommunicationIdentifier::default()
+            };
+            identifier.normalize().ok()?.raw_id
         }
-        if let Some(phone) = participant.phone_number {
-            return Some(format!("4:{}", phone.value));
+        Member::RawId | Member::Other => None,
+    }
+}
+
+/// A string, or `None` for any other JSON value (skipped).
+struct Text(Option<String>);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+        impl<'de> de::Visitor<'de> for TextVisitor {
+            type Value = Text;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Text, E> {
+                Ok(Text(Some(text.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, text: String) -> Result<Text, E> {
+                Ok(Text(Some(text)))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Text, A::Error> {
+                while map
+                    .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Text(None))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Text, A::Error> {
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+                Ok(Text(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Text, E> {
+                Ok(Text(None))
+            }
         }
-        let user = participant.teams_extension_user?;
-        let identifier = CommunicationIdentifier {
-            teams_extension_user: Some(user),
-            ..CommunicationIdentifier::default()
-        };
-        identifier.normalize().ok()?.raw_id
-    }))
+        deserializer.deserialize_any(TextVisitor)
+    }
+}
+
+/// The string fields of an object (anything else, or a non-object, gives none).
+struct TextFields(Vec<(String, String)>);
+
+impl<'de> Deserialize<'de> for TextFields {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldsVisitor;
+        impl<'de> de::Visitor<'de> for FieldsVisitor {
+            type Value = TextFields;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<TextFields, A::Error> {
+                let mut fields = Vec::new();
+                while let Some((key, Text(value))) = map.next_entry::<String, Text>()? {
+                    fields.extend(value.map(|value| (key, value)));
+                }
+                Ok(TextFields(fields))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<TextFields, A::Error> {
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+                Ok(TextFields(Vec::new()))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<TextFields, E> {
+                Ok(TextFields(Vec::new()))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<TextFields, E> {
+                Ok(TextFields(Vec::new()))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<TextFields, E> {
+                Ok(TextFields(Vec::new()))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<TextFields, E> {
+                Ok(TextFields(Vec::new()))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<TextFields, E> {
+                Ok(TextFields(Vec::new()))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<TextFields, E> {
+                Ok(TextFields(Vec::new()))
+            }
+        }
+        deserializer.deserialize_any(FieldsVisitor)
+    }
 }
 
 impl CloudEventIn {
