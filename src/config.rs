@@ -74,8 +74,14 @@ pub const ENV_ALIASES: [(&str, &str); 29] = [
 pub const STANDARD_ENV: [(&str, &str); 9] = [
     ("IDENTITY_ENDPOINT", "identity.endpoint"),
     ("IDENTITY_HEADER", "identity.header"),
-    ("AZURE_POD_IDENTITY_AUTHORITY_HOST", "identity.imds_endpoint"),
-    ("AZURE_FEDERATED_TOKEN_FILE", "identity.federated_token_file"),
+    (
+        "AZURE_POD_IDENTITY_AUTHORITY_HOST",
+        "identity.imds_endpoint",
+    ),
+    (
+        "AZURE_FEDERATED_TOKEN_FILE",
+        "identity.federated_token_file",
+    ),
     ("AZURE_AUTHORITY_HOST", "identity.authority_host"),
     ("AZURE_TENANT_ID", "identity.tenant_id"),
     ("AZURE_CLIENT_ID", "identity.client_id"),
@@ -628,8 +634,16 @@ pub struct EmulatorConfig {
     pub graph_tenant_id: String,
     pub graph_client_id: String,
     pub graph_client_secret: String,
-    /// Lifetime of the Graph emulator's access tokens.
+    /// Lifetime of the emulator's access tokens (Graph and ACS).
     pub graph_token_lifetime_secs: u64,
+    /// The app's registered certificate (a PEM file; its certificate is used): certificate
+    /// assertions are verified against it. Empty: the compiled-in development certificate.
+    pub client_certificate_path: String,
+    /// The `X-IDENTITY-HEADER` its managed-identity endpoint requires (a development value).
+    pub identity_header: String,
+    /// The client id of the user-assigned managed identity it knows (besides the
+    /// system-assigned one).
+    pub managed_identity_client_id: String,
     /// The emulated ACS resource's immutable id (the audience of its callback tokens).
     pub acs_resource_id: String,
 }
@@ -956,7 +970,10 @@ impl Config {
     /// Graph's credential; `None` when none is configured (the emulator stands in).
     pub fn graph_credential(&self) -> Result<Option<CredentialSettings>, ConfigError> {
         let graph = &self.graph;
-        let kind = parse_kind("CALLOPS_GRAPH_CREDENTIAL (graph.credential)", &graph.credential)?;
+        let kind = parse_kind(
+            "CALLOPS_GRAPH_CREDENTIAL (graph.credential)",
+            &graph.credential,
+        )?;
         let kind = match kind {
             None if graph.client_id.trim().is_empty() => return Ok(None),
             None => CredentialKind::Secret,
@@ -1022,8 +1039,14 @@ impl Config {
             }
         };
         if kind != CredentialKind::ManagedIdentity {
-            need(&tenant_id, format!("{prefix}_TENANT_ID (or AZURE_TENANT_ID)"));
-            need(&client_id, format!("{prefix}_CLIENT_ID (or AZURE_CLIENT_ID)"));
+            need(
+                &tenant_id,
+                format!("{prefix}_TENANT_ID (or AZURE_TENANT_ID)"),
+            );
+            need(
+                &client_id,
+                format!("{prefix}_CLIENT_ID (or AZURE_CLIENT_ID)"),
+            );
         }
         let secret = if app.client_secret.expose_secret().trim().is_empty() {
             identity.client_secret.clone()

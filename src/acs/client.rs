@@ -317,7 +317,11 @@ mod tests {
         let url = client.remove_participant_url("c1");
         let repeatability = Repeatability::new();
         let mut headers = request_headers(&repeatability);
-        let token = client.auth.authorize(&mut headers, &url, b"{}").await.unwrap();
+        let token = client
+            .auth
+            .authorize(&mut headers, &url, b"{}")
+            .await
+            .unwrap();
         assert!(token.is_none());
         assert_eq!(headers["x-ms-return-client-request-id"], "true");
         let date = headers["x-ms-date"].to_str().unwrap();

@@ -8,7 +8,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::digest::{SHA1_FOR_LEGACY_USE_ONLY, SHA256, digest};
 use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{RSA_PKCS1_2048_8192_SHA256, RSA_PKCS1_SHA256, RsaKeyPair, UnparsedPublicKey};
+use aws_lc_rs::signature::{
+    RSA_PKCS1_2048_8192_SHA256, RSA_PKCS1_SHA256, RsaKeyPair, UnparsedPublicKey,
+};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rustls_pki_types::pem::PemObject;
@@ -96,8 +98,13 @@ impl ClientCertificate {
         // The key must be the certificate's: sign something and check it with the latter.
         let probe = b"callops certificate check";
         let mut signature = vec![0; key.public_modulus_len()];
-        key.sign(&RSA_PKCS1_SHA256, &SystemRandom::new(), probe, &mut signature)
-            .map_err(|_| CertificateError::NotRsa(name.to_owned()))?;
+        key.sign(
+            &RSA_PKCS1_SHA256,
+            &SystemRandom::new(),
+            probe,
+            &mut signature,
+        )
+        .map_err(|_| CertificateError::NotRsa(name.to_owned()))?;
         if !verify_rs256(&spki, probe, &signature) {
             return Err(CertificateError::Mismatch(name.to_owned()));
         }

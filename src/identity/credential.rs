@@ -150,12 +150,14 @@ impl Credential {
                 token_file,
             } => {
                 // Read for every token: the platform replaces the file before it expires.
-                let assertion = tokio::fs::read_to_string(token_file).await.map_err(|error| {
-                    TokenError::Unavailable(format!(
-                        "cannot read the federated token file {}: {error}",
-                        token_file.display()
-                    ))
-                })?;
+                let assertion = tokio::fs::read_to_string(token_file)
+                    .await
+                    .map_err(|error| {
+                        TokenError::Unavailable(format!(
+                            "cannot read the federated token file {}: {error}",
+                            token_file.display()
+                        ))
+                    })?;
                 let assertion = SecretString::from(assertion.trim().to_owned());
                 assertion_grant(http, token_url, client_id, &assertion, scope).await
             }

@@ -111,8 +111,8 @@ mod tests {
     #[test]
     fn every_token_response_shape_parses() {
         // Entra ID (v2 endpoint): a number of seconds.
-        let token = parse(br#"{"token_type":"Bearer","expires_in":3599,"access_token":"a"}"#)
-            .unwrap();
+        let token =
+            parse(br#"{"token_type":"Bearer","expires_in":3599,"access_token":"a"}"#).unwrap();
         assert_eq!(token.token.expose_secret(), "a");
         assert_eq!(token.lifetime, Duration::from_secs(3599));
         // IMDS: numeric strings.

@@ -37,7 +37,11 @@ pub(super) async fn app_service(
     let mut secret = HeaderValue::from_str(header.expose_secret())
         .map_err(|_| TokenError::Credential("IDENTITY_HEADER is not a header value".into()))?;
     secret.set_sensitive(true);
-    let response = http.get(url).header("x-identity-header", secret).send().await;
+    let response = http
+        .get(url)
+        .header("x-identity-header", secret)
+        .send()
+        .await;
     entra::answer(response).await
 }
 

@@ -13,7 +13,7 @@
 mod certificate;
 mod credential;
 mod entra;
-mod managed;
+pub mod managed;
 mod provider;
 
 use std::path::PathBuf;
@@ -22,7 +22,9 @@ use reqwest::StatusCode;
 use secrecy::SecretString;
 use url::Url;
 
-pub use certificate::{CertificateError, ClientCertificate};
+pub use certificate::{
+    CertificateError, ClientCertificate, public_key_info, thumbprints, verify_rs256,
+};
 pub use credential::Credential;
 pub use provider::TokenProvider;
 

@@ -77,8 +77,7 @@ impl TokenProvider {
         if let Some(token) = self.fresh() {
             return Ok(token);
         }
-        let AccessToken { token, lifetime } =
-            self.credential.fetch(&self.http, self.scope).await?;
+        let AccessToken { token, lifetime } = self.credential.fetch(&self.http, self.scope).await?;
         self.fetches.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             expires_in = lifetime.as_secs(),
@@ -219,7 +218,10 @@ mod tests {
         provider.token().await.unwrap();
         assert_eq!(hits.load(Ordering::SeqCst), 2);
         let shown = format!("{provider:?}");
-        assert!(!shown.contains("s3cr3t") && !shown.contains("tok-1"), "{shown}");
+        assert!(
+            !shown.contains("s3cr3t") && !shown.contains("tok-1"),
+            "{shown}"
+        );
     }
 
     #[tokio::test]
