@@ -1661,6 +1661,244 @@ mod tests {
     }
 
     #[test]
+    fn acs_with_entra_id_comes_from_an_endpoint_and_a_credential() {
+        let config = load_with_env(&[
+            ("CALLOPS_ACS_ENDPOINT", "https://r.communication.azure.com"),
+            ("CALLOPS_ACS_CREDENTIAL", "managed-identity"),
+            ("CALLOPS_ACS_CALLBACK_AUDIENCE", "resource-id"),
+            ("IDENTITY_ENDPOINT", "http://localhost:42356/msi/token"),
+            ("IDENTITY_HEADER", "0123456789"),
+            ("AZURE_CLIENT_ID", "user-assigned-id"),
+        ])
+        .unwrap();
+        let Some(AcsUpstream::Entra {
+            endpoint,
+            credential:
+                CredentialSettings::ManagedIdentity {
+                    app_service: Some((url, header)),
+                    client_id,
+                    ..
+                },
+        }) = config.acs_upstream().unwrap()
+        else {
+            panic!("{:?}", config.acs_upstream());
+        };
+        assert_eq!(endpoint.as_str(), "https://r.communication.azure.com/");
+        assert_eq!(url.as_str(), "http://localhost:42356/msi/token");
+        // Taken verbatim, digits and all, and never shown.
+        assert_eq!(header.expose_secret(), "0123456789");
+        assert!(!format!("{config:?}").contains("0123456789"));
+        assert_eq!(client_id.as_deref(), Some("user-assigned-id"));
+        assert!(
+            config.graph_credential().unwrap().is_none(),
+            "Graph stays emulated"
+        );
+
+        // Workload identity as the AKS webhook sets it up.
+        let config = load_with_env(&[
+            ("CALLOPS_ACS_ENDPOINT", "https://r.communication.azure.com/"),
+            ("CALLOPS_ACS_CREDENTIAL", "workload_identity"),
+            ("CALLOPS_ACS_CALLBACK_AUDIENCE", "resource-id"),
+            (
+                "AZURE_FEDERATED_TOKEN_FILE",
+                "/var/run/secrets/azure/tokens/azure-identity-token",
+            ),
+            ("AZURE_CLIENT_ID", "app"),
+            ("AZURE_TENANT_ID", "tenant"),
+            ("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.us/"),
+            ("CALLOPS_GRAPH_CREDENTIAL", "workload-identity"),
+            ("CALLOPS_GRAPH_CALLBACK_AUDIENCE", "bot-app-id"),
+        ])
+        .unwrap();
+        for credential in [
+            match config.acs_upstream().unwrap() {
+                Some(AcsUpstream::Entra { credential, .. }) => credential,
+                other => panic!("{other:?}"),
+            },
+            config.graph_credential().unwrap().unwrap(),
+        ] {
+            let CredentialSettings::WorkloadIdentity {
+                authority,
+                tenant_id,
+                client_id,
+                token_file,
+            } = credential
+            else {
+                panic!("{credential:?}");
+            };
+            assert_eq!(authority.as_str(), "https://login.microsoftonline.us/");
+            assert_eq!((tenant_id.as_str(), client_id.as_str()), ("tenant", "app"));
+            assert!(token_file.ends_with("azure-identity-token"));
+        }
+        // A connection string keeps working exactly as before.
+        let config = load_with_env(&[
+            (
+                "CALLOPS_ACS_CONNECTION_STRING",
+                "endpoint=https://r.communication.azure.com/;accesskey=a2V5",
+            ),
+            ("CALLOPS_ACS_CALLBACK_AUDIENCE", "resource-id"),
+            ("CALLOPS_ACS_CREDENTIAL", "key"),
+        ])
+        .unwrap();
+        assert!(matches!(
+            config.acs_upstream().unwrap(),
+            Some(AcsUpstream::Key(_))
+        ));
+    }
+
+    #[test]
+    fn graph_takes_a_certificate_or_a_managed_identity() {
+        let config = load_with_env(&[
+            ("CALLOPS_GRAPH_CREDENTIAL", "certificate"),
+            ("CALLOPS_GRAPH_TENANT_ID", "tenant"),
+            ("CALLOPS_GRAPH_CLIENT_ID", "app"),
+            (
+                "CALLOPS_GRAPH_CLIENT_CERTIFICATE_PATH",
+                "/etc/callops/graph.pem",
+            ),
+        ])
+        .unwrap();
+        assert!(matches!(
+            config.graph_credential().unwrap(),
+            Some(CredentialSettings::Certificate { path, .. }) if path.ends_with("graph.pem")
+        ));
+        let config = load_with_env(&[
+            ("CALLOPS_GRAPH_CREDENTIAL", "managed-identity"),
+            ("CALLOPS_GRAPH_CALLBACK_AUDIENCE", "bot-app-id"),
+        ])
+        .unwrap();
+        assert!(matches!(
+            config.graph_credential().unwrap(),
+            Some(CredentialSettings::ManagedIdentity { app_service: None, client_id: None, ref imds })
+                if imds.as_str() == "http://169.254.169.254/"
+        ));
+    }
+
+    #[test]
+    fn ambiguous_or_incomplete_credentials_refuse_to_start() {
+        let refused = |vars: &[(&str, &str)], wanted: &[&str]| {
+            let err = load_with_env(vars).unwrap_err();
+            for word in wanted {
+                assert!(err.contains(word), "{vars:?}: {err} lacks {word}");
+            }
+            assert!(!err.contains("a2V5") && !err.contains("s3cr3t"), "{err}");
+        };
+        let key = "endpoint=https://r.communication.azure.com/;accesskey=a2V5";
+        let endpoint = "https://r.communication.azure.com/";
+        refused(
+            &[
+                ("CALLOPS_ACS_CONNECTION_STRING", key),
+                ("CALLOPS_ACS_ENDPOINT", endpoint),
+            ],
+            &[
+                "CALLOPS_ACS_CONNECTION_STRING",
+                "CALLOPS_ACS_ENDPOINT",
+                "only one",
+            ],
+        );
+        refused(
+            &[("CALLOPS_ACS_ENDPOINT", endpoint)],
+            &[
+                "CALLOPS_ACS_CREDENTIAL",
+                "managed-identity",
+                "workload-identity",
+            ],
+        );
+        refused(
+            &[("CALLOPS_ACS_CREDENTIAL", "managed-identity")],
+            &["CALLOPS_ACS_ENDPOINT"],
+        );
+        refused(
+            &[
+                ("CALLOPS_ACS_CONNECTION_STRING", key),
+                ("CALLOPS_ACS_CREDENTIAL", "managed-identity"),
+            ],
+            &[
+                "CALLOPS_ACS_ENDPOINT",
+                "instead of CALLOPS_ACS_CONNECTION_STRING",
+            ],
+        );
+        refused(
+            &[
+                ("CALLOPS_ACS_ENDPOINT", endpoint),
+                ("CALLOPS_ACS_CREDENTIAL", "key"),
+            ],
+            &["CALLOPS_ACS_CONNECTION_STRING"],
+        );
+        refused(
+            &[
+                ("CALLOPS_ACS_ENDPOINT", endpoint),
+                ("CALLOPS_ACS_CREDENTIAL", "magic"),
+            ],
+            &[
+                "CALLOPS_ACS_CREDENTIAL",
+                "\"magic\"",
+                "managed-identity",
+                "certificate",
+            ],
+        );
+        refused(
+            &[
+                ("CALLOPS_ACS_ENDPOINT", "http://r.communication.azure.com/"),
+                ("CALLOPS_ACS_CREDENTIAL", "managed-identity"),
+            ],
+            &["CALLOPS_ACS_ENDPOINT", "https"],
+        );
+        refused(
+            &[
+                ("CALLOPS_ACS_ENDPOINT", endpoint),
+                ("CALLOPS_ACS_CREDENTIAL", "workload-identity"),
+            ],
+            &[
+                "CALLOPS_ACS_TENANT_ID",
+                "AZURE_CLIENT_ID",
+                "AZURE_FEDERATED_TOKEN_FILE",
+            ],
+        );
+        refused(
+            &[
+                ("CALLOPS_ACS_ENDPOINT", endpoint),
+                ("CALLOPS_ACS_CREDENTIAL", "secret"),
+                ("CALLOPS_ACS_TENANT_ID", "t"),
+                ("CALLOPS_ACS_CLIENT_ID", "c"),
+            ],
+            &["CALLOPS_ACS_CLIENT_SECRET", "AZURE_CLIENT_SECRET"],
+        );
+        refused(
+            &[
+                ("CALLOPS_ACS_ENDPOINT", endpoint),
+                ("CALLOPS_ACS_CREDENTIAL", "managed-identity"),
+                ("IDENTITY_ENDPOINT", "http://localhost:1/msi/token"),
+            ],
+            &["IDENTITY_HEADER"],
+        );
+        refused(
+            &[
+                ("CALLOPS_GRAPH_CREDENTIAL", "certificate"),
+                ("CALLOPS_GRAPH_TENANT_ID", "t"),
+                ("CALLOPS_GRAPH_CLIENT_ID", "c"),
+            ],
+            &["CALLOPS_GRAPH_CLIENT_CERTIFICATE_PATH"],
+        );
+        refused(
+            &[("CALLOPS_GRAPH_CREDENTIAL", "key")],
+            &["CALLOPS_GRAPH_CREDENTIAL", "secret"],
+        );
+        // A managed identity without a client id names no bot: the audience must be given.
+        refused(
+            &[("CALLOPS_GRAPH_CREDENTIAL", "managed-identity")],
+            &["CALLOPS_GRAPH_CALLBACK_AUDIENCE"],
+        );
+        refused(
+            &[
+                ("CALLOPS_ACS_ENDPOINT", endpoint),
+                ("CALLOPS_ACS_CREDENTIAL", "managed-identity"),
+            ],
+            &["CALLOPS_ACS_CALLBACK_AUDIENCE"],
+        );
+    }
+
+    #[test]
     fn callback_verification_is_configured_from_the_environment() {
         let config = Config::embedded();
         assert_eq!(config.callbacks.auth, CallbackAuth::Jwt);
