@@ -978,9 +978,9 @@ impl Config {
             None if graph.client_id.trim().is_empty() => return Ok(None),
             None => CredentialKind::Secret,
             Some(CredentialKind::Key) => {
-                return Err(ConfigError::Credential(format!(
-                    "CALLOPS_GRAPH_CREDENTIAL=key: Graph has no access key; accepted values: secret, certificate, workload-identity, managed-identity"
-                )));
+                return Err(ConfigError::Credential(
+                    "CALLOPS_GRAPH_CREDENTIAL=key: Graph has no access key; accepted values: secret, certificate, workload-identity, managed-identity".to_owned(),
+                ));
             }
             Some(kind) => kind,
         };

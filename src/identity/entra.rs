@@ -10,7 +10,6 @@ use url::Url;
 
 use crate::identity::TokenError;
 use crate::identity::provider::AccessToken;
-use crate::upstream;
 
 /// Assumed lifetime when an answer gives none.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
@@ -47,8 +46,10 @@ pub(super) async fn answer(
     let response =
         response.map_err(|error| TokenError::Unavailable(error.without_url().to_string()))?;
     let status = response.status();
-    // IMDS answers 404 while the identity is being set up and 410 while it restarts.
-    if upstream::is_transient(status) || matches!(status.as_u16(), 404 | 410) {
+    // As the Azure SDKs retry token requests (this module imports nothing of the service's,
+    // so that configuration can name its types): 408, 429, 5xx, and IMDS's 404 while the
+    // identity is being set up and 410 while it restarts.
+    if status.is_server_error() || matches!(status.as_u16(), 404 | 408 | 410 | 429) {
         return Err(TokenError::Unavailable(format!("answered {status}")));
     }
     let bytes = response
