@@ -700,7 +700,7 @@ pub enum ConfigError {
     #[error("{0}")]
     Credential(String),
     #[error(
-        "callbacks are verified (CALLOPS_CALLBACK_AUTH=jwt) and Graph has no client id, so CALLOPS_GRAPH_CALLBACK_AUDIENCE is required: the bot's app id"
+        "callbacks are verified (CALLOPS_CALLBACK_AUTH=jwt) and Graph has no client id (CALLOPS_GRAPH_CLIENT_ID or AZURE_CLIENT_ID), so CALLOPS_GRAPH_CALLBACK_AUDIENCE is required: the bot's app id"
     )]
     GraphCallbackAudience,
     #[error(
@@ -888,7 +888,7 @@ impl Config {
         if callbacks.auth == CallbackAuth::Jwt
             && self.graph.is_configured()
             && callbacks.graph.audience.trim().is_empty()
-            && self.graph.client_id.trim().is_empty()
+            && self.graph_app_id().is_empty()
         {
             return Err(ConfigError::GraphCallbackAudience);
         }
@@ -964,6 +964,16 @@ impl Config {
                     credential,
                 }))
             }
+        }
+    }
+
+    /// The app Graph tokens are for (`graph.client_id`, else `AZURE_CLIENT_ID`): the bot's app
+    /// id, the default audience of Graph's notification tokens. Empty for a system-assigned
+    /// identity.
+    pub fn graph_app_id(&self) -> &str {
+        match self.graph.client_id.trim() {
+            "" => self.identity.client_id.trim(),
+            id => id,
         }
     }
 
@@ -1762,6 +1772,15 @@ mod tests {
             config.graph_credential().unwrap(),
             Some(CredentialSettings::Certificate { path, .. }) if path.ends_with("graph.pem")
         ));
+        // The bot's app id, the notifications' audience, can come from AZURE_CLIENT_ID.
+        let config = load_with_env(&[
+            ("CALLOPS_GRAPH_CREDENTIAL", "workload-identity"),
+            ("AZURE_CLIENT_ID", "bot-app-id"),
+            ("AZURE_TENANT_ID", "tenant"),
+            ("AZURE_FEDERATED_TOKEN_FILE", "/tokens/azure-identity-token"),
+        ])
+        .unwrap();
+        assert_eq!(config.graph_app_id(), "bot-app-id");
         let config = load_with_env(&[
             ("CALLOPS_GRAPH_CREDENTIAL", "managed-identity"),
             ("CALLOPS_GRAPH_CALLBACK_AUDIENCE", "bot-app-id"),

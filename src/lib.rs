@@ -167,8 +167,9 @@ pub async fn run(
 
 /// The longest one upstream request may take with its retries, and a margin.
 fn dispatch_budget(config: &Config) -> Duration {
-    let acs = config.acs.retry.total_timeout_ms + config.acs.request_timeout().as_millis() as u64;
-    // A Graph attempt may fetch a token first, under the same timeout.
+    // An attempt may fetch a token first (Graph; ACS with Entra ID), under the same timeout.
+    let acs =
+        config.acs.retry.total_timeout_ms + 2 * config.acs.request_timeout().as_millis() as u64;
     let graph = config.graph.retry.total_timeout_ms + 2 * config.graph.request_timeout_ms;
     Duration::from_millis(acs.max(graph)) + Duration::from_secs(5)
 }
@@ -305,7 +306,7 @@ fn callback_authenticator(
         )?,
         // The bot's app id is the audience unless one is configured.
         _ if callbacks.graph.audience.trim().is_empty() => {
-            configured(&callbacks.graph, &config.graph.client_id)
+            configured(&callbacks.graph, config.graph_app_id())
         }
         _ => configured(&callbacks.graph, &callbacks.graph.audience),
     };
