@@ -3,10 +3,8 @@
 #   docker build -t callops .
 #   docker run --rm -p 8080:8080 -v callops-data:/data -e CALLOPS_EMULATOR__ENABLED=true callops
 #
-# TLS: reqwest is built with its `rustls-tls` feature, which is `rustls-tls-webpki-roots`:
-# the Mozilla root certificates (the webpki-roots crate) are compiled into the binary and the
-# system store is not read. The runtime image needs no CA bundle for callops (distroless/cc
-# ships /etc/ssl/certs anyway, unused); a private or TLS-inspecting CA cannot be added there.
+# TLS: reqwest's rustls (on aws-lc-rs) verifies against the system trust store, which
+# distroless/cc ships in /etc/ssl/certs; a derived image may add a private CA there.
 
 ARG RUST_VERSION=1.95
 

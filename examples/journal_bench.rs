@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use callops::store::journal::{Batch, Journal, SqliteOptions};
-use rand::Rng;
+use rand::RngExt;
 
 const DEFAULT_WRITERS: [usize; 3] = [1, 32, 256];
 const DEFAULT_WRITES: usize = 5000;

@@ -4,7 +4,7 @@
 #
 # usage: scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]
 #   SECONDS_PER_TARGET  default 60
-#   TARGET              acs_events, graph_notifications, connection_string (default: all)
+#   TARGET              acs_events, graph_notifications, connection_string, token (default: all)
 #
 # Environment: FUZZ_SANITIZER (address, the cargo-fuzz default, or none; none is faster),
 # FIXTURES (where the seed fixtures are; default tests/fixtures), CARGO_TARGET_DIR as usual.
@@ -12,7 +12,7 @@
 # libFuzzer's output is kept in fuzz/logs/<target>.log.
 set -euo pipefail
 
-ALL_TARGETS=(acs_events graph_notifications connection_string)
+ALL_TARGETS=(acs_events graph_notifications connection_string token)
 
 usage() {
   sed -n '5,7s/^# \{0,1\}//p' "$0" >&2
@@ -58,6 +58,7 @@ build_flags=(--fuzz-dir "$fuzz_dir" --debug-assertions --sanitizer "$sanitizer")
 max_len() {
   case $1 in
     connection_string) echo 4096 ;;
+    token) echo 16384 ;; # the longest token read
     *) echo 262144 ;; # the HTTP body limit (http.body_limit_bytes)
   esac
 }
@@ -78,6 +79,7 @@ seed() {
     acs_events) set -- "$fixtures"/acs/*.json ;;
     graph_notifications) set -- "$fixtures"/graph/*.json ;;
     connection_string) set -- "$fuzz_dir"/seeds/connection_string/* ;;
+    token) set -- "$fuzz_dir"/seeds/token/* ;;
   esac
   for file in "$@"; do
     local copy=$corpus/seed-$(basename "$file")

@@ -12,6 +12,7 @@ pub mod acs;
 pub mod callback_auth;
 pub mod config;
 pub mod correlation;
+pub mod crypto;
 pub mod emulator;
 pub mod error;
 pub mod graph;

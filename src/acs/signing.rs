@@ -4,10 +4,9 @@
 //! with the decoded access key. The emulator verifies with the same functions, so the scheme
 //! lives in exactly one place.
 
+use crate::crypto;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use hmac::{Hmac, Mac};
-use sha2::{Digest, Sha256};
 
 /// The headers that carry a signature.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,7 +21,7 @@ pub struct SignedHeaders {
 
 /// base64(SHA-256(body)).
 pub fn content_hash(body: &[u8]) -> String {
-    STANDARD.encode(Sha256::digest(body))
+    STANDARD.encode(crypto::sha256(body))
 }
 
 /// base64(HMAC-SHA256(key, string_to_sign)) for the given parts.
@@ -34,8 +33,7 @@ pub fn signature(
     host: &str,
     content_sha256: &str,
 ) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts keys of any length");
-    for part in [
+    let parts = [
         method,
         "\n",
         path_and_query,
@@ -45,10 +43,8 @@ pub fn signature(
         host,
         ";",
         content_sha256,
-    ] {
-        mac.update(part.as_bytes());
-    }
-    STANDARD.encode(mac.finalize().into_bytes())
+    ];
+    STANDARD.encode(crypto::hmac_sha256(key, parts.map(str::as_bytes)))
 }
 
 /// The `Authorization` header value for `signature`.

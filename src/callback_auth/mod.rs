@@ -16,9 +16,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::crypto::sha256;
 use axum::http::{HeaderMap, header};
 use secrecy::ExposeSecret;
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use url::Url;
 
@@ -175,7 +175,7 @@ impl CallbackAuthenticator {
             inner: Arc::new(Inner {
                 mode: config.auth,
                 verifiers: [verifier(acs, false), verifier(graph, true)],
-                secret: (!secret.is_empty()).then(|| Sha256::digest(secret.as_bytes()).into()),
+                secret: (!secret.is_empty()).then(|| sha256(secret.as_bytes())),
                 rejected: [AtomicU64::new(0), AtomicU64::new(0)],
                 metrics,
                 warnings: LogBudget::default(),
@@ -285,7 +285,7 @@ fn check_secret(expected: &[u8; 32], query: Option<&str>) -> Result<(), AuthErro
     let Some(presented) = presented else {
         return Err(AuthError::Secret);
     };
-    let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    let digest = sha256(presented.as_bytes());
     if bool::from(digest.ct_eq(expected)) {
         Ok(())
     } else {
@@ -299,7 +299,7 @@ mod tests {
 
     #[test]
     fn the_secret_must_match_exactly() {
-        let expected: [u8; 32] = Sha256::digest(b"s3cr3t value").into();
+        let expected = sha256(b"s3cr3t value");
         assert!(check_secret(&expected, Some("secret=s3cr3t+value")).is_ok());
         assert!(check_secret(&expected, Some("a=1&secret=s3cr3t%20value")).is_ok());
         for bad in [

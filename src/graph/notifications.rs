@@ -12,9 +12,9 @@
 
 use std::fmt::Write;
 
+use crate::crypto::sha256;
 use serde_json::Value;
 use serde_json::value::RawValue;
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use crate::correlation::{GENERIC_KIND, IncomingEvent, UpstreamId};
@@ -102,7 +102,7 @@ fn split(text: &str) -> Result<Vec<&RawValue>, DecodeError> {
 }
 
 fn digest(bytes: &[u8]) -> String {
-    let hash = Sha256::digest(bytes);
+    let hash = sha256(bytes);
     let mut text = String::with_capacity(7 + 32);
     text.push_str("sha256:");
     for byte in &hash[..16] {

@@ -11,12 +11,12 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::crypto::sha256;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::Response;
 use secrecy::{ExposeSecret, SecretString};
-use sha2::{Digest, Sha256};
 use subtle::{Choice, ConstantTimeEq};
 
 use crate::error::error_response;
@@ -51,7 +51,7 @@ impl ApiKeys {
     pub fn new(keys: &[SecretString]) -> Self {
         let digests = keys
             .iter()
-            .map(|key| Sha256::digest(key.expose_secret().as_bytes()).into())
+            .map(|key| sha256(key.expose_secret().as_bytes()))
             .collect();
         Self { digests }
     }
@@ -82,7 +82,7 @@ impl ApiKeys {
 
     /// Whether `key` is one of the configured keys, in time independent of which one.
     fn matches(&self, key: &[u8]) -> Choice {
-        let digest: [u8; 32] = Sha256::digest(key).into();
+        let digest = sha256(key);
         self.digests
             .iter()
             .fold(Choice::from(0), |matched, configured| {

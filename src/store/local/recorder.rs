@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
+use crate::crypto::sha256;
 use time::OffsetDateTime;
 
 use crate::correlation::IncomingEvent;
@@ -519,7 +519,7 @@ fn parked_key(event: &IncomingEvent) -> Option<u64> {
 }
 
 fn key_of_event_id(id: &str) -> u64 {
-    let digest = Sha256::digest(id.as_bytes());
+    let digest = sha256(id.as_bytes());
     let mut bytes = [0u8; 8];
     bytes.copy_from_slice(&digest[..8]);
     // SQLite integers are signed: keep the key positive, and off the probe's.

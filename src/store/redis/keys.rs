@@ -3,7 +3,7 @@
 //! from outside text (contexts, call ids, event ids, upstream ids) are hashed: fixed length,
 //! whatever a callback carries.
 
-use sha2::{Digest, Sha256};
+use crate::crypto::Sha256;
 
 use crate::operation::{CallRef, OperationId};
 
@@ -136,10 +136,10 @@ fn call_tag(call: &CallRef) -> &'static [u8] {
 fn hashed(parts: &[&[u8]]) -> String {
     let mut hasher = Sha256::new();
     for part in parts {
-        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(&(part.len() as u64).to_le_bytes());
         hasher.update(part);
     }
-    let digest = hasher.finalize();
+    let digest = hasher.finish();
     let mut name = String::with_capacity(32);
     for byte in &digest[..16] {
         use std::fmt::Write;

@@ -191,10 +191,10 @@ impl RedisStore {
         };
         let timeout = Duration::from_millis(store.redis_timeout_ms);
         let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(timeout)
-            .set_response_timeout(timeout)
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
             .set_number_of_retries(2)
-            .set_max_delay(1000);
+            .set_max_delay(Duration::from_secs(1));
         // One plain connection first: its error says what is wrong (refused, a certificate
         // not trusted, a wrong password), where the manager would only retry until timeout.
         tokio::time::timeout(timeout, client.get_multiplexed_async_connection())
