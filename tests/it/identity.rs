@@ -38,6 +38,25 @@ fn without_secrets(config: &mut Config, acs: &str, graph: &str) {
     config.callbacks.graph.audience = config.emulator.graph_client_id.clone();
 }
 
+/// The managed-identity request azure-identity 1.27.0 sent, by name (see the fixture).
+fn sdk_identity_request(name: &str) -> Value {
+    let fixture: Value = serde_json::from_slice(&fixture(
+        "sdk-requests/managed_identity.azure-identity-1.27.0.json",
+    ))
+    .unwrap();
+    fixture["requests"][name].clone()
+}
+
+/// The path and the decoded query pairs (the SDK leaves `:` and `/` unencoded, we do not).
+fn path_and_pairs(path_and_query: &str) -> (String, BTreeSet<(String, String)>) {
+    let url = url::Url::parse(&format!("http://h{path_and_query}")).unwrap();
+    let pairs = url
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    (url.path().to_owned(), pairs)
+}
+
 fn status(operation: &Value) -> &str {
     operation["status"].as_str().unwrap()
 }
@@ -91,26 +110,20 @@ async fn managed_identity_by_the_app_service_protocol_removes_and_cancels() {
         ("appService", "system")
     );
     assert_eq!(grants_for(&app, Audience::Graph)[0].by, "appService");
-    // The endpoint was asked as the SDKs ask it: api-version, resource, the header.
-    let asked: Vec<String> = app
-        .emulator
-        .identity()
-        .requests()
-        .iter()
-        .map(|request| request.path_and_query.clone())
-        .collect();
+    // The endpoint was asked as the SDK asks it: path, api-version, resource, the header.
+    let sdk = sdk_identity_request("appServiceAcs");
+    let asked = app.emulator.identity().requests();
     assert!(
-        asked.contains(
-            &"/msi/token?api-version=2019-08-01&resource=https%3A%2F%2Fcommunication.azure.com%2F"
-                .to_owned()
-        ),
+        asked
+            .iter()
+            .any(|request| path_and_pairs(&request.path_and_query)
+                == path_and_pairs(sdk["path"].as_str().unwrap())
+                && request.headers["x-identity-header"] == "<redacted>"),
         "{asked:?}"
     );
     assert!(
-        asked.contains(
-            &"/msi/token?api-version=2019-08-01&resource=https%3A%2F%2Fgraph.microsoft.com"
-                .to_owned()
-        ),
+        asked.iter().any(|request| request.path_and_query
+            == "/msi/token?api-version=2019-08-01&resource=https%3A%2F%2Fgraph.microsoft.com"),
         "{asked:?}"
     );
     // A token ACS no longer accepts is dropped and replaced once.
@@ -141,13 +154,23 @@ async fn managed_identity_by_imds_with_a_user_assigned_identity() {
         Config::embedded().emulator.managed_identity_client_id
     );
     assert_eq!(grants_for(&app, Audience::Graph)[0].client_id, "system");
-    let request = &app.emulator.identity().requests()[0];
-    assert_eq!(request.headers["metadata"], "true");
-    assert!(
-        request
-            .path_and_query
-            .starts_with("/metadata/identity/oauth2/token?api-version=2018-02-01&resource=")
+    // As the SDK asks IMDS, with the user-assigned identity's client id besides.
+    let sdk = sdk_identity_request("imdsAcs");
+    let asked = app.emulator.identity().requests();
+    let acs = asked
+        .iter()
+        .find(|request| request.path_and_query.contains("communication"))
+        .unwrap();
+    assert_eq!(
+        acs.headers["metadata"],
+        sdk["headers"]["Metadata"].as_str().unwrap()
     );
+    let (path, mut pairs) = path_and_pairs(&acs.path_and_query);
+    assert!(pairs.remove(&(
+        "client_id".to_owned(),
+        Config::embedded().emulator.managed_identity_client_id
+    )));
+    assert_eq!((path, pairs), path_and_pairs(sdk["path"].as_str().unwrap()));
 }
 
 #[tokio::test]
