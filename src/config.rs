@@ -117,6 +117,10 @@ pub struct HttpConfig {
     pub request_timeout_secs: u64,
     /// How long a client may take to send a request's headers.
     pub header_read_timeout_secs: u64,
+    /// How long a request body that does not arrive at once may take.
+    pub body_read_timeout_secs: u64,
+    /// How many such bodies may be arriving at once.
+    pub max_slow_bodies: usize,
     /// Client API keys, comma-separated (see [`HttpConfig::api_keys`]); empty: open API.
     pub api_keys: SecretString,
 }
@@ -155,6 +159,10 @@ impl HttpConfig {
     pub fn header_read_timeout(&self) -> Duration {
         Duration::from_secs(self.header_read_timeout_secs)
     }
+
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.body_read_timeout_secs)
+    }
 }
 
 impl std::fmt::Debug for HttpConfig {
@@ -165,6 +173,8 @@ impl std::fmt::Debug for HttpConfig {
             .field("body_limit_bytes", &self.body_limit_bytes)
             .field("request_timeout_secs", &self.request_timeout_secs)
             .field("header_read_timeout_secs", &self.header_read_timeout_secs)
+            .field("body_read_timeout_secs", &self.body_read_timeout_secs)
+            .field("max_slow_bodies", &self.max_slow_bodies)
             .field("api_keys", &"[redacted]")
             .finish()
     }
@@ -847,6 +857,12 @@ impl Config {
         }
         if self.http.header_read_timeout_secs == 0 {
             return invalid("http.header_read_timeout_secs", "must be at least 1");
+        }
+        if self.http.body_read_timeout_secs == 0 {
+            return invalid("http.body_read_timeout_secs", "must be at least 1");
+        }
+        if self.http.max_slow_bodies == 0 {
+            return invalid("http.max_slow_bodies", "must be at least 1");
         }
         self.http.api_keys()?;
         if self.operations.page_size == 0

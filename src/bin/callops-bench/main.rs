@@ -183,6 +183,9 @@ async fn main() -> anyhow::Result<ExitCode> {
                 }
                 rows.push(scenarios::ingest(&bench, config, Some(bare)).await?);
             }
+            bare = scenarios::ingest_bare(&bench).await?.1;
+            limits.push(bare);
+            rows.push(scenarios::ingest_many_events(&bench, bare).await?);
             let (low, high) = limits
                 .iter()
                 .fold((f64::MAX, f64::MIN), |(low, high), rate| {
