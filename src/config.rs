@@ -914,6 +914,13 @@ impl Config {
         if self.emulator.enabled && decode_key(&self.emulator.access_key).is_none() {
             return invalid("emulator.access_key", "must be non-empty base64");
         }
+        let certificate = self.emulator.client_certificate_path.trim();
+        if self.emulator.enabled && !certificate.is_empty() && !Path::new(certificate).is_file() {
+            return invalid(
+                "emulator.client_certificate_path",
+                "must name a readable PEM file with a CERTIFICATE (or be empty: the development certificate)",
+            );
+        }
         Ok(())
     }
 
@@ -1918,6 +1925,13 @@ mod tests {
         refused(
             &[("CALLOPS_GRAPH_CREDENTIAL", "key")],
             &["CALLOPS_GRAPH_CREDENTIAL", "secret"],
+        );
+        refused(
+            &[(
+                "CALLOPS_EMULATOR__CLIENT_CERTIFICATE_PATH",
+                "/nonexistent/dev.pem",
+            )],
+            &["emulator.client_certificate_path"],
         );
         // A managed identity without a client id names no bot: the audience must be given.
         refused(

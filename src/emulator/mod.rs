@@ -508,8 +508,8 @@ fn build_event(
 /// local try of `CALLOPS_GRAPH_CREDENTIAL=certificate` has a file to point at).
 pub const DEV_CLIENT_CERTIFICATE: &str = include_str!("keys/dev-client-certificate.pem");
 
-/// The DER certificate in the PEM file at `path`, or the development one; a file that
-/// cannot be read stops the emulator at start.
+/// The DER certificate in the PEM file at `path`, or the development one. Configuration
+/// validation has checked the file exists; one that cannot be used stops the emulator.
 fn registered_certificate(path: &str) -> Vec<u8> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
