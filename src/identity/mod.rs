@@ -3,11 +3,12 @@
 //! it is ([`Credential`]: client secret, client certificate, workload identity, managed
 //! identity by the App Service protocol or IMDS).
 //!
-//! Hand-written rather than the official `azure_identity` crate (1.0): its IMDS address is
-//! fixed (tests could not point it at the emulator), its certificate credential needs
-//! OpenSSL and a PKCS#12 file (we read PEM and sign with aws-lc-rs, already our crypto), and it
-//! brings a second HTTP stack (reqwest 0.13 through `typespec_client_core`, ~180 crates). What
-//! is left is a few form POSTs and GETs, which share our client, timeouts and error mapping.
+//! Hand-written rather than the official `azure_identity` crate (1.0.0; 1.1 is in beta): its
+//! IMDS address is fixed (tests could not point it at the emulator), its certificate
+//! credential needs OpenSSL (`openssl-sys`, which `deny.toml` bans) and a PKCS#12 file (we read
+//! PEM and sign with aws-lc-rs, already our crypto), and it brings its own HTTP pipeline
+//! (`azure_core`, `typespec_client_core`: about 180 crates in all, by `cargo tree`). What is
+//! left is a few form POSTs and GETs, which share our client, timeouts and error mapping.
 //! Tokens, secrets and the identity header are [`SecretString`]s and never reach a log.
 
 mod certificate;
