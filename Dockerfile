@@ -8,8 +8,19 @@
 
 ARG RUST_VERSION=1.95
 
-FROM rust:${RUST_VERSION}-bookworm AS builder
+# Dependencies are built in a layer of their own (cargo-chef's recipe holds only the
+# manifests and lock file), so a change to the sources rebuilds callops alone.
+FROM rust:${RUST_VERSION}-bookworm AS chef
+RUN cargo install --locked cargo-chef --version 0.1.78
 WORKDIR /src
+
+FROM chef AS planner
+COPY . .
+RUN cargo chef prepare --recipe-path recipe.json
+
+FROM chef AS builder
+COPY --from=planner /src/recipe.json recipe.json
+RUN cargo chef cook --release --locked --bin callops --recipe-path recipe.json
 COPY . .
 # The default configuration (config/default.toml) and the emulator's development keys are
 # compiled in: the binary is the whole application. (Plain Dockerfile syntax, no BuildKit
@@ -24,7 +35,12 @@ RUN install -d -o 65532 -g 65532 -m 0750 /out/data
 
 # glibc and libgcc (bookworm, as the builder), CA certificates, tzdata; no shell, no curl.
 FROM gcr.io/distroless/cc-debian12:nonroot
+ARG VERSION=0.1.0
+ARG REVISION=unknown
 LABEL org.opencontainers.image.title="callops" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="MIT" \
       org.opencontainers.image.description="Call-control operations on Azure Communication Services and Microsoft Graph, with their callbacks correlated and their outcomes polled over HTTP"
 COPY --from=builder /out/callops /usr/local/bin/callops
 COPY --from=builder --chown=65532:65532 /out/data /data

@@ -1,9 +1,11 @@
 //! `ApiError`: every error the HTTP API answers, in the Azure shape
 //! `{"error": {"code", "message"}}`, and extractors that turn bad input into it.
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts};
 use axum::http::StatusCode;
+use std::time::Duration;
+
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -23,6 +25,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("the request body is larger than the limit")]
     PayloadTooLarge,
+    /// The request (its body) did not arrive in time.
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("{0}")]
@@ -30,6 +35,27 @@ pub enum ApiError {
     /// A dependency is missing for now; the client should retry.
     #[error("{0}")]
     Unavailable(String),
+}
+
+/// Why a request body was cut off; body rejections carry it in their source chain.
+#[derive(Debug, thiserror::Error)]
+pub enum SlowBody {
+    #[error("the request body did not arrive within {} s", .0.as_secs())]
+    Deadline(Duration),
+    #[error("too many request bodies are arriving slowly at once; retry shortly")]
+    TooMany,
+}
+
+impl SlowBody {
+    /// The `SlowBody` behind a body error, if that is what ended it.
+    pub fn behind<'a>(mut error: &'a (dyn std::error::Error + 'static)) -> Option<&'a SlowBody> {
+        loop {
+            if let Some(slow) = error.downcast_ref::<SlowBody>() {
+                return Some(slow);
+            }
+            error = error.source()?;
+        }
+    }
 }
 
 /// The error body of every error answer.
@@ -55,6 +81,7 @@ impl ApiError {
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "NotFound"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "Conflict"),
             Self::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge"),
+            Self::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "RequestTimeout"),
             Self::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType")
             }
@@ -129,13 +156,22 @@ impl From<JsonRejection> for ApiError {
             JsonRejection::MissingJsonContentType(_) => {
                 Self::UnsupportedMediaType("expected Content-Type: application/json".to_owned())
             }
-            JsonRejection::BytesRejection(ref inner)
-                if inner.status() == StatusCode::PAYLOAD_TOO_LARGE =>
-            {
-                Self::PayloadTooLarge
-            }
+            JsonRejection::BytesRejection(inner) => inner.into(),
             // `body_text` names the field and position of the problem.
             other => Self::BadRequest(bounded(other.body_text())),
+        }
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return Self::PayloadTooLarge;
+        }
+        match SlowBody::behind(&rejection) {
+            Some(slow @ SlowBody::Deadline(_)) => Self::RequestTimeout(slow.to_string()),
+            Some(slow @ SlowBody::TooMany) => Self::Unavailable(slow.to_string()),
+            None => Self::BadRequest(bounded(rejection.body_text())),
         }
     }
 }

@@ -782,6 +782,13 @@ fn failure_transition(error: &AcsError) -> Transition {
             code,
             message,
         } => rejected("ACS", *status, code.as_deref(), message.as_deref()),
+        AcsError::Token(error) => Transition::Failed {
+            result: None,
+            error: OperationError {
+                code: "UpstreamAuthFailed".to_owned(),
+                message: format!("no ACS access token: {error}"),
+            },
+        },
         AcsError::Unavailable { attempts, last } => unavailable("ACS", *attempts, last),
     }
 }

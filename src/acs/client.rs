@@ -1,23 +1,27 @@
-//! The outbound ACS client: Remove Participant, signed like the official SDK, retried safely,
-//! and the participant read a reconciliation asks (`participant`).
+//! The outbound ACS client: Remove Participant, authenticated as the official SDK does it
+//! ([`AcsAuth`]: access key or Entra ID token), retried safely, and the participant read a
+//! reconciliation asks (`participant`).
 //!
 //! Retries are safe because every attempt carries the same `Repeatability-Request-ID` /
 //! `Repeatability-First-Sent` pair, created once per operation by [`Repeatability::new`].
-//! Each attempt is signed afresh (new `x-ms-date`). Transient failures (connection errors,
+//! Each attempt is authenticated afresh (a new `x-ms-date` and signature, or the current
+//! token); a 401 to a bearer token drops that token and is retried once with a new one. Transient failures (connection errors,
 //! timeouts, 408, 429, 5xx) are retried with exponential backoff and full jitter, honouring
 //! `Retry-After`, within the attempt and total-time bounds of [`RetryConfig`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, HeaderValue};
 use serde::Serialize;
 use tokio::time::Instant;
-use url::{Position, Url};
+use url::Url;
 use uuid::Uuid;
 
-use crate::acs::connection_string::ConnectionString;
+use crate::acs::auth::AcsAuth;
 use crate::acs::identifier::CommunicationIdentifier;
-use crate::acs::signing;
 use crate::config::{AcsConfig, RetryConfig};
+use crate::identity::TokenError;
 use crate::metrics::Metrics;
 use crate::trace_context::{TRACEPARENT, TraceParent};
 use crate::upstream::{self, AttemptError, Retried, TransientError};
@@ -68,6 +72,9 @@ pub enum AcsError {
         code: Option<String>,
         message: Option<String>,
     },
+    /// No Entra ID token could be had for good (wrong credential or identity).
+    #[error("no ACS access token: {0}")]
+    Token(TokenError),
     /// Every attempt failed transiently, or the retry budget ran out.
     #[error("ACS did not accept the request after {attempts} attempt(s)")]
     Unavailable {
@@ -99,7 +106,7 @@ const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
 #[derive(Clone)]
 pub struct AcsClient {
     http: reqwest::Client,
-    connection: ConnectionString,
+    auth: AcsAuth,
     api_version: String,
     callback_url: Url,
     retry: RetryConfig,
@@ -115,10 +122,10 @@ struct RemoveParticipantRequestOut<'a> {
 }
 
 impl AcsClient {
-    /// A client for `connection`, calling back `callback_url`.
+    /// A client authenticated by `auth`, calling back `callback_url`.
     pub fn new(
         config: &AcsConfig,
-        connection: ConnectionString,
+        auth: AcsAuth,
         callback_url: Url,
         http: reqwest::Client,
         metrics: Metrics,
@@ -126,7 +133,7 @@ impl AcsClient {
         Self {
             http,
             metrics,
-            connection,
+            auth,
             api_version: config.api_version.clone(),
             callback_url,
             retry: config.retry.clone(),
@@ -135,7 +142,12 @@ impl AcsClient {
 
     /// The endpoint requests go to.
     pub fn endpoint(&self) -> &Url {
-        &self.connection.endpoint
+        self.auth.endpoint()
+    }
+
+    /// How requests are authenticated.
+    pub fn auth(&self) -> &AcsAuth {
+        &self.auth
     }
 
     /// Sends Remove Participant until ACS accepts it (202), refuses it for good, or the retry
@@ -150,8 +162,9 @@ impl AcsClient {
         })
         .expect("the request serialises");
         let started = Instant::now();
+        let refreshed = AtomicBool::new(false);
         let result = upstream::with_retries(&self.retry, "acs", &self.metrics, || {
-            self.attempt(&url, &body, request)
+            self.attempt(&url, &body, request, &refreshed)
         })
         .await;
         match result {
@@ -193,8 +206,30 @@ impl AcsClient {
 
     /// `GET url`: `true` on 200, `false` on 404, retried while transient.
     async fn found(&self, url: &Url) -> Result<bool, AcsError> {
+        let refreshed = AtomicBool::new(false);
         let result = upstream::with_retries(&self.retry, "acs", &self.metrics, || async {
-            let headers = self.signed_headers_for("GET", url, b"", None);
+            let mut headers = HeaderMap::new();
+            headers.insert("accept", HeaderValue::from_static("application/json"));
+            headers.insert(
+                "x-ms-client-request-id",
+                HeaderValue::from_str(&Uuid::new_v4().to_string()).expect("a UUID is ASCII"),
+            );
+            let token = match self
+                .auth
+                .authorize_request("GET", &mut headers, url, b"")
+                .await
+            {
+                Ok(token) => token,
+                Err(error) if error.is_transient() => {
+                    return Err(AttemptError::Transient {
+                        error: TransientError::Status {
+                            status: StatusCode::SERVICE_UNAVAILABLE,
+                        },
+                        retry_after: None,
+                    });
+                }
+                Err(error) => return Err(AttemptError::Final(AcsError::Token(error))),
+            };
             let response = self
                 .http
                 .get(url.clone())
@@ -205,6 +240,19 @@ impl AcsClient {
             match response.status() {
                 StatusCode::OK => Ok(true),
                 StatusCode::NOT_FOUND => Ok(false),
+                StatusCode::UNAUTHORIZED
+                    if token.is_some() && !refreshed.swap(true, Ordering::Relaxed) =>
+                {
+                    if let Some(token) = &token {
+                        self.auth.refused(token);
+                    }
+                    Err(AttemptError::Transient {
+                        error: TransientError::Status {
+                            status: StatusCode::UNAUTHORIZED,
+                        },
+                        retry_after: Some(std::time::Duration::ZERO),
+                    })
+                }
                 _ => Err(
                     upstream::failure(response, |status, code, message| AcsError::Rejected {
                         status,
@@ -229,7 +277,7 @@ impl AcsClient {
     /// escaped as the SDK escapes it.
     fn read_url(&self, call_connection_id: &str, raw_id: Option<&str>) -> Url {
         let escape = |text| percent_encoding::utf8_percent_encode(text, SEGMENT).to_string();
-        let mut url = self.connection.endpoint.clone();
+        let mut url = self.auth.endpoint().clone();
         let mut path = url.path().trim_end_matches('/').to_owned();
         path.push_str("/calling/callConnections/");
         path.push_str(&escape(call_connection_id));
@@ -245,7 +293,7 @@ impl AcsClient {
     }
 
     fn remove_participant_url(&self, call_connection_id: &str) -> Url {
-        let mut url = self.connection.endpoint.clone();
+        let mut url = self.auth.endpoint().clone();
         url.path_segments_mut()
             .expect("the endpoint is an http(s) URL")
             .pop_if_empty()
@@ -265,8 +313,22 @@ impl AcsClient {
         url: &Url,
         body: &[u8],
         request: &RemoveParticipant,
+        refreshed: &AtomicBool,
     ) -> Result<(), AttemptError<AcsError>> {
-        let mut headers = self.signed_headers_for("POST", url, body, Some(&request.repeatability));
+        let mut headers = request_headers(&request.repeatability);
+        let token = match self.auth.authorize(&mut headers, url, body).await {
+            Ok(token) => token,
+            Err(error) if error.is_transient() => {
+                tracing::warn!(error = %error, "no ACS token yet");
+                return Err(AttemptError::Transient {
+                    error: TransientError::Status {
+                        status: StatusCode::SERVICE_UNAVAILABLE,
+                    },
+                    retry_after: None,
+                });
+            }
+            Err(error) => return Err(AttemptError::Final(AcsError::Token(error))),
+        };
         if let Some(traceparent) = &request.traceparent {
             headers.insert(TRACEPARENT, traceparent.header_value().clone());
         }
@@ -282,6 +344,18 @@ impl AcsClient {
         if status.is_success() {
             return Ok(());
         }
+        if let Some(token) = &token
+            && status == StatusCode::UNAUTHORIZED
+            && !refreshed.swap(true, Ordering::Relaxed)
+        {
+            // The token was revoked or expired early: once, with a fresh one.
+            self.auth.refused(token);
+            tracing::info!("ACS refused the token; retrying once with a new one");
+            return Err(AttemptError::Transient {
+                error: TransientError::Status { status },
+                retry_after: Some(std::time::Duration::ZERO),
+            });
+        }
         // A final refusal keeps the upstream's own code and message.
         Err(
             upstream::failure(response, |status, code, message| AcsError::Rejected {
@@ -292,62 +366,41 @@ impl AcsClient {
             .await,
         )
     }
+}
 
-    fn signed_headers_for(
-        &self,
-        method: &str,
-        url: &Url,
-        body: &[u8],
-        repeatability: Option<&Repeatability>,
-    ) -> HeaderMap {
-        let host = match url.port() {
-            Some(port) => format!("{}:{port}", url.host_str().unwrap_or_default()),
-            None => url.host_str().unwrap_or_default().to_owned(),
-        };
-        let date = httpdate::fmt_http_date(std::time::SystemTime::now());
-        let signed = signing::sign(
-            self.connection.access_key(),
-            method,
-            &url[Position::BeforePath..],
-            &host,
-            &date,
-            body,
-        );
-        let mut headers = HeaderMap::new();
-        let mut put = |name: &'static str, value: &str| {
-            let value = HeaderValue::from_str(value).expect("header values are ASCII");
-            headers.insert(name, value);
-        };
-        if !body.is_empty() {
-            put("content-type", "application/json");
-        }
-        put("accept", "application/json");
-        put("x-ms-date", &signed.date);
-        put("x-ms-content-sha256", &signed.content_sha256);
-        put("authorization", &signed.authorization);
-        if let Some(repeatability) = repeatability {
-            put(
-                "repeatability-request-id",
-                &repeatability.request_id.to_string(),
-            );
-            put("repeatability-first-sent", &repeatability.first_sent);
-        }
-        put("x-ms-client-request-id", &Uuid::new_v4().to_string());
-        put("x-ms-return-client-request-id", "true");
-        headers
-    }
+/// The headers of every attempt but authentication: what the SDK sends (a new client
+/// request id per attempt, the operation's repeatability pair).
+fn request_headers(repeatability: &Repeatability) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    let mut put = |name: &'static str, value: &str| {
+        let value = HeaderValue::from_str(value).expect("header values are ASCII");
+        headers.insert(name, value);
+    };
+    put("content-type", "application/json");
+    put("accept", "application/json");
+    put(
+        "repeatability-request-id",
+        &repeatability.request_id.to_string(),
+    );
+    put("repeatability-first-sent", &repeatability.first_sent);
+    put("x-ms-client-request-id", &Uuid::new_v4().to_string());
+    headers
 }
 
 #[cfg(test)]
 mod tests {
+    use url::Position;
+
     use super::*;
+    use crate::acs::connection_string::ConnectionString;
+    use crate::acs::signing;
 
     fn make_client(endpoint: &str) -> AcsClient {
         let config = crate::config::Config::embedded();
         let connection = ConnectionString::new(Url::parse(endpoint).unwrap(), vec![b'0'; 32]);
         AcsClient::new(
             &config.acs,
-            connection,
+            AcsAuth::Key(connection),
             Url::parse("https://app.contoso.com/callback").unwrap(),
             reqwest::Client::new(),
             Metrics::new(),
@@ -402,12 +455,19 @@ mod tests {
         assert_eq!(&body, want);
     }
 
-    #[test]
-    fn signed_headers_carry_host_with_port_and_repeatability() {
+    #[tokio::test]
+    async fn signed_headers_carry_host_with_port_and_repeatability() {
         let client = make_client("http://127.0.0.1:18555/");
         let url = client.remove_participant_url("c1");
         let repeatability = Repeatability::new();
-        let headers = client.signed_headers_for("POST", &url, b"{}", Some(&repeatability));
+        let mut headers = request_headers(&repeatability);
+        let token = client
+            .auth
+            .authorize(&mut headers, &url, b"{}")
+            .await
+            .unwrap();
+        assert!(token.is_none());
+        assert_eq!(headers["x-ms-return-client-request-id"], "true");
         let date = headers["x-ms-date"].to_str().unwrap();
         let want = signing::sign(
             &[b'0'; 32],

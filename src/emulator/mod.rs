@@ -1,7 +1,8 @@
 //! The ACS emulator: product code that stands in for Azure Communication Services.
 //!
 //! It serves `participants:remove` the way ACS does: it checks the HMAC signature (with the
-//! same [`crate::acs::signing`] functions the client uses) and the repeatability headers,
+//! same [`crate::acs::signing`] functions the client uses), or a bearer token its Entra ID
+//! emulator ([`identity`]) issued for ACS, and the repeatability headers,
 //! answers `202 {"operationContext": ...}`, then POSTs a realistic CloudEvent array to the
 //! request's `operationCallbackUri`. It answers reads of a call and of its participants
 //! (`GET …/callConnections/{id}[/participants/{rawId}]`): every participant is on the call
@@ -12,6 +13,7 @@
 
 pub mod callback_signing;
 pub mod graph;
+pub mod identity;
 mod script;
 
 use std::collections::BTreeMap;
@@ -39,6 +41,7 @@ use uuid::Uuid;
 use crate::acs::signing;
 use crate::config::{EmulatedOutcome, EmulatorConfig, decode_key};
 use crate::emulator::callback_signing::{CallbackSigner, SignerSettings};
+use crate::emulator::identity::{Audience, IdentityEmulator, IdentitySettings};
 
 pub use script::{Outcome, Reject, ResultInformation, Script};
 
@@ -119,15 +122,27 @@ impl Emulator {
             graph_audience: config.graph_client_id.clone(),
             tenant_id: config.graph_tenant_id.clone(),
         });
-        let graph = graph::GraphEmulator::new(graph::GraphEmulatorSettings {
-            signer: Some(signer.clone()),
+        let identity = IdentityEmulator::new(IdentitySettings {
             tenant_id: config.graph_tenant_id.clone(),
             client_id: config.graph_client_id.clone(),
             client_secret: config.graph_client_secret.clone(),
+            certificate: Some(registered_certificate(&config.client_certificate_path)),
+            managed_identity_client_id: config.managed_identity_client_id.clone(),
+            identity_header: config.identity_header.clone(),
             token_lifetime: Duration::from_secs(config.graph_token_lifetime_secs),
-            callback_url: None,
-            notification_delay: Duration::from_millis(config.callback_delay_ms),
         });
+        let graph = graph::GraphEmulator::with_identity(
+            graph::GraphEmulatorSettings {
+                signer: Some(signer.clone()),
+                tenant_id: config.graph_tenant_id.clone(),
+                client_id: config.graph_client_id.clone(),
+                client_secret: config.graph_client_secret.clone(),
+                token_lifetime: Duration::from_secs(config.graph_token_lifetime_secs),
+                callback_url: None,
+                notification_delay: Duration::from_millis(config.callback_delay_ms),
+            },
+            identity,
+        );
         Self {
             inner: Arc::new(Inner {
                 graph,
@@ -180,6 +195,11 @@ impl Emulator {
         &self.inner.graph
     }
 
+    /// The Entra ID half: token endpoint, managed identity, issued tokens.
+    pub fn identity(&self) -> &IdentityEmulator {
+        self.inner.graph.identity()
+    }
+
     /// The emulator's routes: ACS's `participants:remove`, Graph's (see [`graph`]) and the
     /// scripting API.
     pub fn router(&self) -> Router {
@@ -200,6 +220,7 @@ impl Emulator {
             .route("/emulator/requests", get(get_requests))
             .with_state(self.clone())
             .merge(self.inner.graph.router())
+            .merge(self.identity().router())
             .merge(self.inner.signer.router())
     }
 
@@ -298,13 +319,7 @@ async fn handle_remove(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Response {
-    if let Err(response) = verify_signature(
-        &emulator.inner.access_key,
-        "POST",
-        path_and_query,
-        headers,
-        body,
-    ) {
+    if let Err(response) = authenticate(emulator, "POST", path_and_query, headers, body) {
         return response.into_response();
     }
     let has_api_version = query
@@ -465,8 +480,7 @@ impl Emulator {
             .unwrap_or_else(|| self.inner.default_script.clone());
         let not_found =
             |what: &str| acs_error(StatusCode::NOT_FOUND, "8522", &format!("{what} not found."));
-        let response = if let Err(fault) =
-            verify_signature(&self.inner.access_key, "GET", &path_and_query, headers, b"")
+        let response = if let Err(fault) = authenticate(self, "GET", &path_and_query, headers, b"")
         {
             fault.into_response()
         } else if let Some(status) = script.read_status {
@@ -612,6 +626,59 @@ fn build_event(
         "datacontenttype": "application/json",
         "subject": source,
     })
+}
+
+/// The compiled-in development certificate of the emulated app (key included, so that a
+/// local try of `CALLOPS_GRAPH_CREDENTIAL=certificate` has a file to point at).
+pub const DEV_CLIENT_CERTIFICATE: &str = include_str!("keys/dev-client-certificate.pem");
+
+/// The DER certificate in the PEM file at `path`, or the development one. Configuration
+/// validation has checked the file exists; one that cannot be used stops the emulator.
+fn registered_certificate(path: &str) -> Vec<u8> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let pem = if path.trim().is_empty() {
+        DEV_CLIENT_CERTIFICATE.as_bytes().to_vec()
+    } else {
+        std::fs::read(path.trim())
+            .unwrap_or_else(|error| panic!("emulator.client_certificate_path {path}: {error}"))
+    };
+    CertificateDer::pem_slice_iter(&pem)
+        .find_map(Result::ok)
+        .map(|der| der.to_vec())
+        .unwrap_or_else(|| panic!("emulator.client_certificate_path {path}: no CERTIFICATE"))
+}
+
+/// A bearer token issued for ACS, or else the HMAC signature, as ACS accepts either.
+fn authenticate(
+    emulator: &Emulator,
+    method: &str,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(), AcsFault> {
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"));
+    if bearer {
+        return emulator
+            .identity()
+            .check_bearer(headers, Audience::Acs)
+            .map_err(|message| AcsFault {
+                status: StatusCode::UNAUTHORIZED,
+                code: "Unauthorized",
+                message,
+            });
+    }
+    verify_signature(
+        &emulator.inner.access_key,
+        method,
+        path_and_query,
+        headers,
+        body,
+    )
 }
 
 /// Checks the HMAC signature the way ACS does; a 401 in ACS's error shape when wrong.

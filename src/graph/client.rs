@@ -18,7 +18,7 @@ use url::Url;
 
 use crate::config::RetryConfig;
 use crate::graph::notifications;
-use crate::graph::token::{TokenError, TokenProvider};
+use crate::identity::{TokenError, TokenProvider};
 use crate::metrics::Metrics;
 use crate::operation::ResultInfo;
 use crate::trace_context::{TRACEPARENT, TraceParent};
@@ -298,12 +298,19 @@ mod tests {
 
     fn make_client(base: &str) -> GraphClient {
         let http = reqwest::Client::new();
+        let credential =
+            crate::identity::Credential::new(crate::identity::CredentialSettings::ClientSecret {
+                authority: Url::parse("http://127.0.0.1:1/").unwrap(),
+                tenant_id: "t".into(),
+                client_id: "c".into(),
+                secret: secrecy::SecretString::from("s"),
+            })
+            .unwrap();
         let tokens = TokenProvider::new(
             http.clone(),
-            &Url::parse("http://127.0.0.1:1/").unwrap(),
-            "t",
-            "c".into(),
-            secrecy::SecretString::from("s"),
+            credential,
+            crate::identity::GRAPH_SCOPE,
+            "Graph",
         );
         GraphClient::new(
             http,

@@ -116,9 +116,5 @@ fn refused(error: AuthError) -> ApiError {
 }
 
 fn body_error(rejection: axum::extract::rejection::BytesRejection) -> ApiError {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::PayloadTooLarge
-    } else {
-        ApiError::BadRequest(rejection.body_text())
-    }
+    rejection.into()
 }

@@ -1,5 +1,6 @@
 //! The request's edge: the whole-request deadline (`408` with the error body), the echo of
-//! the client's `x-ms-client-request-id`, as Azure services do, and [`Compact`] bodies.
+//! the client's `x-ms-client-request-id`, as Azure services do, and [`Compact`] bodies with
+//! their own deadline and a cap on how many may be arriving slowly at once.
 //!
 //! Hand-written rather than two `axum::middleware::from_fn` layers: each of those copies
 //! the inner service and boxes two futures per request, and this sits on the callback path,
@@ -8,22 +9,40 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes, HttpBody};
 use axum::http::{Request, StatusCode};
 use axum::response::Response;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
-use crate::error::error_response;
+use crate::error::{SlowBody, error_response};
 use crate::http::CLIENT_REQUEST_ID;
 
 /// Adds [`Edge`] around a service.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EdgeLayer {
     /// The whole-request deadline, reading the body included.
-    pub deadline: Duration,
+    deadline: Duration,
+    bodies: Arc<SlowBodies>,
+}
+
+impl EdgeLayer {
+    /// `deadline` for the whole request, `body_deadline` for its body to arrive, and at most
+    /// `max_slow_bodies` bodies arriving slowly at once.
+    pub fn new(deadline: Duration, body_deadline: Duration, max_slow_bodies: usize) -> Self {
+        Self {
+            deadline,
+            bodies: Arc::new(SlowBodies {
+                deadline: body_deadline,
+                permits: Arc::new(Semaphore::new(max_slow_bodies)),
+            }),
+        }
+    }
 }
 
 impl<S> Layer<S> for EdgeLayer {
@@ -33,6 +52,7 @@ impl<S> Layer<S> for EdgeLayer {
         Edge {
             inner,
             deadline: self.deadline,
+            bodies: Arc::clone(&self.bodies),
         }
     }
 }
@@ -42,6 +62,14 @@ impl<S> Layer<S> for EdgeLayer {
 pub struct Edge<S> {
     inner: S,
     deadline: Duration,
+    bodies: Arc<SlowBodies>,
+}
+
+/// The limits on bodies that do not arrive at once.
+#[derive(Debug)]
+struct SlowBodies {
+    deadline: Duration,
+    permits: Arc<Semaphore>,
 }
 
 impl<S, B> Service<Request<Body>> for Edge<S>
@@ -68,7 +96,15 @@ where
                 .headers()
                 .contains_key(axum::http::header::TRANSFER_ENCODING);
         let request = if has_body {
-            request.map(|body| Body::new(Compact(body)))
+            let bodies = Arc::clone(&self.bodies);
+            request.map(|body| {
+                Body::new(Compact {
+                    body,
+                    started: Instant::now(),
+                    bodies,
+                    slow: None,
+                })
+            })
         } else {
             request
         };
@@ -101,36 +137,90 @@ const COMPACT_BELOW: usize = 4096;
 /// chunk hyper hands over shares that buffer (kilobytes), so a body dripped a byte at a time
 /// would otherwise pin one buffer per byte until the body is complete: hundreds of slow
 /// connections held hundreds of megabytes. A copy of a small chunk costs little.
-struct Compact(Body);
+///
+/// A body that is not all there at its first read becomes slow: it takes one of a bounded
+/// number of permits (none left: [`SlowBody::TooMany`]) and must end within the body
+/// deadline ([`SlowBody::Deadline`]). A body that arrives with its head, as callbacks do,
+/// never arms a timer or touches the permits.
+struct Compact {
+    body: Body,
+    started: Instant,
+    bodies: Arc<SlowBodies>,
+    slow: Option<Slow>,
+}
+
+struct Slow {
+    deadline: Pin<Box<Sleep>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Compact {
+    fn cut_off(
+        &mut self,
+        why: SlowBody,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
+        self.slow = None;
+        Poll::Ready(Some(Err(axum::Error::new(why))))
+    }
+}
 
 impl HttpBody for Compact {
     type Data = Bytes;
     type Error = axum::Error;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.0).poll_frame(cx).map(|frame| {
-            frame.map(|frame| {
-                frame.map(|frame| {
-                    frame.map_data(|data| {
-                        if data.len() < COMPACT_BELOW {
-                            Bytes::copy_from_slice(&data)
-                        } else {
-                            data
-                        }
+        let this = self.get_mut();
+        if let Some(slow) = &mut this.slow
+            && slow.deadline.as_mut().poll(cx).is_ready()
+        {
+            return this.cut_off(SlowBody::Deadline(this.bodies.deadline));
+        }
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Pending => {
+                if this.slow.is_none() {
+                    let Ok(permit) = Arc::clone(&this.bodies.permits).try_acquire_owned() else {
+                        return this.cut_off(SlowBody::TooMany);
+                    };
+                    let mut deadline = Box::pin(tokio::time::sleep_until(
+                        this.started + this.bodies.deadline,
+                    ));
+                    if deadline.as_mut().poll(cx).is_ready() {
+                        return this.cut_off(SlowBody::Deadline(this.bodies.deadline));
+                    }
+                    this.slow = Some(Slow {
+                        deadline,
+                        _permit: permit,
+                    });
+                }
+                Poll::Pending
+            }
+            Poll::Ready(frame) => {
+                if frame.is_none() {
+                    this.slow = None;
+                }
+                Poll::Ready(frame.map(|frame| {
+                    frame.map(|frame| {
+                        frame.map_data(|data| {
+                            if data.len() < COMPACT_BELOW {
+                                Bytes::copy_from_slice(&data)
+                            } else {
+                                data
+                            }
+                        })
                     })
-                })
-            })
-        })
+                }))
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.0.is_end_stream()
+        self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.0.size_hint()
+        self.body.size_hint()
     }
 }

@@ -123,9 +123,11 @@ pub fn router(state: AppState, http: &HttpConfig, access_log: bool) -> Result<Ro
                 ),
         )
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(edge::EdgeLayer {
-            deadline: http.request_timeout(),
-        })
+        .layer(edge::EdgeLayer::new(
+            http.request_timeout(),
+            http.body_read_timeout(),
+            http.max_slow_bodies,
+        ))
         .layer(CatchPanicLayer::custom(|_| {
             error_response(
                 StatusCode::INTERNAL_SERVER_ERROR,

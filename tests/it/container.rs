@@ -414,3 +414,124 @@ async fn a_port_in_use_names_the_setting_to_change() {
         "{stderr}"
     );
 }
+
+/// Runs callops in a private mount namespace (`unshare -rm`) whose `dir` is a 64 KiB tmpfs
+/// with `fill_kib` of it taken; `None` where unprivileged namespaces are not allowed.
+async fn start_on_a_full_disk(dir: &Path, fill_kib: u32) -> Option<Output> {
+    let script = format!(
+        "mount -t tmpfs -o size=64k tmpfs '{dir}' || exit 97; \
+         dd if=/dev/zero of='{dir}/fill' bs=1k count={fill_kib} 2>/dev/null; \
+         exec \"$0\"",
+        dir = dir.display()
+    );
+    let mut command = tokio::process::Command::new("unshare");
+    command
+        .args(["-rm", "sh", "-c", &script, env!("CARGO_BIN_EXE_callops")])
+        .env_clear();
+    for (name, value) in container_env(free_port(), &dir.join("callops.db")) {
+        command.env(name, value);
+    }
+    let output = within(command.output()).await.ok()?;
+    (output.status.code() != Some(97)).then_some(output)
+}
+
+#[tokio::test]
+async fn a_full_disk_at_start_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    // With the lock file written but no room for the database, and with room for its first
+    // pages but not its shared-memory file (SQLite's "disk I/O error").
+    for fill_kib in [60, 52] {
+        let Some(output) = start_on_a_full_disk(dir.path(), fill_kib).await else {
+            eprintln!("skipped: unprivileged mount namespaces (unshare -rm) are not allowed here");
+            return;
+        };
+        assert_eq!(output.status.code(), Some(1), "{output:?}");
+        let stderr = text(&output.stderr);
+        assert!(
+            stderr.contains("no space left on the device holding")
+                && stderr.contains("CALLOPS_STORE"),
+            "{fill_kib} KiB taken: {stderr}"
+        );
+    }
+}
+
+/// The environment of the README's `VAR='value' … cargo run` snippet that follows `intro`,
+/// its placeholders filled with well-formed values.
+fn readme_snippet(intro: &str) -> Vec<(String, String)> {
+    let readme = include_str!("../../README.md");
+    let after = &readme[readme
+        .find(intro)
+        .expect("the README introduces the snippet")..];
+    let block = after
+        .split("```sh\n")
+        .nth(1)
+        .expect("a shell block follows");
+    let block = &block[..block.find("```").expect("the block ends")];
+    assert!(block.contains("cargo run"), "{block}");
+    let filled = block
+        .replace("<resource>", "example")
+        .replace("<base64 key>", "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=")
+        .replace(
+            "<immutable resource id>",
+            "5e1d4d5a-0d3c-4b57-9c0e-ca11095e0a7b",
+        )
+        .replace("<tenant id>", "6c1a9f2e-54a8-4b5b-9a4e-0d5f0f3e2a11")
+        .replace("<app id>", "0b9e4a33-3c3a-4d6e-8c1f-2b8d1f0a9e77")
+        .replace("<secret>", "a-client-secret");
+    assert!(!filled.contains('<'), "an unfilled placeholder: {filled}");
+    filled
+        .split_whitespace()
+        .filter_map(|word| word.split_once('='))
+        .filter(|(name, _)| name.starts_with("CALLOPS_"))
+        .map(|(name, value)| (name.to_owned(), value.trim_matches('\'').to_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_readme_real_azure_snippets_start_the_service() {
+    for intro in [
+        "To use a real ACS resource instead",
+        "To use Graph for real",
+    ] {
+        let snippet = readme_snippet(intro);
+        assert!(snippet.len() >= 2, "{intro}: {snippet:?}");
+        let port = free_port();
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_callops"));
+        command
+            .env_clear()
+            .env("CALLOPS_STORE", "memory")
+            .env("CALLOPS_LISTEN", format!("127.0.0.1:{port}"))
+            .env(
+                "CALLOPS_EMULATOR__LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (name, value) in &snippet {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().unwrap();
+        let http = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{port}/healthz");
+        let up = within(async {
+            loop {
+                if http.get(&url).send().await.is_ok() {
+                    break true;
+                }
+                if child.try_wait().unwrap().is_some() {
+                    break false;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        if !up {
+            let output = child.wait_with_output().await.unwrap();
+            panic!(
+                "{intro}: the snippet does not start: {}",
+                text(&output.stderr)
+            );
+        }
+    }
+}

@@ -774,3 +774,109 @@ async fn a_participant_that_is_no_identifier_is_400_naming_the_field() {
     let listed = app.list("").await;
     assert!(listed.is_empty(), "a refused removal was kept: {listed:?}");
 }
+
+/// Sends a POST head announcing 100 body bytes and the first few of them.
+async fn partial_body(address: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "POST {CANCEL} HTTP/1.1\r\nHost: callops\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"clientCo"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    stream
+}
+
+#[tokio::test]
+async fn a_body_dripped_past_the_body_deadline_is_408_long_before_the_request_deadline() {
+    let app = TestApp::spawn_with(|config| config.http.body_read_timeout_secs = 1).await;
+    let started = Instant::now();
+    let mut stream = partial_body(app.address).await;
+    // A byte every 100 ms would take 9 s more to finish the body.
+    let (mut reader, mut writer) = stream.split();
+    let drip = async {
+        for _ in 0..90 {
+            if writer.write_all(b" ").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let mut answer = Vec::new();
+    tokio::select! {
+        _ = drip => panic!("the whole body was accepted past the body deadline"),
+        read = tokio::time::timeout(SOON, reader.read_to_end(&mut answer)) => {
+            read.expect("no answer").ok();
+        }
+    }
+    let (status, body) = parse_answer(&answer);
+    assert_eq!(status, 408, "{body}");
+    check_error_shape(&body, "dripped body");
+    assert_eq!(body["error"]["code"], "RequestTimeout");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("body"),
+        "{body}"
+    );
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(900), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+}
+
+#[tokio::test]
+async fn slow_bodies_beyond_the_cap_are_503_while_whole_requests_are_served() {
+    let app = TestApp::spawn_with(|config| config.http.max_slow_bodies = 2).await;
+    let _held = [
+        partial_body(app.address).await,
+        partial_body(app.address).await,
+    ];
+    // Once both hold their place, a third slow body is refused at once.
+    let refused = within(async {
+        loop {
+            let mut third = partial_body(app.address).await;
+            let mut answer = Vec::new();
+            let read = third.read_to_end(&mut answer);
+            if tokio::time::timeout(Duration::from_millis(300), read)
+                .await
+                .is_ok()
+            {
+                break parse_answer(&answer);
+            }
+        }
+    })
+    .await;
+    assert_eq!(refused.0, 503, "{}", refused.1);
+    check_error_shape(&refused.1, "slow body over the cap");
+    assert_eq!(refused.1["error"]["code"], "ServiceUnavailable");
+    // A body that arrives with its head needs no place.
+    let (status, body) = raw_exchange(
+        app.address,
+        &post_head(CANCEL, "application/json", "Content-Length: 5\r\n"),
+        b"{\"a\":".to_vec(),
+        false,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    drop(_held);
+    // The places are given back: a slow body that then finishes is answered as usual.
+    let answered = within(async {
+        loop {
+            let mut stream = partial_body(app.address).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let rest = format!("{:91}", "\"");
+            if stream.write_all(rest.as_bytes()).await.is_err() {
+                continue;
+            }
+            let mut answer = Vec::new();
+            let _ = stream.read_to_end(&mut answer).await;
+            let (status, body) = parse_answer(&answer);
+            if status != 503 {
+                break (status, body);
+            }
+        }
+    })
+    .await;
+    assert_eq!(answered.0, 400, "{}", answered.1);
+}

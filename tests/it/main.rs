@@ -9,6 +9,7 @@ mod container;
 mod durability;
 mod graph;
 mod hostile_input;
+mod identity;
 mod metrics;
 mod openapi;
 mod operations;

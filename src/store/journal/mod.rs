@@ -237,6 +237,18 @@ pub enum JournalError {
     },
     #[error("the journal path {} is a directory; it must name a database file", path.display())]
     IsDirectory { path: PathBuf },
+    /// SQLite reports a full disk as "disk I/O error" as often as "disk is full": an error
+    /// opening the file on a device with almost no space left is reported as this instead.
+    #[error(
+        "no space left on the device holding {} ({available} bytes available): free some, \
+         or point CALLOPS_STORE at another device ({cause})",
+        path.display()
+    )]
+    DiskFull {
+        path: PathBuf,
+        available: u64,
+        cause: String,
+    },
     #[error("cannot open the journal database {}: {source}", path.display())]
     Open {
         path: PathBuf,
@@ -289,6 +301,31 @@ pub enum JournalError {
     SequenceOutOfRange(u64),
 }
 
+/// Below this much free space an open that fails is blamed on the full disk.
+const NEARLY_FULL_BYTES: u64 = 1024 * 1024;
+
+impl JournalError {
+    /// This error, or [`JournalError::DiskFull`] when it is an open or lock failure and the
+    /// device holding `path` has (almost) no space left.
+    fn or_disk_full(self, path: &Path) -> Self {
+        if !matches!(self, Self::Open { .. } | Self::Lock { .. }) {
+            return self;
+        }
+        let directory = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        match fs4::available_space(directory) {
+            Ok(available) if available < NEARLY_FULL_BYTES => Self::DiskFull {
+                path: directory.to_path_buf(),
+                available,
+                cause: self.to_string(),
+            },
+            _ => self,
+        }
+    }
+}
+
 /// A cheap handle (Clone + Send + Sync) to a journal.
 #[derive(Clone)]
 pub struct Journal {
@@ -323,6 +360,7 @@ impl Journal {
     pub fn open_sqlite(path: &Path, options: SqliteOptions) -> Result<Self, JournalError> {
         sqlite::Writer::open(path, options)
             .map(|writer| Self::with_backend(Backend::Sqlite(writer)))
+            .map_err(|error| error.or_disk_full(path))
     }
 
     /// The schema version of the SQLite database at `path` beside this build's, and the
