@@ -15,6 +15,7 @@ use serde::Deserialize;
 use url::Url;
 
 use crate::acs::connection_string::{ConnectionString, ConnectionStringError};
+use crate::identity::CredentialSettings;
 
 /// The directory of the default store file, created when missing (any other must exist).
 pub const DEFAULT_DATA_DIR: &str = "data";
@@ -31,18 +32,47 @@ pub fn decode_key(text: &str) -> Option<Vec<u8>> {
         .filter(|key| !key.is_empty())
 }
 
+/// The Call Automation api-versions callops speaks: the stable ones and the previews the
+/// SDKs list. Remove Participant's path, headers, body and events are the same in all of
+/// them (the 2026-03-12 request is checked against the Python SDK 1.6.0's).
+pub const ACS_API_VERSIONS: [&str; 14] = [
+    "2023-03-06",
+    "2023-06-15-preview",
+    "2023-10-03-preview",
+    "2023-10-15",
+    "2024-04-15",
+    "2024-06-15-preview",
+    "2024-09-01-preview",
+    "2024-09-15",
+    "2024-11-15-preview",
+    "2025-03-30-preview",
+    "2025-05-15",
+    "2025-06-15",
+    "2025-08-15-preview",
+    "2026-03-12",
+];
+
 /// The compiled-in defaults.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 /// The documented environment variables and the field each sets. Any other field is set
 /// with `CALLOPS_<SECTION>__<FIELD>`.
-pub const ENV_ALIASES: [(&str, &str); 20] = [
+pub const ENV_ALIASES: [(&str, &str); 29] = [
     ("LISTEN", "http.listen"),
     ("PUBLIC_URL", "http.public_url"),
     ("API_KEYS", "http.api_keys"),
     ("STORE", "store.location"),
     ("ACS_CONNECTION_STRING", "acs.connection_string"),
     ("ACS_API_VERSION", "acs.api_version"),
+    ("ACS_ENDPOINT", "acs.endpoint"),
+    ("ACS_CREDENTIAL", "acs.credential"),
+    ("ACS_AUTHORITY", "acs.authority"),
+    ("ACS_TENANT_ID", "acs.tenant_id"),
+    ("ACS_CLIENT_ID", "acs.client_id"),
+    ("ACS_CLIENT_SECRET", "acs.client_secret"),
+    ("ACS_CLIENT_CERTIFICATE_PATH", "acs.certificate_path"),
+    ("GRAPH_CREDENTIAL", "graph.credential"),
+    ("GRAPH_CLIENT_CERTIFICATE_PATH", "graph.certificate_path"),
     ("GRAPH_BASE_URL", "graph.base_url"),
     ("GRAPH_AUTHORITY", "graph.authority"),
     ("GRAPH_TENANT_ID", "graph.tenant_id"),
@@ -59,6 +89,29 @@ pub const ENV_ALIASES: [(&str, &str); 20] = [
     ("LOG_FORMAT", "log.format"),
 ];
 
+/// The standard variables of the Azure SDKs and of Azure's hosts, read verbatim (as the
+/// SDKs read them) into the `identity` section, below the `CALLOPS_*` variables.
+pub const STANDARD_ENV: [(&str, &str); 9] = [
+    ("IDENTITY_ENDPOINT", "identity.endpoint"),
+    ("IDENTITY_HEADER", "identity.header"),
+    (
+        "AZURE_POD_IDENTITY_AUTHORITY_HOST",
+        "identity.imds_endpoint",
+    ),
+    (
+        "AZURE_FEDERATED_TOKEN_FILE",
+        "identity.federated_token_file",
+    ),
+    ("AZURE_AUTHORITY_HOST", "identity.authority_host"),
+    ("AZURE_TENANT_ID", "identity.tenant_id"),
+    ("AZURE_CLIENT_ID", "identity.client_id"),
+    ("AZURE_CLIENT_SECRET", "identity.client_secret"),
+    ("AZURE_CLIENT_CERTIFICATE_PATH", "identity.certificate_path"),
+];
+
+/// The accepted values of `acs.credential` and `graph.credential`.
+const CREDENTIALS: &str = "key (ACS: the connection string's access key), secret, certificate, workload-identity, managed-identity";
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -69,6 +122,7 @@ pub struct Config {
     pub operations: OperationsConfig,
     pub acs: AcsConfig,
     pub graph: GraphConfig,
+    pub identity: IdentityConfig,
     pub callbacks: CallbacksConfig,
     pub emulator: EmulatorConfig,
     pub stream: StreamConfig,
@@ -364,6 +418,14 @@ pub struct OperationsConfig {
     pub page_size: usize,
     pub page_size_max: usize,
     pub callback_timeouts: CallbackTimeouts,
+    /// At its callback deadline, ask the platform how an issued operation ended before
+    /// failing it with `CallbackTimeout`.
+    pub reconcile: bool,
+    /// How long the platform may take to answer that; then the operation times out.
+    pub reconcile_timeout_ms: u64,
+    /// After ACS's `CallDisconnected`, how long a call's unsettled removals wait for their
+    /// own event before they fail with `CallEnded`.
+    pub call_end_grace_ms: u64,
 }
 
 impl OperationsConfig {
@@ -402,8 +464,20 @@ impl CallbackTimeouts {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AcsConfig {
-    /// Empty: use the in-process emulator.
+    /// With an access key (HMAC). Empty, and no `endpoint`: use the in-process emulator.
     pub connection_string: SecretString,
+    /// The resource endpoint when Entra ID authenticates requests (`credential`).
+    pub endpoint: String,
+    /// How requests are authenticated (see [`CredentialKind`]); empty: `key` with a
+    /// connection string.
+    pub credential: String,
+    /// Entra ID (`secret`, `certificate`, `workload-identity`): the authority, tenant and
+    /// app; empty values fall back to `identity` (the `AZURE_*` variables).
+    pub authority: Url,
+    pub tenant_id: String,
+    pub client_id: String,
+    pub client_secret: SecretString,
+    pub certificate_path: String,
     pub api_version: String,
     pub request_timeout_ms: u64,
     pub retry: RetryConfig,
@@ -418,18 +492,105 @@ pub struct GraphConfig {
     /// Token authority host, e.g. `https://login.microsoftonline.com`.
     pub authority: Url,
     pub tenant_id: String,
-    /// Empty: use the in-process emulator.
+    /// How tokens are obtained (see [`CredentialKind`]); empty: `secret` when a client id
+    /// is set, else the in-process emulator.
+    pub credential: String,
+    /// The app (or user-assigned identity) callops acts as; the default callback audience.
     pub client_id: String,
     pub client_secret: SecretString,
+    /// `certificate`: a PEM file with the RSA private key and the certificate.
+    pub certificate_path: String,
     pub request_timeout_ms: u64,
     pub retry: RetryConfig,
 }
 
 impl GraphConfig {
-    /// True when app credentials are configured (otherwise the emulator stands in).
+    /// True when a credential is configured (otherwise the emulator stands in).
     pub fn is_configured(&self) -> bool {
-        !self.client_id.trim().is_empty()
+        !self.client_id.trim().is_empty() || !self.credential.trim().is_empty()
     }
+}
+
+/// What Azure's hosts and the Azure SDKs' standard variables say about the identity
+/// callops runs as ([`STANDARD_ENV`]); used by `acs` and `graph` credentials alike.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// `IDENTITY_ENDPOINT`, `IDENTITY_HEADER`: the App Service / Container Apps
+    /// managed-identity endpoint and its secret header. Empty: IMDS.
+    pub endpoint: String,
+    pub header: SecretString,
+    /// Where the Instance Metadata Service is (`AZURE_POD_IDENTITY_AUTHORITY_HOST`).
+    pub imds_endpoint: Url,
+    /// `AZURE_FEDERATED_TOKEN_FILE`: the workload identity's federated token.
+    pub federated_token_file: String,
+    /// `AZURE_AUTHORITY_HOST`: replaces the default authority.
+    pub authority_host: String,
+    /// `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`, `AZURE_CLIENT_SECRET`,
+    /// `AZURE_CLIENT_CERTIFICATE_PATH`: defaults of the sections' own fields.
+    pub tenant_id: String,
+    pub client_id: String,
+    pub client_secret: SecretString,
+    pub certificate_path: String,
+}
+
+impl std::fmt::Debug for IdentityConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityConfig")
+            .field("endpoint", &self.endpoint)
+            .field("header", &"[redacted]")
+            .field("imds_endpoint", &self.imds_endpoint.as_str())
+            .field("federated_token_file", &self.federated_token_file)
+            .field("authority_host", &self.authority_host)
+            .field("tenant_id", &self.tenant_id)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"[redacted]")
+            .field("certificate_path", &self.certificate_path)
+            .finish()
+    }
+}
+
+/// How an upstream's requests are authenticated (`acs.credential`, `graph.credential`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    /// ACS only: the connection string's access key (HMAC).
+    Key,
+    /// An app registration's client secret.
+    Secret,
+    /// An app registration's certificate (PEM: private key and certificate).
+    Certificate,
+    /// A federated token in a file (AKS workload identity).
+    WorkloadIdentity,
+    /// The host's managed identity (App Service / Container Apps endpoint, or IMDS).
+    ManagedIdentity,
+}
+
+impl CredentialKind {
+    /// Parses a configured value; `_` and `-` are the same, case does not matter.
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(
+            match text.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+                "key" | "access-key" => Self::Key,
+                "secret" | "client-secret" => Self::Secret,
+                "certificate" | "client-certificate" => Self::Certificate,
+                "workload-identity" => Self::WorkloadIdentity,
+                "managed-identity" => Self::ManagedIdentity,
+                _ => return None,
+            },
+        )
+    }
+}
+
+/// Where ACS requests go and how they are authenticated.
+#[derive(Debug, Clone)]
+pub enum AcsUpstream {
+    /// A connection string with an access key.
+    Key(ConnectionString),
+    /// An endpoint and an Entra ID credential.
+    Entra {
+        endpoint: Url,
+        credential: CredentialSettings,
+    },
 }
 
 impl std::fmt::Debug for GraphConfig {
@@ -438,8 +599,10 @@ impl std::fmt::Debug for GraphConfig {
             .field("base_url", &self.base_url.as_str())
             .field("authority", &self.authority.as_str())
             .field("tenant_id", &self.tenant_id)
+            .field("credential", &self.credential)
             .field("client_id", &self.client_id)
             .field("client_secret", &"[redacted]")
+            .field("certificate_path", &self.certificate_path)
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("retry", &self.retry)
             .finish()
@@ -553,8 +716,16 @@ pub struct EmulatorConfig {
     pub graph_tenant_id: String,
     pub graph_client_id: String,
     pub graph_client_secret: String,
-    /// Lifetime of the Graph emulator's access tokens.
+    /// Lifetime of the emulator's access tokens (Graph and ACS).
     pub graph_token_lifetime_secs: u64,
+    /// The app's registered certificate (a PEM file; its certificate is used): certificate
+    /// assertions are verified against it. Empty: the compiled-in development certificate.
+    pub client_certificate_path: String,
+    /// The `X-IDENTITY-HEADER` its managed-identity endpoint requires (a development value).
+    pub identity_header: String,
+    /// The client id of the user-assigned managed identity it knows (besides the
+    /// system-assigned one).
+    pub managed_identity_client_id: String,
     /// The emulated ACS resource's immutable id (the audience of its callback tokens).
     pub acs_resource_id: String,
 }
@@ -593,23 +764,32 @@ pub enum ConfigError {
         position: usize,
         problem: &'static str,
     },
+    #[error(
+        "CALLOPS_ACS_API_VERSION (acs.api_version) = {0:?} is not a Call Automation api-version callops knows; use one of {known}",
+        known = ACS_API_VERSIONS.join(", ")
+    )]
+    AcsApiVersion(String),
     #[error("{field} {problem}")]
     Invalid {
         field: &'static str,
         problem: &'static str,
     },
     #[error(
-        "acs.connection_string is empty and the emulator is disabled; set CALLOPS_ACS_CONNECTION_STRING=endpoint=https://<resource>.communication.azure.com/;accesskey=<base64 key> (or CALLOPS_EMULATOR__ENABLED=true to try the built-in emulator)"
+        "ACS is not configured and the emulator is disabled; set CALLOPS_ACS_CONNECTION_STRING=endpoint=https://<resource>.communication.azure.com/;accesskey=<base64 key>, or CALLOPS_ACS_ENDPOINT=https://<resource>.communication.azure.com/ with CALLOPS_ACS_CREDENTIAL (managed-identity, workload-identity, secret, certificate) (or CALLOPS_EMULATOR__ENABLED=true to try the built-in emulator)"
     )]
     NoUpstream,
     #[error(
-        "Graph has no app credentials and the emulator is disabled; set CALLOPS_GRAPH_TENANT_ID, CALLOPS_GRAPH_CLIENT_ID and CALLOPS_GRAPH_CLIENT_SECRET (or CALLOPS_EMULATOR__ENABLED=true to try the built-in emulator)"
+        "Graph has no credential and the emulator is disabled; set CALLOPS_GRAPH_TENANT_ID, CALLOPS_GRAPH_CLIENT_ID and CALLOPS_GRAPH_CLIENT_SECRET, or CALLOPS_GRAPH_CREDENTIAL (managed-identity, workload-identity, certificate) (or CALLOPS_EMULATOR__ENABLED=true to try the built-in emulator)"
     )]
     NoGraph,
+    /// A credential setting that is unknown, ambiguous or incomplete: the message names the
+    /// variables and the accepted values.
+    #[error("{0}")]
+    Credential(String),
     #[error(
-        "CALLOPS_GRAPH_CLIENT_ID is set, so CALLOPS_GRAPH_TENANT_ID and CALLOPS_GRAPH_CLIENT_SECRET are required too"
+        "callbacks are verified (CALLOPS_CALLBACK_AUTH=jwt) and Graph has no client id (CALLOPS_GRAPH_CLIENT_ID or AZURE_CLIENT_ID), so CALLOPS_GRAPH_CALLBACK_AUDIENCE is required: the bot's app id"
     )]
-    GraphCredentials,
+    GraphCallbackAudience,
     #[error(
         "callbacks are verified (CALLOPS_CALLBACK_AUTH=jwt) and ACS is configured, so CALLOPS_ACS_CALLBACK_AUDIENCE is required: the ACS resource's immutable resource id (Azure portal, the Communication Services resource, Properties)"
     )]
@@ -640,6 +820,11 @@ impl Config {
         let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
         if let Some(path) = path {
             figment = figment.merge(Toml::file_exact(path));
+        }
+        for (name, field) in STANDARD_ENV {
+            if let Some(value) = raw_env(&[name]).filter(|value| !value.trim().is_empty()) {
+                figment = figment.merge(Serialized::default(field, value.trim()));
+            }
         }
         figment = figment.merge(env_provider());
         if let Some(keys) = raw_env(&API_KEYS_ENV) {
@@ -740,22 +925,11 @@ impl Config {
         if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
             return Err(ConfigError::PublicUrl(url.to_string()));
         }
-        if self.acs.connection().transpose().is_none() && !self.emulator.enabled {
-            return Err(ConfigError::NoUpstream);
-        }
-        self.acs.connection()?;
-        if !self.graph.is_configured() && !self.emulator.enabled {
-            return Err(ConfigError::NoGraph);
-        }
-        if self.graph.is_configured()
-            && (self.graph.tenant_id.trim().is_empty()
-                || self.graph.client_secret.expose_secret().is_empty())
-        {
-            return Err(ConfigError::GraphCredentials);
-        }
         for (field, url) in [
             ("graph.base_url", &self.graph.base_url),
             ("graph.authority", &self.graph.authority),
+            ("acs.authority", &self.acs.authority),
+            ("identity.imds_endpoint", &self.identity.imds_endpoint),
         ] {
             if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
                 return Err(ConfigError::Invalid {
@@ -764,9 +938,15 @@ impl Config {
                 });
             }
         }
+        if self.acs_upstream()?.is_none() && !self.emulator.enabled {
+            return Err(ConfigError::NoUpstream);
+        }
+        if self.graph_credential()?.is_none() && !self.emulator.enabled {
+            return Err(ConfigError::NoGraph);
+        }
         let invalid = |field, problem| Err(ConfigError::Invalid { field, problem });
-        if self.acs.api_version.trim().is_empty() {
-            return invalid("acs.api_version", "must not be empty (e.g. 2024-09-15)");
+        if !ACS_API_VERSIONS.contains(&self.acs.api_version.as_str()) {
+            return Err(ConfigError::AcsApiVersion(self.acs.api_version.clone()));
         }
         if self.acs.retry.max_attempts == 0 || self.graph.retry.max_attempts == 0 {
             return invalid("acs/graph.retry.max_attempts", "must be at least 1");
@@ -818,10 +998,17 @@ impl Config {
             }
         }
         if callbacks.auth == CallbackAuth::Jwt
-            && self.acs.connection().transpose().is_some()
+            && self.acs_upstream()?.is_some()
             && callbacks.acs.audience.trim().is_empty()
         {
             return Err(ConfigError::AcsCallbackAudience);
+        }
+        if callbacks.auth == CallbackAuth::Jwt
+            && self.graph.is_configured()
+            && callbacks.graph.audience.trim().is_empty()
+            && self.graph_app_id().is_empty()
+        {
+            return Err(ConfigError::GraphCallbackAudience);
         }
         if callbacks.key_fetch_timeout_ms == 0 {
             return invalid("callbacks.key_fetch_timeout_ms", "must be at least 1");
@@ -829,7 +1016,225 @@ impl Config {
         if self.emulator.enabled && decode_key(&self.emulator.access_key).is_none() {
             return invalid("emulator.access_key", "must be non-empty base64");
         }
+        let certificate = self.emulator.client_certificate_path.trim();
+        if self.emulator.enabled && !certificate.is_empty() && !Path::new(certificate).is_file() {
+            return invalid(
+                "emulator.client_certificate_path",
+                "must name a readable PEM file with a CERTIFICATE (or be empty: the development certificate)",
+            );
+        }
         Ok(())
+    }
+
+    /// Where ACS requests go and how they are authenticated; `None` when nothing is
+    /// configured (the emulator stands in). Ambiguous or incomplete settings are refused.
+    pub fn acs_upstream(&self) -> Result<Option<AcsUpstream>, ConfigError> {
+        let acs = &self.acs;
+        let connection = acs.connection()?;
+        let endpoint = acs.endpoint.trim();
+        let kind = parse_kind("CALLOPS_ACS_CREDENTIAL (acs.credential)", &acs.credential)?;
+        let fail = |message: String| Err(ConfigError::Credential(message));
+        match (connection, endpoint.is_empty(), kind) {
+            (None, true, None) => Ok(None),
+            (Some(_), false, _) => fail(
+                "CALLOPS_ACS_CONNECTION_STRING (an access key) and CALLOPS_ACS_ENDPOINT (Entra ID) are both set; set only one".to_owned(),
+            ),
+            (Some(connection), true, None | Some(CredentialKind::Key)) => {
+                Ok(Some(AcsUpstream::Key(connection)))
+            }
+            (Some(_), true, Some(_)) => fail(format!(
+                "CALLOPS_ACS_CREDENTIAL={} authenticates with Entra ID: set CALLOPS_ACS_ENDPOINT=https://<resource>.communication.azure.com/ instead of CALLOPS_ACS_CONNECTION_STRING",
+                acs.credential.trim()
+            )),
+            (None, true, Some(CredentialKind::Key)) => fail(
+                "CALLOPS_ACS_CREDENTIAL=key needs CALLOPS_ACS_CONNECTION_STRING=endpoint=https://<resource>.communication.azure.com/;accesskey=<base64 key>".to_owned(),
+            ),
+            (None, true, Some(_)) => fail(format!(
+                "CALLOPS_ACS_CREDENTIAL={} needs CALLOPS_ACS_ENDPOINT=https://<resource>.communication.azure.com/",
+                acs.credential.trim()
+            )),
+            (None, false, None) => fail(format!(
+                "CALLOPS_ACS_ENDPOINT is set, so CALLOPS_ACS_CREDENTIAL is required: one of managed-identity, workload-identity, secret, certificate (accepted values: {CREDENTIALS})"
+            )),
+            (None, false, Some(CredentialKind::Key)) => fail(
+                "CALLOPS_ACS_CREDENTIAL=key signs with an access key: set CALLOPS_ACS_CONNECTION_STRING instead of CALLOPS_ACS_ENDPOINT".to_owned(),
+            ),
+            (None, false, Some(kind)) => {
+                let url = Url::parse(endpoint).ok().filter(|url| {
+                    url.host().is_some()
+                        && (url.scheme() == "https" || url.scheme() == "http" && is_loopback(url))
+                });
+                let Some(mut url) = url else {
+                    return fail(format!(
+                        "CALLOPS_ACS_ENDPOINT (acs.endpoint) = {endpoint:?} must be an https URL (http only on loopback: a token is never sent in the clear), e.g. https://<resource>.communication.azure.com/"
+                    ));
+                };
+                if !url.path().ends_with('/') {
+                    let path = format!("{}/", url.path());
+                    url.set_path(&path);
+                }
+                let credential = self.entra_credential(
+                    "CALLOPS_ACS",
+                    kind,
+                    EntraApp {
+                        authority: &acs.authority,
+                        tenant_id: &acs.tenant_id,
+                        client_id: &acs.client_id,
+                        client_secret: &acs.client_secret,
+                        certificate_path: &acs.certificate_path,
+                    },
+                )?;
+                Ok(Some(AcsUpstream::Entra {
+                    endpoint: url,
+                    credential,
+                }))
+            }
+        }
+    }
+
+    /// The app Graph tokens are for (`graph.client_id`, else `AZURE_CLIENT_ID`): the bot's app
+    /// id, the default audience of Graph's notification tokens. Empty for a system-assigned
+    /// identity.
+    pub fn graph_app_id(&self) -> &str {
+        match self.graph.client_id.trim() {
+            "" => self.identity.client_id.trim(),
+            id => id,
+        }
+    }
+
+    /// Graph's credential; `None` when none is configured (the emulator stands in).
+    pub fn graph_credential(&self) -> Result<Option<CredentialSettings>, ConfigError> {
+        let graph = &self.graph;
+        let kind = parse_kind(
+            "CALLOPS_GRAPH_CREDENTIAL (graph.credential)",
+            &graph.credential,
+        )?;
+        let kind = match kind {
+            None if graph.client_id.trim().is_empty() => return Ok(None),
+            None => CredentialKind::Secret,
+            Some(CredentialKind::Key) => {
+                return Err(ConfigError::Credential(
+                    "CALLOPS_GRAPH_CREDENTIAL=key: Graph has no access key; accepted values: secret, certificate, workload-identity, managed-identity".to_owned(),
+                ));
+            }
+            Some(kind) => kind,
+        };
+        self.entra_credential(
+            "CALLOPS_GRAPH",
+            kind,
+            EntraApp {
+                authority: &graph.authority,
+                tenant_id: &graph.tenant_id,
+                client_id: &graph.client_id,
+                client_secret: &graph.client_secret,
+                certificate_path: &graph.certificate_path,
+            },
+        )
+        .map(Some)
+    }
+
+    /// The credential of `kind` for one upstream (`prefix` names its variables), its
+    /// missing pieces taken from `identity` (the `AZURE_*` variables).
+    fn entra_credential(
+        &self,
+        prefix: &str,
+        kind: CredentialKind,
+        app: EntraApp<'_>,
+    ) -> Result<CredentialSettings, ConfigError> {
+        let identity = &self.identity;
+        let pick = |own: &str, standard: &str| {
+            let own = own.trim();
+            if own.is_empty() { standard.trim() } else { own }.to_owned()
+        };
+        let tenant_id = pick(app.tenant_id, &identity.tenant_id);
+        let client_id = pick(app.client_id, &identity.client_id);
+        let authority = match Url::parse(identity.authority_host.trim()) {
+            Ok(host) if app.authority.as_str() == DEFAULT_AUTHORITY => host,
+            _ if !identity.authority_host.trim().is_empty()
+                && app.authority.as_str() == DEFAULT_AUTHORITY =>
+            {
+                return Err(ConfigError::Credential(format!(
+                    "AZURE_AUTHORITY_HOST (identity.authority_host) = {:?} is not a URL",
+                    identity.authority_host.trim()
+                )));
+            }
+            _ => app.authority.clone(),
+        };
+        let kind_name = match kind {
+            CredentialKind::Secret => "secret",
+            CredentialKind::Certificate => "certificate",
+            CredentialKind::WorkloadIdentity => "workload-identity",
+            CredentialKind::ManagedIdentity => "managed-identity",
+            CredentialKind::Key => "key",
+        };
+        let mut missing = Vec::new();
+        let mut need = |value: &str, names: String| {
+            if value.trim().is_empty() {
+                missing.push(names);
+            }
+        };
+        if kind != CredentialKind::ManagedIdentity {
+            need(
+                &tenant_id,
+                format!("{prefix}_TENANT_ID (or AZURE_TENANT_ID)"),
+            );
+            need(
+                &client_id,
+                format!("{prefix}_CLIENT_ID (or AZURE_CLIENT_ID)"),
+            );
+        }
+        let secret = if app.client_secret.expose_secret().trim().is_empty() {
+            identity.client_secret.clone()
+        } else {
+            app.client_secret.clone()
+        };
+        let certificate_path = pick(app.certificate_path, &identity.certificate_path);
+        match kind {
+            CredentialKind::Secret => need(
+                secret.expose_secret(),
+                format!("{prefix}_CLIENT_SECRET (or AZURE_CLIENT_SECRET)"),
+            ),
+            CredentialKind::Certificate => need(
+                &certificate_path,
+                format!("{prefix}_CLIENT_CERTIFICATE_PATH (or AZURE_CLIENT_CERTIFICATE_PATH)"),
+            ),
+            CredentialKind::WorkloadIdentity => need(
+                &identity.federated_token_file,
+                "AZURE_FEDERATED_TOKEN_FILE (identity.federated_token_file)".to_owned(),
+            ),
+            _ => {}
+        }
+        if !missing.is_empty() {
+            return Err(ConfigError::Credential(format!(
+                "{prefix}_CREDENTIAL={kind_name} needs {}",
+                missing.join(", ")
+            )));
+        }
+        Ok(match kind {
+            CredentialKind::Secret | CredentialKind::Key => CredentialSettings::ClientSecret {
+                authority,
+                tenant_id,
+                client_id,
+                secret,
+            },
+            CredentialKind::Certificate => CredentialSettings::Certificate {
+                authority,
+                tenant_id,
+                client_id,
+                path: certificate_path.into(),
+            },
+            CredentialKind::WorkloadIdentity => CredentialSettings::WorkloadIdentity {
+                authority,
+                tenant_id,
+                client_id,
+                token_file: identity.federated_token_file.trim().into(),
+            },
+            CredentialKind::ManagedIdentity => CredentialSettings::ManagedIdentity {
+                app_service: identity.app_service()?,
+                imds: identity.imds_endpoint.clone(),
+                client_id: Some(client_id).filter(|id| !id.is_empty()),
+            },
+        })
     }
 
     /// The callback URL ACS is told to call, with `?secret=` when one is configured: a
@@ -885,6 +1290,65 @@ impl std::fmt::Debug for SecretUrl {
     }
 }
 
+/// The default token authority (Entra ID's public cloud).
+const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com/";
+
+/// An app's own Entra ID settings in one section.
+struct EntraApp<'a> {
+    authority: &'a Url,
+    tenant_id: &'a str,
+    client_id: &'a str,
+    client_secret: &'a SecretString,
+    certificate_path: &'a str,
+}
+
+/// `None` for an empty value; an unknown one is refused with the accepted values.
+fn parse_kind(variable: &str, text: &str) -> Result<Option<CredentialKind>, ConfigError> {
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    CredentialKind::parse(text).map(Some).ok_or_else(|| {
+        ConfigError::Credential(format!(
+            "{variable} = {:?} is not a credential; accepted values: {CREDENTIALS}",
+            text.trim()
+        ))
+    })
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        None => false,
+    }
+}
+
+impl IdentityConfig {
+    /// The App Service / Container Apps endpoint and header, when both are set.
+    fn app_service(&self) -> Result<Option<(Url, SecretString)>, ConfigError> {
+        let endpoint = self.endpoint.trim();
+        let header = self.header.expose_secret().trim();
+        match (endpoint.is_empty(), header.is_empty()) {
+            (true, true) => Ok(None),
+            (false, false) => match Url::parse(endpoint) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
+                    Ok(Some((url, SecretString::from(header.to_owned()))))
+                }
+                _ => Err(ConfigError::Credential(format!(
+                    "IDENTITY_ENDPOINT (identity.endpoint) = {endpoint:?} is not an http(s) URL"
+                ))),
+            },
+            (false, true) => Err(ConfigError::Credential(
+                "IDENTITY_ENDPOINT is set but IDENTITY_HEADER is not: the managed-identity endpoint needs both (the platform sets both)".to_owned(),
+            )),
+            (true, false) => Err(ConfigError::Credential(
+                "IDENTITY_HEADER is set but IDENTITY_ENDPOINT is not: the managed-identity endpoint needs both (the platform sets both)".to_owned(),
+            )),
+        }
+    }
+}
+
 impl AcsConfig {
     /// The parsed connection string; `None` when empty (the emulator stands in).
     pub fn connection(&self) -> Result<Option<ConnectionString>, ConnectionStringError> {
@@ -904,6 +1368,13 @@ impl std::fmt::Debug for AcsConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AcsConfig")
             .field("connection_string", &"[redacted]")
+            .field("endpoint", &self.endpoint)
+            .field("credential", &self.credential)
+            .field("authority", &self.authority.as_str())
+            .field("tenant_id", &self.tenant_id)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"[redacted]")
+            .field("certificate_path", &self.certificate_path)
             .field("api_version", &self.api_version)
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("retry", &self.retry)
@@ -980,6 +1451,31 @@ mod tests {
             Ok(())
         });
         result.unwrap()
+    }
+
+    #[test]
+    fn acs_api_versions_are_checked_at_start() {
+        for version in [
+            "2024-09-15",
+            "2025-05-15",
+            "2025-06-15",
+            "2026-03-12",
+            "2023-03-06",
+        ] {
+            let config = load_with_env(&[("CALLOPS_ACS_API_VERSION", version)]).unwrap();
+            assert_eq!(config.acs.api_version, version);
+        }
+        for version in ["", "2026-13-01", "latest"] {
+            let message = load_with_env(&[("CALLOPS_ACS_API_VERSION", version)]).unwrap_err();
+            assert!(message.contains("CALLOPS_ACS_API_VERSION"), "{message}");
+            assert!(
+                message.contains(
+                    "2024-09-15, 2024-11-15-preview, 2025-03-30-preview, 2025-05-15, 2025-06-15"
+                ),
+                "{message}"
+            );
+            assert!(message.contains("2026-03-12"), "{message}");
+        }
     }
 
     #[test]
@@ -1322,6 +1818,260 @@ mod tests {
             assert!(!shown.contains("callback-secret-value"), "{shown}");
             assert!(shown.contains("/callbacks/acs"), "{shown}");
         }
+    }
+
+    #[test]
+    fn acs_with_entra_id_comes_from_an_endpoint_and_a_credential() {
+        let config = load_with_env(&[
+            ("CALLOPS_ACS_ENDPOINT", "https://r.communication.azure.com"),
+            ("CALLOPS_ACS_CREDENTIAL", "managed-identity"),
+            ("CALLOPS_ACS_CALLBACK_AUDIENCE", "resource-id"),
+            ("IDENTITY_ENDPOINT", "http://localhost:42356/msi/token"),
+            ("IDENTITY_HEADER", "0123456789"),
+            ("AZURE_CLIENT_ID", "user-assigned-id"),
+        ])
+        .unwrap();
+        let Some(AcsUpstream::Entra {
+            endpoint,
+            credential:
+                CredentialSettings::ManagedIdentity {
+                    app_service: Some((url, header)),
+                    client_id,
+                    ..
+                },
+        }) = config.acs_upstream().unwrap()
+        else {
+            panic!("{:?}", config.acs_upstream());
+        };
+        assert_eq!(endpoint.as_str(), "https://r.communication.azure.com/");
+        assert_eq!(url.as_str(), "http://localhost:42356/msi/token");
+        // Taken verbatim, digits and all, and never shown.
+        assert_eq!(header.expose_secret(), "0123456789");
+        assert!(!format!("{config:?}").contains("0123456789"));
+        assert_eq!(client_id.as_deref(), Some("user-assigned-id"));
+        assert!(
+            config.graph_credential().unwrap().is_none(),
+            "Graph stays emulated"
+        );
+
+        // Workload identity as the AKS webhook sets it up.
+        let config = load_with_env(&[
+            ("CALLOPS_ACS_ENDPOINT", "https://r.communication.azure.com/"),
+            ("CALLOPS_ACS_CREDENTIAL", "workload_identity"),
+            ("CALLOPS_ACS_CALLBACK_AUDIENCE", "resource-id"),
+            (
+                "AZURE_FEDERATED_TOKEN_FILE",
+                "/var/run/secrets/azure/tokens/azure-identity-token",
+            ),
+            ("AZURE_CLIENT_ID", "app"),
+            ("AZURE_TENANT_ID", "tenant"),
+            ("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.us/"),
+            ("CALLOPS_GRAPH_CREDENTIAL", "workload-identity"),
+            ("CALLOPS_GRAPH_CALLBACK_AUDIENCE", "bot-app-id"),
+        ])
+        .unwrap();
+        for credential in [
+            match config.acs_upstream().unwrap() {
+                Some(AcsUpstream::Entra { credential, .. }) => credential,
+                other => panic!("{other:?}"),
+            },
+            config.graph_credential().unwrap().unwrap(),
+        ] {
+            let CredentialSettings::WorkloadIdentity {
+                authority,
+                tenant_id,
+                client_id,
+                token_file,
+            } = credential
+            else {
+                panic!("{credential:?}");
+            };
+            assert_eq!(authority.as_str(), "https://login.microsoftonline.us/");
+            assert_eq!((tenant_id.as_str(), client_id.as_str()), ("tenant", "app"));
+            assert!(token_file.ends_with("azure-identity-token"));
+        }
+        // A connection string keeps working exactly as before.
+        let config = load_with_env(&[
+            (
+                "CALLOPS_ACS_CONNECTION_STRING",
+                "endpoint=https://r.communication.azure.com/;accesskey=a2V5",
+            ),
+            ("CALLOPS_ACS_CALLBACK_AUDIENCE", "resource-id"),
+            ("CALLOPS_ACS_CREDENTIAL", "key"),
+        ])
+        .unwrap();
+        assert!(matches!(
+            config.acs_upstream().unwrap(),
+            Some(AcsUpstream::Key(_))
+        ));
+    }
+
+    #[test]
+    fn graph_takes_a_certificate_or_a_managed_identity() {
+        let config = load_with_env(&[
+            ("CALLOPS_GRAPH_CREDENTIAL", "certificate"),
+            ("CALLOPS_GRAPH_TENANT_ID", "tenant"),
+            ("CALLOPS_GRAPH_CLIENT_ID", "app"),
+            (
+                "CALLOPS_GRAPH_CLIENT_CERTIFICATE_PATH",
+                "/etc/callops/graph.pem",
+            ),
+        ])
+        .unwrap();
+        assert!(matches!(
+            config.graph_credential().unwrap(),
+            Some(CredentialSettings::Certificate { path, .. }) if path.ends_with("graph.pem")
+        ));
+        // The bot's app id, the notifications' audience, can come from AZURE_CLIENT_ID.
+        let config = load_with_env(&[
+            ("CALLOPS_GRAPH_CREDENTIAL", "workload-identity"),
+            ("AZURE_CLIENT_ID", "bot-app-id"),
+            ("AZURE_TENANT_ID", "tenant"),
+            ("AZURE_FEDERATED_TOKEN_FILE", "/tokens/azure-identity-token"),
+        ])
+        .unwrap();
+        assert_eq!(config.graph_app_id(), "bot-app-id");
+        let config = load_with_env(&[
+            ("CALLOPS_GRAPH_CREDENTIAL", "managed-identity"),
+            ("CALLOPS_GRAPH_CALLBACK_AUDIENCE", "bot-app-id"),
+        ])
+        .unwrap();
+        assert!(matches!(
+            config.graph_credential().unwrap(),
+            Some(CredentialSettings::ManagedIdentity { app_service: None, client_id: None, ref imds })
+                if imds.as_str() == "http://169.254.169.254/"
+        ));
+    }
+
+    #[test]
+    fn ambiguous_or_incomplete_credentials_refuse_to_start() {
+        let refused = |vars: &[(&str, &str)], wanted: &[&str]| {
+            let err = load_with_env(vars).unwrap_err();
+            for word in wanted {
+                assert!(err.contains(word), "{vars:?}: {err} lacks {word}");
+            }
+            assert!(!err.contains("a2V5") && !err.contains("s3cr3t"), "{err}");
+        };
+        let key = "endpoint=https://r.communication.azure.com/;accesskey=a2V5";
+        let endpoint = "https://r.communication.azure.com/";
+        refused(
+            &[
+                ("CALLOPS_ACS_CONNECTION_STRING", key),
+                ("CALLOPS_ACS_ENDPOINT", endpoint),
+            ],
+            &[
+                "CALLOPS_ACS_CONNECTION_STRING",
+                "CALLOPS_ACS_ENDPOINT",
+                "only one",
+            ],
+        );
+        refused(
+            &[("CALLOPS_ACS_ENDPOINT", endpoint)],
+            &[
+                "CALLOPS_ACS_CREDENTIAL",
+                "managed-identity",
+                "workload-identity",
+            ],
+        );
+        refused(
+            &[("CALLOPS_ACS_CREDENTIAL", "managed-identity")],
+            &["CALLOPS_ACS_ENDPOINT"],
+        );
+        refused(
+            &[
+                ("CALLOPS_ACS_CONNECTION_STRING", key),
+                ("CALLOPS_ACS_CREDENTIAL", "managed-identity"),
+            ],
+            &[
+                "CALLOPS_ACS_ENDPOINT",
+                "instead of CALLOPS_ACS_CONNECTION_STRING",
+            ],
+        );
+        refused(
+            &[
+                ("CALLOPS_ACS_ENDPOINT", endpoint),
+                ("CALLOPS_ACS_CREDENTIAL", "key"),
+            ],
+            &["CALLOPS_ACS_CONNECTION_STRING"],
+        );
+        refused(
+            &[
+                ("CALLOPS_ACS_ENDPOINT", endpoint),
+                ("CALLOPS_ACS_CREDENTIAL", "magic"),
+            ],
+            &[
+                "CALLOPS_ACS_CREDENTIAL",
+                "\"magic\"",
+                "managed-identity",
+                "certificate",
+            ],
+        );
+        refused(
+            &[
+                ("CALLOPS_ACS_ENDPOINT", "http://r.communication.azure.com/"),
+                ("CALLOPS_ACS_CREDENTIAL", "managed-identity"),
+            ],
+            &["CALLOPS_ACS_ENDPOINT", "https"],
+        );
+        refused(
+            &[
+                ("CALLOPS_ACS_ENDPOINT", endpoint),
+                ("CALLOPS_ACS_CREDENTIAL", "workload-identity"),
+            ],
+            &[
+                "CALLOPS_ACS_TENANT_ID",
+                "AZURE_CLIENT_ID",
+                "AZURE_FEDERATED_TOKEN_FILE",
+            ],
+        );
+        refused(
+            &[
+                ("CALLOPS_ACS_ENDPOINT", endpoint),
+                ("CALLOPS_ACS_CREDENTIAL", "secret"),
+                ("CALLOPS_ACS_TENANT_ID", "t"),
+                ("CALLOPS_ACS_CLIENT_ID", "c"),
+            ],
+            &["CALLOPS_ACS_CLIENT_SECRET", "AZURE_CLIENT_SECRET"],
+        );
+        refused(
+            &[
+                ("CALLOPS_ACS_ENDPOINT", endpoint),
+                ("CALLOPS_ACS_CREDENTIAL", "managed-identity"),
+                ("IDENTITY_ENDPOINT", "http://localhost:1/msi/token"),
+            ],
+            &["IDENTITY_HEADER"],
+        );
+        refused(
+            &[
+                ("CALLOPS_GRAPH_CREDENTIAL", "certificate"),
+                ("CALLOPS_GRAPH_TENANT_ID", "t"),
+                ("CALLOPS_GRAPH_CLIENT_ID", "c"),
+            ],
+            &["CALLOPS_GRAPH_CLIENT_CERTIFICATE_PATH"],
+        );
+        refused(
+            &[("CALLOPS_GRAPH_CREDENTIAL", "key")],
+            &["CALLOPS_GRAPH_CREDENTIAL", "secret"],
+        );
+        refused(
+            &[(
+                "CALLOPS_EMULATOR__CLIENT_CERTIFICATE_PATH",
+                "/nonexistent/dev.pem",
+            )],
+            &["emulator.client_certificate_path"],
+        );
+        // A managed identity without a client id names no bot: the audience must be given.
+        refused(
+            &[("CALLOPS_GRAPH_CREDENTIAL", "managed-identity")],
+            &["CALLOPS_GRAPH_CALLBACK_AUDIENCE"],
+        );
+        refused(
+            &[
+                ("CALLOPS_ACS_ENDPOINT", endpoint),
+                ("CALLOPS_ACS_CREDENTIAL", "managed-identity"),
+            ],
+            &["CALLOPS_ACS_CALLBACK_AUDIENCE"],
+        );
     }
 
     #[test]

@@ -18,9 +18,11 @@ pub mod error;
 pub mod graph;
 pub mod healthcheck;
 pub mod http;
+pub mod identity;
 pub mod metrics;
 pub mod migrate;
 pub mod operation;
+pub mod reconcile;
 pub mod service;
 pub mod store;
 pub mod telemetry;
@@ -37,15 +39,16 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::acs::auth::AcsAuth;
 use crate::acs::client::AcsClient;
 use crate::acs::connection_string::ConnectionString;
 use crate::callback_auth::{CallbackAuthenticator, IssuerSettings};
-use crate::config::{CallbackAuth, CallbackIssuerConfig, Config};
+use crate::config::{AcsUpstream, CallbackAuth, CallbackIssuerConfig, Config};
 use crate::emulator::Emulator;
 use crate::emulator::callback_signing;
 use crate::graph::client::GraphClient;
-use crate::graph::token::TokenProvider;
 use crate::http::{ApiLimits, AppState};
+use crate::identity::{Credential, CredentialSettings, TokenProvider};
 use crate::metrics::Metrics;
 use crate::service::OperationService;
 use crate::store::Storage;
@@ -61,22 +64,12 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let tasks = TaskTracker::new();
     let metrics = Metrics::new();
-    let acs_connection = config.acs.connection()?;
-    let acs_emulated = acs_connection.is_none();
+    let acs_upstream = config.acs_upstream()?;
+    let acs_emulated = acs_upstream.is_none();
     let emulator = if acs_emulated || !config.graph.is_configured() {
         Some(start_emulator(&config, &tasks, &shutdown).await?)
     } else {
         None
-    };
-    let connection = match (acs_connection, &emulator) {
-        (Some(connection), _) => connection,
-        (None, Some(endpoint)) => {
-            tracing::info!(emulator.endpoint = %endpoint, "no ACS connection string configured: ACS requests go to the in-process emulator");
-            let key = config::decode_key(&config.emulator.access_key)
-                .context("emulator.access_key is not base64")?;
-            ConnectionString::new(endpoint.clone(), key)
-        }
-        (None, None) => unreachable!("the emulator starts when ACS is not configured"),
     };
     let callback_auth =
         callback_authenticator(&config, emulator.as_ref(), acs_emulated, metrics.clone())?;
@@ -104,19 +97,22 @@ pub async fn run(
     };
     let graph_http = http_client(Duration::from_millis(config.graph.request_timeout_ms))?;
     let graph = graph_client(&config, emulator.as_ref(), graph_http, metrics.clone())?;
+    let acs_http = http_client(config.acs.request_timeout())?;
+    let acs_auth = acs_auth(&config, acs_upstream, emulator.as_ref(), &acs_http)?;
     let storage = Storage::open(&config, metrics.clone()).await?;
     let acs = AcsClient::new(
         &config.acs,
-        connection,
+        acs_auth,
         config.acs_callback_url().expose().clone(),
-        http_client(config.acs.request_timeout())?,
+        acs_http,
         metrics.clone(),
     );
-    tracing::info!(acs.endpoint = %acs.endpoint(), callback.url = %config.acs_callback_url(), "ACS client ready");
-    tracing::info!(graph.base_url = %graph.base_url(), graph.token_url = %graph.tokens().token_url(), "Graph client ready");
+    tracing::info!(acs.endpoint = %acs.endpoint(), acs.auth = acs.auth().kind(), acs.token_url = acs.auth().tokens().map(|t| t.credential().endpoint().as_str()), callback.url = %config.acs_callback_url(), "ACS client ready");
+    tracing::info!(graph.base_url = %graph.base_url(), graph.auth = graph.tokens().credential().kind(), graph.token_url = %graph.tokens().credential().endpoint(), "Graph client ready");
     let service = OperationService::new(
         storage.clone(),
         dispatch_budget(&config),
+        &config.operations,
         acs,
         graph,
         tasks.clone(),
@@ -124,7 +120,9 @@ pub async fn run(
         metrics.clone(),
     );
     let sweep_interval = Duration::from_millis(config.operations.sweep_interval_ms.max(10));
-    storage.spawn_background(&tasks, sweep_interval, &shutdown);
+    let (reconcile_queue, reconcile_jobs) = tokio::sync::mpsc::channel(RECONCILE_QUEUE);
+    storage.spawn_background(&tasks, sweep_interval, &shutdown, reconcile_queue);
+    tasks.spawn(service.clone().run_reconciler(reconcile_jobs));
     tasks.spawn(
         service
             .clone()
@@ -178,10 +176,15 @@ pub async fn run(
     Ok(())
 }
 
+/// Reconciliations waiting for the service: past this many, the sweep's surplus jobs are
+/// dropped and those operations time out as they would have without asking.
+const RECONCILE_QUEUE: usize = 10_000;
+
 /// The longest one upstream request may take with its retries, and a margin.
 fn dispatch_budget(config: &Config) -> Duration {
-    let acs = config.acs.retry.total_timeout_ms + config.acs.request_timeout().as_millis() as u64;
-    // A Graph attempt may fetch a token first, under the same timeout.
+    // An attempt may fetch a token first (Graph; ACS with Entra ID), under the same timeout.
+    let acs =
+        config.acs.retry.total_timeout_ms + 2 * config.acs.request_timeout().as_millis() as u64;
     let graph = config.graph.retry.total_timeout_ms + 2 * config.graph.request_timeout_ms;
     Duration::from_millis(acs.max(graph)) + Duration::from_secs(5)
 }
@@ -198,8 +201,47 @@ fn reaches(public_url: &url::Url, listen: std::net::SocketAddr) -> bool {
     !loopback || public_url.port_or_known_default() == Some(listen.port())
 }
 
-/// The Graph client: for the configured app registration, or for the in-process
-/// emulator (at `emulator`) when none is configured.
+/// How ACS requests are authenticated: the configured access key or Entra ID credential, or
+/// the in-process emulator's key (at `emulator`) when none is configured.
+fn acs_auth(
+    config: &Config,
+    upstream: Option<AcsUpstream>,
+    emulator: Option<&url::Url>,
+    http: &reqwest::Client,
+) -> anyhow::Result<AcsAuth> {
+    Ok(match (upstream, emulator) {
+        (Some(AcsUpstream::Key(connection)), _) => AcsAuth::Key(connection),
+        (
+            Some(AcsUpstream::Entra {
+                endpoint,
+                credential,
+            }),
+            _,
+        ) => {
+            let credential = Credential::new(credential)
+                .context("CALLOPS_ACS_CLIENT_CERTIFICATE_PATH (acs.certificate_path)")?;
+            AcsAuth::Entra {
+                endpoint,
+                tokens: Arc::new(TokenProvider::new(
+                    http.clone(),
+                    credential,
+                    identity::ACS_SCOPE,
+                    "ACS",
+                )),
+            }
+        }
+        (None, Some(endpoint)) => {
+            tracing::info!(emulator.endpoint = %endpoint, "ACS is not configured: ACS requests go to the in-process emulator");
+            let key = config::decode_key(&config.emulator.access_key)
+                .context("emulator.access_key is not base64")?;
+            AcsAuth::Key(ConnectionString::new(endpoint.clone(), key))
+        }
+        (None, None) => unreachable!("the emulator starts when ACS is not configured"),
+    })
+}
+
+/// The Graph client: for the configured credential, or for the in-process emulator (at
+/// `emulator`) when none is configured.
 fn graph_client(
     config: &Config,
     emulator: Option<&url::Url>,
@@ -207,27 +249,30 @@ fn graph_client(
     metrics: Metrics,
 ) -> anyhow::Result<GraphClient> {
     let graph = &config.graph;
-    let (base_url, authority, tenant, client_id, secret) = match emulator {
+    let (base_url, settings) = match emulator {
         Some(endpoint) if !graph.is_configured() => {
-            tracing::info!(emulator.endpoint = %endpoint, "no Graph app credentials configured: Graph requests go to the in-process emulator");
+            tracing::info!(emulator.endpoint = %endpoint, "no Graph credential configured: Graph requests go to the in-process emulator");
             let emulator_config = &config.emulator;
             (
                 endpoint.join("v1.0")?,
-                endpoint.clone(),
-                emulator_config.graph_tenant_id.clone(),
-                emulator_config.graph_client_id.clone(),
-                SecretString::from(emulator_config.graph_client_secret.clone()),
+                CredentialSettings::ClientSecret {
+                    authority: endpoint.clone(),
+                    tenant_id: emulator_config.graph_tenant_id.clone(),
+                    client_id: emulator_config.graph_client_id.clone(),
+                    secret: SecretString::from(emulator_config.graph_client_secret.clone()),
+                },
             )
         }
         _ => (
             graph.base_url.clone(),
-            graph.authority.clone(),
-            graph.tenant_id.clone(),
-            graph.client_id.clone(),
-            graph.client_secret.clone(),
+            config
+                .graph_credential()?
+                .context("Graph has no credential (validated at load)")?,
         ),
     };
-    let tokens = TokenProvider::new(http.clone(), &authority, &tenant, client_id, secret);
+    let credential = Credential::new(settings)
+        .context("CALLOPS_GRAPH_CLIENT_CERTIFICATE_PATH (graph.certificate_path)")?;
+    let tokens = TokenProvider::new(http.clone(), credential, identity::GRAPH_SCOPE, "Graph");
     Ok(GraphClient::new(
         http,
         base_url,
@@ -276,7 +321,7 @@ fn callback_authenticator(
         )?,
         // The bot's app id is the audience unless one is configured.
         _ if callbacks.graph.audience.trim().is_empty() => {
-            configured(&callbacks.graph, &config.graph.client_id)
+            configured(&callbacks.graph, config.graph_app_id())
         }
         _ => configured(&callbacks.graph, &callbacks.graph.audience),
     };

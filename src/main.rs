@@ -109,6 +109,11 @@ async fn main() -> anyhow::Result<ExitCode> {
                 callback_signing::GRAPH_OPENID_PATH,
                 callback_signing::GRAPH_ISSUER,
             );
+            tracing::info!(
+                "Without secrets: a managed identity with IDENTITY_ENDPOINT=http://{address}/msi/token IDENTITY_HEADER={} (or IMDS with CALLOPS_IDENTITY__IMDS_ENDPOINT=http://{address}), then CALLOPS_ACS_ENDPOINT=http://{address}/ CALLOPS_ACS_CREDENTIAL=managed-identity and CALLOPS_GRAPH_CREDENTIAL=managed-identity CALLOPS_GRAPH_CALLBACK_AUDIENCE={}",
+                config.emulator.identity_header,
+                config.emulator.graph_client_id,
+            );
             let emulator = Emulator::new(&config.emulator);
             emulator
                 .graph()

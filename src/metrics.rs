@@ -59,6 +59,8 @@ struct Inner {
     webhook_attempts: [Counter; WEBHOOK_OUTCOMES.len()],
     /// Open change streams.
     stream_clients: prometheus_client::metrics::gauge::Gauge,
+    /// Reconciliations by (kind, outcome).
+    reconciliations: Family<Labels2, Counter>,
 }
 
 /// How a webhook attempt ended, for `callops_webhook_deliveries_total{outcome}`.
@@ -235,6 +237,20 @@ impl Metrics {
             "Open change streams (GET /v1/operations:stream)",
             stream_clients.clone(),
         );
+        let reconciliations: Family<Labels2, Counter> = Family::default();
+        registry.register(
+            "reconciliations",
+            "Operations past their callback deadline whose platform was asked, by kind and outcome (succeeded, still_pending, call_ended, call_terminated, unreachable; superseded: a callback settled it first)",
+            reconciliations.clone(),
+        );
+        for kind in ISSUED_KINDS {
+            for outcome in crate::reconcile::OUTCOMES {
+                drop(
+                    reconciliations
+                        .get_or_create(&[("kind", kind_label(&kind)), ("outcome", outcome.into())]),
+                );
+            }
+        }
         // Every series a dashboard or alert names exists from the start, at zero.
         for upstream in ["acs", "graph"] {
             drop(upstream_retries.get_or_create(&[("upstream", upstream.into())]));
@@ -263,6 +279,7 @@ impl Metrics {
                 commit_records,
                 webhook_attempts,
                 stream_clients,
+                reconciliations,
             }),
         }
     }
@@ -306,6 +323,16 @@ impl Metrics {
             &self.event_counters(source, &event.event_type),
             EventOutcome::Unmatched,
         );
+    }
+
+    /// Counts one reconciliation of an operation of `kind` (an issued kind's name) that
+    /// ended with `outcome` (one of [`crate::reconcile::OUTCOMES`]).
+    pub fn reconciliation(&self, kind: &str, outcome: &'static str) {
+        let kind = kind_label(&OperationKind::from_name(kind));
+        self.inner
+            .reconciliations
+            .get_or_create(&[("kind", kind), ("outcome", outcome.into())])
+            .inc();
     }
 
     /// Counts one refused callback request from `source`.

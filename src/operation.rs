@@ -169,11 +169,50 @@ pub struct ResultInfo {
     /// Graph's `completionReason`, e.g. `operationCanceled`, `stopToneDetected`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub completion_reason: Option<String>,
+    /// ACS: the SIP response behind the outcome, when the call leg gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sip_details: Option<Box<ResultDetails>>,
+    /// ACS: the Q.850 cause behind the outcome, when the network gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub q850_details: Option<Box<ResultDetails>>,
+}
+
+/// A protocol-level cause in an ACS `resultInformation` (`sipDetails`, `q850Details`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ResultDetails {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// The error code of an operation that heard no final callback in time. Unlike every
 /// other failure it is provisional: a final callback that arrives later still wins.
 pub const CALLBACK_TIMEOUT: &str = "CallbackTimeout";
+
+/// Why an unsettled operation is due at a time of its own rather than at its callback
+/// deadline. Kept with the operation (never shown), so every store and every replica sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SettleBy {
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    pub reason: SettleReason,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum SettleReason {
+    /// Past its deadline, the platform is being asked how it ended; if no answer is applied
+    /// by `at`, it times out as it would have without asking.
+    Reconciling,
+    /// Its call ended (ACS `CallDisconnected`); unless its own event comes first, it fails
+    /// with [`CALL_ENDED`] at `at`.
+    CallEnded,
+}
+
+/// The error code of an operation whose call ended before its outcome was heard.
+pub const CALL_ENDED: &str = "CallEnded";
 
 /// A media operation that a `cancelMediaProcessing` operation cancelled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -344,9 +383,24 @@ pub struct Operation {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_status: Option<Box<str>>,
     /// True when the final callback arrived after the operation had timed out
-    /// ([`CALLBACK_TIMEOUT`]) and replaced that provisional failure.
+    /// ([`CALLBACK_TIMEOUT`]) or been reconciled, and replaced that provisional outcome.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub late: bool,
+    /// True when callops settled the operation without its callback: from what the
+    /// platform said when asked at the deadline (the participant is gone, the call is gone),
+    /// or because its call ended. Provisional: a final callback that arrives later still
+    /// wins (and marks it `late`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reconciled: bool,
+    /// Removals: the participant's raw id, to ask ACS about it at the deadline. Kept for
+    /// the store alone, like `pending`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
+    pub participant: Option<Box<str>>,
+    /// When it is due instead of at its callback deadline, and why. Store only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
+    pub settle_by: Option<Box<SettleBy>>,
     /// For `cancelMediaProcessing`: the media operations it cancelled, as their
     /// notifications arrived.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -423,7 +477,47 @@ impl Operation {
     pub fn public(mut self) -> Self {
         self.pending = None;
         self.notify = None;
+        self.participant = None;
+        self.settle_by = None;
         self
+    }
+
+    /// When the sweep looks at it if nothing settles it: its own time ([`SettleBy`]), else
+    /// `timeout` after its creation.
+    pub fn deadline(&self, timeout: std::time::Duration) -> OffsetDateTime {
+        match &self.settle_by {
+            Some(settle_by) => settle_by.at,
+            None => self.created_date_time + timeout,
+        }
+    }
+
+    /// Why it is due at a time of its own, if it is.
+    pub fn settle_reason(&self) -> Option<SettleReason> {
+        self.settle_by.as_ref().map(|settle_by| settle_by.reason)
+    }
+
+    /// Makes it due at `at` for `reason` (a change: the revision moves).
+    pub fn settle_by(&mut self, at: OffsetDateTime, reason: SettleReason) {
+        self.settle_by = Some(Box::new(SettleBy { at, reason }));
+        self.revision += 1;
+    }
+
+    /// Applies a final `transition` that callops inferred rather than heard (see
+    /// `reconciled`); refused like any transition once the operation has settled.
+    pub fn apply_reconciled(
+        &mut self,
+        transition: Transition,
+        now: OffsetDateTime,
+    ) -> Result<OperationStatus, TransitionError> {
+        let status = self.apply(transition, now)?;
+        self.reconciled = true;
+        Ok(status)
+    }
+
+    /// True while its outcome is provisional: a timeout or a reconciliation, which a final
+    /// callback still replaces.
+    pub fn provisional(&self) -> bool {
+        self.timed_out() || (self.reconciled && self.status.is_terminal())
     }
 
     /// A new operation in `NotStarted`, created before anything is sent upstream.
@@ -442,6 +536,9 @@ impl Operation {
             upstream_operation_id: None,
             upstream_status: None,
             late: false,
+            reconciled: false,
+            participant: None,
+            settle_by: None,
             cancelled_operations: Vec::new(),
             events: Vec::new(),
             events_omitted: 0,
@@ -487,6 +584,9 @@ impl Operation {
             upstream_operation_id,
             upstream_status,
             late,
+            reconciled,
+            participant,
+            settle_by,
             cancelled_operations,
             events: _,
             events_omitted,
@@ -510,6 +610,9 @@ impl Operation {
             upstream_operation_id: upstream_operation_id.as_deref(),
             upstream_status: upstream_status.as_deref(),
             late: *late,
+            reconciled: *reconciled,
+            participant: participant.as_deref(),
+            settle_by: settle_by.as_deref(),
             cancelled_operations,
             events: &[],
             events_omitted: *events_omitted,
@@ -533,8 +636,9 @@ impl Operation {
         transition: Transition,
         now: OffsetDateTime,
     ) -> Result<OperationStatus, TransitionError> {
-        // A final outcome that arrives after a callback timeout still wins, marked late.
-        let reopened = self.timed_out() && transition.is_final();
+        // A final outcome that arrives after a callback timeout or a reconciliation still
+        // wins, marked late.
+        let reopened = self.provisional() && transition.is_final();
         let from = if reopened {
             OperationStatus::Running
         } else {
@@ -543,9 +647,13 @@ impl Operation {
         let next = next_status(from, &transition)?;
         if reopened {
             self.late = true;
+            self.reconciled = false;
             self.error = None;
         }
         let outcome_changed = next.is_terminal() && (next != self.status || reopened);
+        if next.is_terminal() {
+            self.settle_by = None;
+        }
         self.status = next;
         self.last_updated_date_time = now;
 
@@ -620,6 +728,12 @@ struct WithoutEvents<'a> {
     upstream_status: Option<&'a str>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     late: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    reconciled: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    participant: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    settle_by: Option<&'a SettleBy>,
     #[serde(skip_serializing_if = "is_empty")]
     cancelled_operations: &'a [CancelledOperation],
     events: &'a [EventRecord],
@@ -752,6 +866,11 @@ mod serde_tests {
             sub_code: Some(8508),
             message: Some("canceled".to_owned()),
             completion_reason: Some("operationCanceled".to_owned()),
+            sip_details: Some(Box::new(ResultDetails {
+                code: Some(487),
+                message: Some("Request Terminated".to_owned()),
+            })),
+            q850_details: None,
         }));
         cancel.error = Some(Box::new(OperationError {
             code: "OperationCanceled".to_owned(),
@@ -760,6 +879,7 @@ mod serde_tests {
         cancel.upstream_operation_id = Some("0FE0623FD62842EDB4BD8AC290072CC5".into());
         cancel.upstream_status = Some("Running".into());
         cancel.late = true;
+        cancel.reconciled = true;
         cancel.cancelled_operations.push(CancelledOperation {
             id: OperationId::new(),
             kind: OperationKind::Observed("playPrompt".into()),
@@ -787,6 +907,8 @@ mod serde_tests {
             repeatability_request_id: Uuid::nil(),
             repeatability_first_sent: "Mon, 23 Nov 2026 10:00:00 GMT".to_owned(),
         }));
+        removal.participant = Some("8:acs:bob".into());
+        removal.settle_by(at, SettleReason::CallEnded);
         for operation in [cancel, removal] {
             let json = serde_json::to_vec(&operation).unwrap();
             let mut back: Operation = serde_json::from_slice(&json).unwrap();

@@ -17,9 +17,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::acs::client::{AcsClient, AcsError, RemoveParticipant, Repeatability};
+use crate::acs::client::{
+    AcsClient, AcsError, ParticipantReading, RemoveParticipant, Repeatability,
+};
 use crate::acs::events::AcsEvent;
 use crate::acs::identifier::{CommunicationIdentifier, IdentifierError};
+use crate::config::{CallbackTimeouts, OperationsConfig};
 use crate::correlation::{Delivery, DeliverySummary, IncomingEvent};
 use crate::graph::client::{CancelAnswer, GraphClient, GraphError};
 use crate::graph::ids;
@@ -29,10 +32,11 @@ use crate::operation::{
     CallRef, NotifyTarget, Operation, OperationError, OperationId, OperationKind, PendingRequest,
     ResultInfo, Transition,
 };
+use crate::reconcile::{self, Reading, ReconcileJob};
 use crate::store::journal::JournalStats;
 use crate::store::{
-    ContextInUse, CreateError, Delivered, Inbound, ListFilter, Storage, StoreError, StoreStats,
-    UpstreamAnswer,
+    CallEnd, ContextInUse, CreateError, Delivered, Inbound, ListFilter, Storage, StoreError,
+    StoreStats, UpstreamAnswer,
 };
 use crate::telemetry::LogBudget;
 use crate::trace_context::TraceParent;
@@ -43,6 +47,9 @@ pub const MAX_CONTEXT_LEN: usize = 512;
 
 /// The longest clientContext Graph accepts.
 pub const MAX_CLIENT_CONTEXT_LEN: usize = 256;
+
+/// Platform reads of reconciliations in flight at once.
+const RECONCILE_CONCURRENCY: usize = 32;
 
 /// Starts operations and applies callbacks. A cheap handle: handlers get a copy per
 /// request, so it is one reference count, not one per part.
@@ -65,6 +72,10 @@ pub struct ServiceParts {
     /// The longest an upstream request (with its retries) may take: how long a replica
     /// holds a request it is sending before another may send it again.
     dispatch_budget: Duration,
+    /// Named in the `CallbackTimeout` message of a reconciliation.
+    callback_timeouts: CallbackTimeouts,
+    /// `operations.reconcile`: removals keep their participant to be asked about.
+    reconcile: bool,
     acs: AcsClient,
     graph: GraphClient,
     tasks: TaskTracker,
@@ -103,9 +114,14 @@ impl From<CreateError> for StartError {
 pub struct DeliveryError(#[from] StoreError);
 
 impl OperationService {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each part is wired once, in `run`"
+    )]
     pub fn new(
         storage: Storage,
         dispatch_budget: Duration,
+        operations: &OperationsConfig,
         acs: AcsClient,
         graph: GraphClient,
         tasks: TaskTracker,
@@ -116,6 +132,8 @@ impl OperationService {
             parts: Arc::new(ServiceParts {
                 storage,
                 dispatch_budget,
+                callback_timeouts: operations.callback_timeouts.clone(),
+                reconcile: operations.reconcile,
                 acs,
                 graph,
                 tasks,
@@ -198,6 +216,10 @@ impl OperationService {
         );
         operation.notify = notify.map(Box::new);
         let id = operation.id;
+        // Kept only to be asked about at the deadline (about 80 bytes per running removal).
+        if self.reconcile {
+            operation.participant = participant.raw_id.as_deref().map(Into::into);
+        }
         let repeatability = Repeatability::new();
         operation.pending = Some(Box::new(PendingRequest::RemoveParticipant {
             participant: serde_json::to_value(&participant).unwrap_or_default(),
@@ -374,7 +396,11 @@ impl OperationService {
                 continue;
             };
             // Only a call's end needs the call after the event is handed over.
-            let ended = call_ended.map(|result| (call.clone(), result));
+            let ended = call_ended.map(|result| CallEnd {
+                call: call.clone(),
+                result,
+                grace: false,
+            });
             inbound.push(Inbound { incoming, ended });
         }
         nameless.log("notifications name no call (no resourceUrl or resource); not kept");
@@ -392,17 +418,21 @@ impl OperationService {
         let mut inbound = Vec::with_capacity(events.len());
         let mut nameless = Nameless::default();
         for event in events {
+            let disconnected = event.name() == CALL_DISCONNECTED;
             let incoming = event.into_incoming(received);
             summary.received += 1;
-            if incoming.call.is_none() {
+            let Some(call) = &incoming.call else {
                 summary.unmatched += 1;
                 nameless.note(&incoming);
                 continue;
-            }
-            inbound.push(Inbound {
-                incoming,
-                ended: None,
+            };
+            // The call's removals still waiting get a grace period for their own events.
+            let ended = disconnected.then(|| CallEnd {
+                call: call.clone(),
+                result: None,
+                grace: true,
             });
+            inbound.push(Inbound { incoming, ended });
         }
         nameless.log(
             "callback events name no call connection (no data.callConnectionId, no source); not kept",
@@ -426,7 +456,10 @@ impl OperationService {
                 let counters = self
                     .metrics
                     .event_counters(source, &event.incoming.event_type);
-                let ended = event.ended.as_ref().map(|(call, _)| call.clone());
+                let ended = event
+                    .ended
+                    .as_ref()
+                    .map(|ended| (ended.call.clone(), ended.grace));
                 (counters, ended)
             })
             .collect();
@@ -439,8 +472,10 @@ impl OperationService {
                 if let Delivery::Matched { id, effect } = delivered.delivery {
                     tracing::debug!(operation.id = %id, ?effect, "callback matched");
                 }
-                if let (Some(call), false) = (ended, delivered.delivery == Delivery::Duplicate) {
-                    log_call_ended(call, &delivered.failed);
+                if let (Some((call, grace)), false) =
+                    (ended, delivered.delivery == Delivery::Duplicate)
+                {
+                    log_call_ended(call, *grace, &delivered.failed);
                 }
             })
             .await;
@@ -506,6 +541,80 @@ impl OperationService {
                     tracing::debug!(%error, "unsent operations could not be read; retried next tick");
                 }
             }
+        }
+    }
+
+    /// Asks the platform about each operation the store's sweep hands over (past its
+    /// deadline with no final callback), at most [`RECONCILE_CONCURRENCY`] at a time, and
+    /// gives the conclusion back to the store, until shutdown.
+    pub async fn run_reconciler(self, mut jobs: tokio::sync::mpsc::Receiver<ReconcileJob>) {
+        let limit = Arc::new(tokio::sync::Semaphore::new(RECONCILE_CONCURRENCY));
+        loop {
+            let job = tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                job = jobs.recv() => match job {
+                    Some(job) => job,
+                    None => return,
+                },
+            };
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                return;
+            };
+            let service = self.clone();
+            self.tasks.spawn(async move {
+                service.reconcile(job).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Asks the platform how `job`'s operation ended, outside any store lock, and applies
+    /// the conclusion by compare-and-set (a callback that came meanwhile wins).
+    #[tracing::instrument(skip_all, fields(operation.id = %job.id))]
+    async fn reconcile(&self, job: ReconcileJob) {
+        let reading = self.read_platform(&job).await;
+        let timeout = self.callback_timeouts.for_kind(&job.kind);
+        let conclusion = reconcile::conclude(&job.kind, reading, timeout);
+        let applied = self
+            .storage
+            .reconciled(job.id, &conclusion, OffsetDateTime::now_utc())
+            .await;
+        let outcome = match applied {
+            Ok(true) => conclusion.outcome,
+            Ok(false) => "superseded",
+            Err(error) => {
+                // Still marked reconciling: it times out when that mark expires.
+                tracing::error!(%error, "a reconciliation could not be stored; the operation will time out");
+                return;
+            }
+        };
+        self.metrics.reconciliation(job.kind.as_str(), outcome);
+        tracing::info!(?reading, outcome, "operation reconciled with the platform");
+    }
+
+    /// What the platform says of `job`'s operation.
+    async fn read_platform(&self, job: &ReconcileJob) -> Reading {
+        match (&job.call, job.participant.as_deref()) {
+            (CallRef::CallConnection(call_connection_id), Some(participant)) => {
+                match self.acs.participant(call_connection_id, participant).await {
+                    Ok(ParticipantReading::Present) => Reading::ParticipantPresent,
+                    Ok(ParticipantReading::Gone) => Reading::ParticipantGone,
+                    Ok(ParticipantReading::CallGone) => Reading::CallGone,
+                    Err(error) => {
+                        tracing::warn!(%error, "ACS could not be asked about the participant");
+                        Reading::Unreachable
+                    }
+                }
+            }
+            (CallRef::Call(call_id), _) => match self.graph.call_exists(call_id).await {
+                Ok(true) => Reading::CallPresent,
+                Ok(false) => Reading::CallGone,
+                Err(error) => {
+                    tracing::warn!(%error, "Graph could not be asked about the call");
+                    Reading::Unreachable
+                }
+            },
+            (CallRef::CallConnection(_), None) => Reading::Unreachable,
         }
     }
 
@@ -600,13 +709,23 @@ impl Nameless {
     }
 }
 
-fn log_call_ended(call: &CallRef, failed: &[OperationId]) {
+fn log_call_ended(call: &CallRef, grace: bool, failed: &[OperationId]) {
+    if grace {
+        tracing::info!(
+            call.id = call.id(),
+            "call disconnected; its unsettled removals fail with CallEnded unless their events follow within the grace period"
+        );
+        return;
+    }
     tracing::info!(
         call.id = call.id(),
         operations = failed.len(),
         "call terminated; its unsettled operations failed"
     );
 }
+
+/// ACS's event for a call that ended.
+const CALL_DISCONNECTED: &str = "CallDisconnected";
 
 /// The client's context when it has 1 to `max` characters, a new UUID when it gave none,
 /// `None` otherwise.
@@ -672,6 +791,13 @@ fn failure_transition(error: &AcsError) -> Transition {
             code,
             message,
         } => rejected("ACS", *status, code.as_deref(), message.as_deref()),
+        AcsError::Token(error) => Transition::Failed {
+            result: None,
+            error: OperationError {
+                code: "UpstreamAuthFailed".to_owned(),
+                message: format!("no ACS access token: {error}"),
+            },
+        },
         AcsError::Unavailable { attempts, last } => unavailable("ACS", *attempts, last),
     }
 }

@@ -10,8 +10,11 @@ use serde::de::{self, Deserializer};
 
 use time::OffsetDateTime;
 
+use crate::acs::identifier::{CommunicationIdentifier, TeamsExtensionUser};
 use crate::correlation::IncomingEvent;
-use crate::operation::{CallRef, OperationError, OperationKind, ResultInfo, Transition};
+use crate::operation::{
+    CallRef, OperationError, OperationKind, ResultDetails, ResultInfo, Transition,
+};
 
 const TYPE_PREFIX: &str = "Microsoft.Communication.";
 
@@ -25,6 +28,9 @@ pub struct AcsEvent {
     pub call_connection_id: Option<String>,
     pub operation_context: Option<String>,
     pub result: Option<ResultInfo>,
+    /// `data.participant`'s raw id: given, or built from its typed member (a kind callops
+    /// does not know keeps its `rawId` only); never a reason to refuse the event.
+    pub participant: Option<String>,
 }
 
 /// Why a delivery could not be decoded.
@@ -148,6 +154,8 @@ struct EventDataIn {
     call_connection_id: Option<String>,
     operation_context: Option<String>,
     result_information: Option<ResultInformationIn>,
+    #[serde(default, deserialize_with = "lenient_participant")]
+    participant: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -158,6 +166,244 @@ struct ResultInformationIn {
     #[serde(default, deserialize_with = "lenient_int")]
     sub_code: Option<i64>,
     message: Option<String>,
+    #[serde(default, deserialize_with = "lenient_details")]
+    sip_details: Option<ResultDetails>,
+    #[serde(default, deserialize_with = "lenient_details")]
+    q850_details: Option<ResultDetails>,
+}
+
+/// `sipDetails` / `q850Details`: `{code, message}`, codes lenient as above.
+#[derive(Deserialize)]
+struct DetailsIn {
+    #[serde(default, deserialize_with = "lenient_int")]
+    code: Option<i64>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// A `sipDetails` or `q850Details` object; anything else (null, a wrong type) is `None`.
+fn lenient_details<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<ResultDetails>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Lenient {
+        Details(DetailsIn),
+        Other(de::IgnoredAny),
+    }
+    Ok(match Option::<Lenient>::deserialize(deserializer)? {
+        Some(Lenient::Details(DetailsIn { code, message }))
+            if code.is_some() || message.is_some() =>
+        {
+            Some(ResultDetails { code, message })
+        }
+        _ => None,
+    })
+}
+
+/// A participant's raw id: `rawId`, else built from its typed member the way the SDKs build
+/// it; unknown kinds and odd shapes never refuse the event. Read by a visitor rather than an
+/// untagged enum, so the callback path buffers nothing: members after a `rawId` are skipped.
+fn lenient_participant<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    deserializer.deserialize_any(ParticipantVisitor)
+}
+
+/// The members of a `CommunicationIdentifierModel` that give its raw id.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+enum Member {
+    RawId,
+    CommunicationUser,
+    PhoneNumber,
+    TeamsExtensionUser,
+    #[serde(other)]
+    Other,
+}
+
+struct ParticipantVisitor;
+
+impl<'de> de::Visitor<'de> for ParticipantVisitor {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a communication identifier")
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut raw_id: Option<String> = None;
+        let mut built: Option<String> = None;
+        while let Some(member) = map.next_key::<Member>()? {
+            match member {
+                Member::RawId if raw_id.is_none() => {
+                    raw_id = map
+                        .next_value::<Text>()?
+                        .0
+                        .filter(|raw_id| !raw_id.is_empty());
+                }
+                Member::CommunicationUser | Member::PhoneNumber | Member::TeamsExtensionUser
+                    if raw_id.is_none() && built.is_none() =>
+                {
+                    let fields = map.next_value::<TextFields>()?.0;
+                    built = raw_id_of(&member, &fields);
+                }
+                _ => {
+                    map.next_value::<de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(raw_id.or(built))
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+/// The raw id a typed member gives, from its string fields.
+fn raw_id_of(member: &Member, fields: &[(String, String)]) -> Option<String> {
+    let field = |name: &str| {
+        fields
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.clone())
+    };
+    match member {
+        Member::CommunicationUser => field("id"),
+        Member::PhoneNumber => field("value").map(|value| format!("4:{value}")),
+        Member::TeamsExtensionUser => {
+            let identifier = CommunicationIdentifier {
+                teams_extension_user: Some(TeamsExtensionUser {
+                    user_id: field("userId")?,
+                    tenant_id: field("tenantId")?,
+                    resource_id: field("resourceId")?,
+                    cloud: field("cloud"),
+                }),
+                ..CommunicationIdentifier::default()
+            };
+            identifier.normalize().ok()?.raw_id
+        }
+        Member::RawId | Member::Other => None,
+    }
+}
+
+/// A string, or `None` for any other JSON value (skipped).
+struct Text(Option<String>);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+        impl<'de> de::Visitor<'de> for TextVisitor {
+            type Value = Text;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Text, E> {
+                Ok(Text(Some(text.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, text: String) -> Result<Text, E> {
+                Ok(Text(Some(text)))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Text, A::Error> {
+                while map
+                    .next_entry::<de::IgnoredAny, de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Text(None))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Text, A::Error> {
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+                Ok(Text(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Text, E> {
+                Ok(Text(None))
+            }
+        }
+        deserializer.deserialize_any(TextVisitor)
+    }
+}
+
+/// The string fields of an object (anything else, or a non-object, gives none).
+struct TextFields(Vec<(String, String)>);
+
+impl<'de> Deserialize<'de> for TextFields {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldsVisitor;
+        impl<'de> de::Visitor<'de> for FieldsVisitor {
+            type Value = TextFields;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<TextFields, A::Error> {
+                let mut fields = Vec::new();
+                while let Some((key, Text(value))) = map.next_entry::<String, Text>()? {
+                    fields.extend(value.map(|value| (key, value)));
+                }
+                Ok(TextFields(fields))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<TextFields, A::Error> {
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+                Ok(TextFields(Vec::new()))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<TextFields, E> {
+                Ok(TextFields(Vec::new()))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<TextFields, E> {
+                Ok(TextFields(Vec::new()))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<TextFields, E> {
+                Ok(TextFields(Vec::new()))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<TextFields, E> {
+                Ok(TextFields(Vec::new()))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<TextFields, E> {
+                Ok(TextFields(Vec::new()))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<TextFields, E> {
+                Ok(TextFields(Vec::new()))
+            }
+        }
+        deserializer.deserialize_any(FieldsVisitor)
+    }
 }
 
 impl CloudEventIn {
@@ -166,6 +412,7 @@ impl CloudEventIn {
             call_connection_id: None,
             operation_context: None,
             result_information: None,
+            participant: None,
         });
         let call_connection_id = data
             .call_connection_id
@@ -180,8 +427,11 @@ impl CloudEventIn {
                 code: r.code,
                 sub_code: r.sub_code,
                 message: r.message,
+                sip_details: r.sip_details.map(Box::new),
+                q850_details: r.q850_details.map(Box::new),
                 ..ResultInfo::default()
             }),
+            participant: data.participant,
         }
     }
 }
@@ -319,6 +569,65 @@ mod tests {
             (result.code, result.sub_code, result.message),
             (Some(404), Some(8522), None)
         );
+    }
+
+    #[test]
+    fn sip_and_q850_details_are_kept() {
+        let body = br#"{"type":"Microsoft.Communication.RemoveParticipantFailed","data":{"resultInformation":{"code":487,"subCode":0,"message":"m","sipDetails":{"code":"487","message":"Request Terminated"},"q850Details":{"code":31,"message":"Normal, unspecified"}}}}"#;
+        let result = decode(body).unwrap()[0].result.clone().unwrap();
+        assert_eq!(
+            result.sip_details.as_deref(),
+            Some(&ResultDetails {
+                code: Some(487),
+                message: Some("Request Terminated".to_owned())
+            })
+        );
+        assert_eq!(result.q850_details.unwrap().code, Some(31));
+        // Odd shapes are dropped, not refused.
+        let body = br#"{"type":"x","data":{"resultInformation":{"code":200,"sipDetails":"487","q850Details":null}}}"#;
+        let result = decode(body).unwrap()[0].result.clone().unwrap();
+        assert_eq!((result.sip_details, result.q850_details), (None, None));
+    }
+
+    #[test]
+    fn participants_of_any_kind_are_kept_by_raw_id() {
+        let participant = |json: &str| {
+            let body = format!(
+                r#"{{"id":"e","type":"Microsoft.Communication.RemoveParticipantSucceeded","data":{{"callConnectionId":"c","participant":{json}}}}}"#
+            );
+            decode(body.as_bytes()).unwrap().remove(0).participant
+        };
+        let teams_extension = r#"{"kind":"teamsExtensionUser","teamsExtensionUser":{"userId":"u","tenantId":"t","resourceId":"r","cloud":"gcch"}}"#;
+        assert_eq!(
+            participant(teams_extension).as_deref(),
+            Some("8:gcch-acs:r_t_u")
+        );
+        assert_eq!(
+            participant(r#"{"rawId":"8:acs:r_t_u","kind":"teamsExtensionUser","teamsExtensionUser":{"userId":"u","tenantId":"t","resourceId":"r","cloud":"public"}}"#).as_deref(),
+            Some("8:acs:r_t_u")
+        );
+        // A kind from the future: its rawId is kept, its member ignored.
+        assert_eq!(
+            participant(
+                r#"{"kind":"holographicUser","rawId":"99:holo:x","holographicUser":{"x":[1]}}"#
+            )
+            .as_deref(),
+            Some("99:holo:x")
+        );
+        assert_eq!(participant(r#"{"kind":"holographicUser"}"#), None);
+        assert_eq!(participant("42"), None);
+        assert_eq!(participant(r#"{"communicationUser":{"id":5}}"#), None);
+    }
+
+    /// `version` and `publicEventType` are SDK model fields, not the REST spec's.
+    #[test]
+    fn version_and_public_event_type_are_not_required() {
+        let body = br#"[{"id":"e1","source":"calling/callConnections/c","type":"Microsoft.Communication.RemoveParticipantSucceeded","data":{"callConnectionId":"c","operationContext":"ctx","resultInformation":{"code":200,"subCode":0,"message":"ok"}}}]"#;
+        let events = decode(body).unwrap();
+        assert_eq!(events[0].operation_context.as_deref(), Some("ctx"));
+        let (kind, transition) = meaning(events[0].clone());
+        assert_eq!(kind, RemoveParticipant);
+        assert!(matches!(transition, Some(Transition::Succeeded { .. })));
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! Clients may send any valid form (a `rawId` alone, a typed member alone, both, with or
 //! without `kind`); [`CommunicationIdentifier::normalize`] turns it into what the official
-//! SDK sends: `rawId` plus the typed member, no `kind` for the known kinds. Kinds this service
-//! does not know (e.g. `teamsExtensionUser`) pass through unchanged.
+//! SDK sends: `rawId` plus the typed member, no `kind` for the known kinds (those of the
+//! 2025-06-30 common models, `teamsExtensionUser` included). Kinds this service does not know
+//! pass through unchanged.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -28,6 +29,8 @@ pub struct CommunicationIdentifier {
     pub microsoft_teams_user: Option<MicrosoftTeamsUser>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub microsoft_teams_app: Option<MicrosoftTeamsApp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teams_extension_user: Option<TeamsExtensionUser>,
     #[serde(flatten)]
     pub other: Map<String, Value>,
 }
@@ -65,11 +68,24 @@ pub struct MicrosoftTeamsApp {
     pub cloud: Option<String>,
 }
 
+/// A Teams Phone user extended through a Communication Services resource. Its raw id is
+/// `8:acs:` (`8:dod-acs:`, `8:gcch-acs:` by cloud) then `{resourceId}_{tenantId}_{userId}`,
+/// as the SDKs build it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TeamsExtensionUser {
+    pub user_id: String,
+    pub tenant_id: String,
+    pub resource_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cloud: Option<String>,
+}
+
 /// Why an identifier cannot be sent.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum IdentifierError {
     #[error(
-        "give a rawId or one typed member (communicationUser, phoneNumber, microsoftTeamsUser, microsoftTeamsApp)"
+        "give a rawId or one typed member (communicationUser, phoneNumber, microsoftTeamsUser, microsoftTeamsApp, teamsExtensionUser)"
     )]
     Empty,
     #[error("give at most one typed member; found {0}")]
@@ -91,11 +107,20 @@ const MAX_ID_LEN: usize = 1024;
 /// The most JSON the members this service does not know may take (they are passed through).
 const MAX_OTHER_LEN: usize = 4096;
 
-const KNOWN_KINDS: [&str; 4] = [
+const KNOWN_KINDS: [&str; 5] = [
     "communicationUser",
     "phoneNumber",
     "microsoftTeamsUser",
     "microsoftTeamsApp",
+    "teamsExtensionUser",
+];
+
+/// Raw id prefixes of Communication Services users, by cloud; a Teams extension user shares
+/// them.
+const ACS_PREFIXES: [(&str, &str); 3] = [
+    ("8:acs:", "public"),
+    ("8:dod-acs:", "dod"),
+    ("8:gcch-acs:", "gcch"),
 ];
 
 /// The shapes of a raw id: `4:<phone>`, `8:<scope>:<id>` (ACS users, Teams users and
@@ -127,6 +152,7 @@ impl CommunicationIdentifier {
             ("phoneNumber", self.phone_number.is_some()),
             ("microsoftTeamsUser", self.microsoft_teams_user.is_some()),
             ("microsoftTeamsApp", self.microsoft_teams_app.is_some()),
+            ("teamsExtensionUser", self.teams_extension_user.is_some()),
         ];
         let present: Vec<&str> = typed.iter().filter(|(_, p)| *p).map(|(n, _)| *n).collect();
         if present.len() > 1 {
@@ -189,6 +215,24 @@ impl CommunicationIdentifier {
                 "participantToRemove.microsoftTeamsApp.appId",
                 self.microsoft_teams_app.as_ref().map(|a| a.app_id.as_str()),
             ),
+            (
+                "participantToRemove.teamsExtensionUser.userId",
+                self.teams_extension_user
+                    .as_ref()
+                    .map(|u| u.user_id.as_str()),
+            ),
+            (
+                "participantToRemove.teamsExtensionUser.tenantId",
+                self.teams_extension_user
+                    .as_ref()
+                    .map(|u| u.tenant_id.as_str()),
+            ),
+            (
+                "participantToRemove.teamsExtensionUser.resourceId",
+                self.teams_extension_user
+                    .as_ref()
+                    .map(|u| u.resource_id.as_str()),
+            ),
         ];
         for (name, value) in fields {
             match value {
@@ -212,6 +256,12 @@ impl CommunicationIdentifier {
                     .as_ref()
                     .and_then(|a| a.cloud.as_deref()),
             ),
+            (
+                "participantToRemove.teamsExtensionUser.cloud",
+                self.teams_extension_user
+                    .as_ref()
+                    .and_then(|u| u.cloud.as_deref()),
+            ),
         ];
         for (name, value) in free {
             if value.is_some_and(|v| v.len() > MAX_ID_LEN) {
@@ -229,6 +279,10 @@ impl CommunicationIdentifier {
     /// Infers the typed member from a raw id, as the SDKs' `identifier_from_raw_id` does.
     /// `raw_id` has passed [`is_raw_id`].
     fn fill_member_from_raw_id(&mut self, raw_id: &str) {
+        if let Some(user) = teams_extension_user_from_raw_id(raw_id) {
+            self.teams_extension_user = Some(user);
+            return;
+        }
         if let Some(value) = raw_id.strip_prefix("4:") {
             self.phone_number = Some(PhoneNumber {
                 value: value.to_owned(),
@@ -302,8 +356,40 @@ impl CommunicationIdentifier {
             };
             return format!("{prefix}{}", app.app_id);
         }
+        if let Some(user) = &self.teams_extension_user {
+            let cloud = user.cloud.as_deref().unwrap_or("public");
+            let prefix = ACS_PREFIXES
+                .iter()
+                .find(|(_, known)| *known == cloud)
+                .map_or("8:acs:", |(prefix, _)| prefix);
+            return format!(
+                "{prefix}{}_{}_{}",
+                user.resource_id, user.tenant_id, user.user_id
+            );
+        }
         String::new()
     }
+}
+
+/// A Teams extension user's raw id (`8:acs:{resourceId}_{tenantId}_{userId}`, or the dod and
+/// gcch prefixes): exactly three `_`-separated parts, as the SDKs' `identifierFromRawId`
+/// tells them from Communication Services users (`8:acs:{resourceId}_{id}`).
+fn teams_extension_user_from_raw_id(raw_id: &str) -> Option<TeamsExtensionUser> {
+    let (rest, cloud) = ACS_PREFIXES
+        .iter()
+        .find_map(|(prefix, cloud)| raw_id.strip_prefix(prefix).map(|rest| (rest, *cloud)))?;
+    let mut parts = rest.split('_');
+    let (Some(resource_id), Some(tenant_id), Some(user_id), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    Some(TeamsExtensionUser {
+        user_id: user_id.to_owned(),
+        tenant_id: tenant_id.to_owned(),
+        resource_id: resource_id.to_owned(),
+        cloud: Some(cloud.to_owned()),
+    })
 }
 
 #[cfg(test)]
@@ -361,8 +447,39 @@ mod tests {
     }
 
     #[test]
+    fn teams_extension_users_take_the_sdk_form() {
+        let want = serde_json::json!({
+            "rawId": "8:acs:res_ten_usr",
+            "teamsExtensionUser": {"userId": "usr", "tenantId": "ten", "resourceId": "res", "cloud": "public"}
+        });
+        assert_eq!(
+            normalized(serde_json::json!({"rawId": "8:acs:res_ten_usr"})),
+            want
+        );
+        assert_eq!(
+            normalized(serde_json::json!({
+                "kind": "teamsExtensionUser",
+                "teamsExtensionUser": {"userId": "usr", "tenantId": "ten", "resourceId": "res", "cloud": "public"}
+            })),
+            want
+        );
+        let gcch = normalized(serde_json::json!({
+            "teamsExtensionUser": {"userId": "u", "tenantId": "t", "resourceId": "r", "cloud": "gcch"}
+        }));
+        assert_eq!(gcch["rawId"], "8:gcch-acs:r_t_u");
+        assert_eq!(
+            normalized(serde_json::json!({"rawId": "8:dod-acs:r_t_u"}))["teamsExtensionUser"]["cloud"],
+            "dod"
+        );
+        // Two parts: a Communication Services user, as in the SDKs.
+        assert!(
+            normalized(serde_json::json!({"rawId": "8:acs:r_u"}))["communicationUser"].is_object()
+        );
+    }
+
+    #[test]
     fn unknown_kinds_pass_through() {
-        let input = serde_json::json!({"kind": "teamsExtensionUser", "rawId": "8:acs:r_x", "teamsExtensionUser": {"userId": "u"}});
+        let input = serde_json::json!({"kind": "futureUser", "rawId": "8:acs:r_x", "futureUser": {"userId": "u"}});
         assert_eq!(normalized(input.clone()), input);
     }
 
@@ -395,7 +512,7 @@ mod tests {
             IdentifierError::TooLong("participantToRemove.microsoftTeamsApp.cloud"),
         );
         check(
-            serde_json::json!({"kind": "teamsExtensionUser", "teamsExtensionUser": {"userId": "u".repeat(5000)}}),
+            serde_json::json!({"kind": "futureUser", "futureUser": {"userId": "u".repeat(5000)}}),
             IdentifierError::OtherTooLarge,
         );
         for raw_id in [

@@ -3,6 +3,7 @@
 //! Upstream wire types stay inside this module; the rest of the service sees domain types
 //! ([`events::AcsEvent`], [`crate::operation`]).
 
+pub mod auth;
 pub mod client;
 pub mod connection_string;
 pub mod events;

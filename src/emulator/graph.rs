@@ -2,8 +2,8 @@
 //! cloud-communications media operations (`playPrompt`, `recordResponse`,
 //! `cancelMediaProcessing`), then POSTs `commsNotifications` the way Graph does.
 //!
-//! It issues opaque bearer tokens for the client-credentials grant and accepts only those on
-//! the Graph routes. `playPrompt` and `recordResponse` queue a media operation on the call;
+//! Its token endpoint is the Entra ID emulator's ([`IdentityEmulator`]), and the Graph routes
+//! accept only the tokens that one issued for Graph. `playPrompt` and `recordResponse` queue a media operation on the call;
 //! `cancelMediaProcessing` drains that queue, answers with a `cancelMediaProcessingOperation`
 //! and sends one `deleted` notification per cancelled operation (carrying that operation's own
 //! `clientContext`), plus one for the cancel itself when it was not finished in the response.
@@ -25,26 +25,20 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
-use tokio::time::Instant;
 use url::Url;
 use uuid::Uuid;
 
 use crate::emulator::callback_signing::CallbackSigner;
+use crate::emulator::identity::{Audience, IdentityEmulator, IdentitySettings};
 use crate::emulator::{RecordedRequest, Reject};
 use crate::graph::ids::canonical;
 
 /// Requests remembered, at most (as the ACS emulator).
 const MAX_RECORDED: usize = 10_000;
-
-/// Issued tokens remembered, at most; expired ones are swept first.
-const MAX_TOKENS: usize = 10_000;
 
 /// Queued media operations kept per call, at most; the oldest go first.
 const MAX_QUEUED_PER_CALL: usize = 1_000;
@@ -58,16 +52,10 @@ const MAX_CLIENT_CONTEXT: usize = 256;
 /// Largest request body read.
 const MAX_BODY: usize = 1 << 20;
 
-/// The only scope the token endpoint grants.
-const GRAPH_SCOPE: &str = "https://graph.microsoft.com/.default";
-
-/// Graph's message for an unknown, expired or revoked token.
-const TOKEN_INVALID: &str = "Access token has expired or is not yet valid.";
-
 /// What Graph's calling platform sends as `User-Agent` on notifications.
 const NOTIFICATION_USER_AGENT: &str = "Microsoft-Skype/3.0,(Calling/1.0)";
 
-/// The token route; its form body is recorded field by field, `client_secret` redacted.
+/// The token route; its form body is recorded field by field, credentials redacted.
 const TOKEN_ROUTE_SUFFIX: &str = "/oauth2/v2.0/token";
 
 /// How the emulator is set up.
@@ -129,6 +117,13 @@ pub struct GraphScript {
     pub empty_body: bool,
     /// Where this call's notifications go instead of the default callback URL.
     pub callback_uri: Option<String>,
+    /// The call has ended: `GET /communications/calls/{id}` answers 404.
+    pub call_ended: bool,
+    /// `GET /communications/calls/{id}` answers this status (e.g. 503) instead.
+    pub read_status: Option<u16>,
+    /// The cancel's own notification carries no `clientContext`: it names the cancel by
+    /// Graph's operation id alone.
+    pub notification_without_context: bool,
 }
 
 /// The status a cancel is answered with.
@@ -151,15 +146,14 @@ pub struct GraphEmulator {
 struct Inner {
     settings: GraphEmulatorSettings,
     callback_url: RwLock<Option<Url>>,
-    /// Issued tokens and when they stop being valid.
-    tokens: DashMap<String, Instant>,
+    /// The directory: the token endpoint and the tokens it issued.
+    identity: IdentityEmulator,
     scripts: DashMap<String, GraphScript>,
     /// Cancel attempts per call, for `failFirst`.
     attempts: DashMap<String, usize>,
     /// Media operations queued per call, oldest first.
     queues: DashMap<String, Vec<MediaOperation>>,
     requests: Mutex<Vec<RecordedRequest>>,
-    token_requests: AtomicUsize,
     delivered: AtomicUsize,
     http: reqwest::Client,
 }
@@ -198,16 +192,29 @@ struct OperationIn {
 impl GraphEmulator {
     /// An emulator that knows one app (`settings`) and no tokens yet.
     pub fn new(settings: GraphEmulatorSettings) -> Self {
+        let identity = IdentityEmulator::new(IdentitySettings {
+            tenant_id: settings.tenant_id.clone(),
+            client_id: settings.client_id.clone(),
+            client_secret: settings.client_secret.clone(),
+            certificate: None,
+            managed_identity_client_id: String::new(),
+            identity_header: String::new(),
+            token_lifetime: settings.token_lifetime,
+        });
+        Self::with_identity(settings, identity)
+    }
+
+    /// An emulator whose tokens come from `identity` (shared with the ACS emulator).
+    pub fn with_identity(settings: GraphEmulatorSettings, identity: IdentityEmulator) -> Self {
         Self {
             inner: Arc::new(Inner {
                 callback_url: RwLock::new(settings.callback_url.clone()),
                 settings,
-                tokens: DashMap::new(),
+                identity,
                 scripts: DashMap::new(),
                 attempts: DashMap::new(),
                 queues: DashMap::new(),
                 requests: Mutex::new(Vec::new()),
-                token_requests: AtomicUsize::new(0),
                 delivered: AtomicUsize::new(0),
                 http: reqwest::Client::builder()
                     .timeout(Duration::from_secs(10))
@@ -243,6 +250,7 @@ impl GraphEmulator {
                 "/v1.0/communications/calls/{callId}/cancelMediaProcessing",
                 post(cancel_media_processing),
             )
+            .route("/v1.0/communications/calls/{callId}", get(get_call))
             .route_layer(axum::middleware::from_fn_with_state(
                 self.clone(),
                 record_request,
@@ -262,7 +270,12 @@ impl GraphEmulator {
 
     /// Token requests answered 200 so far.
     pub fn token_requests(&self) -> usize {
-        self.inner.token_requests.load(Ordering::Relaxed)
+        self.inner.identity.token_requests()
+    }
+
+    /// The directory behind the token endpoint.
+    pub fn identity(&self) -> &IdentityEmulator {
+        &self.inner.identity
     }
 
     /// Every recorded request (token requests too), secrets redacted.
@@ -282,18 +295,12 @@ impl GraphEmulator {
     /// The tokens issued and still valid (so that tests can look for them where they must
     /// not be, e.g. in logs).
     pub fn issued_tokens(&self) -> Vec<String> {
-        let now = Instant::now();
-        self.inner
-            .tokens
-            .iter()
-            .filter(|entry| *entry.value() > now)
-            .map(|entry| entry.key().clone())
-            .collect()
+        self.inner.identity.issued_tokens()
     }
 
     /// Makes every token issued so far invalid (to test refresh-on-401).
     pub fn expire_tokens(&self) {
-        self.inner.tokens.clear();
+        self.inner.identity.expire_tokens();
     }
 
     fn record(&self, request: RecordedRequest) {
@@ -317,49 +324,12 @@ impl GraphEmulator {
             .unwrap_or_default()
     }
 
-    /// Remembers a new token valid for the configured lifetime.
-    fn issue(&self) -> String {
-        let token = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
-        let now = Instant::now();
-        let tokens = &self.inner.tokens;
-        if tokens.len() >= MAX_TOKENS {
-            tokens.retain(|_, expiry| *expiry > now);
-        }
-        if tokens.len() >= MAX_TOKENS {
-            // All still valid: the oldest goes, as its holder will refresh soonest anyway.
-            let oldest = tokens
-                .iter()
-                .min_by_key(|entry| *entry.value())
-                .map(|entry| entry.key().clone());
-            if let Some(oldest) = oldest {
-                tokens.remove(&oldest);
-            }
-        }
-        tokens.insert(token.clone(), now + self.inner.settings.token_lifetime);
-        token
-    }
-
-    /// Accepts only `Bearer <a token this emulator issued and that is still valid>`.
+    /// Accepts only `Bearer <a token the directory issued for Graph, still valid>`.
     fn check_bearer(&self, headers: &HeaderMap) -> Result<(), GraphFault> {
-        let authorization = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .unwrap_or("")
-            .trim();
-        if authorization.is_empty() {
-            return Err(GraphFault::Unauthorized("Access token is empty."));
-        }
-        let token = match authorization.split_once(' ') {
-            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
-            _ => {
-                return Err(GraphFault::Unauthorized(TOKEN_INVALID));
-            }
-        };
-        let expiry = self.inner.tokens.get(token).map(|expiry| *expiry);
-        match expiry {
-            Some(expiry) if Instant::now() < expiry => Ok(()),
-            _ => Err(GraphFault::Unauthorized(TOKEN_INVALID)),
-        }
+        self.inner
+            .identity
+            .check_bearer(headers, Audience::Graph)
+            .map_err(GraphFault::Unauthorized)
     }
 
     /// Queues a media operation on `call_id`.
@@ -525,11 +495,11 @@ fn redact_authorization(value: &str) -> String {
     }
 }
 
-/// The form fields as a JSON object, `client_secret` redacted.
+/// The form fields as a JSON object, `client_secret` and `client_assertion` redacted.
 fn redacted_form(bytes: &[u8]) -> Value {
     let fields = url::form_urlencoded::parse(bytes)
         .map(|(name, value)| {
-            let value = if name == "client_secret" {
+            let value = if name == "client_secret" || name == "client_assertion" {
                 "<redacted>".to_owned()
             } else {
                 value.into_owned()
@@ -552,81 +522,14 @@ fn recorded_body(bytes: &[u8]) -> Value {
 async fn issue_token(
     State(emulator): State<GraphEmulator>,
     Path(tenant): Path<String>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let mut fields = BTreeMap::new();
-    for (name, value) in url::form_urlencoded::parse(&body) {
-        fields.insert(name.into_owned(), value.into_owned());
-    }
-    let field = |name: &str| fields.get(name).map(String::as_str).unwrap_or("");
-    let settings = &emulator.inner.settings;
-    if !tenant.eq_ignore_ascii_case(&settings.tenant_id) {
-        return aad_error(
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
-            90002,
-            &format!("AADSTS90002: Tenant '{tenant}' not found."),
-        );
-    }
-    if field("grant_type") != "client_credentials" {
-        return aad_error(
-            StatusCode::BAD_REQUEST,
-            "unsupported_grant_type",
-            70003,
-            "AADSTS70003: The app requested an unsupported grant type.",
-        );
-    }
-    let client_id = field("client_id");
-    if !client_id.eq_ignore_ascii_case(&settings.client_id) {
-        return aad_error(
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
-            700016,
-            &format!(
-                "AADSTS700016: Application with identifier '{client_id}' was not found in the directory '{tenant}'."
-            ),
-        );
-    }
-    let secret_matches = field("client_secret")
-        .as_bytes()
-        .ct_eq(settings.client_secret.as_bytes())
-        .unwrap_u8()
-        == 1;
-    if !secret_matches {
-        return aad_error(
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
-            7000215,
-            &format!(
-                "AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{}'.",
-                settings.client_id
-            ),
-        );
-    }
-    if field("scope") != GRAPH_SCOPE {
-        return aad_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_scope",
-            1002012,
-            &format!(
-                "AADSTS1002012: The provided value for scope {} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI).",
-                field("scope")
-            ),
-        );
-    }
-    let token = emulator.issue();
-    emulator
-        .inner
-        .token_requests
-        .fetch_add(1, Ordering::Relaxed);
-    let expires_in = settings.token_lifetime.as_secs();
-    axum::Json(json!({
-        "token_type": "Bearer",
-        "expires_in": expires_in,
-        "ext_expires_in": expires_in,
-        "access_token": token,
-    }))
-    .into_response()
+    let host = headers
+        .get(header::HOST)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("");
+    emulator.inner.identity.token_endpoint(&tenant, host, &body)
 }
 
 async fn play_prompt(
@@ -732,11 +635,10 @@ async fn cancel_media_processing(
             .collect::<Vec<_>>();
         // Without a status in the answer the client waits for the cancel's own notification.
         if script.cancel_status == CancelStatus::Running || script.empty_body {
-            notifications.push(cancel_notification(
-                &call_id,
-                &cancel_id,
-                client_context.as_deref(),
-            ));
+            let named = client_context
+                .as_deref()
+                .filter(|_| !script.notification_without_context);
+            notifications.push(cancel_notification(&call_id, &cancel_id, named));
         }
         emulator.notify(&call_id, &script, notifications).await;
     }
@@ -751,6 +653,32 @@ async fn cancel_media_processing(
         "id": cancel_id,
     });
     with_location(axum::Json(out).into_response(), &location)
+}
+
+/// `GET /communications/calls/{id}`: the call, unless scripted ended (404).
+async fn get_call(
+    State(emulator): State<GraphEmulator>,
+    Path(call_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(fault) = emulator.check_bearer(&headers) {
+        return fault.into_response();
+    }
+    let call_id = canonical(&call_id).into_owned();
+    let script = emulator.script(&call_id);
+    if let Some(status) = script.read_status {
+        return transient_error(status, None);
+    }
+    if script.call_ended {
+        return graph_error(StatusCode::NOT_FOUND, "8522", "Call not found.");
+    }
+    axum::Json(json!({
+        "@odata.type": "#microsoft.graph.call",
+        "id": call_id,
+        "state": "established",
+        "direction": "incoming",
+    }))
+    .into_response()
 }
 
 /// The `clientContext` of an operation request; a Graph 400 when the body is not a JSON
@@ -946,29 +874,6 @@ impl IntoResponse for GraphFault {
             }
         }
     }
-}
-
-/// Entra ID's error shape.
-fn aad_error(status: StatusCode, error: &str, aadsts: u32, description: &str) -> Response {
-    let trace_id = Uuid::new_v4();
-    let correlation_id = Uuid::new_v4();
-    let timestamp = OffsetDateTime::now_utc()
-        .format(&time::macros::format_description!(
-            "[year]-[month]-[day] [hour]:[minute]:[second]Z"
-        ))
-        .unwrap_or_default();
-    let body = json!({
-        "error": error,
-        "error_description": format!(
-            "{description}\r\nTrace ID: {trace_id}\r\nCorrelation ID: {correlation_id}\r\nTimestamp: {timestamp}"
-        ),
-        "error_codes": [aadsts],
-        "timestamp": timestamp,
-        "trace_id": trace_id,
-        "correlation_id": correlation_id,
-        "error_uri": format!("https://login.microsoftonline.com/error?code={aadsts}"),
-    });
-    (status, axum::Json(body)).into_response()
 }
 
 /// `innerError.date` as Graph writes it (UTC, no offset).

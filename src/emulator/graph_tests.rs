@@ -1,5 +1,12 @@
 use super::*;
 
+use tokio::time::Instant;
+
+use crate::identity::GRAPH_SCOPE;
+
+/// Graph's message for an unknown, expired or revoked token.
+const TOKEN_INVALID: &str = "Access token has expired or is not yet valid.";
+
 use axum::http::Method;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;

@@ -1,15 +1,19 @@
 //! The ACS emulator: product code that stands in for Azure Communication Services.
 //!
 //! It serves `participants:remove` the way ACS does: it checks the HMAC signature (with the
-//! same [`crate::acs::signing`] functions the client uses) and the repeatability headers,
+//! same [`crate::acs::signing`] functions the client uses), or a bearer token its Entra ID
+//! emulator ([`identity`]) issued for ACS, and the repeatability headers,
 //! answers `202 {"operationContext": ...}`, then POSTs a realistic CloudEvent array to the
-//! request's `operationCallbackUri`. What happens per call is scriptable through
+//! request's `operationCallbackUri`. It answers reads of a call and of its participants
+//! (`GET …/callConnections/{id}[/participants/{rawId}]`): every participant is on the call
+//! until a removal of it succeeds. What happens per call is scriptable through
 //! `PUT /emulator/scripts/{callConnectionId}`; every request it received is listed at
 //! `GET /emulator/requests`. Run it with `callops emulator`, or in-process (the default
 //! configuration does so when no ACS connection string is set).
 
 pub mod callback_signing;
 pub mod graph;
+pub mod identity;
 mod script;
 
 use std::collections::BTreeMap;
@@ -37,6 +41,7 @@ use uuid::Uuid;
 use crate::acs::signing;
 use crate::config::{EmulatedOutcome, EmulatorConfig, decode_key};
 use crate::emulator::callback_signing::{CallbackSigner, SignerSettings};
+use crate::emulator::identity::{Audience, IdentityEmulator, IdentitySettings};
 
 pub use script::{Outcome, Reject, ResultInformation, Script};
 
@@ -60,6 +65,8 @@ struct Inner {
     /// Repeatability ids of accepted requests: a retry of one is answered 202 again and
     /// triggers no second callback, as ACS does.
     accepted: DashMap<Uuid, String>,
+    /// (call connection, raw id) of participants removed by an accepted, successful removal.
+    removed: DashMap<(String, String), ()>,
     requests: Mutex<Vec<RecordedRequest>>,
     /// Callback deliveries answered 2xx so far.
     delivered: AtomicUsize,
@@ -115,15 +122,27 @@ impl Emulator {
             graph_audience: config.graph_client_id.clone(),
             tenant_id: config.graph_tenant_id.clone(),
         });
-        let graph = graph::GraphEmulator::new(graph::GraphEmulatorSettings {
-            signer: Some(signer.clone()),
+        let identity = IdentityEmulator::new(IdentitySettings {
             tenant_id: config.graph_tenant_id.clone(),
             client_id: config.graph_client_id.clone(),
             client_secret: config.graph_client_secret.clone(),
+            certificate: Some(registered_certificate(&config.client_certificate_path)),
+            managed_identity_client_id: config.managed_identity_client_id.clone(),
+            identity_header: config.identity_header.clone(),
             token_lifetime: Duration::from_secs(config.graph_token_lifetime_secs),
-            callback_url: None,
-            notification_delay: Duration::from_millis(config.callback_delay_ms),
         });
+        let graph = graph::GraphEmulator::with_identity(
+            graph::GraphEmulatorSettings {
+                signer: Some(signer.clone()),
+                tenant_id: config.graph_tenant_id.clone(),
+                client_id: config.graph_client_id.clone(),
+                client_secret: config.graph_client_secret.clone(),
+                token_lifetime: Duration::from_secs(config.graph_token_lifetime_secs),
+                callback_url: None,
+                notification_delay: Duration::from_millis(config.callback_delay_ms),
+            },
+            identity,
+        );
         Self {
             inner: Arc::new(Inner {
                 graph,
@@ -133,6 +152,7 @@ impl Emulator {
                 scripts: DashMap::new(),
                 attempts: DashMap::new(),
                 accepted: DashMap::new(),
+                removed: DashMap::new(),
                 requests: Mutex::new(Vec::new()),
                 delivered: AtomicUsize::new(0),
                 http: reqwest::Client::builder()
@@ -175,6 +195,11 @@ impl Emulator {
         &self.inner.graph
     }
 
+    /// The Entra ID half: token endpoint, managed identity, issued tokens.
+    pub fn identity(&self) -> &IdentityEmulator {
+        self.inner.graph.identity()
+    }
+
     /// The emulator's routes: ACS's `participants:remove`, Graph's (see [`graph`]) and the
     /// scripting API.
     pub fn router(&self) -> Router {
@@ -183,10 +208,19 @@ impl Emulator {
                 "/calling/callConnections/{callConnectionId}/participants:remove",
                 post(remove_participant),
             )
+            .route(
+                "/calling/callConnections/{callConnectionId}",
+                get(get_call_connection),
+            )
+            .route(
+                "/calling/callConnections/{callConnectionId}/participants/{participantRawId}",
+                get(get_participant),
+            )
             .route("/emulator/scripts/{callConnectionId}", put(put_script))
             .route("/emulator/requests", get(get_requests))
             .with_state(self.clone())
             .merge(self.inner.graph.router())
+            .merge(self.identity().router())
             .merge(self.inner.signer.router())
     }
 
@@ -285,9 +319,7 @@ async fn handle_remove(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Response {
-    if let Err(response) =
-        verify_signature(&emulator.inner.access_key, path_and_query, headers, body)
-    {
+    if let Err(response) = authenticate(emulator, "POST", path_and_query, headers, body) {
         return response.into_response();
     }
     let has_api_version = query
@@ -371,6 +403,18 @@ async fn handle_remove(
         }
         emulator.inner.accepted.insert(request_id, context.clone());
     }
+    if let (Outcome::Succeed, Some(raw_id)) = (
+        script.outcome,
+        participant.get("rawId").and_then(Value::as_str),
+    ) {
+        if emulator.inner.removed.len() >= MAX_RECORDED {
+            emulator.inner.removed.clear();
+        }
+        emulator
+            .inner
+            .removed
+            .insert((call_connection_id.to_owned(), raw_id.to_owned()), ());
+    }
 
     let callback = match (&request.operation_callback_uri, script.no_callback) {
         (Some(uri), false) => Some((
@@ -393,6 +437,105 @@ async fn handle_remove(
         }
     }
     accepted(&context)
+}
+
+/// `GET /calling/callConnections/{id}`: the call, unless scripted ended (404).
+async fn get_call_connection(
+    State(emulator): State<Emulator>,
+    Path(call_connection_id): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    emulator.read(&call_connection_id, None, &uri, &headers)
+}
+
+/// `GET …/participants/{rawId}`: the participant, unless removed or the call ended (404).
+async fn get_participant(
+    State(emulator): State<Emulator>,
+    Path((call_connection_id, raw_id)): Path<(String, String)>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    emulator.read(&call_connection_id, Some(&raw_id), &uri, &headers)
+}
+
+impl Emulator {
+    /// Answers a read of a call (or of one of its participants) as ACS does, and logs it.
+    fn read(
+        &self,
+        call_connection_id: &str,
+        raw_id: Option<&str>,
+        uri: &Uri,
+        headers: &HeaderMap,
+    ) -> Response {
+        let path_and_query = uri
+            .path_and_query()
+            .map(|pq| pq.as_str().to_owned())
+            .unwrap_or_default();
+        let script = self
+            .inner
+            .scripts
+            .get(call_connection_id)
+            .map(|script| script.clone())
+            .unwrap_or_else(|| self.inner.default_script.clone());
+        let not_found =
+            |what: &str| acs_error(StatusCode::NOT_FOUND, "8522", &format!("{what} not found."));
+        let response = if let Err(fault) = authenticate(self, "GET", &path_and_query, headers, b"")
+        {
+            fault.into_response()
+        } else if let Some(status) = script.read_status {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            acs_error(status, "ServiceUnavailable", "Scripted read failure.")
+        } else if script.call_ended {
+            not_found("Call")
+        } else {
+            match raw_id {
+                None => (
+                    StatusCode::OK,
+                    axum::Json(json!({
+                        "callConnectionId": call_connection_id,
+                        "callConnectionState": "connected",
+                        "serverCallId": STANDARD.encode(format!("emulator:{call_connection_id}")),
+                    })),
+                )
+                    .into_response(),
+                Some(raw_id)
+                    if self
+                        .inner
+                        .removed
+                        .contains_key(&(call_connection_id.to_owned(), raw_id.to_owned())) =>
+                {
+                    not_found("Participant")
+                }
+                Some(raw_id) => (
+                    StatusCode::OK,
+                    axum::Json(json!({
+                        "identifier": {"rawId": raw_id},
+                        "isMuted": false,
+                        "isOnHold": false,
+                    })),
+                )
+                    .into_response(),
+            }
+        };
+        self.record(RecordedRequest {
+            method: "GET".to_owned(),
+            path_and_query,
+            headers: headers
+                .iter()
+                .map(|(name, value)| {
+                    (
+                        name.as_str().to_owned(),
+                        value.to_str().unwrap_or("").to_owned(),
+                    )
+                })
+                .collect(),
+            body: Value::Null,
+            status: response.status().as_u16(),
+            repeat: false,
+        });
+        response
+    }
 }
 
 fn accepted(context: &str) -> Response {
@@ -485,9 +628,63 @@ fn build_event(
     })
 }
 
+/// The compiled-in development certificate of the emulated app (key included, so that a
+/// local try of `CALLOPS_GRAPH_CREDENTIAL=certificate` has a file to point at).
+pub const DEV_CLIENT_CERTIFICATE: &str = include_str!("keys/dev-client-certificate.pem");
+
+/// The DER certificate in the PEM file at `path`, or the development one. Configuration
+/// validation has checked the file exists; one that cannot be used stops the emulator.
+fn registered_certificate(path: &str) -> Vec<u8> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let pem = if path.trim().is_empty() {
+        DEV_CLIENT_CERTIFICATE.as_bytes().to_vec()
+    } else {
+        std::fs::read(path.trim())
+            .unwrap_or_else(|error| panic!("emulator.client_certificate_path {path}: {error}"))
+    };
+    CertificateDer::pem_slice_iter(&pem)
+        .find_map(Result::ok)
+        .map(|der| der.to_vec())
+        .unwrap_or_else(|| panic!("emulator.client_certificate_path {path}: no CERTIFICATE"))
+}
+
+/// A bearer token issued for ACS, or else the HMAC signature, as ACS accepts either.
+fn authenticate(
+    emulator: &Emulator,
+    method: &str,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(), AcsFault> {
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"));
+    if bearer {
+        return emulator
+            .identity()
+            .check_bearer(headers, Audience::Acs)
+            .map_err(|message| AcsFault {
+                status: StatusCode::UNAUTHORIZED,
+                code: "Unauthorized",
+                message,
+            });
+    }
+    verify_signature(
+        &emulator.inner.access_key,
+        method,
+        path_and_query,
+        headers,
+        body,
+    )
+}
+
 /// Checks the HMAC signature the way ACS does; a 401 in ACS's error shape when wrong.
 fn verify_signature(
     key: &[u8],
+    method: &str,
     path_and_query: &str,
     headers: &HeaderMap,
     body: &[u8],
@@ -534,7 +731,7 @@ fn verify_signature(
             "Authorization must be HMAC-SHA256 SignedHeaders=x-ms-date;host;x-ms-content-sha256&Signature=<signature>.",
         ));
     };
-    let expected = signing::signature(key, "POST", path_and_query, date, host, content_hash);
+    let expected = signing::signature(key, method, path_and_query, date, host, content_hash);
     if expected.as_bytes().ct_eq(signature.as_bytes()).unwrap_u8() != 1 {
         return Err(unauthorized("The signature does not match."));
     }

@@ -25,6 +25,10 @@ pub struct Script {
     pub retry_after_secs: Option<f64>,
     /// Refuse for good with this status and ACS error.
     pub reject: Option<Reject>,
+    /// The call has ended: reads of it and its participants answer 404 (8522).
+    pub call_ended: bool,
+    /// Reads of the call and its participants answer this status (e.g. 503) instead.
+    pub read_status: Option<u16>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

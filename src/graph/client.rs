@@ -11,14 +11,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, HeaderValue};
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde_json::Value;
 use url::Url;
 
 use crate::config::RetryConfig;
 use crate::graph::notifications;
-use crate::graph::token::{TokenError, TokenProvider};
+use crate::identity::{TokenError, TokenProvider};
 use crate::metrics::Metrics;
 use crate::operation::ResultInfo;
 use crate::trace_context::{TRACEPARENT, TraceParent};
@@ -128,22 +128,51 @@ impl GraphClient {
         }
     }
 
-    fn cancel_url(&self, call_id: &str) -> Url {
+    /// Whether Graph still knows the call (`GET /communications/calls/{id}`): `false` on a
+    /// 404 or a call in state `terminated`. Transient failures are retried within
+    /// `graph.retry`.
+    #[tracing::instrument(skip_all, fields(call.id = %call_id))]
+    pub async fn call_exists(&self, call_id: &str) -> Result<bool, GraphError> {
         let mut url = self.base_url.clone();
         url.path_segments_mut()
             .expect("the base URL is an http(s) URL")
             .pop_if_empty()
-            .extend(["communications", "calls", call_id, "cancelMediaProcessing"]);
-        url
+            .extend(["communications", "calls", call_id]);
+        let refreshed = AtomicBool::new(false);
+        let result = upstream::with_retries(&self.retry, "graph", &self.metrics, || async {
+            let (token, authorization) = self.authorization().await?;
+            let response = self
+                .http
+                .get(url.clone())
+                .header("accept", "application/json")
+                .header("authorization", authorization)
+                .send()
+                .await
+                .map_err(AttemptError::transport)?;
+            match response.status() {
+                StatusCode::NOT_FOUND => Ok(false),
+                status if status.is_success() => {
+                    let bytes = response.bytes().await.map_err(AttemptError::transport)?;
+                    let state = serde_json::from_slice::<Value>(&bytes)
+                        .ok()
+                        .and_then(|call| call.get("state")?.as_str().map(str::to_ascii_lowercase));
+                    Ok(state.as_deref() != Some("terminated"))
+                }
+                _ => Err(self.refused(response, &token, &refreshed).await),
+            }
+        })
+        .await;
+        match result {
+            Ok(exists) => Ok(exists),
+            Err(Retried::Final(error)) => Err(error),
+            Err(Retried::Exhausted { attempts, last }) => {
+                Err(GraphError::Unavailable { attempts, last })
+            }
+        }
     }
 
-    async fn attempt(
-        &self,
-        url: &Url,
-        body: &[u8],
-        refreshed: &AtomicBool,
-        traceparent: Option<&TraceParent>,
-    ) -> Result<CancelAnswer, AttemptError<GraphError>> {
+    /// A bearer token and its `Authorization` value (marked sensitive).
+    async fn authorization(&self) -> Result<(SecretString, HeaderValue), AttemptError<GraphError>> {
         let token = match self.tokens.token().await {
             Ok(token) => token,
             Err(error) if error.is_transient() => {
@@ -160,6 +189,52 @@ impl GraphClient {
         let mut authorization = HeaderValue::from_str(&format!("Bearer {}", token.expose_secret()))
             .map_err(|_| AttemptError::Final(GraphError::Token(TokenError::Malformed)))?;
         authorization.set_sensitive(true);
+        Ok((token, authorization))
+    }
+
+    /// The failure a non-2xx answer means; a first 401 drops the token and is retried.
+    async fn refused(
+        &self,
+        response: reqwest::Response,
+        token: &SecretString,
+        refreshed: &AtomicBool,
+    ) -> AttemptError<GraphError> {
+        let status = response.status();
+        if status == StatusCode::UNAUTHORIZED && !refreshed.swap(true, Ordering::Relaxed) {
+            // The token was revoked or expired early: once, with a fresh one.
+            self.tokens.invalidate(token);
+            tracing::info!("Graph refused the token; retrying once with a new one");
+            return AttemptError::Transient {
+                error: TransientError::Status { status },
+                retry_after: Some(std::time::Duration::ZERO),
+            };
+        }
+        // A final refusal keeps the upstream's own code and message.
+        upstream::failure(response, |status, code, message| GraphError::Rejected {
+            status,
+            code,
+            message,
+        })
+        .await
+    }
+
+    fn cancel_url(&self, call_id: &str) -> Url {
+        let mut url = self.base_url.clone();
+        url.path_segments_mut()
+            .expect("the base URL is an http(s) URL")
+            .pop_if_empty()
+            .extend(["communications", "calls", call_id, "cancelMediaProcessing"]);
+        url
+    }
+
+    async fn attempt(
+        &self,
+        url: &Url,
+        body: &[u8],
+        refreshed: &AtomicBool,
+        traceparent: Option<&TraceParent>,
+    ) -> Result<CancelAnswer, AttemptError<GraphError>> {
+        let (token, authorization) = self.authorization().await?;
         let mut request = self
             .http
             .post(url.clone())
@@ -180,24 +255,7 @@ impl GraphClient {
             let bytes = response.bytes().await.map_err(AttemptError::transport)?;
             return Ok(parse_answer(&bytes, location));
         }
-        if status == StatusCode::UNAUTHORIZED && !refreshed.swap(true, Ordering::Relaxed) {
-            // The token was revoked or expired early: once, with a fresh one.
-            self.tokens.invalidate(&token);
-            tracing::info!("Graph refused the token; retrying once with a new one");
-            return Err(AttemptError::Transient {
-                error: TransientError::Status { status },
-                retry_after: Some(std::time::Duration::ZERO),
-            });
-        }
-        // A final refusal keeps the upstream's own code and message.
-        Err(
-            upstream::failure(response, |status, code, message| GraphError::Rejected {
-                status,
-                code,
-                message,
-            })
-            .await,
-        )
+        Err(self.refused(response, &token, refreshed).await)
     }
 }
 
@@ -240,12 +298,19 @@ mod tests {
 
     fn make_client(base: &str) -> GraphClient {
         let http = reqwest::Client::new();
+        let credential =
+            crate::identity::Credential::new(crate::identity::CredentialSettings::ClientSecret {
+                authority: Url::parse("http://127.0.0.1:1/").unwrap(),
+                tenant_id: "t".into(),
+                client_id: "c".into(),
+                secret: secrecy::SecretString::from("s"),
+            })
+            .unwrap();
         let tokens = TokenProvider::new(
             http.clone(),
-            &Url::parse("http://127.0.0.1:1/").unwrap(),
-            "t",
-            "c".into(),
-            secrecy::SecretString::from("s"),
+            credential,
+            crate::identity::GRAPH_SCOPE,
+            "Graph",
         );
         GraphClient::new(
             http,

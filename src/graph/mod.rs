@@ -1,7 +1,6 @@
 //! Microsoft Graph cloud communications: id normalisation, the `commsNotifications`
-//! decoder, app-only tokens, and the `cancelMediaProcessing` client.
+//! decoder, and the `cancelMediaProcessing` client (its tokens come from [`crate::identity`]).
 
 pub mod client;
 pub mod ids;
 pub mod notifications;
-pub mod token;

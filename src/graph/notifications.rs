@@ -328,6 +328,7 @@ pub(crate) fn result_info(data: &Value) -> Option<ResultInfo> {
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .map(str::to_owned),
+        ..ResultInfo::default()
     };
     (result != ResultInfo::default()).then_some(result)
 }

@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, StoreLocation};
 use crate::metrics::Metrics;
 use crate::operation::{CallRef, EventRecord, Operation, OperationId, Transition};
+use crate::reconcile::Conclusion;
 use feed::Feed;
 use journal::{Document, JournalStats};
 use local::LocalStore;
@@ -34,7 +35,9 @@ use redis::RedisStore;
 use schema::SchemaStatus;
 
 pub use local::restored;
-pub use seam::{CreateError, Delivered, Inbound, StoreError, UpstreamAnswer};
+pub use seam::{
+    CallEnd, CreateError, Delivered, Inbound, ReconcileQueue, StoreError, UpstreamAnswer,
+};
 pub use tracker::{ContextInUse, ListFilter, OperationStore, Restored, StoreStats, SweepReport};
 
 /// Asked of a shared store opened without its change log (`callops migrate`).
@@ -165,6 +168,21 @@ impl Storage {
         match &self.backend {
             Backend::Local(local) => local.record_answer(id, upstream, transition, now).await,
             Backend::Shared(shared) => shared.record_answer(id, upstream, transition, now).await,
+        }
+    }
+
+    /// Applies what the platform said of an operation a sweep handed out to be reconciled,
+    /// by compare-and-set like every other change: not if something settled it meanwhile.
+    /// `Ok(true)` when applied.
+    pub async fn reconciled(
+        &self,
+        id: OperationId,
+        conclusion: &Conclusion,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        match &self.backend {
+            Backend::Local(local) => local.reconciled(id, conclusion, now).await,
+            Backend::Shared(shared) => Ok(shared.reconciled(id, conclusion, now).await?),
         }
     }
 
@@ -310,21 +328,32 @@ impl Storage {
         }
     }
 
-    /// Starts the store's own work (sweeps, and for a shared store its notices) on `tasks`.
+    /// Starts the store's own work (sweeps, and for a shared store its notices) on `tasks`;
+    /// operations to reconcile go to `reconcile` (on a shared store, each from the one
+    /// replica whose sweep marked it).
     pub fn spawn_background(
         &self,
         tasks: &TaskTracker,
         interval: Duration,
         shutdown: &CancellationToken,
+        reconcile: ReconcileQueue,
     ) {
         match &self.backend {
             Backend::Local(local) => {
-                tasks.spawn(local.clone().run_sweeper(interval, shutdown.clone()));
+                tasks.spawn(
+                    local
+                        .clone()
+                        .run_sweeper(interval, shutdown.clone(), reconcile),
+                );
             }
             Backend::Shared(shared) => {
                 tasks.spawn(shared.clone().run_log(shutdown.clone()));
                 tasks.spawn(shared.clone().run_notices(shutdown.clone()));
-                tasks.spawn(shared.clone().run_sweeper(interval, shutdown.clone()));
+                tasks.spawn(
+                    shared
+                        .clone()
+                        .run_sweeper(interval, shutdown.clone(), reconcile),
+                );
             }
         }
     }

@@ -4,6 +4,7 @@
 use crate::correlation::{Delivery, IncomingEvent};
 use crate::metrics::Metrics;
 use crate::operation::{CallRef, OperationError, OperationId, ResultInfo};
+use crate::reconcile::ReconcileJob;
 use crate::store::journal::JournalError;
 use crate::store::redis::error::RedisStoreError;
 use crate::store::tracker::{ContextInUse, SweepReport};
@@ -45,11 +46,21 @@ impl From<RedisStoreError> for CreateError {
     }
 }
 
-/// One event to deliver; for a Graph notification saying its call ended, the call and the
-/// result to fail the call's unsettled operations with.
+/// One event to deliver, and the call it says ended, if it does.
 pub struct Inbound {
     pub incoming: IncomingEvent,
-    pub ended: Option<(CallRef, Option<ResultInfo>)>,
+    pub ended: Option<CallEnd>,
+}
+
+/// A call that ended, as an event says.
+pub struct CallEnd {
+    pub call: CallRef,
+    /// The call's own account, given to the operations it fails.
+    pub result: Option<ResultInfo>,
+    /// ACS `CallDisconnected`: the call's unsettled removals get a grace period for their
+    /// own events before they fail (`CallEnded`). Graph's terminated call fails its
+    /// operations at once (`CallTerminated`).
+    pub grace: bool,
 }
 
 /// What became of one [`Inbound`].
@@ -66,6 +77,21 @@ pub struct Delivered {
 pub struct UpstreamAnswer {
     pub ids: Vec<String>,
     pub status: Option<String>,
+}
+
+/// Where a sweep hands the operations to reconcile: to the service, which asks the platform
+/// and gives the answer back ([`crate::store::Storage::reconciled`]). A full queue drops the
+/// job: that operation then times out as it would have without asking.
+pub type ReconcileQueue = tokio::sync::mpsc::Sender<ReconcileJob>;
+
+/// Hands the sweep's jobs to the service.
+pub(crate) fn queue_reconciliations(report: &mut SweepReport, queue: &ReconcileQueue) {
+    for job in report.reconcile.drain(..) {
+        let id = job.id;
+        if queue.try_send(job).is_err() {
+            tracing::warn!(operation.id = %id, "too many reconciliations waiting; this operation will time out unasked");
+        }
+    }
 }
 
 /// Why the operations of an ended call failed.
@@ -91,6 +117,12 @@ pub(crate) fn report_sweep(report: &SweepReport, metrics: &Metrics) {
     }
     for id in &report.timed_out {
         tracing::warn!(operation.id = %id, "no final callback in time: operation failed with CallbackTimeout");
+    }
+    for job in &report.reconcile {
+        tracing::info!(operation.id = %job.id, "no final callback in time: asking the platform how the operation ended");
+    }
+    for id in &report.call_ended {
+        tracing::warn!(operation.id = %id, "the call ended and no outcome followed within the grace period: operation failed with CallEnded");
     }
     if !report.removed_operations.is_empty() {
         tracing::debug!(

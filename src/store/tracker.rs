@@ -26,10 +26,11 @@ use tokio::time::Instant;
 use crate::config::{CallbackTimeouts, OperationsConfig};
 use crate::correlation::{self, Delivery, IncomingEvent, UpstreamId, upstream_key};
 use crate::operation::{
-    CALLBACK_TIMEOUT, CallRef, CancelledOperation, EventBound, EventEffect, EventRecord,
-    FINAL_STATUSES, ISSUED_KINDS, NotifyTarget, Operation, OperationError, OperationId,
-    OperationKind, OperationStatus, ResultInfo, Transition,
+    CallRef, CancelledOperation, EventBound, EventEffect, EventRecord, FINAL_STATUSES,
+    ISSUED_KINDS, NotifyTarget, Operation, OperationError, OperationId, OperationKind,
+    OperationStatus, ResultInfo, SettleReason, Transition,
 };
+use crate::reconcile::{self, AtDeadline, Conclusion, ReconcileJob};
 
 /// A cheap handle to the shared tracker.
 #[derive(Clone)]
@@ -81,6 +82,9 @@ struct Limits {
     call_events_max: usize,
     events: EventBound,
     timeouts: CallbackTimeouts,
+    reconcile: bool,
+    reconcile_timeout: Duration,
+    call_end_grace: Duration,
     /// A scratch store (`scratch`) leaves expired parked events to the shared store's own
     /// sweep: at `restore` it drops them instead of moving them to their call's timeline.
     scratch: bool,
@@ -119,6 +123,22 @@ impl Digests {
     fn event(&self, event: &IncomingEvent) -> Option<Digest> {
         let (call, context) = event.names()?;
         Some(self.context(call, context))
+    }
+
+    /// The index key under which events naming an operation by its upstream id alone wait
+    /// for it (a different tuple from a context's, so the two never meet).
+    fn upstream_park(&self, key: &str) -> Digest {
+        self.of(("upstream-park", key))
+    }
+
+    /// Where `event` waits when its operation is unknown: under its (call, context), else,
+    /// for a kind callops issues named only by upstream id, under that id.
+    fn park(&self, event: &IncomingEvent) -> Option<Digest> {
+        self.event(event).or_else(|| {
+            let upstream_id = event.upstream_id.as_ref()?;
+            (event.call.is_some() && event.should_park())
+                .then(|| self.upstream_park(upstream_id.key()))
+        })
     }
 }
 
@@ -243,6 +263,12 @@ pub struct SweepReport {
     pub removed_operations: Vec<OperationId>,
     /// Operations that heard no final callback in time and failed with `CallbackTimeout`.
     pub timed_out: Vec<OperationId>,
+    /// Operations past their deadline that the platform is to be asked about now (marked
+    /// reconciling until `operations.reconcile_timeout_ms` from now).
+    pub reconcile: Vec<ReconcileJob>,
+    /// Operations whose call ended and that heard nothing within the grace period: failed
+    /// with `CallEnded`.
+    pub call_ended: Vec<OperationId>,
     /// What the expired parked events became on their calls' timelines.
     pub call_events: Vec<CallEventAdded>,
     /// Idle call timelines dropped, each with the last sequence number it had used.
@@ -335,6 +361,9 @@ impl OperationStore {
             call_events_max: config.call_events_max.max(1),
             events: config.event_bound(),
             timeouts: config.callback_timeouts.clone(),
+            reconcile: config.reconcile,
+            reconcile_timeout: Duration::from_millis(config.reconcile_timeout_ms),
+            call_end_grace: Duration::from_millis(config.call_end_grace_ms),
             scratch,
         };
         let (schedule, incoming) = mpsc::channel();
@@ -519,10 +548,27 @@ impl OperationStore {
         }
         for (event, at) in restored.parked {
             let age = age(at);
-            let Some(key) = inner.digests.event(&event) else {
+            let Some(key) = inner.digests.park(&event) else {
                 unparked.extend(event.id);
                 continue;
             };
+            // Parked under an upstream id that its operation has since been given.
+            let named = event
+                .names()
+                .is_none()
+                .then_some(event.upstream_id.as_ref())
+                .flatten()
+                .and_then(|upstream_id| inner.upstream.get(upstream_id.key()).map(|id| *id));
+            if let Some(id) = named {
+                let listed = inner.operations.get(&id).is_some_and(|op| {
+                    event.id.is_some() && op.events.iter().any(|record| record.id == event.id)
+                });
+                if !listed {
+                    self.apply_to(id, &event, &mut |_| {});
+                }
+                unparked.extend(event.id);
+                continue;
+            }
             if age >= limits.park_ttl {
                 unparked.extend(event.id.clone());
                 if !limits.scratch {
@@ -602,10 +648,18 @@ impl OperationStore {
     /// Records what the upstream's answer said of an operation: its own id (the first of
     /// `upstream_ids`, shown; every one of them finds the operation — Graph's answer may name
     /// it differently in its body and its `Location`), and its status as written (unless a
-    /// notification has already settled the operation).
-    pub fn record_upstream(&self, id: OperationId, upstream_ids: &[&str], status: Option<&str>) {
-        let Some(mut op) = self.inner.operations.get_mut(&id) else {
-            return;
+    /// notification has already settled the operation). Notifications that named it by one
+    /// of those ids before the answer came (parked) are applied now, in arrival order; their
+    /// ids are returned (no longer parked).
+    pub fn record_upstream(
+        &self,
+        id: OperationId,
+        upstream_ids: &[&str],
+        status: Option<&str>,
+    ) -> Vec<Option<String>> {
+        let inner = &self.inner;
+        let Some(mut op) = inner.operations.get_mut(&id) else {
+            return Vec::new();
         };
         if let Some(shown) = upstream_ids.first() {
             op.upstream_operation_id = Some((*shown).into());
@@ -615,9 +669,24 @@ impl OperationStore {
         }
         op.revision += 1;
         drop(op);
+        let mut unparked = Vec::new();
         for upstream_id in upstream_ids {
-            self.inner.upstream.insert(upstream_key(upstream_id), id);
+            let key = upstream_key(upstream_id);
+            // Known before the park is looked at: a notification parking now either sees
+            // the id or is in the park taken below (`park_by_upstream_id` holds the park's
+            // entry while it looks).
+            let digest = inner.digests.upstream_park(&key);
+            inner.upstream.insert(key, id);
+            let Some((_, Slot::Parked(events))) = inner.index.remove(&digest) else {
+                continue;
+            };
+            inner.parked.fetch_sub(events.len(), Ordering::Relaxed);
+            for parked in events.into_iter() {
+                self.apply_to(id, &parked.event, &mut |_| {});
+                unparked.push(parked.event.id);
+            }
         }
+        unparked
     }
 
     /// Revision `revision` of the operation is durable, and with it `events_total` of its
@@ -652,11 +721,16 @@ impl OperationStore {
         let settle_before = announced.settle;
         announced.settle = announced.settled_revision;
         // Shown as the API shows it, without a copy: what it never shows is set aside.
+        // What `Operation::public` clears, set aside and put back.
         let pending = op.pending.take();
         let notify = op.notify.take();
+        let participant = op.participant.take();
+        let settle_by = op.settle_by.take();
         let out = work(&op, notify.as_deref(), revision, settled);
         op.pending = pending;
         op.notify = notify;
+        op.participant = participant;
+        op.settle_by = settle_by;
         Some((out, settle_before))
     }
 
@@ -723,6 +797,70 @@ impl OperationStore {
         ended
     }
 
+    /// The call ended (ACS `CallDisconnected`) at `now`: its unsettled removals fail with
+    /// `CallEnded` after the grace period unless their own events come first (the sweep
+    /// does it). Returns their ids.
+    pub fn end_call_after_grace(&self, call: &CallRef, now: OffsetDateTime) -> Vec<OperationId> {
+        let at = now + self.inner.limits.call_end_grace;
+        let listed = self
+            .inner
+            .calls
+            .get(call)
+            .map(|timeline| timeline.open.clone())
+            .unwrap_or_default();
+        let mut marked = Vec::new();
+        for id in listed {
+            let due = self.inner.operations.get_mut(&id).and_then(|mut op| {
+                let waiting = !op.status.is_terminal()
+                    && op.kind == OperationKind::RemoveParticipant
+                    && op.settle_by.is_none();
+                waiting.then(|| {
+                    op.settle_by(at, SettleReason::CallEnded);
+                    self.next_look(&op, now)
+                })
+            });
+            if let Some(due) = due {
+                // The sweep looks at it then (its entry at the old deadline stays, harmless).
+                let _ = self.inner.schedule.send((due, id));
+                marked.push(id);
+            }
+        }
+        marked
+    }
+
+    /// Applies what the platform said of an operation the sweep handed out to be
+    /// reconciled ([`SweepReport::reconcile`]), unless something settled it meanwhile (a
+    /// callback, or the reconciliation's own timeout). `None` when the operation is gone;
+    /// else whether it was applied.
+    pub fn reconciled(
+        &self,
+        id: OperationId,
+        conclusion: &Conclusion,
+        now: OffsetDateTime,
+    ) -> Option<bool> {
+        let applied = {
+            let mut op = self.inner.operations.get_mut(&id)?;
+            let open =
+                !op.status.is_terminal() && op.settle_reason() == Some(SettleReason::Reconciling);
+            if !open {
+                return Some(false);
+            }
+            let before = op.status;
+            let transition = conclusion.transition.clone();
+            let applied = if conclusion.reconciled {
+                op.apply_reconciled(transition, now)
+            } else {
+                op.apply(transition, now)
+            };
+            self.count_settled(&op.kind, before, op.status);
+            applied.is_ok()
+        };
+        if applied {
+            self.wake(id);
+        }
+        Some(applied)
+    }
+
     /// Delivers one callback event: drops duplicates, then applies, parks or observes it.
     pub fn deliver(&self, event: IncomingEvent, now: Instant) -> Delivery {
         self.deliver_noting(event, now, &mut |_| {})
@@ -777,8 +915,15 @@ impl OperationStore {
                 // Neither call nor context: nothing to keep it on; the caller logs it.
                 return Delivery::Unmatched;
             };
-            if let (Some(upstream_id), false) = (&event.upstream_id, event.should_park()) {
-                return self.observe_by_upstream_id(call, upstream_id, &event, note);
+            match (&event.upstream_id, event.should_park()) {
+                (Some(upstream_id), false) => {
+                    return self.observe_by_upstream_id(call, upstream_id, &event, note);
+                }
+                (Some(upstream_id), true) => {
+                    let key = upstream_id.key().to_owned();
+                    return self.park_by_upstream_id(&key, event, now, note);
+                }
+                (None, _) => {}
             }
             self.push_call_event(&event, EventEffect::Recorded, note);
             return Delivery::CallEvent;
@@ -978,8 +1123,7 @@ impl OperationStore {
             .retain(|_, at| now.duration_since(*at) < limits.dedupe_ttl);
 
         let overdue = |op: &Operation| {
-            !op.status.is_terminal()
-                && op.created_date_time + limits.timeouts.for_kind(&op.kind) <= wall_now
+            !op.status.is_terminal() && op.deadline(limits.timeouts.for_kind(&op.kind)) <= wall_now
         };
         let cutoff = wall_now - limits.retention;
         let old = |op: &Operation| op.status.is_terminal() && op.last_updated_date_time < cutoff;
@@ -996,29 +1140,41 @@ impl OperationStore {
             && at <= now_millis
         {
             due.pop();
-            let timed_out = inner.operations.get_mut(&id).is_some_and(|mut op| {
+            let looked = inner.operations.get_mut(&id).and_then(|mut op| {
                 if !overdue(&op) {
-                    return false;
+                    return None;
                 }
-                let message = format!(
-                    "no final callback arrived within {} s; a later one still settles the operation (marked late)",
-                    limits.timeouts.for_kind(&op.kind).as_secs()
-                );
-                let failed = Transition::Failed {
-                    result: None,
-                    error: OperationError {
-                        code: CALLBACK_TIMEOUT.to_owned(),
-                        message,
-                    },
-                };
+                let timeout = limits.timeouts.for_kind(&op.kind);
+                let at_deadline = reconcile::at_deadline(&op, limits.reconcile);
                 let before = op.status;
-                let applied = op.apply(failed, wall_now).is_ok();
+                let applied = match at_deadline {
+                    AtDeadline::Reconcile => {
+                        // Asked outside the store; the answer comes back by `reconciled`.
+                        op.settle_by(wall_now + limits.reconcile_timeout, SettleReason::Reconciling);
+                        report.reconcile.push(reconcile::job(&op));
+                        return None;
+                    }
+                    AtDeadline::TimeOut => op.apply(reconcile::timed_out(timeout, ""), wall_now),
+                    AtDeadline::EndCall => op.apply_reconciled(
+                        reconcile::call_ended(
+                            "the call ended (CallDisconnected) and no outcome arrived within the grace period",
+                        ),
+                        wall_now,
+                    ),
+                };
                 self.count_settled(&op.kind, before, op.status);
-                applied
+                applied.is_ok().then_some(at_deadline)
             });
-            if timed_out {
-                self.wake(id);
-                report.timed_out.push(id);
+            match looked {
+                Some(AtDeadline::EndCall) => {
+                    self.wake(id);
+                    report.call_ended.push(id);
+                }
+                Some(_) => {
+                    self.wake(id);
+                    report.timed_out.push(id);
+                }
+                None => {}
             }
             match inner.operations.remove_if(&id, |_, op| old(op)) {
                 Some((_, op)) => {
@@ -1109,6 +1265,45 @@ impl OperationStore {
                 Delivery::Observed { id }
             }
         }
+    }
+
+    /// A notification about a kind callops issues that names its operation only by an
+    /// upstream id nobody knows yet (Graph's answer to the cancel has not come): it waits
+    /// under that id for the answer ([`OperationStore::record_upstream`]).
+    fn park_by_upstream_id(
+        &self,
+        key: &str,
+        event: IncomingEvent,
+        now: Instant,
+        note: &mut dyn FnMut(Noted<'_>),
+    ) -> Delivery {
+        let inner = &self.inner;
+        // Lock order: the park's `index` entry, then `upstream`.
+        let entry = inner.index.entry(inner.digests.upstream_park(key));
+        if let Some(id) = inner.upstream.get(key).map(|id| *id) {
+            drop(entry);
+            return self
+                .apply_to(id, &event, note)
+                .unwrap_or(Delivery::Unmatched);
+        }
+        if !self.reserve_park(&event, note) {
+            return Delivery::Unmatched;
+        }
+        note(Noted::Parked(&event));
+        let parked = ParkedEvent { event, at: now };
+        match entry {
+            Entry::Occupied(mut occupied) => match occupied.get_mut() {
+                Slot::Parked(events) => events.push(parked),
+                // Never an operation under this key; make it a park.
+                Slot::Operation(_) => {
+                    occupied.insert(Slot::Parked(Box::new(vec![parked])));
+                }
+            },
+            Entry::Vacant(vacant) => {
+                vacant.insert(Slot::Parked(Box::new(vec![parked])));
+            }
+        }
+        Delivery::Parked
     }
 
     /// Takes a place in the park, or records the event on its call when the park is full.
@@ -1334,7 +1529,7 @@ impl OperationStore {
         unix_millis(if op.status.is_terminal() {
             op.last_updated_date_time + limits.retention
         } else {
-            let deadline = op.created_date_time + limits.timeouts.for_kind(&op.kind);
+            let deadline = op.deadline(limits.timeouts.for_kind(&op.kind));
             deadline.min(op.last_updated_date_time.max(now) + limits.retention)
         })
     }
@@ -2044,6 +2239,114 @@ mod tests {
         assert_eq!(store.stats().operations, 0);
         // Its context and call are free again.
         assert!(store.create(removal("c1", "running")).is_ok());
+    }
+
+    /// At its deadline a removal is handed out to be reconciled once, stays running while
+    /// the platform is asked, and takes the conclusion only while still reconciling.
+    #[test]
+    fn a_removal_is_reconciled_once_and_only_while_it_waits_for_the_answer() {
+        let store = store_with(|config| config.reconcile_timeout_ms = 30_000);
+        let t0 = OffsetDateTime::now_utc();
+        let at = |secs: i64| t0 + time::Duration::seconds(secs);
+        let mut asked = removal("c1", "asked");
+        asked.participant = Some("8:acs:bob".into());
+        let asked = store.create(asked).unwrap();
+        store.transition(asked.id, Transition::Accepted, t0);
+
+        let report = store.sweep(Instant::now(), at(241));
+        assert!(report.timed_out.is_empty());
+        assert_eq!(report.reconcile.len(), 1);
+        assert_eq!(
+            report.reconcile[0].participant.as_deref(),
+            Some("8:acs:bob")
+        );
+        let waiting = store.get(asked.id).unwrap();
+        assert_eq!(waiting.status, OperationStatus::Running);
+        assert_eq!(waiting.settle_reason(), Some(SettleReason::Reconciling));
+        let report = store.sweep(Instant::now(), at(250));
+        assert!(
+            report.reconcile.is_empty() && report.timed_out.is_empty(),
+            "asked once"
+        );
+
+        let gone = reconcile::conclude(
+            &OperationKind::RemoveParticipant,
+            reconcile::Reading::ParticipantGone,
+            Duration::from_secs(240),
+        );
+        assert_eq!(store.reconciled(asked.id, &gone, at(251)), Some(true));
+        let settled = store.get(asked.id).unwrap();
+        assert_eq!(settled.status, OperationStatus::Succeeded);
+        assert!(settled.reconciled && settled.settle_by.is_none());
+        assert_eq!(
+            store.reconciled(asked.id, &gone, at(252)),
+            Some(false),
+            "once"
+        );
+    }
+
+    #[test]
+    fn an_unanswered_reconciliation_times_out_and_a_callback_beats_an_answer() {
+        let store = store_with(|config| config.reconcile_timeout_ms = 30_000);
+        let t0 = OffsetDateTime::now_utc();
+        let at = |secs: i64| t0 + time::Duration::seconds(secs);
+        let mut slow = removal("c1", "slow");
+        slow.participant = Some("8:acs:bob".into());
+        let slow = store.create(slow).unwrap();
+        let mut beaten = removal("c1", "beaten");
+        beaten.participant = Some("8:acs:eve".into());
+        let beaten = store.create(beaten).unwrap();
+        assert_eq!(store.sweep(Instant::now(), at(241)).reconcile.len(), 2);
+
+        let report = store.sweep(Instant::now(), at(272));
+        assert_eq!(report.timed_out.len(), 2, "the answer did not come in time");
+        assert!(store.get(slow.id).unwrap().timed_out());
+        let gone = reconcile::conclude(
+            &OperationKind::RemoveParticipant,
+            reconcile::Reading::ParticipantGone,
+            Duration::from_secs(240),
+        );
+        assert_eq!(store.reconciled(slow.id, &gone, at(273)), Some(false));
+        assert!(store.get(slow.id).unwrap().timed_out());
+
+        // A real callback settles the other; a late answer changes nothing.
+        store.deliver(
+            event("e-real", "c1", Some("beaten"), failed()),
+            Instant::now(),
+        );
+        assert_eq!(store.reconciled(beaten.id, &gone, at(274)), Some(false));
+        let beaten = store.get(beaten.id).unwrap();
+        assert_eq!(beaten.status, OperationStatus::Failed);
+        assert!(beaten.late && !beaten.reconciled);
+    }
+
+    #[test]
+    fn a_call_end_settles_its_waiting_removals_after_the_grace_period() {
+        let store = store_with(|config| config.call_end_grace_ms = 5_000);
+        let t0 = OffsetDateTime::now_utc();
+        let at = |millis: i64| t0 + time::Duration::milliseconds(millis);
+        let waiting = store.create(removal("c1", "waiting")).unwrap();
+        let answered = store.create(removal("c1", "answered")).unwrap();
+        let elsewhere = store.create(removal("c2", "elsewhere")).unwrap();
+        let marked = store.end_call_after_grace(&call("c1"), t0);
+        assert_eq!(marked.len(), 2);
+        assert!(store.sweep(Instant::now(), at(4_900)).call_ended.is_empty());
+        store.deliver(
+            event("e-ok", "c1", Some("answered"), succeeded()),
+            Instant::now(),
+        );
+        let report = store.sweep(Instant::now(), at(5_100));
+        assert_eq!(report.call_ended, vec![waiting.id]);
+        let ended = store.get(waiting.id).unwrap();
+        assert_eq!(ended.error.as_ref().unwrap().code, "CallEnded");
+        assert!(ended.reconciled);
+        let answered = store.get(answered.id).unwrap();
+        assert_eq!(answered.status, OperationStatus::Succeeded);
+        assert!(!answered.reconciled);
+        assert_eq!(
+            store.get(elsewhere.id).unwrap().status,
+            OperationStatus::NotStarted
+        );
     }
 
     #[test]

@@ -7,10 +7,14 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use super::*;
-use crate::operation::ResultInfo;
+use crate::operation::{CALLBACK_TIMEOUT, ResultInfo};
 
+/// A store that times operations out at their deadline (reconciliation is tested in
+/// `tracker.rs`).
 fn store() -> OperationStore {
-    OperationStore::new(&crate::config::Config::embedded().operations)
+    let mut config = crate::config::Config::embedded().operations;
+    config.reconcile = false;
+    OperationStore::new(&config)
 }
 
 fn call() -> CallRef {
@@ -510,4 +514,75 @@ fn racing_context_less_notifications_observe_one_operation() {
         let (ops, _) = store.list(&ListFilter::default(), 10);
         assert_eq!(ops[0].events.len(), 8, "round {round}");
     }
+}
+
+/// The cancel's own notification, naming it by Graph's operation id alone, can come before
+/// Graph's answer: it waits under that id, is applied when the answer names the operation,
+/// survives a restart while it waits, and expires onto the call's timeline if no answer
+/// ever names it.
+#[test]
+fn a_cancel_notification_named_by_upstream_id_waits_for_the_answer() {
+    let now = OffsetDateTime::now_utc();
+    let done = |id: &str, upstream_id: &str| IncomingEvent {
+        event_type: "cancelMediaProcessingOperation.deleted".into(),
+        ..notification(
+            id,
+            OperationKind::CancelMediaProcessing,
+            None,
+            Some(upstream_id),
+            succeeded(),
+            now,
+        )
+    };
+    let first = store();
+    let op = first.create(cancel_op("mine", now)).unwrap();
+    let delivery = first.deliver(done("e-early", "AB-12"), Instant::now());
+    assert_eq!(delivery, Delivery::Parked);
+    assert_eq!(first.stats().parked, 1);
+    assert_eq!(
+        first.get(op.id).unwrap().status,
+        OperationStatus::NotStarted
+    );
+    assert!(
+        first
+            .call_events(&call())
+            .is_none_or(|events| events.is_empty())
+    );
+
+    let unparked = first.record_upstream(op.id, &["ab12"], Some("running"));
+    assert_eq!(unparked, [Some("e-early".to_owned())]);
+    assert_eq!(first.stats().parked, 0);
+    first.transition(op.id, Transition::Accepted, now);
+    let settled = first.get(op.id).unwrap();
+    assert_eq!(settled.status, OperationStatus::Succeeded);
+    assert_eq!(settled.events[0].effect, EventEffect::Applied);
+
+    // Across a restart: parked, then applied when the restored operation's answer comes.
+    let before = store();
+    let waiting = before.create(cancel_op("later", now)).unwrap();
+    let restored = Restored {
+        operations: vec![waiting.clone()],
+        parked: vec![(done("e-restored", "cd-34"), now)],
+        ..Restored::default()
+    };
+    let after = store();
+    let report = after.restore(restored, Instant::now(), now);
+    assert!(report.unparked.is_empty());
+    assert_eq!(after.stats().parked, 1);
+    after.record_upstream(waiting.id, &["CD-34"], None);
+    assert_eq!(
+        after.get(waiting.id).unwrap().status,
+        OperationStatus::Succeeded
+    );
+
+    // Never named by an answer: it expires onto its call's timeline, unmatched.
+    let alone = store();
+    alone.deliver(done("e-orphan", "ef-56"), Instant::now());
+    let report = alone.sweep(
+        Instant::now() + Duration::from_secs(3600),
+        OffsetDateTime::now_utc(),
+    );
+    assert_eq!(report.expired.len(), 1);
+    let timeline = alone.call_events(&call()).unwrap();
+    assert_eq!(timeline[0].effect, EventEffect::Unmatched);
 }

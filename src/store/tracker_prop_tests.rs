@@ -142,6 +142,8 @@ fn config() -> OperationsConfig {
     config.call_events_max = CALL_EVENTS_MAX;
     config.callback_timeouts.remove_participant_secs = TIMEOUT_SECS;
     config.callback_timeouts.cancel_media_processing_secs = TIMEOUT_SECS;
+    // The model times operations out at their deadline; reconciliation has tests of its own.
+    config.reconcile = false;
     config
 }
 
@@ -498,7 +500,7 @@ fn result_of(op: usize, event: usize, says: Says) -> Option<ResultInfo> {
         code: Some(code),
         sub_code: Some(i64::try_from(op * 100 + event).unwrap()),
         message: Some(format!("operation {op}, event {event}")),
-        completion_reason: None,
+        ..ResultInfo::default()
     })
 }
 
@@ -515,6 +517,7 @@ fn acs_event(
         call_connection_id: Some(call),
         operation_context: context,
         result,
+        participant: None,
     }
     .into_incoming(WALL0)
 }

@@ -224,6 +224,109 @@ fn an_invalid_configuration_stops_the_start_with_a_clear_message() {
     assert!(!stderr.contains("c2VjcmV0LWtleQ"), "{stderr}");
 }
 
+/// A container on Azure Container Apps with a managed identity: configured by the platform's
+/// `IDENTITY_ENDPOINT` and `IDENTITY_HEADER` and `CALLOPS_*` names alone, no secret.
+#[tokio::test]
+async fn a_managed_identity_from_the_platforms_variables_removes_and_cancels() {
+    let http = reqwest::Client::new();
+    let (emulator_port, port) = (free_port(), free_port());
+    let base = format!("http://127.0.0.1:{port}");
+    let emulator = format!("http://127.0.0.1:{emulator_port}");
+    let _emulator = callops(
+        &[
+            "emulator",
+            "--listen",
+            &format!("127.0.0.1:{emulator_port}"),
+        ],
+        &[("CALLOPS_PUBLIC_URL", base.clone())],
+    );
+    until_up(&http, &format!("{emulator}/emulator/requests")).await;
+    let config = callops::config::Config::embedded();
+    let _server = callops(
+        &[],
+        &[
+            ("CALLOPS_LISTEN", format!("127.0.0.1:{port}")),
+            ("CALLOPS_PUBLIC_URL", base.clone()),
+            ("IDENTITY_ENDPOINT", format!("{emulator}/msi/token")),
+            ("IDENTITY_HEADER", config.emulator.identity_header.clone()),
+            ("CALLOPS_ACS_ENDPOINT", format!("{emulator}/")),
+            ("CALLOPS_ACS_CREDENTIAL", "managed-identity".to_owned()),
+            ("CALLOPS_GRAPH_CREDENTIAL", "managed-identity".to_owned()),
+            ("CALLOPS_GRAPH_BASE_URL", format!("{emulator}/v1.0")),
+            (
+                "CALLOPS_ACS_CALLBACK_OPENID_URL",
+                format!("{emulator}{}", callback_signing::ACS_OPENID_PATH),
+            ),
+            (
+                "CALLOPS_ACS_CALLBACK_AUDIENCE",
+                config.emulator.acs_resource_id.clone(),
+            ),
+            (
+                "CALLOPS_GRAPH_CALLBACK_OPENID_URL",
+                format!("{emulator}{}", callback_signing::GRAPH_OPENID_PATH),
+            ),
+            (
+                "CALLOPS_GRAPH_CALLBACK_AUDIENCE",
+                config.emulator.graph_client_id.clone(),
+            ),
+            ("CALLOPS_EMULATOR__ENABLED", "false".to_owned()),
+        ],
+    );
+    until_up(&http, &format!("{base}/healthz")).await;
+    let response = http
+        .post(format!(
+            "{base}/v1/acs/callConnections/call-mi/participants:remove"
+        ))
+        .json(&json!({"participantToRemove": {"rawId": "8:acs:abc_def"}}))
+        .send()
+        .await
+        .unwrap();
+    let operation = follow(&http, &base, response).await;
+    assert_eq!(operation["status"], "Succeeded", "{operation}");
+    let response = http
+        .post(format!(
+            "{base}/v1/graph/calls/call-mi/cancelMediaProcessing"
+        ))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    let operation = follow(&http, &base, response).await;
+    assert_eq!(operation["status"], "Succeeded", "{operation}");
+    let grants: Value = http
+        .get(format!("{emulator}/emulator/identity/grants"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let grants: Vec<(&str, &str)> = grants
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| (g["by"].as_str().unwrap(), g["audience"].as_str().unwrap()))
+        .collect();
+    assert_eq!(grants, [("appService", "acs"), ("appService", "graph")]);
+}
+
+#[test]
+fn an_endpoint_without_a_credential_stops_the_start_naming_both() {
+    let output = Command::new(env!("CARGO_BIN_EXE_callops"))
+        .env("CALLOPS_ACS_ENDPOINT", "https://r.communication.azure.com/")
+        .env("CALLOPS_STORE", "memory")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("CALLOPS_ACS_ENDPOINT")
+            && stderr.contains("CALLOPS_ACS_CREDENTIAL")
+            && stderr.contains("managed-identity"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn api_keys_from_the_environment_guard_the_client_api() {
     let http = reqwest::Client::new();

@@ -168,3 +168,37 @@ async fn every_listed_route_is_served() {
         assert_ne!(status, 405, "{method} {path}");
     }
 }
+
+/// The reconciliation mark, the ACS cause details and the Teams extension user are in the
+/// models as the API shows them, and nothing kept for the store alone is.
+#[tokio::test]
+async fn the_operation_schema_shows_reconciled_and_the_result_details() {
+    let app = TestApp::spawn().await;
+    let document: Value = app.get_json("/openapi.json").await;
+    let schemas = &document["components"]["schemas"];
+    // The call (`callConnectionId` or `callId`) is flattened in: the rest is the second part.
+    let operation = &schemas["Operation"]["allOf"][1]["properties"];
+    assert_eq!(operation["reconciled"]["type"], "boolean", "{operation}");
+    for hidden in ["participant", "settleBy", "pending"] {
+        assert!(operation.get(hidden).is_none(), "{hidden} is not API");
+    }
+    let result = &schemas["ResultInfo"]["properties"];
+    assert!(result.get("sipDetails").is_some(), "{result}");
+    assert!(result.get("q850Details").is_some(), "{result}");
+    let details = &schemas["ResultDetails"]["properties"];
+    assert!(
+        details.get("code").is_some() && details.get("message").is_some(),
+        "{details}"
+    );
+    let identifier = &schemas["CommunicationIdentifier"]["properties"];
+    assert!(
+        identifier.get("teamsExtensionUser").is_some(),
+        "{identifier}"
+    );
+    let user = &schemas["TeamsExtensionUser"]["required"];
+    assert_eq!(
+        user,
+        &serde_json::json!(["userId", "tenantId", "resourceId"]),
+        "{user}"
+    );
+}

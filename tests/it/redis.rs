@@ -1435,3 +1435,40 @@ async fn webhooks_and_the_stream_span_replicas() {
         .collect();
     assert_eq!(streamed, expected);
 }
+
+/// Both replicas sweep the same operations; each removal past its deadline is reconciled by
+/// one of them only (the one whose commit marked it), so ACS is asked about it once.
+#[tokio::test]
+async fn each_operation_is_reconciled_by_one_replica() {
+    let env: &[(&str, &str)] = &[
+        (
+            "CALLOPS_OPERATIONS__CALLBACK_TIMEOUTS__REMOVE_PARTICIPANT_SECS",
+            "1",
+        ),
+        ("CALLOPS_OPERATIONS__SWEEP_INTERVAL_MS", "20"),
+    ];
+    let Some(cluster) = Cluster::start(env).await else {
+        return;
+    };
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let call = format!("call-reconciled-{i}");
+        ids.push((call.clone(), cluster.remove(i % 2, &call, "ctx").await));
+    }
+    for (call, id) in &ids {
+        let operation = cluster.until_status(0, id, "Succeeded").await;
+        assert_eq!(operation["reconciled"], true, "{operation}");
+        let asked = cluster
+            .emulator
+            .requests()
+            .into_iter()
+            .filter(|request| {
+                request.method == "GET"
+                    && request
+                        .path_and_query
+                        .starts_with(&format!("/calling/callConnections/{call}/participants/"))
+            })
+            .count();
+        assert_eq!(asked, 1, "{call}: ACS asked {asked} times");
+    }
+}

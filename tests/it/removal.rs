@@ -429,3 +429,84 @@ async fn a_well_formed_traceparent_is_passed_on_to_acs_and_graph() {
         .unwrap();
     assert_eq!(cancel.headers["traceparent"], traceparent);
 }
+
+/// With api-version 2026-03-12 (the Python SDK 1.6.0's default) the request ACS receives is
+/// the SDK's: same path and query, same body, same headers (values that are per request or
+/// per transport aside).
+#[tokio::test]
+async fn the_2026_03_12_request_equals_the_python_sdk_1_6_0_request() {
+    let sdk: serde_json::Value = serde_json::from_slice(&crate::support::fixture(
+        "sdk-requests/acs_remove_participant.python-sdk-1.6.0.json",
+    ))
+    .unwrap();
+    let want = &sdk["requests"]["communicationUser"];
+    let app = TestApp::spawn_with(|config| config.acs.api_version = "2026-03-12".to_owned()).await;
+    let call = "18dea47f-b081-4107-9a5c-4300819d2c6c";
+    app.emulator.set_script(call, Script::default());
+    let response = app
+        .post_json(
+            &format!("/v1/acs/callConnections/{call}/participants:remove"),
+            &json!({"participantToRemove": {"rawId": "8:acs:abc_def"}, "operationContext": "ctx-1"}),
+        )
+        .await;
+    assert_eq!(response.status(), 202);
+    let request = &app.emulator_requests(call, 1).await[0];
+    assert_eq!(request.path_and_query, want["path"].as_str().unwrap());
+    let mut body = want["body"].clone();
+    // The SDK was pointed at a fixed callback URI; callops gives its own.
+    body["operationCallbackUri"] = json!(app.url("/callbacks/acs"));
+    assert_eq!(request.body, body);
+    let mut sdk_names: Vec<String> = want["headers"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|name| name.to_ascii_lowercase())
+        .filter(|name| !["user-agent", "accept-encoding", "connection"].contains(&name.as_str()))
+        .collect();
+    sdk_names.sort();
+    let mut ours: Vec<String> = request
+        .headers
+        .keys()
+        .filter(|name| {
+            !["user-agent", "accept-encoding", "connection", "traceparent"].contains(&name.as_str())
+        })
+        .cloned()
+        .collect();
+    ours.sort();
+    assert_eq!(ours, sdk_names);
+    for name in ["accept", "content-type", "x-ms-return-client-request-id"] {
+        let sdk_value = want["headers"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str().unwrap())
+            .unwrap();
+        assert_eq!(request.headers[name], sdk_value, "{name}");
+    }
+}
+
+/// A Teams extension user (2025-06-30 common models) is sent as the SDK sends it, whichever
+/// form the client gave.
+#[tokio::test]
+async fn a_teams_extension_user_is_removed_in_the_sdk_form() {
+    let app = TestApp::spawn().await;
+    let call = "call-teams-extension";
+    app.emulator.set_script(call, Script::default());
+    let response = app
+        .post_json(
+            &format!("/v1/acs/callConnections/{call}/participants:remove"),
+            &json!({"participantToRemove": {"kind": "teamsExtensionUser", "teamsExtensionUser": {
+                "userId": "u1", "tenantId": "t1", "resourceId": "r1", "cloud": "public"}}}),
+        )
+        .await;
+    let started = crate::support::accepted(response).await;
+    let settled = app.wait_operation(started["id"].as_str().unwrap(), 5).await;
+    assert_eq!(settled["status"], "Succeeded", "{settled}");
+    let request = &app.emulator_requests(call, 1).await[0];
+    assert_eq!(
+        request.body["participantToRemove"],
+        json!({"rawId": "8:acs:r1_t1_u1", "teamsExtensionUser": {
+            "userId": "u1", "tenantId": "t1", "resourceId": "r1", "cloud": "public"}})
+    );
+}

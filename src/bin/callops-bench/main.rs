@@ -66,6 +66,10 @@ struct Cli {
     /// Short durations and 100 000 memory operations: a fast sanity run.
     #[arg(long)]
     quick: bool,
+    /// ACS requests authenticated by a managed identity (an Entra ID token from the
+    /// emulator) instead of the access key.
+    #[arg(long)]
+    acs_managed_identity: bool,
     #[command(subcommand)]
     command: Option<Child>,
 }
@@ -144,6 +148,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         redis_wake_samples: cli
             .redis_wake_samples
             .unwrap_or(if quick { 100 } else { 500 }),
+        acs_managed_identity: cli.acs_managed_identity,
     };
     let only = if cli.only.is_empty() {
         vec![

@@ -49,6 +49,9 @@ pub struct Options {
     pub wake_parallel: usize,
     /// Samples of the long-poll wake across replicas (Redis store).
     pub redis_wake_samples: usize,
+    /// ACS requests carry an Entra ID token from the emulator's managed-identity endpoint
+    /// instead of the HMAC signature.
+    pub acs_managed_identity: bool,
 }
 
 /// The parent's side of every scenario: the in-process emulator (ACS and Graph for the
@@ -121,8 +124,7 @@ retention_secs = 604800
 [operations.callback_timeouts]
 remove_participant_secs = 604800
 
-[acs]
-connection_string = {acs}
+{acs}
 
 [graph]
 base_url = {graph_base}
@@ -146,7 +148,19 @@ enabled = false
 {extra}
 "#,
             store = q(store),
-            acs = q(&format!("endpoint={emu}/;accesskey={}", e.access_key)),
+            acs = if self.options.acs_managed_identity {
+                format!(
+                    "[acs]\nendpoint = {}\ncredential = \"managed-identity\"\n\n[identity]\nendpoint = {}\nheader = {}\n",
+                    q(&format!("{emu}/")),
+                    q(&format!("{emu}/msi/token")),
+                    q(&e.identity_header)
+                )
+            } else {
+                format!(
+                    "[acs]\nconnection_string = {}\n",
+                    q(&format!("endpoint={emu}/;accesskey={}", e.access_key))
+                )
+            },
             graph_base = q(&format!("{emu}/v1.0")),
             authority = q(&emu),
             tenant = q(&e.graph_tenant_id),

@@ -19,13 +19,15 @@ use super::journal::{
 };
 use super::outbox::Outbox;
 use super::seam::{
-    CreateError, Delivered, Inbound, StoreError, UpstreamAnswer, call_terminated, report_sweep,
+    CallEnd, CreateError, Delivered, Inbound, ReconcileQueue, StoreError, UpstreamAnswer,
+    call_terminated, queue_reconciliations, report_sweep,
 };
 use super::tracker::{ListFilter, OperationStore, StoreStats, SweepReport};
 use crate::config::{Config, DEFAULT_DATA_DIR};
 use crate::correlation::{Delivery, IncomingEvent};
 use crate::metrics::Metrics;
 use crate::operation::{CallRef, EventRecord, Operation, OperationError, OperationId, Transition};
+use crate::reconcile::Conclusion;
 pub use recorder::restored;
 use recorder::{Changes, Recorder};
 
@@ -256,16 +258,33 @@ impl LocalStore {
         transition: Transition,
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
+        let mut changes = self.recorder.changes();
         if let Some(upstream) = &upstream {
             let ids: Vec<&str> = upstream.ids.iter().map(String::as_str).collect();
-            self.store
+            let unparked = self
+                .store
                 .record_upstream(id, &ids, upstream.status.as_deref());
+            changes.unparked(unparked.iter().map(Option::as_deref));
         }
         self.store.answered(id);
         self.store.transition(id, transition, now);
-        let mut changes = self.recorder.changes();
         changes.operation(id);
         Ok(self.commit(changes).await?)
+    }
+
+    pub(super) async fn reconciled(
+        &self,
+        id: OperationId,
+        conclusion: &Conclusion,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let applied = self.store.reconciled(id, conclusion, now) == Some(true);
+        if applied {
+            let mut changes = self.recorder.changes();
+            changes.operation(id);
+            self.commit(changes).await?;
+        }
+        Ok(applied)
     }
 
     /// Delivers every event, then commits them together.
@@ -279,12 +298,23 @@ impl LocalStore {
         for (index, Inbound { incoming, ended }) in events.into_iter().enumerate() {
             let delivery = self.deliver_one(incoming, now, &mut changes);
             let failed = match &ended {
-                Some((call, result)) if delivery != Delivery::Duplicate => self.store.end_call(
-                    call,
-                    result.clone(),
-                    &call_terminated(),
-                    OffsetDateTime::now_utc(),
-                ),
+                Some(CallEnd {
+                    call, grace: true, ..
+                }) if delivery != Delivery::Duplicate => {
+                    let marked = self
+                        .store
+                        .end_call_after_grace(call, OffsetDateTime::now_utc());
+                    changes.operations(marked);
+                    Vec::new()
+                }
+                Some(CallEnd { call, result, .. }) if delivery != Delivery::Duplicate => {
+                    self.store.end_call(
+                        call,
+                        result.clone(),
+                        &call_terminated(),
+                        OffsetDateTime::now_utc(),
+                    )
+                }
                 _ => Vec::new(),
             };
             changes.operations(failed.iter().copied());
@@ -404,7 +434,12 @@ impl LocalStore {
     }
 
     /// Expires parked callbacks, duplicate records and old operations until `shutdown`.
-    pub(super) async fn run_sweeper(self, interval: Duration, shutdown: CancellationToken) {
+    pub(super) async fn run_sweeper(
+        self,
+        interval: Duration,
+        shutdown: CancellationToken,
+        reconcile: ReconcileQueue,
+    ) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -413,12 +448,13 @@ impl LocalStore {
                 _ = ticker.tick() => {}
             }
             let wall_now = OffsetDateTime::now_utc();
-            let report = self.store.sweep(tokio::time::Instant::now(), wall_now);
+            let mut report = self.store.sweep(tokio::time::Instant::now(), wall_now);
             let changes = self.sweep_changes(&report, wall_now - self.dedupe_ttl);
             if let Err(error) = self.commit(changes).await {
                 tracing::error!(%error, "the sweep's changes could not be stored; the next sweep retries what is still due");
             }
             report_sweep(&report, &self.metrics);
+            queue_reconciliations(&mut report, &reconcile);
         }
     }
 
@@ -427,6 +463,8 @@ impl LocalStore {
     fn sweep_changes(&self, report: &SweepReport, seen_before: OffsetDateTime) -> Changes {
         let mut changes = self.recorder.changes();
         changes.operations(report.timed_out.iter().copied());
+        changes.operations(report.call_ended.iter().copied());
+        changes.operations(report.reconcile.iter().map(|job| job.id));
         changes.removed(report.removed_operations.iter().copied());
         changes.unparked(report.expired.iter().map(|event| event.id.as_deref()));
         for added in &report.call_events {

@@ -269,8 +269,9 @@ impl Run {
                 code: Some(code),
                 sub_code: Some(n),
                 message: Some(format!("event {n}")),
-                completion_reason: None,
+                ..ResultInfo::default()
             }),
+            participant: None,
         }
         .into_incoming(self.base + time::Duration::milliseconds(n));
         Some((event, op))

@@ -137,6 +137,21 @@ impl Keys {
     }
 }
 
+/// The hashed name under which events naming their operation by upstream id alone (`key`,
+/// in `upstream_key` form) wait for it; never a (call, context)'s name.
+pub fn upstream_park_name(key: &str) -> String {
+    hashed(&[b"upstream-park", key.as_bytes()])
+}
+
+/// The name `event` parks under when its operation is unknown (as the tracker parks it).
+pub fn park_name(event: &crate::correlation::IncomingEvent) -> Option<String> {
+    if let Some((call, context)) = event.names() {
+        return Some(context_name(call, context));
+    }
+    let upstream_id = event.upstream_id.as_ref()?;
+    (event.call.is_some() && event.should_park()).then(|| upstream_park_name(upstream_id.key()))
+}
+
 /// The hashed name of (call, context), used for its index and park keys.
 pub fn context_name(call: &CallRef, context: &str) -> String {
     hashed(&[call_tag(call), call.id().as_bytes(), context.as_bytes()])

@@ -46,7 +46,7 @@ use crate::metrics::Metrics;
 use crate::operation::{
     CallRef, EventEffect, EventRecord, FINAL_STATUSES, ISSUED_KINDS, Operation, OperationId,
 };
-use crate::store::seam::report_sweep;
+use crate::store::seam::{ReconcileQueue, queue_reconciliations, report_sweep};
 use crate::store::tracker::{
     ListFilter, OperationStore, Restored, StoreStats, SweepReport, unix_millis,
 };
@@ -104,9 +104,7 @@ impl Want {
     /// What delivering `event` may touch; `whole_call` adds every operation of its call.
     pub fn event(event: &IncomingEvent, whole_call: bool) -> Self {
         let mut want = Self::default();
-        if let Some((call, context)) = event.names() {
-            want.contexts.push(context_name(call, context));
-        }
+        want.contexts.extend(keys::park_name(event));
         if let Some(upstream_id) = &event.upstream_id {
             want.upstream.push(upstream_id.key().into());
         }
@@ -758,7 +756,12 @@ impl RedisStore {
     /// Every `interval` until `stop`: times out operations past their callback deadline,
     /// expires parked callbacks, drops ids of expired operations from the list index and
     /// counts what is stored. Every replica sweeps; the transitions make that safe.
-    pub async fn run_sweeper(self, interval: Duration, stop: CancellationToken) {
+    pub async fn run_sweeper(
+        self,
+        interval: Duration,
+        stop: CancellationToken,
+        reconcile: ReconcileQueue,
+    ) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
@@ -767,7 +770,7 @@ impl RedisStore {
                 () = stop.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            match self.sweep().await {
+            match self.sweep(&reconcile).await {
                 Ok(()) if failing => {
                     failing = false;
                     tracing::info!("the sweep reaches Redis again");
@@ -783,7 +786,7 @@ impl RedisStore {
     }
 
     /// One sweep tick.
-    pub async fn sweep(&self) -> Result<(), RedisStoreError> {
+    pub async fn sweep(&self, reconcile: &ReconcileQueue) -> Result<(), RedisStoreError> {
         let keys = &self.inner.keys;
         let now_ms = unix_millis(OffsetDateTime::now_utc());
         let (due, parks, expired, operations, parked): (
@@ -812,7 +815,7 @@ impl RedisStore {
         let counters = &self.inner.counters;
         counters.operations.store(operations, Ordering::Relaxed);
         for id in due.iter().filter_map(|id| OperationId::parse(id)) {
-            self.time_out(id).await?;
+            self.time_out(id, reconcile).await?;
         }
         for name in &parks {
             self.expire_park(name).await?;
@@ -844,8 +847,14 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Fails `id` with `CallbackTimeout` if it is past its deadline and still unsettled.
-    async fn time_out(&self, id: OperationId) -> Result<(), RedisStoreError> {
+    /// Fails `id` with `CallbackTimeout` (or `CallEnded`) if it is past its time and still
+    /// unsettled, or marks it reconciling and hands it to `reconcile`: the commit checks the
+    /// revision read, so of the replicas sweeping it, only the one whose commit wins asks.
+    async fn time_out(
+        &self,
+        id: OperationId,
+        reconcile: &ReconcileQueue,
+    ) -> Result<(), RedisStoreError> {
         let committed = self
             .transact(&Want::operation(id), |scratch, _| {
                 let known = scratch.get(id).is_some();
@@ -854,7 +863,10 @@ impl RedisStore {
             })
             .await?;
         match committed {
-            Committed::Done((true, report)) => report_sweep(&report, &self.inner.metrics),
+            Committed::Done((true, mut report)) => {
+                report_sweep(&report, &self.inner.metrics);
+                queue_reconciliations(&mut report, reconcile);
+            }
             Committed::Done((false, _)) => {
                 // Expired (or never stored): nothing to time out.
                 let key = self.inner.keys.deadlines();

@@ -5,15 +5,17 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
+use super::keys::upstream_park_name;
 use super::{Committed, RedisStore, RedisStoreError, Want, event};
 use crate::correlation::{Delivery, IncomingEvent, upstream_key};
-use crate::operation::{CallRef, Operation, OperationId, ResultInfo, Transition};
+use crate::operation::{Operation, OperationId, Transition};
 use crate::store::tracker::{Noted, unix_millis};
 
 /// Most unsent operations one claim looks at.
 const CLAIM_BATCH: usize = 100;
+use crate::reconcile::Conclusion;
 use crate::store::seam::{
-    CreateError, Delivered, Inbound, StoreError, UpstreamAnswer, call_terminated,
+    CallEnd, CreateError, Delivered, Inbound, StoreError, UpstreamAnswer, call_terminated,
 };
 
 impl RedisStore {
@@ -53,10 +55,19 @@ impl RedisStore {
         transition: Transition,
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
-        self.transact(&Want::operation(id), |scratch, outcome| {
+        let mut want = Want::operation(id);
+        // Notifications that named it by one of these ids before the answer came.
+        let parks: Vec<String> = upstream
+            .iter()
+            .flat_map(|upstream| &upstream.ids)
+            .map(|upstream_id| upstream_park_name(&upstream_key(upstream_id)))
+            .collect();
+        want.contexts.extend(parks.iter().cloned());
+        self.transact(&want, |scratch, outcome| {
             if let Some(upstream) = &upstream {
                 let ids: Vec<&str> = upstream.ids.iter().map(String::as_str).collect();
                 scratch.record_upstream(id, &ids, upstream.status.as_deref());
+                outcome.parks_applied.clone_from(&parks);
                 // Every name Graph gave it finds it (the first is on the operation).
                 outcome.upstream_ids.extend(
                     upstream
@@ -72,6 +83,22 @@ impl RedisStore {
         .await?;
         self.forget_unsent(&[id]).await?;
         Ok(())
+    }
+
+    /// Applies a reconciliation's conclusion, if the operation is still reconciling (the
+    /// commit checks its revision: a callback applied meanwhile wins).
+    pub(crate) async fn reconciled(
+        &self,
+        id: OperationId,
+        conclusion: &Conclusion,
+        now: OffsetDateTime,
+    ) -> Result<bool, RedisStoreError> {
+        let committed = self
+            .transact(&Want::operation(id), |scratch, _| {
+                scratch.reconciled(id, conclusion, now) == Some(true)
+            })
+            .await?;
+        Ok(committed == Committed::Done(true))
     }
 
     /// Claims, for `lease`, operations listed as unsent for longer than `lease`.
@@ -183,7 +210,7 @@ impl RedisStore {
     pub(super) async fn deliver_general(
         &self,
         incoming: IncomingEvent,
-        ended: Option<(CallRef, Option<ResultInfo>)>,
+        ended: Option<CallEnd>,
     ) -> Result<Delivered, RedisStoreError> {
         let want = Want::event(&incoming, incoming.cancelled || ended.is_some());
         let now = tokio::time::Instant::now();
@@ -197,7 +224,13 @@ impl RedisStore {
                     }
                 });
                 let failed = match &ended {
-                    Some((call, result)) => scratch.end_call(
+                    Some(CallEnd {
+                        call, grace: true, ..
+                    }) => {
+                        scratch.end_call_after_grace(call, OffsetDateTime::now_utc());
+                        Vec::new()
+                    }
+                    Some(CallEnd { call, result, .. }) => scratch.end_call(
                         call,
                         result.clone(),
                         &call_terminated(),

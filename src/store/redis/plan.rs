@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use super::keys::{Keys, context_name};
+use super::keys::{Keys, context_name, park_name};
 use crate::config::CallbackTimeouts;
 use crate::correlation::{IncomingEvent, upstream_key};
 use crate::operation::{CallRef, EventRecord, Operation, OperationId};
@@ -48,6 +48,9 @@ pub struct Outcome {
     pub parked: Vec<IncomingEvent>,
     /// (call, context) names whose parked events expired (moved to their call's events).
     pub parks_expired: Vec<String>,
+    /// Park names whose events were applied to the operation they waited for (Graph's
+    /// answer named it): cleared, and nothing else may have parked there since the read.
+    pub parks_applied: Vec<String>,
     /// Events added to calls' timelines.
     pub timelines: Vec<(CallRef, Vec<EventRecord>)>,
     /// More upstream ids of an operation than the one it shows (Graph's `Location`).
@@ -211,7 +214,7 @@ pub struct Kept {
 pub fn kept(lifetimes: &Lifetimes, op: &Operation, now: OffsetDateTime) -> Kept {
     let retention = millis(lifetimes.retention);
     let settled = op.status.is_terminal();
-    let deadline = op.created_date_time + lifetimes.timeouts.for_kind(&op.kind);
+    let deadline = op.deadline(lifetimes.timeouts.for_kind(&op.kind));
     if settled {
         Kept {
             ttl: retention,
@@ -333,17 +336,28 @@ pub fn plan(
     }
     let park_due = unix_millis(now) + i64::try_from(millis(lifetimes.park)).unwrap_or(i64::MAX);
     for event in &outcome.parked {
-        let Some((call, context)) = event.names() else {
+        let Some(name) = park_name(event) else {
             continue;
         };
-        let name = context_name(call, context);
-        let key = keys.context(&name);
-        // Parked only while nothing holds the name: it must still be so.
-        let holder = read
-            .contexts
-            .get(&name)
-            .and_then(|seen| seen.holder.clone())
-            .unwrap_or_default();
+        // Parked only while nothing holds the name (the context, or for an event named by
+        // upstream id alone, that id): it must still be so.
+        let (key, holder) = match (event.names(), &event.upstream_id) {
+            (None, Some(upstream_id)) => (
+                keys.upstream(upstream_id.key()),
+                read.upstream
+                    .get(upstream_id.key())
+                    .cloned()
+                    .flatten()
+                    .unwrap_or_default(),
+            ),
+            _ => (
+                keys.context(&name),
+                read.contexts
+                    .get(&name)
+                    .and_then(|seen| seen.holder.clone())
+                    .unwrap_or_default(),
+            ),
+        };
         claims.entry(key.clone()).or_insert(Claim {
             key,
             check: true,
@@ -364,7 +378,7 @@ pub fn plan(
             .push
             .push(serde_json::to_string(event)?);
     }
-    for name in &outcome.parks_expired {
+    for name in outcome.parks_expired.iter().chain(&outcome.parks_applied) {
         let seen = read.contexts.get(name).map_or(0, |seen| seen.parked);
         parked.entry(name.clone()).or_insert_with(|| ParkWrite {
             key: keys.parked(name),

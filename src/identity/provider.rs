@@ -1,53 +1,23 @@
-//! App-only access tokens for Graph: the OAuth 2.0 client-credentials grant, cached until
-//! shortly before expiry, fetched once for any number of concurrent requests.
-//!
-//! Hand-written because it is one form POST and a cache: the generic OAuth crates bring an
-//! HTTP stack of their own and none offers single-flight refresh with our retry policy.
-//! The token and the client secret are [`SecretString`]s and never reach a log.
+//! [`TokenProvider`]: the token of one credential for one scope, cached until shortly before
+//! it expires and fetched once for any number of concurrent callers.
 
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
 use tokio::time::Instant;
-use url::Url;
 
-use crate::upstream;
-
-/// The scope of Graph app-only tokens.
-pub const GRAPH_SCOPE: &str = "https://graph.microsoft.com/.default";
+use crate::identity::{Credential, TokenError};
 
 /// Longest a token is used before its expiry is near: refresh this much before it ends,
 /// or a quarter of its lifetime for short-lived tokens.
 const REFRESH_MARGIN: Duration = Duration::from_secs(60);
 
-/// Why no token could be had.
-#[derive(Debug, thiserror::Error)]
-pub enum TokenError {
-    /// The authority refused the credentials or the request (wrong tenant, id, secret).
-    #[error("the token endpoint refused the credentials ({status}): {}", .code.as_deref().unwrap_or("no error code"))]
-    Rejected {
-        status: StatusCode,
-        /// The OAuth `error` code, e.g. `invalid_client` (the description may echo input,
-        /// so it is not kept).
-        code: Option<String>,
-    },
-    /// The authority could not be reached or failed (worth retrying).
-    #[error("the token endpoint is unavailable: {0}")]
-    Unavailable(String),
-    /// The answer was not a token response.
-    #[error("the token endpoint answered something that is not a token")]
-    Malformed,
-}
-
-impl TokenError {
-    /// True when a later attempt may succeed.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
-    }
+/// A token and how long it is valid from now.
+pub struct AccessToken {
+    pub token: SecretString,
+    pub lifetime: Duration,
 }
 
 struct Cached {
@@ -55,58 +25,41 @@ struct Cached {
     refresh_at: Instant,
 }
 
-/// Fetches and caches tokens for one app registration.
+/// Fetches and caches tokens of one credential for one scope.
 pub struct TokenProvider {
     http: reqwest::Client,
-    token_url: Url,
-    client_id: String,
-    client_secret: SecretString,
+    credential: Credential,
+    scope: &'static str,
+    /// Who the tokens are for, in logs (`ACS`, `Graph`).
+    upstream: &'static str,
     cached: RwLock<Option<Cached>>,
     /// Held while fetching: concurrent callers wait for that fetch instead of starting one.
     refresh: tokio::sync::Mutex<()>,
     fetches: AtomicU64,
 }
 
-#[derive(Deserialize)]
-struct TokenResponse {
-    access_token: SecretString,
-    expires_in: Option<serde_json::Value>,
-}
-
-#[derive(Deserialize)]
-struct OAuthError {
-    error: Option<String>,
-}
-
 impl TokenProvider {
-    /// A provider for `{authority}/{tenant}/oauth2/v2.0/token`.
+    /// A provider of `credential`'s tokens for `scope`.
     pub fn new(
         http: reqwest::Client,
-        authority: &Url,
-        tenant_id: &str,
-        client_id: String,
-        client_secret: SecretString,
+        credential: Credential,
+        scope: &'static str,
+        upstream: &'static str,
     ) -> Self {
-        let mut token_url = authority.clone();
-        token_url
-            .path_segments_mut()
-            .expect("the authority is an http(s) URL")
-            .pop_if_empty()
-            .extend([tenant_id, "oauth2", "v2.0", "token"]);
         Self {
             http,
-            token_url,
-            client_id,
-            client_secret,
+            credential,
+            scope,
+            upstream,
             cached: RwLock::new(None),
             refresh: tokio::sync::Mutex::new(()),
             fetches: AtomicU64::new(0),
         }
     }
 
-    /// Where tokens come from.
-    pub fn token_url(&self) -> &Url {
-        &self.token_url
+    /// The credential (for what it says about itself in logs).
+    pub fn credential(&self) -> &Credential {
+        &self.credential
     }
 
     /// How many tokens were fetched so far.
@@ -124,7 +77,14 @@ impl TokenProvider {
         if let Some(token) = self.fresh() {
             return Ok(token);
         }
-        let (token, lifetime) = self.fetch().await?;
+        let AccessToken { token, lifetime } = self.credential.fetch(&self.http, self.scope).await?;
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            expires_in = lifetime.as_secs(),
+            credential = self.credential.kind(),
+            "{} access token acquired",
+            self.upstream
+        );
         let margin = REFRESH_MARGIN.min(lifetime / 4);
         *self
             .cached
@@ -136,8 +96,8 @@ impl TokenProvider {
         Ok(token)
     }
 
-    /// Forgets `token` (Graph refused it: revoked or expired early), unless a newer one
-    /// has replaced it already.
+    /// Forgets `token` (the upstream refused it: revoked or expired early), unless a newer
+    /// one has replaced it already.
     pub fn invalidate(&self, token: &SecretString) {
         let mut cached = self
             .cached
@@ -161,57 +121,14 @@ impl TokenProvider {
             .filter(|c| Instant::now() < c.refresh_at)
             .map(|c| c.token.clone())
     }
-
-    async fn fetch(&self) -> Result<(SecretString, Duration), TokenError> {
-        let form = [
-            ("client_id", self.client_id.as_str()),
-            ("client_secret", self.client_secret.expose_secret()),
-            ("scope", GRAPH_SCOPE),
-            ("grant_type", "client_credentials"),
-        ];
-        let response = self
-            .http
-            .post(self.token_url.clone())
-            .form(&form)
-            .send()
-            .await
-            // Without the URL's query or any body: reqwest errors name only the URL.
-            .map_err(|error| TokenError::Unavailable(error.without_url().to_string()))?;
-        let status = response.status();
-        if upstream::is_transient(status) {
-            return Err(TokenError::Unavailable(format!("answered {status}")));
-        }
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|error| TokenError::Unavailable(error.without_url().to_string()))?;
-        if !status.is_success() {
-            let code = serde_json::from_slice::<OAuthError>(&bytes)
-                .ok()
-                .and_then(|e| e.error);
-            return Err(TokenError::Rejected { status, code });
-        }
-        let body: TokenResponse =
-            serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)?;
-        // `expires_in` is a number, sometimes a numeric string (older endpoints).
-        let seconds = match body.expires_in {
-            Some(serde_json::Value::Number(n)) => n.as_u64(),
-            Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
-            _ => None,
-        }
-        .unwrap_or(300);
-        self.fetches.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(expires_in = seconds, "Graph access token acquired");
-        Ok((body.access_token, Duration::from_secs(seconds)))
-    }
 }
 
 impl std::fmt::Debug for TokenProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenProvider")
-            .field("token_url", &self.token_url.as_str())
-            .field("client_id", &self.client_id)
-            .field("client_secret", &"[redacted]")
+            .field("upstream", &self.upstream)
+            .field("scope", &self.scope)
+            .field("credential", &self.credential)
             .finish()
     }
 }
@@ -221,7 +138,10 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::AtomicUsize;
 
+    use url::Url;
+
     use super::*;
+    use crate::identity::{CredentialSettings, GRAPH_SCOPE};
 
     /// A token endpoint on 127.0.0.1:0 that counts requests and answers slowly, so that
     /// concurrent callers overlap.
@@ -251,12 +171,18 @@ mod tests {
     }
 
     fn provider(authority: &Url) -> Arc<TokenProvider> {
+        let credential = Credential::new(CredentialSettings::ClientSecret {
+            authority: authority.clone(),
+            tenant_id: "tenant".into(),
+            client_id: "app".into(),
+            secret: SecretString::from("s3cr3t"),
+        })
+        .unwrap();
         Arc::new(TokenProvider::new(
             reqwest::Client::new(),
-            authority,
-            "tenant",
-            "app".into(),
-            SecretString::from("s3cr3t"),
+            credential,
+            GRAPH_SCOPE,
+            "Graph",
         ))
     }
 
@@ -282,7 +208,7 @@ mod tests {
         // Cached.
         provider.token().await.unwrap();
         assert_eq!(hits.load(Ordering::SeqCst), 1);
-        // Refused by Graph: dropped, fetched again once.
+        // Refused upstream: dropped, fetched again once.
         let token = provider.token().await.unwrap();
         provider.invalidate(&token);
         provider.token().await.unwrap();
@@ -291,6 +217,11 @@ mod tests {
         provider.invalidate(&SecretString::from("old"));
         provider.token().await.unwrap();
         assert_eq!(hits.load(Ordering::SeqCst), 2);
+        let shown = format!("{provider:?}");
+        assert!(
+            !shown.contains("s3cr3t") && !shown.contains("tok-1"),
+            "{shown}"
+        );
     }
 
     #[tokio::test]
@@ -319,22 +250,5 @@ mod tests {
             provider(&authority).token().await.unwrap_err(),
             TokenError::Malformed
         ));
-    }
-
-    #[test]
-    fn the_token_url_follows_the_authority_and_tenant() {
-        let provider = TokenProvider::new(
-            reqwest::Client::new(),
-            &Url::parse("https://login.microsoftonline.com").unwrap(),
-            "contoso.onmicrosoft.com",
-            "app".into(),
-            SecretString::from("s3cr3t"),
-        );
-        assert_eq!(
-            provider.token_url().as_str(),
-            "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
-        );
-        let debug = format!("{provider:?}");
-        assert!(!debug.contains("s3cr3t"), "{debug}");
     }
 }
