@@ -604,7 +604,9 @@ impl Operation {
             self.error = None;
         }
         if next.is_terminal() {
+            // Only an unsettled removal is ever reconciled.
             self.settle_by = None;
+            self.participant = None;
         }
         self.status = next;
         self.last_updated_date_time = now;
