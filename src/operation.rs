@@ -652,7 +652,9 @@ impl Operation {
         }
         let outcome_changed = next.is_terminal() && (next != self.status || reopened);
         if next.is_terminal() {
+            // Only an unsettled removal is ever reconciled.
             self.settle_by = None;
+            self.participant = None;
         }
         self.status = next;
         self.last_updated_date_time = now;

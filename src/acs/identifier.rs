@@ -10,16 +10,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// The identifier model. Unknown members are kept so that new kinds pass through.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CommunicationIdentifier {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(
-        pattern = r"^(4:.+|8:[^:]+:.+|28:.+)$",
-        example = "8:acs:resource_user"
-    )]
     pub raw_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub communication_user: Option<CommunicationUser>,
@@ -80,6 +76,87 @@ pub struct TeamsExtensionUser {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cloud: Option<String>,
 }
+
+/// The schema says what [`CommunicationIdentifier::normalize`] accepts: a `rawId` alone or
+/// exactly one typed member, each value not blank and at most 1024 characters. Written by
+/// hand because a derived schema cannot say "one of" for optional members.
+impl utoipa::PartialSchema for CommunicationIdentifier {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let text = |pattern: &str, example: &str| {
+            serde_json::json!({
+                "type": "string", "pattern": pattern, "maxLength": MAX_ID_LEN, "example": example
+            })
+        };
+        let word = |example: &str| text(r"\S", example);
+        let cloud = serde_json::json!({"type": "string", "enum": ["public", "dod", "gcch"]});
+        let only = |member: &str, properties: Value, required: &[&str]| {
+            serde_json::json!({
+                "type": "object",
+                "title": member,
+                "required": [member],
+                "additionalProperties": false,
+                "properties": {
+                    member: {
+                        "type": "object",
+                        "required": required,
+                        "additionalProperties": false,
+                        "properties": properties
+                    }
+                }
+            })
+        };
+        let schema = serde_json::json!({
+            "description": "Who a participant is: a rawId alone, or exactly one typed member (the SDK's CommunicationIdentifierModel).",
+            "oneOf": [
+                {
+                    "type": "object",
+                    "title": "rawId",
+                    "required": ["rawId"],
+                    "additionalProperties": false,
+                    "properties": {
+                        "rawId": text(r"^(4|28|8:[^:]+):.*\S", "8:acs:resource_user")
+                    }
+                },
+                only(
+                    "communicationUser",
+                    serde_json::json!({"id": text(r"^8:[^:]+:.*\S", "8:acs:resource_user")}),
+                    &["id"]
+                ),
+                only("phoneNumber", serde_json::json!({"value": word("+14255550123")}), &["value"]),
+                only(
+                    "microsoftTeamsUser",
+                    serde_json::json!({
+                        "userId": word("a3b4c5d6-0000-0000-0000-000000000000"),
+                        "isAnonymous": {"type": "boolean"},
+                        "cloud": cloud
+                    }),
+                    &["userId"]
+                ),
+                only(
+                    "microsoftTeamsApp",
+                    serde_json::json!({
+                        "appId": word("b4c5d6e7-0000-0000-0000-000000000000"),
+                        "cloud": cloud
+                    }),
+                    &["appId"]
+                ),
+                only(
+                    "teamsExtensionUser",
+                    serde_json::json!({
+                        "userId": word("c5d6e7f8-0000-0000-0000-000000000000"),
+                        "tenantId": word("d6e7f8a9-0000-0000-0000-000000000000"),
+                        "resourceId": word("e7f8a9b0-0000-0000-0000-000000000000"),
+                        "cloud": cloud
+                    }),
+                    &["userId", "tenantId", "resourceId"]
+                )
+            ]
+        });
+        serde_json::from_value(schema).expect("the identifier schema is a valid schema")
+    }
+}
+
+impl utoipa::ToSchema for CommunicationIdentifier {}
 
 /// Why an identifier cannot be sent.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]

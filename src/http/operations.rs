@@ -225,8 +225,8 @@ fn accepted(operation: Operation, retry_after_secs: u64) -> Response {
 #[into_params(parameter_in = Query)]
 pub(crate) struct GetQuery {
     /// Seconds to wait for the operation to settle (capped at `operations.max_wait_secs`).
-    #[param(schema_with = unsigned)]
-    wait: Option<u64>,
+    #[param(schema_with = wait_seconds)]
+    wait: Option<u32>,
 }
 
 #[utoipa::path(
@@ -254,7 +254,7 @@ pub(crate) async fn get_operation(
     let unknown = || ApiError::NotFound(format!("operation {operation_id} does not exist"));
     let operation = match query.wait {
         Some(seconds) if seconds > 0 => {
-            let wait = Duration::from_secs(seconds).min(limits.max_wait);
+            let wait = Duration::from_secs(seconds.into()).min(limits.max_wait);
             service.wait(operation_id, wait).await?
         }
         _ => service.get(operation_id).await?,
@@ -307,6 +307,13 @@ fn unsigned() -> utoipa::openapi::Object {
         .schema_type(utoipa::openapi::schema::Type::Integer)
         .minimum(Some(0))
         .build()
+}
+
+/// As [`unsigned`], up to 2³² − 1 (a longer wait would be capped anyway; a larger number is 400).
+fn wait_seconds() -> utoipa::openapi::Object {
+    let mut schema = unsigned();
+    schema.maximum = Some(u32::MAX.into());
+    schema
 }
 
 /// As [`unsigned`], from 1.

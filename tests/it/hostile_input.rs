@@ -503,9 +503,11 @@ async fn invalid_query_parameters_are_400() {
     for (path, field) in cases {
         bad_request(app.get(&path).await, field).await;
     }
-    // The largest wait is capped, not overflowed; an empty context is a filter.
-    let response = app.get(&format!("{one}?wait=18446744073709551615")).await;
+    // The largest wait (2^32 - 1, as the schema says) is capped, not overflowed; one more is
+    // 400; an empty context is a filter.
+    let response = app.get(&format!("{one}?wait=4294967295")).await;
     error_of(response, 404).await;
+    bad_request(app.get(&format!("{one}?wait=4294967296")).await, "wait").await;
     assert_eq!(app.get("/v1/operations?context=").await.status(), 200);
 }
 

@@ -190,12 +190,28 @@ async fn the_operation_schema_shows_reconciled_and_the_result_details() {
         details.get("code").is_some() && details.get("message").is_some(),
         "{details}"
     );
-    let identifier = &schemas["CommunicationIdentifier"]["properties"];
-    assert!(
-        identifier.get("teamsExtensionUser").is_some(),
-        "{identifier}"
+    // A participant is a rawId alone or exactly one typed member: a oneOf of those forms.
+    let forms = schemas["CommunicationIdentifier"]["oneOf"]
+        .as_array()
+        .expect("the identifier is a oneOf");
+    let titles: Vec<&str> = forms.iter().filter_map(|f| f["title"].as_str()).collect();
+    assert_eq!(
+        titles,
+        [
+            "rawId",
+            "communicationUser",
+            "phoneNumber",
+            "microsoftTeamsUser",
+            "microsoftTeamsApp",
+            "teamsExtensionUser"
+        ],
+        "{forms:?}"
     );
-    let user = &schemas["TeamsExtensionUser"]["required"];
+    for form in forms {
+        assert_eq!(form["additionalProperties"], false, "{form}");
+        assert_eq!(form["required"].as_array().map(Vec::len), Some(1), "{form}");
+    }
+    let user = &forms[5]["properties"]["teamsExtensionUser"]["required"];
     assert_eq!(
         user,
         &serde_json::json!(["userId", "tenantId", "resourceId"]),
