@@ -268,7 +268,7 @@ pub(crate) async fn list_subscriptions(
     path = "/v1/subscriptions/{id}",
     tag = "webhooks",
     operation_id = "getSubscription",
-    params(("id" = String, Path, max_length = 64)),
+    params(("id" = String, Path, min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9_]+$")),
     responses(
         (status = 200, description = "The subscription, without its secret", body = SubscriptionOut),
         (status = 400, description = "Malformed input: the message names the field", body = ErrorBody),
@@ -293,7 +293,7 @@ pub(crate) async fn get_subscription(
     path = "/v1/subscriptions/{id}",
     tag = "webhooks",
     operation_id = "deleteSubscription",
-    params(("id" = String, Path, max_length = 64)),
+    params(("id" = String, Path, min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9_]+$")),
     responses(
         (status = 204, description = "Deleted; its pending deliveries are dead-lettered"),
         (status = 400, description = "Malformed input: the message names the field", body = ErrorBody),
@@ -316,7 +316,7 @@ pub(crate) async fn delete_subscription(
     path = "/v1/subscriptions/{id}:rotateSecret",
     tag = "webhooks",
     operation_id = "rotateSubscriptionSecret",
-    params(("id" = String, Path, max_length = 64)),
+    params(("id" = String, Path, min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9_]+$")),
     responses(
         (status = 200, description = "A new secret, shown this once; the old one no longer signs", body = SubscriptionOut),
         (status = 400, description = "Malformed input: the message names the field", body = ErrorBody),
@@ -336,7 +336,7 @@ pub(crate) fn rotate_secret_doc() {}
     path = "/v1/subscriptions/{id}:enable",
     tag = "webhooks",
     operation_id = "enableSubscription",
-    params(("id" = String, Path, max_length = 64)),
+    params(("id" = String, Path, min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9_]+$")),
     responses(
         (status = 200, description = "Enabled again", body = SubscriptionOut),
         (status = 400, description = "Malformed input: the message names the field", body = ErrorBody),
@@ -370,7 +370,7 @@ pub(crate) async fn act_on_subscription(
     path = "/v1/subscriptions/{id}/deliveries",
     tag = "webhooks",
     operation_id = "listDeliveries",
-    params(("id" = String, Path, max_length = 64)),
+    params(("id" = String, Path, min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9_]+$")),
     responses(
         (status = 200, description = "The subscription's deliveries, newest first, with their attempts", body = List<DeliveryOut>),
         (status = 400, description = "Malformed input: the message names the field", body = ErrorBody),
@@ -397,7 +397,7 @@ pub(crate) async fn list_deliveries(
     path = "/v1/subscriptions/{id}/deliveries/{deliveryId}",
     tag = "webhooks",
     operation_id = "getDelivery",
-    params(("id" = String, Path, max_length = 64), ("deliveryId" = String, Path, max_length = 64)),
+    params(("id" = String, Path, min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9_]+$"), ("deliveryId" = String, Path, min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9_]+$")),
     responses(
         (status = 200, description = "The delivery and its attempts", body = DeliveryOut),
         (status = 400, description = "Malformed input: the message names the field", body = ErrorBody),
@@ -429,7 +429,7 @@ pub(crate) async fn get_delivery(
     path = "/v1/subscriptions/{id}/deliveries/{deliveryId}:redeliver",
     tag = "webhooks",
     operation_id = "redeliver",
-    params(("id" = String, Path, max_length = 64), ("deliveryId" = String, Path, max_length = 64)),
+    params(("id" = String, Path, min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9_]+$"), ("deliveryId" = String, Path, min_length = 1, max_length = 64, pattern = r"^[A-Za-z0-9_]+$")),
     responses(
         (status = 202, description = "Queued again (same webhook-id), with a new retry window", body = DeliveryOut),
         (status = 400, description = "Malformed input: the message names the field", body = ErrorBody),
