@@ -108,6 +108,11 @@ enum Child {
     },
 }
 
+/// mimalloc rather than the system allocator: glibc's malloc was a quarter of the callback
+/// path's CPU under load (docs/performance.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
