@@ -276,6 +276,9 @@ pub struct StoreConfig {
     /// Redis: how often a long poll re-reads its operation, in case a settle notice was
     /// lost (pub/sub keeps nothing while a subscriber is disconnected).
     pub redis_poll_ms: u64,
+    /// Redis: running operations each replica keeps its last copy of, the guess that makes
+    /// a callback one round trip (`store/redis/event.rs`). 0: none.
+    pub redis_cached_operations: usize,
     /// Redis: the prefix of every key and channel, so several deployments can share one
     /// database. Keys carry it as a hash tag (`{prefix}`), so on a cluster they share one
     /// slot and every transition stays one atomic script.
@@ -293,6 +296,7 @@ impl std::fmt::Debug for StoreConfig {
             .field("max_batch_records", &self.max_batch_records)
             .field("redis_timeout_ms", &self.redis_timeout_ms)
             .field("redis_poll_ms", &self.redis_poll_ms)
+            .field("redis_cached_operations", &self.redis_cached_operations)
             .field("redis_prefix", &self.redis_prefix)
             .field("redis_ca_file", &self.redis_ca_file)
             .finish()

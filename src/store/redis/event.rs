@@ -1,22 +1,72 @@
 //! The common delivery on the shared store: an event whose (call, context) names an
 //! existing operation, with nothing parked under it. Cheaper than the general transition
-//! (no scratch store, no JSON plan): `event_read.lua` reads the context's holder and its
-//! document (or answers a duplicate), [`correlation::apply`] (the state machine every path
-//! runs) changes the parsed operation, and `event_commit.lua` writes it only if it is still
-//! at the revision read and its context still names it (else it reads again). Anything
-//! else (no holder, parked events, Graph ids, cancels, a call's end) is left to the general
-//! transition.
+//! (no scratch store, no JSON plan): [`correlation::apply`] (the state machine every path
+//! runs) changes the operation as this replica last knew it, and `event_commit.lua` writes
+//! it only if Redis still holds it at that revision under that context; else the script
+//! answers what Redis holds, and the event is applied to that instead. So a callback for an
+//! operation this replica started or last changed is one round trip; one for an operation
+//! it has not seen reads it first (`event_read.lua`). Anything else (no holder, parked
+//! events, Graph ids, cancels, a call's end) is left to the general transition.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use time::OffsetDateTime;
 
 use super::keys::{Keys, context_name};
 use super::plan::{Kept, Lifetimes, kept, millis};
-use super::{MAX_ATTEMPTS, RedisStore, RedisStoreError, Verdict, parse_operation};
+use super::{MAX_ATTEMPTS, RedisStore, RedisStoreError, parse_operation};
 use crate::correlation::{self, Delivery, IncomingEvent, upstream_key};
-use crate::operation::Operation;
+use crate::operation::{Announced, Operation};
 use crate::store::tracker::unix_millis;
+
+/// The operations this replica last wrote or read, by context name, while they run: the
+/// common delivery's first guess. Bounded; a wrong or missing guess costs a round trip,
+/// never a wrong write (the commit compares the revision).
+pub(super) struct Known {
+    cache: Option<quick_cache::sync::Cache<String, Arc<Operation>>>,
+}
+
+impl Known {
+    /// Up to `capacity` operations; none with 0.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            cache: (capacity > 0).then(|| quick_cache::sync::Cache::new(capacity)),
+        }
+    }
+
+    /// Remembers `operation` as written at its revision (forgets it once settled).
+    pub fn remember(&self, operation: Operation) {
+        let Some(cache) = &self.cache else { return };
+        let name = context_name(&operation.call, &operation.context);
+        if operation.status.is_terminal() {
+            cache.remove(&name);
+        } else {
+            cache.insert(name, Arc::new(as_stored(operation)));
+        }
+    }
+
+    /// A copy of the operation last known under the context `name`.
+    fn guess(&self, name: &str) -> Option<Box<Operation>> {
+        let known = self.cache.as_ref()?.get(name)?;
+        Some(Box::new(Operation::clone(&known)))
+    }
+
+    fn forget(&self, name: &str) {
+        if let Some(cache) = &self.cache {
+            cache.remove(name);
+        }
+    }
+}
+
+/// `operation` as a read of its document gives it: without what only a replica's memory
+/// holds (journal and feed bookkeeping).
+fn as_stored(mut operation: Operation) -> Operation {
+    operation.durable = 0;
+    operation.events_written = 0;
+    operation.announced = Announced::default();
+    operation
+}
 
 /// What the read found.
 #[derive(Debug)]
@@ -27,6 +77,19 @@ pub enum EventRead {
     Other,
     /// The operation the context names, its revision as stored.
     Found(Box<Operation>),
+}
+
+/// How a commit of the common delivery ended.
+#[derive(Debug)]
+pub enum EventCommitted {
+    Written,
+    /// The event id was seen: nothing written.
+    Duplicate,
+    /// No longer the common case: nothing written.
+    Other,
+    /// The operation changed, or the context names another: nothing written; what Redis
+    /// holds now.
+    Changed(Box<Operation>),
 }
 
 /// Whether `incoming` may take the common path: it names (call, context), carries no
@@ -42,6 +105,8 @@ pub fn is_common(incoming: &IncomingEvent, ends_call: bool) -> bool {
 /// The keys the common delivery of one event reads.
 #[derive(Debug)]
 pub struct EventKeys {
+    /// The context's name (the cache's key).
+    pub name: String,
     pub context: String,
     pub parked: String,
     pub seen: Option<String>,
@@ -56,6 +121,7 @@ impl EventKeys {
             context: keys.context(&name),
             parked: keys.parked(&name),
             seen: incoming.id.as_deref().map(|id| keys.seen(id)),
+            name,
         })
     }
 }
@@ -69,7 +135,7 @@ pub struct EventWrite {
 }
 
 impl EventWrite {
-    /// Writes `operation` (read at revision `base`, then changed by the event) and
+    /// Writes `operation` (known at revision `base`, then changed by the event) and
     /// remembers the event id, at `now`.
     pub fn new(
         keys: &Keys,
@@ -86,9 +152,10 @@ impl EventWrite {
         } = kept(lifetimes, operation, now);
         let mut doc = Vec::with_capacity(1024);
         serde_json::to_writer(&mut doc, operation)?;
-        let mut write_keys = Vec::with_capacity(6);
+        let mut write_keys = Vec::with_capacity(7);
         write_keys.push(keys.operation(operation.id));
         write_keys.push(read.context.clone());
+        write_keys.push(read.parked.clone());
         write_keys.push(keys.expiries());
         write_keys.push(keys.deadlines());
         write_keys.extend(read.seen.iter().cloned());
@@ -115,6 +182,7 @@ impl EventWrite {
                 b"0".to_vec()
             },
             millis(lifetimes.dedupe).to_string().into_bytes(),
+            keys.operation_prefix().into_bytes(),
         ];
         Ok(Self {
             keys: write_keys,
@@ -135,15 +203,15 @@ impl RedisStore {
         let Some(event_keys) = EventKeys::new(&inner.keys, incoming) else {
             return Ok(None);
         };
-        for attempt in 0..MAX_ATTEMPTS {
-            if attempt > 0 {
-                self.conflicted(attempt).await;
-            }
-            let mut operation = match self.read_event(&event_keys).await? {
+        let (mut operation, mut guessed) = match inner.known.guess(&event_keys.name) {
+            Some(known) => (known, true),
+            None => match self.read_event(&event_keys).await? {
                 EventRead::Duplicate => return Ok(Some(Delivery::Duplicate)),
                 EventRead::Other => return Ok(None),
-                EventRead::Found(operation) => operation,
-            };
+                EventRead::Found(operation) => (operation, false),
+            },
+        };
+        for attempt in 0..MAX_ATTEMPTS {
             let base = operation.revision;
             let was_settled = operation.status.is_terminal();
             let (effect, _evicted) =
@@ -160,18 +228,28 @@ impl RedisStore {
             .map_err(|error| RedisStoreError::Unexpected(error.to_string()))?;
             let log = self.log_args(std::iter::once(&*operation), OffsetDateTime::now_utc());
             match self.commit_event(&write, log).await? {
-                Verdict::Written => {
+                EventCommitted::Written => {
                     self.count_one(Some(&(base, was_settled)), &operation);
+                    let id = operation.id;
+                    inner.known.remember(*operation);
                     if write.settled {
-                        self.wake(operation.id);
+                        self.wake(id);
                     }
-                    return Ok(Some(Delivery::Matched {
-                        id: operation.id,
-                        effect,
-                    }));
+                    return Ok(Some(Delivery::Matched { id, effect }));
                 }
-                Verdict::Duplicate => return Ok(Some(Delivery::Duplicate)),
-                Verdict::Conflict => {}
+                EventCommitted::Duplicate => return Ok(Some(Delivery::Duplicate)),
+                EventCommitted::Other => {
+                    inner.known.forget(&event_keys.name);
+                    return Ok(None);
+                }
+                EventCommitted::Changed(current) => {
+                    // A guess from the cache that was out of date is no contention.
+                    if !guessed {
+                        self.conflicted(attempt + 1).await;
+                    }
+                    guessed = false;
+                    operation = current;
+                }
             }
         }
         Err(RedisStoreError::Contended(MAX_ATTEMPTS))
@@ -202,7 +280,7 @@ impl RedisStore {
         &self,
         write: &EventWrite,
         log: Vec<Vec<u8>>,
-    ) -> Result<Verdict, RedisStoreError> {
+    ) -> Result<EventCommitted, RedisStoreError> {
         let inner = &self.inner;
         let started = std::time::Instant::now();
         let mut invocation = inner.event_writer.prepare_invoke();
@@ -216,7 +294,7 @@ impl RedisStore {
             invocation.arg(arg.as_slice());
         }
         let mut connection = inner.connection.clone();
-        let answer: String =
+        let answer: redis::Value =
             match tokio::time::timeout(inner.timeout, invocation.invoke_async(&mut connection))
                 .await
             {
@@ -224,11 +302,18 @@ impl RedisStore {
                 Err(_) => return Err(RedisStoreError::Timeout(self.timeout_ms())),
             };
         inner.metrics.store_commit(1, started.elapsed());
-        match answer.as_str() {
-            "ok" => Ok(Verdict::Written),
-            "dup" => Ok(Verdict::Duplicate),
-            "conflict" => Ok(Verdict::Conflict),
-            _ => Err(RedisStoreError::Unexpected(answer)),
+        match answer {
+            answer @ redis::Value::Array(_) => Ok(match parse_event_read(answer)? {
+                EventRead::Found(current) => EventCommitted::Changed(current),
+                EventRead::Other | EventRead::Duplicate => EventCommitted::Other,
+            }),
+            answer => match text(answer).as_deref() {
+                Some("ok") => Ok(EventCommitted::Written),
+                Some("dup") => Ok(EventCommitted::Duplicate),
+                Some("other") => Ok(EventCommitted::Other),
+                Some(unexpected) => Err(RedisStoreError::Unexpected(unexpected.to_owned())),
+                None => Err(RedisStoreError::Unexpected("event commit".to_owned())),
+            },
         }
     }
 
@@ -243,16 +328,19 @@ impl RedisStore {
     }
 }
 
+/// A script's answer as text.
+fn text(value: redis::Value) -> Option<String> {
+    match value {
+        redis::Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
+        redis::Value::SimpleString(text) => Some(text),
+        _ => None,
+    }
+}
+
 /// `event_read.lua`'s answer.
 fn parse_event_read(answer: redis::Value) -> Result<EventRead, RedisStoreError> {
-    use redis::Value;
-    let text = |value: Value| match value {
-        Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
-        Value::SimpleString(text) => Some(text),
-        _ => None,
-    };
     match answer {
-        Value::Array(items) if items.len() == 3 => {
+        redis::Value::Array(items) if items.len() == 3 => {
             let mut items = items.into_iter().map(text);
             let (Some(Some(id)), Some(Some(revision)), Some(Some(doc))) =
                 (items.next(), items.next(), items.next())
@@ -350,6 +438,7 @@ mod tests {
             vec![
                 keys.operation(op.id),
                 read.context.clone(),
+                read.parked.clone(),
                 keys.expiries(),
                 keys.deadlines(),
                 keys.seen("e"),
@@ -359,6 +448,7 @@ mod tests {
         assert!(running.args[7].is_empty(), "nothing published");
         assert_eq!(running.args[8], b"1");
         assert_eq!(running.args[9], b"600000");
+        assert_eq!(running.args[10], keys.operation_prefix().as_bytes());
 
         let base = op.revision;
         correlation::apply(
@@ -369,7 +459,7 @@ mod tests {
         op.upstream_operation_id = Some("Op-1".into());
         let settled = EventWrite::new(&keys, &lifetimes(), &read, base, &op, now).unwrap();
         assert!(settled.settled);
-        assert_eq!(settled.keys[5], keys.upstream(&upstream_key("Op-1")));
+        assert_eq!(settled.keys[6], keys.upstream(&upstream_key("Op-1")));
         assert_eq!(settled.args[1], base.to_string().as_bytes());
         assert_eq!(settled.args[2], op.revision.to_string().as_bytes());
         assert_eq!(
@@ -386,7 +476,7 @@ mod tests {
         anonymous.id = None;
         let read = EventKeys::new(&keys, &anonymous).unwrap();
         let write = EventWrite::new(&keys, &lifetimes(), &read, base, &op, now).unwrap();
-        assert_eq!(write.keys.len(), 5, "no seen key, the upstream name");
+        assert_eq!(write.keys.len(), 6, "no seen key, the upstream name");
         assert_eq!(write.args[8], b"0");
     }
 
@@ -524,12 +614,16 @@ mod tests {
             deliver_one(&store, started).await,
             Delivery::Matched { .. }
         ));
-        assert!(matches!(
-            store.commit_event(&write, Vec::new()).await.unwrap(),
-            Verdict::Conflict
-        ));
+        // Nothing written; the answer is the operation as it is now.
+        let EventCommitted::Changed(current) =
+            store.commit_event(&write, Vec::new()).await.unwrap()
+        else {
+            panic!("changed");
+        };
+        assert_eq!(event_ids(&current), ["e-other"]);
         let stored = store.get(op.id).await.unwrap().unwrap();
         assert_eq!(event_ids(&stored), ["e-other"], "nothing written");
+        assert_eq!(current.revision, stored.revision);
         assert_eq!(stored.status, OperationStatus::Running);
 
         // Delivered again (as the loop does after a conflict): applied once, on top.
@@ -561,9 +655,10 @@ mod tests {
             .query_async(&mut connection)
             .await
             .unwrap();
+        // Named by an operation that does not exist: no longer the common case.
         assert!(matches!(
             store.commit_event(&write, Vec::new()).await.unwrap(),
-            Verdict::Conflict
+            EventCommitted::Other
         ));
         let () = redis::cmd("SET")
             .arg(&context)
@@ -580,7 +675,7 @@ mod tests {
             .unwrap();
         assert!(matches!(
             store.commit_event(&write, Vec::new()).await.unwrap(),
-            Verdict::Duplicate
+            EventCommitted::Duplicate
         ));
         let stored = store.get(op.id).await.unwrap().unwrap();
         assert!(stored.events.is_empty());
@@ -637,5 +732,128 @@ mod tests {
         let op = created(&store, "later").await;
         assert_eq!(op.status, OperationStatus::Succeeded);
         assert_eq!(deliver_one(&store, early).await, Delivery::Duplicate);
+    }
+
+    /// Script calls Redis has run since it started (`INFO commandstats`).
+    async fn script_calls(store: &RedisStore) -> u64 {
+        let mut connection = store.inner.connection.clone();
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        info.lines()
+            .filter(|line| {
+                line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:")
+            })
+            .filter_map(|line| {
+                line.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn a_callback_for_an_operation_this_replica_wrote_is_one_script_call() {
+        let Some(server) = server().await else { return };
+        let store = store(&server).await;
+        // Redis learns the script on its first use (NOSCRIPT, then a second call).
+        created(&store, "warm").await;
+        let warm = event("e0", "warm", succeeded());
+        assert!(store.deliver_common(&warm).await.unwrap().is_some());
+        let op = created(&store, "ctx").await;
+        let before = script_calls(&store).await;
+        let started = event("e1", "ctx", Some(Transition::Accepted));
+        assert!(matches!(
+            store.deliver_common(&started).await.unwrap(),
+            Some(Delivery::Matched { .. })
+        ));
+        assert_eq!(script_calls(&store).await - before, 1, "one round trip");
+        // Again, from the copy that write left; and a duplicate is one call as well.
+        let done = event("e2", "ctx", succeeded());
+        assert!(store.deliver_common(&done).await.unwrap().is_some());
+        assert_eq!(script_calls(&store).await - before, 2);
+        let stored = store.get(op.id).await.unwrap().unwrap();
+        assert_eq!(event_ids(&stored), ["e1", "e2"]);
+        assert_eq!(stored.status, OperationStatus::Succeeded);
+        // Settled: forgotten, so a late callback reads first.
+        assert!(
+            store
+                .inner
+                .known
+                .guess(&EventKeys::new(&store.inner.keys, &done).unwrap().name)
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stale_copy_costs_a_round_trip_and_the_event_lands_on_what_redis_holds() {
+        let Some(server) = server().await else { return };
+        let (a, b) = (store(&server).await, store(&server).await);
+        for store in [&a, &b] {
+            let context = format!("warm-{}", script_calls(store).await);
+            created(store, &context).await;
+            let warm = event(&context, &context, succeeded());
+            assert!(store.deliver_common(&warm).await.unwrap().is_some());
+        }
+        let op = created(&a, "ctx").await;
+        // Replica B changes the operation; A's copy is now a revision behind.
+        assert!(matches!(
+            deliver_one(&b, event("e1", "ctx", Some(Transition::Accepted))).await,
+            Delivery::Matched { .. }
+        ));
+        let before = script_calls(&a).await;
+        assert_eq!(
+            deliver_one(&a, event("e2", "ctx", succeeded())).await,
+            Delivery::Matched {
+                id: op.id,
+                effect: EventEffect::Applied
+            }
+        );
+        assert_eq!(
+            script_calls(&a).await - before,
+            2,
+            "the stale guess, then the write"
+        );
+        assert_eq!(
+            a.inner.counters.conflicts.load(Ordering::Relaxed),
+            0,
+            "no contention"
+        );
+        let stored = a.get(op.id).await.unwrap().unwrap();
+        assert_eq!(
+            event_ids(&stored),
+            ["e1", "e2"],
+            "neither lost nor applied twice"
+        );
+        assert_eq!(stored.status, OperationStatus::Succeeded);
+        // A duplicate of B's event sent to A (its copy is of a settled operation: none).
+        assert_eq!(
+            deliver_one(&a, event("e1", "ctx", Some(Transition::Accepted))).await,
+            Delivery::Duplicate
+        );
+    }
+
+    #[test]
+    fn a_remembered_operation_is_what_a_read_of_its_document_gives() {
+        let mut op = Operation::new(
+            OperationKind::RemoveParticipant,
+            CallRef::CallConnection("call-1".into()),
+            "ctx".into(),
+            OffsetDateTime::now_utc(),
+        );
+        op.apply(Transition::Accepted, OffsetDateTime::now_utc())
+            .unwrap();
+        op.revision = 7;
+        op.durable = 5;
+        op.events_written = 3;
+        op.announced.change = 8;
+        let doc = serde_json::to_string(&op).unwrap();
+        let read = parse_operation(&op.id.to_string(), "7", &doc).unwrap();
+        assert_eq!(format!("{:?}", as_stored(op)), format!("{read:?}"));
     }
 }

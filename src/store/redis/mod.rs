@@ -132,6 +132,8 @@ struct Inner {
     /// The common delivery's read and write (`event.rs`).
     event_reader: redis::Script,
     event_writer: redis::Script,
+    /// The common delivery's guesses (`event.rs`).
+    known: event::Known,
     timeout: Duration,
     poll: Duration,
     metrics: Metrics,
@@ -231,6 +233,7 @@ impl RedisStore {
                 reader: redis::Script::new(include_str!("read.lua")),
                 event_reader: redis::Script::new(include_str!("event_read.lua")),
                 event_writer: redis::Script::new(&with_log(include_str!("event_commit.lua"))),
+                known: event::Known::new(store.redis_cached_operations),
                 documents: redis::Script::new(&with_log("append_log(1)\nreturn 'ok'")),
                 mirror: std::sync::OnceLock::new(),
                 timeout,
@@ -303,7 +306,12 @@ impl RedisStore {
             outcome.operations = scratch.snapshots();
             outcome.timelines = scratch.timelines();
             match self.commit(&read, &outcome, now).await? {
-                Verdict::Written => return Ok(Committed::Done(value)),
+                Verdict::Written => {
+                    for operation in outcome.operations {
+                        self.inner.known.remember(operation);
+                    }
+                    return Ok(Committed::Done(value));
+                }
                 Verdict::Duplicate => return Ok(Committed::Duplicate),
                 Verdict::Conflict => {}
             }
