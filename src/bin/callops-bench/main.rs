@@ -108,8 +108,8 @@ enum Child {
     },
 }
 
-/// mimalloc rather than the system allocator: glibc's malloc was a quarter of the callback
-/// path's CPU under load (docs/performance.md).
+/// mimalloc, as in the `callops` binary: the callops children run this binary. The bare axum
+/// child has it too, so the limit is measured with the same allocator.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
