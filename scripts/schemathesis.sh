@@ -6,7 +6,8 @@
 # JWT signed by the platform; so is the change stream (an event stream never ends, so it
 # has no response to check; tests/it/stream.rs covers it). Every check runs,
 # `positive_data_acceptance` included: the schema says what the routes accept (the
-# participant identifier is a oneOf of its forms).
+# participant identifier and notify are oneOfs of their forms; a generated subscription id
+# is swapped for a real one by scripts/schemathesis_hooks.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,6 +40,9 @@ for _ in range(100):
 sys.exit(1)
 PY
 
+# Generated start requests name a real subscription (scripts/schemathesis_hooks.py).
+export CALLOPS_SCHEMATHESIS_BASE="$base" CALLOPS_SCHEMATHESIS_KEY="$key"
+SCHEMATHESIS_HOOKS=schemathesis_hooks PYTHONPATH="$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}" \
 python3 -m schemathesis.cli run "$base/openapi.json" \
   --url "$base" \
   -H "api-key: $key" \

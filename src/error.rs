@@ -220,6 +220,47 @@ fn bounded(mut message: String) -> String {
     message
 }
 
+/// `deserialize_with` for a member that must be a JSON object: serde would otherwise take
+/// an array for a struct, field by field.
+pub fn object<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    use serde::Deserialize;
+    use serde::de::Error;
+    let raw = Box::<serde_json::value::RawValue>::deserialize(deserializer)?;
+    if !raw.get().starts_with('{') {
+        return Err(D::Error::custom("invalid type: expected a JSON object"));
+    }
+    parse_object(raw.get()).map_err(D::Error::custom)
+}
+
+/// `text` (a JSON object) as a `T`; an error names the member inside it that is wrong.
+fn parse_object<T: serde::de::DeserializeOwned>(
+    text: &str,
+) -> Result<T, serde_path_to_error::Error<serde_json::Error>> {
+    serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text))
+}
+
+/// As [`object`], for a member that may also be null or absent (with `#[serde(default)]`).
+pub fn optional_object<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    use serde::Deserialize;
+    use serde::de::Error;
+    let raw = Option::<Box<serde_json::value::RawValue>>::deserialize(deserializer)?;
+    match raw {
+        None => Ok(None),
+        Some(raw) if raw.get().starts_with('{') => {
+            parse_object(raw.get()).map(Some).map_err(D::Error::custom)
+        }
+        Some(_) => Err(D::Error::custom("invalid type: expected a JSON object")),
+    }
+}
+
 /// `axum::Json` whose rejections are [`ApiError`]s, and whose body must be a JSON object
 /// (serde would otherwise take an array for a struct, field by field).
 pub struct ApiJson<T>(pub T);

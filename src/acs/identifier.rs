@@ -17,15 +17,35 @@ pub struct CommunicationIdentifier {
     pub kind: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub raw_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::error::optional_object"
+    )]
     pub communication_user: Option<CommunicationUser>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::error::optional_object"
+    )]
     pub phone_number: Option<PhoneNumber>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::error::optional_object"
+    )]
     pub microsoft_teams_user: Option<MicrosoftTeamsUser>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::error::optional_object"
+    )]
     pub microsoft_teams_app: Option<MicrosoftTeamsApp>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::error::optional_object"
+    )]
     pub teams_extension_user: Option<TeamsExtensionUser>,
     #[serde(flatten)]
     pub other: Map<String, Value>,
@@ -88,7 +108,11 @@ impl utoipa::PartialSchema for CommunicationIdentifier {
             })
         };
         let word = |example: &str| text(r"\S", example);
-        let cloud = serde_json::json!({"type": "string", "enum": ["public", "dod", "gcch"]});
+        // An extensible enum in the SDKs: passed on as given.
+        let cloud = serde_json::json!({
+            "type": ["string", "null"], "maxLength": MAX_ID_LEN, "example": "public",
+            "description": "public, dod or gcch"
+        });
         let only = |member: &str, properties: Value, required: &[&str]| {
             serde_json::json!({
                 "type": "object",
@@ -127,7 +151,7 @@ impl utoipa::PartialSchema for CommunicationIdentifier {
                     "microsoftTeamsUser",
                     serde_json::json!({
                         "userId": word("a3b4c5d6-0000-0000-0000-000000000000"),
-                        "isAnonymous": {"type": "boolean"},
+                        "isAnonymous": {"type": ["boolean", "null"]},
                         "cloud": cloud
                     }),
                     &["userId"]
@@ -314,7 +338,9 @@ impl CommunicationIdentifier {
         for (name, value) in fields {
             match value {
                 Some(v) if v.trim().is_empty() => return Err(IdentifierError::EmptyValue(name)),
-                Some(v) if v.len() > MAX_ID_LEN => return Err(IdentifierError::TooLong(name)),
+                Some(v) if v.chars().count() > MAX_ID_LEN => {
+                    return Err(IdentifierError::TooLong(name));
+                }
                 _ => {}
             }
         }
@@ -341,7 +367,7 @@ impl CommunicationIdentifier {
             ),
         ];
         for (name, value) in free {
-            if value.is_some_and(|v| v.len() > MAX_ID_LEN) {
+            if value.is_some_and(|v| v.chars().count() > MAX_ID_LEN) {
                 return Err(IdentifierError::TooLong(name));
             }
         }

@@ -54,26 +54,70 @@ pub fn router() -> Router<AppState> {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct RemoveParticipantIn {
+    #[serde(deserialize_with = "crate::error::object")]
     participant_to_remove: CommunicationIdentifier,
     /// Unique per call among running operations; generated when absent.
     #[schema(min_length = 1, max_length = 512)]
     operation_context: Option<String>,
+    #[serde(default, deserialize_with = "crate::error::optional_object")]
     notify: Option<NotifyIn>,
 }
 
 /// Where to POST the operation once it settles (and again if a late callback changes its
 /// outcome): a URL, with an optional `whsec_` secret to sign with, or a subscription.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct NotifyIn {
-    /// `https` (http and private addresses only where allowed).
-    #[schema(max_length = 2048)]
     url: Option<String>,
     /// `whsec_` + base64 of 24 to 64 bytes; the deliveries are unsigned without it.
     secret: Option<String>,
     /// A subscription whose URL and secret are used instead.
     subscription_id: Option<String>,
 }
+
+/// The schema says what [`notify_target`] accepts: a URL with an optional secret, or a
+/// subscription id. Written by hand because a derived schema cannot say "one of" for
+/// optional members.
+impl utoipa::PartialSchema for NotifyIn {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let schema = serde_json::json!({
+            "description": "Where to POST the operation once it settles (and again if a late callback changes its outcome): a URL, with an optional secret to sign with, or a subscription.",
+            "oneOf": [
+                {
+                    "type": "object",
+                    "title": "url",
+                    "required": ["url"],
+                    "additionalProperties": false,
+                    "properties": {
+                        "url": crate::webhooks::url_schema(),
+                        "secret": crate::webhooks::secret_schema(),
+                        "subscriptionId": {"type": "null"}
+                    }
+                },
+                {
+                    "type": "object",
+                    "title": "subscriptionId",
+                    "required": ["subscriptionId"],
+                    "additionalProperties": false,
+                    "properties": {
+                        "subscriptionId": {
+                            "type": "string",
+                            "description": "A subscription whose URL and secret are used instead.",
+                            "pattern": "^[A-Za-z0-9_]+$",
+                            "minLength": 1,
+                            "maxLength": 64
+                        },
+                        "url": {"type": "null"},
+                        "secret": {"type": "null"}
+                    }
+                }
+            ]
+        });
+        serde_json::from_value(schema).expect("the notify schema is a valid schema")
+    }
+}
+
+impl utoipa::ToSchema for NotifyIn {}
 
 /// The `notify` member as the operation keeps it, once checked.
 fn notify_target(
@@ -161,6 +205,7 @@ pub(crate) struct CancelMediaProcessingIn {
     /// Unique per call among running operations; generated when absent.
     #[schema(min_length = 1, max_length = 256)]
     client_context: Option<String>,
+    #[serde(default, deserialize_with = "crate::error::optional_object")]
     notify: Option<NotifyIn>,
 }
 
@@ -293,8 +338,8 @@ pub(crate) struct ListQuery {
     kind: Option<String>,
     /// Page size (default 50, capped).
     #[serde(rename = "maxpagesize")]
-    #[param(rename = "maxpagesize", schema_with = positive)]
-    max_page_size: Option<usize>,
+    #[param(rename = "maxpagesize", schema_with = page_size)]
+    max_page_size: Option<u32>,
     /// From a `nextLink`.
     #[param(format = Uuid)]
     skip_token: Option<String>,
@@ -316,9 +361,9 @@ fn wait_seconds() -> utoipa::openapi::Object {
     schema
 }
 
-/// As [`unsigned`], from 1.
-fn positive() -> utoipa::openapi::Object {
-    let mut schema = unsigned();
+/// From 1 to 2³² − 1 (larger pages are capped anyway; a larger number is 400).
+fn page_size() -> utoipa::openapi::Object {
+    let mut schema = wait_seconds();
     schema.minimum = Some(1.into());
     schema
 }
@@ -375,7 +420,8 @@ pub(crate) async fn list_operations(
                 "maxpagesize: must be at least 1".to_owned(),
             ));
         }
-        Some(size) => size.min(limits.page_size_max),
+        Some(size) => usize::try_from(size)
+            .map_or(limits.page_size_max, |size| size.min(limits.page_size_max)),
         None => limits.page_size,
     };
     let (value, next) = service.list(&filter, page_size).await?;

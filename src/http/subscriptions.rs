@@ -41,13 +41,13 @@ pub fn router() -> Router<AppState> {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(crate) struct SubscriptionIn {
-    /// `https` (http and private addresses only where `webhooks.allow_private_targets`).
-    #[schema(max_length = 2048)]
+    #[schema(schema_with = crate::webhooks::url_schema_object)]
     url: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::error::object")]
     filter: SubscriptionFilter,
     /// `operation.settled` (an operation settled, or a late callback changed its outcome),
     /// `operation.changed` (every change).
+    #[schema(schema_with = event_types_schema)]
     event_types: Vec<String>,
 }
 
@@ -450,6 +450,17 @@ pub(crate) async fn redeliver(
     check_id(delivery, "deliveryId")?;
     let queued = webhooks.redeliver(&id, delivery).await?;
     Ok((StatusCode::ACCEPTED, axum::Json(DeliveryOut::from(queued))).into_response())
+}
+
+/// At least one of the event types.
+fn event_types_schema() -> utoipa::openapi::Array {
+    let name = utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::String)
+        .enum_values(Some(crate::store::outbox::EVENT_TYPES));
+    utoipa::openapi::ArrayBuilder::new()
+        .items(name)
+        .min_items(Some(1))
+        .build()
 }
 
 /// Ids are ours (`sub_...`, `msg_...`): short, letters, digits and `_`.

@@ -32,15 +32,19 @@ pub const EVENT_TYPES: [&str; 2] = [OPERATION_SETTLED, OPERATION_CHANGED];
 pub struct SubscriptionFilter {
     /// E.g. `removeParticipant`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 64)]
     pub kind: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<OperationStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 256)]
     pub call_connection_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 256)]
     pub call_id: Option<String>,
     /// Operations whose context starts with this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 512)]
     pub context_prefix: Option<String>,
 }
 

@@ -5,6 +5,9 @@
 pub mod signing;
 pub mod target;
 
+pub use signing::secret_schema;
+pub use target::{url_schema, url_schema_object};
+
 use std::sync::Arc;
 use std::time::Duration;
 

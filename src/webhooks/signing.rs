@@ -42,6 +42,17 @@ impl SigningKey {
     }
 }
 
+/// A secret's shape in the OpenAPI document: `whsec_` and the canonical, padded base64 of 24
+/// to 64 bytes, as [`SigningKey::parse`] takes it.
+pub fn secret_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": ["string", "null"],
+        "description": "`whsec_` + base64 of 24 to 64 bytes; the deliveries are unsigned without it.",
+        "pattern": "^whsec_(?:(?:[A-Za-z0-9+/]{4}){8,21}(?:[A-Za-z0-9+/][AQgw]==)?|(?:[A-Za-z0-9+/]{4}){8,20}[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$",
+        "maxLength": 94
+    })
+}
+
 /// A new random secret, `whsec_<base64>`.
 pub fn generate_secret() -> String {
     let mut key = [0_u8; SECRET_BYTES];

@@ -10,6 +10,28 @@ use url::Url;
 /// The longest URL accepted.
 pub const MAX_URL_LEN: usize = 2048;
 
+/// A webhook URL's shape in the OpenAPI document: absolute `https` with a host name. The
+/// API also takes IP addresses that are public (and `http` and private ones where allowed),
+/// which a pattern cannot tell apart.
+pub const URL_PATTERN: &str =
+    r"^https://([A-Za-z0-9-]+\.)*[A-Za-z][A-Za-z0-9-]*(:[0-9]{1,4})?([/?#][!-~]*)?$";
+
+/// The schema of a webhook URL.
+pub fn url_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "string",
+        "description": "Absolute `https` URL (`http` and private addresses only where `webhooks.allow_private_targets` is set).",
+        "pattern": URL_PATTERN,
+        "maxLength": MAX_URL_LEN,
+        "example": "https://hooks.example.com/callops"
+    })
+}
+
+/// [`url_schema`] for a derived schema's `schema_with`.
+pub fn url_schema_object() -> utoipa::openapi::Object {
+    serde_json::from_value(url_schema()).expect("the URL schema is a valid schema")
+}
+
 /// Why a URL is refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TargetError {
@@ -43,6 +65,7 @@ pub fn check_url(text: &str, allow_private: bool) -> Result<Url, TargetError> {
     }
     let ip = match url.host() {
         None => return Err(TargetError::Malformed),
+        Some(url::Host::Domain(name)) if !is_host_name(name) => return Err(TargetError::Malformed),
         Some(url::Host::Domain(_)) => None,
         Some(url::Host::Ipv4(ip)) => Some(IpAddr::V4(ip)),
         Some(url::Host::Ipv6(ip)) => Some(IpAddr::V6(ip)),
@@ -54,6 +77,15 @@ pub fn check_url(text: &str, allow_private: bool) -> Result<Url, TargetError> {
         return Err(TargetError::Private(ip));
     }
     Ok(url)
+}
+
+/// Letters, digits, `-` and `.` (a name in its ASCII form), the last label starting with a
+/// letter as a top-level domain does.
+fn is_host_name(name: &str) -> bool {
+    let last = name.rsplit('.').next().unwrap_or_default();
+    name.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && last.starts_with(|c: char| c.is_ascii_alphabetic())
 }
 
 /// True for addresses on the public internet.
@@ -133,6 +165,20 @@ mod tests {
             Err(TargetError::Scheme)
         );
         assert_eq!(check_url("not a url", false), Err(TargetError::Malformed));
+        // A host name is letters, digits, '-' and '.', ending in a label that starts with a
+        // letter (a top-level domain), as the schema's pattern says.
+        for odd in [
+            "https://hooks.example.co*/",
+            "https://a.1com/",
+            "https://a.b./",
+        ] {
+            assert_eq!(check_url(odd, false), Err(TargetError::Malformed), "{odd}");
+        }
+        assert!(check_url("https://1hooks.example-2.com:8443/x?y#z", false).is_ok());
+        assert!(
+            check_url("https://bücher.example/", false).is_ok(),
+            "IDNA, as xn--"
+        );
         assert_eq!(
             check_url("https://user:pw@hooks.example.com/", false),
             Err(TargetError::Credentials)

@@ -216,7 +216,33 @@ async fn json_routes_want_json_and_callbacks_take_any_content_type() {
 #[tokio::test]
 async fn malformed_json_and_wrong_types_are_400_naming_the_problem() {
     let app = TestApp::spawn().await;
-    let cases: [(&str, &str, &str); 14] = [
+    let cases: [(&str, &str, &str); 19] = [
+        // Members that are objects refuse arrays (serde would take one field by field).
+        (
+            REMOVE,
+            r#"{"participantToRemove": ["8:acs:x"]}"#,
+            "participantToRemove",
+        ),
+        (
+            REMOVE,
+            r#"{"participantToRemove": {"communicationUser": ["8:acs:x"]}}"#,
+            "communicationUser",
+        ),
+        (
+            REMOVE,
+            r#"{"participantToRemove": {"rawId": "8:acs:x"}, "notify": ["https://a.example"]}"#,
+            "notify",
+        ),
+        (
+            CANCEL,
+            r#"{"notify": ["https://a.example", null, null]}"#,
+            "notify",
+        ),
+        (
+            "/v1/subscriptions",
+            r#"{"url": "https://a.example", "eventTypes": ["operation.settled"], "filter": [null]}"#,
+            "filter",
+        ),
         (REMOVE, "{", "EOF"),
         (REMOVE, "", "EOF"),
         (REMOVE, "null", "invalid type"),
@@ -509,6 +535,11 @@ async fn invalid_query_parameters_are_400() {
     error_of(response, 404).await;
     bad_request(app.get(&format!("{one}?wait=4294967296")).await, "wait").await;
     assert_eq!(app.get("/v1/operations?context=").await.status(), 200);
+    // Likewise the largest page size.
+    let response = app.get("/v1/operations?maxpagesize=4294967295").await;
+    assert_eq!(response.status(), 200);
+    let response = app.get("/v1/operations?maxpagesize=4294967296").await;
+    bad_request(response, "maxpagesize").await;
 }
 
 #[tokio::test]

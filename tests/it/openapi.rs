@@ -218,3 +218,33 @@ async fn the_operation_schema_shows_reconciled_and_the_result_details() {
         "{user}"
     );
 }
+
+/// A webhook target is a URL (with an optional secret) or a subscription, never both; the
+/// URL and secret carry the shapes the API checks, and a subscription names its event types.
+#[tokio::test]
+async fn webhook_targets_are_described_as_the_api_checks_them() {
+    let app = TestApp::spawn().await;
+    let document: Value = app.get_json("/openapi.json").await;
+    let schemas = &document["components"]["schemas"];
+    let forms = schemas["NotifyIn"]["oneOf"]
+        .as_array()
+        .expect("notify is a oneOf");
+    let titles: Vec<&str> = forms.iter().filter_map(|f| f["title"].as_str()).collect();
+    assert_eq!(titles, ["url", "subscriptionId"]);
+    let url = &forms[0]["properties"]["url"];
+    assert!(
+        url["pattern"].as_str().unwrap().starts_with("^https://"),
+        "{url}"
+    );
+    let secret = forms[0]["properties"]["secret"]["pattern"]
+        .as_str()
+        .unwrap();
+    assert!(secret.starts_with("^whsec_"), "{secret}");
+    let subscription = &schemas["SubscriptionIn"]["properties"];
+    assert_eq!(subscription["url"]["pattern"], url["pattern"]);
+    assert_eq!(subscription["eventTypes"]["minItems"], 1);
+    assert_eq!(
+        subscription["eventTypes"]["items"]["enum"],
+        serde_json::json!(["operation.settled", "operation.changed"])
+    );
+}
