@@ -108,7 +108,13 @@ impl RedisServer {
 
     async fn connection(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
         let client = redis::Client::open(self.url.as_str())?;
-        Ok(client.get_multiplexed_async_connection().await?)
+        // Emptying or reading back a few hundred thousand operations takes longer than the
+        // client's default response timeout.
+        let config = redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(Duration::from_secs(120)));
+        Ok(client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?)
     }
 
     async fn ping(&self) -> anyhow::Result<()> {
@@ -229,8 +235,9 @@ pub async fn run(bench: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     for replicas in [1, 2] {
         // The limit, measured again just before (as for the other ingest rows).
         let bare = scenarios::ingest_bare(bench).await?.1;
-        let row = ingest(bench, &server, replicas, bare).await?;
-        if row.met == Some(false) {
+        // A missed target shows in the Met column; a lost acknowledgement or an error fails.
+        let (row, sound) = ingest(bench, &server, replicas, bare).await?;
+        if !sound {
             problems.push(format!("{}: {}", row.scenario, row.other));
         }
         rows.push(row);
@@ -267,7 +274,7 @@ async fn ingest(
     server: &RedisServer,
     replicas: usize,
     bare: f64,
-) -> anyhow::Result<Row> {
+) -> anyhow::Result<(Row, bool)> {
     let label = format!(
         "Callback ingest: callops, Redis store ({}), JWT off",
         replicas_name(replicas)
@@ -357,7 +364,7 @@ async fn ingest(
         "  after SIGKILL: acknowledged {}, stored (Succeeded in Redis) {stored}",
         acknowledged.len()
     );
-    let clean = result.errors == 0 && result.unmatched == 0;
+    let sound = result.errors == 0 && result.unmatched == 0 && stored == acknowledged.len();
     let split = if replicas > 1 {
         format!(
             "operations created through replica A, callbacks over {replicas} replicas ({} connections each); ",
@@ -366,7 +373,7 @@ async fn ingest(
     } else {
         String::new()
     };
-    Ok(Row {
+    let row = Row {
         rate: Some((rate, "req/s")),
         ratio: Some(rate / bare),
         other: format!(
@@ -381,13 +388,13 @@ async fn ingest(
             "every ack stored, no errors".to_owned()
         },
         met: Some(
-            clean
-                && stored == acknowledged.len()
+            sound
                 && (replicas > 1 || (rate >= 20_000.0 && callops_cpu <= 35.0 && redis_cpu <= 40.0)),
         ),
         ..Row::new(label)
     }
-    .latencies(&result.latencies))
+    .latencies(&result.latencies);
+    Ok((row, sound))
 }
 
 /// The transitions the replicas reran on a conflict (`storeConflicts` on `/healthz`,
