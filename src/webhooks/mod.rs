@@ -138,8 +138,7 @@ impl Webhooks {
                 self.inner.config.max_subscriptions
             )));
         }
-        let mut event_types = new.event_types;
-        event_types.dedup();
+        let event_types = first_of_each(new.event_types);
         let subscription = Subscription {
             id: format!("sub_{}", uuid::Uuid::now_v7().simple()),
             url: new.url,
@@ -624,6 +623,17 @@ fn check_event_types(types: &[String]) -> Result<(), WebhookError> {
     }
 }
 
+/// Each event type once, in the order given (`dedup` alone keeps repeats that are apart).
+fn first_of_each(types: Vec<String>) -> Vec<String> {
+    let mut kept: Vec<String> = Vec::with_capacity(types.len());
+    for event_type in types {
+        if !kept.contains(&event_type) {
+            kept.push(event_type);
+        }
+    }
+    kept
+}
+
 fn unknown_subscription(id: &str) -> WebhookError {
     WebhookError::NotFound(format!("subscription {id:.64} does not exist"))
 }
@@ -634,6 +644,17 @@ mod tests {
 
     fn config() -> WebhooksConfig {
         crate::config::Config::embedded().webhooks
+    }
+
+    #[test]
+    fn event_types_are_kept_once_each_in_order() {
+        let given = [
+            "operation.changed",
+            "operation.settled",
+            "operation.changed",
+        ];
+        let kept = first_of_each(given.iter().map(|t| (*t).to_owned()).collect());
+        assert_eq!(kept, ["operation.changed", "operation.settled"]);
     }
 
     #[test]
