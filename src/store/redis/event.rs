@@ -37,8 +37,16 @@ impl Known {
 
     /// Remembers `operation` as written at its revision (forgets it once settled).
     pub fn remember(&self, operation: Operation) {
+        if self.cache.is_some() {
+            let name = context_name(&operation.call, &operation.context);
+            self.remember_as(name, operation);
+        }
+    }
+
+    /// As [`Self::remember`], under its context's `name` when the caller has it already
+    /// (a hash to compute, on the callback path).
+    fn remember_as(&self, name: String, operation: Operation) {
         let Some(cache) = &self.cache else { return };
-        let name = context_name(&operation.call, &operation.context);
         if operation.status.is_terminal() {
             cache.remove(&name);
         } else {
@@ -231,7 +239,8 @@ impl RedisStore {
                 EventCommitted::Written => {
                     self.count_one(Some(&(base, was_settled)), &operation);
                     let id = operation.id;
-                    inner.known.remember(*operation);
+                    // The context names it: the commit checked its holder.
+                    inner.known.remember_as(event_keys.name, *operation);
                     if write.settled {
                         self.wake(id);
                     }
