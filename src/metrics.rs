@@ -366,6 +366,11 @@ impl Metrics {
             .clone()
     }
 
+    /// Duplicate callback events from `source` (`acs`, `graph`) since start, for `/healthz`.
+    pub fn duplicate_callbacks(&self, source: &'static str) -> u64 {
+        self.callbacks_of(source)[1].get()
+    }
+
     fn callbacks_of(&self, source: &'static str) -> &[Counter; CALLBACK_OUTCOMES.len()] {
         &self.inner.callbacks[usize::from(source != "acs")]
     }
@@ -641,6 +646,13 @@ mod tests {
             },
         );
         metrics.callback_refused("graph");
+        assert_eq!(
+            (
+                metrics.duplicate_callbacks("acs"),
+                metrics.duplicate_callbacks("graph")
+            ),
+            (1, 0)
+        );
         metrics.upstream_attempt("acs", AttemptOutcome::Status(503), Duration::from_millis(3));
         metrics.upstream_retry("acs");
         metrics.store_commit(4, Duration::from_millis(2));

@@ -34,6 +34,7 @@ pub fn router() -> Router<AppState> {
 pub(crate) async fn get_health(
     State(service): State<OperationService>,
     State(callback_auth): State<CallbackAuthenticator>,
+    State(metrics): State<Metrics>,
 ) -> axum::Json<serde_json::Value> {
     let stats = service.store_stats();
     let mut health = json!({
@@ -44,6 +45,10 @@ pub(crate) async fn get_health(
         "callbacksRefused": {
             "acs": callback_auth.rejected(CallbackSource::Acs),
             "graph": callback_auth.rejected(CallbackSource::Graph),
+        },
+        "callbacksDuplicate": {
+            "acs": metrics.duplicate_callbacks("acs"),
+            "graph": metrics.duplicate_callbacks("graph"),
         },
     });
     if let Some(conflicts) = service.store_conflicts() {

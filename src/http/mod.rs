@@ -10,6 +10,7 @@ pub mod operations;
 pub mod serve;
 pub mod stream;
 pub mod subscriptions;
+pub mod ui;
 
 use std::time::Duration;
 
@@ -160,6 +161,7 @@ pub fn router(state: AppState, http: &HttpConfig, access_log: bool) -> Result<Ro
         .merge(callbacks::router())
         .merge(health::router())
         .merge(openapi::router())
+        .merge(ui::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(http.body_limit_bytes))

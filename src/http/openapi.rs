@@ -11,7 +11,7 @@ use utoipa::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 
 use crate::http::AppState;
-use crate::http::{callbacks, health, operations, stream, subscriptions};
+use crate::http::{callbacks, health, operations, stream, subscriptions, ui};
 
 /// The document.
 #[derive(OpenApi)]
@@ -46,6 +46,9 @@ use crate::http::{callbacks, health, operations, stream, subscriptions};
         health::get_ready,
         health::get_metrics,
         get_openapi,
+        ui::front_door,
+        ui::page,
+        ui::asset,
     ),
     components(schemas(crate::error::ErrorBody, crate::correlation::DeliverySummary)),
     modifiers(&SecuritySchemes),
@@ -56,6 +59,7 @@ use crate::http::{callbacks, health, operations, stream, subscriptions};
         (name = "webhooks", description = "Signed completion webhooks (Standard Webhooks): subscriptions and their delivery logs"),
         (name = "callbacks", description = "Callbacks from the platforms (bearer JWT they sign)"),
         (name = "health", description = "Probes, metrics and this document: no credentials"),
+        (name = "ui", description = "The operations page for people, and links to the rest: no credentials (the page asks for an API key when the client API needs one)"),
     )
 )]
 pub struct ApiDoc;

@@ -94,6 +94,12 @@ async fn a_redelivered_event_is_a_duplicate() {
         (Some(0), Some(1)),
         "{second}"
     );
+    let health: Value = app.get_json("/healthz").await;
+    assert_eq!(
+        health["callbacksDuplicate"],
+        serde_json::json!({"acs": 1, "graph": 0}),
+        "{health}"
+    );
     // A different event id with the opposite outcome is recorded but cannot move it.
     let late = remove_event("ev-r2", "call-redeliver", "ctx-r", false);
     app.post_json("/callbacks/acs", &late).await;

@@ -23,5 +23,6 @@ mod shared_races;
 mod shutdown;
 mod stream;
 mod support;
+mod ui;
 mod upgrade;
 mod webhooks;
