@@ -8,7 +8,7 @@ use crate::support::TestApp;
 const KEY: &str = "openapi-key-0123456789abcdef";
 
 /// Every route the router serves: method, documented path, and a concrete path to call.
-const ROUTES: [(&str, &str, &str); 22] = [
+const ROUTES: [(&str, &str, &str); 25] = [
     (
         "post",
         "/v1/acs/callConnections/{callConnectionId}/participants:remove",
@@ -75,6 +75,9 @@ const ROUTES: [(&str, &str, &str); 22] = [
     ("get", "/readyz", "/readyz"),
     ("get", "/metrics", "/metrics"),
     ("get", "/openapi.json", "/openapi.json"),
+    ("get", "/", "/"),
+    ("get", "/ui", "/ui"),
+    ("get", "/ui/{file}", "/ui/app.js"),
 ];
 
 #[tokio::test]

@@ -10,8 +10,11 @@ use std::time::{Duration, Instant};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
+use callops::emulator::graph::GraphScript;
+
 use crate::support::{TestApp, remove_event, silent};
 
+const GRAPH_CALL: &str = "57dab8b1-894c-409a-b240-bd8beae78896";
 const KEY: &str = "ui-browser-key-0123456789abcdef";
 const CHROMEDRIVER: &str = "chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -184,6 +187,62 @@ async fn the_page_shows_a_removal_live_filters_and_opens_its_events() {
             "return !document.querySelector('#detail').open",
         )
         .await;
+    browser.quit().await;
+}
+
+#[tokio::test]
+async fn a_graph_cancel_shows_the_media_operations_it_cancelled() {
+    let Some(browser) = Browser::start("cancel").await else {
+        return;
+    };
+    let app = TestApp::spawn().await;
+    browser.goto(&app.url("/ui")).await;
+    browser
+        .until(
+            "the stream is live",
+            "document.querySelector('#live').dataset.state === 'live'",
+        )
+        .await;
+    app.queue_media(GRAPH_CALL, "playPrompt", "welcome").await;
+    let cancel = app
+        .cancel(GRAPH_CALL, GraphScript::default(), Some("stop-all"))
+        .await;
+    let id = cancel["id"].as_str().unwrap();
+    let done = app
+        .operation_until(id, |op| {
+            op["cancelledOperations"]
+                .as_array()
+                .is_some_and(|list| !list.is_empty())
+        })
+        .await;
+    let prompt_id = done["cancelledOperations"][0]["id"].clone();
+    browser
+        .until(
+            "the cancel is listed as settled",
+            &format!("return document.querySelector('tr[data-id=\"{id}\"] .status a')?.textContent === 'Succeeded'"),
+        )
+        .await;
+    // A click anywhere on the row opens it.
+    browser
+        .client
+        .find(Locator::Css(&format!("tr[data-id=\"{id}\"] td.call")))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let cancelled = browser
+        .until(
+            "the detail view lists the cancelled prompt",
+            "const rows = [...document.querySelectorAll('#cancelled tbody tr')]; \
+             return document.querySelector('#detail').open && rows.length \
+               ? rows.map(tr => [...tr.children].map(td => td.textContent)) : null",
+        )
+        .await;
+    assert_eq!(cancelled[0][0], prompt_id, "{cancelled}");
+    assert_eq!(cancelled[0][1], "playPrompt");
+    assert_eq!(cancelled[0][2], "welcome");
+    browser.screenshot("graph-cancel").await;
     browser.quit().await;
 }
 
