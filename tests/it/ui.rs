@@ -15,6 +15,7 @@ use callops::emulator::graph::GraphScript;
 use crate::support::{TestApp, remove_event, silent};
 
 const GRAPH_CALL: &str = "57dab8b1-894c-409a-b240-bd8beae78896";
+const MARKUP_CONTEXT: &str = "<img src=x onerror=\"window.__injected=1\">";
 const KEY: &str = "ui-browser-key-0123456789abcdef";
 const CHROMEDRIVER: &str = "chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -74,8 +75,9 @@ async fn the_page_shows_a_removal_live_filters_and_opens_its_events() {
         return;
     };
     let app = TestApp::spawn().await;
+    // Values from the API are text, never markup.
     let other = app
-        .remove("call-ui-other", silent(), Some("ctx-other"))
+        .remove("call-ui-other", silent(), Some(MARKUP_CONTEXT))
         .await;
     browser.goto(&app.url("/ui")).await;
     browser
@@ -93,6 +95,14 @@ async fn the_page_shows_a_removal_live_filters_and_opens_its_events() {
             ),
         )
         .await;
+    let context = browser
+        .eval(&format!(
+            "const td = document.querySelector('tr[data-id=\"{}\"] td.context'); \
+             return [td.textContent, td.children.length, window.__injected === undefined]",
+            other["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(context, json!([MARKUP_CONTEXT, 0, true]));
     // Marks the document: a reload would lose it.
     browser
         .eval("window.__loadedOnce = true; return true")
