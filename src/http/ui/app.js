@@ -295,8 +295,8 @@ async function runStream(generation, signal) {
       delay = 1000;
       if (!listed) {
         // The stream is open before the list is read, so nothing falls between them.
-        listed = true;
         await loadPage(`/v1/operations?${query(true)}&maxpagesize=${PAGE_SIZE}`, generation);
+        listed = true;
       }
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = '';
