@@ -327,7 +327,8 @@ fn redacted_location(location: &str) -> String {
     }
 }
 
-/// A Redis URL (`redis://` or `rediss://`), shown without its credentials.
+/// A Redis URL (`redis://`, `rediss://`, or a cluster's `redis+cluster://` and
+/// `rediss+cluster://` with comma-separated seed nodes), shown without its credentials.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisUrl(String);
 
@@ -370,6 +371,18 @@ impl StoreConfig {
         let refused = || Err(ConfigError::Store(redacted_location(text)));
         if text == "memory" {
             return Ok(StoreLocation::Memory);
+        }
+        if let Some(nodes) = crate::store::cluster_nodes(text) {
+            let hosts_ok = !nodes.is_empty()
+                && nodes.iter().all(|node| {
+                    url::Url::parse(node)
+                        .is_ok_and(|url| url.host_str().is_some_and(|host| !host.is_empty()))
+                });
+            return if hosts_ok {
+                Ok(StoreLocation::Redis(RedisUrl(text.to_owned())))
+            } else {
+                refused()
+            };
         }
         if text.starts_with("redis://") || text.starts_with("rediss://") {
             return match url::Url::parse(text) {
@@ -756,7 +769,7 @@ pub enum ConfigError {
     #[error("CALLOPS_ACS_CONNECTION_STRING (acs.connection_string) is invalid: {0}")]
     ConnectionString(ConnectionStringError),
     #[error(
-        "CALLOPS_STORE (store.location) = {0:?} is not supported; expected \"memory\", a SQLite file path ending in .db, .sqlite or .sqlite3, sqlite://PATH, or redis://HOST[:PORT][/DB] (rediss:// for TLS)"
+        "CALLOPS_STORE (store.location) = {0:?} is not supported; expected \"memory\", a SQLite file path ending in .db, .sqlite or .sqlite3, sqlite://PATH, redis://HOST[:PORT][/DB] (rediss:// for TLS), or redis+cluster://HOST:PORT[,HOST:PORT...] for a Redis Cluster (rediss+cluster:// for TLS)"
     )]
     Store(String),
     #[error("CALLOPS_PUBLIC_URL (http.public_url) = {0:?} must be an http(s) URL with a host")]
@@ -1759,7 +1772,23 @@ mod tests {
             location("rediss://cache.example.net:10000").unwrap(),
             StoreLocation::Redis(_)
         ));
+        for cluster in [
+            "redis+cluster://127.0.0.1:7000,127.0.0.1:7001",
+            "rediss+cluster://:key@cache.example.net:10000",
+        ] {
+            assert!(matches!(
+                location(cluster).unwrap(),
+                StoreLocation::Redis(_)
+            ));
+        }
+        let shown = format!(
+            "{:?}",
+            location("redis+cluster://:hunter2pw@h:1,h:2").unwrap()
+        );
+        assert!(!shown.contains("hunter2pw"), "{shown}");
         for mistyped in [
+            "redis+cluster://",
+            "redis+cluster://,",
             "memroy",
             "redis:/127.0.0.1:6379",
             "redis//127.0.0.1:6379",

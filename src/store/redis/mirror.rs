@@ -112,7 +112,7 @@ impl RedisStore {
         loop {
             let connection = tokio::select! {
                 () = stop.cancelled() => return,
-                connection = self.inner.client.get_multiplexed_async_connection() => connection,
+                connection = self.inner.connector.dedicated() => connection,
             };
             let mut connection = match connection {
                 Ok(connection) => connection,

@@ -21,6 +21,8 @@
 //! several keys chosen by the domain (context, park, upstream id, event id), which only a
 //! script can check and write atomically.
 
+mod connection;
+pub use connection::cluster_nodes;
 pub mod error;
 mod event;
 mod keys;
@@ -34,8 +36,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use time::OffsetDateTime;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -52,6 +52,7 @@ use crate::store::tracker::{
 };
 pub use error::RedisStoreError;
 
+use connection::{Connection, Connector};
 use keys::Keys;
 pub(crate) use keys::context_name;
 pub(crate) use plan::Outcome;
@@ -122,8 +123,8 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    client: redis::Client,
-    connection: ConnectionManager,
+    connector: Connector,
+    connection: Connection,
     keys: Keys,
     lifetimes: Lifetimes,
     operations: OperationsConfig,
@@ -184,41 +185,24 @@ impl RedisStore {
         operations: &OperationsConfig,
         metrics: Metrics,
     ) -> Result<Self, RedisStoreError> {
-        let client = if store.redis_ca_file.is_empty() {
-            redis::Client::open(url.expose())?
+        let root_cert = if store.redis_ca_file.is_empty() {
+            None
         } else {
-            let root_cert = tokio::fs::read(&store.redis_ca_file)
-                .await
-                .map_err(|error| RedisStoreError::CaFile {
-                    path: store.redis_ca_file.clone(),
-                    error: Arc::new(error),
-                })?;
-            let certificates = redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(root_cert),
-            };
-            redis::Client::build_with_tls(url.expose(), certificates)?
+            Some(
+                tokio::fs::read(&store.redis_ca_file)
+                    .await
+                    .map_err(|error| RedisStoreError::CaFile {
+                        path: store.redis_ca_file.clone(),
+                        error: Arc::new(error),
+                    })?,
+            )
         };
         let timeout = Duration::from_millis(store.redis_timeout_ms);
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        // One plain connection first: its error says what is wrong (refused, a certificate
-        // not trusted, a wrong password), where the manager would only retry until timeout.
-        tokio::time::timeout(timeout, client.get_multiplexed_async_connection())
-            .await
-            .map_err(|_| RedisStoreError::Timeout(store.redis_timeout_ms))??;
-        let connection = tokio::time::timeout(
-            timeout * 2,
-            ConnectionManager::new_with_config(client.clone(), config),
-        )
-        .await
-        .map_err(|_| RedisStoreError::Timeout(store.redis_timeout_ms * 2))??;
+        let connector = Connector::new(url.expose(), root_cert, timeout)?;
+        let connection = connector.shared(timeout).await?;
         let store = Self {
             inner: Arc::new(Inner {
-                client,
+                connector,
                 connection,
                 keys: Keys::new(&store.redis_prefix),
                 lifetimes: Lifetimes {
@@ -268,20 +252,17 @@ impl RedisStore {
         u64::try_from(self.inner.timeout.as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Whether Redis answers now.
+    /// Whether Redis answers now: a read of a key of this store, so on a cluster it is the
+    /// master of the store's slot that answers.
     pub async fn probe(&self) -> Result<(), RedisStoreError> {
-        let pong: (String,) = self
+        let _exists: (u8,) = self
             .query({
                 let mut pipe = redis::pipe();
-                pipe.cmd("PING");
+                pipe.cmd("EXISTS").arg(self.inner.keys.schema());
                 pipe
             })
             .await?;
-        if pong.0 == "PONG" {
-            Ok(())
-        } else {
-            Err(RedisStoreError::Unexpected(pong.0))
-        }
+        Ok(())
     }
 
     /// Runs `work` on a scratch store holding what `want` names, as Redis has it now, and
@@ -708,18 +689,11 @@ impl RedisStore {
         let mut backoff = Duration::from_millis(100);
         let mut was_down = false;
         loop {
-            let subscribed = async {
-                let mut pubsub =
-                    tokio::time::timeout(self.inner.timeout, self.inner.client.get_async_pubsub())
-                        .await
-                        .map_err(|_| RedisStoreError::Timeout(self.timeout_ms()))??;
-                pubsub.subscribe(&channel).await?;
-                Ok::<_, RedisStoreError>(pubsub)
-            };
-            let mut pubsub = tokio::select! {
+            let subscribed = self.inner.connector.subscribe(&channel, self.inner.timeout);
+            let mut subscription = tokio::select! {
                 () = stop.cancelled() => return,
                 subscribed = subscribed => match subscribed {
-                    Ok(pubsub) => pubsub,
+                    Ok(subscription) => subscription,
                     Err(error) => {
                         if !was_down {
                             tracing::warn!(%error, "settle notices: cannot subscribe; long polls re-read every redis_poll_ms until it is back");
@@ -740,15 +714,12 @@ impl RedisStore {
             backoff = Duration::from_millis(100);
             // Whatever settled while we were not listening.
             self.wake_all();
-            let mut messages = pubsub.on_message();
             loop {
                 tokio::select! {
                     () = stop.cancelled() => return,
-                    message = messages.next() => match message {
-                        Some(message) => {
-                            if let Ok(id) = message.get_payload::<String>()
-                                && let Some(id) = OperationId::parse(&id)
-                            {
+                    payload = subscription.next() => match payload {
+                        Some(id) => {
+                            if let Some(id) = OperationId::parse(&id) {
                                 self.wake(id);
                             }
                         }
