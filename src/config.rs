@@ -286,6 +286,9 @@ pub struct StoreConfig {
     /// Redis over TLS (`rediss://`): a PEM file of the CA certificates to trust instead of
     /// the public roots (a Redis with a private CA). Empty: the public (webpki) roots.
     pub redis_ca_file: String,
+    /// Redis: replicas that must hold a write before it is acknowledged (`WAIT`), so a
+    /// failover to one of them loses nothing acknowledged. 0: the primary's word is enough.
+    pub redis_wait_replicas: u32,
 }
 
 impl std::fmt::Debug for StoreConfig {
@@ -299,6 +302,7 @@ impl std::fmt::Debug for StoreConfig {
             .field("redis_cached_operations", &self.redis_cached_operations)
             .field("redis_prefix", &self.redis_prefix)
             .field("redis_ca_file", &self.redis_ca_file)
+            .field("redis_wait_replicas", &self.redis_wait_replicas)
             .finish()
     }
 }

@@ -16,6 +16,7 @@ mod operations;
 mod receiver;
 mod reconcile;
 mod redis;
+mod redis_cluster;
 mod redis_tls;
 mod removal;
 mod secrets;

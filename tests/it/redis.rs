@@ -48,6 +48,8 @@ pub struct RedisServer {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Options beyond the defaults (e.g. a cluster node's).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -57,14 +59,28 @@ impl RedisServer {
         if !redis_server_available() {
             return None;
         }
+        Some(Self::start_with(dir, free_port(), Vec::new()).await)
+    }
+
+    /// As [`RedisServer::start`] on `port`, with `extra` options; `redis-server` must exist.
+    pub async fn start_with(dir: &Path, port: u16, extra: Vec<String>) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let mut server = Self {
-            port: free_port(),
+            port,
             dir: dir.to_owned(),
             child: None,
+            extra,
         };
         server.restart().await;
-        Some(server)
+        server
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     pub fn url(&self) -> String {
@@ -84,6 +100,7 @@ impl RedisServer {
             .arg("--dir")
             .arg(&self.dir)
             .args(["--daemonize", "no"])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

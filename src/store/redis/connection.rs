@@ -10,6 +10,7 @@ use redis::aio::{
 };
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, Pipeline, PushKind, RedisFuture, TlsCertificates, Value};
 use tokio::sync::mpsc;
 
@@ -223,6 +224,37 @@ impl Subscription {
     /// The next payload, or `None` once the subscription dropped.
     pub async fn next(&mut self) -> Option<String> {
         self.payloads.recv().await
+    }
+}
+
+impl Connection {
+    /// Waits until `replicas` replicas of the node holding `key` have what this connection
+    /// wrote there (Redis `WAIT`), at most `timeout`; answers how many have it.
+    pub async fn wait_replicas(
+        &mut self,
+        key: &str,
+        replicas: u32,
+        timeout: Duration,
+    ) -> redis::RedisResult<u32> {
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(replicas)
+            .arg(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        match self {
+            Self::Single(connection) => wait.query_async(connection).await,
+            Self::Plain(connection) => wait.query_async(connection).await,
+            // WAIT names no key: sent to the primary of `key`'s slot, on the connection that
+            // carried the write.
+            Self::Cluster(connection) => {
+                let route = Route::with_key(key, SlotAddr::Master);
+                let value = connection
+                    .route_command(
+                        wait,
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                    )
+                    .await?;
+                Ok(redis::from_redis_value(value)?)
+            }
+        }
     }
 }
 

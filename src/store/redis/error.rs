@@ -27,6 +27,11 @@ pub enum RedisStoreError {
          giving up"
     )]
     MigrationWait { key: String, secs: u64 },
+    #[error(
+        "only {got} of the {wanted} Redis replicas store.redis_wait_replicas asks for confirmed \
+         the write in time; not acknowledged, as a failover could lose it"
+    )]
+    NotReplicated { wanted: u32, got: u32 },
     #[error("cannot read store.redis_ca_file {path}: {error}")]
     CaFile {
         path: String,

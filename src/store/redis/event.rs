@@ -310,6 +310,9 @@ impl RedisStore {
                 Ok(answer) => answer?,
                 Err(_) => return Err(RedisStoreError::Timeout(self.timeout_ms())),
             };
+        if text_is(&answer, "ok") {
+            self.replicated(&mut connection, &write.keys[0]).await?;
+        }
         inner.metrics.store_commit(1, started.elapsed());
         match answer {
             answer @ redis::Value::Array(_) => Ok(match parse_event_read(answer)? {
@@ -338,6 +341,14 @@ impl RedisStore {
 }
 
 /// A script's answer as text.
+fn text_is(value: &redis::Value, expected: &str) -> bool {
+    match value {
+        redis::Value::BulkString(bytes) => bytes == expected.as_bytes(),
+        redis::Value::SimpleString(text) => text == expected,
+        _ => false,
+    }
+}
+
 fn text(value: redis::Value) -> Option<String> {
     match value {
         redis::Value::BulkString(bytes) => String::from_utf8(bytes).ok(),

@@ -242,6 +242,8 @@ impl RedisStore {
         let _: String = self
             .bounded(invocation.invoke_async(&mut connection))
             .await?;
+        self.replicated(&mut connection, &self.inner.keys.log())
+            .await?;
         // The tail applies them again, in log order, with whatever came between.
         mirror.outbox.apply(documents);
         Ok(())

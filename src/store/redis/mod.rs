@@ -125,6 +125,8 @@ pub struct RedisStore {
 struct Inner {
     connector: Connector,
     connection: Connection,
+    /// `store.redis_wait_replicas`.
+    wait_replicas: u32,
     keys: Keys,
     lifetimes: Lifetimes,
     operations: OperationsConfig,
@@ -203,6 +205,7 @@ impl RedisStore {
         let store = Self {
             inner: Arc::new(Inner {
                 connector,
+                wait_replicas: store.redis_wait_replicas,
                 connection,
                 keys: Keys::new(&store.redis_prefix),
                 lifetimes: Lifetimes {
@@ -335,6 +338,9 @@ impl RedisStore {
                 Ok(answer) => answer?,
                 Err(_) => return Err(RedisStoreError::Timeout(self.timeout_ms())),
             };
+        if answer == "ok" {
+            self.replicated(&mut connection, &inner.keys.all()).await?;
+        }
         inner.metrics.store_commit(1, started.elapsed());
         match answer.as_str() {
             "ok" => {
@@ -348,6 +354,35 @@ impl RedisStore {
             "conflict" => Ok(Verdict::Conflict),
             _ => Err(RedisStoreError::Unexpected(answer)),
         }
+    }
+
+    /// After a write on `connection` to the node holding `key`: with
+    /// `store.redis_wait_replicas`, waits until that many replicas have it. Fewer in time is
+    /// an error (a 503): the write may not survive a failover, so the caller must retry.
+    pub(super) async fn replicated(
+        &self,
+        connection: &mut Connection,
+        key: &str,
+    ) -> Result<(), RedisStoreError> {
+        let wanted = self.inner.wait_replicas;
+        if wanted == 0 {
+            return Ok(());
+        }
+        // Half the budget, so WAIT answers before the request's own timeout.
+        let budget = self.inner.timeout / 2;
+        let got = match tokio::time::timeout(
+            self.inner.timeout,
+            connection.wait_replicas(key, wanted, budget),
+        )
+        .await
+        {
+            Ok(got) => got?,
+            Err(_) => return Err(RedisStoreError::Timeout(self.timeout_ms())),
+        };
+        if got < wanted {
+            return Err(RedisStoreError::NotReplicated { wanted, got });
+        }
+        Ok(())
     }
 
     /// Counts operations started and settled by this replica.

@@ -1,0 +1,287 @@
+//! A Redis Cluster as the shared store (`redis+cluster://`): three masters and a replica
+//! each, AOF with `appendfsync always`. A master killed under load loses nothing callops
+//! acknowledged once its replica takes over (`store.redis_wait_replicas` = 1), and until a
+//! replica can confirm writes again (the old master back as the new one's), requests answer
+//! 503, never a 2xx. (The whole end-to-end suite also
+//! runs on a cluster: `scripts/test-on-redis-cluster.sh`.)
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::redis::{RedisServer, redis_server_available};
+use crate::support::{SOON, TestApp};
+
+/// Six nodes, three of them masters, in a directory of their own.
+struct RedisCluster {
+    nodes: Vec<RedisServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    async fn start() -> Option<Self> {
+        if !redis_server_available() {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes = Vec::new();
+        for i in 0..6 {
+            let port = cluster_port();
+            let node_dir = dir.path().join(i.to_string());
+            let extra = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "1000",
+                "--cluster-config-file",
+            ]
+            .iter()
+            .map(|arg| (*arg).to_owned())
+            .chain([node_dir.join("nodes.conf").display().to_string()])
+            .collect();
+            nodes.push(RedisServer::start_with(&node_dir, port, extra).await);
+        }
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port()))
+            .collect();
+        let created = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("redis-cli")
+                .arg("--cluster")
+                .arg("create")
+                .args(&addresses)
+                .args(["--cluster-replicas", "1", "--cluster-yes"])
+                .output()
+                .expect("redis-cli")
+        })
+        .await
+        .unwrap();
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        let cluster = Self { nodes, _dir: dir };
+        cluster.until_ok("the new cluster").await;
+        // A replica that never synced would not take over: wait for every link.
+        cluster.until_synced().await;
+        Some(cluster)
+    }
+
+    /// Waits until every replica's link to its master is up.
+    async fn until_synced(&self) {
+        let cluster = self;
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let mut synced = 0;
+                for node in &cluster.nodes {
+                    let info = node
+                        .command(&["INFO", "replication"])
+                        .await
+                        .unwrap_or_default();
+                    if info.contains("role:master") || info.contains("master_link_status:up") {
+                        synced += 1;
+                    }
+                }
+                if synced == cluster.nodes.len() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("the replicas never synced with their masters");
+    }
+
+    fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port()))
+            .collect();
+        format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    /// Waits until every running node says the cluster is ok (every slot has a master).
+    async fn until_ok(&self, what: &str) {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let mut all_ok = true;
+                for node in &self.nodes {
+                    if node.is_running() {
+                        let info = node.command(&["CLUSTER", "INFO"]).await;
+                        all_ok &= info.is_some_and(|info| info.contains("cluster_state:ok"));
+                    }
+                }
+                if all_ok {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the cluster never reported cluster_state:ok"));
+    }
+
+    /// A node still running.
+    fn any_running(&self) -> &RedisServer {
+        self.nodes.iter().find(|node| node.is_running()).unwrap()
+    }
+
+    /// The index of the master serving `key`'s slot, as a running node sees it (`None`
+    /// while the one it knows is failing).
+    async fn master_of(&self, key: &str) -> Option<usize> {
+        let slot: u16 = self
+            .any_running()
+            .command(&["CLUSTER", "KEYSLOT", key])
+            .await
+            .unwrap()
+            .trim_start_matches(':')
+            .parse()
+            .unwrap();
+        let nodes = self
+            .any_running()
+            .command(&["CLUSTER", "NODES"])
+            .await
+            .unwrap();
+        // A bulk reply: `$len ` before the text.
+        let nodes = nodes.split_once(' ').map_or("", |(_, text)| text);
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let serves = fields[8..].iter().any(|range| {
+                let (low, high) = range.split_once('-').unwrap_or((range, range));
+                matches!((low.parse::<u16>(), high.parse::<u16>()), (Ok(low), Ok(high)) if low <= slot && slot <= high)
+            });
+            if serves {
+                let port: u16 = fields[1].split(['@', ':']).nth(1).unwrap().parse().unwrap();
+                return self.nodes.iter().position(|node| node.port() == port);
+            }
+        }
+        None
+    }
+}
+
+/// A free port whose cluster bus port (10 000 higher) is free too.
+fn cluster_port() -> u16 {
+    loop {
+        let port = crate::binary::free_port();
+        if port <= 55_535 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_master_killed_under_load_loses_nothing_acknowledged_and_answers_503_meanwhile() {
+    let Some(mut cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let prefix = format!("failover-{}", uuid::Uuid::new_v4());
+    let url = cluster.url();
+    let app = Arc::new(
+        TestApp::spawn_with(|config| {
+            config.store.location = url;
+            config.store.redis_prefix = prefix.clone();
+            config.store.redis_wait_replicas = 1;
+            config.store.redis_timeout_ms = 500;
+        })
+        .await,
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for worker in 0..6 {
+        let app = Arc::clone(&app);
+        let stop = Arc::clone(&stop);
+        load.spawn(async move {
+            let mut answers = Vec::new();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let call = format!("call-failover-{worker}-{n}");
+                let response = app
+                    .http
+                    .post(app.url(&format!(
+                        "/v1/acs/callConnections/{call}/participants:remove"
+                    )))
+                    .json(&json!({ "participantToRemove": { "rawId": "8:acs:abc_def" } }))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status().as_u16();
+                let at = Instant::now();
+                let id = if status == 202 {
+                    let body: serde_json::Value = response.json().await.unwrap();
+                    Some(body["id"].as_str().unwrap().to_owned())
+                } else {
+                    None
+                };
+                answers.push((at, status, id));
+            }
+            answers
+        });
+    }
+    // Some operations before the kill.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let key = format!("{{{prefix}}}:x");
+    let victim = cluster.master_of(&key).await.unwrap();
+    let killed_at = Instant::now();
+    cluster.nodes[victim].kill();
+    // The replica takes over once the others agree the master failed (node timeout 1 s).
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while cluster
+            .master_of(&key)
+            .await
+            .is_none_or(|master| master == victim)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("no replica took over the killed master's slots");
+    cluster.until_ok("after the failover").await;
+    // Writes need a replica to confirm them: the old master comes back as the new one's.
+    cluster.nodes[victim].restart().await;
+    cluster.until_synced().await;
+    let recovered_at = Instant::now();
+    // And some after the replica took over.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut answers = Vec::new();
+    while let Some(worker) = load.join_next().await {
+        answers.extend(worker.unwrap());
+    }
+
+    let statuses: std::collections::BTreeSet<u16> = answers.iter().map(|a| a.1).collect();
+    assert!(
+        statuses.iter().all(|status| [202, 503].contains(status)),
+        "only 202 or 503: {statuses:?}"
+    );
+    let unavailable = answers
+        .iter()
+        .filter(|(at, status, _)| *status == 503 && *at >= killed_at && *at <= recovered_at)
+        .count();
+    assert!(unavailable > 0, "no 503 while the slot had no master");
+    let acknowledged: Vec<&String> = answers.iter().filter_map(|a| a.2.as_ref()).collect();
+    let after = answers
+        .iter()
+        .filter(|(at, status, _)| *status == 202 && *at > recovered_at)
+        .count();
+    assert!(after > 0, "no removal accepted after the failover");
+    // Every acknowledged removal is there, on the promoted replica.
+    for id in &acknowledged {
+        let response = tokio::time::timeout(SOON, app.get(&format!("/v1/operations/{id}")))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "acknowledged removal {id} was lost");
+    }
+    eprintln!(
+        "{} removals acknowledged, {unavailable} answered 503 during the failover ({:?})",
+        acknowledged.len(),
+        recovered_at - killed_at
+    );
+}
