@@ -112,31 +112,35 @@ fn error(operation: &Value) -> String {
     }
 }
 
-/// Operations, one a row.
+/// Operations, one a row; the ERROR column only when one of them has an error.
 pub fn operations_table(operations: &[Value]) -> String {
+    let errors = operations
+        .iter()
+        .any(|operation| !error(operation).is_empty());
     let rows = operations
         .iter()
         .map(|operation| {
-            vec![
+            let mut row = vec![
                 plain(&operation["id"]),
                 plain(&operation["kind"]),
                 status(&operation["status"]),
                 plain(call(operation)),
                 plain(&operation["context"]),
                 plain(&operation["lastUpdatedDateTime"]),
-                Cell {
+            ];
+            if errors {
+                row.push(Cell {
                     text: error(operation),
                     status: false,
-                },
-            ]
+                });
+            }
+            row
         })
         .collect();
-    table(
-        &[
-            "ID", "KIND", "STATUS", "CALL", "CONTEXT", "UPDATED", "ERROR",
-        ],
-        rows,
-    )
+    let headers = [
+        "ID", "KIND", "STATUS", "CALL", "CONTEXT", "UPDATED", "ERROR",
+    ];
+    table(&headers[..if errors { 7 } else { 6 }], rows)
 }
 
 /// One operation, a field a line.
@@ -340,6 +344,16 @@ ID      KIND                   STATUS     CALL        CONTEXT  UPDATED  ERROR
 0190-a  removeParticipant      Succeeded  call-1      ctx      t1
 0190-b  cancelMediaProcessing  Failed     graph-call           t2       CallTerminated: the call ended
 "
+        );
+    }
+
+    #[test]
+    fn the_error_column_is_left_out_when_no_operation_failed() {
+        let rendered = operations_table(&[json!({"id": "a", "kind": "k", "status": "Running",
+            "callConnectionId": "c", "context": "x", "lastUpdatedDateTime": "t"})]);
+        assert_eq!(
+            strip(&rendered),
+            "ID  KIND  STATUS   CALL  CONTEXT  UPDATED\na   k     Running  c     x        t\n"
         );
     }
 
