@@ -164,6 +164,9 @@ pub enum Command {
         /// At most this many rows (pages are followed until then).
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
         max: u64,
+        /// Rows per request (the server's maxpagesize; by default --max, at most 1000).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        page_size: Option<u64>,
         #[command(flatten)]
         connection: Connection,
     },
@@ -300,10 +303,12 @@ async fn run(command: Command) -> Result<ExitCode, ClientError> {
         Command::List {
             filters,
             max,
+            page_size,
             connection,
         } => {
             let client = connect(&connection.url, &connection.common)?;
-            let operations = list(&client, &filters, max).await?;
+            let page_size = page_size.unwrap_or(max).min(1000);
+            let operations = list(&client, &filters, max, page_size).await?;
             if connection.common.json {
                 print_json(&Value::Array(operations));
             } else {
@@ -351,10 +356,15 @@ async fn finish(
 }
 
 /// Up to `max` operations, following `nextLink`.
-async fn list(client: &Client, filters: &Filters, max: u64) -> Result<Vec<Value>, ClientError> {
+async fn list(
+    client: &Client,
+    filters: &Filters,
+    max: u64,
+    page_size: u64,
+) -> Result<Vec<Value>, ClientError> {
     let max = usize::try_from(max).unwrap_or(usize::MAX);
     let mut query = filters.query();
-    query.push(("maxpagesize", max.min(1000).to_string()));
+    query.push(("maxpagesize", page_size.to_string()));
     let mut url = client.endpoint(&["v1", "operations"], &query);
     let mut operations = Vec::new();
     loop {

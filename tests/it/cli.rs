@@ -307,6 +307,37 @@ async fn list_shows_a_table_and_its_filters_narrow_it() {
             .code(0),
     );
     assert_eq!(limited.as_array().unwrap().len(), 2, "{limited}");
+    // Pages smaller than --max: nextLink is followed, in order, up to --max.
+    for (max, page_size, expected) in [
+        ("3", "1", vec![id(&c), id(&b), id(&a)]),
+        ("2", "1", vec![id(&c), id(&b)]),
+        ("10", "2", vec![id(&c), id(&b), id(&a)]),
+    ] {
+        let paged = stdout_json(
+            &callops(
+                &[
+                    "list",
+                    "--max",
+                    max,
+                    "--page-size",
+                    page_size,
+                    "--json",
+                    "--url",
+                    &url,
+                ],
+                &[],
+            )
+            .await
+            .code(0),
+        );
+        let ids: Vec<String> = paged
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|op| op["id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(ids, expected, "--max {max} --page-size {page_size}");
+    }
 
     // The table: a header, then a row per operation, without colour in a pipe.
     let assert = callops(
