@@ -52,18 +52,8 @@ impl Exit {
 #[derive(Debug, Clone, clap::Args)]
 pub struct Connection {
     /// The callops service's base URL.
-    #[arg(long = "url", visible_alias = "server", env = "CALLOPS_URL", default_value = DEFAULT_URL)]
+    #[arg(long = "url", env = "CALLOPS_URL", default_value = DEFAULT_URL)]
     pub url: String,
-    #[command(flatten)]
-    pub common: Common,
-}
-
-/// As [`Connection`] for `subscriptions create`, whose `--url` is the webhook's.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ServerConnection {
-    /// The callops service's base URL.
-    #[arg(long = "server", env = "CALLOPS_URL", default_value = DEFAULT_URL)]
-    pub server: String,
     #[command(flatten)]
     pub common: Common,
 }
@@ -186,9 +176,9 @@ pub enum Command {
 pub enum Subscriptions {
     /// Create a subscription; prints its signing secret, shown this once.
     Create {
-        /// The webhook's https URL (the service is --server or CALLOPS_URL here).
+        /// The webhook endpoint's https URL (where deliveries are POSTed).
         #[arg(long)]
-        url: String,
+        endpoint: String,
         /// operation.settled (the default) or operation.changed; repeatable.
         #[arg(long = "event-type")]
         event_types: Vec<String>,
@@ -208,7 +198,7 @@ pub enum Subscriptions {
         #[arg(long)]
         context_prefix: Option<String>,
         #[command(flatten)]
-        connection: ServerConnection,
+        connection: Connection,
     },
     /// List the subscriptions (without secrets).
     List {
@@ -384,7 +374,7 @@ async fn list(
 async fn subscriptions(command: Subscriptions) -> Result<ExitCode, ClientError> {
     match command {
         Subscriptions::Create {
-            url,
+            endpoint,
             event_types,
             kind,
             status,
@@ -393,7 +383,7 @@ async fn subscriptions(command: Subscriptions) -> Result<ExitCode, ClientError> 
             context_prefix,
             connection,
         } => {
-            let client = connect(&connection.server, &connection.common)?;
+            let client = connect(&connection.url, &connection.common)?;
             let event_types = if event_types.is_empty() {
                 vec!["operation.settled".to_owned()]
             } else {
@@ -411,7 +401,7 @@ async fn subscriptions(command: Subscriptions) -> Result<ExitCode, ClientError> 
                     filter.insert(name.to_owned(), json!(value));
                 }
             }
-            let body = json!({ "url": url, "eventTypes": event_types, "filter": filter });
+            let body = json!({ "url": endpoint, "eventTypes": event_types, "filter": filter });
             let created = client
                 .post(client.endpoint(&["v1", "subscriptions"], &[]), &body)
                 .await?;

@@ -476,7 +476,7 @@ async fn subscriptions_are_created_listed_and_deleted() {
         &[
             "subscriptions",
             "create",
-            "--url",
+            "--endpoint",
             &hook,
             "--event-type",
             "operation.settled",
