@@ -320,9 +320,14 @@ async fn the_page_asks_for_the_api_key_and_says_when_it_is_wrong() {
     browser.quit().await;
 }
 
+/// One browser at a time: Chromium is heavy on a two-core machine, and the other tests in
+/// this binary run beside it.
+static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Chromium under a chromedriver of its own, with a fresh profile.
 struct Browser {
     client: Client,
+    _turn: tokio::sync::MutexGuard<'static, ()>,
     _driver: tokio::process::Child,
     _profile: tempfile::TempDir,
     name: &'static str,
@@ -348,6 +353,7 @@ impl Browser {
             );
             return None;
         }
+        let turn = ONE_BROWSER.lock().await;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -401,6 +407,7 @@ impl Browser {
         };
         Some(Self {
             client,
+            _turn: turn,
             _driver: driver,
             _profile: profile,
             name,
