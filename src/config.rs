@@ -1408,6 +1408,10 @@ impl std::fmt::Debug for AcsConfig {
 /// in the error).
 const API_KEYS_ENV: [&str; 2] = ["CALLOPS_API_KEYS", "CALLOPS_HTTP__API_KEYS"];
 
+/// The client subcommands' settings (`callops get`, `list`, …; see docs/cli.md): not the
+/// service's, but set in the same environments, so not unknown either.
+const CLIENT_ENV: [&str; 2] = ["CALLOPS_URL", "CALLOPS_API_KEY"];
+
 /// The first of `names` that is set, verbatim (odd bytes replaced: validation refuses them).
 fn raw_env(names: &[&str]) -> Option<String> {
     names
@@ -1430,6 +1434,7 @@ pub fn unknown_env<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<&'a str>
                 || key == "CONFIG"
                 || key.starts_with("TEST_")
                 || API_KEYS_ENV.contains(name)
+                || CLIENT_ENV.contains(name)
                 || ENV_ALIASES.iter().any(|(alias, _)| *alias == key))
         })
         .collect()
@@ -1748,6 +1753,17 @@ mod tests {
             "PATH",
         ];
         assert_eq!(unknown_env(names), ["CALLOPS_LISTENN"]);
+    }
+
+    #[test]
+    fn the_client_settings_are_not_unknown_variables() {
+        let names = [
+            "CALLOPS_URL",
+            "CALLOPS_API_KEY",
+            "CALLOPS_URLS",
+            "CALLOPS_APIKEY",
+        ];
+        assert_eq!(unknown_env(names), ["CALLOPS_URLS", "CALLOPS_APIKEY"]);
     }
 
     #[test]

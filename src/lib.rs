@@ -10,6 +10,7 @@
 
 pub mod acs;
 pub mod callback_auth;
+pub mod cli;
 pub mod config;
 pub mod correlation;
 pub mod crypto;

@@ -1,6 +1,7 @@
 //! The `callops` binary: `serve` (the default) runs the service, `emulator` runs the ACS
 //! emulator alone, `healthcheck` probes a running service (for container health checks),
-//! `migrate [--check]` brings the store to this build's layout (or says what it would do).
+//! `migrate [--check]` brings the store to this build's layout (or says what it would do);
+//! the client commands (`get`, `list`, `watch`, …) talk to a running service (docs/cli.md).
 //! Only wiring: configuration, logging, binding, signals.
 
 use std::net::SocketAddr;
@@ -48,6 +49,9 @@ enum Command {
     /// exit; with --check, only print its version, this build's and the steps that would
     /// run (read-only; works while a server runs).
     Migrate(MigrateArgs),
+    /// The client: operations and subscriptions of a running service (CALLOPS_URL).
+    #[command(flatten)]
+    Client(callops::cli::Command),
 }
 
 /// mimalloc rather than the system allocator: glibc's malloc was a quarter of the callback
@@ -58,8 +62,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
+    // The client needs no service configuration.
+    let command = match cli.command {
+        Some(Command::Client(command)) => return Ok(callops::cli::main(command).await),
+        command => command.unwrap_or(Command::Serve),
+    };
     let config = Config::load(cli.config.as_deref());
-    let command = cli.command.unwrap_or(Command::Serve);
     if let Command::Healthcheck(args) = &command {
         let listen = config.map(|config| config.http.listen);
         return Ok(healthcheck::main(args, listen).await);
@@ -128,7 +136,9 @@ async fn main() -> anyhow::Result<ExitCode> {
                 .await
                 .context("serving the emulator")?;
         }
-        Command::Healthcheck(_) | Command::Migrate(_) => unreachable!("answered above"),
+        Command::Healthcheck(_) | Command::Migrate(_) | Command::Client(_) => {
+            unreachable!("answered above")
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

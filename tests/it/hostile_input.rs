@@ -546,8 +546,9 @@ async fn invalid_query_parameters_are_400() {
 async fn unknown_routes_are_404_and_wrong_methods_405_with_the_error_body() {
     let app = TestApp::spawn().await;
     for path in [
-        "/",
         "/nothing",
+        "/ui/",
+        "/ui/app.js/extra",
         "/v1",
         "/v1/",
         "/v2/operations",
@@ -565,6 +566,8 @@ async fn unknown_routes_are_404_and_wrong_methods_405_with_the_error_body() {
         (reqwest::Method::GET, "/callbacks/acs"),
         (reqwest::Method::GET, "/callbacks/graph"),
         (reqwest::Method::POST, "/healthz"),
+        (reqwest::Method::POST, "/"),
+        (reqwest::Method::DELETE, "/ui"),
         (reqwest::Method::DELETE, REMOVE),
         (reqwest::Method::GET, CANCEL),
         (reqwest::Method::PUT, one.as_str()),

@@ -5,6 +5,7 @@ mod api_keys;
 mod binary;
 mod callback_auth;
 mod callbacks;
+mod cli;
 mod container;
 mod durability;
 mod graph;
