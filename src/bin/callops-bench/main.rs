@@ -8,6 +8,7 @@ mod child;
 mod events;
 mod loadgen;
 mod redis_bench;
+mod redis_cluster_bench;
 mod report;
 mod scenarios;
 mod webhooks_bench;
@@ -81,6 +82,9 @@ enum Scenario {
     /// Callops on a Redis store (a `redis-server` child): ingest with one and two replicas,
     /// long-poll wake across replicas.
     Redis,
+    /// Callops on a Redis Cluster (three masters, a replica each): ingest, without and with
+    /// `WAIT` for a replica.
+    RedisCluster,
     /// End to end through the emulator.
     E2e,
     /// Long-poll wake latency.
@@ -159,6 +163,7 @@ async fn main() -> anyhow::Result<ExitCode> {
         vec![
             Scenario::Ingest,
             Scenario::Redis,
+            Scenario::RedisCluster,
             Scenario::E2e,
             Scenario::Wake,
             Scenario::Memory,
@@ -213,6 +218,10 @@ async fn main() -> anyhow::Result<ExitCode> {
     if only.contains(&Scenario::Redis) {
         let result = redis_bench::run(&bench, &mut rows).await;
         note(result, "Redis store");
+    }
+    if only.contains(&Scenario::RedisCluster) {
+        let result = redis_cluster_bench::run(&bench, &mut rows).await;
+        note(result, "Redis Cluster");
     }
     if only.contains(&Scenario::E2e) {
         let result = scenarios::end_to_end(&bench)

@@ -42,16 +42,24 @@ impl RedisServer {
     /// Starts `redis-server` on a free loopback port with its files under `workdir/redis`,
     /// and waits until it answers PING. `None` when the program is not installed.
     pub async fn start(workdir: &Path) -> anyhow::Result<Option<Self>> {
+        Self::start_with(workdir, "redis", |_, _| Vec::new()).await
+    }
+
+    /// As [`RedisServer::start`], its files under `workdir/name`, with the options
+    /// `extra(dir, port)` gives beyond the defaults.
+    pub async fn start_with(
+        workdir: &Path,
+        name: &str,
+        extra: impl Fn(&Path, u16) -> Vec<String>,
+    ) -> anyhow::Result<Option<Self>> {
         let program = program();
-        let dir = workdir.join("redis");
+        let dir = workdir.join(name);
         std::fs::create_dir_all(&dir)?;
         // The port is free when chosen; another process could take it before redis-server
         // binds it, so a start that fails is tried again on another port.
         let mut last_error = None;
         for _ in 0..3 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
+            let port = free_port()?;
             let log = workdir.join(format!("redis-{port}.log"));
             let output = std::fs::File::create(&log)
                 .with_context(|| format!("creating {}", log.display()))?;
@@ -62,6 +70,7 @@ impl RedisServer {
                 .args(["--appendonly", "yes", "--appendfsync", "everysec"])
                 .arg("--dir")
                 .arg(&dir)
+                .args(extra(&dir, port))
                 .stdin(Stdio::null())
                 .stdout(Stdio::from(output.try_clone()?))
                 .stderr(Stdio::from(output))
@@ -127,7 +136,7 @@ impl RedisServer {
     }
 
     /// Empties Redis between rows (every callops child on it is gone by then).
-    async fn flush(&self) -> anyhow::Result<()> {
+    pub async fn flush(&self) -> anyhow::Result<()> {
         let mut connection = self.connection().await?;
         let () = redis::cmd("FLUSHALL").query_async(&mut connection).await?;
         Ok(())
@@ -179,6 +188,21 @@ impl RedisServer {
         Ok(parse_command_stats(&info))
     }
 
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.url
+            .rsplit(':')
+            .next()
+            .and_then(|port| port.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// One command's answer, on a connection of its own.
+    pub async fn query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> anyhow::Result<T> {
+        let mut connection = self.connection().await?;
+        Ok(command.query_async(&mut connection).await?)
+    }
+
     pub fn pid(&self) -> u32 {
         self.process.id()
     }
@@ -220,6 +244,18 @@ impl Drop for RedisServer {
     }
 }
 
+/// A free loopback port whose cluster bus port (10 000 higher) is free too.
+fn free_port() -> anyhow::Result<u16> {
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        if port <= 55_535 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return Ok(port);
+        }
+    }
+}
+
 /// The Redis rows, pushed onto `rows` as they are measured. An error when Redis lost an
 /// acknowledged callback (the row says so too) or a wake failed.
 pub async fn run(bench: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
@@ -232,11 +268,20 @@ pub async fn run(bench: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         return Ok(());
     };
     let mut problems = Vec::new();
+    let shared = Shared {
+        name: "Redis store".to_owned(),
+        tag: "redis",
+        url: server.url.clone(),
+        settings: String::new(),
+        node: &server,
+        pids: vec![server.pid()],
+        strict: true,
+    };
     for replicas in [1, 2] {
         // The limit, measured again just before (as for the other ingest rows).
         let bare = scenarios::ingest_bare(bench).await?.1;
         // A missed target shows in the Met column; a lost acknowledgement or an error fails.
-        let (row, sound) = ingest(bench, &server, replicas, bare).await?;
+        let (row, sound) = ingest(bench, &shared, replicas, bare).await?;
         if !sound {
             problems.push(format!("{}: {}", row.scenario, row.other));
         }
@@ -255,6 +300,21 @@ pub async fn run(bench: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What an ingest row runs on: the store URL and `[store]` settings callops is given, the
+/// Redis node holding its keys (statistics, the check after SIGKILL), and the Redis
+/// processes whose CPU counts.
+pub struct Shared<'a> {
+    pub name: String,
+    /// Names the row's operations.
+    pub tag: &'static str,
+    pub url: String,
+    pub settings: String,
+    pub node: &'a RedisServer,
+    pub pids: Vec<u32>,
+    /// Held to the single-Redis targets.
+    pub strict: bool,
+}
+
 fn replicas_name(replicas: usize) -> String {
     match replicas {
         1 => "1 replica".to_owned(),
@@ -269,23 +329,29 @@ fn replica(index: usize) -> char {
 
 /// One ingest row: operations created through replica A, the callbacks spread over every
 /// replica (connection `i` to replica `i % replicas`), then SIGKILL and a check in Redis.
-async fn ingest(
+pub async fn ingest(
     bench: &Bench,
-    server: &RedisServer,
+    shared: &Shared<'_>,
     replicas: usize,
     bare: f64,
 ) -> anyhow::Result<(Row, bool)> {
+    let server = shared.node;
     let label = format!(
-        "Callback ingest: callops, Redis store ({}), JWT off",
+        "Callback ingest: callops, {} ({}), JWT off",
+        shared.name,
         replicas_name(replicas)
     );
     eprintln!("== {label}");
     let options = &bench.options;
-    let prefix = format!("ingest-redis{replicas}");
+    let prefix = format!("ingest-{}{replicas}", shared.tag);
     let mut children: Vec<Child> = Vec::new();
     for index in 0..replicas {
         let name = format!("{prefix}-{}", replica(index));
-        children.push(bench.start_callops(&name, &server.url, false).await?);
+        children.push(
+            bench
+                .start_callops_on(&name, &shared.url, &shared.settings)
+                .await?,
+        );
     }
     bench.silence_calls(&prefix, options.calls);
     let count = options.pool;
@@ -300,7 +366,7 @@ async fn ingest(
     let shots = scenarios::ingest_shots(bench, &prefix, count, false);
     let addrs: Vec<SocketAddr> = children.iter().map(|child| child.addr).collect();
     let mut pids: Vec<u32> = children.iter().map(Child::pid).collect();
-    pids.push(server.pid());
+    pids.extend(&shared.pids);
     server.reset_stats().await?;
     let rewrites_before = server.aof_rewrites();
     let conflicts_before = conflicts(&children).await?;
@@ -309,15 +375,20 @@ async fn ingest(
     let requests = (result.acknowledged.len() as u64 + result.errors).max(1) as f64;
     let per_request = |seconds: f64| seconds * 1e6 / requests;
     let callops_cpu = per_request(cpus[..replicas].iter().sum());
-    let redis_cpu = per_request(cpus[replicas]);
+    let redis_cpu = per_request(cpus[replicas..].iter().sum());
     let cpu = format!(
-        "CPU/req: callops {callops_cpu:.0} µs{}, redis-server {:.0} µs, load generator {:.0} µs",
+        "CPU/req: callops {callops_cpu:.0} µs{}, redis-server {:.0} µs{}, load generator {:.0} µs",
         if replicas > 1 {
             format!(" ({replicas} replicas summed)")
         } else {
             String::new()
         },
         redis_cpu,
+        if shared.pids.len() > 1 {
+            format!(" ({} processes summed)", shared.pids.len())
+        } else {
+            String::new()
+        },
         per_request(parent)
     );
     // Where Redis spent its time during the run (stderr only: a diagnostic).
@@ -382,14 +453,16 @@ async fn ingest(
             result.errors,
             result.unmatched
         ),
-        target: if replicas == 1 {
+        target: if replicas == 1 && shared.strict {
             "≥ 20 000 req/s, CPU/req ≤ 35 µs callops and ≤ 40 µs Redis, every ack stored".to_owned()
         } else {
             "every ack stored, no errors".to_owned()
         },
         met: Some(
             sound
-                && (replicas > 1 || (rate >= 20_000.0 && callops_cpu <= 35.0 && redis_cpu <= 40.0)),
+                && (replicas > 1
+                    || !shared.strict
+                    || (rate >= 20_000.0 && callops_cpu <= 35.0 && redis_cpu <= 40.0)),
         ),
         ..Row::new(label)
     }

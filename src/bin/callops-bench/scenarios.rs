@@ -105,6 +105,7 @@ impl Bench {
         &self,
         name: &str,
         store: &str,
+        store_settings: &str,
         jwt: bool,
         extra: &str,
     ) -> anyhow::Result<PathBuf> {
@@ -117,6 +118,7 @@ listen = "127.0.0.1:0"
 
 [store]
 location = {store}
+{store_settings}
 
 [operations]
 retention_secs = 604800
@@ -188,7 +190,18 @@ enabled = false
         jwt: bool,
         extra: &str,
     ) -> anyhow::Result<Child> {
-        let config = self.callops_config(name, store, jwt, extra)?;
+        let config = self.callops_config(name, store, "", jwt, extra)?;
+        Child::start(Server::Callops(&config), &self.workdir, name).await
+    }
+
+    /// As [`Bench::start_callops`] (JWT off), with `settings` (TOML lines) in `[store]`.
+    pub async fn start_callops_on(
+        &self,
+        name: &str,
+        store: &str,
+        settings: &str,
+    ) -> anyhow::Result<Child> {
+        let config = self.callops_config(name, store, settings, false, "")?;
         Child::start(Server::Callops(&config), &self.workdir, name).await
     }
 
