@@ -2,8 +2,9 @@
 //! each, AOF with `appendfsync always`. A master killed under load loses nothing callops
 //! acknowledged once its replica takes over (`store.redis_wait_replicas` = 1), and until a
 //! replica can confirm writes again (the old master back as the new one's), requests answer
-//! 503, never a 2xx. (The whole end-to-end suite also
-//! runs on a cluster: `scripts/test-on-redis-cluster.sh`.)
+//! 503, never a 2xx. A store on one Redis moves into a cluster with `redis-cli --cluster
+//! import`. (The whole end-to-end suite also runs on a cluster:
+//! `scripts/test-on-redis-cluster.sh`.)
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,8 +12,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use callops::emulator::Script;
+
 use crate::redis::{RedisServer, redis_server_available};
-use crate::support::{SOON, TestApp};
+use crate::support::{SOON, TestApp, remove_event, silent};
 
 /// Six nodes, three of them masters, in a directory of their own.
 struct RedisCluster {
@@ -283,5 +286,82 @@ async fn a_master_killed_under_load_loses_nothing_acknowledged_and_answers_503_m
         "{} removals acknowledged, {unavailable} answered 503 during the failover ({:?})",
         acknowledged.len(),
         recovered_at - killed_at
+    );
+}
+
+#[tokio::test]
+async fn a_store_on_one_redis_moves_into_a_cluster_with_redis_cli_import() {
+    let Some(cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let single_dir = tempfile::tempdir().unwrap();
+    let single = RedisServer::start(single_dir.path()).await.unwrap();
+    let prefix = format!("moved-{}", uuid::Uuid::new_v4());
+    let on = |url: String| {
+        let prefix = prefix.clone();
+        move |config: &mut callops::config::Config| {
+            config.store.location = url;
+            config.store.redis_prefix = prefix;
+        }
+    };
+    // Written on one Redis: a settled removal, one still waiting, a subscription.
+    let before = TestApp::spawn_with(on(single.url())).await;
+    let settled = before.remove("call-moved-1", Script::default(), None).await;
+    let settled_id = settled["id"].as_str().unwrap().to_owned();
+    before
+        .operation_until(&settled_id, |op| op["status"] == "Succeeded")
+        .await;
+    let waiting = before
+        .remove("call-moved-2", silent(), Some("ctx-moved"))
+        .await;
+    let waiting_id = waiting["id"].as_str().unwrap().to_owned();
+    let subscription = before
+        .post_json(
+            "/v1/subscriptions",
+            &json!({ "url": "https://hooks.example.com/callops", "eventTypes": ["operation.settled"] }),
+        )
+        .await;
+    assert_eq!(subscription.status(), 201);
+    before.shutdown.cancel();
+
+    // Copied into the cluster, keys and all (one hash tag: they land in one slot).
+    let import = {
+        let seed = format!("127.0.0.1:{}", cluster.nodes[0].port());
+        let from = format!("127.0.0.1:{}", single.port());
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("redis-cli")
+                .args(["--cluster", "import", &seed, "--cluster-from", &from])
+                .args(["--cluster-copy", "--cluster-replace"])
+                .output()
+                .expect("redis-cli")
+        })
+        .await
+        .unwrap()
+    };
+    assert!(
+        import.status.success(),
+        "redis-cli --cluster import: {}",
+        String::from_utf8_lossy(&import.stdout)
+    );
+
+    let after = TestApp::spawn_with(on(cluster.url())).await;
+    let read = after
+        .get_json(&format!("/v1/operations/{settled_id}"))
+        .await;
+    assert_eq!(read["status"], "Succeeded", "{read}");
+    // The waiting one settles on its callback, delivered to the moved deployment.
+    let delivered = after
+        .callback(&remove_event("ev-moved", "call-moved-2", "ctx-moved", true))
+        .await;
+    assert_eq!(delivered["matched"], 1, "{delivered}");
+    let done = after
+        .get_json(&format!("/v1/operations/{waiting_id}"))
+        .await;
+    assert_eq!(done["status"], "Succeeded", "{done}");
+    let subscriptions = after.get_json("/v1/subscriptions").await;
+    assert_eq!(
+        subscriptions["value"].as_array().map(Vec::len),
+        Some(1),
+        "{subscriptions}"
     );
 }

@@ -17,10 +17,8 @@ pub async fn run(bench: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     eprintln!("== shared store on a Redis Cluster (3 masters, a replica each)");
     let mut nodes = Vec::new();
     for index in 0..6 {
-        let started = RedisServer::start_with(
-            bench.workdir(),
-            &format!("cluster-{index}"),
-            |dir, _| {
+        let started =
+            RedisServer::start_with(bench.workdir(), &format!("cluster-{index}"), |dir, _| {
                 [
                     "--cluster-enabled",
                     "yes",
@@ -32,9 +30,8 @@ pub async fn run(bench: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
                 .map(|arg| (*arg).to_owned())
                 .chain([dir.join("nodes.conf").display().to_string()])
                 .collect()
-            },
-        )
-        .await?;
+            })
+            .await?;
         let Some(node) = started else {
             eprintln!("  !!! redis-server not found: the Redis Cluster rows are skipped");
             return Ok(());
