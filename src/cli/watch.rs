@@ -1,6 +1,6 @@
 //! `callops watch`: reads the change stream (Server-Sent Events, parsed by
 //! `eventsource-stream`) and prints a line per change; says so on stderr when the server
-//! resets or drops the stream, and reconnects after a drop with `Last-Event-ID`.
+//! resets or drops the stream, and reconnects after a drop or a break with `Last-Event-ID`.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -65,13 +65,25 @@ pub async fn run(client: &Client, url: Url, json: bool) -> ExitCode {
     }
 }
 
+/// Reconnections tried, one after another, after the stream broke.
+const RECONNECTS: u32 = 5;
+
 async fn follow(client: &Client, url: Url, json: bool) -> ExitCode {
     let mut last_id: Option<String> = None;
+    let mut broken: u32 = 0;
     loop {
         let response = match client.stream(url.clone(), last_id.as_deref()).await {
             Ok(response) => response,
+            // After a break the service may be restarting: a few tries, further apart.
+            Err(error @ ClientError::Connect { .. }) if broken > 0 && broken < RECONNECTS => {
+                eprintln!("cannot reconnect yet ({error}); trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(500 << broken)).await;
+                broken += 1;
+                continue;
+            }
             Err(error) => return super::fail(&error),
         };
+        broken = 0;
         // Tests (and people) learn here that changes from now on will be seen.
         eprintln!("watching {} (Ctrl-C to stop)", client.base());
         let mut events = response.bytes_stream().eventsource();
@@ -80,10 +92,9 @@ async fn follow(client: &Client, url: Url, json: bool) -> ExitCode {
             let event = match event {
                 Ok(event) => event,
                 Err(error) => {
-                    return super::fail(&ClientError::Connect {
-                        url: client.base(),
-                        cause: format!("the stream broke: {error}"),
-                    });
+                    eprintln!("the stream broke ({error})");
+                    broken = 1;
+                    break;
                 }
             };
             if !event.id.is_empty() {
@@ -119,7 +130,7 @@ async fn follow(client: &Client, url: Url, json: bool) -> ExitCode {
                 StreamEvent::Other => {}
             }
         }
-        if !dropped || last_id.is_none() {
+        if broken == 0 && (!dropped || last_id.is_none()) {
             eprintln!("the server closed the stream");
             return Exit::Success.into();
         }

@@ -605,3 +605,76 @@ async fn get_with_wait_polls_again_past_the_servers_cap() {
     assert_eq!(operation["id"], id);
     assert_eq!(operation["status"], "Succeeded");
 }
+
+/// A TCP proxy to `target` on 127.0.0.1:0 whose connections [`CutProxy::cut`] breaks
+/// mid-stream, as a network fault or a restarting load balancer would.
+struct CutProxy {
+    address: std::net::SocketAddr,
+    connections: std::sync::Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>,
+}
+
+impl CutProxy {
+    async fn start(target: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let connections = std::sync::Arc::new(std::sync::Mutex::new(tokio::task::JoinSet::new()));
+        let held = std::sync::Arc::clone(&connections);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                held.lock().unwrap().spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Self {
+            address,
+            connections,
+        }
+    }
+
+    /// Breaks every connection open now.
+    fn cut(&self) {
+        self.connections.lock().unwrap().abort_all();
+    }
+}
+
+#[tokio::test]
+async fn watch_reconnects_after_a_break_and_misses_nothing() {
+    let app = TestApp::spawn().await;
+    let proxy = CutProxy::start(app.address).await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_callops"))
+        .args(["watch", "--call-connection-id", "call-cut"])
+        .args(["--url", &format!("http://{}", proxy.address)])
+        .env_remove("CALLOPS_URL")
+        .env_remove("CALLOPS_API_KEY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = lines(child.stdout.take().unwrap());
+    let stderr = lines(child.stderr.take().unwrap());
+    let _watch = Process(child);
+    let (stderr, _) = until_line(stderr, |line| line.starts_with("watching ")).await;
+    let first = app.remove("call-cut", silent(), Some("ctx-1")).await;
+    let first_id = first["id"].as_str().unwrap().to_owned();
+    let wanted = first_id.clone();
+    let (stdout, _) = until_line(stdout, move |line| line.contains(&wanted)).await;
+
+    proxy.cut();
+    let (_, said) = until_line(stderr, |line| line.starts_with("reconnecting after change")).await;
+    assert!(
+        said.iter().any(|line| line.starts_with("the stream broke")),
+        "{said:?}"
+    );
+    // A change made while it was away is shown after the reconnection (Last-Event-ID).
+    let second = app.remove("call-cut", silent(), Some("ctx-2")).await;
+    let second_id = second["id"].as_str().unwrap().to_owned();
+    let wanted = second_id.clone();
+    let (_, seen) = until_line(stdout, move |line| line.contains(&wanted)).await;
+    assert!(
+        seen.iter().any(|line| line.contains(&second_id)),
+        "{seen:?}"
+    );
+}
