@@ -124,7 +124,7 @@ async fn slot_holders(nodes: &[RedisServer], key: &str) -> anyhow::Result<(usize
     let slot: u16 = nodes[0]
         .query(redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
         .await?;
-    let text: String = nodes[0].query(&redis::cmd("CLUSTER").arg("NODES")).await?;
+    let text: String = nodes[0].query(redis::cmd("CLUSTER").arg("NODES")).await?;
     let lines: Vec<Vec<&str>> = text.lines().map(|line| line.split(' ').collect()).collect();
     let port_of = |fields: &[&str]| -> Option<usize> {
         let port: u16 = fields.get(1)?.split(['@', ':']).nth(1)?.parse().ok()?;
