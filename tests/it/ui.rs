@@ -473,3 +473,47 @@ impl Browser {
         self.client.close().await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn older_operations_load_on_request() {
+    let Some(browser) = Browser::start("older").await else {
+        return;
+    };
+    let app = TestApp::spawn().await;
+    // One more than the page reads at first (100).
+    for n in 0..101 {
+        app.remove(&format!("call-ui-page-{n}"), silent(), None)
+            .await;
+    }
+    browser.goto(&app.url("/ui")).await;
+    let shown = browser
+        .until(
+            "the first page is listed with a way to the rest",
+            "const rows = document.querySelectorAll('#operations tbody tr').length; \
+             return rows > 0 && !document.querySelector('#more').hidden ? rows : null",
+        )
+        .await;
+    assert_eq!(shown, 100);
+    browser
+        .client
+        .find(Locator::Css("#more"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser
+        .until(
+            "the oldest operation is listed too",
+            "document.querySelectorAll('#operations tbody tr').length === 101 \
+             && document.querySelector('#more').hidden",
+        )
+        .await;
+    let oldest = browser
+        .eval(
+            "return document.querySelector('#operations tbody tr:last-child td.call').textContent",
+        )
+        .await;
+    assert_eq!(oldest, "call-ui-page-0");
+    browser.quit().await;
+}
