@@ -398,28 +398,40 @@ async fn until_line(
     .unwrap()
 }
 
-#[tokio::test]
-async fn watch_prints_changes_made_after_it_started_within_its_filter() {
-    let app = TestApp::spawn().await;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_callops"))
-        .args([
-            "watch",
-            "--call-connection-id",
-            "call-watched",
-            "--url",
-            &base(&app),
-        ])
+/// `callops watch args…` as a child with `env`, once it says it is connected (the stream
+/// starts at the newest change, so what follows is seen): its stdout and stderr lines.
+async fn watch(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (mpsc::Receiver<String>, mpsc::Receiver<String>, Process) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_callops"));
+    command
+        .arg("watch")
+        .args(args)
         .env_remove("CALLOPS_URL")
         .env_remove("CALLOPS_API_KEY")
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let mut child = command.spawn().unwrap();
     let stdout = lines(child.stdout.take().unwrap());
     let stderr = lines(child.stderr.take().unwrap());
-    let _watch = Process(child);
-    // Connected: the stream starts at the newest change, so what follows is seen.
-    until_line(stderr, |line| line.starts_with("watching ")).await;
+    let process = Process(child);
+    let (stderr, _) = until_line(stderr, |line| line.starts_with("watching ")).await;
+    (stdout, stderr, process)
+}
+
+#[tokio::test]
+async fn watch_prints_changes_made_after_it_started_within_its_filter() {
+    let app = TestApp::spawn().await;
+    let url = base(&app);
+    let (stdout, _stderr, _watch) = watch(
+        &["--call-connection-id", "call-watched", "--url", &url],
+        &[],
+    )
+    .await;
 
     let other = app.remove("call-unwatched", Script::default(), None).await;
     let watched = app
@@ -443,18 +455,12 @@ async fn watch_prints_changes_made_after_it_started_within_its_filter() {
 #[tokio::test]
 async fn watch_json_prints_one_operation_per_line() {
     let app = TestApp::spawn().await;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_callops"))
-        .args(["watch", "--json", "--status", "Succeeded"])
-        .env("CALLOPS_URL", base(&app))
-        .env_remove("CALLOPS_API_KEY")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = lines(child.stdout.take().unwrap());
-    let stderr = lines(child.stderr.take().unwrap());
-    let _watch = Process(child);
-    until_line(stderr, |line| line.starts_with("watching ")).await;
+    let url = base(&app);
+    let (stdout, _stderr, _watch) = watch(
+        &["--json", "--status", "Succeeded"],
+        &[("CALLOPS_URL", &url)],
+    )
+    .await;
 
     let started = app.remove("call-watch-json", Script::default(), None).await;
     let (_, seen) = until_line(stdout, |_| true).await;
@@ -644,19 +650,9 @@ impl CutProxy {
 async fn watch_reconnects_after_a_break_and_misses_nothing() {
     let app = TestApp::spawn().await;
     let proxy = CutProxy::start(app.address).await;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_callops"))
-        .args(["watch", "--call-connection-id", "call-cut"])
-        .args(["--url", &format!("http://{}", proxy.address)])
-        .env_remove("CALLOPS_URL")
-        .env_remove("CALLOPS_API_KEY")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = lines(child.stdout.take().unwrap());
-    let stderr = lines(child.stderr.take().unwrap());
-    let _watch = Process(child);
-    let (stderr, _) = until_line(stderr, |line| line.starts_with("watching ")).await;
+    let url = format!("http://{}", proxy.address);
+    let (stdout, stderr, _watch) =
+        watch(&["--call-connection-id", "call-cut", "--url", &url], &[]).await;
     let first = app.remove("call-cut", silent(), Some("ctx-1")).await;
     let first_id = first["id"].as_str().unwrap().to_owned();
     let wanted = first_id.clone();

@@ -79,13 +79,7 @@ async fn the_page_shows_a_removal_live_filters_and_opens_its_events() {
     let other = app
         .remove("call-ui-other", silent(), Some(MARKUP_CONTEXT))
         .await;
-    browser.goto(&app.url("/ui")).await;
-    browser
-        .until(
-            "the stream is live",
-            "document.querySelector('#live').dataset.state === 'live'",
-        )
-        .await;
+    browser.open_live(&app.url("/ui")).await;
     browser
         .until(
             "the existing operation is listed",
@@ -213,13 +207,7 @@ async fn a_graph_cancel_shows_the_media_operations_it_cancelled() {
         return;
     };
     let app = TestApp::spawn().await;
-    browser.goto(&app.url("/ui")).await;
-    browser
-        .until(
-            "the stream is live",
-            "document.querySelector('#live').dataset.state === 'live'",
-        )
-        .await;
+    browser.open_live(&app.url("/ui")).await;
     app.queue_media(GRAPH_CALL, "playPrompt", "welcome").await;
     let cancel = app
         .cancel(GRAPH_CALL, GraphScript::default(), Some("stop-all"))
@@ -423,6 +411,16 @@ impl Browser {
 
     async fn goto(&self, url: &str) {
         self.client.goto(url).await.unwrap();
+    }
+
+    /// Opens the page at `url` and waits until its change stream is live.
+    async fn open_live(&self, url: &str) {
+        self.goto(url).await;
+        self.until(
+            "the stream is live",
+            "document.querySelector('#live').dataset.state === 'live'",
+        )
+        .await;
     }
 
     /// Runs `script` (a function body) in the page and returns its value.
