@@ -289,6 +289,10 @@ pub struct StoreConfig {
     /// Redis: replicas that must hold a write before it is acknowledged (`WAIT`), so a
     /// failover to one of them loses nothing acknowledged. 0: the primary's word is enough.
     pub redis_wait_replicas: u32,
+    /// Redis: partitions of the deployment's keys (1 to 1024), each call's keys in one, each
+    /// partition its own hash tag, so a Redis Cluster spreads them over its shards. Fixed
+    /// when the store is created (recorded in Redis; another number refuses to start).
+    pub redis_partitions: u16,
 }
 
 impl std::fmt::Debug for StoreConfig {
@@ -303,6 +307,7 @@ impl std::fmt::Debug for StoreConfig {
             .field("redis_prefix", &self.redis_prefix)
             .field("redis_ca_file", &self.redis_ca_file)
             .field("redis_wait_replicas", &self.redis_wait_replicas)
+            .field("redis_partitions", &self.redis_partitions)
             .finish()
     }
 }
@@ -354,6 +359,10 @@ impl std::fmt::Display for RedisUrl {
         f.write_str(&redacted_location(&self.0))
     }
 }
+
+/// Most partitions of a Redis store: a change-log number keeps 12 bits for changes within a
+/// millisecond and 10 for the partition.
+pub const MAX_REDIS_PARTITIONS: u16 = 1024;
 
 /// Where state is kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -916,6 +925,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 field,
                 problem: "must be at least 1",
+            });
+        }
+        if !(1..=MAX_REDIS_PARTITIONS).contains(&self.store.redis_partitions) {
+            return Err(ConfigError::Invalid {
+                field: "store.redis_partitions",
+                problem: "must be from 1 to 1024",
             });
         }
         if self.store.redis_timeout_ms == 0 || self.store.redis_poll_ms == 0 {

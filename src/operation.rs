@@ -29,10 +29,39 @@ impl OperationId {
         Self(Uuid::now_v7())
     }
 
+    /// A new, time-ordered id for an operation on `call`: its last 16 bits are the call's
+    /// [`call_hash`], so a store partitioned by call finds the partition from the id alone.
+    pub fn for_call(call: &CallRef) -> Self {
+        let mut bytes = *Uuid::now_v7().as_bytes();
+        bytes[14..16].copy_from_slice(&call_hash(call).to_be_bytes());
+        Self(Uuid::from_bytes(bytes))
+    }
+
+    /// The call hash the id carries ([`OperationId::for_call`]).
+    pub fn call_hash(&self) -> u16 {
+        let bytes = self.0.as_bytes();
+        u16::from_be_bytes([bytes[14], bytes[15]])
+    }
+
     /// Parses the textual form; `None` when it is not a UUID.
     pub fn parse(text: &str) -> Option<Self> {
         Uuid::try_parse(text).ok().map(Self)
     }
+}
+
+/// 16 bits of SHA-256 over the call's platform and id: which partition of a partitioned
+/// store holds the call (and, through [`OperationId::for_call`], its operations).
+pub fn call_hash(call: &CallRef) -> u16 {
+    let mut hasher = crate::crypto::Sha256::new();
+    let (tag, id): (&[u8], &str) = match call {
+        CallRef::CallConnection(id) => (b"acs", id),
+        CallRef::Call(id) => (b"graph", id),
+    };
+    hasher.update(tag);
+    hasher.update(&[0]);
+    hasher.update(id.as_bytes());
+    let digest = hasher.finish();
+    u16::from_be_bytes([digest[0], digest[1]])
 }
 
 impl Default for OperationId {
@@ -523,7 +552,7 @@ impl Operation {
     /// A new operation in `NotStarted`, created before anything is sent upstream.
     pub fn new(kind: OperationKind, call: CallRef, context: String, now: OffsetDateTime) -> Self {
         Self {
-            id: OperationId::new(),
+            id: OperationId::for_call(&call),
             kind,
             status: OperationStatus::NotStarted,
             context,

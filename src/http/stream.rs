@@ -171,7 +171,7 @@ impl Cursor {
             if let Some(change) = self.queue.pop_front() {
                 return Some(change_event(&change));
             }
-            if self.live && self.feed.head().saturating_sub(self.position) > self.client_buffer {
+            if self.live && self.feed.count_after(self.position) > self.client_buffer {
                 self.done = true;
                 return Some(
                     Event::default()

@@ -157,6 +157,14 @@ impl Feed {
         *self.inner.head.borrow()
     }
 
+    /// How many kept changes come after `after` (numbers need not be dense: a partitioned
+    /// shared store numbers them by time).
+    pub fn count_after(&self, after: u64) -> u64 {
+        let ring = self.ring();
+        let start = ring.changes.partition_point(|change| change.id <= after);
+        (ring.changes.len() - start) as u64
+    }
+
     /// Woken whenever a change is added.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.inner.head.subscribe()

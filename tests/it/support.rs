@@ -77,6 +77,10 @@ impl TestApp {
         if let Ok(url) = std::env::var("CALLOPS_TEST_REDIS") {
             config.store.location = url;
             config.store.redis_prefix = format!("test-{}", uuid::Uuid::new_v4());
+            // `CALLOPS_TEST_REDIS_PARTITIONS=8`: the store's keys in that many partitions.
+            if let Ok(partitions) = std::env::var("CALLOPS_TEST_REDIS_PARTITIONS") {
+                config.store.redis_partitions = partitions.parse().unwrap();
+            }
         }
         // Callback tokens: verified against the emulator's keys, as against ACS's and Graph's.
         config.callbacks.acs.openid_url = format!(

@@ -55,6 +55,8 @@ fn text<'a>(value: &'a Value, pointer: &str) -> &'a str {
 fn upgrade_config(config: &mut Config, location: &str, park_ttl_ms: u64) {
     config.store.location = location.to_owned();
     config.store.redis_prefix = REDIS_PREFIX.to_owned();
+    // The previous release's store has one partition.
+    config.store.redis_partitions = 1;
     let operations = &mut config.operations;
     operations.retention_secs = TEN_YEARS_SECS;
     operations.dedupe_ttl_secs = 2 * TEN_YEARS_SECS;
@@ -541,6 +543,7 @@ async fn redis_an_empty_store_gets_version_2_and_a_newer_one_is_refused() {
         let mut config = Config::embedded();
         config.store.location = redis.url();
         config.store.redis_prefix = prefix.to_owned();
+        config.store.redis_partitions = 1;
         async move {
             callops::store::Storage::open(&config, callops::metrics::Metrics::new())
                 .await
@@ -653,6 +656,7 @@ async fn redis_a_start_waits_while_another_replica_migrates() {
     let mut config = Config::embedded();
     config.store.location = redis.url();
     config.store.redis_prefix = REDIS_PREFIX.to_owned();
+    config.store.redis_partitions = 1;
     let opening = tokio::spawn(async move {
         callops::store::Storage::open(&config, callops::metrics::Metrics::new())
             .await

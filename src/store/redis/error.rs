@@ -32,6 +32,12 @@ pub enum RedisStoreError {
          the write in time; not acknowledged, as a failover could lose it"
     )]
     NotReplicated { wanted: u32, got: u32 },
+    #[error(
+        "the shared store was made with {recorded} partition(s) and store.redis_partitions \
+         is {configured}; every replica must use the store's number (moving to another \
+         number means a new store: drain, or copy the operations over)"
+    )]
+    Partitions { recorded: u16, configured: u16 },
     #[error("cannot read store.redis_ca_file {path}: {error}")]
     CaFile {
         path: String,

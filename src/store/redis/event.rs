@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 
 use time::OffsetDateTime;
 
-use super::keys::{Keys, context_name};
+use super::keys::{Keys, Partition, context_name};
 use super::plan::{Kept, Lifetimes, kept, millis};
 use super::{MAX_ATTEMPTS, RedisStore, RedisStoreError, parse_operation};
 use crate::correlation::{self, Delivery, IncomingEvent, upstream_key};
@@ -118,6 +118,8 @@ pub struct EventKeys {
     pub context: String,
     pub parked: String,
     pub seen: Option<String>,
+    /// The partition of the event's call.
+    pub partition: Partition,
 }
 
 impl EventKeys {
@@ -125,11 +127,13 @@ impl EventKeys {
     pub fn new(keys: &Keys, incoming: &IncomingEvent) -> Option<Self> {
         let (call, context) = incoming.names()?;
         let name = context_name(call, context);
+        let p = keys.of_call(call);
         Some(Self {
-            context: keys.context(&name),
-            parked: keys.parked(&name),
-            seen: incoming.id.as_deref().map(|id| keys.seen(id)),
+            context: keys.context(p, &name),
+            parked: keys.parked(p, &name),
+            seen: incoming.id.as_deref().map(|id| keys.seen(p, id)),
             name,
+            partition: p,
         })
     }
 }
@@ -164,11 +168,12 @@ impl EventWrite {
         write_keys.push(keys.operation(operation.id));
         write_keys.push(read.context.clone());
         write_keys.push(read.parked.clone());
-        write_keys.push(keys.expiries());
-        write_keys.push(keys.deadlines());
+        let p = read.partition;
+        write_keys.push(keys.expiries(p));
+        write_keys.push(keys.deadlines(p));
         write_keys.extend(read.seen.iter().cloned());
         if let Some(shown) = &operation.upstream_operation_id {
-            write_keys.push(keys.upstream(&upstream_key(shown)));
+            write_keys.push(keys.upstream(p, &upstream_key(shown)));
         }
         let expiry = unix_millis(now).saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX));
         let args = vec![
@@ -190,7 +195,7 @@ impl EventWrite {
                 b"0".to_vec()
             },
             millis(lifetimes.dedupe).to_string().into_bytes(),
-            keys.operation_prefix().into_bytes(),
+            keys.operation_prefix(p).into_bytes(),
         ];
         Ok(Self {
             keys: write_keys,
@@ -234,7 +239,11 @@ impl RedisStore {
                 OffsetDateTime::now_utc(),
             )
             .map_err(|error| RedisStoreError::Unexpected(error.to_string()))?;
-            let log = self.log_args(std::iter::once(&*operation), OffsetDateTime::now_utc());
+            let log = self.log_args(
+                event_keys.partition,
+                std::iter::once(&*operation),
+                OffsetDateTime::now_utc(),
+            );
             match self.commit_event(&write, log).await? {
                 EventCommitted::Written => {
                     self.count_one(Some(&(base, was_settled)), &operation);
@@ -272,7 +281,7 @@ impl RedisStore {
         if let Some(seen) = &read.seen {
             invocation.key(seen);
         }
-        invocation.arg(inner.keys.operation_prefix());
+        invocation.arg(inner.keys.operation_prefix(read.partition));
         let mut connection = inner.connection.clone();
         let answer: redis::Value =
             match tokio::time::timeout(inner.timeout, invocation.invoke_async(&mut connection))
@@ -441,7 +450,7 @@ mod tests {
 
     #[test]
     fn the_write_names_every_key_it_touches_and_settles_only_settled_operations() {
-        let keys = Keys::new("t");
+        let keys = Keys::new("t", 1);
         let incoming = event("e", "ctx", succeeded());
         let read = EventKeys::new(&keys, &incoming).unwrap();
         let mut op = Operation::new(
@@ -459,16 +468,16 @@ mod tests {
                 keys.operation(op.id),
                 read.context.clone(),
                 read.parked.clone(),
-                keys.expiries(),
-                keys.deadlines(),
-                keys.seen("e"),
+                keys.expiries(0),
+                keys.deadlines(0),
+                keys.seen(0, "e"),
             ]
         );
         assert!(running.args[6] != b"0", "a deadline while running");
         assert!(running.args[7].is_empty(), "nothing published");
         assert_eq!(running.args[8], b"1");
         assert_eq!(running.args[9], b"600000");
-        assert_eq!(running.args[10], keys.operation_prefix().as_bytes());
+        assert_eq!(running.args[10], keys.operation_prefix(0).as_bytes());
 
         let base = op.revision;
         correlation::apply(
@@ -479,7 +488,7 @@ mod tests {
         op.upstream_operation_id = Some("Op-1".into());
         let settled = EventWrite::new(&keys, &lifetimes(), &read, base, &op, now).unwrap();
         assert!(settled.settled);
-        assert_eq!(settled.keys[6], keys.upstream(&upstream_key("Op-1")));
+        assert_eq!(settled.keys[6], keys.upstream(0, &upstream_key("Op-1")));
         assert_eq!(settled.args[1], base.to_string().as_bytes());
         assert_eq!(settled.args[2], op.revision.to_string().as_bytes());
         assert_eq!(
@@ -688,7 +697,7 @@ mod tests {
             .unwrap();
         // The id seen meanwhile (another replica wrote the same event).
         let () = redis::cmd("SET")
-            .arg(store.inner.keys.seen("e1"))
+            .arg(store.inner.keys.seen(0, "e1"))
             .arg("1")
             .query_async(&mut connection)
             .await
@@ -734,7 +743,7 @@ mod tests {
         // Both left the deadlines index once settled.
         let mut connection = store.inner.connection.clone();
         let deadlines: usize = redis::cmd("ZCARD")
-            .arg(store.inner.keys.deadlines())
+            .arg(store.inner.keys.deadlines(0))
             .query_async(&mut connection)
             .await
             .unwrap();

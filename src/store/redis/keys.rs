@@ -5,25 +5,58 @@
 
 use crate::crypto::Sha256;
 
-use crate::operation::{CallRef, OperationId};
+use crate::operation::{CallRef, OperationId, call_hash};
 
-/// Key names under one prefix.
+/// Key names under one prefix, in its partitions. Partition 0's tag is `{prefix}` (so one
+/// partition is the layout of an unpartitioned store); partition p's is `{prefix-pP}`. The
+/// deployment's own keys (layout version, partition count, subscriptions) are partition 0's.
 #[derive(Debug, Clone)]
 pub struct Keys {
-    /// `{prefix}:`
-    head: String,
+    /// `{prefix}:`, `{prefix-p1}:`, …: one per partition.
+    heads: Vec<String>,
 }
 
+/// A partition's index.
+pub type Partition = u16;
+
 impl Keys {
-    pub fn new(prefix: &str) -> Self {
-        Self {
-            head: format!("{{{prefix}}}:"),
-        }
+    pub fn new(prefix: &str, partitions: u16) -> Self {
+        let heads = (0..partitions.max(1))
+            .map(|p| {
+                if p == 0 {
+                    format!("{{{prefix}}}:")
+                } else {
+                    format!("{{{prefix}-p{p}}}:")
+                }
+            })
+            .collect();
+        Self { heads }
     }
 
-    fn key(&self, kind: &str, name: &str) -> String {
-        let mut key = String::with_capacity(self.head.len() + kind.len() + name.len() + 1);
-        key.push_str(&self.head);
+    /// How many partitions there are.
+    pub fn partitions(&self) -> Partition {
+        self.heads.len() as Partition
+    }
+
+    /// Every partition, in order.
+    pub fn each(&self) -> impl Iterator<Item = Partition> + use<> {
+        0..self.partitions()
+    }
+
+    /// The partition holding `call`'s keys.
+    pub fn of_call(&self, call: &CallRef) -> Partition {
+        call_hash(call) % self.partitions()
+    }
+
+    /// The partition holding operation `id` (its id carries its call's hash).
+    pub fn of(&self, id: OperationId) -> Partition {
+        id.call_hash() % self.partitions()
+    }
+
+    fn key(&self, p: Partition, kind: &str, name: &str) -> String {
+        let head = &self.heads[usize::from(p)];
+        let mut key = String::with_capacity(head.len() + kind.len() + name.len() + 1);
+        key.push_str(head);
         key.push_str(kind);
         key.push(':');
         key.push_str(name);
@@ -32,108 +65,116 @@ impl Keys {
 
     /// A hash: `rev` (the revision) and `doc` (the operation's JSON).
     pub fn operation(&self, id: OperationId) -> String {
-        self.key("op", &id.to_string())
+        self.key(self.of(id), "op", &id.to_string())
     }
 
-    /// What [`Keys::operation`] puts before the id.
-    pub fn operation_prefix(&self) -> String {
-        self.key("op", "")
+    /// What [`Keys::operation`] puts before the id, in partition `p`.
+    pub fn operation_prefix(&self, p: Partition) -> String {
+        self.key(p, "op", "")
     }
 
     /// The operation holding (call, context): its id.
-    pub fn context(&self, name: &str) -> String {
-        self.key("ctx", name)
+    pub fn context(&self, p: Partition, name: &str) -> String {
+        self.key(p, "ctx", name)
     }
 
     /// Events parked under (call, context), oldest first.
-    pub fn parked(&self, name: &str) -> String {
-        self.key("parked", name)
+    pub fn parked(&self, p: Partition, name: &str) -> String {
+        self.key(p, "parked", name)
     }
 
     /// The operation Graph knows by this id (in `upstream_key` form).
-    pub fn upstream(&self, upstream_key: &str) -> String {
-        self.key("up", &hashed(&[upstream_key.as_bytes()]))
+    pub fn upstream(&self, p: Partition, upstream_key: &str) -> String {
+        self.key(p, "up", &hashed(&[upstream_key.as_bytes()]))
     }
 
     /// Present while the event id is remembered.
-    pub fn seen(&self, event_id: &str) -> String {
-        self.key("seen", &hashed(&[event_id.as_bytes()]))
+    pub fn seen(&self, p: Partition, event_id: &str) -> String {
+        self.key(p, "seen", &hashed(&[event_id.as_bytes()]))
     }
 
     /// The set of operations on a call.
     pub fn call(&self, call: &CallRef) -> String {
-        self.key("call", &call_name(call))
+        self.key(self.of_call(call), "call", &call_name(call))
     }
 
     /// The call's own events (and callbacks that never found their operation).
     pub fn timeline(&self, call: &CallRef) -> String {
-        self.key("events", &call_name(call))
+        self.key(self.of_call(call), "events", &call_name(call))
     }
 
-    /// Every operation id (a sorted set, score 0: ordered by id, so by creation time).
-    pub fn all(&self) -> String {
-        self.key("index", "all")
+    /// Every operation id of partition `p` (a sorted set, score 0: ordered by id, so by
+    /// creation time).
+    pub fn all(&self, p: Partition) -> String {
+        self.key(p, "index", "all")
     }
 
     /// Every operation id by when its record expires (unix ms).
-    pub fn expiries(&self) -> String {
-        self.key("index", "expiries")
+    pub fn expiries(&self, p: Partition) -> String {
+        self.key(p, "index", "expiries")
     }
 
     /// Unsettled operations by callback deadline (unix ms).
-    pub fn deadlines(&self) -> String {
-        self.key("index", "deadlines")
+    pub fn deadlines(&self, p: Partition) -> String {
+        self.key(p, "index", "deadlines")
     }
 
     /// Operations whose request no upstream answered yet, by creation time (unix ms).
-    pub fn unsent(&self) -> String {
-        self.key("index", "unsent")
+    pub fn unsent(&self, p: Partition) -> String {
+        self.key(p, "index", "unsent")
     }
 
     /// Present while a replica is sending the operation's request.
     pub fn lease(&self, id: OperationId) -> String {
-        self.key("lease", &id.to_string())
+        self.key(self.of(id), "lease", &id.to_string())
     }
 
     /// Names of (call, context) with parked events, by when they expire (unix ms).
-    pub fn park_due(&self) -> String {
-        self.key("index", "parked")
+    pub fn park_due(&self, p: Partition) -> String {
+        self.key(p, "index", "parked")
     }
 
     /// The store's layout version (absent in the layout of version 1).
     pub fn schema(&self) -> String {
-        format!("{}schema", self.head)
+        format!("{}schema", self.heads[0])
+    }
+
+    /// The number of partitions the store was created with (absent: 1).
+    pub fn partition_count(&self) -> String {
+        format!("{}partitions", self.heads[0])
     }
 
     /// Held (a random token, with an expiry) by the replica migrating the store.
     pub fn migrating(&self) -> String {
-        format!("{}migrating", self.head)
+        format!("{}migrating", self.heads[0])
     }
 
-    /// The change log: a stream of change-feed rows and document writes, numbered by
-    /// [`Keys::log_seq`], that every replica tails into its feed and outbox.
-    pub fn log(&self) -> String {
-        format!("{}log", self.head)
+    /// Partition `p`'s change log: a stream of change-feed rows and document writes that
+    /// every replica tails into its feed and outbox.
+    pub fn log(&self, p: Partition) -> String {
+        format!("{}log", self.heads[usize::from(p)])
     }
 
-    /// The last number given to a change-log entry.
-    pub fn log_seq(&self) -> String {
-        format!("{}log:seq", self.head)
+    /// Partition `p`'s change-log clock: the last number given (one partition), or the last
+    /// `ms n` (several).
+    pub fn log_seq(&self, p: Partition) -> String {
+        format!("{}log:seq", self.heads[usize::from(p)])
     }
 
-    /// A hash of documents (subscriptions, webhook deliveries): `<kind>:<id>` → JSON.
-    pub fn documents(&self) -> String {
-        format!("{}documents", self.head)
+    /// A hash of documents (subscriptions in partition 0, webhook deliveries in their
+    /// operation's): `<kind>:<id>` → JSON.
+    pub fn documents(&self, p: Partition) -> String {
+        format!("{}documents", self.heads[usize::from(p)])
     }
 
     /// Present while a replica attempts the webhook delivery `id`.
     pub fn delivery_lease(&self, id: &str) -> String {
-        self.key("lease", &format!("delivery:{id}"))
+        self.key(0, "lease", &format!("delivery:{id}"))
     }
 
     /// The pub/sub channel carrying the ids of operations that settled.
     pub fn settled_channel(&self) -> String {
-        self.key("settled", "")
+        self.key(0, "settled", "")
     }
 }
 
@@ -190,17 +231,17 @@ mod tests {
 
     #[test]
     fn keys_share_the_hash_tag_and_outside_text_is_hashed() {
-        let keys = Keys::new("callops");
+        let keys = Keys::new("callops", 1);
         let call = CallRef::CallConnection("c1".into());
         let name = context_name(&call, "a context with spaces and {braces}");
         assert_eq!(name.len(), 32);
         for key in [
-            keys.context(&name),
-            keys.parked(&name),
-            keys.seen("x"),
-            keys.upstream("abc"),
+            keys.context(0, &name),
+            keys.parked(0, &name),
+            keys.seen(0, "x"),
+            keys.upstream(0, "abc"),
             keys.call(&call),
-            keys.all(),
+            keys.all(0),
             keys.schema(),
         ] {
             assert!(key.starts_with("{callops}:"), "{key}");
@@ -214,5 +255,40 @@ mod tests {
             context_name(&CallRef::Call("ab".into()), "c"),
             context_name(&CallRef::Call("a".into()), "bc")
         );
+    }
+
+    #[test]
+    fn a_call_and_its_operations_share_a_partition_and_one_partition_is_the_plain_layout() {
+        let one = Keys::new("callops", 1);
+        let call = CallRef::CallConnection("call-1".into());
+        let id = OperationId::for_call(&call);
+        assert_eq!(one.operation(id), format!("{{callops}}:op:{id}"));
+        assert_eq!(one.all(0), "{callops}:index:all");
+        let many = Keys::new("callops", 16);
+        let p = many.of_call(&call);
+        assert_eq!(many.of(id), p);
+        let tag = if p == 0 {
+            "{callops}:".to_owned()
+        } else {
+            format!("{{callops-p{p}}}:")
+        };
+        for key in [
+            many.operation(id),
+            many.call(&call),
+            many.timeline(&call),
+            many.all(p),
+            many.log(p),
+            many.lease(id),
+        ] {
+            assert!(key.starts_with(&tag), "{key}");
+        }
+        // The deployment's own keys stay in partition 0.
+        assert_eq!(many.schema(), "{callops}:schema");
+        assert_eq!(many.partition_count(), "{callops}:partitions");
+        // Calls spread over the partitions.
+        let used: std::collections::BTreeSet<Partition> = (0..400)
+            .map(|n| many.of_call(&CallRef::Call(format!("call-{n}"))))
+            .collect();
+        assert_eq!(used.len(), 16);
     }
 }

@@ -12,6 +12,7 @@ use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
+use super::keys::Partition;
 use super::{RedisStore, RedisStoreError};
 use crate::config::{StreamConfig, WebhooksConfig};
 use crate::operation::Operation;
@@ -26,8 +27,8 @@ pub(in crate::store) struct Mirror {
     pub outbox: Outbox,
     /// The stream is trimmed to about this many entries.
     cap: usize,
-    /// The stream entry the tail starts after.
-    start: String,
+    /// The stream entry the tail starts after, per partition.
+    start: Vec<String>,
 }
 
 /// Entries read from the stream at a time.
@@ -48,29 +49,46 @@ impl RedisStore {
         );
         let outbox = Outbox::new(Duration::from_secs(webhooks.retry_total_secs));
         let mut connection = self.inner.connection.clone();
-        let range: StreamRangeReply = self
-            .bounded(
-                redis::cmd("XRANGE")
-                    .arg(keys.log())
-                    .arg("-")
-                    .arg("+")
-                    .query_async(&mut connection),
-            )
-            .await?;
-        let last_seq: Option<u64> = self
-            .bounded(
-                redis::cmd("GET")
-                    .arg(keys.log_seq())
-                    .query_async(&mut connection),
-            )
-            .await?;
-        let documents: Vec<(String, Vec<u8>)> = self
-            .bounded(
-                redis::cmd("HGETALL")
-                    .arg(keys.documents())
-                    .query_async(&mut connection),
-            )
-            .await?;
+        let mut rows = Vec::new();
+        let mut start = Vec::new();
+        let mut last_number = 0;
+        let mut documents: Vec<(String, Vec<u8>)> = Vec::new();
+        for p in keys.each() {
+            let range: StreamRangeReply = self
+                .bounded(
+                    redis::cmd("XRANGE")
+                        .arg(keys.log(p))
+                        .arg("-")
+                        .arg("+")
+                        .query_async(&mut connection),
+                )
+                .await?;
+            if keys.partitions() == 1 {
+                let last_seq: Option<u64> = self
+                    .bounded(
+                        redis::cmd("GET")
+                            .arg(keys.log_seq(p))
+                            .query_async(&mut connection),
+                    )
+                    .await?;
+                last_number = last_number.max(last_seq.unwrap_or(0));
+            }
+            let mut kept: Vec<(String, Vec<u8>)> = self
+                .bounded(
+                    redis::cmd("HGETALL")
+                        .arg(keys.documents(p))
+                        .query_async(&mut connection),
+                )
+                .await?;
+            documents.append(&mut kept);
+            start.push(
+                range
+                    .ids
+                    .last()
+                    .map_or_else(|| "0-0".to_owned(), |entry| entry.id.clone()),
+            );
+            rows.extend(range.ids.iter().filter_map(change_row));
+        }
         outbox.restore(
             documents
                 .into_iter()
@@ -80,17 +98,16 @@ impl RedisStore {
                 })
                 .collect(),
         );
-        let start = range
-            .ids
-            .last()
-            .map_or_else(|| "0-0".to_owned(), |entry| entry.id.clone());
-        let rows = range.ids.iter().filter_map(change_row).collect();
-        feed.restore(rows, last_seq.unwrap_or(0));
+        // Several partitions' logs, merged in number order.
+        rows.sort_unstable_by_key(|row| row.0);
+        last_number = last_number.max(rows.last().map_or(0, |row| row.0));
+        feed.restore(rows, last_number);
+        // Document entries share the stream: room for them beside the changes.
+        let cap = stream.max_changes.saturating_mul(2).max(1000);
         let _ = self.inner.mirror.set(Mirror {
             feed,
             outbox,
-            // Document entries share the stream: room for them beside the changes.
-            cap: stream.max_changes.saturating_mul(2).max(1000),
+            cap: (cap / usize::from(keys.partitions())).max(1000),
             start,
         });
         Ok(())
@@ -106,8 +123,11 @@ impl RedisStore {
         let Some(mirror) = self.mirror() else {
             return;
         };
-        let log = self.inner.keys.log();
-        let mut last = mirror.start.clone();
+        if self.inner.keys.partitions() > 1 {
+            return self.run_partitioned_log(stop).await;
+        }
+        let log = self.inner.keys.log(0);
+        let mut last = mirror.start[0].clone();
         let mut backoff = Duration::from_millis(100);
         loop {
             let connection = tokio::select! {
@@ -161,10 +181,111 @@ impl RedisStore {
         }
     }
 
-    /// The arguments `log.lua` takes for `operations` as a transition writes them: a
-    /// change row each and the deliveries each causes. Empty without a mirror.
+    /// Tails every partition's log (several partitions). Each round reads, per partition,
+    /// the entries after its cursor together with Redis's clock there (`tail.lua`, one
+    /// atomic read): every later entry of that partition is numbered from that time on. The
+    /// entries below the smallest such bound are complete, and go to the mirror in number
+    /// order, so every replica shows every change in one order and `Last-Event-ID` resumes
+    /// on any of them.
+    async fn run_partitioned_log(self, stop: CancellationToken) {
+        let Some(mirror) = self.mirror() else {
+            return;
+        };
+        let keys = &self.inner.keys;
+        let mut cursors = mirror.start.clone();
+        let mut pending: std::collections::BTreeMap<u64, StreamId> = Default::default();
+        let mut failing = false;
+        loop {
+            let mut connection = self.inner.connection.clone();
+            let reads = keys.each().map(|p| {
+                let mut invocation = self.inner.tail.key(keys.log(p));
+                invocation.arg(&cursors[usize::from(p)]).arg(READ_COUNT);
+                let mut connection = connection.clone();
+                async move {
+                    invocation
+                        .invoke_async::<(u64, StreamRangeReply)>(&mut connection)
+                        .await
+                }
+            });
+            let round = tokio::select! {
+                () = stop.cancelled() => return,
+                round = self.bounded_all(futures_util::future::join_all(reads)) => round,
+            };
+            let _ = &mut connection;
+            let mut bound = u64::MAX;
+            let mut read_any = false;
+            match round {
+                Ok(answers) => {
+                    if failing {
+                        failing = false;
+                        tracing::info!("change log: reading again");
+                    }
+                    for (p, answer) in answers.into_iter().enumerate() {
+                        let (now_ms, range) = match answer {
+                            Ok(answer) => answer,
+                            Err(error) => {
+                                bound = 0;
+                                if !failing {
+                                    tracing::warn!(%error, "change log: a partition's read failed; retrying");
+                                }
+                                failing = true;
+                                continue;
+                            }
+                        };
+                        bound = bound.min(now_ms << NUMBER_SHIFT);
+                        if let Some(newest) = range.ids.last() {
+                            cursors[p].clone_from(&newest.id);
+                        }
+                        read_any |= range.ids.len() == READ_COUNT;
+                        for entry in range.ids {
+                            if let Some(number) = entry_number(&entry.id) {
+                                pending.insert(number, entry);
+                            }
+                        }
+                    }
+                }
+                Err(error) => {
+                    bound = 0;
+                    if !failing {
+                        tracing::warn!(%error, "change log: read failed; retrying");
+                    }
+                    failing = true;
+                }
+            }
+            // What is below every partition's bound is complete: to the mirror, in order.
+            let rest = pending.split_off(&bound);
+            let ready: Vec<StreamId> = std::mem::replace(&mut pending, rest)
+                .into_values()
+                .collect();
+            if !ready.is_empty() {
+                apply(mirror, &ready);
+            }
+            if !read_any {
+                let pause = if failing { POLL_FAILING } else { POLL_IDLE };
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+
+    /// `futures`, within the configured timeout.
+    async fn bounded_all<T>(
+        &self,
+        futures: impl std::future::Future<Output = T>,
+    ) -> Result<T, RedisStoreError> {
+        tokio::time::timeout(self.inner.timeout, futures)
+            .await
+            .map_err(|_| RedisStoreError::Timeout(self.timeout_ms()))
+    }
+
+    /// The arguments `log.lua` takes for `operations` of partition `p` as a transition
+    /// writes them: a change row each and the deliveries each causes. Empty without a
+    /// mirror.
     pub(super) fn log_args<'a>(
         &self,
+        p: Partition,
         operations: impl Iterator<Item = &'a Operation>,
         now: OffsetDateTime,
     ) -> Vec<Vec<u8>> {
@@ -192,11 +313,12 @@ impl RedisStore {
             ));
         }
         let documents = deliveries.iter().map(Delivery::document).collect();
-        self.document_args(changes, documents, now)
+        self.document_args(p, changes, documents, now)
     }
 
     fn document_args(
         &self,
+        p: Partition,
         changes: Vec<Vec<u8>>,
         documents: Vec<Document>,
         now: OffsetDateTime,
@@ -209,11 +331,17 @@ impl RedisStore {
         }
         let keys = &self.inner.keys;
         let mut args = vec![
-            keys.log().into_bytes(),
-            keys.log_seq().into_bytes(),
-            keys.documents().into_bytes(),
+            keys.log(p).into_bytes(),
+            keys.log_seq(p).into_bytes(),
+            keys.documents(p).into_bytes(),
             mirror.cap.to_string().into_bytes(),
             unix_millis(now).to_string().into_bytes(),
+            // One partition numbers its entries by INCR; several by Redis's clock.
+            if keys.partitions() == 1 {
+                Vec::new()
+            } else {
+                p.to_string().into_bytes()
+            },
             changes.len().to_string().into_bytes(),
         ];
         args.extend(changes);
@@ -230,23 +358,56 @@ impl RedisStore {
         let Some(mirror) = self.mirror() else {
             return Ok(());
         };
-        let args = self.document_args(Vec::new(), documents.clone(), OffsetDateTime::now_utc());
-        if args.is_empty() {
-            return Ok(());
+        let keys = &self.inner.keys;
+        let mut by_partition: std::collections::BTreeMap<Partition, Vec<Document>> =
+            Default::default();
+        for document in &documents {
+            match self.document_partition(document) {
+                Some(p) => by_partition.entry(p).or_default().push(document.clone()),
+                // A delivery deleted: wherever it is.
+                None => {
+                    for p in keys.each() {
+                        by_partition.entry(p).or_default().push(document.clone());
+                    }
+                }
+            }
         }
-        let mut invocation = self.inner.documents.key(self.inner.keys.log());
-        for arg in &args {
-            invocation.arg(arg.as_slice());
+        for (p, documents) in by_partition {
+            let args = self.document_args(p, Vec::new(), documents, OffsetDateTime::now_utc());
+            if args.is_empty() {
+                continue;
+            }
+            let route = keys.log(p);
+            let mut invocation = self.inner.documents.key(&route);
+            for arg in &args {
+                invocation.arg(arg.as_slice());
+            }
+            let mut connection = self.inner.connection.clone();
+            let _: String = self
+                .bounded(invocation.invoke_async(&mut connection))
+                .await?;
+            self.replicated(&mut connection, &route).await?;
         }
-        let mut connection = self.inner.connection.clone();
-        let _: String = self
-            .bounded(invocation.invoke_async(&mut connection))
-            .await?;
-        self.replicated(&mut connection, &self.inner.keys.log())
-            .await?;
         // The tail applies them again, in log order, with whatever came between.
         mirror.outbox.apply(documents);
         Ok(())
+    }
+
+    /// The partition a document lives in: subscriptions in partition 0, a delivery in its
+    /// operation's (`None`: a deleted delivery, whose operation is not known here).
+    fn document_partition(&self, document: &Document) -> Option<Partition> {
+        let keys = &self.inner.keys;
+        if keys.partitions() == 1 || document.kind != outbox::DELIVERY {
+            return Some(0);
+        }
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Owner {
+            operation_id: crate::operation::OperationId,
+        }
+        let body = document.body.as_deref()?;
+        let owner: Owner = serde_json::from_slice(body).ok()?;
+        Some(keys.of(owner.operation_id))
     }
 
     /// True when this replica may attempt delivery `id` now: no other holds it (`SET NX`
@@ -293,12 +454,33 @@ impl RedisStore {
     }
 }
 
+/// Bits below a partitioned log entry's millisecond in its number: 10 for the partition,
+/// 12 for the entries within one millisecond.
+const NUMBER_SHIFT: u32 = 22;
+/// Entry ids below this millisecond are a single partition's `INCR` numbers.
+const FIRST_CLOCK_MS: u64 = 1_000_000_000_000;
+/// How long a partitioned tail waits after a round that found nothing new.
+const POLL_IDLE: Duration = Duration::from_millis(20);
+const POLL_FAILING: Duration = Duration::from_millis(500);
+
+/// A log entry's change number: its `INCR` number (`n-0`, one partition), or its
+/// millisecond and the partition's count within it (`ms-x`, several).
+fn entry_number(id: &str) -> Option<u64> {
+    let (high, low) = id.split_once('-')?;
+    let high: u64 = high.parse().ok()?;
+    let low: u64 = low.parse().ok()?;
+    if high < FIRST_CLOCK_MS {
+        return Some(high);
+    }
+    Some((high << NUMBER_SHIFT) | (low & ((1 << NUMBER_SHIFT) - 1)))
+}
+
 /// A change row from a log entry: (number, unix ms, body); `None` for a document entry.
 fn change_row(entry: &StreamId) -> Option<(u64, i64, Vec<u8>)> {
     if entry.get::<String>("t").as_deref() != Some("c") {
         return None;
     }
-    let number = entry.id.split('-').next()?.parse().ok()?;
+    let number = entry_number(&entry.id)?;
     let at_ms = entry.get::<i64>("at").unwrap_or(0);
     Some((number, at_ms, entry.get::<Vec<u8>>("b")?))
 }
@@ -332,5 +514,9 @@ fn apply(mirror: &Mirror, entries: &[StreamId]) {
         });
     }
     mirror.outbox.apply(documents);
+    // Rows come in number order; one below what the feed shows already (a Redis clock that
+    // stepped back) would break that order, and is left out.
+    let head = mirror.feed.head();
+    rows.retain(|row| row.0 > head);
     mirror.feed.push(rows);
 }

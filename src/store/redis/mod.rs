@@ -45,6 +45,7 @@ use crate::correlation::IncomingEvent;
 use crate::metrics::Metrics;
 use crate::operation::{
     CallRef, EventEffect, EventRecord, FINAL_STATUSES, ISSUED_KINDS, Operation, OperationId,
+    call_hash,
 };
 use crate::store::seam::{ReconcileQueue, queue_reconciliations, report_sweep};
 use crate::store::tracker::{
@@ -53,8 +54,8 @@ use crate::store::tracker::{
 pub use error::RedisStoreError;
 
 use connection::{Connection, Connector};
-use keys::Keys;
 pub(crate) use keys::context_name;
+use keys::{Keys, Partition};
 pub(crate) use plan::Outcome;
 use plan::{ContextRead, Lifetimes, Read};
 pub use schema::LAYOUT_VERSION;
@@ -85,6 +86,11 @@ pub struct Want {
     pub upstream: Vec<Box<str>>,
     /// Calls whose every operation is read (cancels, a call's end).
     pub calls: Vec<CallRef>,
+    /// The [`call_hash`] of the call it is about, when known from a call rather than an
+    /// operation id: everything one transition touches is in that call's partition.
+    pub call_hash: Option<u16>,
+    /// The partition, when known otherwise (a sweep's).
+    pub partition: Option<Partition>,
 }
 
 impl Want {
@@ -98,13 +104,31 @@ impl Want {
     pub fn context(call: &CallRef, context: &str) -> Self {
         Self {
             contexts: vec![context_name(call, context)],
+            call_hash: Some(call_hash(call)),
             ..Self::default()
         }
     }
 
+    /// The partition everything it names is in.
+    pub fn partition(&self, keys: &Keys) -> Partition {
+        if let Some(p) = self.partition {
+            return p;
+        }
+        if let Some(hash) = self.call_hash {
+            return hash % keys.partitions();
+        }
+        if let Some(id) = self.operations.first() {
+            return keys.of(*id);
+        }
+        self.calls.first().map_or(0, |call| keys.of_call(call))
+    }
+
     /// What delivering `event` may touch; `whole_call` adds every operation of its call.
     pub fn event(event: &IncomingEvent, whole_call: bool) -> Self {
-        let mut want = Self::default();
+        let mut want = Self {
+            call_hash: event.call.as_ref().map(call_hash),
+            ..Self::default()
+        };
         want.contexts.extend(keys::park_name(event));
         if let Some(upstream_id) = &event.upstream_id {
             want.upstream.push(upstream_id.key().into());
@@ -144,6 +168,8 @@ struct Inner {
     counters: Counters,
     /// Writes documents alone (`log.lua`).
     documents: redis::Script,
+    /// Reads a partition's change log with Redis's clock (`tail.lua`, several partitions).
+    tail: redis::Script,
     /// This replica's copy of the change log (`mirror.rs`), once opened.
     mirror: std::sync::OnceLock<mirror::Mirror>,
 }
@@ -177,6 +203,7 @@ impl RedisStore {
     ) -> Result<Self, RedisStoreError> {
         let connected = Self::connect_unmigrated(url, store, operations, metrics).await?;
         connected.migrate_layout().await?;
+        connected.check_partitions().await?;
         Ok(connected)
     }
 
@@ -207,7 +234,7 @@ impl RedisStore {
                 connector,
                 wait_replicas: store.redis_wait_replicas,
                 connection,
-                keys: Keys::new(&store.redis_prefix),
+                keys: Keys::new(&store.redis_prefix, store.redis_partitions),
                 lifetimes: Lifetimes {
                     retention: Duration::from_secs(operations.retention_secs),
                     dedupe: Duration::from_secs(operations.dedupe_ttl_secs),
@@ -222,6 +249,7 @@ impl RedisStore {
                 event_writer: redis::Script::new(&with_log(include_str!("event_commit.lua"))),
                 known: event::Known::new(store.redis_cached_operations),
                 documents: redis::Script::new(&with_log("append_log(1)\nreturn 'ok'")),
+                tail: redis::Script::new(include_str!("tail.lua")),
                 mirror: std::sync::OnceLock::new(),
                 timeout,
                 poll: Duration::from_millis(store.redis_poll_ms),
@@ -247,6 +275,37 @@ impl RedisStore {
         .await
         {
             Ok(result) => Ok(result?),
+            Err(_) => Err(RedisStoreError::Timeout(self.timeout_ms())),
+        }
+    }
+
+    /// `commands`, whose keys may be in different partitions, and their answers in order:
+    /// one pipeline in one partition, else each on its own at once (a cluster refuses a
+    /// pipeline across slots).
+    async fn query_each<T: redis::FromRedisValue>(
+        &self,
+        commands: Vec<redis::Cmd>,
+    ) -> Result<Vec<T>, RedisStoreError> {
+        if commands.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.inner.keys.partitions() == 1 {
+            let mut pipe = redis::pipe();
+            for command in commands {
+                pipe.add_command(command);
+            }
+            return self.query(pipe).await;
+        }
+        let connection = self.inner.connection.clone();
+        let each = commands.into_iter().map(|command| {
+            let mut connection = connection.clone();
+            async move { command.query_async::<T>(&mut connection).await }
+        });
+        match tokio::time::timeout(self.inner.timeout, futures_util::future::join_all(each)).await {
+            Ok(answers) => answers
+                .into_iter()
+                .map(|answer| answer.map_err(RedisStoreError::from))
+                .collect(),
             Err(_) => Err(RedisStoreError::Timeout(self.timeout_ms())),
         }
     }
@@ -318,7 +377,8 @@ impl RedisStore {
         let argument = plan.to_json();
         let started = std::time::Instant::now();
         let mut connection = inner.connection.clone();
-        let mut invocation = inner.script.key(inner.keys.all());
+        let route = inner.keys.all(read.partition);
+        let mut invocation = inner.script.key(&route);
         invocation.arg(&argument);
         for document in plan.documents() {
             invocation.arg(document);
@@ -328,7 +388,7 @@ impl RedisStore {
             .operations
             .iter()
             .filter(|op| written.contains(&op.id));
-        for arg in self.log_args(logged, now) {
+        for arg in self.log_args(read.partition, logged, now) {
             invocation.arg(arg);
         }
         let answer: String =
@@ -339,7 +399,7 @@ impl RedisStore {
                 Err(_) => return Err(RedisStoreError::Timeout(self.timeout_ms())),
             };
         if answer == "ok" {
-            self.replicated(&mut connection, &inner.keys.all()).await?;
+            self.replicated(&mut connection, &route).await?;
         }
         inner.metrics.store_commit(1, started.elapsed());
         match answer.as_str() {
@@ -418,20 +478,21 @@ impl RedisStore {
     async fn read(&self, want: &Want) -> Result<(Read, Restored), RedisStoreError> {
         let inner = &self.inner;
         let keys = &inner.keys;
+        let p = want.partition(keys);
         let argument = serde_json::json!({
             "ctx": want
                 .contexts
                 .iter()
-                .map(|name| [keys.context(name), keys.parked(name)])
+                .map(|name| [keys.context(p, name), keys.parked(p, name)])
                 .collect::<Vec<_>>(),
-            "up": want.upstream.iter().map(|key| keys.upstream(key)).collect::<Vec<_>>(),
+            "up": want.upstream.iter().map(|key| keys.upstream(p, key)).collect::<Vec<_>>(),
             "calls": want.calls.iter().map(|call| keys.call(call)).collect::<Vec<_>>(),
             "ops": want.operations.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "op": keys.operation_prefix(),
+            "op": keys.operation_prefix(p),
         })
         .to_string();
         let mut connection = inner.connection.clone();
-        let mut invocation = inner.reader.key(keys.all());
+        let mut invocation = inner.reader.key(keys.all(p));
         invocation.arg(&argument);
         type Answer = (
             Vec<Option<String>>,
@@ -446,7 +507,10 @@ impl RedisStore {
                 Ok(answer) => answer?,
                 Err(_) => return Err(RedisStoreError::Timeout(self.timeout_ms())),
             };
-        let mut read = Read::default();
+        let mut read = Read {
+            partition: p,
+            ..Read::default()
+        };
         let mut restored = Restored::default();
         let wall_now = OffsetDateTime::now_utc();
         for ((name, holder), parked) in want.contexts.iter().zip(holders).zip(parks) {
@@ -496,16 +560,15 @@ impl RedisStore {
         }
         let keys = &self.inner.keys;
         let answers: Vec<(Option<String>, Option<String>)> = self
-            .query({
-                let mut pipe = redis::pipe();
-                for id in ids {
-                    pipe.cmd("HMGET")
-                        .arg(keys.operation(*id))
-                        .arg("rev")
-                        .arg("doc");
-                }
-                pipe
-            })
+            .query_each(
+                ids.iter()
+                    .map(|id| {
+                        let mut command = redis::cmd("HMGET");
+                        command.arg(keys.operation(*id)).arg("rev").arg("doc");
+                        command
+                    })
+                    .collect(),
+            )
             .await?;
         Ok(answers
             .into_iter()
@@ -610,23 +673,35 @@ impl RedisStore {
                     return Ok((found, last_scanned));
                 }
                 None => {
-                    let (ids,): (Vec<String>,) = self
-                        .query({
-                            let mut pipe = redis::pipe();
-                            pipe.cmd("ZREVRANGEBYLEX")
-                                .arg(keys.all())
-                                .arg(&upper)
-                                .arg("-")
-                                .arg("LIMIT")
-                                .arg(0)
-                                .arg(batch);
-                            pipe
-                        })
+                    // The newest `batch` of every partition, merged: the newest `batch` of all.
+                    let pages: Vec<Vec<String>> = self
+                        .query_each(
+                            keys.each()
+                                .map(|p| {
+                                    let mut command = redis::cmd("ZREVRANGEBYLEX");
+                                    command
+                                        .arg(keys.all(p))
+                                        .arg(&upper)
+                                        .arg("-")
+                                        .arg("LIMIT")
+                                        .arg(0)
+                                        .arg(batch);
+                                    command
+                                })
+                                .collect(),
+                        )
                         .await?;
+                    let mut ids: Vec<OperationId> = pages
+                        .iter()
+                        .flatten()
+                        .filter_map(|id| OperationId::parse(id))
+                        .collect();
+                    ids.sort_unstable_by(|a, b| b.cmp(a));
+                    ids.truncate(batch);
                     if let Some(last) = ids.last() {
                         upper = format!("({last}");
                     }
-                    ids.iter().filter_map(|id| OperationId::parse(id)).collect()
+                    ids
                 }
             };
             let Some(&last) = ids.last() else { break };
@@ -663,13 +738,20 @@ impl RedisStore {
             return;
         }
         let keys = &self.inner.keys;
-        let removed: Result<(), _> = self
-            .query({
-                let mut pipe = redis::pipe();
-                pipe.cmd("ZREM").arg(keys.all()).arg(&expired).ignore();
-                pipe.cmd("ZREM").arg(keys.expiries()).arg(&expired).ignore();
-                pipe
-            })
+        let removed: Result<Vec<u64>, _> = self
+            .query_each(
+                expired
+                    .iter()
+                    .flat_map(|id| {
+                        let p = OperationId::parse(id).map_or(0, |id| keys.of(id));
+                        [keys.all(p), keys.expiries(p)].map(|index| {
+                            let mut command = redis::cmd("ZREM");
+                            command.arg(index).arg(id);
+                            command
+                        })
+                    })
+                    .collect(),
+            )
             .await;
         if let Err(error) = removed {
             tracing::debug!(%error, "expired ids stay in the list index until the next try");
@@ -799,20 +881,46 @@ impl RedisStore {
         }
     }
 
-    /// One sweep tick.
+    /// One sweep tick, over every partition.
     pub async fn sweep(&self, reconcile: &ReconcileQueue) -> Result<(), RedisStoreError> {
         let keys = &self.inner.keys;
+        for p in keys.each() {
+            self.sweep_partition(p, reconcile).await?;
+        }
+        // Counted in one round after the work, so a creation meanwhile is not lost.
+        let counts: Vec<usize> = self
+            .query_each(
+                keys.each()
+                    .flat_map(|p| {
+                        [keys.all(p), keys.park_due(p)].map(|index| {
+                            let mut command = redis::cmd("ZCARD");
+                            command.arg(index);
+                            command
+                        })
+                    })
+                    .collect(),
+            )
+            .await?;
+        let operations = counts.iter().step_by(2).sum();
+        let parked = counts.iter().skip(1).step_by(2).sum();
+        let counters = &self.inner.counters;
+        counters.operations.store(operations, Ordering::Relaxed);
+        counters.parked.store(parked, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// One sweep tick of partition `p`.
+    async fn sweep_partition(
+        &self,
+        p: Partition,
+        reconcile: &ReconcileQueue,
+    ) -> Result<(), RedisStoreError> {
+        let keys = &self.inner.keys;
         let now_ms = unix_millis(OffsetDateTime::now_utc());
-        let (due, parks, expired, operations, parked): (
-            Vec<String>,
-            Vec<String>,
-            Vec<String>,
-            usize,
-            usize,
-        ) = self
+        let (due, parks, expired): (Vec<String>, Vec<String>, Vec<String>) = self
             .query({
                 let mut pipe = redis::pipe();
-                for index in [keys.deadlines(), keys.park_due(), keys.expiries()] {
+                for index in [keys.deadlines(p), keys.park_due(p), keys.expiries(p)] {
                     pipe.cmd("ZRANGEBYSCORE")
                         .arg(index)
                         .arg("-inf")
@@ -821,22 +929,15 @@ impl RedisStore {
                         .arg(0)
                         .arg(SWEEP_BATCH);
                 }
-                pipe.cmd("ZCARD").arg(keys.all());
-                pipe.cmd("ZCARD").arg(keys.park_due());
                 pipe
             })
             .await?;
-        let counters = &self.inner.counters;
-        counters.operations.store(operations, Ordering::Relaxed);
         for id in due.iter().filter_map(|id| OperationId::parse(id)) {
             self.time_out(id, reconcile).await?;
         }
         for name in &parks {
-            self.expire_park(name).await?;
+            self.expire_park(p, name).await?;
         }
-        counters
-            .parked
-            .store(parked.saturating_sub(parks.len()), Ordering::Relaxed);
         // Operations past their expiry leave the list index once Redis has dropped them
         // (one rewritten since has a later expiry, and is looked at again then). An id
         // never comes back, so one gone now stays gone.
@@ -846,7 +947,7 @@ impl RedisStore {
                     let mut pipe = redis::pipe();
                     for id in &expired {
                         pipe.cmd("EXISTS")
-                            .arg(format!("{}{id}", keys.operation_prefix()));
+                            .arg(format!("{}{id}", keys.operation_prefix(p)));
                     }
                     pipe
                 })
@@ -883,7 +984,7 @@ impl RedisStore {
             }
             Committed::Done((false, _)) => {
                 // Expired (or never stored): nothing to time out.
-                let key = self.inner.keys.deadlines();
+                let key = self.inner.keys.deadlines(self.inner.keys.of(id));
                 let _: () = self
                     .query({
                         let mut pipe = redis::pipe();
@@ -898,9 +999,10 @@ impl RedisStore {
     }
 
     /// Moves the events parked under `name` (past the park window) to their call's events.
-    async fn expire_park(&self, name: &str) -> Result<(), RedisStoreError> {
+    async fn expire_park(&self, p: Partition, name: &str) -> Result<(), RedisStoreError> {
         let want = Want {
             contexts: vec![name.to_owned()],
+            partition: Some(p),
             ..Want::default()
         };
         for _ in 0..MAX_ATTEMPTS {

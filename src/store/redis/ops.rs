@@ -30,7 +30,7 @@ impl RedisStore {
                 .query({
                     let mut pipe = redis::pipe();
                     pipe.cmd("ZADD")
-                        .arg(keys.unsent())
+                        .arg(keys.unsent(keys.of(operation.id)))
                         .arg(unix_millis(operation.created_date_time))
                         .arg(operation.id.to_string())
                         .ignore();
@@ -109,40 +109,47 @@ impl RedisStore {
         let keys = &self.inner.keys;
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
         let before = unix_millis(OffsetDateTime::now_utc()).saturating_sub(lease_ms);
-        let listed: Vec<String> = self
-            .query({
-                let mut pipe = redis::pipe();
-                pipe.cmd("ZRANGEBYSCORE")
-                    .arg(keys.unsent())
-                    .arg("-inf")
-                    .arg(before)
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(CLAIM_BATCH);
-                pipe
-            })
-            .await
-            .map(|(listed,): (Vec<String>,)| listed)?;
+        let listed: Vec<Vec<String>> = self
+            .query_each(
+                keys.each()
+                    .map(|p| {
+                        let mut command = redis::cmd("ZRANGEBYSCORE");
+                        command
+                            .arg(keys.unsent(p))
+                            .arg("-inf")
+                            .arg(before)
+                            .arg("LIMIT")
+                            .arg(0)
+                            .arg(CLAIM_BATCH);
+                        command
+                    })
+                    .collect(),
+            )
+            .await?;
         let ids: Vec<OperationId> = listed
             .iter()
+            .flatten()
             .filter_map(|id| OperationId::parse(id))
+            .take(CLAIM_BATCH)
             .collect();
         if ids.is_empty() {
             return Ok(Vec::new());
         }
         let claimed: Vec<Option<String>> = self
-            .query({
-                let mut pipe = redis::pipe();
-                for id in &ids {
-                    pipe.cmd("SET")
-                        .arg(keys.lease(*id))
-                        .arg(1)
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(lease_ms.max(1));
-                }
-                pipe
-            })
+            .query_each(
+                ids.iter()
+                    .map(|id| {
+                        let mut command = redis::cmd("SET");
+                        command
+                            .arg(keys.lease(*id))
+                            .arg(1)
+                            .arg("NX")
+                            .arg("PX")
+                            .arg(lease_ms.max(1));
+                        command
+                    })
+                    .collect(),
+            )
             .await?;
         let claimed: Vec<OperationId> = ids
             .into_iter()
@@ -166,17 +173,18 @@ impl RedisStore {
             return Ok(());
         }
         let keys = &self.inner.keys;
-        self.query({
-            let mut pipe = redis::pipe();
-            let mut zrem = redis::cmd("ZREM");
-            zrem.arg(keys.unsent());
-            for id in ids {
-                zrem.arg(id.to_string());
-            }
-            pipe.add_command(zrem).ignore();
-            pipe
-        })
-        .await
+        let _: Vec<u64> = self
+            .query_each(
+                ids.iter()
+                    .map(|id| {
+                        let mut command = redis::cmd("ZREM");
+                        command.arg(keys.unsent(keys.of(*id))).arg(id.to_string());
+                        command
+                    })
+                    .collect(),
+            )
+            .await?;
+        Ok(())
     }
 
     /// One transition per event, each written before the next, so a redelivered event is

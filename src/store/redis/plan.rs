@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use super::keys::{Keys, context_name, park_name};
+use super::keys::{Keys, Partition, context_name, park_name};
 use crate::config::CallbackTimeouts;
 use crate::correlation::{IncomingEvent, upstream_key};
 use crate::operation::{CallRef, EventRecord, Operation, OperationId};
@@ -29,6 +29,8 @@ pub struct Read {
     pub contexts: HashMap<String, ContextRead>,
     /// Upstream ids read (in `upstream_key` form): the operation they named, if any.
     pub upstream: HashMap<String, Option<String>>,
+    /// The partition all of it is in (and all the transition writes).
+    pub partition: Partition,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -238,6 +240,7 @@ pub fn plan(
     outcome: &Outcome,
     now: OffsetDateTime,
 ) -> Result<Plan, serde_json::Error> {
+    let p = read.partition;
     let retention = millis(lifetimes.retention);
     let call_ttl = millis(lifetimes.call());
     let mut claims: BTreeMap<String, Claim> = BTreeMap::new();
@@ -258,7 +261,7 @@ pub fn plan(
         let mut names = Vec::new();
         if !op.context.is_empty() {
             let name = context_name(&op.call, &op.context);
-            let key = keys.context(&name);
+            let key = keys.context(p, &name);
             if new {
                 let seen = read.contexts.get(&name).cloned().unwrap_or_default();
                 claims.insert(
@@ -277,7 +280,7 @@ pub fn plan(
                 parked.insert(
                     name.clone(),
                     ParkWrite {
-                        key: keys.parked(&name),
+                        key: keys.parked(p, &name),
                         name: name.clone(),
                         expect: i64::try_from(seen.parked).unwrap_or(i64::MAX),
                         clear: true,
@@ -290,7 +293,7 @@ pub fn plan(
         }
         if let Some(shown) = &op.upstream_operation_id {
             let upstream = upstream_key(shown);
-            let key = keys.upstream(&upstream);
+            let key = keys.upstream(p, &upstream);
             let was = read.upstream.get(&*upstream);
             claims.entry(key.clone()).or_insert(Claim {
                 key: key.clone(),
@@ -325,7 +328,7 @@ pub fn plan(
         });
     }
     for (upstream, id) in &outcome.upstream_ids {
-        let key = keys.upstream(upstream);
+        let key = keys.upstream(p, upstream);
         claims.entry(key.clone()).or_insert(Claim {
             key,
             check: false,
@@ -343,7 +346,7 @@ pub fn plan(
         // upstream id alone, that id): it must still be so.
         let (key, holder) = match (event.names(), &event.upstream_id) {
             (None, Some(upstream_id)) => (
-                keys.upstream(upstream_id.key()),
+                keys.upstream(p, upstream_id.key()),
                 read.upstream
                     .get(upstream_id.key())
                     .cloned()
@@ -351,7 +354,7 @@ pub fn plan(
                     .unwrap_or_default(),
             ),
             _ => (
-                keys.context(&name),
+                keys.context(p, &name),
                 read.contexts
                     .get(&name)
                     .and_then(|seen| seen.holder.clone())
@@ -368,7 +371,7 @@ pub fn plan(
         parked
             .entry(name.clone())
             .or_insert_with(|| ParkWrite {
-                key: keys.parked(&name),
+                key: keys.parked(p, &name),
                 name: name.clone(),
                 expect: -1,
                 clear: false,
@@ -381,7 +384,7 @@ pub fn plan(
     for name in outcome.parks_expired.iter().chain(&outcome.parks_applied) {
         let seen = read.contexts.get(name).map_or(0, |seen| seen.parked);
         parked.entry(name.clone()).or_insert_with(|| ParkWrite {
-            key: keys.parked(name),
+            key: keys.parked(p, name),
             name: name.clone(),
             expect: i64::try_from(seen).unwrap_or(i64::MAX),
             clear: true,
@@ -401,7 +404,7 @@ pub fn plan(
         });
     }
     Ok(Plan {
-        seen: outcome.seen.iter().map(|id| keys.seen(id)).collect(),
+        seen: outcome.seen.iter().map(|id| keys.seen(p, id)).collect(),
         seen_ttl: millis(lifetimes.dedupe),
         ops,
         claims: claims.into_values().collect(),
@@ -411,11 +414,11 @@ pub fn plan(
         call_ttl,
         // Long enough for a sweep to move expired events to their call's timeline.
         park_keep: millis(lifetimes.park) * 2 + 60_000,
-        all: keys.all(),
-        expiries: keys.expiries(),
+        all: keys.all(p),
+        expiries: keys.expiries(p),
         now: unix_millis(now),
-        deadlines: keys.deadlines(),
-        park_due: keys.park_due(),
+        deadlines: keys.deadlines(p),
+        park_due: keys.park_due(p),
         channel: keys.settled_channel(),
     })
 }
@@ -452,7 +455,7 @@ mod tests {
 
     #[test]
     fn a_new_operation_claims_its_context_and_clears_what_was_parked_for_it() {
-        let keys = Keys::new("t");
+        let keys = Keys::new("t", 1);
         let op = removal("ctx");
         let name = context_name(&op.call, "ctx");
         let mut read = Read::default();
@@ -472,7 +475,7 @@ mod tests {
         assert!(plan.ops[0].new && plan.ops[0].base.is_empty() && !plan.ops[0].settled);
         assert!(plan.ops[0].deadline > 0);
         let claim = &plan.claims[0];
-        assert_eq!(claim.key, keys.context(&name));
+        assert_eq!(claim.key, keys.context(0, &name));
         assert!(claim.check);
         assert_eq!(claim.expect, "old");
         assert_eq!(claim.set, op.id.to_string());
@@ -489,7 +492,7 @@ mod tests {
 
     #[test]
     fn unchanged_operations_are_not_written_and_changed_ones_compare_their_revision() {
-        let keys = Keys::new("t");
+        let keys = Keys::new("t", 1);
         let mut unchanged = removal("a");
         unchanged.revision = 4;
         let mut changed = removal("b");
@@ -518,7 +521,7 @@ mod tests {
         assert_eq!(op.ttl, 3_600_000);
         // An existing operation claims nothing: its revision guards it.
         assert!(plan.claims.is_empty());
-        assert_eq!(plan.seen, vec![keys.seen("event-1")]);
+        assert_eq!(plan.seen, vec![keys.seen(0, "event-1")]);
         assert_eq!(plan.settled().collect::<Vec<_>>(), vec![changed.id]);
         let json: serde_json::Value = serde_json::from_str(&plan.to_json()).unwrap();
         assert_eq!(json["ops"][0]["base"], "6");
@@ -530,7 +533,7 @@ mod tests {
 
     #[test]
     fn a_parked_event_checks_that_its_context_is_still_free() {
-        let keys = Keys::new("t");
+        let keys = Keys::new("t", 1);
         let event = IncomingEvent {
             id: Some("e".into()),
             event_type: "RemoveParticipantSucceeded".into(),
@@ -553,7 +556,7 @@ mod tests {
         assert_eq!(plan.claims.len(), 1);
         assert!(plan.claims[0].check && plan.claims[0].expect.is_empty());
         assert!(plan.claims[0].set.is_empty());
-        assert_eq!(plan.parked[0].key, keys.parked(&name));
+        assert_eq!(plan.parked[0].key, keys.parked(0, &name));
         assert_eq!(plan.parked[0].expect, -1);
         let back: IncomingEvent = serde_json::from_str(&plan.parked[0].push[0]).unwrap();
         assert_eq!(back, event);

@@ -55,10 +55,10 @@ impl RedisStore {
                 let mut pipe = redis::pipe();
                 pipe.cmd("GET").arg(keys.schema());
                 pipe.cmd("EXISTS")
-                    .arg(keys.all())
-                    .arg(keys.expiries())
-                    .arg(keys.park_due())
-                    .arg(keys.deadlines());
+                    .arg(keys.all(0))
+                    .arg(keys.expiries(0))
+                    .arg(keys.park_due(0))
+                    .arg(keys.deadlines(0));
                 pipe
             })
             .await?;
@@ -71,6 +71,52 @@ impl RedisStore {
             None if indexed > 0 => Ok(Some(1)),
             None => Ok(None),
         }
+    }
+
+    /// Records the partition count the store is created with, or checks it against the
+    /// configured one: replicas that split calls differently would not find each other's.
+    pub(super) async fn check_partitions(&self) -> Result<(), RedisStoreError> {
+        let keys = &self.inner.keys;
+        let configured = keys.partitions();
+        let (recorded, indexed): (Option<u16>, u64) = self
+            .query({
+                let mut pipe = redis::pipe();
+                pipe.cmd("GET").arg(keys.partition_count());
+                pipe.cmd("EXISTS")
+                    .arg(keys.all(0))
+                    .arg(keys.expiries(0))
+                    .arg(keys.park_due(0))
+                    .arg(keys.deadlines(0));
+                pipe
+            })
+            .await?;
+        let recorded = match recorded {
+            Some(recorded) => recorded,
+            // A store made before partitions were recorded has one.
+            None if indexed > 0 => 1,
+            None => {
+                let (recorded,): (u16,) = self
+                    .query({
+                        let mut pipe = redis::pipe();
+                        pipe.cmd("SET")
+                            .arg(keys.partition_count())
+                            .arg(configured)
+                            .arg("NX")
+                            .ignore();
+                        pipe.cmd("GET").arg(keys.partition_count());
+                        pipe
+                    })
+                    .await?;
+                recorded
+            }
+        };
+        if recorded != configured {
+            return Err(RedisStoreError::Partitions {
+                recorded,
+                configured,
+            });
+        }
+        Ok(())
     }
 
     /// The layout version beside this build's and the steps a start would run; reads only.
