@@ -15,6 +15,7 @@ use serde_json::json;
 use callops::emulator::Script;
 
 use crate::redis::{RedisServer, redis_server_available};
+use crate::stream::{SseClient, SseEvent};
 use crate::support::{SOON, TestApp, remove_event, silent};
 
 /// Six nodes, three of them masters, in a directory of their own.
@@ -192,6 +193,8 @@ async fn a_master_killed_under_load_loses_nothing_acknowledged_and_answers_503_m
             config.store.redis_prefix = prefix.clone();
             config.store.redis_wait_replicas = 1;
             config.store.redis_timeout_ms = 500;
+            // Spread over the shards: the killed master holds some of the calls.
+            config.store.redis_partitions = 16;
         })
         .await,
     );
@@ -363,5 +366,113 @@ async fn a_store_on_one_redis_moves_into_a_cluster_with_redis_cli_import() {
         subscriptions["value"].as_array().map(Vec::len),
         Some(1),
         "{subscriptions}"
+    );
+}
+
+#[tokio::test]
+async fn partitions_spread_a_deployment_over_the_shards_and_its_stream_resumes_on_any_replica() {
+    let Some(cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let prefix = format!("spread-{}", uuid::Uuid::new_v4());
+    let url = cluster.url();
+    let on = || {
+        let (url, prefix) = (url.clone(), prefix.clone());
+        move |config: &mut callops::config::Config| {
+            config.store.location = url;
+            config.store.redis_prefix = prefix;
+            config.store.redis_partitions = 16;
+        }
+    };
+    let a = TestApp::spawn_with(on()).await;
+    let b = TestApp::spawn_with(on()).await;
+    let mut stream = SseClient::open(&a.http, &a.url("/v1/operations:stream"), None).await;
+    // Removals on 24 calls, half through each replica, each settled by its callback.
+    let mut ids = Vec::new();
+    for n in 0..24 {
+        let app = if n % 2 == 0 { &a } else { &b };
+        let started = app
+            .remove(&format!("call-spread-{n}"), Script::default(), None)
+            .await;
+        ids.push(started["id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids {
+        a.operation_until(id, |op| op["status"] == "Succeeded")
+            .await;
+    }
+    // Every shard holds some of them.
+    for (index, node) in cluster.nodes.iter().enumerate() {
+        let role = node.command(&["ROLE"]).await.unwrap_or_default();
+        if !role.contains("master") {
+            continue;
+        }
+        let size = node.command(&["DBSIZE"]).await.unwrap();
+        let keys: u64 = size.trim_start_matches(':').parse().unwrap();
+        assert!(
+            keys > 0,
+            "master {index} holds none of the deployment's keys"
+        );
+    }
+    // Replica A's stream shows every change, the other replica's included.
+    let settled: std::collections::BTreeSet<String> = ids.iter().cloned().collect();
+    let events = stream
+        .until(|events| {
+            let done: std::collections::BTreeSet<String> = events
+                .iter()
+                .filter(|event| event.event == "operation.settled")
+                .filter_map(|event| event.json()["id"].as_str().map(str::to_owned))
+                .collect();
+            done.is_superset(&settled)
+        })
+        .await;
+    let numbers: Vec<u64> = events
+        .iter()
+        .map(|event| event.id.as_deref().unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        numbers.windows(2).all(|pair| pair[0] < pair[1]),
+        "{numbers:?}"
+    );
+    // Resumed on replica B after A's fifth event: the same events, in the same order.
+    let after = events[4].id.clone().unwrap();
+    let mut resumed = SseClient::open(&b.http, &b.url("/v1/operations:stream"), Some(&after)).await;
+    let wanted = events.len() - 5;
+    let again = resumed.until(|seen| seen.len() >= wanted).await;
+    let ids_of = |events: &[SseEvent]| -> Vec<String> {
+        events
+            .iter()
+            .map(|event| event.id.clone().unwrap_or_default())
+            .collect()
+    };
+    assert_eq!(ids_of(&again[..wanted]), ids_of(&events[5..]));
+}
+
+#[tokio::test]
+async fn a_store_refuses_replicas_that_split_it_another_way() {
+    let Some(cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let prefix = format!("split-{}", uuid::Uuid::new_v4());
+    let url = cluster.url();
+    let with = |partitions: u16| {
+        let (url, prefix) = (url.clone(), prefix.clone());
+        move |config: &mut callops::config::Config| {
+            config.store.location = url;
+            config.store.redis_prefix = prefix;
+            config.store.redis_partitions = partitions;
+        }
+    };
+    let first = TestApp::spawn_with(with(8)).await;
+    first.remove("call-split", silent(), None).await;
+    let mut config = callops::config::Config::embedded();
+    with(4)(&mut config);
+    let refused = callops::store::Storage::open(&config, callops::metrics::Metrics::new())
+        .await
+        .err()
+        .expect("a replica with another partition count is refused");
+    let message = format!("{refused:#}");
+    assert!(
+        message.contains("made with 8 partition(s)") && message.contains("is 4"),
+        "{message}"
     );
 }
