@@ -274,6 +274,7 @@ pub async fn run(bench: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         url: server.url.clone(),
         settings: String::new(),
         node: &server,
+        nodes: vec![&server],
         pids: vec![server.pid()],
         strict: true,
     };
@@ -310,6 +311,8 @@ pub struct Shared<'a> {
     pub url: String,
     pub settings: String,
     pub node: &'a RedisServer,
+    /// Every master holding keys (statistics).
+    pub nodes: Vec<&'a RedisServer>,
     pub pids: Vec<u32>,
     /// Held to the single-Redis targets.
     pub strict: bool,
@@ -367,7 +370,9 @@ pub async fn ingest(
     let addrs: Vec<SocketAddr> = children.iter().map(|child| child.addr).collect();
     let mut pids: Vec<u32> = children.iter().map(Child::pid).collect();
     pids.extend(&shared.pids);
-    server.reset_stats().await?;
+    for node in &shared.nodes {
+        node.reset_stats().await?;
+    }
     let rewrites_before = server.aof_rewrites();
     let conflicts_before = conflicts(&children).await?;
     let (result, parent, cpus) = scenarios::measure_over(bench, &addrs, &pids, shots).await?;
@@ -376,6 +381,10 @@ pub async fn ingest(
     let per_request = |seconds: f64| seconds * 1e6 / requests;
     let callops_cpu = per_request(cpus[..replicas].iter().sum());
     let redis_cpu = per_request(cpus[replicas..].iter().sum());
+    let each_redis: Vec<String> = cpus[replicas..]
+        .iter()
+        .map(|seconds| format!("{:.0}", per_request(*seconds)))
+        .collect();
     let cpu = format!(
         "CPU/req: callops {callops_cpu:.0} µs{}, redis-server {:.0} µs{}, load generator {:.0} µs",
         if replicas > 1 {
@@ -385,7 +394,11 @@ pub async fn ingest(
         },
         redis_cpu,
         if shared.pids.len() > 1 {
-            format!(" ({} processes summed)", shared.pids.len())
+            format!(
+                " ({} processes summed: {} µs)",
+                shared.pids.len(),
+                each_redis.join(" + ")
+            )
         } else {
             String::new()
         },
@@ -430,7 +443,11 @@ pub async fn ingest(
         .iter()
         .filter_map(|index| ids.get(index))
         .collect();
-    let stored = server.count_succeeded(&acknowledged).await?;
+    let stored = if let Some(nodes) = callops::store::cluster_nodes(&shared.url) {
+        count_succeeded_on_cluster(nodes, &shared.settings, &acknowledged).await?
+    } else {
+        server.count_succeeded(&acknowledged).await?
+    };
     eprintln!(
         "  after SIGKILL: acknowledged {}, stored (Succeeded in Redis) {stored}",
         acknowledged.len()
@@ -468,6 +485,52 @@ pub async fn ingest(
     }
     .latencies(&result.latencies);
     Ok((row, sound))
+}
+
+/// As [`RedisServer::count_succeeded`], on a cluster whose store has the partitions
+/// `settings` names (`redis_partitions = N`, else 1): each operation read where it lives.
+async fn count_succeeded_on_cluster(
+    nodes: Vec<String>,
+    settings: &str,
+    ids: &[&String],
+) -> anyhow::Result<usize> {
+    let partitions: u16 = settings
+        .lines()
+        .find_map(|line| line.strip_prefix("redis_partitions = "))
+        .map_or(Ok(1), str::parse)?;
+    let keys = callops::store::redis::Keys::new(PREFIX, partitions);
+    let client = redis::cluster::ClusterClientBuilder::new(nodes)
+        .response_timeout(Duration::from_secs(120))
+        .build()?;
+    let connection = client.get_async_connection().await?;
+    let mut succeeded = 0;
+    for chunk in ids.chunks(CHECK_CHUNK) {
+        let reads = chunk.iter().map(|id| {
+            let mut connection = connection.clone();
+            let key = callops::operation::OperationId::parse(id).map(|id| keys.operation(id));
+            async move {
+                match key {
+                    Some(key) => {
+                        redis::cmd("HGET")
+                            .arg(key)
+                            .arg("doc")
+                            .query_async::<Option<String>>(&mut connection)
+                            .await
+                    }
+                    None => Ok(None),
+                }
+            }
+        });
+        for doc in futures_util::future::join_all(reads).await {
+            if doc?.is_some_and(|doc| {
+                serde_json::from_str::<Value>(&doc)
+                    .is_ok_and(|doc| doc["status"].as_str() == Some("Succeeded"))
+            }) {
+                succeeded += 1;
+            }
+        }
+    }
+    Ok(succeeded)
 }
 
 /// The transitions the replicas reran on a conflict (`storeConflicts` on `/healthz`,

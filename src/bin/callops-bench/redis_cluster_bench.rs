@@ -1,7 +1,8 @@
-//! The Redis Cluster rows: callback ingest with callops on a cluster of three masters and a
-//! replica each (`redis+cluster://`, every key of a deployment in one slot), without and with
-//! `store.redis_wait_replicas = 1`. The Redis CPU counted is the slot's master and its
-//! replica; the others hold no key of callops's.
+//! The Redis Cluster rows: callback ingest with callops on a cluster (`redis+cluster://`).
+//! First three masters with a replica each and every key in one slot, without and with
+//! `store.redis_wait_replicas = 1` (the Redis CPU counted is that slot's master and its
+//! replica). Then the deployment in 64 partitions on one and on three masters (no
+//! replicas), each master its own process, to show what a shard carries.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -12,13 +13,98 @@ use crate::redis_bench::{RedisServer, Shared, ingest};
 use crate::report::Row;
 use crate::scenarios::{self, Bench};
 
+/// Partitions of the sharded rows.
+const PARTITIONS: u16 = 64;
+
 /// The rows, pushed onto `rows`. An error when an acknowledged callback was lost.
 pub async fn run(bench: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
-    eprintln!("== shared store on a Redis Cluster (3 masters, a replica each)");
+    eprintln!("== shared store on a Redis Cluster");
+    let mut problems = Vec::new();
+    let Some(nodes) = start_cluster(bench, "cluster", 3, 1).await? else {
+        return Ok(());
+    };
+    let (master, replica) = slot_holders(&nodes, "{callops}").await?;
+    let (master, replica) = (&nodes[master], &nodes[replica]);
+    for wait in [0, 1] {
+        let shared = Shared {
+            name: if wait == 0 {
+                "Redis Cluster, one slot".to_owned()
+            } else {
+                "Redis Cluster, one slot, WAIT 1 replica".to_owned()
+            },
+            tag: if wait == 0 { "cluster" } else { "cluster-wait" },
+            url: url(&nodes),
+            settings: format!("redis_wait_replicas = {wait}"),
+            node: master,
+            nodes: vec![master],
+            pids: vec![master.pid(), replica.pid()],
+            strict: false,
+        };
+        measure(bench, &shared, rows, &mut problems).await?;
+        master.flush().await?;
+    }
+    drop(nodes);
+    for masters in [1, 3] {
+        let tag = if masters == 1 { "shard1" } else { "shard3" };
+        let Some(nodes) = start_cluster(bench, tag, masters, 0).await? else {
+            return Ok(());
+        };
+        let shared = Shared {
+            name: format!(
+                "Redis Cluster, {masters} shard{}, {PARTITIONS} partitions",
+                if masters == 1 { "" } else { "s" }
+            ),
+            tag,
+            url: url(&nodes),
+            settings: format!("redis_partitions = {PARTITIONS}"),
+            node: &nodes[0],
+            nodes: nodes.iter().collect(),
+            pids: nodes.iter().map(RedisServer::pid).collect(),
+            strict: false,
+        };
+        measure(bench, &shared, rows, &mut problems).await?;
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("; "));
+    }
+    Ok(())
+}
+
+async fn measure(
+    bench: &Bench,
+    shared: &Shared<'_>,
+    rows: &mut Vec<Row>,
+    problems: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let bare = scenarios::ingest_bare(bench).await?.1;
+    let (row, sound) = ingest(bench, shared, 1, bare).await?;
+    if !sound {
+        problems.push(format!("{}: {}", row.scenario, row.other));
+    }
+    rows.push(row);
+    Ok(())
+}
+
+fn url(nodes: &[RedisServer]) -> String {
+    let seeds: Vec<String> = nodes
+        .iter()
+        .map(|node| format!("127.0.0.1:{}", node.port()))
+        .collect();
+    format!("redis+cluster://{}", seeds.join(","))
+}
+
+/// A cluster of `masters` masters with `replicas` replicas each, ready (every slot served,
+/// every replica synced); `None` when `redis-server` is missing.
+async fn start_cluster(
+    bench: &Bench,
+    tag: &str,
+    masters: usize,
+    replicas: usize,
+) -> anyhow::Result<Option<Vec<RedisServer>>> {
     let mut nodes = Vec::new();
-    for index in 0..6 {
+    for index in 0..masters * (1 + replicas) {
         let started =
-            RedisServer::start_with(bench.workdir(), &format!("cluster-{index}"), |dir, _| {
+            RedisServer::start_with(bench.workdir(), &format!("{tag}-{index}"), |dir, _| {
                 [
                     "--cluster-enabled",
                     "yes",
@@ -34,64 +120,39 @@ pub async fn run(bench: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
             .await?;
         let Some(node) = started else {
             eprintln!("  !!! redis-server not found: the Redis Cluster rows are skipped");
-            return Ok(());
+            return Ok(None);
         };
         nodes.push(node);
     }
-    let addresses: Vec<String> = nodes
-        .iter()
-        .map(|node| format!("127.0.0.1:{}", node.port()))
-        .collect();
-    let create = {
-        let addresses = addresses.clone();
-        tokio::task::spawn_blocking(move || {
+    if masters == 1 {
+        // `redis-cli --cluster create` wants three masters: one node takes every slot.
+        let () = nodes[0]
+            .query(redis::cmd("CLUSTER").arg("ADDSLOTSRANGE").arg(0).arg(16383))
+            .await?;
+    } else {
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port()))
+            .collect();
+        let create = tokio::task::spawn_blocking(move || {
             Command::new("redis-cli")
                 .arg("--cluster")
                 .arg("create")
                 .args(&addresses)
-                .args(["--cluster-replicas", "1", "--cluster-yes"])
+                .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
                 .output()
         })
         .await?
-        .context("running redis-cli --cluster create")?
-    };
-    if !create.status.success() {
-        bail!(
-            "redis-cli --cluster create: {}",
-            String::from_utf8_lossy(&create.stdout)
-        );
+        .context("running redis-cli --cluster create")?;
+        if !create.status.success() {
+            bail!(
+                "redis-cli --cluster create: {}",
+                String::from_utf8_lossy(&create.stdout)
+            );
+        }
     }
     until_ready(&nodes).await?;
-    let (master, replica) = slot_holders(&nodes, "{callops}").await?;
-    let (master, replica) = (&nodes[master], &nodes[replica]);
-    let url = format!("redis+cluster://{}", addresses.join(","));
-    let mut problems = Vec::new();
-    for wait in [0, 1] {
-        let shared = Shared {
-            name: if wait == 0 {
-                "Redis Cluster, one slot".to_owned()
-            } else {
-                "Redis Cluster, one slot, WAIT 1 replica".to_owned()
-            },
-            tag: if wait == 0 { "cluster" } else { "cluster-wait" },
-            url: url.clone(),
-            settings: format!("redis_wait_replicas = {wait}"),
-            node: master,
-            pids: vec![master.pid(), replica.pid()],
-            strict: false,
-        };
-        let bare = scenarios::ingest_bare(bench).await?.1;
-        let (row, sound) = ingest(bench, &shared, 1, bare).await?;
-        if !sound {
-            problems.push(format!("{}: {}", row.scenario, row.other));
-        }
-        rows.push(row);
-        master.flush().await?;
-    }
-    if !problems.is_empty() {
-        bail!("{}", problems.join("; "));
-    }
-    Ok(())
+    Ok(Some(nodes))
 }
 
 /// Waits until every node says the cluster is ok and every replica has synced.

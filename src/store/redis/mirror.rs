@@ -520,3 +520,24 @@ fn apply(mirror: &Mirror, entries: &[StreamId]) {
     rows.retain(|row| row.0 > head);
     mirror.feed.push(rows);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_numbers_keep_one_order_across_both_numberings() {
+        // One partition: the INCR number as it is.
+        assert_eq!(entry_number("5-0"), Some(5));
+        // Several: the millisecond, then the partition and the count within it.
+        let ms = 1_796_545_348_000_u64;
+        let first = entry_number(&format!("{ms}-{}", 3 * 4096)).unwrap();
+        let second = entry_number(&format!("{ms}-{}", 3 * 4096 + 1)).unwrap();
+        let other_partition = entry_number(&format!("{ms}-{}", 7 * 4096)).unwrap();
+        let next_ms = entry_number(&format!("{}-0", ms + 1)).unwrap();
+        assert!(5 < first && first < second && second < other_partition);
+        assert!(other_partition < next_ms);
+        assert_eq!(first >> NUMBER_SHIFT, ms);
+        assert_eq!(entry_number("x-1"), None);
+    }
+}

@@ -23,6 +23,7 @@
 
 mod connection;
 pub use connection::cluster_nodes;
+pub use keys::Keys;
 pub mod error;
 mod event;
 mod keys;
@@ -54,8 +55,8 @@ use crate::store::tracker::{
 pub use error::RedisStoreError;
 
 use connection::{Connection, Connector};
+use keys::Partition;
 pub(crate) use keys::context_name;
-use keys::{Keys, Partition};
 pub(crate) use plan::Outcome;
 use plan::{ContextRead, Lifetimes, Read};
 pub use schema::LAYOUT_VERSION;
