@@ -336,6 +336,31 @@ fn redacted_location(location: &str) -> String {
     }
 }
 
+/// The node URLs of a `redis+cluster://` or `rediss+cluster://` URL (credentials carried to
+/// each), or `None` for a single server's URL.
+pub fn cluster_nodes(url: &str) -> Option<Vec<String>> {
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        ("redis", rest)
+    } else if let Some(rest) = url.strip_prefix("rediss+cluster://") {
+        ("rediss", rest)
+    } else {
+        return None;
+    };
+    let (credentials, hosts) = match rest.rfind('@') {
+        Some(at) => (&rest[..=at], &rest[at + 1..]),
+        None => ("", rest),
+    };
+    let hosts = hosts.trim_end_matches('/');
+    Some(
+        hosts
+            .split(',')
+            .map(str::trim)
+            .filter(|host| !host.is_empty())
+            .map(|host| format!("{scheme}://{credentials}{host}"))
+            .collect(),
+    )
+}
+
 /// A Redis URL (`redis://`, `rediss://`, or a cluster's `redis+cluster://` and
 /// `rediss+cluster://` with comma-separated seed nodes), shown without its credentials.
 #[derive(Clone, PartialEq, Eq)]
@@ -385,7 +410,7 @@ impl StoreConfig {
         if text == "memory" {
             return Ok(StoreLocation::Memory);
         }
-        if let Some(nodes) = crate::store::cluster_nodes(text) {
+        if let Some(nodes) = cluster_nodes(text) {
             let hosts_ok = !nodes.is_empty()
                 && nodes.iter().all(|node| {
                     url::Url::parse(node)
@@ -2189,5 +2214,18 @@ mod tests {
         assert!(err.contains("issuer"), "{err}");
         let err = load_with_env(&[("CALLOPS_ACS_CALLBACK_OPENID_URL", "ftp://keys")]).unwrap_err();
         assert!(err.contains("openid_url"), "{err}");
+    }
+
+    #[test]
+    fn cluster_urls_name_their_seed_nodes_with_the_credentials() {
+        assert_eq!(cluster_nodes("redis://127.0.0.1:6379"), None);
+        assert_eq!(
+            cluster_nodes("redis+cluster://127.0.0.1:7000,127.0.0.1:7001/").unwrap(),
+            ["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"]
+        );
+        assert_eq!(
+            cluster_nodes("rediss+cluster://:p%40ss@cache.example.net:10000").unwrap(),
+            ["rediss://:p%40ss@cache.example.net:10000"]
+        );
     }
 }

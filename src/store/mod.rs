@@ -35,7 +35,6 @@ use redis::RedisStore;
 use schema::SchemaStatus;
 
 pub use local::restored;
-pub use redis::cluster_nodes;
 pub use seam::{
     CallEnd, CreateError, Delivered, Inbound, ReconcileQueue, StoreError, UpstreamAnswer,
 };

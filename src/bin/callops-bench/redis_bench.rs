@@ -443,7 +443,7 @@ pub async fn ingest(
         .iter()
         .filter_map(|index| ids.get(index))
         .collect();
-    let stored = if let Some(nodes) = callops::store::cluster_nodes(&shared.url) {
+    let stored = if let Some(nodes) = callops::config::cluster_nodes(&shared.url) {
         count_succeeded_on_cluster(nodes, &shared.settings, &acknowledged).await?
     } else {
         server.count_succeeded(&acknowledged).await?

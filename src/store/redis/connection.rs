@@ -15,6 +15,7 @@ use redis::{Cmd, Pipeline, PushKind, RedisFuture, TlsCertificates, Value};
 use tokio::sync::mpsc;
 
 use super::error::RedisStoreError;
+use crate::config::cluster_nodes;
 
 /// Connects to the configured Redis, or to the configured cluster.
 #[derive(Clone)]
@@ -286,48 +287,5 @@ impl ConnectionLike for Connection {
             Self::Plain(connection) => connection.get_db(),
             Self::Cluster(connection) => connection.get_db(),
         }
-    }
-}
-
-/// The node URLs of a `redis+cluster://` or `rediss+cluster://` URL (credentials carried to
-/// each), or `None` for a single server's URL.
-pub fn cluster_nodes(url: &str) -> Option<Vec<String>> {
-    let (scheme, rest) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
-        ("redis", rest)
-    } else if let Some(rest) = url.strip_prefix("rediss+cluster://") {
-        ("rediss", rest)
-    } else {
-        return None;
-    };
-    let (credentials, hosts) = match rest.rfind('@') {
-        Some(at) => (&rest[..=at], &rest[at + 1..]),
-        None => ("", rest),
-    };
-    let hosts = hosts.trim_end_matches('/');
-    Some(
-        hosts
-            .split(',')
-            .map(str::trim)
-            .filter(|host| !host.is_empty())
-            .map(|host| format!("{scheme}://{credentials}{host}"))
-            .collect(),
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cluster_urls_name_their_seed_nodes_with_the_credentials() {
-        assert_eq!(cluster_nodes("redis://127.0.0.1:6379"), None);
-        assert_eq!(
-            cluster_nodes("redis+cluster://127.0.0.1:7000,127.0.0.1:7001/").unwrap(),
-            ["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"]
-        );
-        assert_eq!(
-            cluster_nodes("rediss+cluster://:p%40ss@cache.example.net:10000").unwrap(),
-            ["rediss://:p%40ss@cache.example.net:10000"]
-        );
     }
 }

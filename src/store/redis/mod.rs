@@ -22,7 +22,6 @@
 //! script can check and write atomically.
 
 mod connection;
-pub use connection::cluster_nodes;
 pub use keys::Keys;
 pub mod error;
 mod event;
