@@ -45,6 +45,18 @@ fn nothing_to_rewrite(_: &RedisStore) -> BoxFuture<'_, Result<(), RedisStoreErro
     Box::pin(std::future::ready(Ok(())))
 }
 
+/// How many of partition 0's indexes exist: none in an empty store (partition 0 is the
+/// whole of a store written before partitions).
+fn indexes_exist(keys: &super::keys::Keys) -> redis::Cmd {
+    let mut exists = redis::cmd("EXISTS");
+    exists
+        .arg(keys.all(0))
+        .arg(keys.expiries(0))
+        .arg(keys.park_due(0))
+        .arg(keys.deadlines(0));
+    exists
+}
+
 impl RedisStore {
     /// The store's layout version: `None` when it is empty (no operation and no park is
     /// indexed), 1 when it has data but no `schema` key.
@@ -54,11 +66,7 @@ impl RedisStore {
             .query({
                 let mut pipe = redis::pipe();
                 pipe.cmd("GET").arg(keys.schema());
-                pipe.cmd("EXISTS")
-                    .arg(keys.all(0))
-                    .arg(keys.expiries(0))
-                    .arg(keys.park_due(0))
-                    .arg(keys.deadlines(0));
+                pipe.add_command(indexes_exist(keys));
                 pipe
             })
             .await?;
@@ -82,11 +90,7 @@ impl RedisStore {
             .query({
                 let mut pipe = redis::pipe();
                 pipe.cmd("GET").arg(keys.partition_count());
-                pipe.cmd("EXISTS")
-                    .arg(keys.all(0))
-                    .arg(keys.expiries(0))
-                    .arg(keys.park_due(0))
-                    .arg(keys.deadlines(0));
+                pipe.add_command(indexes_exist(keys));
                 pipe
             })
             .await?;
