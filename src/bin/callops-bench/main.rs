@@ -71,6 +71,11 @@ struct Cli {
     /// emulator) instead of the access key.
     #[arg(long)]
     acs_managed_identity: bool,
+    /// Limit each shard of the sharded Redis Cluster rows to this percentage of one core
+    /// (a cgroup v1 `cpu` quota; needs root), so the shards, not the two cores, bound the
+    /// throughput: each shard then stands for a machine of its own.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(5..=100))]
+    shard_cpu_percent: Option<u32>,
     #[command(subcommand)]
     command: Option<Child>,
 }
@@ -158,6 +163,7 @@ async fn main() -> anyhow::Result<ExitCode> {
             .redis_wake_samples
             .unwrap_or(if quick { 100 } else { 500 }),
         acs_managed_identity: cli.acs_managed_identity,
+        shard_cpu_percent: cli.shard_cpu_percent,
     };
     let only = if cli.only.is_empty() {
         vec![

@@ -49,10 +49,28 @@ pub async fn run(bench: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         let Some(nodes) = start_cluster(bench, tag, masters, 0).await? else {
             return Ok(());
         };
+        let quota = match bench.options.shard_cpu_percent {
+            Some(percent) => {
+                let limits: Vec<CpuLimit> = nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(index, node)| {
+                        CpuLimit::apply(&format!("{tag}-{index}"), node.pid(), percent)
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+                Some((percent, limits))
+            }
+            None => None,
+        };
         let shared = Shared {
             name: format!(
-                "Redis Cluster, {masters} shard{}, {PARTITIONS} partitions",
-                if masters == 1 { "" } else { "s" }
+                "Redis Cluster, {masters} shard{}{}, {PARTITIONS} partitions",
+                if masters == 1 { "" } else { "s" },
+                quota
+                    .as_ref()
+                    .map_or_else(String::new, |(percent, _)| format!(
+                        " of {percent} % of a core each"
+                    ))
             ),
             tag,
             url: url(&nodes),
@@ -63,6 +81,10 @@ pub async fn run(bench: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
             strict: false,
         };
         measure(bench, &shared, rows, &mut problems).await?;
+        // The shards go first: a cgroup can be removed once empty.
+        drop(shared);
+        drop(nodes);
+        drop(quota);
     }
     if !problems.is_empty() {
         bail!("{}", problems.join("; "));
@@ -83,6 +105,35 @@ async fn measure(
     }
     rows.push(row);
     Ok(())
+}
+
+/// A process held to a share of one core by a cgroup v1 `cpu` quota; the group is removed
+/// when this is dropped (after the process is gone).
+struct CpuLimit {
+    dir: std::path::PathBuf,
+}
+
+impl CpuLimit {
+    fn apply(name: &str, pid: u32, percent: u32) -> anyhow::Result<Self> {
+        let dir = std::path::Path::new("/sys/fs/cgroup/cpu").join(format!("callops-bench-{name}"));
+        std::fs::create_dir_all(&dir).with_context(|| {
+            format!(
+                "creating {} (--shard-cpu-percent needs a writable cgroup v1 cpu controller)",
+                dir.display()
+            )
+        })?;
+        std::fs::write(dir.join("cpu.cfs_period_us"), "100000")?;
+        std::fs::write(dir.join("cpu.cfs_quota_us"), (percent * 1000).to_string())?;
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
+        Ok(Self { dir })
+    }
+}
+
+impl Drop for CpuLimit {
+    fn drop(&mut self) {
+        // Only an empty group can go: its shard has been killed by then, or it stays.
+        let _ = std::fs::remove_dir(&self.dir);
+    }
 }
 
 fn url(nodes: &[RedisServer]) -> String {

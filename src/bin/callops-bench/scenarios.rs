@@ -52,6 +52,9 @@ pub struct Options {
     /// ACS requests carry an Entra ID token from the emulator's managed-identity endpoint
     /// instead of the HMAC signature.
     pub acs_managed_identity: bool,
+    /// Each shard of the sharded Redis Cluster rows limited to this share of a core (a
+    /// Linux cgroup), as if each had a small machine of its own.
+    pub shard_cpu_percent: Option<u32>,
 }
 
 /// The parent's side of every scenario: the in-process emulator (ACS and Graph for the
