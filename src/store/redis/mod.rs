@@ -1026,10 +1026,16 @@ impl RedisStore {
                 .await?
             {
                 Verdict::Written => {
-                    self.inner
-                        .counters
+                    let counters = &self.inner.counters;
+                    counters
                         .parked_expired
                         .fetch_add(restored.parked.len() as u64, Ordering::Relaxed);
+                    // Gone from the gauge at once; the sweep's count after its work agrees.
+                    let _ = counters.parked.fetch_update(
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                        |parked| Some(parked.saturating_sub(1)),
+                    );
                     // Logged once written, as the in-memory sweep logs them.
                     let expired = restored.parked.into_iter().map(|(event, _)| event);
                     report_sweep(
