@@ -196,7 +196,7 @@ impl RedisStore {
         let mut pending: std::collections::BTreeMap<u64, StreamId> = Default::default();
         let mut failing = false;
         loop {
-            let mut connection = self.inner.connection.clone();
+            let connection = &self.inner.connection;
             let reads = keys.each().map(|p| {
                 let mut invocation = self.inner.tail.key(keys.log(p));
                 invocation.arg(&cursors[usize::from(p)]).arg(READ_COUNT);
@@ -211,7 +211,6 @@ impl RedisStore {
                 () = stop.cancelled() => return,
                 round = self.bounded_all(futures_util::future::join_all(reads)) => round,
             };
-            let _ = &mut connection;
             let mut bound = u64::MAX;
             let mut read_any = false;
             match round {
